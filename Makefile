@@ -1,0 +1,28 @@
+# The two set-up commands of the README:  `make run`  and  `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHELL := /bin/bash
+
+.PHONY: run test test-slow chat bench clean
+
+$(VENV)/.ok-run: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh $(VENV) serve,sim
+	touch $@
+
+$(VENV)/.ok-test: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh $(VENV) serve,sim,test
+	touch $(VENV)/.ok-run $@
+
+# Main job on the built-in default model: a completion generated through a 2-stage pipeline.
+run: $(VENV)/.ok-run
+	$(VENV)/bin/flexpipe generate --stages 2 --max-tokens 24 "FlexPipe reshapes pipelines"
+
+# Everything the tests need, then the whole (non-slow) suite.
+test: $(VENV)/.ok-test
+	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
+
+test-slow: $(VENV)/.ok-test
+	$(PY) -m pytest -q -m slow -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
