@@ -1,0 +1,81 @@
+"""Typed errors of FlexPipe.  Each carries what the user needs to act on it."""
+
+from __future__ import annotations
+
+
+class FlexPipeError(Exception):
+    """Base class of every error FlexPipe raises on purpose."""
+
+
+# --- model, checkpoints, configuration -------------------------------------------------------
+class ConfigError(FlexPipeError, ValueError):
+    """A model or runtime configuration is invalid or unsupported."""
+
+
+class UnsupportedArchitectureError(ConfigError):
+    """The checkpoint's architecture is not one FlexPipe implements."""
+
+
+class CheckpointError(FlexPipeError):
+    """A checkpoint is missing, corrupt, or does not match its config (names file and tensor)."""
+
+
+class UnknownModelError(ConfigError):
+    """A model name is neither a preset nor a checkpoint directory."""
+
+
+# --- partitioning and placement ----------------------------------------------------------------
+class PartitionError(FlexPipeError, ValueError):
+    """No valid partition exists for the request (says which unit and how much memory is missing)."""
+
+
+class PlacementError(FlexPipeError):
+    """No placement of the requested stages fits the cluster."""
+
+
+# --- requests ------------------------------------------------------------------------------------
+class RequestError(FlexPipeError, ValueError):
+    """A request is invalid (empty prompt, too long, bad sampling parameters)."""
+
+
+class CapacityError(RequestError):
+    """A request can never fit in the KV memory of the pipeline."""
+
+
+class RequestCancelled(FlexPipeError):
+    """The request was cancelled before it finished."""
+
+
+# --- actors and wire -------------------------------------------------------------------------------
+class ActorError(FlexPipeError):
+    """Base class of actor-runtime errors."""
+
+
+class AskTimeout(ActorError, TimeoutError):
+    """An ask() got no reply within its timeout."""
+
+
+class PeerDeadError(ActorError):
+    """The peer actor is dead or stopped answering heartbeats."""
+
+
+class RemoteError(ActorError):
+    """The peer's handler raised; carries the remote error type and message."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+class ProtocolError(ActorError):
+    """A frame could not be decoded (not msgpack, unknown kind, bad version, bad tensor header)."""
+
+
+class ActorClosed(ActorError):
+    """The actor or its mailbox is closed."""
+
+
+# --- reshaping ----------------------------------------------------------------------------------
+class ReshapeError(FlexPipeError):
+    """A reshape failed and was aborted; the old epoch keeps serving."""
