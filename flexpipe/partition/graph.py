@@ -1,0 +1,144 @@
+"""The unit graph of a model and the pipeline shapes cut from it.
+
+A model is a chain of units (see docs/CONTRACTS.md): every cut between two units carries only the
+residual stream, so any contiguous split is a valid pipeline.  Two constraints remain:
+tied weights (the Head of a tied model holds its own copy of the embedding matrix, so the two may
+live apart; the copy is counted in the Head's bytes) and KV ownership (KV blocks of attention unit i
+live on the stage that holds unit i).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from flexpipe.errors import PartitionError
+
+
+@dataclass(frozen=True, slots=True)
+class UnitNode:
+    """One unit of the chain with the costs the solver needs."""
+
+    index: int
+    name: str
+    kind: str  # "embedding" | "attention" | "mlp" | "head"
+    layer: int | None
+    param_bytes: int
+    flops_per_token: float
+    kv_bytes_per_token: int
+    act_bytes_per_token: int  # bytes of the residual stream leaving this unit, per token
+
+
+@dataclass(frozen=True, slots=True)
+class UnitGraph:
+    """Units in order; stages are contiguous half-open ranges [start, end)."""
+
+    units: tuple[UnitNode, ...]
+    tied_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Any, dtype_bytes: int = 2) -> "UnitGraph":
+        """Build the graph of a ModelConfig from its per-unit costs."""
+        from flexpipe.model.units import unit_costs
+
+        nodes = tuple(
+            UnitNode(
+                index=c.index,
+                name=c.name,
+                kind=c.kind,
+                layer=c.layer,
+                param_bytes=int(c.param_bytes),
+                flops_per_token=float(c.flops_per_token),
+                kv_bytes_per_token=int(c.kv_bytes_per_token),
+                act_bytes_per_token=int(c.act_bytes_per_token),
+            )
+            for c in unit_costs(cfg, dtype_bytes=dtype_bytes)
+        )
+        return cls(nodes, tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)))
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def validate_range(self, start: int, end: int) -> None:
+        """Raise PartitionError unless [start, end) is a non-empty range inside the chain."""
+        if not (0 <= start < end <= len(self.units)):
+            raise PartitionError(
+                f"stage range [{start}, {end}) is not a non-empty range of units 0..{len(self.units)}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class StageSpec:
+    """One stage of a pipeline: a unit range placed on a device."""
+
+    start: int
+    end: int
+    device: str = "cpu"
+
+    @property
+    def units(self) -> range:
+        return range(self.start, self.end)
+
+    def to_dict(self) -> dict:
+        return {"start": self.start, "end": self.end, "device": self.device}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StageSpec":
+        return cls(int(d["start"]), int(d["end"]), str(d.get("device", "cpu")))
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineShape:
+    """The pipeline's shape: its stages in order, stamped with a config epoch."""
+
+    epoch: int
+    stages: tuple[StageSpec, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_boundaries(cls, boundaries: Sequence[int], epoch: int = 0,
+                        devices: Sequence[str] | None = None) -> "PipelineShape":
+        """Shape from cut points [0, b1, ..., num_units]."""
+        b = list(boundaries)
+        devs = list(devices) if devices is not None else ["cpu"] * (len(b) - 1)
+        if len(devs) != len(b) - 1:
+            raise PartitionError(f"{len(b) - 1} stages but {len(devs)} devices given")
+        return cls(epoch, tuple(StageSpec(b[i], b[i + 1], devs[i]) for i in range(len(b) - 1)))
+
+    @property
+    def boundaries(self) -> list[int]:
+        return [s.start for s in self.stages] + ([self.stages[-1].end] if self.stages else [])
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def validate(self, num_units: int) -> None:
+        """Raise PartitionError unless the stages cover units 0..num_units contiguously once."""
+        if not self.stages:
+            raise PartitionError("a pipeline needs at least one stage")
+        pos = 0
+        for i, s in enumerate(self.stages):
+            if s.start != pos or s.end <= s.start:
+                raise PartitionError(
+                    f"stage {i} covers [{s.start}, {s.end}) but must start at unit {pos} and be non-empty"
+                )
+            pos = s.end
+        if pos != num_units:
+            raise PartitionError(f"stages end at unit {pos}, the model has {num_units} units")
+
+    def stage_of(self, unit: int) -> int:
+        """Index of the stage that holds `unit`."""
+        for i, s in enumerate(self.stages):
+            if s.start <= unit < s.end:
+                return i
+        raise PartitionError(f"unit {unit} is in no stage of {self.boundaries}")
+
+    def with_epoch(self, epoch: int) -> "PipelineShape":
+        return PipelineShape(epoch, self.stages)
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "stages": [s.to_dict() for s in self.stages]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PipelineShape":
+        return cls(int(d["epoch"]), tuple(StageSpec.from_dict(s) for s in d["stages"]))

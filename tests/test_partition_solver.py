@@ -1,0 +1,113 @@
+"""The partition solver against brute force, and its errors."""
+
+import itertools
+import math
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from flexpipe.errors import PartitionError
+from flexpipe.partition import CostModel, PipelineShape, UnitGraph, UnitNode, parse_bytes, solve
+
+
+def chain(params, flops, act=1000, kinds=None):
+    kinds = kinds or ["mlp"] * len(params)
+    return UnitGraph(tuple(
+        UnitNode(i, f"u{i}", kinds[i], None, p, f, 0, act) for i, (p, f) in enumerate(zip(params, flops))
+    ))
+
+
+def brute(graph, caps, cost):
+    n = len(graph)
+    s = len(caps)
+    best = math.inf
+    for cuts in itertools.combinations(range(1, n), s - 1):
+        b = (0, *cuts, n)
+        worst = 0.0
+        ok = True
+        for k in range(s):
+            i, j = b[k], b[k + 1]
+            mem = sum(u.param_bytes for u in graph.units[i:j])
+            if mem > caps[k]:
+                ok = False
+                break
+            t = sum(u.flops_per_token for u in graph.units[i:j]) * cost.tokens / cost.flops_per_s
+            if k < s - 1:
+                t += graph.units[j - 1].act_bytes_per_token * cost.tokens / cost.link(k) + cost.latency
+            worst = max(worst, t)
+        if ok:
+            best = min(best, worst)
+    return best
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    data=st.lists(st.tuples(st.integers(1, 50), st.integers(1, 100)), min_size=1, max_size=9),
+    stages=st.integers(1, 4),
+    cap_scale=st.integers(20, 400),
+)
+def test_solver_matches_brute_force(data, stages, cap_scale):
+    graph = chain([p for p, _ in data], [float(f) for _, f in data])
+    if stages > len(graph):
+        stages = len(graph)
+    caps = [cap_scale * (k + 1) // 2 for k in range(stages)]
+    cost = CostModel(tokens=4, flops_per_s=100.0, bandwidth=4000.0, latency=0.01)
+    expect = brute(graph, caps, cost)
+    if expect == math.inf:
+        with pytest.raises(PartitionError):
+            solve(graph, caps=caps, cost=cost)
+        return
+    part = solve(graph, caps=caps, cost=cost)
+    assert math.isclose(part.bottleneck, expect, rel_tol=1e-9)
+    assert part.boundaries[0] == 0 and part.boundaries[-1] == len(graph)
+    assert all(a < b for a, b in zip(part.boundaries, part.boundaries[1:]))
+    assert all(m <= c for m, c in zip(part.stage_bytes, caps))
+    part.shape().validate(len(graph))
+
+
+def test_balanced_split_of_equal_units():
+    graph = chain([1] * 8, [1.0] * 8, act=0)
+    assert solve(graph, num_stages=4).boundaries == (0, 2, 4, 6, 8)
+
+
+def test_prefers_cuts_at_layer_boundaries_on_ties():
+    kinds = ["embedding", "attention", "mlp", "attention", "mlp", "head"]
+    graph = chain([1] * 6, [0.0, 1.0, 0.0, 1.0, 0.0, 0.0], act=0, kinds=kinds)
+    part = solve(graph, num_stages=2)
+    # (0,2,6) and (0,3,6) both give a bottleneck of 1; only (0,3,6) cuts between layers
+    assert part.boundaries == (0, 3, 6)
+
+
+def test_unit_larger_than_every_cap_names_the_unit():
+    graph = chain([10, 500, 10], [1.0] * 3)
+    with pytest.raises(PartitionError, match=r"unit 1 \(u1\) needs .* missing"):
+        solve(graph, caps=[100, 200, 300])
+
+
+def test_total_memory_missing_is_reported():
+    graph = chain([100] * 4, [1.0] * 4)
+    with pytest.raises(PartitionError, match="missing"):
+        solve(graph, caps=[150, 150])
+
+
+def test_bad_requests():
+    graph = chain([1] * 3, [1.0] * 3)
+    with pytest.raises(PartitionError, match="only 3 units"):
+        solve(graph, num_stages=4)
+    with pytest.raises(PartitionError, match="stage count"):
+        solve(graph)
+    with pytest.raises(PartitionError, match="cannot read memory size"):
+        parse_bytes("lots")
+    assert parse_bytes("2GB") == 2_000_000_000
+    assert parse_bytes("1.5GiB") == int(1.5 * 2**30)
+
+
+def test_shape_round_trip_and_validation():
+    shape = PipelineShape.from_boundaries([0, 3, 7, 10], epoch=5, devices=["cpu:0", "cpu:1", "cpu:0"])
+    assert PipelineShape.from_dict(shape.to_dict()) == shape
+    assert shape.stage_of(3) == 1 and shape.stage_of(9) == 2
+    shape.validate(10)
+    with pytest.raises(PartitionError):
+        shape.validate(11)
+    with pytest.raises(PartitionError):
+        PipelineShape.from_boundaries([0, 5, 5, 10]).validate(10)
