@@ -1,0 +1,275 @@
+"""Iteration-level continuous batching for a pipeline: which tokens go into the next micro-batch.
+
+A plain class with no sockets (the RouterActor wraps it; tests and the simulator drive it directly).
+Every request is a record that is the source of truth: prompt, sampling parameters, tokens so far,
+and how many of those tokens have KV on the stages (`computed`).  Decode is a chunk of one token;
+prefill is a chunk of up to the remaining budget (chunked prefill).  Up to `max_inflight`
+micro-batches are in flight (one per stage keeps every stage busy); a request is in at most one.
+When KV runs out a running request is preempted: its blocks are freed and it is recomputed later
+from its record (vLLM's recompute preemption), which cannot change its output.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from flexpipe.runtime.cache import CacheManager
+
+
+@dataclass(slots=True)
+class Request:
+    """The router's record of one request: the source of truth for recovery and migration."""
+
+    id: str
+    prompt: list[int]
+    params: Any  # flexpipe.model.sampling.SamplingParams
+    stop_ids: frozenset[int]
+    max_context: int
+    output: list[int] = field(default_factory=list)
+    computed: int = 0  # tokens whose KV is held by the stages
+    in_flight: bool = False
+    finished: str | None = None  # finish reason once done: "stop" | "length" | "cancelled" | "error"
+    cancel_requested: bool = False
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    preemptions: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def total(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One request's slice of a micro-batch: tokens[start:start+n] are fed, KV written there."""
+
+    seq_id: str
+    start: int
+    tokens: list[int]
+    sample: bool  # the chunk reaches the end of the known tokens: sample the next one
+    out_index: int  # index of the output token sampled (seeded draws depend on it)
+
+
+@dataclass(slots=True)
+class MicroBatch:
+    """What the router launches into the pipeline in one step."""
+
+    step: int
+    chunks: list[Chunk]
+    frees: list[str]  # sequences whose KV the stages drop before running this batch
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.tokens) for c in self.chunks)
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    """A token produced for a request (finish_reason set on its last event)."""
+
+    request_id: str
+    token_id: int | None
+    index: int
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    steps: int = 0
+    tokens_scheduled: int = 0
+    preemptions: int = 0
+    finished: int = 0
+    cancelled: int = 0
+
+
+class Scheduler:
+    """Continuous batching under a token budget, with chunked prefill and recompute preemption."""
+
+    def __init__(self, cache: CacheManager, *, max_batch_tokens: int = 256, max_inflight: int = 1,
+                 max_batch_seqs: int = 256, clock: Callable[[], float] = time.monotonic):
+        self.cache = cache
+        self.max_batch_tokens = max_batch_tokens
+        self.max_inflight = max_inflight
+        self.max_batch_seqs = max_batch_seqs
+        self.clock = clock
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[str] = deque()
+        self.running: list[str] = []  # admitted, in admission order (latest is preempted first)
+        self.inflight: dict[int, MicroBatch] = {}
+        self.pending_frees: list[str] = []
+        self._steps = itertools.count()
+        self.stats = SchedulerStats()
+
+    # ---- requests ----------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        """Queue a validated request."""
+        self.requests[req.id] = req
+        self.waiting.append(req.id)
+
+    def cancel(self, req_id: str) -> list[TokenEvent]:
+        """Cancel a request; frees its KV now, or when its in-flight step returns."""
+        req = self.requests.get(req_id)
+        if req is None or req.finished:
+            return []
+        req.cancel_requested = True
+        if req.in_flight:
+            return []
+        return [self._finish(req, "cancelled")]
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def idle(self) -> bool:
+        return not self.inflight and not self.has_work()
+
+    # ---- scheduling -----------------------------------------------------------------------------
+    def schedule(self) -> MicroBatch | None:
+        """Build the next micro-batch from requests not in flight, or None if nothing can go."""
+        if len(self.inflight) >= self.max_inflight:
+            return None
+        active = len(self.running) + len(self.waiting)
+        if active == 0:
+            return None
+        # spread requests over the micro-batches in flight so every stage has work
+        seq_cap = min(self.max_batch_seqs, max(1, math.ceil(active / self.max_inflight)))
+        budget = self.max_batch_tokens
+        chunks: list[Chunk] = []
+
+        for rid in list(self.running):
+            if budget <= 0 or len(chunks) >= seq_cap:
+                break
+            req = self.requests[rid]
+            if req.in_flight or req.finished or rid not in self.running:
+                continue
+            n = min(req.total - req.computed, budget)
+            while not self.cache.grow(rid, req.computed + n):
+                victim = self._victim(exclude=rid)
+                if victim is None:
+                    n = 0
+                    break
+                self._preempt(victim)
+            if n <= 0:
+                continue
+            chunks.append(self._chunk(req, n))
+            budget -= n
+
+        while self.waiting and budget > 0 and len(chunks) < seq_cap:
+            req = self.requests[self.waiting[0]]
+            if not self.cache.can_admit(req.total):
+                break  # FCFS: a large request at the head is not overtaken forever
+            n = min(req.total - req.computed, budget)
+            if not self.cache.grow(req.id, req.computed + n):
+                break
+            self.waiting.popleft()
+            self.running.append(req.id)
+            chunks.append(self._chunk(req, n))
+            budget -= n
+
+        if not chunks:
+            return None
+        mb = MicroBatch(next(self._steps), chunks, self.pending_frees)
+        self.pending_frees = []
+        self.inflight[mb.step] = mb
+        self.stats.steps += 1
+        self.stats.tokens_scheduled += mb.num_tokens
+        return mb
+
+    def _chunk(self, req: Request, n: int) -> Chunk:
+        req.in_flight = True  # at once, so a later pick in this same batch cannot preempt it
+        toks = req.tokens[req.computed:req.computed + n]
+        sample = req.computed + n == req.total
+        return Chunk(req.id, req.computed, toks, sample, len(req.output))
+
+    def _victim(self, exclude: str) -> str | None:
+        for rid in reversed(self.running):
+            if rid != exclude and not self.requests[rid].in_flight:
+                return rid
+        return None
+
+    def _preempt(self, rid: str) -> None:
+        req = self.requests[rid]
+        self.cache.release(rid)
+        self.pending_frees.append(rid)
+        req.computed = 0
+        req.preemptions += 1
+        self.running.remove(rid)
+        self.waiting.appendleft(rid)
+        self.stats.preemptions += 1
+
+    # ---- results ------------------------------------------------------------------------------
+    def on_output(self, step: int, seq_ids: list[str], tokens: list[int]) -> list[TokenEvent]:
+        """Apply a finished micro-batch: sampled tokens for the chunks that asked for one."""
+        mb = self.inflight.pop(step)
+        sampled = dict(zip(seq_ids, tokens))
+        events: list[TokenEvent] = []
+        now = self.clock()
+        for c in mb.chunks:
+            req = self.requests.get(c.seq_id)
+            if req is None or req.finished:
+                continue
+            req.in_flight = False
+            req.computed = c.start + len(c.tokens)
+            if req.cancel_requested:
+                events.append(self._finish(req, "cancelled"))
+                continue
+            if not c.sample:
+                continue
+            tok = int(sampled[c.seq_id])
+            req.output.append(tok)
+            if req.first_token_at is None:
+                req.first_token_at = now
+            reason = None
+            if tok in req.stop_ids:
+                reason = "stop"
+            elif len(req.output) >= req.params.max_tokens or req.total >= req.max_context:
+                reason = "length"
+            events.append(TokenEvent(req.id, tok, len(req.output) - 1))
+            if reason:
+                events.append(self._finish(req, reason))
+        return events
+
+    def _finish(self, req: Request, reason: str) -> TokenEvent:
+        req.finished = reason
+        req.in_flight = False
+        if self.cache.holds(req.id):
+            self.cache.release(req.id)
+            self.pending_frees.append(req.id)
+        if req.id in self.running:
+            self.running.remove(req.id)
+        try:
+            self.waiting.remove(req.id)
+        except ValueError:
+            pass
+        self.requests.pop(req.id, None)
+        if reason == "cancelled":
+            self.stats.cancelled += 1
+        else:
+            self.stats.finished += 1
+        return TokenEvent(req.id, None, len(req.output), reason)
+
+    def requeue_all(self) -> list[str]:
+        """Forget every in-flight step and all KV: each request will be recomputed from its record.
+
+        Used when a stage dies (and by restart-and-recompute): nothing is lost because the records
+        hold prompt and tokens so far, and seeded draws depend only on (seed, output index).
+        """
+        self.inflight.clear()
+        self.pending_frees.clear()
+        for rid in list(self.running):
+            self.cache.release(rid)
+        for rid in reversed(self.running):
+            self.waiting.appendleft(rid)
+        self.running.clear()
+        for req in self.requests.values():
+            req.in_flight = False
+            req.computed = 0
+        return list(self.waiting)
