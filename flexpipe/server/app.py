@@ -1,0 +1,499 @@
+"""The OpenAI-compatible HTTP front end: a starlette app over any engine with FlexPipe's interface."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, AsyncContextManager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from flexpipe.errors import ActorError, CapacityError, FlexPipeError, PartitionError, RequestError
+
+from .chat_template import ChatTemplate
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .protocol import (APIError, ChatRequest, CompletionRequest, SamplingRequest, bad_request,
+                       parse_chat, parse_completion, parse_json_body)
+from .status import jsonable, pipeline_view, read_status
+from .streams import ClientGone, EventStreamResponse, Generation
+
+log = logging.getLogger("flexpipe.server")
+
+STATIC_DIR = Path(__file__).parent / "static"
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+CLIENT_GONE = 499  # status recorded (never sent) for requests whose client disconnected
+
+EngineFactory = Callable[[], AsyncContextManager[Any]]
+
+
+def create_app(engine: Any, *, model_name: str | None = None, api_key: str | None = None,
+               chat_template: str | None = None, default_max_tokens: int | None = None,
+               max_request_bytes: int = 4 << 20) -> Starlette:
+    """The server's ASGI app.
+
+    `engine` is a running engine with the FlexPipe interface (embedded FlexPipe, or a router
+    client), or a zero-argument callable returning an async context manager that yields one, e.g.
+    `lambda: FlexPipe.launch(model="tiny", stages=2)`: it is entered in the app's lifespan so that
+    the engine lives in the server's event loop.  `model_name` is the name clients send (default:
+    the engine's).  With `api_key`, every /v1 route wants `Authorization: Bearer <api_key>`.
+    `chat_template` (jinja2 text or a file) overrides the tokenizer's.  `default_max_tokens` caps
+    generations whose request names no max_tokens (default: 16 for completions, the rest of the
+    context for chat).
+    """
+    server = _Server(model_name=model_name, api_key=api_key, template_override=chat_template,
+                     default_max_tokens=default_max_tokens, max_request_bytes=max_request_bytes)
+    factory: EngineFactory | None = None
+    if hasattr(engine, "generate"):
+        server.attach(engine)
+    elif callable(engine):
+        factory = engine
+    else:
+        raise TypeError(f"engine must have the FlexPipe interface or be a factory of one, not {engine!r}")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if factory is None:
+            yield
+            return
+        async with factory() as running:
+            server.attach(running)
+            log.info("engine ready: model %s, max context %s", server.model_name, server.max_context)
+            yield
+
+    routes = [
+        Route("/", server.page, methods=["GET"]),
+        Route("/health", server.health, methods=["GET"]),
+        Route("/metrics", server.metrics_endpoint, methods=["GET"]),
+        Route("/v1/models", server.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", server.model, methods=["GET"]),
+        Route("/v1/completions", server.completions, methods=["POST"]),
+        Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
+        Route("/v1/flexpipe/status", server.status, methods=["GET"]),
+        Route("/v1/flexpipe/reshape", server.reshape, methods=["POST"]),
+        Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        HTTPException: server.http_error, APIError: server.api_error, Exception: server.internal_error})
+    app.state.server = server
+    return app
+
+
+class _Server:
+    """Request handlers and the state they share."""
+
+    def __init__(self, *, model_name: str | None, api_key: str | None, template_override: str | None,
+                 default_max_tokens: int | None, max_request_bytes: int):
+        self.engine: Any = None
+        self.model_name = model_name
+        self.api_key = api_key or None
+        self.template_override = template_override
+        self.default_max_tokens = default_max_tokens
+        self.max_request_bytes = max_request_bytes
+        self.template: ChatTemplate | None = None
+        self.metrics: ServerMetrics | None = None
+        self.created = int(time.time())
+        self.max_context = 0
+        self.vocab_size: int | None = None
+
+    def attach(self, engine: Any) -> None:
+        """Serve `engine` from now on."""
+        self.engine = engine
+        self.model_name = self.model_name or engine.model_name
+        self.max_context = int(engine.max_context)
+        self.vocab_size = getattr(getattr(engine, "config", None), "vocab_size", None)
+        self.template = ChatTemplate.for_tokenizer(engine.tokenizer, self.template_override)
+        if self.metrics is None:
+            self.metrics = ServerMetrics(self.model_name)
+
+    # --- plain routes ------------------------------------------------------------------------------
+    async def page(self, request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "index.html", headers={"cache-control": "no-cache"})
+
+    async def health(self, request: Request) -> Response:
+        if self.engine is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return JSONResponse({"status": "ok", "model": self.model_name})
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        self.metrics.observe_status(pipeline_view(await read_status(self.engine)))
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def models(self, request: Request) -> Response:
+        self._authorize(request, "models")
+        return self._json("models", {"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        self._authorize(request, "models")
+        self._check_model(request.path_params["model"], param=None)
+        return self._json("models", self._model_card())
+
+    async def status(self, request: Request) -> Response:
+        self._authorize(request, "status")
+        view = pipeline_view(await read_status(self.engine))
+        self.metrics.observe_status(view)
+        return self._json("status", {"model": self.model_name, "max_context": self.max_context,
+                                     "uptime_s": round(time.time() - self.created, 3),
+                                     "requests_running": self.metrics.active,
+                                     "pipeline": view.to_dict()})
+
+    async def reshape(self, request: Request) -> Response:
+        """Reshape the pipeline now: {"stages": N} or {"boundaries": [0, ..., num_units]}."""
+        self._authorize(request, "reshape")
+        body = await self._body(request)
+        stages, bounds = body.get("stages"), body.get("boundaries")
+        if (stages is None) == (bounds is None):
+            raise bad_request("Send exactly one of 'stages' (an integer) or 'boundaries' (a list of unit "
+                              "indices from 0 to the number of units).", "stages")
+        if stages is not None and (not isinstance(stages, int) or isinstance(stages, bool) or stages < 1):
+            raise bad_request("'stages' must be an integer >= 1.", "stages")
+        if bounds is not None and not (isinstance(bounds, list) and all(
+                isinstance(b, int) and not isinstance(b, bool) for b in bounds)):
+            raise bad_request("'boundaries' must be a list of integers.", "boundaries")
+        try:
+            stats = await self.engine.reshape(**({"stages": stages} if stages is not None else
+                                                 {"boundaries": bounds}))
+        except (PartitionError, RequestError, ValueError) as e:
+            raise bad_request(str(e), "stages" if stages is not None else "boundaries") from None
+        return self._json("reshape", {"ok": True, "stats": jsonable(stats)})
+
+    # --- generation --------------------------------------------------------------------------------
+    async def completions(self, request: Request) -> Response:
+        self._authorize(request, "completions")
+        req = parse_completion(await self._body(request))
+        self._check_model(req.model)
+        prompt = self._prompt_ids(req.prompt)
+        return await self._generate(request, "completions", req, prompt)
+
+    async def chat_completions(self, request: Request) -> Response:
+        self._authorize(request, "chat")
+        req = parse_chat(await self._body(request))
+        self._check_model(req.model)
+        prompt = self._encode(self.template.render(req.messages))
+        return await self._generate(request, "chat", req, prompt)
+
+    async def _generate(self, request: Request, endpoint: str, req: SamplingRequest,
+                        prompt: list[int]) -> Response:
+        chat = isinstance(req, ChatRequest)
+        max_tokens = self._max_tokens(req, len(prompt), chat)
+        track = _Tracker(self.metrics, endpoint, len(prompt))
+        kwargs = {k: v for k, v in req.sampling_kwargs().items() if v is not None}
+        try:
+            events = self.engine.generate(prompt, max_tokens=max_tokens, **kwargs)
+        except Exception as e:
+            track.finish(_api_error(e).status)
+            raise _api_error(e) from e
+        gen = Generation(events, request.receive)
+        try:
+            first = await gen.next()
+        except ClientGone:
+            await gen.close()
+            track.finish(CLIENT_GONE)
+            return Response(status_code=CLIENT_GONE)
+        except Exception as e:
+            await gen.close()
+            track.finish(_api_error(e).status)
+            raise _api_error(e) from e
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        shaper = _ChatChunks(rid, self.model_name) if chat else _TextChunks(rid, self.model_name)
+        if req.stream:
+            return EventStreamResponse(self._stream(gen, first, track, shaper, req.include_usage),
+                                       headers={"x-request-id": rid})
+        return await self._collect(gen, first, track, shaper)
+
+    async def _collect(self, gen: Generation, event: Any, track: "_Tracker", shaper: Any) -> Response:
+        texts: list[str] = []
+        finish = None
+        try:
+            while event is not None:
+                track.token(event)
+                texts.append(event.text or "")
+                finish = event.finish_reason or finish
+                event = await gen.next()
+        except ClientGone:
+            track.finish(CLIENT_GONE)
+            return Response(status_code=CLIENT_GONE)
+        except Exception as e:
+            err = _api_error(e)
+            track.finish(err.status)
+            raise err from e
+        finally:
+            await gen.close()
+        track.finish(200)
+        return JSONResponse(shaper.whole("".join(texts), _finish_reason(finish), track.usage()),
+                            headers={"x-request-id": shaper.id})
+
+    async def _stream(self, gen: Generation, event: Any, track: "_Tracker", shaper: Any,
+                      include_usage: bool) -> AsyncIterator[bytes]:
+        status = CLIENT_GONE  # unless the loop below reaches its end
+        try:
+            head = shaper.head()
+            if head is not None:
+                yield _sse(head)
+            while event is not None:
+                track.token(event)
+                finish = _finish_reason(event.finish_reason) if event.finish_reason else None
+                usage = track.usage() if finish and not include_usage else None
+                for chunk in shaper.delta(event.text or "", finish, usage):
+                    yield _sse(chunk)
+                event = await gen.next() if not finish else None
+            if include_usage:
+                yield _sse(shaper.usage_only(track.usage()))
+            yield b"data: [DONE]\n\n"
+            status = 200
+        except ClientGone:
+            pass
+        except Exception as e:  # noqa: BLE001 - the status line is sent: tell the client in the stream
+            err = _api_error(e)
+            status = err.status
+            yield _sse(err.to_dict())
+            yield b"data: [DONE]\n\n"
+        finally:
+            await gen.close()
+            track.finish(status)
+
+    # --- checks ------------------------------------------------------------------------------------
+    def _authorize(self, request: Request, endpoint: str) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            return
+        raise APIError(401, "Missing or invalid API key. Send the server's key as "
+                       "'Authorization: Bearer <key>' (openai clients: api_key=...).",
+                       param=None, code="invalid_api_key")
+
+    async def _body(self, request: Request) -> dict[str, Any]:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
+            raise APIError(413, f"The request body has {length} bytes; this server takes at most "
+                           f"{self.max_request_bytes}.", code="request_too_large")
+        raw = bytearray()
+        async for part in request.stream():
+            raw += part
+            if len(raw) > self.max_request_bytes:
+                raise APIError(413, f"The request body is over {self.max_request_bytes} bytes.",
+                               code="request_too_large")
+        return parse_json_body(bytes(raw))
+
+    def _check_model(self, name: str, param: str | None = "model") -> None:
+        if name != self.model_name:
+            raise APIError(404, f"The model '{name}' does not exist on this server; it serves "
+                           f"'{self.model_name}' (GET /v1/models).", param=param, code="model_not_found")
+
+    def _encode(self, text: str) -> list[int]:
+        ids = list(self.engine.tokenizer.encode(text))
+        if not ids:
+            raise bad_request("The prompt is empty; send at least one character.", "prompt")
+        return ids
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self._encode(prompt)
+        if self.vocab_size is not None and max(prompt) >= self.vocab_size:
+            raise bad_request(f"'prompt' holds token id {max(prompt)}; this model's vocabulary has ids 0 to "
+                              f"{self.vocab_size - 1}.", "prompt")
+        return prompt
+
+    def _max_tokens(self, req: SamplingRequest, prompt_len: int, chat: bool) -> int:
+        room = self.max_context - prompt_len
+        if req.max_tokens is None:
+            if room < 1:
+                raise _too_long(self.max_context, prompt_len, 1)
+            default = self.default_max_tokens or (room if chat else COMPLETION_DEFAULT_MAX_TOKENS)
+            return min(default, room)
+        if req.max_tokens > room:
+            raise _too_long(self.max_context, prompt_len, req.max_tokens)
+        return req.max_tokens
+
+    # --- answers -----------------------------------------------------------------------------------
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "flexpipe",
+                "max_model_len": self.max_context}
+
+    def _json(self, endpoint: str, body: dict[str, Any], status: int = 200) -> Response:
+        if self.metrics is not None:
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+        return JSONResponse(body, status_code=status)
+
+    async def api_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        if self.metrics is not None:
+            self.metrics.requests.labels(endpoint=_endpoint(request), status=str(exc.status)).inc()
+        headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+
+    async def http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            message = f"There is no route {request.url.path}; see /v1/models, /v1/completions, " \
+                      "/v1/chat/completions, /v1/flexpipe/status, /health, /metrics."
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}."
+        else:
+            message = str(exc.detail)
+        err = APIError(exc.status_code, message, type="invalid_request_error" if exc.status_code < 500
+                       else "server_error")
+        return await self.api_error(request, err)
+
+    async def internal_error(self, request: Request, exc: Exception) -> Response:
+        log.error("unhandled %s on %s %s: %s", type(exc).__name__, request.method, request.url.path, exc)
+        return await self.api_error(request, _api_error(exc))
+
+
+class _Tracker:
+    """Times one generation request and records it in the metrics when it ends."""
+
+    def __init__(self, metrics: ServerMetrics, endpoint: str, prompt_tokens: int):
+        self.metrics = metrics
+        self.endpoint = endpoint
+        self.prompt_tokens = prompt_tokens
+        self.tokens = 0
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.last: float | None = None
+        self.done = False
+        metrics.begin()
+
+    def token(self, event: Any) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+            self.metrics.ttft.observe(now - self.start)
+        self.last = now
+        if event.token_id is not None:
+            self.tokens += 1
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.tokens,
+                "total_tokens": self.prompt_tokens + self.tokens}
+
+    def finish(self, status: int) -> None:
+        if self.done:
+            return
+        self.done = True
+        m = self.metrics
+        m.end()
+        m.requests.labels(endpoint=self.endpoint, status=str(status)).inc()
+        if self.first is None:
+            return
+        m.prompt_tokens.inc(self.prompt_tokens)
+        m.generation_tokens.inc(self.tokens)
+        m.e2e.observe(self.last - self.start)
+        if self.tokens > 1:
+            m.tpot.observe((self.last - self.first) / (self.tokens - 1))
+
+
+class _TextChunks:
+    """Bodies of /v1/completions answers."""
+
+    def __init__(self, rid: str, model: str):
+        self.id, self.model, self.created = rid, model, int(time.time())
+
+    def _base(self, choices: list[dict[str, Any]], usage: dict[str, int] | None) -> dict[str, Any]:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": usage}
+
+    def whole(self, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
+        return self._base([{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], usage)
+
+    def head(self) -> None:
+        return None
+
+    def delta(self, text: str, finish: str | None, usage: dict[str, int] | None) -> list[dict[str, Any]]:
+        if not text and not finish:
+            return []
+        return [self._base([{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], usage)]
+
+    def usage_only(self, usage: dict[str, int]) -> dict[str, Any]:
+        return self._base([], usage)
+
+
+class _ChatChunks:
+    """Bodies of /v1/chat/completions answers."""
+
+    def __init__(self, rid: str, model: str):
+        self.id, self.model, self.created = rid, model, int(time.time())
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "system_fingerprint": None, "choices": choices, "usage": usage}
+
+    def whole(self, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "system_fingerprint": None, "usage": usage,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": None, "finish_reason": finish}]}
+
+    def head(self) -> dict[str, Any]:
+        return self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}], None)
+
+    def delta(self, text: str, finish: str | None, usage: dict[str, int] | None) -> list[dict[str, Any]]:
+        out = []
+        if text:
+            out.append(self._chunk([{"index": 0, "delta": {"content": text}, "logprobs": None,
+                                     "finish_reason": None}], None))
+        if finish:
+            out.append(self._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}],
+                                   usage))
+        return out
+
+    def usage_only(self, usage: dict[str, int]) -> dict[str, Any]:
+        return self._chunk([], usage)
+
+
+def _sse(body: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _finish_reason(reason: str | None) -> str:
+    """OpenAI knows 'stop' and 'length'; anything else the engine ends with reads as 'stop'."""
+    return "length" if reason == "length" else "stop"
+
+
+def _too_long(max_context: int, prompt_len: int, max_tokens: int) -> APIError:
+    return bad_request(
+        f"This model's maximum context length is {max_context} tokens. However, you requested "
+        f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the completion). "
+        "Please reduce the length of the prompt or of max_tokens.", "max_tokens" if prompt_len < max_context
+        else "prompt", "context_length_exceeded")
+
+
+def _api_error(e: BaseException) -> APIError:
+    """How an engine error reads to an HTTP client."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, CapacityError):
+        return bad_request(f"{e} Reduce the prompt or max_tokens.", "max_tokens", "capacity_exceeded")
+    if isinstance(e, RequestError):
+        return bad_request(str(e))
+    if isinstance(e, ActorError):
+        log.error("engine unavailable: %s", e)
+        return APIError(503, f"The engine is unavailable ({type(e).__name__}: {e}); retry later.",
+                        type="server_error", code="engine_unavailable")
+    if isinstance(e, FlexPipeError):
+        log.error("engine error: %s: %s", type(e).__name__, e)
+        return APIError(500, f"{type(e).__name__}: {e}", type="server_error")
+    return APIError(500, "Internal server error (logged on the server).", type="server_error")
+
+
+def _endpoint(request: Request) -> str:
+    path = request.url.path
+    for prefix, name in (("/v1/chat/", "chat"), ("/v1/completions", "completions"), ("/v1/models", "models"),
+                         ("/v1/flexpipe/status", "status"), ("/v1/flexpipe/reshape", "reshape")):
+        if path.startswith(prefix):
+            return name
+    return "other"
+
+

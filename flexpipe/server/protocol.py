@@ -1,0 +1,302 @@
+"""OpenAI request validation: JSON bodies in, typed requests or OpenAI-style errors out."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# Sampling ranges accepted by the OpenAI API; the engine may be stricter and says so itself.
+MAX_STOP_SEQUENCES = 4
+MAX_SEED = 2**63 - 1
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+class APIError(Exception):
+    """An HTTP error answered with OpenAI's error JSON; the message says what to change."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        """The body OpenAI clients parse: {"error": {"message", "type", "param", "code"}}."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """A 400 invalid_request_error about one parameter."""
+    return APIError(400, message, param=param, code=code)
+
+
+@dataclass
+class SamplingRequest:
+    """Fields shared by completions and chat completions, validated."""
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of engine.generate() other than the prompt and max_tokens."""
+        return {"temperature": self.temperature, "top_k": self.top_k if self.top_k > 0 else 0,
+                "top_p": self.top_p, "seed": self.seed, "stop": list(self.stop) or None}
+
+
+@dataclass
+class CompletionRequest(SamplingRequest):
+    """A validated /v1/completions request: the prompt is text or token ids."""
+
+    prompt: str | list[int] = ""
+
+
+@dataclass
+class ChatRequest(SamplingRequest):
+    """A validated /v1/chat/completions request: messages with text content only."""
+
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """Decode a request body that must be one JSON object."""
+    if not raw.strip():
+        raise bad_request("The request body is empty; send a JSON object "
+                          "(Content-Type: application/json).")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad_request(f"The request body is not valid JSON ({e}); send a JSON object.",
+                          code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request(f"The request body must be a JSON object, not {_kind(body)}.",
+                          code="invalid_json")
+    return body
+
+
+def parse_completion(body: dict[str, Any]) -> CompletionRequest:
+    """Validate a /v1/completions body (raises APIError)."""
+    _reject_unsupported(body, chat=False)
+    if "prompt" not in body:
+        raise bad_request("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
+    req = CompletionRequest(**_sampling_fields(body), prompt=_prompt(body["prompt"]))
+    return req
+
+
+def parse_chat(body: dict[str, Any]) -> ChatRequest:
+    """Validate a /v1/chat/completions body (raises APIError)."""
+    _reject_unsupported(body, chat=True)
+    if "messages" not in body:
+        raise bad_request("Missing required parameter: 'messages'.", "messages",
+                          "missing_required_parameter")
+    fields = _sampling_fields(body)
+    if body.get("max_completion_tokens") is not None:
+        fields["max_tokens"] = _int(body, "max_completion_tokens", lo=1)
+    return ChatRequest(**fields, messages=_messages(body["messages"]))
+
+
+# --- fields ---------------------------------------------------------------------------------------
+def _sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
+    if "model" not in body:
+        raise bad_request("Missing required parameter: 'model' (GET /v1/models lists the served name).",
+                          "model", "missing_required_parameter")
+    if not isinstance(body["model"], str) or not body["model"]:
+        raise bad_request(f"'model' must be a non-empty string, not {_kind(body['model'])}.", "model")
+    out: dict[str, Any] = {"model": body["model"]}
+    if body.get("max_tokens") is not None:
+        out["max_tokens"] = _int(body, "max_tokens", lo=1)
+    if body.get("temperature") is not None:
+        out["temperature"] = _number(body, "temperature", lo=0.0, hi=2.0)
+    if body.get("top_p") is not None:
+        out["top_p"] = _number(body, "top_p", lo=0.0, hi=1.0, lo_open=True)
+    if body.get("top_k") is not None:
+        out["top_k"] = _int(body, "top_k", lo=-1)
+    if body.get("seed") is not None:
+        out["seed"] = _int(body, "seed", lo=0, hi=MAX_SEED)
+    if body.get("stop") is not None:
+        out["stop"] = _stop(body["stop"])
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad_request(f"'stream' must be true or false, not {_kind(stream)}.", "stream")
+    out["stream"] = bool(stream)
+    opts = body.get("stream_options")
+    if opts is not None:
+        if not out["stream"]:
+            raise bad_request("'stream_options' is only allowed when 'stream' is true.", "stream_options")
+        if not isinstance(opts, dict):
+            raise bad_request(f"'stream_options' must be an object, not {_kind(opts)}.", "stream_options")
+        usage = opts.get("include_usage")
+        if usage is not None and not isinstance(usage, bool):
+            raise bad_request("'stream_options.include_usage' must be true or false.",
+                              "stream_options.include_usage")
+        out["include_usage"] = bool(usage)
+    return out
+
+
+def _reject_unsupported(body: dict[str, Any], *, chat: bool) -> None:
+    """Refuse options this server does not implement rather than silently ignoring them."""
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise bad_request(f"'n' = {n!r} is not supported: this server returns one choice per request. "
+                          "Send n=1 (or omit it) and repeat the request for more samples.", "n",
+                          "unsupported_value")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != 1:
+        raise bad_request(f"'best_of' = {best_of!r} is not supported; omit it or send 1.", "best_of",
+                          "unsupported_value")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and logprobs is not False:
+        raise bad_request("'logprobs' is not supported by this server; omit it"
+                          + (" or send false." if chat else " or send null."), "logprobs",
+                          "unsupported_value")
+    if body.get("top_logprobs") is not None:
+        raise bad_request("'top_logprobs' is not supported by this server; omit it.", "top_logprobs",
+                          "unsupported_value")
+    if body.get("echo") not in (None, False):
+        raise bad_request("'echo' is not supported; omit it or send false.", "echo", "unsupported_value")
+    if body.get("suffix") not in (None, ""):
+        raise bad_request("'suffix' (insertion) is not supported; omit it.", "suffix", "unsupported_value")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = body.get(name)
+        if value is not None and (_is_number(value) is False or value != 0):
+            raise bad_request(f"'{name}' = {value!r} is not supported; omit it or send 0.", name,
+                              "unsupported_value")
+    if body.get("logit_bias") not in (None, {}):
+        raise bad_request("'logit_bias' is not supported; omit it.", "logit_bias", "unsupported_value")
+    for name in ("tools", "functions"):
+        if body.get(name) not in (None, []):
+            raise bad_request(f"'{name}' (tool calling) is not supported by this server; omit it.", name,
+                              "unsupported_value")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise bad_request("Only response_format {\"type\": \"text\"} is supported; omit it.",
+                          "response_format", "unsupported_value")
+
+
+def _prompt(value: Any) -> str | list[int]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        if value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+            if any(t < 0 for t in value):
+                raise bad_request("Token ids in 'prompt' must be non-negative.", "prompt")
+            return list(value)
+        if len(value) == 1 and (isinstance(value[0], str) or isinstance(value[0], list)):
+            return _prompt(value[0])
+        if len(value) > 1 and all(isinstance(p, (str, list)) for p in value):
+            raise bad_request(f"'prompt' holds {len(value)} prompts; this server takes one prompt per "
+                              "request. Send a string (or one list of token ids) per request.", "prompt",
+                              "unsupported_value")
+    raise bad_request(f"'prompt' must be a string or a list of token ids, not {_kind(value)}.", "prompt")
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise bad_request("'messages' must be a non-empty array of {\"role\", \"content\"} objects.",
+                          "messages")
+    out = []
+    for i, msg in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise bad_request(f"'{where}' must be an object with 'role' and 'content', not {_kind(msg)}.",
+                              where)
+        role = msg.get("role")
+        if role not in CHAT_ROLES:
+            raise bad_request(f"'{where}.role' = {role!r} is not supported; use one of "
+                              f"{', '.join(CHAT_ROLES)}.", f"{where}.role")
+        if msg.get("tool_calls") or msg.get("function_call"):
+            raise bad_request(f"'{where}' carries tool calls, which this server does not support.", where,
+                              "unsupported_value")
+        out.append({"role": role, "content": _content(msg.get("content"), f"{where}.content")})
+    return out
+
+
+def _content(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for j, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else _kind(part)
+                raise bad_request(f"'{where}[{j}]' is a {kind!r} part; only text parts "
+                                  "({\"type\": \"text\", \"text\": ...}) are supported.", f"{where}[{j}]")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise bad_request(f"'{where}' must be a string or an array of text parts, not {_kind(value)}.", where)
+
+
+def _stop(value: Any) -> list[str]:
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise bad_request(f"'stop' must be a string or an array of strings, not {_kind(value)}.", "stop")
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise bad_request(f"'stop' has {len(stops)} sequences; send at most {MAX_STOP_SEQUENCES}.", "stop")
+    if any(s == "" for s in stops):
+        raise bad_request("'stop' sequences must not be empty strings.", "stop")
+    return stops
+
+
+def _int(body: dict[str, Any], name: str, *, lo: int | None = None, hi: int | None = None) -> int:
+    value = body[name]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise bad_request(f"'{name}' must be an integer, not {_kind(value)}.", name, "invalid_type")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise bad_request(f"'{name}' = {value} is out of range; send {_range(lo, hi)}.", name,
+                          "invalid_value")
+    return value
+
+
+def _number(body: dict[str, Any], name: str, *, lo: float, hi: float, lo_open: bool = False) -> float:
+    value = body[name]
+    if not _is_number(value):
+        raise bad_request(f"'{name}' must be a number, not {_kind(value)}.", name, "invalid_type")
+    value = float(value)
+    if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
+        lower = f"greater than {lo:g}" if lo_open else f"at least {lo:g}"
+        raise bad_request(f"'{name}' = {value:g} is out of range; send a number {lower} and at most "
+                          f"{hi:g}.", name, "invalid_value")
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _range(lo: int | None, hi: int | None) -> str:
+    if hi is None:
+        return f"an integer >= {lo}"
+    if lo is None:
+        return f"an integer <= {hi}"
+    return f"an integer from {lo} to {hi}"
+
+
+def _kind(value: Any) -> str:
+    """How a JSON value reads in an error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
