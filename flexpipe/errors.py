@@ -33,6 +33,14 @@ class PlacementError(FlexPipeError):
     """No placement of the requested stages fits the cluster."""
 
 
+class TopologyError(FlexPipeError, ValueError):
+    """A cluster description is invalid, or names a GPU or node that does not exist."""
+
+
+class NoDriverError(TopologyError):
+    """No NVIDIA driver (or no pynvml) on this machine: GPUs cannot be discovered, describe them in a file."""
+
+
 # --- requests ------------------------------------------------------------------------------------
 class RequestError(FlexPipeError, ValueError):
     """A request is invalid (empty prompt, too long, bad sampling parameters)."""
