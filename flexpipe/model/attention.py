@@ -1,0 +1,234 @@
+"""Paged attention in plain torch: KV lives in fixed-size blocks, each sequence has a block table.
+
+Tokens of a micro-batch are flattened: sequence 0's new tokens first, then sequence 1's, and so on.
+A step writes the new K/V into their slots, then every query attends (causally) to its sequence's
+context gathered from the blocks, with one SDPA call over the padded batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+@dataclass
+class AttnMetadata:
+    """Where the tokens of one flattened micro-batch sit in their sequences and in the KV blocks."""
+
+    positions: torch.Tensor  # [T] int64, position of each token in its sequence
+    seq_lens: list[int]  # new tokens per sequence (they are contiguous in the flattened batch)
+    context_lens: list[int]  # tokens in KV after this step, per sequence
+    block_tables: list[list[int]]  # per sequence: block ids in this stage's pools
+    slot_mapping: torch.Tensor  # [T] int64, block * block_size + offset of each new token
+    block_size: int = 16
+    # Derived tensors shared by every attention unit of a stage during one step.
+    _scratch: dict[tuple, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def build(cls, starts: Sequence[int], num_new: Sequence[int], block_tables: Sequence[Sequence[int]],
+              block_size: int, device: torch.device | str = "cpu") -> "AttnMetadata":
+        """Metadata for sequences whose new tokens occupy positions [start, start + n)."""
+        if not (len(starts) == len(num_new) == len(block_tables)) or not starts:
+            raise ValueError(f"need one start, count and block table per sequence (got {len(starts)}, "
+                             f"{len(num_new)}, {len(block_tables)})")
+        pos, slots = [], []
+        for s, n, bt in zip(starts, num_new, block_tables):
+            if s < 0 or n < 1:
+                raise ValueError(f"sequence start {s} / new tokens {n}: need start >= 0 and n >= 1")
+            if s + n > len(bt) * block_size:
+                raise ValueError(f"block table of {len(bt)} blocks x {block_size} holds {len(bt) * block_size} "
+                                 f"tokens; the step needs {s + n}")
+            for p in range(s, s + n):
+                pos.append(p)
+                slots.append(bt[p // block_size] * block_size + p % block_size)
+        return cls(
+            positions=torch.tensor(pos, dtype=torch.int64, device=device),
+            seq_lens=list(num_new),
+            context_lens=[s + n for s, n in zip(starts, num_new)],
+            block_tables=[list(bt) for bt in block_tables],
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            block_size=block_size,
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+    def last_token_rows(self) -> torch.Tensor:
+        """[B] int64: row of each sequence's last new token (the rows that need sampling)."""
+        key = ("last_rows",)
+        if key not in self._scratch:
+            ends, acc = [], 0
+            for n in self.seq_lens:
+                acc += n
+                ends.append(acc - 1)
+            self._scratch[key] = torch.tensor(ends, dtype=torch.int64, device=self.positions.device)
+        return self._scratch[key]
+
+    def cached(self, key: tuple, make) -> Any:
+        """Value computed once per step and shared by the units of a stage."""
+        v = self._scratch.get(key)
+        if v is None:
+            v = self._scratch[key] = make()
+        return v
+
+
+class PagedKVCache:
+    """K/V of one attention unit: k, v as [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block, K and V together."""
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim * self.k.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [T, kv_heads, head_dim] at flat slots [T]."""
+        self.k.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, k.to(self.k.dtype))
+        self.v.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, v.to(self.v.dtype))
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V at flat slots [...] -> [..., kv_heads, head_dim] each."""
+        flat = slots.reshape(-1)
+        k = self.k.view(-1, self.num_kv_heads, self.head_dim).index_select(0, flat)
+        v = self.v.view(-1, self.num_kv_heads, self.head_dim).index_select(0, flat)
+        shape = (*slots.shape, self.num_kv_heads, self.head_dim)
+        return k.view(shape), v.view(shape)
+
+    def read_blocks(self, ids: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of blocks `ids`: k, v as [n, block_size, kv_heads, head_dim] (for migration)."""
+        idx = torch.as_tensor(ids, dtype=torch.int64, device=self.k.device)
+        return self.k.index_select(0, idx), self.v.index_select(0, idx)
+
+    def write_blocks(self, ids: Sequence[int] | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Overwrite blocks `ids` with k, v [n, block_size, kv_heads, head_dim] (for migration)."""
+        idx = torch.as_tensor(ids, dtype=torch.int64, device=self.k.device)
+        expect = (idx.numel(), self.block_size, self.num_kv_heads, self.head_dim)
+        if tuple(k.shape) != expect or tuple(v.shape) != expect:
+            raise ValueError(f"write_blocks: expected k and v of shape {expect}, got {tuple(k.shape)} "
+                             f"and {tuple(v.shape)}")
+        self.k.index_copy_(0, idx, k.to(device=self.k.device, dtype=self.k.dtype))
+        self.v.index_copy_(0, idx, v.to(device=self.v.device, dtype=self.v.dtype))
+
+
+def _layout(meta: AttnMetadata, block_size: int, window: int | None) -> dict[str, Any]:
+    """Padded-batch indices and mask for one step; computed once, shared by all attention units."""
+    dev = meta.positions.device
+    B, T = len(meta.seq_lens), meta.num_tokens
+    if sum(meta.seq_lens) != T or len(meta.context_lens) != B or len(meta.block_tables) != B:
+        raise ValueError(f"attention metadata disagrees: {T} tokens, seq_lens {meta.seq_lens}, "
+                         f"{len(meta.context_lens)} context lens, {len(meta.block_tables)} block tables")
+    max_q, max_ctx = max(meta.seq_lens), max(meta.context_lens)
+    nblk = max(len(bt) for bt in meta.block_tables)
+    bt = torch.zeros(B, nblk, dtype=torch.int64)
+    for b, row in enumerate(meta.block_tables):
+        bt[b, : len(row)] = torch.tensor(row, dtype=torch.int64)
+    ctx = torch.tensor(meta.context_lens, dtype=torch.int64)
+    qn = torch.tensor(meta.seq_lens, dtype=torch.int64)
+    kpos = torch.arange(max_ctx)
+    if (ctx > nblk * block_size).any() or (qn > ctx).any():
+        raise ValueError(f"context lens {meta.context_lens} exceed the block tables or new tokens {meta.seq_lens}")
+    slots = bt[:, kpos // block_size] * block_size + kpos % block_size  # [B, max_ctx]
+    slots = torch.where(kpos[None, :] < ctx[:, None], slots, slots[:, :1])
+    j = torch.arange(max_q)
+    q_valid = j[None, :] < qn[:, None]  # [B, max_q]
+    qpos = (ctx - qn)[:, None] + j[None, :]  # [B, max_q]
+    allowed = kpos[None, None, :] <= qpos[:, :, None]  # causal, also keeps keys < ctx
+    if window is not None:
+        allowed &= kpos[None, None, :] > qpos[:, :, None] - window
+    allowed |= ~q_valid[:, :, None] & (kpos == 0)[None, None, :]  # padded rows: anything but all -inf
+    uniform_q = bool((qn == max_q).all())
+    out: dict[str, Any] = {"B": B, "max_q": max_q, "slots": slots.to(dev)}
+    if uniform_q:
+        out["q_index"] = None  # [T] is already [B * max_q] in order
+    else:
+        starts = torch.cumsum(qn, 0) - qn
+        out["q_index"] = torch.where(q_valid, starts[:, None] + j[None, :], 0).to(dev)
+        out["q_valid"] = q_valid.to(dev)
+    # Mask only where some key must be hidden: decode steps at equal lengths need none.
+    out["mask"] = None if bool(allowed.all()) else allowed[:, None].to(dev)  # [B, 1, max_q, max_ctx]
+    return out
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache | None,
+                    meta: AttnMetadata, scale: float | None = None, window: int | None = None) -> torch.Tensor:
+    """Causal attention of q [T, heads, hd] over each sequence's context; writes k, v [T, kv_heads, hd].
+
+    With cache=None every sequence's context is exactly its new tokens (a stateless prefill).
+    Returns [T, heads, hd].
+    """
+    T, H, D = q.shape
+    if cache is None:
+        if meta.context_lens != meta.seq_lens:
+            raise ValueError("attention without a KV cache needs context_lens == seq_lens (no earlier tokens)")
+        outs, s = [], 0
+        for n in meta.seq_lens:  # each sequence alone: its new tokens are its whole context
+            outs.append(_self_attention(q[s:s + n], k[s:s + n], v[s:s + n], scale, window))
+            s += n
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+    cache.write(meta.slot_mapping, k, v)
+    B = len(meta.seq_lens)
+    if B == 1 and meta.context_lens[0] == T:
+        return _self_attention(q, k, v, scale, window)  # prefill from position 0: new K/V are the context
+    lay = meta.cached(("paged", cache.block_size, window), lambda: _layout(meta, cache.block_size, window))
+    kc, vc = cache.gather(lay["slots"])  # [B, max_ctx, KVH, D]
+    max_q = lay["max_q"]
+    if lay["q_index"] is None:
+        qb = q.view(B, max_q, H, D)
+    else:
+        qb = q.index_select(0, lay["q_index"].reshape(-1)).view(B, max_q, H, D)
+    o = _sdpa(qb.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), lay["mask"], False, scale)
+    o = o.transpose(1, 2)  # [B, max_q, H, D]
+    if lay["q_index"] is None:
+        return o.reshape(T, H, D)
+    return o[lay["q_valid"]]  # [T, H, D], rows in flattened order
+
+
+def _self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                    window: int | None) -> torch.Tensor:
+    """One sequence attending causally to exactly its own tokens: q [n, H, D], k/v [n, KVH, D]."""
+    n = q.shape[0]
+    mask = None
+    if window is not None and n > window:
+        i = torch.arange(n, device=q.device)
+        mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)  # [n, n]
+    o = _sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask,
+              mask is None, scale)  # [1, H, n, D]
+    return o[0].transpose(0, 1)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+          scale: float | None) -> torch.Tensor:
+    """SDPA with grouped KV heads: q [B, H, Q, D], k/v [B, KVH, S, D] -> [B, H, Q, D]."""
+    H, KVH = q.shape[1], k.shape[1]
+    kw: dict[str, Any] = {}
+    if H != KVH:
+        if _SDPA_GQA:
+            kw["enable_gqa"] = True
+        else:
+            k, v = k.repeat_interleave(H // KVH, dim=1), v.repeat_interleave(H // KVH, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, **kw)

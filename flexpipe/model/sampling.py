@@ -1,0 +1,127 @@
+"""Sampling: greedy, temperature, top-k, top-p, with randomness keyed by (seed, output index).
+
+The draw for output token n of a request is a Gumbel-max over noise generated from (seed, n) alone,
+so a request's tokens never depend on what it was batched with, on preemption, or on reshapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from flexpipe.errors import RequestError
+
+MAX_TOKENS_LIMIT = 1_000_000
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to pick each next token; temperature 0 is greedy. top_k 0 and top_p 1 disable those filters."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None  # None: resolve_seed() draws one when the request is admitted
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False  # by default the model's EOS ids stop generation too
+
+    def __post_init__(self) -> None:
+        self.stop_token_ids = tuple(self.stop_token_ids or ())
+
+    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+        """Raise RequestError saying what to change; returns self."""
+        mt = self.max_tokens
+        if isinstance(mt, bool) or not isinstance(mt, int) or not (1 <= mt <= MAX_TOKENS_LIMIT):
+            raise RequestError(f"max_tokens must be an integer from 1 to {MAX_TOKENS_LIMIT} (got {mt!r})")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise RequestError(f"temperature must be a finite number >= 0, 0 for greedy (got {t!r})")
+        k = self.top_k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise RequestError(f"top_k must be an integer >= 0, 0 to disable (got {k!r})")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
+            raise RequestError(f"top_p must be in (0, 1], 1 to disable (got {p!r})")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise RequestError(f"seed must be an integer or None (got {self.seed!r})")
+        for s in self.stop_token_ids:
+            if isinstance(s, bool) or not isinstance(s, int) or s < 0 or (vocab_size is not None and s >= vocab_size):
+                limit = f" below the vocabulary size {vocab_size}" if vocab_size is not None else ""
+                raise RequestError(f"stop_token_ids must be token ids >= 0{limit} (got {s!r})")
+        return self
+
+    def resolve_seed(self) -> "SamplingParams":
+        """A copy with a fresh random seed if none was given (so recomputation replays the same draws)."""
+        if self.seed is not None:
+            return self
+        return dataclasses.replace(self, seed=secrets.randbits(63))
+
+    def stop_ids(self, eos_token_ids: Sequence[int] = ()) -> frozenset[int]:
+        """Token ids that end the request: stop_token_ids, plus the model's EOS unless ignore_eos."""
+        return frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else frozenset(eos_token_ids))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (msgpack-able)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["stop_token_ids"] = list(self.stop_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise RequestError(f"unknown sampling parameters {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+def _draw_seed(seed: int, n: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{n}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def gumbel_noise(seed: int, n: int, vocab_size: int) -> torch.Tensor:
+    """[vocab] fp32 Gumbel noise for output token n of the request with this seed (generated on CPU)."""
+    g = torch.Generator().manual_seed(_draw_seed(seed, n))
+    u = torch.rand(vocab_size, generator=g)
+    return -torch.log(-torch.log(u))  # u == 0 gives -inf: that token is never drawn
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams], out_index: Sequence[int]) -> torch.Tensor:
+    """Next token [N] int64 for logits [N, V]; row i is output token out_index[i] of its request."""
+    N, V = logits.shape
+    if len(params) != N or len(out_index) != N:
+        raise ValueError(f"sample: {N} logit rows but {len(params)} params and {len(out_index)} indices")
+    out = logits.argmax(dim=-1)  # greedy rows keep this
+    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not rows:
+        return out
+    dev = logits.device
+    idx = torch.tensor(rows, dtype=torch.int64, device=dev)
+    temps = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32, device=dev)
+    x = logits.index_select(0, idx).float() / temps[:, None]  # [R, V]
+    ks = [params[i].top_k if 0 < params[i].top_k < V else V for i in rows]
+    ps = [float(params[i].top_p) for i in rows]
+    if min(ks) < V or min(ps) < 1.0:
+        sx, order = x.sort(dim=-1, descending=True)  # [R, V]
+        rank = torch.arange(V, device=dev)[None, :]
+        drop = rank >= torch.tensor(ks, device=dev)[:, None]
+        if min(ps) < 1.0:
+            probs = torch.softmax(sx.masked_fill(drop, -math.inf), dim=-1)
+            before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens
+            p = torch.tensor(ps, dtype=torch.float32, device=dev)[:, None]
+            drop |= (before >= p) & (p < 1.0)
+        sx = sx.masked_fill(drop, -math.inf)
+        x = torch.empty_like(x).scatter_(1, order, sx)
+    if any(params[i].seed is None for i in rows):
+        raise ValueError("sampling with temperature > 0 needs a seed: call SamplingParams.resolve_seed()")
+    noise = torch.stack([gumbel_noise(params[i].seed, out_index[i], V) for i in rows]).to(dev)
+    out[idx] = (x + noise).argmax(dim=-1)
+    return out
