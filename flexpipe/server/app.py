@@ -179,7 +179,7 @@ class _Server:
         self._authorize(request, "chat")
         req = parse_chat(await self._body(request))
         self._check_model(req.model)
-        prompt = self._encode(self.template.render(req.messages))
+        prompt = self.template.encode(self.engine.tokenizer, req.messages)
         return await self._generate(request, "chat", req, prompt)
 
     async def _generate(self, request: Request, endpoint: str, req: SamplingRequest,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,15 @@ class ChatTemplate:
         source = load_template_source(override) if override else _pick(getattr(tokenizer, "chat_template", None))
         return cls(source, bos_token=_special(tokenizer, "bos"), eos_token=_special(tokenizer, "eos"))
 
+    def encode(self, tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt token ids for `messages`.
+
+        A checkpoint's template writes its special tokens itself (as transformers' apply_chat_template
+        assumes), so its text is encoded without adding them again; the plain default relies on the
+        tokenizer's BOS.
+        """
+        return list(tokenizer.encode(self.render(messages), add_special_tokens=self.is_default))
+
     def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         """Prompt text for `messages`; a refusal by the template is a 400 for the client."""
         try:
@@ -111,8 +121,6 @@ def _special(tokenizer: Any, which: str) -> str:
     if isinstance(text, str):
         return text
     token_id = getattr(tokenizer, f"{which}_token_id", None)
-    id_to_token = getattr(tokenizer, "id_to_token", None)
-    if token_id is not None and callable(id_to_token):
-        text = id_to_token(token_id)
-        return text if isinstance(text, str) else ""
-    return ""
+    if token_id is None or "skip_special_tokens" not in inspect.signature(tokenizer.decode).parameters:
+        return ""
+    return tokenizer.decode([token_id], skip_special_tokens=False)

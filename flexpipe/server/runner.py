@@ -31,11 +31,11 @@ class _Server(uvicorn.Server):
             self.ready.set()
 
 
-def serve_forever(app: Any, *, host: str, port: int, log_level: str = "info",
+def serve_forever(app: Any, *, host: str, port: int, log_level: str = "info", access_log: bool = False,
                   on_ready: Callable[[str], None] | None = None, graceful_s: float = 10.0) -> bool:
     """Serve `app` until SIGINT/SIGTERM; False if it could not start (port taken, engine failed)."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=graceful_s)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                            lifespan="on", timeout_graceful_shutdown=graceful_s)
     server = _Server(config, on_ready)
     server.run()
     return server.url is not None

@@ -1,0 +1,281 @@
+"""`flexpipe serve` (the HTTP front end) and `flexpipe chat` (a terminal client of a running server).
+
+Every setting comes from, in this order: the command line, an environment variable FLEXPIPE_<NAME>,
+a config file (--config, YAML or TOML; keys at the top level or under a [serve] / [chat] table),
+the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from flexpipe.errors import ConfigError
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a command: its flag, environment variable, config key, type and default."""
+
+    name: str
+    type: Callable[[str], Any] | type
+    default: Any
+    help: str
+    metavar: str | None = None
+    positional: bool = False
+
+    @property
+    def env(self) -> str:
+        return "FLEXPIPE_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+SERVE_SETTINGS = [
+    Setting("model", str, "tiny", "model to serve: a preset name or a Hugging Face checkpoint directory",
+            "MODEL", positional=True),
+    Setting("host", str, "127.0.0.1", "address to listen on (0.0.0.0 for every interface)"),
+    Setting("port", int, 8000, "TCP port to listen on"),
+    Setting("stages", int, 2, "pipeline stages to start with (the runtime reshapes from there)"),
+    Setting("in_process", bool, False, "run the stages in this process instead of one process each"),
+    Setting("api_key", str, None, "require 'Authorization: Bearer KEY' on every /v1 route (the chat page "
+            "asks for it)", "KEY"),
+    Setting("served_model_name", str, None, "model name clients send and /v1/models lists (default: the "
+            "model's own name)", "NAME"),
+    Setting("chat_template", str, None, "jinja2 chat template, as a file (.jinja, or a tokenizer_config.json) "
+            "or inline text; default: the checkpoint's, else a plain 'Role: text' template", "TEMPLATE"),
+    Setting("default_max_tokens", int, None, "tokens to generate when a request names no max_tokens "
+            "(default: 16 for completions, the rest of the context for chat)", "N"),
+    Setting("engine_options", str, None, "extra keyword settings of FlexPipe.launch, as a JSON object, e.g. "
+            "'{\"block_size\": 16}'", "JSON"),
+    Setting("access_log", bool, False, "log every HTTP request"),
+]
+
+CHAT_SETTINGS = [
+    Setting("url", str, "http://127.0.0.1:8000", "base URL of a running `flexpipe serve`"),
+    Setting("api_key", str, None, "the server's API key, if it has one", "KEY"),
+    Setting("model", str, None, "model name to ask for (default: the first one the server lists)", "NAME"),
+    Setting("system", str, None, "system message that starts the conversation", "TEXT"),
+    Setting("max_tokens", int, 128, "tokens to generate per answer"),
+    Setting("temperature", float, 0.7, "sampling temperature (0 = greedy)"),
+    Setting("top_p", float, 1.0, "nucleus sampling mass"),
+    Setting("seed", int, None, "sampling seed, for answers that repeat"),
+    Setting("message", str, None, "send this one message, print the answer and exit (no prompt)", "TEXT"),
+]
+
+
+# --- settings resolution ------------------------------------------------------------------------
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use true/false, 1/0, yes/no, on/off)")
+
+
+def _convert(setting: Setting, value: Any, where: str) -> Any:
+    if value is None:
+        return None
+    try:
+        if setting.type is bool:
+            return value if isinstance(value, bool) else _parse_bool(str(value))
+        if setting.type in (int, float) and isinstance(value, bool):
+            raise ValueError("a boolean is not a number")
+        return setting.type(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: bad value {value!r} for {setting.name}: {e}") from None
+
+
+def load_config_file(path: str | os.PathLike[str], section: str) -> dict[str, Any]:
+    """Settings of `section` from a YAML or TOML file: its [section] table, else its top level."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+    try:
+        if p.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text) or {}
+    except Exception as e:  # noqa: BLE001 - both parsers' errors become one typed error naming the file
+        raise ConfigError(f"config file {p} does not parse: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of settings")
+    if isinstance(data.get(section), dict):
+        data = data[section]
+    return {str(k).replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
+
+
+def resolve(settings: list[Setting], args: argparse.Namespace, section: str,
+            environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Each setting's value: flag, else FLEXPIPE_<NAME>, else config file, else default."""
+    environ = os.environ if environ is None else environ
+    config_path = getattr(args, "config", None) or environ.get("FLEXPIPE_CONFIG")
+    from_file = load_config_file(config_path, section) if config_path else {}
+    known = {s.name for s in settings}
+    unknown = sorted(set(from_file) - known)
+    if unknown:
+        raise ConfigError(f"config file {config_path}: unknown setting(s) {', '.join(unknown)} for "
+                          f"`flexpipe {section}`; known: {', '.join(sorted(known))}")
+    out = {}
+    for s in settings:
+        value = getattr(args, s.name, None)
+        if value is not None:
+            out[s.name] = value
+        elif s.env in environ:
+            out[s.name] = _convert(s, environ[s.env], f"environment variable {s.env}")
+        elif s.name in from_file:
+            out[s.name] = _convert(s, from_file[s.name], f"config file {config_path}")
+        else:
+            out[s.name] = s.default
+    return out
+
+
+def _add_settings(p: argparse.ArgumentParser, settings: list[Setting], section: str) -> None:
+    for s in settings:
+        where = f"env {s.env}; config key '{s.name}'"
+        default = "" if s.default is None else f"; default {s.default!r}"
+        help_ = f"{s.help} ({where}{default})".replace("%", "%%")
+        if s.positional:
+            p.add_argument(s.name, nargs="?", default=None, metavar=s.metavar, help=help_)
+        elif s.type is bool:
+            p.add_argument(s.flag, dest=s.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            p.add_argument(s.flag, dest=s.name, type=s.type, default=None, metavar=s.metavar, help=help_)
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help=f"YAML or TOML file of settings, at its top level or under a [{section}] table "
+                        "(env FLEXPIPE_CONFIG)")
+
+
+# --- flexpipe serve ------------------------------------------------------------------------------
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `flexpipe serve`."""
+    p = subparsers.add_parser(
+        "serve", help="OpenAI-compatible HTTP server with a chat page, on an embedded pipeline",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Start a FlexPipe pipeline in this machine and serve it over HTTP:\n"
+                    "  /                     chat page with a live view of the pipeline\n"
+                    "  /v1/models, /v1/completions, /v1/chat/completions   (OpenAI API, stream: true)\n"
+                    "  /v1/flexpipe/status   current shape and recent reshapes\n"
+                    "  /health, /metrics     liveness and Prometheus metrics\n\n"
+                    "Each setting is taken from its flag, else its environment variable, else the\n"
+                    "config file, else its default.")
+    _add_settings(p, SERVE_SETTINGS, "serve")
+    p.set_defaults(func=serve_main)
+    return p
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    """Run `flexpipe serve` until SIGINT/SIGTERM."""
+    cfg = resolve(SERVE_SETTINGS, args, "serve")
+    from flexpipe.api import FlexPipe
+
+    from .app import create_app
+    from .runner import serve_forever
+
+    options = _engine_options(cfg["engine_options"])
+    model, stages, in_process = cfg["model"], cfg["stages"], cfg["in_process"]
+
+    def launch() -> Any:
+        return FlexPipe.launch(model=model, stages=stages, in_process=in_process, **options)
+
+    app = create_app(launch, model_name=cfg["served_model_name"], api_key=cfg["api_key"],
+                     chat_template=cfg["chat_template"], default_max_tokens=cfg["default_max_tokens"])
+    print(f"flexpipe serve: starting model {model!r} on {stages} stage(s)...", file=sys.stderr, flush=True)
+
+    def ready(url: str) -> None:
+        shown = url.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")
+        key = " (API key required)" if cfg["api_key"] else ""
+        print(f"flexpipe serve: chat page {shown}/   OpenAI API {shown}/v1{key}   Ctrl-C to stop",
+              file=sys.stderr, flush=True)
+
+    log_level = (getattr(args, "log_level", None) or os.environ.get("FLEXPIPE_LOG_LEVEL") or "info").lower()
+    if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+        log_level = "info"
+    started = serve_forever(app, host=cfg["host"], port=cfg["port"], on_ready=ready, log_level=log_level,
+                            access_log=cfg["access_log"])
+    return 0 if started else 1
+
+
+def _engine_options(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"engine_options is not JSON ({e}); send an object such as '{{\"block_size\": 16}}'") \
+            from None
+    if not isinstance(options, dict):
+        raise ConfigError("engine_options must be a JSON object of FlexPipe.launch keyword settings")
+    return options
+
+
+# --- flexpipe chat -------------------------------------------------------------------------------
+def add_chat_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `flexpipe chat`."""
+    p = subparsers.add_parser(
+        "chat", help="chat in the terminal with a running `flexpipe serve`",
+        description="Talk to a running `flexpipe serve` (answers stream as they are generated). Type a "
+                    "message and Enter; /reset forgets the conversation, /status shows the pipeline, "
+                    "/quit (or Ctrl-D) leaves. Each setting is taken from its flag, else its environment "
+                    "variable, else the config file, else its default.")
+    _add_settings(p, CHAT_SETTINGS, "chat")
+    p.set_defaults(func=chat_main)
+    return p
+
+
+def chat_main(args: argparse.Namespace) -> int:
+    """Run `flexpipe chat`."""
+    from .chat_client import ChatClient, ServerError
+
+    cfg = resolve(CHAT_SETTINGS, args, "chat")
+    client = ChatClient(cfg["url"], api_key=cfg["api_key"], model=cfg["model"], system=cfg["system"],
+                        sampling={"max_tokens": cfg["max_tokens"], "temperature": cfg["temperature"],
+                                  "top_p": cfg["top_p"], "seed": cfg["seed"]})
+    with client:
+        try:
+            client.connect()
+        except ServerError as e:
+            print(f"flexpipe chat: {e}", file=sys.stderr)
+            return 1
+        if cfg["message"] is not None:
+            return 0 if client.turn(cfg["message"], sys.stdout) else 1
+        return client.repl(sys.stdin, sys.stdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flexpipe.server.cli serve|chat ...`, for use before the `flexpipe` command has them."""
+    import logging
+
+    parser = argparse.ArgumentParser(prog="python -m flexpipe.server.cli")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_serve_parser(sub)
+    add_chat_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("FLEXPIPE_LOG_LEVEL", "WARNING").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"flexpipe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
