@@ -32,7 +32,7 @@ class CheckpointReader:
         cfg_file = self.path / "config.json"
         if not cfg_file.is_file():
             raise CheckpointError(f"{cfg_file}: missing; an HF checkpoint directory needs config.json")
-        self.config = ModelConfig.from_hf(cfg_file, name=self.path.name)
+        self.config = ModelConfig.from_hf(cfg_file)
         self._specs = all_tensor_specs(self.config)
         self._weight_map: dict[str, str] | None = None  # tensor name -> shard file name
         self._files = self._find_files()

@@ -1,0 +1,209 @@
+"""Units, their costs, and paged attention: batched equals alone, any cut equals the whole."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from flexpipe.model import (
+    AttnMetadata, PagedKVCache, PresetWeights, ReferenceModel, build_units, make_kv_caches, preset, run_units,
+    tensor_names, unit_costs,
+)
+from flexpipe.model.config import ModelConfig
+
+ATOL = 1e-4  # fp32: GEMMs of different row counts round differently; logits reach ~30 (tied OPT)
+
+
+class RecordingSource:
+    """A weight source that remembers which tensors were asked for."""
+
+    def __init__(self, inner):
+        self.inner, self.asked = inner, []
+
+    def load(self, names, dtype=None, device=None):
+        self.asked.extend(names)
+        return self.inner.load(names, dtype=dtype, device=device)
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-opt", "window"])
+def model(request):
+    if request.param == "window":
+        cfg = ModelConfig(name="tiny-window", num_layers=3, sliding_window=7, num_kv_heads=1,
+                          bos_token_id=256, eos_token_ids=(257,))
+    else:
+        cfg = preset(request.param)
+    return cfg, build_units(cfg, 0, cfg.num_units, PresetWeights(cfg, seed=1))
+
+
+def _alone(cfg, units, ids_chunks):
+    """Logits of one sequence fed chunk by chunk through its own cache: list of [n, V]."""
+    caches = make_kv_caches(cfg, units, 16, 4)
+    table, pos, out = list(range(16)), 0, []
+    for chunk in ids_chunks:
+        meta = AttnMetadata.build([pos], [len(chunk)], [table], 4)
+        out.append(run_units(units, torch.tensor(chunk), meta, caches))
+        pos += len(chunk)
+    return out
+
+
+def test_batch_of_sequences_equals_each_alone(model):
+    cfg, units = model
+    rng = random.Random(0)
+    lens = [5, 17, 11]
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in lens]
+    # Shuffled, interleaved block tables in one shared pool.
+    blocks = list(range(40))
+    rng.shuffle(blocks)
+    tables = [blocks[0:8], blocks[8:16], blocks[16:24]]
+    caches = make_kv_caches(cfg, units, 40, 4)
+    # Step 1: prefill seq 0 fully, seq 1 only its first chunk (chunked prefill), seq 2 fully.
+    first = [prompts[0], prompts[1][:9], prompts[2]]
+    meta = AttnMetadata.build([0, 0, 0], [len(c) for c in first], tables, 4)
+    got1 = run_units(units, torch.tensor(sum(first, [])), meta, caches)
+    # Step 2: decode seq 0 and 2, second prefill chunk of seq 1 (mixed batch, unequal new tokens).
+    nxt = [[7], prompts[1][9:], [9]]
+    meta2 = AttnMetadata.build([5, 9, 11], [len(c) for c in nxt], tables, 4)
+    got2 = run_units(units, torch.tensor(sum(nxt, [])), meta2, caches)
+    # Step 3: pure decode, different context lengths.
+    meta3 = AttnMetadata.build([6, 17, 12], [1, 1, 1], tables, 4)
+    got3 = run_units(units, torch.tensor([1, 2, 3]), meta3, caches)
+
+    alone = [_alone(cfg, units, [prompts[0], [7], [1]]),
+             _alone(cfg, units, [prompts[1][:9], prompts[1][9:], [2]]),
+             _alone(cfg, units, [prompts[2], [9], [3]])]
+    for got, step in ((got1, 0), (got2, 1), (got3, 2)):
+        want = torch.cat([a[step] for a in alone])
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_chunked_prefill_equals_one_shot(model):
+    cfg, units = model
+    ids = list(range(30, 60))
+    whole = _alone(cfg, units, [ids])[0]
+    chunked = torch.cat(_alone(cfg, units, [ids[:4], ids[4:5], ids[5:19], ids[19:]]))
+    torch.testing.assert_close(chunked, whole, atol=ATOL, rtol=0)
+
+
+def test_stateless_forward_equals_paged(model):
+    cfg, units = model
+    a, b = list(range(40, 52)), list(range(100, 105))
+    meta = AttnMetadata.build([0, 0], [12, 5], [[0, 1, 2], [3, 4]], 4)
+    stateless = run_units(units, torch.tensor(a + b), meta, None)
+    paged = torch.cat([_alone(cfg, units, [a])[0], _alone(cfg, units, [b])[0]])
+    torch.testing.assert_close(stateless, paged, atol=ATOL, rtol=0)
+
+
+def test_any_cut_equals_whole_model(model):
+    cfg, units = model
+    ids = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
+    rng = random.Random(1)
+    whole = _alone(cfg, units, [ids.tolist()])[0]
+    for _ in range(3):
+        cuts = sorted(rng.sample(range(1, cfg.num_units), 3))
+        bounds = [0, *cuts, cfg.num_units]
+        caches = make_kv_caches(cfg, units, 4, 4)
+        meta = AttnMetadata.build([0], [len(ids)], [[0, 1]], 4)
+        x = ids
+        for s, e in zip(bounds, bounds[1:]):
+            x = run_units(units[s:e], x, meta, caches)
+        torch.testing.assert_close(x, whole, atol=0, rtol=0)
+
+
+def test_kv_blocks_migrate_between_pools(model):
+    cfg, units = model
+    ids = list(range(60, 75))  # 15 tokens: 4 blocks of 4
+    src = make_kv_caches(cfg, units, 8, 4)
+    dst = make_kv_caches(cfg, units, 8, 4)
+    run_units(units, torch.tensor(ids), AttnMetadata.build([0], [15], [[6, 1, 4, 2]], 4), src)
+    for i in src:  # move to other block ids in another pool, then continue there
+        dst[i].write_blocks([0, 7, 3, 5], *src[i].read_blocks([6, 1, 4, 2]))
+    got = run_units(units, torch.tensor([8]), AttnMetadata.build([15], [1], [[0, 7, 3, 5]], 4), dst)
+    want = _alone(cfg, units, [ids, [8]])[1]
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_build_units_loads_only_its_tensors():
+    cfg = preset("tiny")
+    src = RecordingSource(PresetWeights(cfg, 0))
+    units = build_units(cfg, 3, 7, src)
+    assert [u.index for u in units] == [3, 4, 5, 6]
+    want = [n for i in range(3, 7) for n in tensor_names(cfg, i)]
+    assert sorted(src.asked) == sorted(want)
+    assert all("layers.1." in n or "layers.2." in n for n in src.asked)
+    assert [u.kind for u in units] == ["attention", "mlp", "attention", "mlp"]
+
+
+def test_preset_weights_do_not_depend_on_the_split():
+    cfg = preset("tiny")
+    whole = build_units(cfg, 0, cfg.num_units, PresetWeights(cfg, 5))
+    part = build_units(cfg, 9, 12, PresetWeights(cfg, 5))
+    for u in part:
+        for (n1, p1), (n2, p2) in zip(u.named_parameters(), whole[u.index].named_parameters()):
+            assert n1 == n2 and torch.equal(p1, p2)
+    other_seed = build_units(cfg, 9, 10, PresetWeights(cfg, 6))[0]
+    assert not torch.equal(other_seed.q_w, part[0].q_w)
+
+
+def test_tied_head_holds_its_own_copy():
+    cfg = preset("tiny-opt")
+    (head,) = build_units(cfg, cfg.num_units - 1, cfg.num_units, PresetWeights(cfg, 0))
+    (emb,) = build_units(cfg, 0, 1, PresetWeights(cfg, 0))
+    assert torch.equal(head.lm_w, emb.weight)
+    assert "model.decoder.embed_tokens.weight" in tensor_names(cfg, cfg.num_units - 1)
+    costs = unit_costs(cfg, dtype_bytes=4)
+    assert costs[-1].param_bytes == head.param_bytes
+    assert costs[0].param_bytes == emb.param_bytes
+
+
+@pytest.mark.parametrize("name, billions", [("llama2-7b", 6.74), ("llama2-13b", 13.0), ("llama2-70b", 69.0),
+                                            ("llama3-8b", 8.03), ("mistral-7b", 7.24), ("qwen2-7b", 7.62),
+                                            ("opt-66b", 66.0)])
+def test_unit_costs_match_published_sizes(name, billions):
+    cfg = preset(name)
+    costs = unit_costs(cfg, dtype_bytes=2)
+    assert len(costs) == cfg.num_units
+    total = sum(c.param_bytes for c in costs)
+    if cfg.tie_word_embeddings:  # the Head's replica is counted: subtract it for the published size
+        total -= cfg.vocab_size * cfg.hidden_size * 2
+    assert total / 2 == pytest.approx(billions * 1e9, rel=0.02)
+    attn = [c for c in costs if c.kind == "attention"]
+    assert len(attn) == cfg.num_layers
+    assert all(c.kv_bytes_per_token == 2 * cfg.num_kv_heads * cfg.head_dim * 2 for c in attn)
+    assert all(c.kv_bytes_per_token == 0 for c in costs if c.kind != "attention")
+    assert all(c.act_bytes_per_token == cfg.hidden_size * 2 for c in costs[:-1])
+    assert costs[0].flops_per_token == 0 and costs[-1].flops_per_token == 2 * cfg.vocab_size * cfg.hidden_size
+    assert [c.name for c in costs[:3]] == ["embedding", "attention.0", "mlp.0"]
+
+
+def test_unit_param_bytes_agree_with_costs():
+    cfg = preset("tiny")
+    units = build_units(cfg, 0, cfg.num_units, PresetWeights(cfg, 0), dtype=torch.bfloat16)
+    assert [u.param_bytes for u in units] == [c.param_bytes for c in unit_costs(cfg, dtype_bytes=2)]
+
+
+def test_attn_metadata_build():
+    meta = AttnMetadata.build([6, 0], [2, 3], [[5, 2], [1]], 4)
+    assert meta.positions.tolist() == [6, 7, 0, 1, 2]
+    assert meta.slot_mapping.tolist() == [2 * 4 + 2, 2 * 4 + 3, 4, 5, 6]
+    assert meta.context_lens == [8, 3] and meta.seq_lens == [2, 3]
+    assert meta.last_token_rows().tolist() == [1, 4]
+    with pytest.raises(ValueError, match="holds 4 tokens"):
+        AttnMetadata.build([3], [2], [[0]], 4)
+
+
+def test_paged_cache_rejects_wrong_block_shapes():
+    c = PagedKVCache(4, 2, 1, 8)
+    with pytest.raises(ValueError, match="expected k and v of shape"):
+        c.write_blocks([0], torch.zeros(1, 3, 1, 8), torch.zeros(1, 3, 1, 8))
+    assert c.block_bytes == 2 * 2 * 8 * 4 and c.nbytes == 4 * c.block_bytes
+
+
+def test_random_tiny_model_is_well_behaved():
+    cfg = preset("tiny")
+    ref = ReferenceModel(cfg, PresetWeights(cfg, 0))
+    logits = ref.prefill(list(b"The quick brown fox jumps over the lazy dog"))
+    assert torch.isfinite(logits).all()
+    top2 = logits.topk(2, dim=-1).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 1e-4  # no exact ties for greedy to trip on

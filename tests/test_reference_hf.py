@@ -1,0 +1,75 @@
+"""The oracle against HF transformers on random tiny checkpoints saved with save_pretrained."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from flexpipe.model import CheckpointReader, ReferenceModel, SamplingParams, generate
+from helpers_hf import CONFIGS, make_hf_model
+
+transformers = pytest.importorskip("transformers")
+
+PROMPT = [5, 17, 99, 3, 200, 42, 7, 8, 150, 33, 12, 250, 61]
+DECODE_STEPS = 32
+TOL = 1e-4
+
+
+def _hf_step(model, ids, cache):
+    # transformers 5 renamed past_key_values to cache
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(torch.tensor([ids]), use_cache=True, **{kw: cache})
+    return out.logits[0], getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    hf = make_hf_model(request.param, path)
+    reader = CheckpointReader(path)
+    return request.param, hf, reader, ReferenceModel(reader.config, reader)
+
+
+@torch.no_grad()
+def test_logits_match_hf_over_prefill_and_decode(pair):
+    name, hf, _, ref = pair
+    hl, cache = _hf_step(hf, PROMPT, None)
+    worst = (hl - ref.prefill(PROMPT)).abs().max().item()
+    tok = int(hl[-1].argmax())
+    for _ in range(DECODE_STEPS):
+        hl, cache = _hf_step(hf, [tok], cache)
+        worst = max(worst, (hl[-1] - ref.decode(tok)).abs().max().item())
+        tok = int(hl[-1].argmax())
+    assert worst <= TOL, f"{name}: max |logit diff| {worst:.2e} > {TOL}"
+
+
+@torch.no_grad()
+def test_greedy_tokens_match_hf_generate(pair):
+    name, hf, _, ref = pair
+    hf.generation_config.eos_token_id = None  # run the full 32 steps on both sides
+    hf.generation_config.pad_token_id = 0
+    want = hf.generate(torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
+                       max_new_tokens=DECODE_STEPS, do_sample=False)[0, len(PROMPT):].tolist()
+    got = ref.generate(PROMPT, SamplingParams(max_tokens=DECODE_STEPS, ignore_eos=True))
+    assert got == want, name
+
+
+@torch.no_grad()
+def test_generate_stops_at_eos_like_hf(tmp_path):
+    hf = make_hf_model("llama-mha", tmp_path, seed=0)
+    reader = CheckpointReader(tmp_path)
+    cfg = reader.config
+    ref = ReferenceModel(cfg, reader)
+    # Make an EOS of whatever greedy picks fourth, so the stop is exercised on both sides.
+    free = ref.generate(PROMPT, SamplingParams(max_tokens=8, ignore_eos=True))
+    eos = free[3]
+    cfg.eos_token_ids = (eos,)
+    hf.generation_config.eos_token_id = eos
+    hf.generation_config.pad_token_id = 0
+    want = hf.generate(torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
+                       max_new_tokens=8, do_sample=False)[0, len(PROMPT):].tolist()
+    got = generate(cfg, reader, PROMPT, SamplingParams(max_tokens=8))
+    assert got == want == free[: free.index(eos) + 1]
+    assert got[-1] == eos

@@ -1,0 +1,133 @@
+"""Sampling: validation messages, greedy, filters, and draws that depend only on (seed, output index)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flexpipe.errors import RequestError
+from flexpipe.model import PresetWeights, ReferenceModel, SamplingParams, preset, sample
+from flexpipe.model.sampling import MAX_TOKENS_LIMIT
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(temperature=-0.5), "temperature must be"),
+    (dict(temperature=float("nan")), "temperature must be"),
+    (dict(top_p=0.0), "top_p must be in (0, 1]"),
+    (dict(top_p=1.5), "top_p must be in (0, 1]"),
+    (dict(top_k=-1), "top_k must be an integer >= 0"),
+    (dict(max_tokens=0), "max_tokens must be an integer from 1"),
+    (dict(max_tokens=MAX_TOKENS_LIMIT + 1), "max_tokens must be an integer from 1"),
+    (dict(max_tokens=2.5), "max_tokens must be"),
+    (dict(seed="x"), "seed must be an integer"),
+    (dict(stop_token_ids=[-3]), "stop_token_ids"),
+])
+def test_validation_says_what_to_change(kw, words):
+    with pytest.raises(RequestError) as e:
+        SamplingParams(**kw).validate()
+    assert words in str(e.value)
+
+
+def test_stop_token_beyond_vocab_is_refused():
+    with pytest.raises(RequestError, match="below the vocabulary size 320"):
+        SamplingParams(stop_token_ids=[400]).validate(vocab_size=320)
+    SamplingParams(stop_token_ids=[300]).validate(vocab_size=320)
+
+
+def test_stop_ids_include_eos_unless_ignored():
+    assert SamplingParams(stop_token_ids=[5]).stop_ids([7, 8]) == {5, 7, 8}
+    assert SamplingParams(stop_token_ids=[5], ignore_eos=True).stop_ids([7]) == {5}
+
+
+def test_round_trip_and_seed_resolution():
+    p = SamplingParams(max_tokens=3, temperature=0.7, top_k=4, top_p=0.9, seed=11, stop_token_ids=[1, 2])
+    assert SamplingParams.from_dict(p.to_dict()) == p
+    assert p.resolve_seed() is p
+    q = SamplingParams(temperature=1.0).resolve_seed()
+    assert isinstance(q.seed, int)
+
+
+def test_greedy_is_argmax_and_ignores_seed():
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    params = [SamplingParams(seed=s) for s in range(5)]
+    assert torch.equal(sample(logits, params, [0, 1, 2, 3, 4]), logits.argmax(-1))
+
+
+def _row_batches(logits, params, idx):
+    alone = [int(sample(logits[i:i + 1], [params[i]], [idx[i]])[0]) for i in range(len(params))]
+    batched = sample(logits, params, idx).tolist()
+    rev = sample(logits.flip(0), params[::-1], idx[::-1]).tolist()[::-1]
+    return alone, batched, rev
+
+
+def test_draw_depends_only_on_seed_and_index():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(24, 300, generator=g)
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, seed=s)
+              for t, k, p, s in zip([0.0, 0.5, 1.0, 1.5] * 6, [0, 0, 5, 50] * 6, [1.0, 0.9, 0.5, 1.0] * 6,
+                                    range(24))]
+    idx = [3 * i for i in range(24)]
+    alone, batched, rev = _row_batches(logits, params, idx)
+    assert alone == batched == rev
+    # Same (seed, index) and logits: same token, whatever the row's neighbours or position.
+    twice = sample(torch.stack([logits[5], logits[5]]), [params[5], params[5]], [idx[5], idx[5]])
+    assert twice[0] == twice[1] == batched[5]
+
+
+def test_different_seeds_or_indices_draw_differently():
+    logits = torch.zeros(1, 1000)
+    toks = {int(sample(logits, [SamplingParams(temperature=1.0, seed=s)], [0])[0]) for s in range(20)}
+    assert len(toks) > 10
+    toks = {int(sample(logits, [SamplingParams(temperature=1.0, seed=1)], [n])[0]) for n in range(20)}
+    assert len(toks) > 10
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
+    probs = torch.softmax(logits[0], -1)
+    k2 = {int(sample(logits, [SamplingParams(temperature=5.0, top_k=2, seed=s)], [0])[0]) for s in range(200)}
+    assert k2 == {0, 1}
+    p = float(probs[0] + probs[1]) - 1e-3  # the two best tokens just cover p
+    pp = {int(sample(logits, [SamplingParams(temperature=1.0, top_p=p, seed=s)], [0])[0]) for s in range(300)}
+    assert pp == {0, 1}
+    one = {int(sample(logits, [SamplingParams(temperature=1.0, top_p=1e-6, seed=s)], [0])[0]) for s in range(50)}
+    assert one == {0}
+
+
+def test_frequencies_follow_the_softmax():
+    logits = torch.tensor([[1.0, 0.0, -1.0, 0.5]])
+    temp = 0.8
+    want = torch.softmax(logits[0] / temp, -1)
+    n = 4000
+    counts = torch.zeros(4)
+    for s in range(n):
+        counts[int(sample(logits, [SamplingParams(temperature=temp, seed=s)], [0])[0])] += 1
+    freq = counts / n
+    # 4 sigma of a binomial proportion
+    assert ((freq - want).abs() <= 4 * torch.sqrt(want * (1 - want) / n)).all(), (freq, want)
+
+
+def test_sampling_without_seed_is_a_programming_error():
+    with pytest.raises(ValueError, match="resolve_seed"):
+        sample(torch.zeros(1, 4), [SamplingParams(temperature=1.0)], [0])
+
+
+def test_seeded_generation_is_reproducible_and_stops():
+    cfg = preset("tiny")
+    ref = ReferenceModel(cfg, PresetWeights(cfg, 0))
+    prompt = list(b"seeded")
+    p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=42, ignore_eos=True)
+    a, b = ref.generate(prompt, p), ref.generate(prompt, p)
+    assert a == b and len(a) == 12
+    # Stopping on a token: output ends with (and includes) it.
+    stop = a[5]
+    c = ref.generate(prompt, SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=42,
+                                            stop_token_ids=[stop], ignore_eos=True))
+    assert c == a[: a.index(stop) + 1]
+    with pytest.raises(RequestError, match="seed"):
+        ref.generate(prompt, SamplingParams(temperature=1.0))
+    with pytest.raises(RequestError, match="empty"):
+        ref.generate([], SamplingParams())
+    assert math.isfinite(float(ref.prefill(prompt).sum()))
