@@ -254,8 +254,8 @@ class PipelineSpec:
     tp_link: LinkSpec | None = None
 
 
-def round_time(p: PipelineSpec, batch: Batch) -> tuple[float, float]:
-    """(seconds per iteration, of which communication) for a pipeline running `batch`.
+def round_time(p: PipelineSpec, batch: Batch) -> tuple[float, float, float]:
+    """(seconds per iteration, of which communication, busy GPU-seconds) for `batch` on pipeline `p`.
 
     The batch is cut into M = min(stages, sequences) micro-batches so that every stage is busy; each
     sequence advances one token per round.  A round lasts the longer of the bottleneck stage's M
@@ -272,7 +272,72 @@ def round_time(p: PipelineSpec, batch: Batch) -> tuple[float, float]:
     # sends overlap the next micro-batch's compute, so a hop only sets the cycle when it is slower
     cycle = M * max(max(t, hops[i]) if i < len(hops) else t for i, t in enumerate(times))
     total = max(trip, cycle)
-    return total, comm * (total / trip) if trip > 0 else 0.0
+    busy = M * sum(times) * p.tp
+    return total, (comm * total / trip if trip > 0 else 0.0), busy
+
+
+class FastPipe:
+    """`round_time` for one fixed pipeline, vectorised over stages and memoised on a coarse batch key."""
+
+    CTX_Q = 512  # context sums are bucketed to this many tokens for the memo key
+
+    def __init__(self, p: PipelineSpec):
+        self.spec = p
+        self.S = len(p.stages)
+        st, g = p.stages, p.gpus
+        self.Fc = np.array([s.flops_per_token for s in st]) / np.array([x.peak_flops * x.compute_eff for x in g])
+        self.Ac = np.array([4.0 * p.hidden * s.attn_layers for s in st]) / np.array(
+            [x.peak_flops * x.compute_eff for x in g])
+        bw = np.array([x.mem_bw * x.mem_eff for x in g])
+        self.P = np.array([s.param_bytes for s in st]) / bw
+        self.K = np.array([s.kv_bytes_per_token for s in st]) / bw
+        self.Act = np.array([2 * s.act_bytes_per_token for s in st]) / bw
+        self.U = np.array([s.units * x.unit_overhead_s for s, x in zip(st, g)])
+        self.tp = p.tp
+        if p.tp > 1 and p.tp_link is not None:
+            l = p.tp_link
+            self.ar0 = np.array([2 * s.attn_layers * (l.latency + l.overhead * 0.1) for s in st])
+            self.ar1 = np.array([2 * s.attn_layers * 2 * (p.tp - 1) / p.tp * p.hidden * x.dtype_bytes / l.bandwidth
+                                 for s, x in zip(st, g)])
+        else:
+            self.ar0 = self.ar1 = np.zeros(self.S)
+        self.H0 = np.array([l.latency + l.overhead for l in p.links] + [0.0])
+        self.H1 = np.array([s.act_bytes_per_token / l.bandwidth for l, s in zip(p.links, st)] + [0.0])
+        self._memo: dict[tuple[int, int, int, int, int], tuple[float, float, float]] = {}
+
+    def round(self, decode: int, decode_ctx: float, prefill: int = 0, prefill_ctx: float = 0.0,
+              prefill_seqs: int = 1) -> tuple[float, float, float]:
+        """(seconds, comm seconds, busy GPU-seconds) of one iteration; see `round_time`.
+
+        `prefill_seqs` requests share the prefill tokens; each can ride in its own micro-batch.
+        """
+        q = self.CTX_Q
+        prefill_seqs = min(prefill_seqs, self.S) if prefill else 0
+        key = (decode, int(decode_ctx // q), prefill, int(prefill_ctx // q), prefill_seqs)
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
+        dctx = (key[1] + 0.5) * q if decode_ctx else 0.0
+        seqs = decode + prefill_seqs
+        if seqs == 0:
+            return (0.0, 0.0, 0.0)
+        M = max(1, min(self.S, seqs))
+        d, pf = math.ceil(decode / M), math.ceil(prefill / M)
+        tok = d + pf
+        dc = dctx / M
+        actx = dc + pf * prefill_ctx
+        comp = self.Fc * tok + self.Ac * actx
+        mem = self.P + self.K * (dc + tok) + self.Act * tok
+        t = np.maximum(comp, mem) / self.tp + self.U + self.ar0 + self.ar1 * tok
+        hops = self.H0 + self.H1 * tok
+        comm = float(hops.sum())
+        trip = float(t.sum()) + comm
+        cycle = M * float(np.maximum(t, hops).max())
+        total = max(trip, cycle)
+        res = (total, comm * total / trip, M * float(t.sum()) * self.tp)
+        if len(self._memo) < 200_000:
+            self._memo[key] = res
+        return res
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,650 @@
+"""Discrete-event core of the simulator.
+
+Time advances by events on a heap.  A replica is a pipeline of stages; it runs *segments*: stretches
+of identical iterations (each running sequence advances one token per iteration, chunked prefill
+rides along) that end at the next event that changes the batch — a completion, the end of a prefill,
+or an admission forced by an arrival (which cuts the segment at its next iteration boundary).  A run
+costs O((arrivals + completions) log n) Python steps instead of one step per token.
+
+A policy acts through `add_replica`, `retire_replica` and `reshape_replica`, which charge the costs
+of each action: weight loading per tier, KV pre-copy over the links, and the pause of the switch.
+Deterministic: no wall clock, no unordered iteration; ties on the heap break by insertion order.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from flexpipe.errors import ConfigError
+from flexpipe.sim.cluster import (Cluster, Placement, place_pipeline, place_server_tp)
+from flexpipe.sim.perf import INIT_S, LOAD_TIERS, FastPipe, ModelCosts, PipelineSpec
+from flexpipe.sim.traces import Trace
+
+SWITCH_OVERHEAD_S = 2e-3  # routing switch + epoch bump at the router: an assumption (paper gives none)
+HOST_CACHE_TTL_S = 1800.0  # host-memory parameter cache keeps a model this long after eviction
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A served model and its serving settings in the simulation."""
+
+    name: str
+    share: float = 1.0  # share of the trace's requests when the trace has one model column
+    max_context: int = 4096
+    slo_ttft_s: float = 2.0
+    slo_tpot_s: float = 0.1
+    kv_want_tokens: int = 32768  # KV a replica asks for when the GPU has room
+    kv_min_tokens: int = 4096  # KV a replica needs at least
+    max_seqs: int = 256
+    token_budget: int = 2048  # tokens per iteration (decode + prefill chunk)
+
+
+class Policy(Protocol):
+    """What the engine calls; see baselines.py for implementations."""
+
+    name: str
+
+    def attach(self, sim: "Simulator") -> None: ...
+
+    def on_arrival(self, now: float, m: int, rid: int) -> None: ...
+
+    def on_finish(self, now: float, m: int, rid: int) -> None: ...
+
+    def tick(self, now: float, sim: "Simulator") -> None: ...
+
+
+class Replica:
+    """One pipeline serving one model: its placement, its running requests and its clock."""
+
+    __slots__ = ("id", "m", "placement", "pipe", "state", "created", "ready_at", "kv_cap", "kv_used",
+                 "dec", "n_dec", "sum_p", "sum_first", "prefill", "prefill_tokens", "iters", "seg_t0",
+                 "seg_i0", "seg_k", "seg_dt", "seg_comm", "seg_busy", "seg_chunk", "in_seg", "gen", "cut",
+                 "pause_until", "cum_comm", "cum_busy", "token_budget", "max_seqs", "hold", "pending",
+                 "switch_due", "tier", "mode")
+
+    def __init__(self, rid: int, m: int, placement: Placement, pipe: FastPipe, now: float, spec: ModelSpec):
+        self.id, self.m, self.placement, self.pipe = rid, m, placement, pipe
+        self.state = "loading"
+        self.created = now
+        self.ready_at = now
+        self.kv_cap = placement.kv_tokens
+        self.kv_used = 0
+        self.dec: list[tuple[int, int]] = []  # heap of (target iteration, request id)
+        self.n_dec = 0
+        self.sum_p = 0
+        self.sum_first = 0
+        self.prefill: deque[list[int]] = deque()  # [request id, prefill tokens left]
+        self.prefill_tokens = 0
+        self.iters = 0
+        self.seg_t0 = self.seg_dt = self.seg_comm = self.seg_busy = 0.0
+        self.seg_i0 = self.seg_k = self.seg_chunk = 0
+        self.in_seg = False
+        self.gen = 0
+        self.cut = False
+        self.pause_until = 0.0
+        self.cum_comm = 0.0
+        self.cum_busy = 0.0
+        self.token_budget = spec.token_budget
+        self.max_seqs = spec.max_seqs
+        self.hold: dict[int, float] = {}
+        self.pending: tuple[Placement, FastPipe, float] | None = None  # reshape target, pause
+        self.switch_due = False
+        self.tier = ""
+        self.mode = "pipeline"
+
+    @property
+    def stages(self) -> int:
+        return self.placement.num_stages
+
+    @property
+    def running(self) -> int:
+        return self.n_dec + len(self.prefill)
+
+    @property
+    def busy(self) -> bool:
+        return self.running > 0
+
+
+@dataclass
+class ModelState:
+    """Per-model queue and replicas."""
+
+    idx: int
+    spec: ModelSpec
+    costs: ModelCosts
+    queue: deque = field(default_factory=deque)
+    replicas: list[Replica] = field(default_factory=list)
+    reshapes: int = 0
+    scale_ups: int = 0
+    scale_downs: int = 0
+
+
+@dataclass
+class Reshape:
+    """One reshape: when, of what, from/to stage counts, its preparation, pause and bytes moved."""
+
+    t: float
+    model: str
+    replica: int
+    old_stages: int
+    new_stages: int
+    prep_s: float
+    pause_s: float
+    weight_bytes: float
+    kv_bytes: float
+
+
+_SEG, _READY, _SWITCH, _TICK, _SAMPLE = 0, 1, 2, 3, 4
+
+
+class Simulator:
+    """One run: a cluster, the models it serves, a trace, and a policy."""
+
+    def __init__(self, cluster: Cluster, models: Sequence[ModelSpec], trace: Trace, policy: Policy, *,
+                 tick_s: float = 1.0, sample_s: float = 10.0, queue_timeout_s: float = 120.0,
+                 drain_s: float = 600.0, duration_s: float | None = None,
+                 progress: Callable[[float], None] | None = None):
+        self.cluster = cluster
+        self.models = [ModelState(i, s, ModelCosts.for_model(s.name)) for i, s in enumerate(models)]
+        self.policy = policy
+        self.tick_s, self.sample_s = tick_s, sample_s
+        self.queue_timeout_s = queue_timeout_s
+        n = len(trace)
+        self.n = n
+        self.arr = trace.arrivals.astype(np.float64)
+        self.model_of = np.minimum(trace.model.astype(np.int64), len(models) - 1)
+        mc = np.array([s.max_context for s in models])[self.model_of]
+        self.out = np.clip(trace.output.astype(np.int64), 1, mc - 1)
+        self.prompt = np.clip(trace.prompt.astype(np.int64), 1, mc - self.out)
+        self.duration = float(duration_s if duration_s is not None else (trace.duration if n else 0.0))
+        self.horizon = self.duration + drain_s
+        self.admit_t = np.full(n, np.nan)
+        self.first_t = np.full(n, np.nan)
+        self.finish_t = np.full(n, np.nan)
+        self.comm_s = np.zeros(n)
+        self.comm0 = np.zeros(n)
+        self.first_iter = np.zeros(n, dtype=np.int64)
+        self.dropped = np.zeros(n, dtype=bool)
+        self.stall_s = np.zeros(n)  # pause time seen while running
+        self._heap: list[tuple[float, int, int, Any, int]] = []
+        self._seq = 0
+        self.now = 0.0
+        self._next_rep = 0
+        self.replicas: dict[int, Replica] = {}
+        self.res_eq = 0.0  # GPU-equivalents held (memory held / GPU memory)
+        self.res_gpus = 0  # GPUs with any memory held
+        self._res_t = 0.0
+        self.res_eq_int = 0.0
+        self.res_gpus_int = 0.0
+        self.res_eq_peak = 0.0
+        self.res_gpus_peak = 0
+        self.busy_gpu_s = 0.0
+        self.samples: list[tuple[float, float, int, int, int, int]] = []  # t, eq, gpus, queued, running, replicas
+        self.stage_samples: list[tuple[float, int, float]] = []  # t, model, mean stages of active replicas
+        self.reshapes: list[Reshape] = []
+        self.events: list[tuple[float, str, str]] = []  # (t, model, what) scale/retire/reshape log
+        self.host_cache: dict[tuple[int, int], float] = {}  # (server, model) -> time params were left
+        self.progress = progress
+        self.finished = 0
+        self.n_dropped = 0
+
+    # ------------------------------------------------------------------------------------------
+    # event plumbing
+    def _push(self, t: float, kind: int, obj: Any = None, gen: int = 0) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, kind, obj, gen))
+
+    def run(self) -> "Simulator":
+        """Run to the end of the trace plus the drain time; returns self (see report.summarise)."""
+        self.policy.attach(self)
+        self._push(0.0, _TICK)
+        self._push(0.0, _SAMPLE)
+        i, n, arr = 0, self.n, self.arr
+        heap = self._heap
+        next_prog = 0.0
+        while True:
+            t_arr = arr[i] if i < n else math.inf
+            t_ev = heap[0][0] if heap else math.inf
+            if t_arr <= t_ev:
+                if t_arr == math.inf:
+                    break
+                self.now = t_arr
+                self._arrival(i)
+                i += 1
+                continue
+            t, _, kind, obj, gen = heapq.heappop(heap)
+            if t > self.horizon:
+                break
+            self.now = t
+            if kind == _SEG:
+                if obj.gen == gen and obj.state != "released":
+                    self._seg_end(obj)
+            elif kind == _TICK:
+                self._tick()
+                if i < n or self._work_left():
+                    self._push(t + self.tick_s, _TICK)
+            elif kind == _SAMPLE:
+                self._sample()
+                if self.progress is not None and t >= next_prog:
+                    self.progress(t)
+                    next_prog = t + 60.0
+                if i < n or self._work_left():
+                    self._push(t + self.sample_s, _SAMPLE)
+            elif kind == _READY:
+                if obj.state == "loading":
+                    obj.state = "active"
+                    self._kick(obj.m)
+            elif kind == _SWITCH:
+                if obj.pending is not None and obj.state in ("active", "draining"):
+                    obj.switch_due = True
+                    if obj.in_seg:
+                        self._cut(obj)
+                    else:
+                        self._boundary(obj)
+        self.now = max(self.now, self.duration)
+        self._account_res()
+        # whatever did not finish by the horizon is counted as dropped
+        left = np.isnan(self.finish_t) & ~self.dropped
+        self.dropped |= left
+        self.n_dropped = int(self.dropped.sum())
+        return self
+
+    def _work_left(self) -> bool:
+        return any(ms.queue for ms in self.models) or any(r.busy for r in self.replicas.values())
+
+    # ------------------------------------------------------------------------------------------
+    # requests
+    def _arrival(self, rid: int) -> None:
+        m = int(self.model_of[rid])
+        ms = self.models[m]
+        ms.queue.append(rid)
+        self.policy.on_arrival(self.now, m, rid)
+        self._kick(m)
+
+    def _kick(self, m: int) -> None:
+        """Make a replica that can admit the head of the queue reach an iteration boundary."""
+        ms = self.models[m]
+        if not ms.queue:
+            return
+        head = ms.queue[0]
+        need = int(self.prompt[head] + self.out[head])
+        best = None
+        for r in ms.replicas:
+            if r.state != "active" or r.pending is not None and r.switch_due:
+                continue
+            room = r.kv_cap - r.kv_used
+            if room < need or r.running >= r.max_seqs:
+                continue
+            if not r.in_seg:
+                self._boundary(r)
+                return
+            if r.cut:
+                return  # a boundary is already coming
+            if best is None or room > best[0]:
+                best = (room, r)
+        if best is not None:
+            self._cut(best[1])
+
+    def _cut(self, r: Replica) -> None:
+        """End the running segment at its next iteration boundary."""
+        j = math.ceil((self.now - r.seg_t0) / r.seg_dt - 1e-9) if r.seg_dt > 0 else 0
+        j = max(1, j)
+        if r.seg_k > 0 and j < r.seg_k:
+            r.seg_k = j
+            r.gen += 1
+            self._push(r.seg_t0 + j * r.seg_dt, _SEG, r, r.gen)
+        r.cut = True
+
+    def _drop_stale(self, ms: ModelState) -> None:
+        q = ms.queue
+        lim = self.now - self.queue_timeout_s
+        while q and self.arr[q[0]] < lim:
+            self.dropped[q.popleft()] = True
+
+    def _admit(self, r: Replica) -> None:
+        ms = self.models[r.m]
+        self._drop_stale(ms)
+        q = ms.queue
+        while q and r.running < r.max_seqs:
+            rid = q[0]
+            need = int(self.prompt[rid] + self.out[rid])
+            if r.kv_used + need > r.kv_cap:
+                break
+            q.popleft()
+            self.admit_t[rid] = self.now
+            self.comm0[rid] = r.cum_comm
+            r.kv_used += need
+            p = int(self.prompt[rid])
+            r.prefill.append([rid, p])
+            r.prefill_tokens += p
+
+    def _finish(self, r: Replica, rid: int, t: float) -> None:
+        self.finish_t[rid] = t
+        self.comm_s[rid] = r.cum_comm - self.comm0[rid]
+        r.kv_used -= int(self.prompt[rid] + self.out[rid])
+        self.finished += 1
+        self.policy.on_finish(t, r.m, rid)
+
+    # ------------------------------------------------------------------------------------------
+    # segments
+    def _seg_end(self, r: Replica) -> None:
+        k, t0, i0, dt = r.seg_k, r.seg_t0, r.seg_i0, r.seg_dt
+        r.in_seg = False
+        r.cut = False
+        if k > 0:
+            r.iters = i0 + k
+            r.cum_comm += k * r.seg_comm
+            r.cum_busy += k * r.seg_busy
+            self.busy_gpu_s += k * r.seg_busy
+            if r.seg_chunk > 0:
+                self._prefill_progress(r, k)
+            dec = r.dec
+            while dec and dec[0][0] <= r.iters:
+                target, rid = heapq.heappop(dec)
+                r.n_dec -= 1
+                r.sum_p += -int(self.prompt[rid])
+                r.sum_first -= int(self.first_iter[rid])
+                self._finish(r, rid, t0 + (target - i0) * dt)
+        self._boundary(r)
+
+    def _prefill_progress(self, r: Replica, k: int) -> None:
+        chunk, t0, i0, dt = r.seg_chunk, r.seg_t0, r.seg_i0, r.seg_dt
+        done = k * chunk
+        cum = 0
+        while r.prefill and done > 0:
+            ent = r.prefill[0]
+            if ent[1] <= done - cum:
+                cum += ent[1]
+                r.prefill_tokens -= ent[1]
+                r.prefill.popleft()
+                rid = ent[0]
+                idx = max(1, math.ceil(cum / chunk))
+                it = i0 + idx
+                self.first_t[rid] = t0 + idx * dt
+                o = int(self.out[rid])
+                if o <= 1:
+                    self._finish(r, rid, self.first_t[rid])
+                else:
+                    self.first_iter[rid] = it
+                    heapq.heappush(r.dec, (it + o - 1, rid))
+                    r.n_dec += 1
+                    r.sum_p += int(self.prompt[rid])
+                    r.sum_first += it
+            else:
+                part = done - cum
+                ent[1] -= part
+                r.prefill_tokens -= part
+                break
+
+    def _boundary(self, r: Replica) -> None:
+        """At an iteration boundary: switch or release if due, admit, start the next segment."""
+        now = self.now
+        if r.switch_due and r.pending is not None:
+            self._apply_switch(r)
+        if r.state == "draining" and not r.busy:
+            self._release(r)
+            return
+        if r.state == "active":
+            self._admit(r)
+        if now < r.pause_until:
+            r.in_seg = True
+            r.seg_k = 0
+            r.seg_chunk = 0
+            r.seg_t0 = now
+            r.seg_dt = 0.0
+            r.gen += 1
+            self._push(r.pause_until, _SEG, r, r.gen)
+            return
+        n_dec = r.n_dec
+        if not r.prefill and n_dec == 0:
+            return  # idle
+        ctx = r.sum_p + n_dec * r.iters - r.sum_first
+        if r.prefill:
+            chunk = min(max(r.token_budget - n_dec, r.token_budget // 4, 16), r.prefill_tokens)
+            head = r.prefill[0]
+            k = math.ceil(head[1] / chunk)
+            if r.dec:
+                k = min(k, max(1, r.dec[0][0] - r.iters))
+            pseqs, acc = 0, 0
+            for ent in r.prefill:
+                pseqs += 1
+                acc += ent[1]
+                if acc >= chunk or pseqs >= 32:
+                    break
+            dt, comm, busy = r.pipe.round(n_dec, ctx + n_dec * k * 0.5, chunk,
+                                          float(self.prompt[head[0]]) * 0.5, pseqs)
+        else:
+            chunk = 0
+            k = max(1, r.dec[0][0] - r.iters)
+            dt, comm, busy = r.pipe.round(n_dec, ctx + n_dec * k * 0.5)
+        r.seg_t0, r.seg_i0, r.seg_k, r.seg_dt = now, r.iters, k, dt
+        r.seg_comm, r.seg_busy, r.seg_chunk = comm, busy, chunk
+        r.in_seg = True
+        r.cut = False
+        r.gen += 1
+        self._push(now + k * dt, _SEG, r, r.gen)
+        if self.models[r.m].queue and r.kv_used < r.kv_cap:
+            pass  # queue blocked on this replica's KV; other replicas are kicked by arrivals and ticks
+
+    # ------------------------------------------------------------------------------------------
+    # reservation accounting
+    def _account_res(self) -> None:
+        dt = self.now - self._res_t
+        if dt > 0:
+            self.res_eq_int += self.res_eq * dt
+            self.res_gpus_int += self.res_gpus * dt
+            self._res_t = self.now
+
+    def _set_hold(self, r: Replica, hold: dict[int, float]) -> None:
+        self._account_res()
+        gpus = self.cluster.gpus
+        for g in sorted(set(r.hold) | set(hold)):
+            d = hold.get(g, 0.0) - r.hold.get(g, 0.0)
+            if d == 0:
+                continue
+            before = gpus[g].used > 0
+            gpus[g].used = max(0.0, gpus[g].used + d)
+            if gpus[g].used < 1.0:
+                gpus[g].used = 0.0
+            after = gpus[g].used > 0
+            self.res_gpus += int(after) - int(before)
+            self.res_eq += d / gpus[g].total
+        r.hold = {g: b for g, b in hold.items() if b > 0}
+        self.res_eq = max(self.res_eq, 0.0)
+        self.res_eq_peak = max(self.res_eq_peak, self.res_eq)
+        self.res_gpus_peak = max(self.res_gpus_peak, self.res_gpus)
+
+    @staticmethod
+    def _hold_of(p: Placement) -> dict[int, float]:
+        h: dict[int, float] = {}
+        for s in p.stages:
+            for g in s.gpus:
+                h[g] = h.get(g, 0.0) + s.bytes_per_gpu
+        return h
+
+    # ------------------------------------------------------------------------------------------
+    # actions (the policy's interface)
+    def pipe_for(self, m: int, p: Placement) -> FastPipe:
+        """The performance model of placement `p` of model `m`."""
+        ms = self.models[m]
+        c = self.cluster
+        stages = tuple(ms.costs.stage(s.start, s.end) for s in p.stages)
+        gpus = tuple(c.gpus[s.gpus[0]].spec for s in p.stages)
+        links = tuple(c.link(a.gpus[-1], b.gpus[0]) for a, b in zip(p.stages, p.stages[1:]))
+        tp = len(p.stages[0].gpus)
+        spec = PipelineSpec(stages, gpus, links, ms.costs.hidden, tp, c.intra if tp > 1 else None)
+        return FastPipe(spec)
+
+    def place(self, m: int, stages: int, mode: str = "pipeline", credit: dict[int, float] | None = None,
+              kv_min: int | None = None, boundaries: Sequence[int] | None = None) -> Placement | None:
+        """A placement for a replica of model `m` in the current free memory (nothing reserved)."""
+        ms = self.models[m]
+        kmin = ms.spec.kv_min_tokens if kv_min is None else kv_min
+        if mode == "server-tp":
+            return place_server_tp(self.cluster, ms.costs, kmin, ms.spec.kv_want_tokens)
+        return place_pipeline(self.cluster, ms.costs, stages, kmin, ms.spec.kv_want_tokens, credit=credit,
+                              boundaries=boundaries)
+
+    def _load_time(self, m: int, p: Placement, cold_tier: str, host_cache: bool,
+                   present: dict[int, set[int]] | None = None) -> tuple[float, float]:
+        """(seconds, bytes) to bring a placement's weights up; stages load in parallel."""
+        ms = self.models[m]
+        worst, total = 0.0, 0.0
+        for s in p.stages:
+            have = present.get(s.gpus[0], set()) if present else set()
+            units = [u for u in range(s.start, s.end) if u not in have]
+            if not units:
+                continue
+            b = sum(ms.costs.units[u].param_bytes for u in units) / len(s.gpus)
+            srv = self.cluster.gpus[s.gpus[0]].server
+            cached = host_cache and self.now - self.host_cache.get((srv, m), -1e18) < HOST_CACHE_TTL_S
+            bw = LOAD_TIERS["host" if cached else cold_tier]
+            t = (0.0 if present and s.gpus[0] in present else INIT_S) + b / bw
+            worst = max(worst, t)
+            total += b * len(s.gpus)
+        return worst, total
+
+    def add_replica(self, m: int, placement: Placement, *, cold_tier: str = "remote", host_cache: bool = True,
+                    instant: bool = False, token_budget: int | None = None) -> Replica:
+        """Reserve `placement` and start loading a new replica (ready at once when `instant`)."""
+        ms = self.models[m]
+        r = Replica(self._next_rep, m, placement, self.pipe_for(m, placement), self.now, ms.spec)
+        self._next_rep += 1
+        if token_budget:
+            r.token_budget = token_budget
+        r.mode = "server-tp" if len(placement.stages[0].gpus) > 1 else "pipeline"
+        self._set_hold(r, self._hold_of(placement))
+        self.replicas[r.id] = r
+        ms.replicas.append(r)
+        ms.scale_ups += 1
+        if instant:
+            r.state = "active"
+            r.ready_at = self.now
+        else:
+            t, _ = self._load_time(m, placement, cold_tier, host_cache)
+            r.ready_at = self.now + t
+            self._push(r.ready_at, _READY, r)
+        self.events.append((self.now, ms.spec.name, f"add r{r.id} stages={r.stages}"))
+        return r
+
+    def retire_replica(self, r: Replica) -> None:
+        """Stop admitting to `r`; it is released when its running requests finish."""
+        if r.state in ("released", "draining"):
+            return
+        ms = self.models[r.m]
+        ms.scale_downs += 1
+        self.events.append((self.now, ms.spec.name, f"retire r{r.id}"))
+        if r.state == "loading" or not r.busy:
+            self._release(r)
+            return
+        r.state = "draining"
+
+    def _release(self, r: Replica) -> None:
+        ms = self.models[r.m]
+        for g in r.hold:
+            self.host_cache[(self.cluster.gpus[g].server, r.m)] = self.now
+        self._set_hold(r, {})
+        r.state = "released"
+        r.gen += 1
+        ms.replicas.remove(r)
+        del self.replicas[r.id]
+        self._kick(r.m)
+
+    def reshape_replica(self, r: Replica, new: Placement, token_budget: int | None = None) -> bool:
+        """Start an in-flight reshape of `r` into placement `new`; old config serves until the switch."""
+        if r.state != "active" or r.pending is not None or new.kv_tokens < r.kv_used:
+            return False
+        ms = self.models[r.m]
+        old = r.placement
+        # units already on each GPU: kept in place, no load needed
+        present: dict[int, set[int]] = {}
+        for s in old.stages:
+            for g in s.gpus:
+                present.setdefault(g, set()).update(range(s.start, s.end))
+        prep, wbytes = self._load_time(r.m, new, "remote", True, present)
+        # peer copy over the links is an alternative to the host tier for units the old pipe holds
+        owner = {u: s.gpus[0] for s in old.stages for u in range(s.start, s.end)}
+        peer = 0.0
+        for s in new.stages:
+            have = present.get(s.gpus[0], set())
+            miss = [u for u in range(s.start, s.end) if u not in have]
+            if miss:
+                b = sum(ms.costs.units[u].param_bytes for u in miss)
+                link = self.cluster.link(owner[miss[0]], s.gpus[0])
+                peer = max(peer, (0.0 if s.gpus[0] in present else INIT_S) + b / link.bandwidth)
+        prep = min(prep, peer) if peer > 0 else prep
+        # KV of attention units that change GPU: pre-copied while the old epoch serves
+        new_owner = {u: s.gpus[0] for s in new.stages for u in range(s.start, s.end)}
+        moved = [u for u in owner if new_owner.get(u) != owner[u]]
+        kv_tok = sum(ms.costs.units[u].kv_bytes_per_token for u in moved)
+        ctx = r.sum_p + r.n_dec * r.iters - r.sum_first
+        kv_bytes = kv_tok * ctx
+        bw = self.cluster.inter.bandwidth
+        precopy = kv_bytes / bw
+        dt_round = r.seg_dt if r.in_seg and r.seg_dt > 0 else 0.0
+        delta_tokens = r.n_dec * (precopy / dt_round if dt_round > 0 else 0.0)
+        pause = SWITCH_OVERHEAD_S + dt_round + kv_tok * min(delta_tokens, ctx) / bw
+        hold = dict(r.hold)
+        for g, b in self._hold_of(new).items():
+            hold[g] = max(hold.get(g, 0.0), b)
+        self._set_hold(r, hold)
+        r.pending = (new, self.pipe_for(r.m, new), pause)
+        if token_budget:
+            r.token_budget = token_budget
+        self.reshapes.append(Reshape(self.now, ms.spec.name, r.id, old.num_stages, new.num_stages,
+                                     prep + precopy, pause, wbytes, kv_bytes))
+        ms.reshapes += 1
+        self.events.append((self.now, ms.spec.name, f"reshape r{r.id} {old.num_stages}->{new.num_stages}"))
+        self._push(self.now + prep + precopy, _SWITCH, r)
+        return True
+
+    def _apply_switch(self, r: Replica) -> None:
+        new, pipe, pause = r.pending  # type: ignore[misc]
+        r.pending = None
+        r.switch_due = False
+        r.placement, r.pipe = new, pipe
+        r.kv_cap = new.kv_tokens
+        self._set_hold(r, self._hold_of(new))
+        r.pause_until = self.now + pause
+        # every request in flight sees the pause
+        for _, rid in r.dec:
+            self.stall_s[rid] += pause
+        for ent in r.prefill:
+            self.stall_s[ent[0]] += pause
+
+    # ------------------------------------------------------------------------------------------
+    # periodic
+    def _tick(self) -> None:
+        for ms in self.models:
+            self._drop_stale(ms)
+        self.policy.tick(self.now, self)
+        for ms in self.models:
+            self._kick(ms.idx)
+
+    def _sample(self) -> None:
+        self._account_res()
+        queued = sum(len(ms.queue) for ms in self.models)
+        running = sum(r.running for r in self.replicas.values())
+        self.samples.append((self.now, self.res_eq, self.res_gpus, queued, running, len(self.replicas)))
+        for ms in self.models:
+            act = [r.stages for r in ms.replicas if r.state == "active"]
+            self.stage_samples.append((self.now, ms.idx, float(np.mean(act)) if act else 0.0))
+
+    # ------------------------------------------------------------------------------------------
+    # views for policies
+    def active(self, m: int) -> list[Replica]:
+        return [r for r in self.models[m].replicas if r.state in ("active", "loading")]
+
+    def queue_len(self, m: int) -> int:
+        return len(self.models[m].queue)
+
+    def queue_wait(self, m: int) -> float:
+        """How long the head of model m's queue has waited."""
+        q = self.models[m].queue
+        return self.now - float(self.arr[q[0]]) if q else 0.0
