@@ -168,7 +168,8 @@ def _layout(meta: AttnMetadata, block_size: int, window: int | None) -> dict[str
     else:
         starts = torch.cumsum(qn, 0) - qn
         out["q_index"] = torch.where(q_valid, starts[:, None] + j[None, :], 0).to(dev)
-        out["q_valid"] = q_valid.to(dev)
+        # Rows of the padded [B * max_q] output that are real tokens (an index, not a mask: no GPU sync).
+        out["q_rows"] = q_valid.reshape(-1).nonzero().reshape(-1).to(dev)
     # Mask only where some key must be hidden: decode steps at equal lengths need none.
     out["mask"] = None if bool(allowed.all()) else allowed[:, None].to(dev)  # [B, 1, max_q, max_ctx]
     return out
@@ -205,7 +206,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Pa
     o = o.transpose(1, 2)  # [B, max_q, H, D]
     if lay["q_index"] is None:
         return o.reshape(T, H, D)
-    return o[lay["q_valid"]]  # [T, H, D], rows in flattened order
+    return o.reshape(B * max_q, H, D).index_select(0, lay["q_rows"])  # [T, H, D], flattened order
 
 
 def _self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
