@@ -193,6 +193,7 @@ class Simulator:
         self.progress = progress
         self.finished = 0
         self.n_dropped = 0
+        self.warmup_s = 0.0  # report.summarise measures only arrivals after this
 
     # ------------------------------------------------------------------------------------------
     # event plumbing

@@ -134,27 +134,134 @@ class _PlaceholderGranularity:
 
 
 # ---------------------------------------------------------------------------------------------
+class SimPerfAdapter:
+    """FP-6's `PerfModel` protocol over this simulator's roofline (perf.py) and cluster.
+
+    Stage times use the cluster's most common GPU (derated like the cluster's GPUs by other tenants'
+    mean SM share) and the inter-server link; KV room per stage count is what a stage can get in a
+    typical free-memory hole (75th percentile), capped by the replica's KV request, as placement does.
+    """
+
+    def __init__(self, sim: Simulator, m: int):
+        ms = sim.models[m]
+        self.costs = ms.costs
+        c = sim.cluster
+        kinds = [g.spec.name for g in c.gpus]
+        common = max(set(kinds), key=kinds.count)
+        specs = [g.spec for g in c.gpus if g.spec.name == common]
+        self.gpu = specs[0]
+        self.flops = float(np.mean([x.peak_flops for x in specs])) * self.gpu.compute_eff
+        self.bw = float(np.mean([x.mem_bw for x in specs])) * self.gpu.mem_eff
+        self.link = c.inter
+        self.hole = typical_hole(sim)
+        self.kv_cap = ms.spec.kv_want_tokens
+        self._agg: dict[int, tuple] = {}
+        self._memo: dict[tuple, float] = {}
+
+    @property
+    def num_units(self) -> int:
+        return self.costs.num_units
+
+    def _stages(self, stages: int) -> tuple:
+        hit = self._agg.get(stages)
+        if hit is None:
+            b = self.costs.balanced_boundaries(stages)
+            st = [self.costs.stage(b[i], b[i + 1]) for i in range(stages)]
+            f = np.array([s.flops_per_token for s in st]) / self.flops
+            a = np.array([4.0 * self.costs.hidden * s.attn_layers for s in st]) / self.flops
+            p = np.array([s.param_bytes for s in st]) / self.bw
+            k = np.array([s.kv_bytes_per_token for s in st]) / self.bw
+            ov = np.array([s.units for s in st]) * self.gpu.unit_overhead_s
+            act = max(s.act_bytes_per_token for s in st[:-1]) if stages > 1 else 0.0
+            room = min((self.hole - s.param_bytes - STAGE_OVERHEAD_BYTES) / s.kv_bytes_per_token
+                       if s.kv_bytes_per_token > 0 else math.inf for s in st)
+            kv = 0 if room < 1 else int(min(room, self.kv_cap))
+            hit = self._agg[stages] = (f, a, p, k, ov, act, kv)
+        return hit
+
+    def stage_time_s(self, stages: int, tokens: int, kv_tokens: float = 0.0) -> float:
+        key = (stages, tokens, int(kv_tokens // 256))
+        v = self._memo.get(key)
+        if v is None:
+            f, a, p, k, ov, _, _ = self._stages(stages)
+            v = float((np.maximum(f * tokens + a * kv_tokens, p + k * (kv_tokens + tokens)) + ov).max())
+            if len(self._memo) < 100_000:
+                self._memo[key] = v
+        return v
+
+    def transfer_time_s(self, stages: int, tokens: int) -> float:
+        if stages <= 1:
+            return 0.0
+        act = self._stages(stages)[5]
+        return self.link.latency + self.link.overhead + tokens * act / self.link.bandwidth
+
+    def max_kv_tokens(self, stages: int) -> int:
+        return self._stages(stages)[6]
+
+
+class _RealPlanning:
+    """One model's FP-6 analyzer + policy, fed by the engine's events."""
+
+    def __init__(self, sim: Simulator, m: int, stage_counts: tuple[int, ...], **overrides: Any):
+        from flexpipe.planning.analyzer import TrafficAnalyzer
+        from flexpipe.planning.policy import GranularityPolicy, PolicyConfig
+
+        spec = sim.models[m].spec
+        self.analyzer = TrafficAnalyzer(slo_ttft_s=spec.slo_ttft_s, slo_tpot_s=spec.slo_tpot_s)
+        n = sim.models[m].costs.num_units
+        cfg = PolicyConfig(slo_ttft_s=spec.slo_ttft_s, slo_tpot_s=spec.slo_tpot_s,
+                           stage_counts=tuple(s for s in stage_counts if s <= n),
+                           max_gpus=len(sim.cluster.gpus), **overrides)
+        self.policy = GranularityPolicy(cfg, SimPerfAdapter(sim, m))
+
+
+# ---------------------------------------------------------------------------------------------
 class FlexPipePolicy:
-    """FlexPipe: fine-grained stages placed in memory holes, reshaped in flight, scaled to zero."""
+    """FlexPipe: fine-grained stages placed in memory holes, reshaped in flight, scaled to zero.
+
+    Decisions come from FP-6's `GranularityPolicy` fed by its `TrafficAnalyzer` (the real planning
+    code, unchanged), once per tick and at once when the analyzer flags a change point.  Only when
+    flexpipe.planning is missing does a placeholder decide (and `impl` says "placeholder").
+    """
 
     name = "flexpipe"
+    STAGE_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+    BACKOFF_S = 30.0  # after a placement for a stage count fails, wait before trying it again
 
-    def __init__(self, max_reshapes_per_tick: int = 2, cold_tier: str = "remote"):
+    def __init__(self, max_reshapes_per_tick: int = 2, cold_tier: str = "remote", decide_every_s: float = 5.0,
+                 **policy_overrides: Any):
         self.max_reshapes = max_reshapes_per_tick
         self.cold_tier = cold_tier
+        self.decide_every_s = decide_every_s
+        self.overrides = policy_overrides
         self.impl = "placeholder"
-        self.decisions: list[dict[str, Any]] = []
+        self.decisions: dict[str, int] = {}
+        self.explained: list[str] = []
 
     def attach(self, sim: Simulator) -> None:
         self.sim = sim
+        try:
+            import flexpipe.planning.policy  # noqa: F401
+            real = True
+        except ImportError:
+            real = False
+        self.impl = "flexpipe.planning" if real else "placeholder"
+        self.failed: dict[tuple[int, int], float] = {}
+        self.next_decide = [0.0 for _ in sim.models]
+        self.urgent = [False for _ in sim.models]
+        self.budget = [ms.spec.token_budget for ms in sim.models]
+        self.target_stages = [0 for _ in sim.models]
         hole = typical_hole(sim)
-        self.per_model = []
-        tr = sim
+        self.per_model: list[Any] = []
         for ms in sim.models:
-            sel = tr.model_of == ms.idx
-            shape = LoadShape(float(tr.prompt[sel].mean()) if sel.any() else 1000.0,
-                              float(tr.out[sel].mean()) if sel.any() else 100.0)
             s_min = min_stages(ms.costs, hole, ms.spec.kv_min_tokens)
+            self.target_stages[ms.idx] = s_min
+            if real:
+                self.per_model.append(_RealPlanning(sim, ms.idx, self.STAGE_COUNTS, **self.overrides))
+                continue
+            sel = sim.model_of == ms.idx
+            shape = LoadShape(float(sim.prompt[sel].mean()) if sel.any() else 1000.0,
+                              float(sim.out[sel].mean()) if sel.any() else 100.0)
             caps: dict[int, float] = {}
 
             def cap_of(s: int, ms=ms, shape=shape, caps=caps) -> float:
@@ -169,32 +276,71 @@ class FlexPipePolicy:
             self.per_model.append((_WindowAnalyzer(), _PlaceholderGranularity(s_min, cap_of), s_min))
 
     def on_arrival(self, now: float, m: int, rid: int) -> None:
-        self.per_model[m][0].observe_arrival(now)
+        pm = self.per_model[m]
+        if isinstance(pm, _RealPlanning):
+            if pm.analyzer.on_arrival(now, int(self.sim.prompt[rid])):
+                self.urgent[m] = True  # a change point: decide at the next tick, not in 5 s
+        else:
+            pm[0].observe_arrival(now)
 
     def on_finish(self, now: float, m: int, rid: int) -> None:
-        pass
+        pm = self.per_model[m]
+        if isinstance(pm, _RealPlanning):
+            sim = self.sim
+            o = int(sim.out[rid])
+            ttft = float(sim.first_t[rid] - sim.arr[rid])
+            tpot = float((now - sim.first_t[rid]) / (o - 1)) if o > 1 else 0.0
+            if pm.analyzer.on_finish(now, o, ttft, tpot, queue_delay_s=float(sim.admit_t[rid] - sim.arr[rid])):
+                self.urgent[m] = True
 
     def tick(self, now: float, sim: Simulator) -> None:
-        for m, (an, pol, s_min) in enumerate(self.per_model):
+        for m, pm in enumerate(self.per_model):
             cur = [r for r in sim.models[m].replicas if r.state in ("active", "loading")]
-            d = pol.decide(now, an.snapshot(now), len(cur), sim.queue_len(m))
-            self._apply(sim, m, d, cur, s_min)
+            if isinstance(pm, _RealPlanning):
+                from flexpipe.planning.policy import Action, PipelineConfig
 
-    def _place(self, sim: Simulator, m: int, stages: int, s_min: int, credit: dict[int, float] | None = None,
+                pm.analyzer.on_queue(now, sim.queue_len(m), sim.queue_wait(m))
+                if now < self.next_decide[m] and not self.urgent[m]:
+                    continue
+                self.next_decide[m] = now + self.decide_every_s
+                self.urgent[m] = False
+                act = [r for r in cur if r.state == "active"]
+                stages = _mode([r.stages for r in act]) if act else self.target_stages[m]
+                current = PipelineConfig(stages, self.budget[m], len(act))
+                d = pm.policy.decide(now, pm.analyzer.snapshot(now), current)
+                self.decisions[d.action.value] = self.decisions.get(d.action.value, 0) + 1
+                if d.action is not Action.KEEP and len(self.explained) < 40:
+                    self.explained.append(f"[{sim.models[m].spec.name}] " + d.explain(top=3))
+                tgt = d.target
+                if d.action is Action.KEEP:
+                    continue
+                self.budget[m] = tgt.token_budget
+                self.target_stages[m] = tgt.stages
+                self._apply(sim, m, _Decision(tgt.stages, tgt.replicas, tgt.token_budget, d.reason), cur,
+                            tgt.stages)
+            else:
+                an, pol, s_min = pm
+                d = pol.decide(now, an.snapshot(now), len(cur), sim.queue_len(m))
+                self._apply(sim, m, d, cur, s_min)
+
+    def _place(self, sim: Simulator, m: int, stages: int, credit: dict[int, float] | None = None,
                kv_min: int | None = None) -> Placement | None:
-        # the target first, then finer cuts (smaller stages fit smaller holes), then coarser
-        order = [stages] + [s for s in range(stages + 1, min(64, sim.models[m].costs.num_units) + 1)] \
-            + [s for s in range(stages - 1, 0, -1)]
-        for s in order[:40]:
+        """The target stage count first, then finer cuts (smaller stages fit smaller holes)."""
+        n = sim.models[m].costs.num_units
+        for s in [stages] + [x for x in self.STAGE_COUNTS if x > stages and x <= n]:
+            if sim.now - self.failed.get((m, s), -math.inf) < self.BACKOFF_S and credit is None:
+                continue
             p = sim.place(m, s, credit=credit, kv_min=kv_min)
             if p is not None:
                 return p
+            if credit is None:
+                self.failed[(m, s)] = sim.now
         return None
 
     def _apply(self, sim: Simulator, m: int, d: Any, cur: list[Replica], s_min: int) -> None:
         if d.replicas > len(cur):
             for _ in range(d.replicas - len(cur)):
-                p = self._place(sim, m, d.stages, s_min)
+                p = self._place(sim, m, d.stages)
                 if p is None:
                     break
                 sim.add_replica(m, p, cold_tier=self.cold_tier, host_cache=True, token_budget=d.token_budget)
@@ -208,7 +354,18 @@ class FlexPipePolicy:
             if done >= self.max_reshapes:
                 break
             if r.state == "active" and r.pending is None and r.stages != d.stages:
-                credit = dict(r.hold)
-                p = sim.place(m, d.stages, credit=credit, kv_min=max(r.kv_used, sim.models[m].spec.kv_min_tokens))
+                key = (m, -r.id)
+                if sim.now - self.failed.get(key, -math.inf) < self.BACKOFF_S:
+                    continue
+                p = sim.place(m, d.stages, credit=dict(r.hold),
+                              kv_min=max(r.kv_used, sim.models[m].spec.kv_min_tokens))
                 if p is not None and sim.reshape_replica(r, p, d.token_budget):
                     done += 1
+                else:
+                    self.failed[key] = sim.now
+            elif r.state == "active":
+                r.token_budget = d.token_budget
+
+
+def _mode(xs: list[int]) -> int:
+    return max(set(xs), key=lambda x: (xs.count(x), -x))

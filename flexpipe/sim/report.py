@@ -17,6 +17,9 @@ Definitions (per run; a request "finishes" when its last token is produced):
 - stall: a request whose TTFT exceeds 1.5x the run's P25 TTFT; a stall episode starts at the arrival of
   the first such request and recovers at the arrival of the next request whose TTFT is back within
   1.2x P25; recovery time is the episode's length.
+- warm-up: requests arriving in the first `warmup_s` seconds are simulated but not measured (every
+  policy starts cold or pre-provisioned there); reservation figures then come from the periodic
+  samples inside the measured span.
 - reshapes: count, preparation time (loading + KV pre-copy, requests keep running) and pause (the
   quiesce-delta-switch window every running request of the replica sees).
 """
@@ -63,8 +66,10 @@ def _stalls(arr: np.ndarray, ttft: np.ndarray) -> dict[str, float]:
 
 def summarise(sim: Simulator, policy_name: str | None = None) -> dict[str, Any]:
     """All metrics of one finished run, as plain JSON-able values."""
-    dur = max(sim.duration, 1e-9)
-    fin = ~np.isnan(sim.finish_t) & ~sim.dropped
+    w = float(getattr(sim, "warmup_s", 0.0))
+    dur = max(sim.duration - w, 1e-9)
+    measured = sim.arr >= w
+    fin = ~np.isnan(sim.finish_t) & ~sim.dropped & measured
     arr = sim.arr[fin]
     lat = sim.finish_t[fin] - arr
     queue = sim.admit_t[fin] - arr
@@ -79,6 +84,11 @@ def summarise(sim: Simulator, policy_name: str | None = None) -> dict[str, Any]:
     ok = (ttft <= slo_t) & (tpot <= slo_p)
     res_mean = sim.res_eq_int / max(sim.now, 1e-9)
     gpus_mean = sim.res_gpus_int / max(sim.now, 1e-9)
+    res_peak, gpus_peak = sim.res_eq_peak, sim.res_gpus_peak
+    samp = np.array([x for x in sim.samples if w <= x[0] <= sim.duration]) if w > 0 else np.zeros((0, 6))
+    if len(samp):  # after a warm-up, from the periodic samples (every sample_s) inside the measured span
+        res_mean, gpus_mean = float(samp[:, 1].mean()), float(samp[:, 2].mean())
+        res_peak, gpus_peak = float(samp[:, 1].max()), int(samp[:, 2].max())
     goodput = float(ok.sum()) / dur
     pauses = np.array([r.pause_s for r in sim.reshapes])
     preps = np.array([r.prep_s for r in sim.reshapes])
@@ -86,7 +96,7 @@ def summarise(sim: Simulator, policy_name: str | None = None) -> dict[str, Any]:
     for ms in sim.models:
         sel = m == ms.idx
         per_model[ms.spec.name] = {
-            "requests": int((sim.model_of == ms.idx).sum()), "finished": int(sel.sum()),
+            "requests": int(((sim.model_of == ms.idx) & measured).sum()), "finished": int(sel.sum()),
             "slo_attainment": float(ok[sel].mean()) if sel.any() else 0.0,
             "latency_p50_s": _pct(lat[sel], 50), "latency_p99_s": _pct(lat[sel], 99),
             "ttft_p50_s": _pct(ttft[sel], 50), "ttft_p99_s": _pct(ttft[sel], 99),
@@ -96,10 +106,11 @@ def summarise(sim: Simulator, policy_name: str | None = None) -> dict[str, Any]:
     s = {
         "policy": policy_name or getattr(sim.policy, "name", "?"),
         "policy_impl": getattr(sim.policy, "impl", "baseline"),
-        "requests": int(sim.n), "finished": int(fin.sum()), "dropped": int(sim.dropped.sum()),
+        "requests": int(measured.sum()), "finished": int(fin.sum()), "dropped": int((sim.dropped & measured).sum()),
+        "warmup_s": w,
         "duration_s": sim.duration,
         "goodput_rps": goodput, "throughput_rps": float(fin.sum()) / dur,
-        "slo_attainment": float(ok.sum()) / max(sim.n, 1),
+        "slo_attainment": float(ok.sum()) / max(int(measured.sum()), 1),
         "latency_mean_s": float(lat.mean()) if len(lat) else float("nan"),
         "latency_p50_s": _pct(lat, 50), "latency_p99_s": _pct(lat, 99),
         "queue_mean_s": float(queue.mean()) if len(lat) else float("nan"),
@@ -110,10 +121,10 @@ def summarise(sim: Simulator, policy_name: str | None = None) -> dict[str, Any]:
         "compute_p50_s": _pct(compute, 50), "compute_p99_s": _pct(compute, 99),
         "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
         "tpot_p50_s": _pct(tpot[out > 1], 50), "tpot_p99_s": _pct(tpot[out > 1], 99),
-        "reserved_gpu_eq_mean": res_mean, "reserved_gpu_eq_peak": sim.res_eq_peak,
-        "reservation_share_of_peak": res_mean / sim.res_eq_peak if sim.res_eq_peak > 0 else 0.0,
+        "reserved_gpu_eq_mean": res_mean, "reserved_gpu_eq_peak": res_peak,
+        "reservation_share_of_peak": res_mean / res_peak if res_peak > 0 else 0.0,
         "reservation_share_of_cluster": res_mean / sim.cluster.capacity_eq,
-        "gpus_touched_mean": gpus_mean, "gpus_touched_peak": sim.res_gpus_peak,
+        "gpus_touched_mean": gpus_mean, "gpus_touched_peak": gpus_peak,
         "utilisation": sim.busy_gpu_s / max(sim.res_gpus_int, 1e-9),
         "efficiency_rps_per_gpu": goodput / res_mean if res_mean > 0 else 0.0,
         "reshapes": len(sim.reshapes),

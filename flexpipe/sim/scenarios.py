@@ -58,6 +58,7 @@ class Scenario:
     sample_s: float = 10.0
     queue_timeout_s: float = 120.0
     drain_s: float = 600.0
+    warmup_s: float = 0.0  # arrivals before this are simulated, not measured
 
     def model_specs(self) -> list[ModelSpec]:
         out = []
@@ -93,11 +94,11 @@ def _thousand(seed: int) -> Cluster:
 
 PRESETS: dict[str, Scenario] = {
     "paper-82gpu": Scenario("paper-82gpu", _paper, [("llama2-7b", 0.6), ("llama2-13b", 0.3), ("opt-66b", 0.1)],
-                            7200.0, 20.0),
+                            7200.0, 20.0, warmup_s=300.0),
     # ~12x the GPUs of the paper's testbed, a day with a day-night swing of +-60% around the mean
     "1000gpu-24h": Scenario("1000gpu-24h", _thousand,
                             [("llama2-7b", 0.5), ("llama2-13b", 0.3), ("llama2-70b", 0.1), ("opt-66b", 0.1)],
-                            86400.0, 100.0, shape="diurnal", tick_s=5.0, sample_s=60.0),
+                            86400.0, 100.0, shape="diurnal", tick_s=5.0, sample_s=60.0, warmup_s=600.0),
     "small": Scenario("small", lambda seed: Cluster.uniform(2, 4, "A100-80", "fragmented", seed),
                       [("llama2-7b", 1.0)], 600.0, 2.0, shape="flat"),
 }
@@ -117,5 +118,6 @@ def run_one(sc: Scenario, policy: Any, trace: Trace, seed: int,
     sim = Simulator(sc.cluster(seed), sc.model_specs(), trace, policy, tick_s=sc.tick_s, sample_s=sc.sample_s,
                     queue_timeout_s=sc.queue_timeout_s, drain_s=sc.drain_s, duration_s=sc.duration_s,
                     progress=progress)
+    sim.warmup_s = sc.warmup_s
     sim.run()
     return sim, time.perf_counter() - t0
