@@ -228,14 +228,14 @@ class Simulator:
                     self._seg_end(obj)
             elif kind == _TICK:
                 self._tick()
-                if i < n or self._work_left():
+                if i < n or t < self.duration or self._work_left() or self.res_eq > 0:
                     self._push(t + self.tick_s, _TICK)
             elif kind == _SAMPLE:
                 self._sample()
                 if self.progress is not None and t >= next_prog:
                     self.progress(t)
                     next_prog = t + 60.0
-                if i < n or self._work_left():
+                if i < n or t < self.duration or self._work_left() or self.res_eq > 0:
                     self._push(t + self.sample_s, _SAMPLE)
             elif kind == _READY:
                 if obj.state == "loading":

@@ -302,6 +302,8 @@ class FlexPipePolicy:
                 pm.analyzer.on_queue(now, sim.queue_len(m), sim.queue_wait(m))
                 if now < self.next_decide[m] and not self.urgent[m]:
                     continue
+                if not cur and not sim.queue_len(m):
+                    continue  # nothing runs and nothing waits: no cold start to decide
                 self.next_decide[m] = now + self.decide_every_s
                 self.urgent[m] = False
                 act = [r for r in cur if r.state == "active"]
