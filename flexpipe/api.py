@@ -1,0 +1,297 @@
+"""The embedded runtime: start a pipeline from Python and generate from it.
+
+    async with FlexPipe.launch(model="tiny", stages=3) as fp:
+        async for ev in fp.generate("Hello", max_tokens=16, seed=1):
+            print(ev.text, end="")
+        await fp.reshape(stages=2)
+
+The router (scheduler, KV ledger, controller) runs on the caller's event loop; each stage is an
+actor in its own spawned process by default (`in_process=True` keeps them on this loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Sequence
+
+from flexpipe.errors import ConfigError, RequestError, UnknownModelError
+from flexpipe.model.config import ModelConfig
+from flexpipe.model.sampling import SamplingParams
+from flexpipe.model.tokenizer import load_tokenizer
+from flexpipe.partition import CostModel, PipelineShape, UnitGraph, solve
+
+
+@dataclass(slots=True)
+class Settings:
+    """Runtime settings of an embedded pipeline (each has a flag in `flexpipe serve --help`)."""
+
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int = 1024  # KV blocks per stage
+    max_batch_tokens: int = 256  # token budget of one micro-batch (chunked prefill fills it)
+    max_batch_seqs: int = 256
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0  # weights seed of presets
+    torch_threads: int = 1  # per stage process
+    heartbeat_interval: float = 0.5
+    heartbeat_timeout: float = 3.0
+    start_timeout: float = 120.0
+    max_queued: int = 4096  # requests waiting beyond this are refused (back-pressure)
+
+
+@dataclass(slots=True)
+class GenerationEvent:
+    """One streamed token (token_id None on a final event that carries only the finish reason)."""
+
+    token_id: int | None
+    text: str
+    index: int
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(slots=True)
+class ModelSpec:
+    """A resolved model: config, where its weights come from, and its tokenizer."""
+
+    name: str
+    config: ModelConfig
+    source: dict  # msgpack-able: {"kind": "preset", "seed": n} or {"kind": "checkpoint", "path": p}
+    tokenizer: Any = None
+
+    @classmethod
+    def resolve(cls, model: str, seed: int = 0) -> "ModelSpec":
+        """A preset name or an HF checkpoint directory (UnknownModelError otherwise)."""
+        p = Path(model).expanduser()
+        if p.is_dir():
+            from flexpipe.model.checkpoint import CheckpointReader
+
+            reader = CheckpointReader(p)
+            cfg = reader.config
+            return cls(p.name, cfg, {"kind": "checkpoint", "path": str(p.resolve())},
+                       load_tokenizer(cfg, reader.tokenizer_path))
+        try:
+            cfg = ModelConfig.preset(model)
+        except UnknownModelError as e:
+            raise UnknownModelError(f"{e}; or give an HF checkpoint directory (no directory {str(p)!r})") from None
+        return cls(model, cfg, {"kind": "preset", "seed": seed}, load_tokenizer(cfg, None))
+
+    def weights(self) -> Any:
+        from flexpipe.runtime.stage import source_from_spec
+
+        return source_from_spec(self.config, self.source)
+
+
+def plan_shape(cfg: ModelConfig, stages: int | None = None, boundaries: Sequence[int] | None = None,
+               epoch: int = 0, device: str = "cpu") -> PipelineShape:
+    """A pipeline shape from explicit boundaries, or the solver's balanced cut for `stages`."""
+    if boundaries is not None:
+        shape = PipelineShape.from_boundaries(list(boundaries), epoch, [device] * (len(boundaries) - 1))
+    else:
+        part = solve(UnitGraph.from_config(cfg), num_stages=stages or 1, cost=CostModel(tokens=64))
+        shape = part.shape(epoch, [device] * part.num_stages)
+    shape.validate(cfg.num_units)
+    return shape
+
+
+class FlexPipe:
+    """A running pipeline: router on this loop, stages as actors.  Create with `FlexPipe.launch`."""
+
+    def __init__(self, spec: ModelSpec, settings: Settings, system: Any, router: Any, controller: Any):
+        self.spec, self.settings = spec, settings
+        self.system, self.router, self.controller = system, router, controller
+
+    # ---- life cycle ---------------------------------------------------------------------------
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def launch(cls, model: str = "tiny", stages: int = 1, *, boundaries: Sequence[int] | None = None,
+                     in_process: bool = False, settings: Settings | None = None,
+                     **overrides: Any) -> AsyncIterator["FlexPipe"]:
+        """Start the pipeline; stops every stage and closes every socket on exit."""
+        from flexpipe.runtime.actor import ActorSettings
+        from flexpipe.runtime.controller import Controller
+        from flexpipe.runtime.launcher import ActorSystem
+
+        settings = settings or Settings()
+        for k, v in overrides.items():
+            if not hasattr(settings, k):
+                raise ConfigError(f"unknown setting {k!r}; settings: {', '.join(Settings.__slots__)}")
+            setattr(settings, k, v)
+        spec = ModelSpec.resolve(model, settings.seed)
+        shape = plan_shape(spec.config, stages, boundaries, device=settings.device)
+        actor_settings = ActorSettings(heartbeat_interval=settings.heartbeat_interval,
+                                       heartbeat_timeout=settings.heartbeat_timeout,
+                                       start_timeout=settings.start_timeout,
+                                       torch_threads=settings.torch_threads)
+        async with ActorSystem(actor_settings, name="flexpipe") as system:
+            controller = Controller(system, spec, settings, in_process=in_process)
+            router = await controller.start(shape)
+            fp = cls(spec, settings, system, router, controller)
+            try:
+                yield fp
+            finally:
+                await controller.aclose()
+
+    # ---- properties -------------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.spec.name
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.spec.config
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.spec.tokenizer
+
+    @property
+    def max_context(self) -> int:
+        return self.spec.config.max_position_embeddings
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def _params(self, max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
+                stop_token_ids: Sequence[int] | None, ignore_eos: bool) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                              stop_token_ids=tuple(stop_token_ids or ()), ignore_eos=ignore_eos
+                              ).validate(self.config.vocab_size).resolve_seed()
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt given as text or ids (ids are checked against the vocabulary)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("the prompt is empty: give some text or token ids")
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise RequestError(f"prompt token ids must be integers in [0, {self.config.vocab_size}); got {bad[:5]}")
+        return ids
+
+    async def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 64, temperature: float = 0.0,
+                       top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                       stop: Sequence[str] | None = None, stop_token_ids: Sequence[int] | None = None,
+                       ignore_eos: bool = False, request_id: str | None = None) -> AsyncIterator[GenerationEvent]:
+        """Stream the new tokens of one request; closing the iterator early cancels the request."""
+        ids = self.encode(prompt)
+        params = self._params(max_tokens, temperature, top_k, top_p, seed, stop_token_ids, ignore_eos)
+        if len(self.router.sched.waiting) >= self.settings.max_queued:
+            raise RequestError(f"{self.settings.max_queued} requests are already queued: retry later")
+        rid, queue = self.router.submit(ids, params, request_id)
+        dec = self.tokenizer.stream()
+        stops = [s for s in (stop or []) if s]
+        text = ""
+        done = False
+        try:
+            while True:
+                ev = await queue.get()
+                if ev.finish_reason is not None:
+                    done = True
+                    yield GenerationEvent(None, dec.flush(), ev.index, ev.finish_reason)
+                    return
+                piece = dec.feed(ev.token_id)
+                if stops:
+                    text += piece
+                    hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+                    if hit >= 0:
+                        cut = len(text) - len(piece)
+                        yield GenerationEvent(ev.token_id, text[cut:hit] if hit > cut else "", ev.index, "stop")
+                        return
+                yield GenerationEvent(ev.token_id, piece, ev.index)
+        finally:
+            if not done:
+                self.router.cancel(rid)
+
+    async def complete(self, prompt: str | Sequence[int], **kw: Any) -> Completion:
+        """Generate to the end and return the whole completion."""
+        ids = self.encode(prompt)
+        toks, parts, reason = [], [], "length"
+        async for ev in self.generate(ids, **kw):
+            if ev.token_id is not None:
+                toks.append(ev.token_id)
+            parts.append(ev.text)
+            if ev.finish_reason:
+                reason = ev.finish_reason
+        return Completion("".join(parts), toks, reason, len(ids), len(toks))
+
+    def reference_tokens(self, prompt: str | Sequence[int], *, max_tokens: int = 64, temperature: float = 0.0,
+                         top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                         stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False) -> list[int]:
+        """What the single-process oracle (model/reference.py) generates for the same request."""
+        from flexpipe.model.reference import generate
+
+        params = self._params(max_tokens, temperature, top_k, top_p, seed if seed is not None else 0,
+                              stop_token_ids, ignore_eos)
+        return generate(self.config, self.spec.weights(), self.encode(prompt), params)
+
+    # ---- pipeline -------------------------------------------------------------------------------------
+    def status(self) -> dict:
+        """Current shape, KV usage, queue and recent reshapes."""
+        return {"model": self.model_name, "shape": self.controller.shape.to_dict(), "router": self.router.status(),
+                "reshapes": [r.to_dict() for r in self.controller.history[-16:]],
+                "stages": self.controller.stage_info()}
+
+    async def reshape(self, stages: int | None = None, boundaries: Sequence[int] | None = None, *,
+                      devices: Sequence[str] | None = None, weights_from: str = "auto") -> Any:
+        """Change the pipeline's shape while requests run; returns the ReshapeStats."""
+        if (stages is None) == (boundaries is None):
+            raise ConfigError("give either stages=N or boundaries=[0, ..., num_units]")
+        shape = plan_shape(self.config, stages, boundaries, self.controller.shape.epoch + 1, self.settings.device)
+        if devices is not None:
+            shape = PipelineShape.from_boundaries(shape.boundaries, shape.epoch, devices)
+        return await self.controller.reshape(shape, weights_from=weights_from)
+
+
+class SyncFlexPipe:
+    """A blocking wrapper for scripts: the pipeline runs on an event loop in a background thread."""
+
+    def __init__(self, model: str = "tiny", stages: int = 1, **kw: Any):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="flexpipe-loop", daemon=True)
+        self._thread.start()
+        self._cm = FlexPipe.launch(model, stages, **kw)
+        self.fp: FlexPipe = self._run(self._cm.__aenter__())
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def complete(self, prompt: str | Sequence[int], **kw: Any) -> Completion:
+        return self._run(self.fp.complete(prompt, **kw))
+
+    def reshape(self, **kw: Any) -> Any:
+        return self._run(self.fp.reshape(**kw))
+
+    def status(self) -> dict:
+        return self._run(_call(self.fp.status))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._run(self._cm.__aexit__(None, None, None))
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def __enter__(self) -> "SyncFlexPipe":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+async def _call(fn: Any) -> Any:
+    return fn()
+
+
+__all__ = ["Completion", "FlexPipe", "GenerationEvent", "ModelSpec", "Settings", "SyncFlexPipe", "plan_shape"]

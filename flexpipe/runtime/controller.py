@@ -1,0 +1,403 @@
+"""The reconfiguration protocol: reshape a running pipeline, and rebuild it when a stage dies.
+
+From epoch e to e+1 (DESIGN.md):
+  1. plan     match new stages to running stage actors (largest unit overlap on the same device);
+              a matched actor stays and loads only the units it lacks, the rest are new processes
+  2. prepare  load weights: from the checkpoint/preset, or from the peer stage that holds them
+  3. pre-copy while epoch e serves, copy KV of every moved attention unit, token range [copied,
+              computed), in rounds until what is left is small
+  4. quiesce  the router stops launching steps and waits for those in flight
+  5. delta    copy what was written since the last round
+  6. switch   activate the new ranges (actors drop what they no longer own), swap the router's
+              pipeline and KV ledger, bump the epoch, resume; retire actors that left the shape
+The pause requests see is 4-6 and is measured.  A failure in 1-5 aborts: prepared units are
+dropped, new actors stopped, and epoch e keeps serving.  KV moves as (sequence, units, token
+range): KV of past positions never changes, so a copy of [0, computed) stays valid while the old
+epoch appends after it; a request preempted meanwhile is copied again from 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from flexpipe.errors import ActorError, ReshapeError
+from flexpipe.partition import PipelineShape
+from flexpipe.runtime.cache import CacheManager, StagePool, blocks_for
+from flexpipe.runtime.messages import ActorRef
+from flexpipe.runtime.router import Pipeline, RouterActor
+from flexpipe.runtime.stage import (
+    AbortPrepare, Activate, Configure, ExportKV, FreeSeqs, PrepareUnits, ResetKV, SendUnits, StageStatus,
+)
+
+log = logging.getLogger("flexpipe.controller")
+
+
+@dataclass(slots=True)
+class Slot:
+    """A running stage actor and the range it serves."""
+
+    handle: Any  # ActorHandle
+    start: int
+    end: int
+    device: str
+
+    @property
+    def ref(self) -> ActorRef:
+        return self.handle.ref
+
+
+@dataclass(slots=True)
+class ReshapeStats:
+    """What one reshape (or recovery) did and cost."""
+
+    kind: str  # "reshape" | "recovery"
+    from_epoch: int
+    to_epoch: int
+    from_boundaries: list[int]
+    to_boundaries: list[int]
+    ok: bool = True
+    error: str = ""
+    pause_s: float = 0.0  # quiesce -> resume: what requests see
+    total_s: float = 0.0
+    prepare_s: float = 0.0
+    weight_bytes: int = 0  # parameters loaded into stages (from source or peers)
+    weights_from: str = "source"
+    kv_bytes: int = 0  # KV copied, pre-copy and delta together
+    kv_bytes_delta: int = 0  # KV copied during the pause
+    moved_kv_tokens: int = 0
+    precopy_rounds: int = 0
+    stages_kept: int = 0
+    stages_started: int = 0
+    stages_retired: int = 0
+    requests_running: int = 0
+    requests_recomputed: int = 0
+    at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Controller:
+    """Owns the stage actors of one pipeline and changes their shape."""
+
+    def __init__(self, system: Any, spec: Any, settings: Any, *, in_process: bool = False,
+                 max_precopy_rounds: int = 3, delta_tokens_target: int = 64):
+        self.system, self.spec, self.settings = system, spec, settings
+        self.in_process = in_process
+        self.max_precopy_rounds = max_precopy_rounds
+        self.delta_tokens_target = delta_tokens_target
+        self.slots: list[Slot] = []
+        self.shape: PipelineShape | None = None
+        self.router: RouterActor | None = None
+        self.router_actor: Any = None
+        self.history: list[ReshapeStats] = []
+        self._lock = asyncio.Lock()
+        self._names = 0
+        self.fail_next_launch = False  # test hook: make the next stage launch fail (aborted reshape)
+
+    # ---- start / stop -----------------------------------------------------------------------------
+    async def _launch(self, start: int, end: int, device: str, epoch: int, index: int, load: bool = True) -> Slot:
+        s = self.settings
+        self._names += 1
+        kwargs = {"config": self.spec.config.to_dict(), "source": self.spec.source, "start": start, "end": end,
+                  "num_blocks": s.num_blocks, "block_size": s.block_size, "dtype": s.dtype, "device": device,
+                  "epoch": epoch, "index": index, "torch_threads": s.torch_threads, "load": load}
+        if self.fail_next_launch:
+            self.fail_next_launch = False
+            kwargs["source"] = {"kind": "checkpoint", "path": "/nonexistent/flexpipe-test-failure"}
+        target = "flexpipe.runtime.stage:StageActor"
+        handle = await self.system.launch(target, kwargs, name=f"stage{self._names}", in_process=self.in_process)
+        return Slot(handle, start, end, device)
+
+    def _pools(self, shape: PipelineShape) -> list[StagePool]:
+        cfg = self.spec.config
+        return [StagePool(self.settings.num_blocks,
+                          tuple(cfg.unit_layer(u) for u in range(st.start, st.end) if cfg.unit_kind(u) == "attention"))
+                for st in shape.stages]
+
+    async def start(self, shape: PipelineShape) -> RouterActor:
+        """Launch the stages of `shape` and the router; returns the router behaviour."""
+        self.slots = list(await asyncio.gather(*(self._launch(st.start, st.end, st.device, shape.epoch, i)
+                                                 for i, st in enumerate(shape.stages))))
+        self.shape = shape
+        cfg, s = self.spec.config, self.settings
+        eos = cfg.eos_token_id
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        tok_eos = getattr(self.spec.tokenizer, "eos_token_id", None)
+        if tok_eos is not None and tok_eos not in eos_ids:
+            eos_ids += (tok_eos,)
+        cache = CacheManager(s.block_size, self._pools(shape))
+        self.router = RouterActor(cache, self._pipeline(shape.epoch), max_context=cfg.max_position_embeddings,
+                                  eos_ids=eos_ids, max_batch_tokens=s.max_batch_tokens,
+                                  max_batch_seqs=s.max_batch_seqs)
+        self.router.on_stage_death = self._on_stage_death
+        self.router_actor = await self.system.spawn(self.router, "router")
+        await self._configure(shape.epoch)
+        return self.router
+
+    def _pipeline(self, epoch: int) -> Pipeline:
+        return Pipeline(epoch, [sl.ref for sl in self.slots], [(sl.start, sl.end) for sl in self.slots])
+
+    async def _configure(self, epoch: int) -> None:
+        rr = self.router_actor.ref
+        await asyncio.gather(*(self.system.ask(sl.ref, Configure(epoch, i, self._next_ref(i), rr))
+                               for i, sl in enumerate(self.slots)))
+
+    def _next_ref(self, i: int, slots: list[Slot] | None = None) -> ActorRef | None:
+        slots = self.slots if slots is None else slots
+        return slots[i + 1].ref if i + 1 < len(slots) else None
+
+    async def aclose(self) -> None:
+        """Stop the router and every stage."""
+        if self.router_actor is not None:
+            await self.router_actor.aclose("pipeline closed")
+        await asyncio.gather(*(sl.handle.stop() for sl in self.slots), return_exceptions=True)
+
+    def stage_info(self) -> list[dict]:
+        return [{"index": i, "start": sl.start, "end": sl.end, "device": sl.device, "pid": sl.handle.pid,
+                 "actor": str(sl.ref)} for i, sl in enumerate(self.slots)]
+
+    async def stage_status(self) -> list[dict]:
+        """Each stage's own status (asks every stage)."""
+        return list(await asyncio.gather(*(self.system.ask(sl.ref, StageStatus()) for sl in self.slots)))
+
+    # ---- reshape ------------------------------------------------------------------------------------
+    def _match(self, shape: PipelineShape) -> list[int | None]:
+        """For each new stage, the index of the running slot it reuses (largest overlap, same device)."""
+        pairs = []
+        for j, st in enumerate(shape.stages):
+            for i, sl in enumerate(self.slots):
+                ov = min(st.end, sl.end) - max(st.start, sl.start)
+                if ov > 0 and st.device == sl.device:
+                    exact = st.start == sl.start and st.end == sl.end
+                    pairs.append((exact, ov, -abs(i - j), j, i))
+        pairs.sort(reverse=True)
+        match: list[int | None] = [None] * len(shape.stages)
+        used: set[int] = set()
+        for _, _, _, j, i in pairs:
+            if match[j] is None and i not in used:
+                match[j] = i
+                used.add(i)
+        return match
+
+    async def reshape(self, shape: PipelineShape, *, weights_from: str = "auto") -> ReshapeStats:
+        """Move the running pipeline to `shape` without losing or changing any request."""
+        async with self._lock:
+            return await self._reshape(shape, weights_from)
+
+    async def _reshape(self, shape: PipelineShape, weights_from: str) -> ReshapeStats:
+        cfg = self.spec.config
+        shape.validate(cfg.num_units)
+        router = self.router
+        old_epoch = self.shape.epoch
+        shape = shape.with_epoch(old_epoch + 1)
+        st = ReshapeStats("reshape", old_epoch, shape.epoch, self.shape.boundaries, shape.boundaries,
+                          weights_from=weights_from)
+        t0 = time.perf_counter()
+        match = self._match(shape)
+        new_slots: list[Slot | None] = [self.slots[i] if i is not None else None for i in match]
+        started: list[Slot] = []
+        prepared: list[Slot] = []
+        paused = False
+        peer = weights_from == "peer" or (weights_from == "auto" and self.spec.source.get("kind") == "checkpoint")
+        st.weights_from = "peer" if peer else "source"
+        try:
+            # 2. prepare: new processes, and missing units in kept ones
+            launches = {j: self._launch(s.start, s.end, s.device, old_epoch, j, load=not peer)
+                        for j, s in enumerate(shape.stages) if new_slots[j] is None}
+            if launches:
+                res = await asyncio.gather(*launches.values(), return_exceptions=True)
+                for j, r in zip(launches, res):
+                    if isinstance(r, BaseException):
+                        raise ReshapeError(f"new stage for units [{shape.stages[j].start},{shape.stages[j].end}) "
+                                           f"failed to start: {type(r).__name__}: {r}")
+                    new_slots[j] = r
+                    started.append(r)
+                    if not peer:
+                        st.weight_bytes += self._param_bytes_list(range(r.start, r.end))
+            for j, s in enumerate(shape.stages):
+                sl = new_slots[j]
+                if sl in started:
+                    missing = list(range(s.start, s.end)) if peer else []
+                else:
+                    missing = [u for u in range(s.start, s.end) if not sl.start <= u < sl.end]
+                if not missing:
+                    continue
+                if peer:
+                    st.weight_bytes += await self._peer_copy(missing, sl)
+                else:
+                    st.weight_bytes += self._param_bytes_list(missing)
+                await self.system.ask(sl.ref, PrepareUnits(s.start, s.end, from_peer=peer), timeout=600)
+                prepared.append(sl)
+            st.prepare_s = time.perf_counter() - t0
+
+            # 3. pre-copy rounds while the old epoch serves
+            moves = self._moves(shape, new_slots)
+            copied: dict[str, tuple[int, int]] = {}  # seq -> (tokens copied, preemptions when copied)
+            for rnd in range(self.max_precopy_rounds):
+                left = await self._copy_round(moves, copied, st, delta=False)
+                st.precopy_rounds = rnd + 1
+                if left <= self.delta_tokens_target:
+                    break
+
+            # 4. quiesce, 5. delta, 6. switch
+            tq = time.perf_counter()
+            paused = True
+            await router.quiesce()
+            await self._copy_round(moves, copied, st, delta=True)
+            live = set(router.sched.requests)
+            gone = [s for s in copied if s not in live]
+            rr = self.router_actor.ref
+            slots = [s for s in new_slots]
+            await asyncio.gather(*(self.system.ask(sl.ref, Activate(shape.epoch, j, s.start, s.end,
+                                                                   self._next_ref(j, slots), rr))
+                                   for j, (sl, s) in enumerate(zip(slots, shape.stages))))
+            if gone:
+                await asyncio.gather(*(self.system.ask(sl.ref, FreeSeqs(shape.epoch, gone)) for sl in slots))
+            retired = [sl for sl in self.slots if sl not in slots]
+            for sl, s in zip(slots, shape.stages):
+                sl.start, sl.end = s.start, s.end
+            cache = CacheManager(self.settings.block_size, self._pools(shape))
+            cache.seq_blocks = dict(router.cache.seq_blocks)
+            cache.seq_tokens = dict(router.cache.seq_tokens)
+            cache.rebuild(cache.pools)
+            self.slots, self.shape = slots, shape
+            router.switch(self._pipeline(shape.epoch), cache)
+            router.resume()
+            paused = False
+            st.pause_s = time.perf_counter() - tq
+            st.requests_running = len(router.sched.running)
+        except Exception as e:
+            st.ok, st.error = False, f"{type(e).__name__}: {e}"
+            await self._abort(prepared, started, old_epoch)
+            if paused:
+                router.resume()
+            st.total_s = time.perf_counter() - t0
+            self.history.append(st)
+            log.warning("reshape to %s aborted: %s", shape.boundaries, st.error)
+            raise e if isinstance(e, ReshapeError) else ReshapeError(f"reshape aborted, epoch {old_epoch} keeps "
+                                                                     f"serving: {st.error}") from e
+        st.stages_kept = sum(1 for m in match if m is not None)
+        st.stages_started = len(started)
+        st.stages_retired = len(retired)
+        await asyncio.gather(*(sl.handle.stop() for sl in retired), return_exceptions=True)
+        st.total_s = time.perf_counter() - t0
+        self.history.append(st)
+        log.info("reshape %s -> %s: pause %.1f ms, total %.2f s, KV %d B, weights %d B", st.from_boundaries,
+                 st.to_boundaries, st.pause_s * 1e3, st.total_s, st.kv_bytes, st.weight_bytes)
+        return st
+
+    def _param_bytes_list(self, units: Any) -> int:
+        from flexpipe.model.units import unit_costs
+
+        costs = unit_costs(self.spec.config, dtype_bytes={"float32": 4}.get(self.settings.dtype, 2))
+        return sum(costs[u].param_bytes for u in units)
+
+    async def _peer_copy(self, units: list[int], dest: Slot) -> int:
+        """Have the running stages that hold `units` send their tensors to `dest`."""
+        total = 0
+        for sl in self.slots:
+            have = [u for u in units if sl.start <= u < sl.end]
+            if have and sl is not dest:
+                total += await self.system.ask(sl.ref, SendUnits(have, dest.ref), timeout=600)
+        return total
+
+    def _moves(self, shape: PipelineShape, new_slots: list[Slot]) -> dict[tuple[int, int], list[int]]:
+        """(old slot index, new slot index) -> attention units whose KV moves between them."""
+        cfg = self.spec.config
+        moves: dict[tuple[int, int], list[int]] = {}
+        for u in range(cfg.num_units):
+            if cfg.unit_kind(u) != "attention":
+                continue
+            i = next(k for k, sl in enumerate(self.slots) if sl.start <= u < sl.end)
+            j = shape.stage_of(u)
+            if new_slots[j] is not self.slots[i]:
+                moves.setdefault((i, j), []).append(u)
+        self._new_slots = new_slots
+        return moves
+
+    async def _copy_round(self, moves: dict, copied: dict, st: ReshapeStats, delta: bool) -> int:
+        """Copy [copied, computed) of every request for every move; returns tokens still uncopied after."""
+        sched = self.router.sched
+        items: list[tuple[str, int, int]] = []
+        for rid, req in list(sched.requests.items()):
+            if req.computed <= 0:
+                continue
+            t_done, gen = copied.get(rid, (0, req.preemptions))
+            if gen != req.preemptions or t_done > req.computed:
+                t_done = 0  # preempted since: its KV was recomputed, copy it again
+            if req.computed > t_done:
+                items.append((rid, t_done, req.computed))
+                copied[rid] = (req.computed, req.preemptions)
+        if not items:
+            return 0
+        reqs = []
+        for (i, j), units in moves.items():
+            msg = ExportKV([[rid, units, a, b] for rid, a, b in items], self._new_slots[j].ref)
+            reqs.append(self.system.ask(self.slots[i].ref, msg, timeout=600))
+        nbytes = sum(await asyncio.gather(*reqs))
+        st.kv_bytes += nbytes
+        st.moved_kv_tokens += sum(b - a for _, a, b in items)
+        if delta:
+            st.kv_bytes_delta += nbytes
+        # tokens written since this round started (what the next round or the delta must copy)
+        return sum(max(0, r.computed - copied.get(rid, (0, 0))[0]) for rid, r in sched.requests.items())
+
+    async def _abort(self, prepared: list[Slot], started: list[Slot], epoch: int) -> None:
+        for sl in prepared:
+            if sl not in started:
+                try:
+                    await self.system.ask(sl.ref, AbortPrepare(epoch), timeout=30)
+                except ActorError as e:
+                    log.warning("abort: %s did not drop its prepared units: %s", sl.ref, e)
+        await asyncio.gather(*(sl.handle.stop() for sl in started), return_exceptions=True)
+
+    # ---- failure recovery ------------------------------------------------------------------------------
+    async def _on_stage_death(self, ref: ActorRef, reason: str) -> None:
+        async with self._lock:
+            if all(sl.ref != ref for sl in self.slots):
+                return  # already replaced
+            await self._recover(ref, reason)
+
+    async def _recover(self, dead: ActorRef, reason: str) -> ReshapeStats:
+        """Replace the dead stage with a new process and recompute every request from its record."""
+        t0 = time.perf_counter()
+        router = self.router
+        old = self.shape
+        shape = old.with_epoch(old.epoch + 1)
+        st = ReshapeStats("recovery", old.epoch, shape.epoch, old.boundaries, shape.boundaries, error=reason)
+        router._paused = True
+        requeued = router.sched.requeue_all()
+        st.requests_recomputed = len(requeued)
+        for i, sl in enumerate(self.slots):
+            if sl.ref == dead:
+                for attempt in range(3):
+                    try:
+                        self.slots[i] = await self._launch(sl.start, sl.end, sl.device, shape.epoch, i)
+                        st.stages_started += 1
+                        break
+                    except ActorError as e:
+                        log.error("recovery: relaunch of stage %d failed (attempt %d): %s", i, attempt + 1, e)
+                else:
+                    raise ReshapeError(f"stage {i} could not be restarted after it died ({reason})")
+        await asyncio.gather(*(self.system.ask(sl.ref, ResetKV(shape.epoch)) for sl in self.slots))
+        rr = self.router_actor.ref
+        await asyncio.gather(*(self.system.ask(sl.ref, Activate(shape.epoch, j, sl.start, sl.end,
+                                                               self._next_ref(j), rr))
+                               for j, sl in enumerate(self.slots)))
+        self.shape = shape
+        cache = CacheManager(self.settings.block_size, self._pools(shape))
+        router.switch(self._pipeline(shape.epoch), cache)
+        router.resume()
+        st.pause_s = st.total_s = time.perf_counter() - t0
+        self.history.append(st)
+        log.warning("recovered from the death of %s in %.2f s; %d requests recomputed", dead, st.total_s,
+                    st.requests_recomputed)
+        return st
+
+
+__all__ = ["Controller", "ReshapeStats", "Slot", "blocks_for"]

@@ -1,0 +1,260 @@
+"""RouterActor: admission, the request records, continuous batching, and token streams.
+
+The router owns the scheduler (runtime/scheduler.py) and the KV ledger (runtime/cache.py) and
+launches micro-batches into stage 0 of the current epoch.  One pump task is the only sender of
+steps, so steps leave in order; outputs come back as StepOutput messages from the last stage.
+Outputs of another epoch are dropped and counted (epoch fencing).
+
+The reshape controller (runtime/controller.py) acts through `quiesce()` / `resume()` and swaps the
+pipeline (stage refs, ledger pools, epoch) while nothing is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from flexpipe.errors import ActorError, RequestError
+from flexpipe.runtime.actor import ActorContext, handles
+from flexpipe.runtime.cache import CacheManager
+from flexpipe.runtime.messages import ActorRef, Terminated, message
+from flexpipe.runtime.scheduler import Request, Scheduler, TokenEvent
+from flexpipe.runtime.stage import StepFailed, StepInput, StepOutput
+
+log = logging.getLogger("flexpipe.router")
+
+
+@dataclass(slots=True)
+class Pipeline:
+    """The stages of one epoch, in order."""
+
+    epoch: int
+    refs: list[ActorRef]
+    ranges: list[tuple[int, int]]
+
+
+@message(120)
+class RouterStatus:
+    """Ask the router for its status dict."""
+
+
+@dataclass(slots=True)
+class RequestStream:
+    """Where a request's events go: an asyncio queue read by the client."""
+
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+class RouterActor:
+    """Behaviour of the router: lives in the client's process (embedded) or in the router daemon."""
+
+    def __init__(self, cache: CacheManager, pipeline: Pipeline, *, max_context: int, eos_ids: tuple[int, ...] = (),
+                 max_batch_tokens: int = 256, max_inflight: int | None = None, max_batch_seqs: int = 256):
+        self.pipeline = pipeline
+        self.max_context = max_context
+        self.eos_ids = tuple(eos_ids)
+        self.sched = Scheduler(cache, max_batch_tokens=max_batch_tokens,
+                               max_inflight=max_inflight or len(pipeline.refs), max_batch_seqs=max_batch_seqs)
+        self._fixed_inflight = max_inflight
+        self.streams: dict[str, RequestStream] = {}
+        self.ctx: ActorContext | None = None
+        self._wake = asyncio.Event()
+        self._paused = False
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._pump_task: asyncio.Task | None = None
+        self._death_seen = False
+        self.on_stage_death = None  # set by the controller: async fn(ref, reason)
+        self.stats = collections.Counter()
+        self.step_times: collections.deque = collections.deque(maxlen=1024)
+        self._sent_at: dict[int, float] = {}
+
+    @property
+    def epoch(self) -> int:
+        return self.pipeline.epoch
+
+    @property
+    def cache(self) -> CacheManager:
+        return self.sched.cache
+
+    async def on_start(self, ctx: ActorContext) -> None:
+        self.ctx = ctx
+        for ref in self.pipeline.refs:
+            ctx.watch(ref)
+        self._pump_task = asyncio.get_running_loop().create_task(self._pump())
+
+    async def on_stop(self, ctx: ActorContext) -> None:
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+        for rid, st in list(self.streams.items()):
+            st.queue.put_nowait(TokenEvent(rid, None, -1, "error"))
+
+    # ---- client side ------------------------------------------------------------------------------
+    def submit(self, prompt: list[int], params: Any, request_id: str | None = None) -> tuple[str, asyncio.Queue]:
+        """Queue a validated request; returns its id and the queue its TokenEvents arrive on."""
+        if not prompt:
+            raise RequestError("the prompt is empty: give at least one token")
+        if len(prompt) >= self.max_context:
+            raise RequestError(f"the prompt has {len(prompt)} tokens but the context holds {self.max_context}: "
+                               f"shorten it to at most {self.max_context - 1}")
+        self.cache.check_fits_ever(min(len(prompt) + params.max_tokens, self.max_context))
+        rid = request_id or uuid.uuid4().hex[:16]
+        if rid in self.streams:
+            raise RequestError(f"request id {rid!r} is already in use")
+        stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_ids))
+        self.sched.add(Request(rid, list(prompt), params, stop, self.max_context))
+        st = self.streams[rid] = RequestStream()
+        self.stats["requests"] += 1
+        self._wake.set()
+        return rid, st.queue
+
+    def cancel(self, rid: str) -> None:
+        """Cancel a request (frees its KV now or when its step returns)."""
+        self._emit(self.sched.cancel(rid))
+        self._wake.set()
+
+    def _emit(self, events: list[TokenEvent]) -> None:
+        for ev in events:
+            st = self.streams.get(ev.request_id)
+            if st is None:
+                continue
+            st.queue.put_nowait(ev)
+            if ev.finish_reason is not None:
+                del self.streams[ev.request_id]
+                self.stats[f"finish_{ev.finish_reason}"] += 1
+            else:
+                self.stats["tokens"] += 1
+
+    # ---- the pump: the only sender of steps ---------------------------------------------------------
+    async def _pump(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while not self._paused:
+                mb = self.sched.schedule()
+                if mb is None:
+                    break
+                await self._launch(mb)
+            if not self.sched.inflight:
+                self._drained.set()
+
+    async def _launch(self, mb) -> None:
+        sampling, tokens = [], []
+        for c in mb.chunks:
+            p = self.sched.requests[c.seq_id].params
+            sampling.append([float(p.temperature), int(p.top_k), float(p.top_p), int(p.seed or 0)])
+            tokens.extend(c.tokens)
+        msg = StepInput(self.epoch, mb.step, [c.seq_id for c in mb.chunks], [c.start for c in mb.chunks],
+                        [len(c.tokens) for c in mb.chunks], [c.sample for c in mb.chunks],
+                        [c.out_index for c in mb.chunks], sampling, mb.frees)
+        self._drained.clear()
+        self._sent_at[mb.step] = time.perf_counter()
+        try:
+            await self.ctx.tell(self.pipeline.refs[0], msg, torch.tensor(tokens, dtype=torch.int64))
+        except ActorError as e:  # stage 0 is gone: recovery will requeue everything
+            log.warning("router: cannot launch step %d: %s", mb.step, e)
+
+    # ---- stage side -----------------------------------------------------------------------------------
+    @handles(StepOutput)
+    def step_output(self, ctx: ActorContext, msg: StepOutput) -> None:
+        if msg.epoch != self.epoch or msg.step not in self.sched.inflight:
+            self.stats["stale_outputs"] += 1
+            return
+        t0 = self._sent_at.pop(msg.step, None)
+        if t0 is not None:
+            self.step_times.append(time.perf_counter() - t0)
+        self._emit(self.sched.on_output(msg.step, msg.seq_ids, msg.tokens))
+        self._after_step()
+
+    @handles(StepFailed)
+    def step_failed(self, ctx: ActorContext, msg: StepFailed) -> None:
+        """A stage could not run a step: its requests fail with the error (the stage keeps serving)."""
+        if msg.epoch != self.epoch or msg.step not in self.sched.inflight:
+            self.stats["stale_outputs"] += 1
+            return
+        mb = self.sched.inflight[msg.step]
+        self.stats["step_failures"] += 1
+        events = []
+        for c in mb.chunks:
+            req = self.sched.requests.get(c.seq_id)
+            if req is not None:
+                req.in_flight = False
+                events.append(self.sched._finish(req, "error"))
+        del self.sched.inflight[msg.step]
+        log.error("router: step %d failed on stage %d: %s", msg.step, msg.stage, msg.error)
+        self._emit(events)
+        self._after_step()
+
+    def _after_step(self) -> None:
+        if not self.sched.inflight:
+            self._drained.set()
+        self._wake.set()
+
+    @handles(Terminated, concurrent=True)
+    async def terminated(self, ctx: ActorContext, msg: Terminated) -> None:
+        if msg.ref not in self.pipeline.refs:
+            return
+        self._death_seen = True
+        self._drained.set()  # a quiesce in progress must not wait for steps that will never return
+        log.warning("router: stage %s died: %s", msg.ref, msg.reason)
+        self.stats["stage_deaths"] += 1
+        if self.on_stage_death is not None:
+            await self.on_stage_death(msg.ref, msg.reason)
+        else:  # nobody can rebuild the pipeline: fail what is running rather than hang
+            events = [self.sched._finish(r, "error") for r in list(self.sched.requests.values())]
+            self.sched.inflight.clear()
+            self._emit(events)
+
+    @handles(RouterStatus)
+    def status_msg(self, ctx: ActorContext, msg: RouterStatus) -> dict:
+        return self.status()
+
+    # ---- control surface for the reshape controller ---------------------------------------------------
+    async def quiesce(self) -> None:
+        """Stop launching steps and wait until none is in flight."""
+        self._paused = True
+        self._death_seen = False
+        if self.sched.inflight:
+            self._drained.clear()
+            await self._drained.wait()
+        if self._death_seen:
+            raise ActorError("a stage died while the pipeline was quiescing")
+
+    def resume(self) -> None:
+        """Launch steps again."""
+        self._paused = False
+        self._wake.set()
+
+    def switch(self, pipeline: Pipeline, cache: CacheManager | None = None) -> None:
+        """Adopt the next epoch's pipeline (called while quiesced)."""
+        assert not self.sched.inflight, "switch while steps are in flight"
+        for ref in self.pipeline.refs:
+            if ref not in pipeline.refs and self.ctx is not None:
+                self.ctx.unwatch(ref)
+        for ref in pipeline.refs:
+            if ref not in self.pipeline.refs and self.ctx is not None:
+                self.ctx.watch(ref)
+        self.pipeline = pipeline
+        if cache is not None:
+            self.sched.cache = cache
+        if self._fixed_inflight is None:
+            self.sched.max_inflight = len(pipeline.refs)
+
+    def status(self) -> dict:
+        s = self.sched
+        return {
+            "epoch": self.epoch,
+            "stages": [{"index": i, "start": a, "end": b, "actor": str(r)}
+                       for i, (r, (a, b)) in enumerate(zip(self.pipeline.refs, self.pipeline.ranges))],
+            "running": len(s.running), "waiting": len(s.waiting), "inflight": len(s.inflight),
+            "kv": self.cache.usage(), "block_size": self.cache.block_size,
+            "preemptions": s.stats.preemptions, "steps": s.stats.steps, "paused": self._paused,
+            **{k: v for k, v in self.stats.items()},
+        }

@@ -1,0 +1,296 @@
+"""StageActor: one pipeline stage (a contiguous unit range on one device) behind a mailbox.
+
+Every pipeline message carries the config epoch; a stage drops (and counts) messages of another
+epoch, so no half-old, half-new step can exist.  Compute runs in a worker thread so heartbeats and
+control messages are answered during a long prefill.  Steps of one stage run one at a time in
+arrival order (the mailbox is sequential), while different stages overlap on different
+micro-batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from flexpipe.runtime.actor import ActorContext, handles
+from flexpipe.runtime.messages import ActorRef, message
+from flexpipe.runtime.stage_core import StageCore, StepMeta
+
+log = logging.getLogger("flexpipe.stage")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---- pipeline messages (kinds 100-199) ----------------------------------------------------------
+@message(100)
+class StepInput:
+    """One micro-batch entering a stage; the tensor beside it is token ids [T] or the residual [T, H]."""
+    epoch: int
+    step: int
+    seq_ids: list
+    starts: list
+    lens: list
+    sample: list
+    out_index: list
+    sampling: list  # per sequence [temperature, top_k, top_p, seed]
+    frees: list  # sequences whose KV is dropped before this step runs
+
+
+@message(101)
+class StepOutput:
+    """Sampled tokens of a micro-batch, from the last stage to the router."""
+    epoch: int
+    step: int
+    seq_ids: list
+    tokens: list
+    compute_s: float = 0.0
+
+
+@message(102)
+class StepFailed:
+    """A stage could not run a step; the router recovers the step's requests."""
+    epoch: int
+    step: int
+    stage: int
+    error: str
+
+
+@message(103)
+class Configure:
+    """Where a stage sends its output, and the epoch it serves."""
+    epoch: int
+    index: int
+    next: ActorRef | None
+    router: ActorRef
+
+
+@message(104)
+class PrepareUnits:
+    """Load units [start, end) for the next epoch (from the source, or from a peer's tensors)."""
+    start: int
+    end: int
+    from_peer: bool = False
+
+
+@message(105)
+class SendUnits:
+    """Send the tensors of `units` to `dest` (peer weight copy); replies with bytes sent."""
+    units: list
+    dest: ActorRef
+
+
+@message(106)
+class UnitTensors:
+    """Tensors of units sent by a peer: names in order, tensors beside the message."""
+    names: list
+
+
+@message(107)
+class ExportKV:
+    """Copy KV of (seq, units, t0, t1) items to `dest`; replies with bytes copied."""
+    items: list  # [seq_id, [unit indices], t0, t1]
+    dest: ActorRef
+
+
+@message(108)
+class ImportKV:
+    """KV arriving for (seq, units, t0) items; tensors beside: k0, v0, k1, v1, ..."""
+    items: list  # [seq_id, [unit indices], t0]
+
+
+@message(109)
+class Activate:
+    """Serve [start, end) in `epoch`; drop units (and KV) outside it."""
+    epoch: int
+    index: int
+    start: int
+    end: int
+    next: ActorRef | None
+    router: ActorRef
+
+
+@message(110)
+class AbortPrepare:
+    """Forget units prepared for a reshape that was aborted."""
+    epoch: int
+
+
+@message(111)
+class ResetKV:
+    """Drop every sequence's KV and serve `epoch` (failure recovery: everything is recomputed)."""
+    epoch: int
+
+
+@message(112)
+class StageStatus:
+    """Ask for a stage's status dict."""
+
+
+@message(113)
+class FreeSeqs:
+    """Drop the KV of these sequences (used when no step is going to carry the frees)."""
+    epoch: int
+    seq_ids: list
+
+
+def source_from_spec(cfg: Any, spec: dict) -> Any:
+    """A weight source from its msgpack-able description: preset seed or checkpoint path."""
+    from flexpipe.model.checkpoint import CheckpointReader, PresetWeights
+
+    if spec.get("kind") == "checkpoint":
+        return CheckpointReader(spec["path"])
+    return PresetWeights(cfg, int(spec.get("seed", 0)))
+
+
+class _PeerTensors:
+    """A weight source over tensors received from a peer stage."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def load(self, names, dtype=None, device=None):
+        return {n: self.tensors[n].to(dtype=dtype or self.tensors[n].dtype, device=device or "cpu")
+                for n in names if n in self.tensors}
+
+
+class StageActor:
+    """Behaviour of a stage process: runs its units on each micro-batch and forwards the result."""
+
+    def __init__(self, config: dict, source: dict, start: int, end: int, *, num_blocks: int = 1024,
+                 block_size: int = 16, dtype: str = "float32", device: str = "cpu", epoch: int = 0,
+                 index: int = 0, torch_threads: int = 0, load: bool = True):
+        from flexpipe.model.config import ModelConfig
+
+        self.cfg = ModelConfig.from_dict(config)
+        self.source_spec = source
+        self.range = (start, end) if load else (start, start)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.dtype, self.device = _DTYPES[dtype], device
+        self.epoch, self.index = epoch, index
+        self.torch_threads = torch_threads
+        self.next: ActorRef | None = None
+        self.router: ActorRef | None = None
+        self.core: StageCore | None = None
+        self.peer_tensors: dict[str, torch.Tensor] = {}
+        self.stats = {"steps": 0, "stale_dropped": 0, "compute_s": 0.0, "kv_bytes_in": 0, "kv_bytes_out": 0}
+
+    async def on_start(self, ctx: ActorContext) -> None:
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        t0 = time.perf_counter()
+        source = source_from_spec(self.cfg, self.source_spec)
+        self.core = StageCore(self.cfg, source, *self.range, num_blocks=self.num_blocks,
+                              block_size=self.block_size, dtype=self.dtype, device=self.device)
+        self.load_s = time.perf_counter() - t0
+
+    # ---- data path ----------------------------------------------------------------------------
+    @handles(Configure)
+    def configure(self, ctx: ActorContext, msg: Configure) -> bool:
+        self.epoch, self.index, self.next, self.router = msg.epoch, msg.index, msg.next, msg.router
+        return True
+
+    @handles(StepInput)
+    async def step(self, ctx: ActorContext, msg: StepInput, x: torch.Tensor) -> None:
+        if msg.epoch != self.epoch:
+            self.stats["stale_dropped"] += 1
+            return
+        core = self.core
+        meta = StepMeta(msg.seq_ids, msg.starts, msg.lens, msg.sample, msg.out_index, msg.sampling)
+        t0 = time.perf_counter()
+        try:
+            if msg.frees:
+                core.free(msg.frees)
+            out = await ctx.run_compute(core.forward, meta, x)
+        except Exception as e:  # a step that cannot run must not hang the router
+            log.warning("stage %d: step %d failed: %s: %s", self.index, msg.step, type(e).__name__, e)
+            if self.router is not None:
+                await ctx.tell(self.router, StepFailed(msg.epoch, msg.step, self.index, f"{type(e).__name__}: {e}"))
+            return
+        dt = time.perf_counter() - t0
+        self.stats["steps"] += 1
+        self.stats["compute_s"] += dt
+        if msg.epoch != self.epoch:  # a switch happened while computing: the result is stale
+            self.stats["stale_dropped"] += 1
+            return
+        if core.end < self.cfg.num_units:
+            await ctx.tell(self.next, msg, out)
+        else:
+            ids = [s for s, f in zip(msg.seq_ids, msg.sample) if f]
+            await ctx.tell(self.router, StepOutput(msg.epoch, msg.step, ids, out.tolist(), dt))
+
+    @handles(FreeSeqs)
+    def free_seqs(self, ctx: ActorContext, msg: FreeSeqs) -> bool:
+        self.core.free(msg.seq_ids)
+        return True
+
+    # ---- reshaping ---------------------------------------------------------------------------------
+    @handles(PrepareUnits)
+    async def prepare(self, ctx: ActorContext, msg: PrepareUnits) -> dict:
+        t0 = time.perf_counter()
+        src = _PeerTensors(self.peer_tensors) if msg.from_peer else None
+        loaded = await ctx.run_compute(self.core.prepare, msg.start, msg.end, src)
+        self.peer_tensors = {}
+        return {"loaded": loaded, "seconds": time.perf_counter() - t0}
+
+    @handles(SendUnits)
+    async def send_units(self, ctx: ActorContext, msg: SendUnits) -> int:
+        tensors = self.core.unit_tensors(msg.units)
+        names = list(tensors)
+        await ctx.ask(msg.dest, UnitTensors(names), *[tensors[n] for n in names])
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    @handles(UnitTensors)
+    def unit_tensors(self, ctx: ActorContext, msg: UnitTensors, *tensors: torch.Tensor) -> bool:
+        self.peer_tensors.update(zip(msg.names, tensors))
+        return True
+
+    @handles(ExportKV)
+    async def export_kv(self, ctx: ActorContext, msg: ExportKV) -> int:
+        items, tensors, nbytes = [], [], 0
+        for seq_id, units, t0, t1 in msg.items:
+            if t1 <= t0:
+                continue
+            k, v = self.core.export_kv(seq_id, units, t0, t1)
+            items.append([seq_id, units, t0])
+            tensors += [k, v]
+            nbytes += k.numel() * k.element_size() * 2
+        if items:
+            await ctx.ask(msg.dest, ImportKV(items), *tensors)
+        self.stats["kv_bytes_out"] += nbytes
+        return nbytes
+
+    @handles(ImportKV)
+    def import_kv(self, ctx: ActorContext, msg: ImportKV, *tensors: torch.Tensor) -> bool:
+        for j, (seq_id, units, t0) in enumerate(msg.items):
+            k, v = tensors[2 * j], tensors[2 * j + 1]
+            self.core.import_kv(seq_id, units, t0, k, v)
+            self.stats["kv_bytes_in"] += k.numel() * k.element_size() * 2
+        return True
+
+    @handles(Activate)
+    def activate(self, ctx: ActorContext, msg: Activate) -> bool:
+        self.core.activate(msg.start, msg.end)
+        self.epoch, self.index, self.next, self.router = msg.epoch, msg.index, msg.next, msg.router
+        return True
+
+    @handles(AbortPrepare)
+    def abort_prepare(self, ctx: ActorContext, msg: AbortPrepare) -> bool:
+        self.core.abort_prepare()
+        self.peer_tensors = {}
+        return True
+
+    @handles(ResetKV)
+    def reset_kv(self, ctx: ActorContext, msg: ResetKV) -> bool:
+        self.core.reset()
+        self.epoch = msg.epoch
+        return True
+
+    @handles(StageStatus)
+    def status(self, ctx: ActorContext, msg: StageStatus) -> dict:
+        import os
+
+        return {**self.core.status(), **self.stats, "epoch": self.epoch, "index": self.index,
+                "device": self.device, "pid": os.getpid(), "load_s": self.load_s}
