@@ -223,11 +223,17 @@ def place_pipeline(c: Cluster, costs: ModelCosts, stages: int, kv_min: int, kv_w
     credit = credit or {}
     avoid_set = set(avoid)
 
-    def free(gid: int) -> float:
-        return c.gpus[gid].free + credit.get(gid, 0.0)
-
+    fr = [g.spec.mem_bytes - g.background - g.used for g in c.gpus]
+    for gid, b in credit.items():
+        fr[gid] += b
     need_min = [sc.param_bytes + STAGE_OVERHEAD_BYTES + kv_min * sc.kv_bytes_per_token for sc in scs]
-    order = sorted(range(len(c.servers)), key=lambda s: -sum(max(free(g), 0.0) for g in c.servers[s]))
+    if max(need_min) > max(fr):
+        return None
+    smallest = min(need_min)
+    srv_free = [sum(fr[g] for g in gs if fr[g] >= smallest) for gs in c.servers]
+    order = sorted((s for s in range(len(c.servers)) if srv_free[s] > 0), key=lambda s: -srv_free[s])
+    if not order:
+        return None
     used: set[int] = set()
     chosen: list[int] = []
     si = 0
@@ -235,9 +241,12 @@ def place_pipeline(c: Cluster, costs: ModelCosts, stages: int, kv_min: int, kv_w
         pick = None
         for s_off in range(len(order)):
             srv = order[(si + s_off) % len(order)]
-            cands = [g for g in c.servers[srv] if g not in used and g not in avoid_set and free(g) >= need]
-            if cands:
-                pick = min(cands, key=lambda g: free(g))  # best fit keeps big holes for big stages
+            best = None
+            for g in c.servers[srv]:
+                if fr[g] >= need and g not in used and g not in avoid_set and (best is None or fr[g] < fr[best]):
+                    best = g  # best fit keeps big holes for big stages
+            if best is not None:
+                pick = best
                 si = (si + s_off) % len(order)
                 break
         if pick is None:
@@ -247,7 +256,7 @@ def place_pipeline(c: Cluster, costs: ModelCosts, stages: int, kv_min: int, kv_w
     out = []
     for sc, gid in zip(scs, chosen):
         want = sc.param_bytes + STAGE_OVERHEAD_BYTES + kv_want * sc.kv_bytes_per_token
-        take = min(free(gid), want)
+        take = min(fr[gid], want)
         out.append(StagePlace(sc.start, sc.end, (gid,), take, _kv_tokens(sc, take - sc.param_bytes - STAGE_OVERHEAD_BYTES)))
     return Placement(tuple(out))
 

@@ -279,7 +279,7 @@ def round_time(p: PipelineSpec, batch: Batch) -> tuple[float, float, float]:
 class FastPipe:
     """`round_time` for one fixed pipeline, vectorised over stages and memoised on a coarse batch key."""
 
-    CTX_Q = 512  # context sums are bucketed to this many tokens for the memo key
+    CTX_Q = 256  # prefill positions are bucketed to this many tokens for the memo key
 
     def __init__(self, p: PipelineSpec):
         self.spec = p
@@ -311,13 +311,15 @@ class FastPipe:
 
         `prefill_seqs` requests share the prefill tokens; each can ride in its own micro-batch.
         """
-        q = self.CTX_Q
         prefill_seqs = min(prefill_seqs, self.S) if prefill else 0
-        key = (decode, int(decode_ctx // q), prefill, int(prefill_ctx // q), prefill_seqs)
+        # memo key: context sums on a ~3% log grid, prefill chunks rounded up to 32 tokens
+        kc = int(math.log(decode_ctx) * 32) if decode_ctx >= 1 else -1
+        prefill = -(-prefill // 32) * 32
+        key = (decode, kc, prefill, int(prefill_ctx // self.CTX_Q), prefill_seqs)
         hit = self._memo.get(key)
         if hit is not None:
             return hit
-        dctx = (key[1] + 0.5) * q if decode_ctx else 0.0
+        dctx = math.exp((kc + 0.5) / 32) if kc >= 0 else 0.0
         seqs = decode + prefill_seqs
         if seqs == 0:
             return (0.0, 0.0, 0.0)
