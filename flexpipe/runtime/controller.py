@@ -356,6 +356,42 @@ class Controller:
                     log.warning("abort: %s did not drop its prepared units: %s", sl.ref, e)
         await asyncio.gather(*(sl.handle.stop() for sl in started), return_exceptions=True)
 
+    # ---- baselines the reshape protocol is measured against ------------------------------------------
+    async def restart(self, shape: PipelineShape, *, drain: bool) -> ReshapeStats:
+        """Rebuild the pipeline from scratch: the baselines of benchmarks/bench_reshape.py.
+
+        drain=True  (drain-and-restart): stop admitting, let running requests finish, rebuild.
+        drain=False (restart-and-recompute): stop at once, rebuild, re-prefill every running request.
+        """
+        async with self._lock:
+            router = self.router
+            old = self.shape
+            shape = shape.with_epoch(old.epoch + 1)
+            st = ReshapeStats("drain-restart" if drain else "restart-recompute", old.epoch, shape.epoch,
+                              old.boundaries, shape.boundaries)
+            t0 = time.perf_counter()
+            if drain:
+                router.sched.admit = False
+                router._wake.set()
+                while router.sched.running or router.sched.inflight:
+                    await asyncio.sleep(0.005)
+            await router.quiesce()
+            router.sched.admit = True
+            st.requests_recomputed = len(router.sched.requeue_all())
+            await asyncio.gather(*(sl.handle.stop() for sl in self.slots), return_exceptions=True)
+            st.stages_retired = len(self.slots)
+            self.slots = list(await asyncio.gather(*(self._launch(s.start, s.end, s.device, shape.epoch, i)
+                                                     for i, s in enumerate(shape.stages))))
+            st.stages_started = len(self.slots)
+            st.weight_bytes = self._param_bytes_list(range(self.spec.config.num_units))
+            self.shape = shape
+            await self._configure(shape.epoch)
+            router.switch(self._pipeline(shape.epoch), CacheManager(self.settings.block_size, self._pools(shape)))
+            router.resume()
+            st.pause_s = st.total_s = time.perf_counter() - t0
+            self.history.append(st)
+            return st
+
     # ---- failure recovery ------------------------------------------------------------------------------
     async def _on_stage_death(self, ref: ActorRef, reason: str) -> None:
         async with self._lock:

@@ -108,6 +108,7 @@ class Scheduler:
         self.pending_frees: list[str] = []
         self._steps = itertools.count()
         self.stats = SchedulerStats()
+        self.admit = True  # False: only requests already running are scheduled (draining)
 
     # ---- requests ----------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -162,7 +163,7 @@ class Scheduler:
             chunks.append(self._chunk(req, n))
             budget -= n
 
-        while self.waiting and budget > 0 and len(chunks) < seq_cap:
+        while self.admit and self.waiting and budget > 0 and len(chunks) < seq_cap:
             req = self.requests[self.waiting[0]]
             if not self.cache.can_admit(req.total):
                 break  # FCFS: a large request at the head is not overtaken forever

@@ -1,0 +1,55 @@
+"""Shared pieces of the pipeline tests: a request mix and the oracle check."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from flexpipe.model.reference import ReferenceModel
+from flexpipe.model.sampling import SamplingParams
+
+
+def request_mix(n: int, seed: int = 0, max_tokens: tuple[int, int] = (8, 40)) -> list[dict]:
+    """n requests of different prompt lengths, output lengths, and sampling (greedy or seeded)."""
+    rng = random.Random(seed)
+    reqs = []
+    for i in range(n):
+        words = " ".join(rng.choice(["pipe", "stage", "token", "reshape", "cache", "GPU", "flex"])
+                         for _ in range(rng.randint(1, 30)))
+        temp = 0.0 if i % 2 == 0 else rng.choice([0.7, 1.0])
+        reqs.append({"prompt": f"{i}: {words}", "max_tokens": rng.randint(*max_tokens), "temperature": temp,
+                     "top_k": rng.choice([0, 20]) if temp else 0, "top_p": rng.choice([1.0, 0.9]) if temp else 1.0,
+                     "seed": 1000 + i, "ignore_eos": True})
+    return reqs
+
+
+def oracle(fp, req: dict) -> list[int]:
+    """The reference's tokens for one request, run alone."""
+    return fp.reference_tokens(req["prompt"], **{k: v for k, v in req.items() if k != "prompt"})
+
+
+def check_against_oracle(fp, reqs: list[dict], outs: list) -> None:
+    """Every output equals the oracle; a difference is allowed only at a stated near-tie (checked)."""
+    ref_model = ReferenceModel(fp.config, fp.spec.weights())
+    for req, out in zip(reqs, outs):
+        want = oracle(fp, req)
+        got = out.token_ids
+        if got == want:
+            continue
+        # the first divergence must be a numerical near-tie of the reference's logits
+        k = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+        ids = fp.encode(req["prompt"])
+        logits = ref_model.logits_for(ids, want[:k])[-1]
+        top2 = logits.topk(2).values
+        margin = float(top2[0] - top2[1])
+        assert req["temperature"] == 0 and margin < 1e-4, (
+            f"request {req['prompt'][:20]!r} diverged from the oracle at token {k} "
+            f"(got {got[k]}, want {want[k]}, top-2 margin {margin:.3g}): {got} != {want}")
+
+
+async def run_all(fp, reqs: list[dict]) -> list:
+    return await asyncio.gather(*(fp.complete(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"})
+                                  for r in reqs))
+
+
+__all__ = ["SamplingParams", "check_against_oracle", "oracle", "request_mix", "run_all"]

@@ -1,0 +1,96 @@
+"""Pipelined serving against the oracle: stage subprocesses, continuous batching, preemption, bad input.
+
+Near-ties: batched and single-request fp32 matmuls may round differently, so a greedy token may flip
+where the reference's top-2 logits are within 1e-4; check_against_oracle allows exactly that and
+checks the margin (seeded sampling is compared exactly).
+"""
+
+import asyncio
+
+import pytest
+
+from flexpipe.api import FlexPipe
+from flexpipe.errors import CapacityError, ConfigError, RequestError, UnknownModelError
+from tests.pipeline_helpers import check_against_oracle, request_mix, run_all
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3, 4])
+async def test_concurrent_requests_equal_oracle(stages):
+    reqs = request_mix(16, seed=stages)
+    async with FlexPipe.launch("tiny", stages=stages) as fp:
+        assert len(fp.status()["stages"]) == stages
+        pids = {s["pid"] for s in fp.status()["stages"]}
+        assert len(pids) == stages, "each stage runs in its own process"
+        outs = await run_all(fp, reqs)
+        check_against_oracle(fp, reqs, outs)
+        assert all(o.finish_reason == "length" for o in outs)
+        st = fp.status()["router"]
+        assert st["running"] == st["waiting"] == st["inflight"] == 0
+        assert all(p["used"] == 0 for p in st["kv"])
+
+
+async def test_preemption_with_little_kv_memory():
+    # 40 blocks of 8 tokens per stage: room for a few requests at a time, 32 requests in all
+    reqs = request_mix(32, seed=7, max_tokens=(10, 30))
+    async with FlexPipe.launch("tiny", stages=2, in_process=True, num_blocks=40, block_size=8,
+                               max_batch_tokens=64) as fp:
+        outs = await run_all(fp, reqs)
+        check_against_oracle(fp, reqs, outs)
+        assert fp.router.sched.stats.preemptions > 0, "the test meant to force preemption"
+        assert all(p["used"] == 0 for p in fp.status()["router"]["kv"])
+
+
+async def test_streaming_and_cancellation_free_blocks():
+    async with FlexPipe.launch("tiny", stages=2, in_process=True) as fp:
+        events = []
+        agen = fp.generate("stream me", max_tokens=200, ignore_eos=True)
+        async for ev in agen:
+            events.append(ev)
+            if len(events) == 5:
+                break
+        await agen.aclose()
+        assert [e.index for e in events] == list(range(5))
+        for _ in range(200):  # the cancelled request's step returns, then its blocks are freed
+            if not fp.router.sched.requests:
+                break
+            await asyncio.sleep(0.01)
+        c = await fp.complete("after", max_tokens=3)
+        assert len(c.token_ids) == 3
+        assert fp.router.sched.stats.cancelled == 1
+        assert all(p["used"] == 0 for p in fp.status()["router"]["kv"])
+
+
+async def test_stop_tokens_and_strings():
+    async with FlexPipe.launch("tiny", stages=1, in_process=True) as fp:
+        ref = fp.reference_tokens("abc", max_tokens=20, ignore_eos=True)
+        c = await fp.complete("abc", max_tokens=20, stop_token_ids=[ref[5]], ignore_eos=True)
+        assert c.token_ids == ref[:ref.index(ref[5]) + 1] and c.finish_reason == "stop"
+
+
+async def test_bad_input_is_refused_before_scheduling():
+    async with FlexPipe.launch("tiny", stages=1, in_process=True, num_blocks=8, block_size=16) as fp:
+        with pytest.raises(RequestError, match="empty"):
+            await fp.complete("")
+        with pytest.raises(RequestError, match="temperature"):
+            await fp.complete("x", temperature=-1)
+        with pytest.raises(RequestError, match="top_p"):
+            await fp.complete("x", top_p=0)
+        with pytest.raises(RequestError, match="max_tokens"):
+            await fp.complete("x", max_tokens=0)
+        with pytest.raises(RequestError, match="token ids"):
+            await fp.complete([1, 2, 10**6])
+        with pytest.raises(RequestError, match="context"):
+            await fp.complete([1] * (fp.max_context + 5))
+        with pytest.raises(CapacityError, match="needs .* tokens of KV"):
+            await fp.complete("x" * 100, max_tokens=200)  # 8 blocks x 16 = 128 tokens per stage
+        assert fp.router.stats["requests"] == 0
+        c = await fp.complete("still serving", max_tokens=4)
+        assert len(c.token_ids) == 4
+    with pytest.raises(UnknownModelError, match="presets"):
+        async with FlexPipe.launch("no-such-model"):
+            pass
+    with pytest.raises(ConfigError, match="unknown setting"):
+        async with FlexPipe.launch("tiny", bogus=1):
+            pass
