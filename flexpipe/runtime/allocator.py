@@ -1,0 +1,411 @@
+"""AllocatorActor: the live GPU inventory, reservations, and placement decisions.
+
+`AllocatorCore` is the logic with no transport (tests and the simulator call it directly);
+`AllocatorBehaviour` puts it behind the actor runtime's messages (kinds 250-299).
+
+Memory accounting per GPU: free = total - used by others - reserved by us.  Workers announce their
+GPUs (a cluster description, the same format as the JSON files) and may later report how much other
+tenants use; reservations are ours and only change through this actor.
+
+Concurrency: a placement decision takes milliseconds, so the actor makes it off the event loop
+(`plan` on a snapshot, in a worker thread) and then commits it on the loop (`commit`), which checks
+the plan against the current free memory under a lock and re-plans when another request took the
+memory meanwhile.  Every change to the books goes through `_take`/`_give` under that lock, so two
+requests can never book the same bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from flexpipe.errors import PlacementError, TopologyError
+from flexpipe.placement.placer import FlexPlacer, Placement, ReplicaRequest, reservation_delta
+from flexpipe.placement.topology import GiB, Node, Topology
+from flexpipe.runtime.actor import handles
+from flexpipe.runtime.messages import ActorRef, Terminated, message
+
+__all__ = ["AllocatorCore", "AllocatorBehaviour", "Reservation", "Plan", "Conflict", "AnnounceGpus",
+           "WithdrawWorker", "ReportUsage", "PlaceReplica", "ReserveMemory", "ReleaseReservation",
+           "SplitStage", "MergeStages", "InventoryQuery", "Granted"]
+
+
+class Conflict(PlacementError):
+    """A plan no longer fits: another request took the memory after the plan was made."""
+
+
+@dataclass
+class Reservation:
+    """Memory held for one owner (a replica, usually), per GPU id, and the placement it implements."""
+
+    id: str
+    owner: str
+    amounts: dict[str, int]
+    placement: Placement | None = None
+
+
+@dataclass
+class Plan:
+    """A placement decided on a snapshot; `version` is the inventory version it saw."""
+
+    placement: Placement
+    version: int
+    amounts: dict[str, int] = field(default_factory=dict)
+
+
+class AllocatorCore:
+    """Inventory and reservations of GPU memory, and placement decisions on them (no transport)."""
+
+    def __init__(self, topology: Topology | None = None, placer: Any = None, worker: str = "static"):
+        """Start from `topology` (its free memory is what other tenants leave), owned by `worker`."""
+        self.topo = topology.copy() if topology is not None else Topology([], name="inventory")
+        self.placer = placer or FlexPlacer()
+        self.reservations: dict[str, Reservation] = {}
+        self.reserved: dict[str, int] = {}  # GPU id -> bytes we hold there
+        self.external: dict[str, int] = {g.id: int(g.memory_bytes - f)
+                                         for g, f in zip(self.topo.gpus, self.topo.free)}
+        self.workers: dict[str, list[str]] = {}  # worker -> node names it announced
+        if topology is not None:
+            self.workers[worker] = [nd.name for nd in topology.nodes]
+        self.version = 0
+        self.conflicts = 0
+        self._ids = itertools.count(1)
+        self._lock = threading.RLock()
+
+    # --- inventory -----------------------------------------------------------------------------
+    def announce(self, worker: str, cluster: Topology | Mapping[str, Any]) -> list[str]:
+        """A worker's GPUs join (or replace its earlier announcement); returns their ids.
+
+        Each GPU's free memory at announce time is what other tenants leave us.
+        """
+        topo = cluster if isinstance(cluster, Topology) else Topology.from_dict(cluster)
+        with self._lock:
+            names = {nd.name for nd in topo.nodes}
+            others = {n for w, ns in self.workers.items() if w != worker for n in ns}
+            if names & others:
+                raise TopologyError(f"worker {worker} announces nodes already owned by another worker: "
+                                    f"{sorted(names & others)}")
+            old = set(self.workers.get(worker, []))
+            keep = [nd for nd in self.topo.nodes if nd.name not in old and nd.name not in names]
+            for g, f in zip(topo.gpus, topo.free):
+                self.external[g.id] = int(g.memory_bytes - f)
+            self.workers[worker] = sorted(names)
+            self._rebuild(keep + list(topo.nodes), topo.links)
+            return [g.id for g in topo.gpus]
+
+    def withdraw(self, worker: str) -> list[str]:
+        """A worker left (or died): its GPUs go, and so do the reservations that used them (returned)."""
+        with self._lock:
+            gone = set(self.workers.pop(worker, []))
+            if not gone:
+                return []
+            lost = [r.id for r in self.reservations.values()
+                    if any(g.rsplit("/", 1)[0] in gone for g in r.amounts)]
+            for rid in lost:
+                self._give(self.reservations.pop(rid).amounts)
+            for gid in [g for g in self.external if g.rsplit("/", 1)[0] in gone]:
+                self.external.pop(gid, None)
+                self.reserved.pop(gid, None)
+            self._rebuild([nd for nd in self.topo.nodes if nd.name not in gone], {})
+            return lost
+
+    def report(self, external_used: Mapping[str, int]) -> None:
+        """Memory used by other tenants, per GPU id (our reservations excluded)."""
+        with self._lock:
+            for gid, used in external_used.items():
+                i = self.topo.gpu_index(gid)
+                self.external[gid] = int(used)
+                self.topo.free[i] = self._free_of(gid, int(self.topo.total[i]))
+            self.version += 1
+
+    def _free_of(self, gid: str, total: int) -> int:
+        return max(0, total - self.external.get(gid, 0) - self.reserved.get(gid, 0))
+
+    def _rebuild(self, nodes: list[Node], links: Mapping) -> None:
+        merged = dict(self.topo.links)
+        merged.update(links)
+        t = Topology(nodes, merged, name=self.topo.name)
+        t.free = np.asarray([self._free_of(g.id, g.memory_bytes) for g in t.gpus], dtype=np.int64)
+        busy = dict(zip((g.id for g in self.topo.gpus), self.topo.busy))
+        t.busy = np.asarray([busy.get(g.id, 0.0) for g in t.gpus], dtype=np.float64)
+        self.topo = t
+        self.version += 1
+
+    # --- the books ---------------------------------------------------------------------------------
+    def _take(self, amounts: Mapping[str, int]) -> None:
+        """Book memory on several GPUs, all or nothing (caller holds the lock)."""
+        idx = {g: self.topo.gpu_index(g) for g in amounts}
+        for g, b in amounts.items():
+            if b > self.topo.free[idx[g]]:
+                raise Conflict(f"GPU {g}: {b / GiB:.2f} GiB asked, {self.topo.free[idx[g]] / GiB:.2f} GiB free")
+        for g, b in amounts.items():
+            self.topo.free[idx[g]] -= b
+            self.reserved[g] = self.reserved.get(g, 0) + b
+        self.version += 1
+
+    def _give(self, amounts: Mapping[str, int]) -> None:
+        for g, b in amounts.items():
+            self.reserved[g] = self.reserved.get(g, 0) - b
+            if g in self.topo.index:
+                i = self.topo.index[g]
+                self.topo.free[i] = self._free_of(g, int(self.topo.total[i]))
+        self.version += 1
+
+    def _grant(self, owner: str, amounts: dict[str, int], placement: Placement | None) -> Reservation:
+        self._take(amounts)
+        r = Reservation(f"r{next(self._ids)}", owner, amounts, placement)
+        self.reservations[r.id] = r
+        return r
+
+    def reserve(self, amounts: Mapping[str, int], owner: str = "", placement: Placement | None = None) -> Reservation:
+        """Reserve given bytes per GPU id, all or nothing (Conflict names the GPU short of memory)."""
+        amounts = {str(g): int(b) for g, b in amounts.items() if int(b) > 0}
+        with self._lock:
+            return self._grant(owner, amounts, placement)
+
+    def release(self, rid: str) -> dict[str, int]:
+        """Give a reservation back; returns what it held."""
+        with self._lock:
+            r = self.reservations.pop(rid, None)
+            if r is None:
+                raise PlacementError(f"no reservation {rid!r}")
+            self._give(r.amounts)
+            return r.amounts
+
+    # --- decisions ----------------------------------------------------------------------------------
+    def snapshot(self) -> tuple[Topology, int]:
+        """A copy of the current state and its version (for planning off the lock)."""
+        with self._lock:
+            return self.topo.copy(), self.version
+
+    def plan(self, req: ReplicaRequest) -> Plan:
+        """Decide a placement on a snapshot (safe to run in a worker thread); nothing is booked."""
+        topo, version = self.snapshot()
+        p = self.placer.place(req, topo)
+        return Plan(p, version, p.reservations())
+
+    def commit(self, plan: Plan, owner: str = "") -> Reservation:
+        """Book a plan; Conflict when the memory it counted on is gone."""
+        with self._lock:
+            if plan.version != self.version:
+                self.conflicts += 1  # the state moved on; the plan stands only if it still fits
+            return self._grant(owner, dict(plan.amounts), plan.placement)
+
+    def place(self, req: ReplicaRequest, owner: str = "") -> Reservation:
+        """Decide and book in one step (under the lock: callers on one thread never conflict)."""
+        with self._lock:
+            return self.commit(self.plan(req), owner)
+
+    def split(self, rid: str, stage: int, req: ReplicaRequest) -> Reservation:
+        """Split one stage of a reserved replica; the reservation is updated in place."""
+        with self._lock:
+            r = self._placed(rid)
+            new = self.placer.split(r.placement, stage, req, self.topo)
+            return self._reshape(r, new)
+
+    def merge(self, rid: str, req: ReplicaRequest, stages: int | None = None) -> tuple[Reservation, list[str]]:
+        """Merge stages of a reserved replica; returns the updated reservation and the GPUs freed."""
+        with self._lock:
+            r = self._placed(rid)
+            new, freed = self.placer.merge(r.placement, req, self.topo, stages)
+            return self._reshape(r, new), freed
+
+    def _placed(self, rid: str) -> Reservation:
+        r = self.reservations.get(rid)
+        if r is None or r.placement is None:
+            raise PlacementError(f"no placed replica under reservation {rid!r}")
+        return r
+
+    def _reshape(self, r: Reservation, new: Placement) -> Reservation:
+        delta = reservation_delta(r.placement, new)
+        self._give({g: -b for g, b in delta.items() if b < 0})
+        try:
+            self._take({g: b for g, b in delta.items() if b > 0})
+        except Conflict:
+            self._take({g: -b for g, b in delta.items() if b < 0})  # put the books back as they were
+            raise
+        r.amounts, r.placement = new.reservations(), new
+        return r
+
+    def check(self) -> None:
+        """Assert the books balance: free + reserved + external = total, nothing negative (tests)."""
+        with self._lock:
+            held: dict[str, int] = {}
+            for r in self.reservations.values():
+                for g, b in r.amounts.items():
+                    held[g] = held.get(g, 0) + b
+            for i, g in enumerate(self.topo.gpus):
+                if held.get(g.id, 0) != self.reserved.get(g.id, 0):
+                    raise AssertionError(f"{g.id}: reservations hold {held.get(g.id, 0)}, books say "
+                                         f"{self.reserved.get(g.id, 0)}")
+                if self.topo.free[i] < 0 or self.reserved.get(g.id, 0) + self.external.get(g.id, 0) > g.memory_bytes:
+                    raise AssertionError(f"{g.id} is oversubscribed")
+
+    def status(self) -> dict[str, Any]:
+        """Inventory figures for /status and the CLI."""
+        with self._lock:
+            s = self.topo.stats()
+            s.update(reservations=len(self.reservations), reserved_bytes=sum(self.reserved.values()),
+                     workers=sorted(self.workers), version=self.version, conflicts=self.conflicts)
+            return s
+
+
+# --- messages (kinds 250-299) ----------------------------------------------------------------------
+@message(250)
+class AnnounceGpus:
+    """A worker's GPUs (a cluster description dict, as Topology.to_dict) join the inventory."""
+    worker: str
+    cluster: dict
+    worker_ref: ActorRef | None = None  # watched: the worker's GPUs leave when it dies
+
+
+@message(251)
+class WithdrawWorker:
+    """A worker's GPUs leave; the reply lists the reservation ids that were lost with them."""
+    worker: str
+
+
+@message(252)
+class ReportUsage:
+    """Memory used by other tenants, per GPU id."""
+    external_used: dict
+
+
+@message(253)
+class PlaceReplica:
+    """Place and reserve one replica (request: ReplicaRequest.to_dict()); the reply is Granted."""
+    request: dict
+    owner: str = ""
+
+
+@message(254)
+class ReserveMemory:
+    """Reserve given bytes per GPU id, all or nothing; the reply is Granted."""
+    amounts: dict
+    owner: str = ""
+
+
+@message(255)
+class ReleaseReservation:
+    """Give a reservation back; the reply is the amounts it held."""
+    rid: str
+
+
+@message(256)
+class SplitStage:
+    """Split one stage of a placed replica; the reply is Granted with the new placement."""
+    rid: str
+    stage: int
+    request: dict
+
+
+@message(257)
+class MergeStages:
+    """Merge a placed replica's stages down to `stages` (0: one fewer); Granted lists the GPUs freed."""
+    rid: str
+    request: dict
+    stages: int = 0
+
+
+@message(258)
+class InventoryQuery:
+    """Ask for the inventory figures (reply: a dict); with `full`, also the cluster description."""
+    full: bool = False
+
+
+@message(259)
+class Granted:
+    """A reservation as it now stands."""
+    rid: str
+    owner: str
+    amounts: dict
+    placement: dict | None = None
+    freed: list = field(default_factory=list)
+
+    def to_placement(self) -> Placement | None:
+        return None if self.placement is None else Placement.from_dict(self.placement)
+
+
+def _granted(r: Reservation, freed: list[str] | None = None) -> Granted:
+    return Granted(r.id, r.owner, dict(r.amounts), r.placement.to_dict() if r.placement else None, list(freed or []))
+
+
+class AllocatorBehaviour:
+    """The AllocatorActor's behaviour: AllocatorCore behind messages.
+
+    cluster: a description (dict, or a path/name for load_cluster) to start with, e.g. in the
+    simulator or a static deployment; workers may announce more.
+    """
+
+    def __init__(self, cluster: dict | str | None = None, max_retries: int = 8):
+        from flexpipe.placement.topology import load_cluster
+
+        topo = None
+        if isinstance(cluster, dict):
+            topo = Topology.from_dict(cluster)
+        elif cluster:
+            topo = load_cluster(cluster)
+        self.core = AllocatorCore(topo)
+        self.max_retries = max_retries
+        self._watched: dict[ActorRef, str] = {}
+
+    @handles(AnnounceGpus)
+    def announce(self, ctx: Any, msg: AnnounceGpus) -> list[str]:
+        ids = self.core.announce(msg.worker, msg.cluster)
+        if msg.worker_ref is not None:
+            self._watched[msg.worker_ref] = msg.worker
+            ctx.watch(msg.worker_ref)
+        return ids
+
+    @handles(WithdrawWorker)
+    def withdraw(self, ctx: Any, msg: WithdrawWorker) -> list[str]:
+        return self.core.withdraw(msg.worker)
+
+    @handles(Terminated)
+    def worker_died(self, ctx: Any, msg: Terminated) -> None:
+        worker = self._watched.pop(msg.ref, None)
+        if worker is not None:
+            self.core.withdraw(worker)
+
+    @handles(ReportUsage)
+    def report(self, ctx: Any, msg: ReportUsage) -> None:
+        self.core.report(msg.external_used)
+
+    @handles(PlaceReplica, concurrent=True)
+    async def place(self, ctx: Any, msg: PlaceReplica) -> Granted:
+        req = ReplicaRequest.from_dict(msg.request)
+        for _ in range(self.max_retries):
+            plan = await ctx.run_compute(self.core.plan, req)  # off the loop: heartbeats keep flowing
+            try:
+                return _granted(self.core.commit(plan, msg.owner))
+            except Conflict:
+                continue  # someone took the memory meanwhile: decide again on the new state
+        return _granted(self.core.place(req, msg.owner))  # last try decides and books under the lock
+
+    @handles(ReserveMemory)
+    def reserve(self, ctx: Any, msg: ReserveMemory) -> Granted:
+        return _granted(self.core.reserve(msg.amounts, msg.owner))
+
+    @handles(ReleaseReservation)
+    def release(self, ctx: Any, msg: ReleaseReservation) -> dict:
+        return self.core.release(msg.rid)
+
+    @handles(SplitStage)
+    def split(self, ctx: Any, msg: SplitStage) -> Granted:
+        return _granted(self.core.split(msg.rid, msg.stage, ReplicaRequest.from_dict(msg.request)))
+
+    @handles(MergeStages)
+    def merge(self, ctx: Any, msg: MergeStages) -> Granted:
+        r, freed = self.core.merge(msg.rid, ReplicaRequest.from_dict(msg.request), msg.stages or None)
+        return _granted(r, freed)
+
+    @handles(InventoryQuery)
+    def query(self, ctx: Any, msg: InventoryQuery) -> dict:
+        out = self.core.status()
+        if msg.full:
+            out["cluster"] = self.core.snapshot()[0].to_dict()
+        return out
