@@ -191,7 +191,7 @@ class _Server:
         try:
             events = self.engine.generate(prompt, max_tokens=max_tokens, **kwargs)
         except Exception as e:
-            track.finish(_api_error(e).status)
+            track.fail()
             raise _api_error(e) from e
         gen = Generation(events, request.receive)
         try:
@@ -202,7 +202,7 @@ class _Server:
             return Response(status_code=CLIENT_GONE)
         except Exception as e:
             await gen.close()
-            track.finish(_api_error(e).status)
+            track.fail()
             raise _api_error(e) from e
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         shaper = _ChatChunks(rid, self.model_name) if chat else _TextChunks(rid, self.model_name)
@@ -224,13 +224,17 @@ class _Server:
             track.finish(CLIENT_GONE)
             return Response(status_code=CLIENT_GONE)
         except Exception as e:
-            err = _api_error(e)
-            track.finish(err.status)
-            raise err from e
+            track.fail()
+            raise _api_error(e) from e
         finally:
             await gen.close()
+        try:
+            reason = _finish_reason(finish)
+        except APIError:
+            track.fail()
+            raise
         track.finish(200)
-        return JSONResponse(shaper.whole("".join(texts), _finish_reason(finish), track.usage()),
+        return JSONResponse(shaper.whole("".join(texts), reason, track.usage()),
                             headers={"x-request-id": shaper.id})
 
     async def _stream(self, gen: Generation, event: Any, track: "_Tracker", shaper: Any,
@@ -378,7 +382,14 @@ class _Tracker:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.tokens,
                 "total_tokens": self.prompt_tokens + self.tokens}
 
+    def fail(self) -> None:
+        """The request ends in an error raised to the error handler (which counts it)."""
+        if not self.done:
+            self.done = True
+            self.metrics.end()
+
     def finish(self, status: int) -> None:
+        """The request ends here with `status`."""
         if self.done:
             return
         self.done = True
@@ -458,7 +469,14 @@ def _sse(body: dict[str, Any]) -> bytes:
 
 
 def _finish_reason(reason: str | None) -> str:
-    """OpenAI knows 'stop' and 'length'; anything else the engine ends with reads as 'stop'."""
+    """OpenAI's finish reason for the engine's: 'stop' (EOS, stop string) or 'length'.
+
+    A request the engine ended otherwise ("error" when a stage died and it could not be recomputed,
+    "cancelled") did not finish: that is an error for the client, not a short answer.
+    """
+    if reason in ("error", "cancelled"):
+        raise APIError(503, f"The pipeline ended this request early ({reason}); retry it.", type="server_error",
+                       code="generation_failed")
     return "length" if reason == "length" else "stop"
 
 

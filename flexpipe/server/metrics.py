@@ -42,7 +42,8 @@ class ServerMetrics:
         self.e2e = Histogram("flexpipe_request_latency_seconds", "Time from request arrival to its last "
                              "token", buckets=E2E_BUCKETS, registry=r)
         self.pause = Histogram("flexpipe_reshape_pause_seconds", "Pause that requests saw during each "
-                               "reshape (quiesce + delta copy + switch)", buckets=PAUSE_BUCKETS, registry=r)
+                               "reshape (quiesce + delta copy + switch), as observed by the server",
+                               buckets=PAUSE_BUCKETS, registry=r)
         info = Gauge("flexpipe_model_info", "The served model (value 1)", ["model"], registry=r)
         info.labels(model=model_name).set(1)
         self._runtime = _RuntimeCollector()
@@ -64,9 +65,9 @@ class ServerMetrics:
         """Take the runtime's current numbers; reshapes not seen before go into the pause histogram."""
         self._runtime.view = view
         for reshape in view.reshapes:
-            key = reshape.get("id", reshape.get("epoch"))
+            key = (reshape.get("kind"), reshape.get("to_epoch"), reshape.get("at"))
             pause = reshape.get("pause_s")
-            if key is None or pause is None or key in self._pauses_seen:
+            if pause is None or key in self._pauses_seen or reshape.get("ok") is False:
                 continue
             self._pauses_seen.add(key)
             self.pause.observe(float(pause))
@@ -99,9 +100,8 @@ class _RuntimeCollector(Collector):
         yield _gauge("flexpipe_kv_cache_usage_ratio", "Fraction of KV blocks in use (0..1)", v.kv_usage)
         yield _gauge("flexpipe_kv_cache_blocks_used", "KV blocks in use", v.kv_blocks_used)
         yield _gauge("flexpipe_kv_cache_blocks_total", "KV blocks in the pool", v.kv_blocks_total)
-        yield _counter("flexpipe_reshapes", "Reshapes completed since start", v.reshapes_total)
-        yield _counter("flexpipe_reshape_pause_time_seconds", "Total pause time of all reshapes",
-                       v.pause_total_s)
+        yield _counter("flexpipe_reshapes", "Pipeline reconfigurations (reshapes and recoveries) since start",
+                       v.reshapes_total)
         if v.last_pause_s is not None:
             yield _gauge("flexpipe_last_reshape_pause_seconds", "Pause of the most recent reshape",
                          v.last_pause_s)

@@ -47,13 +47,17 @@ class SamplingRequest:
     top_k: int = -1
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past end-of-sequence
     stream: bool = False
     include_usage: bool = False
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of engine.generate() other than the prompt and max_tokens."""
-        return {"temperature": self.temperature, "top_k": self.top_k if self.top_k > 0 else 0,
-                "top_p": self.top_p, "seed": self.seed, "stop": list(self.stop) or None}
+        out = {"temperature": self.temperature, "top_k": self.top_k if self.top_k > 0 else 0,
+               "top_p": self.top_p, "seed": self.seed, "stop": list(self.stop) or None}
+        if self.ignore_eos:
+            out["ignore_eos"] = True
+        return out
 
 
 @dataclass
@@ -127,10 +131,11 @@ def _sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
         out["seed"] = _int(body, "seed", lo=0, hi=MAX_SEED)
     if body.get("stop") is not None:
         out["stop"] = _stop(body["stop"])
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise bad_request(f"'stream' must be true or false, not {_kind(stream)}.", "stream")
-    out["stream"] = bool(stream)
+    for name in ("stream", "ignore_eos"):
+        flag = body.get(name)
+        if flag is not None and not isinstance(flag, bool):
+            raise bad_request(f"'{name}' must be true or false, not {_kind(flag)}.", name)
+        out[name] = bool(flag)
     opts = body.get("stream_options")
     if opts is not None:
         if not out["stream"]:

@@ -40,55 +40,46 @@ async def read_status(engine: Any) -> dict[str, Any]:
 
 
 def pipeline_view(status: dict[str, Any]) -> PipelineView:
-    """Reduce the engine's status dict to a PipelineView."""
+    """Reduce the engine's status dict (FlexPipe.status(): shape, router, stages, reshapes) to a PipelineView."""
     shape = status.get("shape") or {}
-    view = PipelineView(epoch=int(_first(status.get("epoch"), shape.get("epoch"), 0)))
-    stages = _first(shape.get("stages"), status.get("stages"), [])
-    kv = status.get("kv") or {}
-    per_stage_kv = kv.get("stages", []) if isinstance(kv, dict) else kv if isinstance(kv, list) else []
+    router = status.get("router") or {}
+    view = PipelineView(epoch=int(_first(shape.get("epoch"), router.get("epoch"), status.get("epoch"), 0)))
+    stages = _first(status.get("stages"), shape.get("stages"), router.get("stages"), [])
+    kv = _first(router.get("kv"), status.get("kv"), [])
+    per_stage_kv = {int(k.get("stage", i)): k for i, k in enumerate(kv) if isinstance(k, dict)} \
+        if isinstance(kv, list) else {}
     for i, s in enumerate(stages):
-        s = dict(s) if isinstance(s, dict) else {"units": s}
-        if "units" in s and "start" not in s and isinstance(s["units"], (list, tuple)) and len(s["units"]) == 2:
-            s["start"], s["end"] = s["units"]
-        entry = {"index": s.get("index", i), "start": s.get("start"), "end": s.get("end"),
-                 "device": s.get("device"), "kv_used": s.get("kv_used"), "kv_capacity": s.get("kv_capacity")}
-        if i < len(per_stage_kv) and isinstance(per_stage_kv[i], dict):
-            entry["kv_used"] = _first(entry["kv_used"], per_stage_kv[i].get("used"))
-            entry["kv_capacity"] = _first(entry["kv_capacity"], per_stage_kv[i].get("capacity"))
-        view.stages.append(entry)
-    devices = {s["device"] for s in view.stages if s["device"] is not None}
-    view.reserved_devices = int(_first(status.get("reserved_devices"), len(devices) or len(view.stages)))
-
-    queue = status.get("queue")
-    if isinstance(queue, dict):
-        view.waiting = int(_first(queue.get("waiting"), 0))
-        view.running = int(_first(queue.get("running"), 0))
-    else:
-        view.waiting = int(_first(queue, status.get("waiting"), 0))
-        view.running = int(_first(status.get("running"), 0))
+        s = s if isinstance(s, dict) else {}
+        index = int(s.get("index", i))
+        k = per_stage_kv.get(index, {})
+        view.stages.append({"index": index, "start": s.get("start"), "end": s.get("end"),
+                            "device": s.get("device"), "pid": s.get("pid"),
+                            "kv_used": _first(s.get("kv_used"), k.get("used")),
+                            "kv_capacity": _first(s.get("kv_capacity"), k.get("capacity"))})
+    # Each stage holds a device of its own (a GPU, or a CPU process with its memory budget).
+    view.reserved_devices = int(_first(status.get("reserved_devices"), len(view.stages)))
+    view.waiting = int(_first(router.get("waiting"), status.get("waiting"), 0))
+    view.running = int(_first(router.get("running"), status.get("running"), 0))
 
     used, total = _kv_totals(kv, view.stages)
     view.kv_blocks_used, view.kv_blocks_total = used, total
-    usage = kv.get("usage") if isinstance(kv, dict) else None
-    view.kv_usage = float(usage) if usage is not None else (used / total if total else 0.0)
+    view.kv_usage = used / total if total else 0.0
 
-    reshapes = _first(status.get("reshapes"), status.get("recent_reshapes"), [])
-    view.reshapes = [_reshape(r) for r in reshapes if isinstance(r, dict)]
-    counts = status.get("reshape_stats") or {}
-    view.reshapes_total = int(_first(status.get("reshapes_total"), counts.get("count"), len(view.reshapes)))
-    view.pause_total_s = float(_first(status.get("pause_total_s"), counts.get("pause_total_s"),
+    view.reshapes = [_reshape(r) for r in _first(status.get("reshapes"), []) if isinstance(r, dict)]
+    # Every reshape or recovery moves the epoch on by one, so the epoch counts them all, even those
+    # older than the engine's recent list.
+    view.reshapes_total = int(_first(status.get("reshapes_total"), view.epoch))
+    view.pause_total_s = float(_first(status.get("pause_total_s"),
                                       sum(r["pause_s"] or 0.0 for r in view.reshapes)))
     if view.reshapes:
         view.last_pause_s = view.reshapes[-1]["pause_s"]
-    view.decisions = [d for d in _first(status.get("decisions"), status.get("recent_decisions"), [])
+    view.decisions = [d for d in _first(status.get("decisions"), router.get("decisions"), [])
                       if isinstance(d, dict)]
     return view
 
 
 def _kv_totals(kv: Any, stages: list[dict[str, Any]]) -> tuple[int, int]:
     """Blocks used and in the pool of the fullest stage (a request needs room on every stage)."""
-    if isinstance(kv, dict) and kv.get("blocks_total") is not None:
-        return int(kv.get("blocks_used") or 0), int(kv["blocks_total"])
     best = (0, 0)
     for s in stages:
         used, cap = s.get("kv_used"), s.get("kv_capacity")
@@ -100,14 +91,15 @@ def _kv_totals(kv: Any, stages: list[dict[str, Any]]) -> tuple[int, int]:
 
 
 def _reshape(r: dict[str, Any]) -> dict[str, Any]:
-    pause = _first(r.get("pause_s"), r.get("pause"), _ms(r.get("pause_ms")))
+    """A reshape record with pause_s, and stage counts before and after for display."""
     out = dict(r)
+    pause = r.get("pause_s")
     out["pause_s"] = float(pause) if pause is not None else None
+    for side in ("from", "to"):
+        bounds = r.get(f"{side}_boundaries")
+        if isinstance(bounds, list) and len(bounds) >= 2:
+            out.setdefault(f"{side}_stages", len(bounds) - 1)
     return out
-
-
-def _ms(value: Any) -> float | None:
-    return None if value is None else float(value) / 1000.0
 
 
 def _first(*values: Any) -> Any:

@@ -147,7 +147,7 @@ function renderPipeline(status) {
     units.textContent = "units [" + s.start + ", " + s.end + ")";
     const dev = document.createElement("span");
     dev.className = "device";
-    dev.textContent = s.device || "";
+    dev.textContent = (s.device || "") + (s.pid ? " · pid " + s.pid : "");
     const bar = document.createElement("div");
     bar.className = "bar";
     const fill = document.createElement("span");

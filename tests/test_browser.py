@@ -1,0 +1,94 @@
+"""The chat page in headless Chromium (Debian's, through playwright): a typed message gets a streamed answer.
+
+Needs /usr/bin/chromium and the playwright package: scripts/install_browser.sh installs both (it never
+downloads a browser of playwright's own).  Saves docs/chat_screenshot.png.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("FLEXPIPE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "chat_screenshot.png"
+
+pytest.importorskip("starlette", reason="the 'serve' extra is not installed")
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="playwright is not installed: run scripts/install_browser.sh")
+if not (os.path.isfile(CHROMIUM) or shutil.which(CHROMIUM)):
+    pytest.skip(f"no chromium at {CHROMIUM}: run scripts/install_browser.sh", allow_module_level=True)
+
+import httpx  # noqa: E402
+
+from flexpipe.server import ServerThread, create_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def url():
+    from flexpipe.api import FlexPipe
+
+    app = create_app(lambda: FlexPipe.launch(model="tiny", stages=2))
+    with ServerThread(app) as base:
+        # Reshaped here, in the module's fixture, so that the stage processes it starts belong to the
+        # server's lifetime and not to one test; the panel then has a reshape to show.
+        r = httpx.post(f"{base}/v1/flexpipe/reshape", json={"stages": 3}, timeout=120)
+        assert r.status_code == 200, r.text
+        yield base
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        ctx = browser.new_context(viewport={"width": 1200, "height": 720})
+        pg = ctx.new_page()
+        errors: list[str] = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.goto(url + "/")
+        yield pg
+        browser.close()
+        assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_page_streams_an_answer(page):
+    page.wait_for_function("document.getElementById('model').textContent.startsWith('tiny')", timeout=15000)
+    page.click("#settings summary")
+    page.fill("#max-tokens", "48")
+    page.fill("#temperature", "0")
+    page.fill("#prompt", "Hello, pipeline!")
+    page.press("#prompt", "Enter")
+    user = page.locator(".msg.user")
+    sync_api.expect(user).to_have_text("Hello, pipeline!")
+    answer = page.locator(".msg.assistant").last
+    # The answer arrives in pieces: the page counts the SSE deltas it rendered.
+    page.wait_for_function("Number(document.querySelector('.msg.assistant').dataset.chunks) >= 2",
+                           timeout=30000)
+    sync_api.expect(answer).to_have_attribute("data-state", "done", timeout=60000)
+    assert int(answer.get_attribute("data-chunks")) >= 2
+    meta = answer.locator(".meta").inner_text()
+    assert "tokens in" in meta and "first token" in meta
+    assert len(answer.inner_text()) > len(meta)
+    assert page.locator(".msg.error").count() == 0
+
+
+def test_pipeline_panel_shows_the_shape_and_the_last_reshape(page):
+    sync_api.expect(page.locator("#stages li")).to_have_count(3, timeout=10000)
+    sync_api.expect(page.locator("#conn")).to_have_text("connected")
+    sync_api.expect(page.locator("#epoch")).to_have_text("epoch 1")
+    assert "units [0," in page.locator("#stages li").first.inner_text()
+    sync_api.expect(page.locator("#last-reshape")).to_contain_text("2 → 3 stages, pause ")
+    assert page.locator("#devices").inner_text() == "3"
+    # The answer above has finished: the panel's next poll shows its request and KV blocks freed.
+    sync_api.expect(page.locator("#load")).to_have_text("0 running, 0 waiting", timeout=10000)
+    sync_api.expect(page.locator("#kv-text")).to_have_text(re.compile(r"^0 / \d+ blocks$"))
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT))
+    assert SCREENSHOT.stat().st_size > 10_000

@@ -1,0 +1,139 @@
+"""`flexpipe serve` and `flexpipe chat` as processes: settings from a config file and the environment,
+the printed URL, a streamed terminal chat, and a clean stop on SIGTERM (real engine, tiny model)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+pytest.importorskip("starlette", reason="the 'serve' extra is not installed")
+
+import httpx  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+KEY = "sk-cli-test"
+READY = re.compile(r"chat page (http://\S+?)/\s")
+
+
+def _cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "flexpipe.server.cli", *args]
+
+
+def _lines(stream, q: queue.Queue) -> None:
+    for line in stream:
+        q.put(line)
+    q.put(None)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    cfg = tmp_path_factory.mktemp("serve") / "flexpipe.toml"
+    cfg.write_text('[serve]\nmodel = "tiny"\nstages = 2\nport = 0\n')
+    env = {**os.environ, "FLEXPIPE_API_KEY": KEY, "FLEXPIPE_CONFIG": str(cfg), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_cmd("serve"), env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True)
+    q: queue.Queue = queue.Queue()
+    threading.Thread(target=_lines, args=(proc.stderr, q), daemon=True).start()
+    seen: list[str] = []
+    url = None
+    try:
+        while url is None:
+            line = q.get(timeout=90)
+            if line is None:
+                raise AssertionError(f"flexpipe serve exited early ({proc.wait()}):\n{''.join(seen)}")
+            seen.append(line)
+            m = READY.search(line)
+            url = m.group(1) if m else None
+        yield proc, url, seen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_prints_its_url_and_takes_settings_from_file_and_env(served):
+    _, url, seen = served
+    assert "(API key required)" in "".join(seen)
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    assert httpx.get(f"{url}/v1/models").status_code == 401  # FLEXPIPE_API_KEY took effect
+    r = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.json()["data"][0]["id"] == "tiny"
+
+
+def test_chat_one_message_streams_an_answer(served):
+    _, url, _ = served
+    out = subprocess.run(_cmd("chat", "--url", url, "--api-key", KEY, "--message", "Hello", "--max-tokens", "8",
+                              "--temperature", "0"), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.endswith("\n") and len(out.stdout) > 1
+
+
+def test_chat_session_from_stdin(served):
+    _, url, _ = served
+    env = {**os.environ, "FLEXPIPE_URL": url, "FLEXPIPE_API_KEY": KEY, "FLEXPIPE_MAX_TOKENS": "6"}
+    out = subprocess.run(_cmd("chat"), input="/status\nHi there\n/reset\n/quit\n", capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "epoch" in out.stdout and "2 stages" in out.stdout
+    assert "tiny> " in out.stdout and "[conversation cleared]" in out.stdout
+
+
+def test_chat_reports_a_wrong_key_and_a_missing_server(served):
+    _, url, _ = served
+    out = subprocess.run(_cmd("chat", "--url", url, "--api-key", "nope", "--message", "x"), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1 and "401" in out.stderr and "API key" in out.stderr
+    out = subprocess.run(_cmd("chat", "--url", "http://127.0.0.1:9", "--message", "x"), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1 and "flexpipe serve" in out.stderr
+
+
+def _metric(url: str, name: str, sample: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return sum(s.value for f in text_string_to_metric_families(text) if f.name == name
+               for s in f.samples if s.name == sample)
+
+
+def test_reshape_over_http_shows_in_status_and_metrics(served):
+    # Here rather than in test_server.py: the server is its own process, so the stage processes a
+    # reshape starts belong to it and not to this test.
+    _, url, _ = served
+    http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    body = {"model": "tiny", "prompt": "same answer", "max_tokens": 8, "temperature": 0}
+    before_text = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    before = http.get("/v1/flexpipe/status").json()["pipeline"]
+    assert len(before["stages"]) == 2 and before["reshapes_total"] == 0 and before["last_pause_s"] is None
+    r = http.post("/v1/flexpipe/reshape", json={"stages": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["stats"]["pause_s"] >= 0
+    after = http.get("/v1/flexpipe/status").json()["pipeline"]
+    assert len(after["stages"]) == 3 and after["epoch"] == before["epoch"] + 1
+    assert after["reshapes_total"] == 1 and after["last_pause_s"] is not None
+    assert after["reshapes"][-1]["from_stages"] == 2 and after["reshapes"][-1]["to_stages"] == 3
+    assert [s["start"] for s in after["stages"]][0] == 0
+    assert all(a["end"] == b["start"] for a, b in zip(after["stages"], after["stages"][1:]))
+    assert _metric(url, "flexpipe_pipeline_stages", "flexpipe_pipeline_stages") == 3
+    assert _metric(url, "flexpipe_reshapes", "flexpipe_reshapes_total") == 1
+    assert _metric(url, "flexpipe_reshape_pause_seconds", "flexpipe_reshape_pause_seconds_count") == 1
+    # Greedy output does not depend on the pipeline's shape.
+    assert http.post("/v1/completions", json=body).json()["choices"][0]["text"] == before_text
+    bad = http.post("/v1/flexpipe/reshape", json={"stages": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "stages"
+    bad = http.post("/v1/flexpipe/reshape", json={"stages": 2, "boundaries": [0, 18]})
+    assert bad.status_code == 400
+    http.close()
+
+
+def test_serve_stops_cleanly_on_sigterm(served):
+    proc, url, _ = served
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health", timeout=2)
