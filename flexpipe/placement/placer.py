@@ -1,18 +1,22 @@
 """Joint choice of stage boundaries and GPUs for a model replica, and the baselines it is compared with.
 
 Objective, in order: the placement must fit (parameters, the KV reservation and a per-stage overhead,
-on distinct GPUs); the slowest stage (compute plus sending the residual stream to the next stage over
-the chosen link) is as fast as possible, where times within `time_tolerance` of the best, or under
-the request's `target_time`, count as equal; then the fragmentation it creates is smallest; then it
-reserves the fewest GPUs.
+on distinct GPUs); its slowest stage (compute on that GPU, slowed by other tenants, plus sending the
+residual stream to the next stage over the chosen link) is as fast as possible, where times within
+`time_tolerance` of the best count as equal; then the fragmentation it creates is smallest; then it
+reserves the fewest GPUs.  The request bounds the stage count; with a `target_time`, the fewest
+stages whose best placement meets the target are used (more stages would be faster still, but cost
+GPUs and hops the target does not need).
 
-Search (bounded so that a decision takes milliseconds at 1,000 GPUs): for each stage count k the
-request allows, a handful of candidate GPU sets are drawn from vectorised scores over all GPUs (the
-k holes a stage of nominal size M/k fragments least, the fastest, the tightest, the largest, and
-compact sets inside one node or one rack); each set is ordered along the topology, and for that
-order the best contiguous boundaries come from a bisection on the slowest-stage time whose
-feasibility test is a greedy sweep (furthest reach per GPU, by bisection on prefix sums): O(k log n)
-per test.  Candidates that cannot beat the best so far are dropped after one sweep.
+Search (bounded so that a decision takes about a millisecond at 1,000 GPUs): for each stage count k
+tried, a handful of candidate GPU sets are drawn from vectorised scores over all GPUs (the k holes a
+stage of nominal size M/k fragments least, the fastest, the tightest, the largest, and compact sets
+inside one node or one rack; on a small cluster, every ordered chain); each set is ordered along
+the topology, and for that order the best contiguous boundaries come from a bisection on the
+slowest-stage time whose feasibility test is a greedy sweep (furthest reach per GPU, by bisection
+on prefix sums): O(k log n) per test.  Candidates that cannot come within the tolerance of the best
+so far are dropped after one sweep, and stage counts whose lower bound is already too slow are
+skipped.  With a target, the smallest meeting stage count is found by bisection over k.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import numpy as np
 
 from flexpipe.errors import PlacementError
 from flexpipe.placement.fragmentation import WorkloadMix, placement_delta
-from flexpipe.placement.topology import MiB, GiB, Topology
+from flexpipe.placement.topology import GiB, MiB, Topology
 
 INF = math.inf
 
@@ -49,7 +53,7 @@ class ReplicaRequest:
     stages..max_stages: the stage counts allowed (the policy's granularity, and how far the placer
     may split further to fit).  kv_tokens: tokens of KV cache reserved on every stage.
     batch_tokens: tokens per micro-batch (sets compute and transfer times).  target_time: a cycle
-    time below which a faster pipeline is not worth more GPUs or more fragmentation.
+    time (seconds per micro-batch per stage) that is fast enough: the fewest stages meeting it win.
     """
 
     def __init__(self, units: Sequence[Any], stages: int = 1, max_stages: int | None = None,
@@ -384,25 +388,38 @@ class FlexPlacer:
         near = np.where(topo.node_of[ok] == topo.node_of[g], 0, np.where(topo.rack_of[ok] == topo.rack_of[g], 1, 2))
         d = mix.fragments(free[ok] - half) - mix.fragments(free[ok])
         order = np.lexsort((d, free[ok] < half, near if self.topology_aware else np.zeros_like(near)))
-        best: tuple[tuple[float, float, int], Placement] | None = None
         base = [topo.gpu_index(x) for x in p.gpus]
         state = topo.copy()
         state.free = free
-        for h in ok[order[:max_candidates]]:
-            for first_here in (True, False):
+        fr, br = self.cost.rates(state)
+        nbytes = req.batch_tokens * req.cut_bytes_per_token
+        out_link = (lambda x: state.link(x, base[stage + 1]).transfer_time(nbytes)) if stage + 1 < len(base) \
+            else (lambda x: 0.0)
+        cands = []
+        for h in map(int, ok[order[:max_candidates]]):
+            for ga, gb in ((g, h), (h, g)):
+                # the cut that balances the two halves (times including their outgoing hops)
+                hop, tail = state.link(ga, gb).transfer_time(nbytes), out_link(gb)
+                best_c, best_t = None, INF
                 for c in range(s.start + 1, s.end):
-                    ga, gb = (g, int(h)) if first_here else (int(h), g)
                     if req.stage_bytes(s.start, c) > free[ga] or req.stage_bytes(c, s.end) > free[gb]:
                         continue
-                    bounds = p.boundaries[:stage + 1] + [c] + p.boundaries[stage + 1:]
+                    t = max(stage_compute_time(req, s.start, c, fr[ga], br[ga], self.cost) + hop,
+                            stage_compute_time(req, c, s.end, fr[gb], br[gb], self.cost) + tail)
+                    if t < best_t:
+                        best_c, best_t = c, t
+                if best_c is not None:
+                    bounds = p.boundaries[:stage + 1] + [best_c] + p.boundaries[stage + 1:]
                     chain = base[:stage] + [ga, gb] + base[stage + 1:]
-                    cand = evaluate(req, state, bounds, chain, self.cost, mix, self.name)
-                    key = (round(cand.bottleneck_s / max(p.bottleneck_s, 1e-12), 3), cand.frag_delta, c)
-                    if best is None or key < best[0]:
-                        best = (key, cand)
-        if best is None:
+                    cands.append(evaluate(req, state, bounds, chain, self.cost, mix, self.name))
+        if not cands:
             raise PlacementError(f"stage {stage} cannot be split: no GPU outside the replica fits either part")
-        return best[1]
+        return self._select(cands)
+
+    def _select(self, cands: list[Placement]) -> Placement:
+        """Fastest within the tolerance, then least fragmentation, then fewest GPUs."""
+        thr = min(c.bottleneck_s for c in cands) * (1.0 + self.time_tolerance)
+        return min((c for c in cands if c.bottleneck_s <= thr), key=lambda c: (c.frag_delta, c.n_gpus, c.bottleneck_s))
 
     def merge(self, p: Placement, req: ReplicaRequest, topo: Topology,
               stages: int | None = None) -> tuple[Placement, list[str]]:
@@ -422,21 +439,17 @@ class FlexPlacer:
         mix = self.mix or req.mix()
         cur = p
         while cur.n_gpus > target:
-            best: tuple[tuple[float, float, int], Placement] | None = None
+            cands = []
             b, gl = cur.boundaries, [topo.gpu_index(x) for x in cur.gpus]
             for j in range(cur.n_gpus - 1):
                 need = req.stage_bytes(b[j], b[j + 2])
                 for keep in (gl[j], gl[j + 1]):
-                    if need > free[keep]:
-                        continue
-                    cand = evaluate(req, state, b[:j + 1] + b[j + 2:], gl[:j] + [keep] + gl[j + 2:],
-                                    self.cost, mix, self.name)
-                    key = (round(cand.bottleneck_s / max(p.bottleneck_s, 1e-12), 3), cand.frag_delta, j)
-                    if best is None or key < best[0]:
-                        best = (key, cand)
-            if best is None:
+                    if need <= free[keep]:
+                        cands.append(evaluate(req, state, b[:j + 1] + b[j + 2:], gl[:j] + [keep] + gl[j + 2:],
+                                              self.cost, mix, self.name))
+            if not cands:
                 raise PlacementError(f"no two adjacent stages of {cur.n_gpus} fit on one of their GPUs")
-            cur = best[1]
+            cur = self._select(cands)
         freed = [g for g in p.gpus if g not in set(cur.gpus)]
         return cur, freed
 
