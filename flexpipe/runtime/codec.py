@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Any, NamedTuple, Sequence
+import sys
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import msgpack
 import numpy as np
-import torch
 
 from flexpipe.errors import ProtocolError
 from flexpipe.runtime.messages import _BY_KIND, _FIELDS_OF, _KIND_OF, _NFIELDS
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "PROTOCOL_VERSION", "INLINE_MAX", "ASK", "REPLY", "ERROR", "Header", "Envelope",
@@ -48,13 +51,23 @@ HEADER_SIZE = _HEADER.size
 _EXT_MSG, _EXT_TORCH, _EXT_NUMPY = 1, 2, 3
 _MAX_DIMS = 32
 
-_TORCH_DTYPES: dict[str, torch.dtype] = {
-    "bool": torch.bool, "uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16,
-    "int32": torch.int32, "int64": torch.int64, "float16": torch.float16,
-    "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
-    "complex64": torch.complex64, "complex128": torch.complex128,
-}
-_TORCH_NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
+_TORCH_DTYPE_NAMES = ("bool", "uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16",
+                      "float32", "float64", "complex64", "complex128")
+_TORCH_DTYPES: dict[str, "torch.dtype"] = {}   # filled on first use: the runtime needs no torch
+_TORCH_NAMES: dict["torch.dtype", str] = {}
+
+
+def _torch() -> Any:
+    import torch
+    if not _TORCH_DTYPES:
+        _TORCH_DTYPES.update({n: getattr(torch, n) for n in _TORCH_DTYPE_NAMES})
+        _TORCH_NAMES.update({v: k for k, v in _TORCH_DTYPES.items()})
+    return torch
+
+
+def _is_tensor(obj: Any) -> bool:
+    torch = sys.modules.get("torch")   # no torch imported: obj cannot be a tensor
+    return torch is not None and isinstance(obj, torch.Tensor)
 _NUMPY_DTYPES = {np.dtype(n).str: np.dtype(n) for n in (
     "bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
     "float16", "float32", "float64", "complex64", "complex128")}
@@ -88,7 +101,7 @@ class _Encoder:
         self.inline_max = inline_max
 
     def __call__(self, obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
+        if _is_tensor(obj):
             return self._torch(obj)
         if isinstance(obj, np.ndarray):
             return self._numpy(obj)
@@ -108,7 +121,8 @@ class _Encoder:
         self.frames.append(flat)
         return len(self.frames) - 1
 
-    def _torch(self, t: torch.Tensor) -> msgpack.ExtType:
+    def _torch(self, t: "torch.Tensor") -> msgpack.ExtType:
+        torch = _torch()
         if t.device.type != "cpu":
             raise TypeError(f"tensor on {t.device} cannot go in a frame; use a GPU transport")
         name = _TORCH_NAMES.get(t.dtype)
@@ -190,6 +204,7 @@ class _Decoder:
         if not (isinstance(desc, list) and len(desc) == 3):
             raise ProtocolError("tensor header is not [dtype, shape, data]")
         name, shape, ref = desc
+        torch = _torch() if torch_ else None
         dtype = (_TORCH_DTYPES if torch_ else _NUMPY_DTYPES).get(name) if isinstance(name, str) \
             else None
         if dtype is None:
@@ -258,7 +273,7 @@ def decode_envelope(frames: Sequence) -> Envelope:
         raise ProtocolError(f"undecodable body of kind {head.kind}: {type(e).__name__}: {e}") \
             from e
     for t in tensors:
-        if not isinstance(t, (torch.Tensor, np.ndarray)):
+        if not (isinstance(t, np.ndarray) or _is_tensor(t)):
             raise ProtocolError(f"side tensor list holds a {type(t).__name__}")
     if len(dec.used) != len(frames) - 1:
         raise ProtocolError(f"{len(frames) - 1 - len(dec.used)} of {len(frames) - 1} tensor "
@@ -276,13 +291,14 @@ def decode(frames: Sequence) -> tuple[Any, list]:
 
 class TensorSpec(NamedTuple):
     """dtype, shape and byte count of one tensor whose bytes travel outside the header."""
-    dtype: torch.dtype
+    dtype: "torch.dtype"
     shape: list
     nbytes: int
 
 
-def tensor_header(tensors: Sequence[torch.Tensor]) -> bytes:
+def tensor_header(tensors: Sequence["torch.Tensor"]) -> bytes:
     """Encode the dtypes and shapes of CPU tensors (not their bytes) for a transport."""
+    torch = _torch()
     specs = []
     for t in tensors:
         name = _TORCH_NAMES.get(t.dtype) if isinstance(t, torch.Tensor) else None
@@ -309,6 +325,7 @@ def parse_tensor_header(data: Any) -> list[TensorSpec]:
         if not (isinstance(spec, list) and len(spec) == 2):
             raise ProtocolError(f"bad tensor spec {spec!r:.80}")
         name, shape = spec
+        _torch()
         dtype = _TORCH_DTYPES.get(name) if isinstance(name, str) else None
         if dtype is None:
             raise ProtocolError(f"unsupported tensor dtype {name!r}")
@@ -319,6 +336,6 @@ def parse_tensor_header(data: Any) -> list[TensorSpec]:
     return out
 
 
-def byte_view(t: torch.Tensor) -> np.ndarray:
+def byte_view(t: "torch.Tensor") -> np.ndarray:
     """A flat uint8 numpy view of a contiguous CPU tensor's memory (no copy)."""
-    return t.reshape(-1).view(torch.uint8).numpy()
+    return t.reshape(-1).view(_torch().uint8).numpy()

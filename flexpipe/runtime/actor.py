@@ -1,0 +1,749 @@
+"""Actors: a behaviour (a plain class with `@handles` methods) behind a ZeroMQ mailbox.
+
+A behaviour holds no sockets::
+
+    class Echo:
+        async def on_start(self, ctx): ...              # optional
+        @handles(EchoRequest)
+        async def echo(self, ctx, msg, *tensors):       # the return value is the reply to an ask
+            return EchoReply(msg.text)
+        @handles(Terminated)
+        def peer_gone(self, ctx, msg): ...              # after ctx.watch(ref)
+        async def on_stop(self, ctx): ...               # optional
+
+`Actor` puts it behind one ROUTER socket (its mailbox, at `ref.endpoint`) and one DEALER per peer
+it sends to, so messages between a pair keep their order. Replies travel on the replier's DEALER to
+the asker's ROUTER, so replies and tells from one peer are ordered too. The asker's identity on the
+wire is its own ref, which is how the replier knows where to answer. Tests and the simulator drive
+a behaviour with `LocalContext` instead: plain method calls, no sockets.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import collections
+import concurrent.futures
+import functools
+import inspect
+import itertools
+import logging
+import os
+from typing import Any, Callable, NamedTuple
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from flexpipe.errors import ActorClosed, AskTimeout, PeerDeadError, ProtocolError, RemoteError
+from flexpipe.runtime import codec
+from flexpipe.runtime.codec import ASK, ERROR, REPLY
+from flexpipe.runtime.messages import (
+    ActorRef, ErrorReply, Ping, Pong, Started, Stop, Terminated, Unwatch, Watch, message,
+)
+
+__all__ = ["ActorSettings", "handles", "ActorContext", "LocalContext", "Actor", "handlers_of"]
+
+log = logging.getLogger("flexpipe.actor")
+
+
+@message(10)
+class ActorSettings:
+    """Runtime settings of the actors of one process (msgpack-able, so children inherit them)."""
+    heartbeat_interval: float = 0.5    # seconds between pings to each watched actor
+    heartbeat_timeout: float = 2.0     # a watched actor silent this long is declared dead
+    ask_timeout: float = 30.0          # default timeout of ask()
+    max_message_bytes: int = 1 << 30   # larger messages are refused with an ErrorReply
+    inline_tensor_bytes: int = codec.INLINE_MAX
+    linger_ms: int = 200               # how long close() lets queued outgoing messages drain
+    bind: str = "ipc"                  # "ipc" (a temp dir) or "tcp"
+    host: str = "127.0.0.1"            # tcp bind address
+    endpoint_dir: str = ""             # ipc dir; "" = a fresh temp dir per ActorSystem
+    compute_threads: int = 1           # worker threads per actor for run_compute
+    torch_threads: int = 0             # torch intra-op threads in launched processes; 0 = default
+    start_timeout: float = 60.0        # how long launch() waits for Started
+
+
+class _Handler(NamedTuple):
+    fn: Callable
+    concurrent: bool
+    is_async: bool
+
+
+def handles(*types: type, concurrent: bool = False) -> Callable[[Callable], Callable]:
+    """Mark a behaviour method `(self, ctx, msg, *tensors)` as the handler of these message classes.
+
+    `concurrent=True` runs each message in its own task instead of one at a time in the mailbox.
+    """
+    if not types:
+        raise TypeError("handles() needs at least one message class")
+
+    def mark(fn: Callable) -> Callable:
+        fn.__fp_handles__ = (types, concurrent)  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+@functools.cache
+def handlers_of(cls: type) -> dict[type, _Handler]:
+    """The handler table of a behaviour class: message class -> handler."""
+    table: dict[type, _Handler] = {}
+    for name in dir(cls):
+        fn = getattr(cls, name, None)
+        spec = getattr(fn, "__fp_handles__", None)
+        if spec is None:
+            continue
+        types, concurrent = spec
+        for t in types:
+            if t in table:
+                raise TypeError(f"{cls.__name__} has two handlers for {t.__name__}")
+            table[t] = _Handler(fn, concurrent, inspect.iscoroutinefunction(fn))
+    return table
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+class ActorContext(abc.ABC):
+    """What a behaviour can do: know its ref, tell/ask peers, watch them, run compute, stop."""
+
+    self_ref: ActorRef
+
+    @abc.abstractmethod
+    async def tell(self, ref: ActorRef, msg: Any, *tensors: Any) -> None:
+        """Send a message without waiting for a reply. Raises PeerDeadError, ActorClosed."""
+
+    @abc.abstractmethod
+    async def ask(self, ref: ActorRef, msg: Any, *tensors: Any, timeout: float | None = None) -> Any:
+        """Send and await the handler's return value. Raises AskTimeout, PeerDeadError, RemoteError."""
+
+    @abc.abstractmethod
+    def watch(self, ref: ActorRef) -> None:
+        """Receive Terminated(ref, reason) when `ref` stops, dies or misses heartbeats."""
+
+    @abc.abstractmethod
+    def unwatch(self, ref: ActorRef) -> None:
+        """Stop watching `ref`."""
+
+    @abc.abstractmethod
+    async def run_compute(self, fn: Callable, *args: Any) -> Any:
+        """Run blocking (torch) work off the event loop and return its result."""
+
+    @abc.abstractmethod
+    def stop(self, reason: str = "stopped") -> None:
+        """Stop this actor after the current handler returns."""
+
+
+async def _call(h: _Handler, behaviour: Any, ctx: ActorContext, msg: Any, tensors: Any) -> Any:
+    result = h.fn(behaviour, ctx, msg, *tensors)
+    return await result if h.is_async else result
+
+
+class LocalContext(ActorContext):
+    """Drives one behaviour in-process with plain method calls: no sockets, errors propagate as-is.
+
+    Tells to refs of `peers` (ref -> LocalContext) are delivered at once; other tells are recorded
+    in `outbox`; asks to other refs go to `on_ask(ref, msg, tensors)` when given.
+    """
+
+    def __init__(self, behaviour: Any, name: str = "local", *,
+                 peers: dict[ActorRef, "LocalContext"] | None = None,
+                 on_ask: Callable[[ActorRef, Any, tuple], Any] | None = None,
+                 threaded_compute: bool = False):
+        self.behaviour = behaviour
+        self.self_ref = ActorRef(name, f"local://{name}")
+        self.peers = peers if peers is not None else {}
+        self.on_ask = on_ask
+        self.threaded_compute = threaded_compute
+        self.outbox: list[tuple[ActorRef, Any, tuple]] = []
+        self.watched: set[ActorRef] = set()
+        self.stopped: str | None = None
+        self._handlers = handlers_of(type(behaviour))
+
+    async def start(self) -> "LocalContext":
+        """Run the behaviour's on_start."""
+        if hasattr(self.behaviour, "on_start"):
+            await self.behaviour.on_start(self)
+        return self
+
+    async def close(self) -> None:
+        """Run the behaviour's on_stop."""
+        if hasattr(self.behaviour, "on_stop"):
+            await self.behaviour.on_stop(self)
+
+    async def deliver(self, msg: Any, *tensors: Any) -> Any:
+        """Call the behaviour's handler for `msg` and return what it returns."""
+        h = self._handlers.get(type(msg))
+        if h is None:
+            raise ProtocolError(f"{type(self.behaviour).__name__} has no handler for "
+                                f"{type(msg).__name__}")
+        return await _call(h, self.behaviour, self, msg, tensors)
+
+    async def tell(self, ref: ActorRef, msg: Any, *tensors: Any) -> None:
+        peer = self.peers.get(ref)
+        if peer is None:
+            self.outbox.append((ref, msg, tensors))
+        else:
+            await peer.deliver(msg, *tensors)
+
+    async def ask(self, ref: ActorRef, msg: Any, *tensors: Any, timeout: float | None = None) -> Any:
+        peer = self.peers.get(ref)
+        if peer is not None:
+            return await peer.deliver(msg, *tensors)
+        if self.on_ask is None:
+            raise PeerDeadError(f"{ref} is not a peer of this LocalContext and no on_ask is set")
+        reply = self.on_ask(ref, msg, tensors)
+        return await reply if inspect.isawaitable(reply) else reply
+
+    def watch(self, ref: ActorRef) -> None:
+        self.watched.add(ref)
+
+    def unwatch(self, ref: ActorRef) -> None:
+        self.watched.discard(ref)
+
+    async def run_compute(self, fn: Callable, *args: Any) -> Any:
+        if self.threaded_compute:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
+    def stop(self, reason: str = "stopped") -> None:
+        self.stopped = reason
+
+
+def ident_of(ref: ActorRef) -> bytes:
+    """The ZeroMQ routing id an actor's DEALERs announce: its own ref, msgpack-encoded."""
+    return msgpack.packb([ref.name, ref.endpoint])
+
+
+_SYSTEM_MESSAGES = frozenset({Ping, Terminated, Watch, Unwatch, Started, Stop})
+
+
+class _Job(NamedTuple):
+    handler: _Handler
+    msg: Any
+    tensors: list
+    flags: int
+    corr: int
+    ident: bytes
+    sender: ActorRef | None
+
+
+class Actor(ActorContext):
+    """A behaviour behind a ZeroMQ ROUTER mailbox; it is also the ActorContext its handlers get.
+
+    Created by `ActorSystem.spawn` (or the launcher); `start()` binds and serves, `aclose()` stops.
+    """
+
+    def __init__(self, behaviour: Any, name: str, endpoint: str, *,
+                 zctx: zmq.asyncio.Context, settings: ActorSettings | None = None):
+        self.behaviour = behaviour
+        self.name = name
+        self.settings = settings or ActorSettings()
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._endpoint = endpoint
+        self._zctx = zctx
+        self._handlers = handlers_of(type(behaviour)) if behaviour is not None else {}
+        self._router: zmq.Socket | None = None   # plain socket, read from a loop reader callback
+        self._dealers: dict[ActorRef, zmq.asyncio.Socket] = {}
+        self._senders: dict[bytes, ActorRef | None] = {}
+        self._pending: dict[int, tuple[asyncio.Future, ActorRef]] = {}
+        self._corr = itertools.count(1)
+        self._mailbox: collections.deque[_Job] = collections.deque()
+        self._wakeup: asyncio.Future | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._monitors: dict[ActorRef, asyncio.Task] = {}
+        self._watched: set[ActorRef] = set()
+        self._watchers: set[ActorRef] = set()
+        self._dead: dict[ActorRef, str] = {}
+        self._started_waiters: dict[str, asyncio.Future] = {}
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._ready = False              # on_start has finished: messages may be handled
+        self._busy = False               # the worker is inside a handler
+        self._closing = False
+        self._closer: asyncio.Task | None = None
+        self._closed = asyncio.Event()
+        self.self_ref = ActorRef(name, endpoint)
+
+    @property
+    def ref(self) -> ActorRef:
+        """This actor's address."""
+        return self.self_ref
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> ActorRef:
+        """Bind the mailbox, run on_start, and serve; returns the actor's ref."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        router = zmq.Socket(self._zctx, zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        router.setsockopt(zmq.RCVHWM, 0)
+        self._router = router
+        try:
+            router.bind(self._endpoint)
+            endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+            self.self_ref = ActorRef(self.name, endpoint)
+            self._ident = ident_of(self.self_ref)
+            loop.add_reader(router.FD, self._drain)
+            if hasattr(self.behaviour, "on_start"):
+                await self.behaviour.on_start(self)
+        except BaseException:
+            await self.aclose("failed to start", notify=False)
+            raise
+        self._spawn(self._worker())
+        log.debug("%s serving at %s", self.name, self.self_ref.endpoint)
+        return self.self_ref
+
+    async def wait_closed(self) -> None:
+        """Return once the actor has stopped."""
+        await self._closed.wait()
+
+    @property
+    def closed(self) -> bool:
+        """True once aclose() has finished."""
+        return self._closed.is_set()
+
+    def stop(self, reason: str = "stopped") -> None:
+        if not self._closing and self._closer is None:
+            self._closer = asyncio.get_running_loop().create_task(self.aclose(reason))
+
+    async def aclose(self, reason: str = "stopped", *, notify: bool = True) -> None:
+        """Stop serving: cancel tasks, run on_stop, tell watchers, close every socket."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        me = asyncio.current_task()
+        tasks = [t for t in (*self._tasks, *self._monitors.values()) if t is not me]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if notify and self._router is not None and hasattr(self.behaviour, "on_stop"):
+            try:
+                await self.behaviour.on_stop(self)
+            except Exception as e:
+                log.warning("%s: on_stop raised %s", self.name, _error_text(e))
+        for fut, ref in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ActorClosed(f"{self.name} closed ({reason}) while asking {ref}"))
+        if notify:
+            for w in self._watchers:
+                try:
+                    self._send_now(w, codec.encode(Terminated(self.self_ref, reason)))
+                except zmq.ZMQError as e:
+                    log.warning("%s: cannot tell watcher %s: %s", self.name, w, e)
+        for sock in self._dealers.values():
+            sock.close(linger=self.settings.linger_ms)
+        self._dealers.clear()
+        self._close_router()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._closed.set()
+        log.debug("%s closed: %s", self.name, reason)
+
+    def abort(self) -> None:
+        """Close every socket at once, without on_stop or telling watchers (simulates a crash)."""
+        if self._closing:
+            return
+        self._closing = True
+        for t in (*self._tasks, *self._monitors.values()):
+            t.cancel()
+        for sock in self._dealers.values():
+            sock.close(linger=0)
+        self._close_router()
+        self._dealers.clear()
+        for fut, ref in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ActorClosed(f"{self.name} aborted while asking {ref}"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._closed.set()
+
+    def _spawn(self, coro: Any) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: internal task failed: %s", self.name, _error_text(task.exception()))
+
+    # --- sending ----------------------------------------------------------------------------
+
+    def _dealer(self, ref: ActorRef) -> zmq.asyncio.Socket:
+        sock = self._dealers.get(ref)
+        if sock is None:
+            sock = self._zctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.ROUTING_ID, self._ident)
+            sock.setsockopt(zmq.LINGER, self.settings.linger_ms)
+            sock.connect(ref.endpoint)
+            self._dealers[ref] = sock
+        return sock
+
+    def _send_now(self, ref: ActorRef, frames: list) -> asyncio.Future:
+        fut = self._dealer(ref).send_multipart(frames, copy=False)
+        self.stats["sent"] += 1
+        return fut
+
+    def _encode(self, msg: Any, tensors: Any, flags: int = 0, corr: int = 0) -> list:
+        return codec.encode(msg, tensors, flags=flags, corr=corr,
+                            inline_max=self.settings.inline_tensor_bytes)
+
+    def _check_peer(self, ref: ActorRef) -> None:
+        if self._closing:
+            raise ActorClosed(f"{self.name} is closed")
+        reason = self._dead.get(ref)
+        if reason is not None:
+            raise PeerDeadError(f"{ref} is dead: {reason}")
+
+    async def tell(self, ref: ActorRef, msg: Any, *tensors: Any) -> None:
+        self._check_peer(ref)
+        fut = self._send_now(ref, self._encode(msg, tensors))
+        if not fut.done():
+            await self._await_send(ref, fut)
+
+    async def _await_send(self, ref: ActorRef, fut: asyncio.Future) -> None:
+        try:
+            await fut
+        except asyncio.CancelledError:
+            # the DEALER was closed under us because the peer died: not our cancellation
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            self._check_peer(ref)
+            raise ActorClosed(f"send to {ref} was abandoned") from None
+
+    async def ask(self, ref: ActorRef, msg: Any, *tensors: Any, timeout: float | None = None) -> Any:
+        self._check_peer(ref)
+        corr = next(self._corr)
+        frames = self._encode(msg, tensors, ASK, corr)
+        fut = self._loop.create_future()
+        self._pending[corr] = (fut, ref)
+        timeout = self.settings.ask_timeout if timeout is None else timeout
+        timer = self._loop.call_later(timeout, self._expire, corr, type(msg).__name__, timeout)
+        try:
+            sent = self._send_now(ref, frames)
+            if not sent.done():
+                sent.add_done_callback(functools.partial(self._send_failed, fut, ref))
+            return await fut
+        finally:
+            timer.cancel()
+            del self._pending[corr]
+
+    def _send_failed(self, fut: asyncio.Future, ref: ActorRef, sent: asyncio.Future) -> None:
+        if not fut.done() and (sent.cancelled() or sent.exception() is not None):
+            reason = self._dead.get(ref)
+            fut.set_exception(PeerDeadError(f"{ref} is dead: {reason}") if reason else
+                              ActorClosed(f"send to {ref} was abandoned"))
+
+    def _expire(self, corr: int, what: str, timeout: float) -> None:
+        entry = self._pending.get(corr)
+        if entry is not None and not entry[0].done():
+            self.stats["ask_timeouts"] += 1
+            entry[0].set_exception(AskTimeout(
+                f"{self.name}: no reply from {entry[1]} to {what} within {timeout:g}s"))
+
+    def _reply(self, job_ident: bytes, sender: ActorRef | None, corr: int, value: Any,
+               error: bool = False) -> None:
+        flags = REPLY | (ERROR if error else 0)
+        try:
+            frames = self._encode(value, (), flags, corr)
+        except Exception as e:
+            self.stats["reply_errors"] += 1
+            log.warning("%s: reply of type %s cannot be encoded: %s", self.name,
+                        type(value).__name__, _error_text(e))
+            frames = self._encode(ErrorReply(type(e).__name__, f"reply not encodable: {e}"),
+                                  (), REPLY | ERROR, corr)
+        if self._closing:
+            return
+        if sender is not None and sender not in self._dead:
+            fut = self._send_now(sender, frames)
+        else:  # an anonymous peer (a plain DEALER): answer through the ROUTER
+            try:
+                self._router.send_multipart([job_ident, *frames], zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as e:
+                log.warning("%s: reply to an anonymous peer failed: %s", self.name, e)
+            self._loop.call_soon(self._drain)  # the send may have eaten the fd's wakeup
+            return
+        if not fut.done():
+            fut.add_done_callback(self._log_send_error)
+
+    def _log_send_error(self, fut: asyncio.Future) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            log.warning("%s: reply send failed: %s", self.name, _error_text(fut.exception()))
+
+    # --- receiving --------------------------------------------------------------------------
+
+    def _drain(self, budget: int = 256) -> None:
+        # Called by the loop when the mailbox fd is readable. The ZeroMQ fd is edge-triggered:
+        # read until EAGAIN, else a message can sit there with no wakeup to come.
+        sock = self._router
+        if sock is None or sock.closed:
+            return
+        for _ in range(budget):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self._dispatch(frames)
+            except Exception as e:  # a bug, not bad input: say so loudly and keep serving
+                self.stats["internal_errors"] += 1
+                log.exception("%s: dispatch failed: %s", self.name, _error_text(e))
+            if self._closing:
+                return
+        self._loop.call_soon(self._drain)  # more to read: let other callbacks run first
+
+    def _close_router(self) -> None:
+        if self._router is not None and not self._router.closed:
+            self._loop.remove_reader(self._router.FD)
+            self._router.close(linger=0)
+
+    def _sender_of(self, ident: bytes) -> ActorRef | None:
+        try:
+            return self._senders[ident]
+        except KeyError:
+            pass
+        try:
+            name, endpoint = msgpack.unpackb(ident)
+            ref = ActorRef(name, endpoint) if isinstance(name, str) and \
+                isinstance(endpoint, str) else None
+        except Exception:
+            ref = None
+        if len(self._senders) > 4096:
+            self._senders.clear()
+        self._senders[ident] = ref
+        return ref
+
+    def _refuse(self, ident: bytes, frames: list, reason: str, counter: str) -> None:
+        """Count and log one bad message; answer with an ErrorReply when its sender asked."""
+        self.stats[counter] += 1
+        sender = self._sender_of(ident)
+        log.warning("%s: refused message from %s: %s", self.name, sender or ident[:16], reason)
+        try:
+            head = codec.read_header(frames[0]) if frames else None
+        except ProtocolError:
+            return
+        if head is not None and head.flags & ASK and not head.flags & REPLY:
+            self._reply(ident, sender, head.corr, ErrorReply("ProtocolError", reason), error=True)
+
+    def _dispatch(self, frames: list) -> None:
+        ident = frames[0].bytes
+        frames = frames[1:]
+        self.stats["received"] += 1
+        size = sum(map(len, frames))
+        if size > self.settings.max_message_bytes:
+            self._refuse(ident, frames, f"message of {size} bytes exceeds max_message_bytes="
+                         f"{self.settings.max_message_bytes}", "oversize")
+            return
+        try:
+            env = codec.decode_envelope(frames)
+        except ProtocolError as e:
+            self._refuse(ident, frames, str(e), "bad_frames")
+            return
+        if env.flags & REPLY:
+            self._on_reply(env)
+            return
+        msg = env.msg
+        cls = type(msg)
+        if cls in _SYSTEM_MESSAGES:
+            self._system_message(ident, env)
+            return
+        h = self._handlers.get(cls)
+        if h is None:
+            self._refuse(ident, frames, f"{type(self.behaviour).__name__} has no handler for "
+                         f"{cls.__name__}", "unhandled")
+            return
+        job = _Job(h, msg, env.tensors, env.flags, env.corr, ident, self._sender_of(ident))
+        if h.concurrent:
+            self._spawn(self._run(job))
+        elif not h.is_async and not self._busy and not self._mailbox and self._ready:
+            self._run_sync(job)  # nothing to wait for: skip the hop through the worker task
+        else:
+            self._enqueue(job)
+
+    def _system_message(self, ident: bytes, env: codec.Envelope) -> None:
+        msg = env.msg
+        cls = type(msg)
+        asked = env.flags & ASK
+        if cls is Ping:
+            if asked:
+                self._reply(ident, self._sender_of(ident), env.corr, Pong(msg.seq))
+        elif cls is Terminated:
+            if self._sender_of(ident) == msg.ref:  # only an actor may announce its own end
+                self._declare_dead(msg.ref, msg.reason)
+        elif cls is Watch:
+            self._watchers.add(msg.watcher)
+        elif cls is Unwatch:
+            self._watchers.discard(msg.watcher)
+        elif cls is Started:
+            waiter = self._started_waiters.pop(msg.token, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(msg)
+        elif cls is Stop:
+            if asked:
+                self._reply(ident, self._sender_of(ident), env.corr, True)
+            self.stop(msg.reason)
+
+    def _on_reply(self, env: codec.Envelope) -> None:
+        entry = self._pending.get(env.corr)
+        if entry is None or entry[0].done():
+            self.stats["late_replies"] += 1
+            return
+        if env.flags & ERROR and isinstance(env.msg, ErrorReply):
+            entry[0].set_exception(RemoteError(env.msg.kind, env.msg.message))
+        else:
+            entry[0].set_result(env.msg)
+
+    def _enqueue(self, job: _Job) -> None:
+        self._mailbox.append(job)
+        w = self._wakeup
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _worker(self) -> None:
+        box = self._mailbox
+        self._ready = True
+        while True:
+            if not box:
+                self._wakeup = self._loop.create_future()
+                await self._wakeup
+                continue
+            self._busy = True
+            try:
+                await self._run(box.popleft())
+            finally:
+                self._busy = False
+
+    def _run_sync(self, job: _Job) -> None:
+        try:
+            result = job.handler.fn(self.behaviour, self, job.msg, *job.tensors)
+        except Exception as e:
+            self._handler_failed(job, e)
+            return
+        self.stats["handled"] += 1
+        if job.flags & ASK:
+            self._reply(job.ident, job.sender, job.corr, result)
+
+    async def _run(self, job: _Job) -> None:
+        try:
+            result = await _call(job.handler, self.behaviour, self, job.msg, job.tensors)
+        except asyncio.CancelledError as e:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise
+            self._handler_failed(job, e)  # something the handler awaited was cancelled
+            return
+        except Exception as e:
+            self._handler_failed(job, e)
+            return
+        self.stats["handled"] += 1
+        if job.flags & ASK:
+            self._reply(job.ident, job.sender, job.corr, result)
+
+    def _handler_failed(self, job: _Job, e: BaseException) -> None:
+        self.stats["handler_errors"] += 1
+        log.warning("%s: handler for %s raised %s", self.name, type(job.msg).__name__,
+                    _error_text(e))
+        if job.flags & ASK:
+            self._reply(job.ident, job.sender, job.corr, ErrorReply(type(e).__name__, str(e)),
+                        error=True)
+
+    # --- monitors ---------------------------------------------------------------------------
+
+    def watch(self, ref: ActorRef) -> None:
+        if ref == self.self_ref or self._closing:
+            return
+        self._watched.add(ref)
+        if self._dead.pop(ref, None) is not None:
+            self._close_dealer(ref)
+        if ref not in self._monitors:
+            self._monitors[ref] = self._loop.create_task(self._monitor(ref))
+            self._send_now(ref, self._encode(Watch(self.self_ref), ()))
+
+    def unwatch(self, ref: ActorRef) -> None:
+        self._watched.discard(ref)
+        task = self._monitors.pop(ref, None)
+        if task is not None:
+            task.cancel()
+            if ref not in self._dead and not self._closing:
+                self._send_now(ref, self._encode(Unwatch(self.self_ref), ()))
+
+    async def _monitor(self, ref: ActorRef) -> None:
+        interval = self.settings.heartbeat_interval
+        timeout = self.settings.heartbeat_timeout
+        seq = 0
+        last = self._loop.time()
+        while True:
+            remaining = last + timeout - self._loop.time()
+            if remaining <= 0:
+                break
+            seq += 1
+            try:
+                await self.ask(ref, Ping(seq), timeout=remaining)
+            except AskTimeout:
+                break
+            except (PeerDeadError, ActorClosed):
+                return
+            except RemoteError:
+                pass  # it answered: alive, if confused
+            last = self._loop.time()
+            await asyncio.sleep(interval)
+        self._monitors.pop(ref, None)
+        self._declare_dead(ref, f"no heartbeat answer for {timeout:g}s")
+
+    def _close_dealer(self, ref: ActorRef) -> None:
+        sock = self._dealers.pop(ref, None)
+        if sock is not None:
+            sock.close(linger=0)
+
+    def _declare_dead(self, ref: ActorRef, reason: str) -> None:
+        """Mark `ref` dead: fail asks to it, drop its socket, tell the behaviour if it watched."""
+        if ref in self._dead or self._closing:
+            return
+        self._dead[ref] = reason
+        self.stats["peers_dead"] += 1
+        task = self._monitors.pop(ref, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        for fut, target in self._pending.values():
+            if target == ref and not fut.done():
+                fut.set_exception(PeerDeadError(f"{ref} is dead: {reason}"))
+        self._close_dealer(ref)
+        self._watchers.discard(ref)
+        if ref in self._watched:
+            self._watched.discard(ref)
+            log.info("%s: watched actor %s terminated: %s", self.name, ref, reason)
+            h = self._handlers.get(Terminated)
+            if h is not None:
+                job = _Job(h, Terminated(ref, reason), [], 0, 0, b"", None)
+                if h.concurrent:
+                    self._spawn(self._run(job))
+                else:
+                    self._enqueue(job)
+
+    def is_dead(self, ref: ActorRef) -> bool:
+        """True once `ref` is known dead to this actor."""
+        return ref in self._dead
+
+    # --- compute ----------------------------------------------------------------------------
+
+    async def run_compute(self, fn: Callable, *args: Any) -> Any:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                self.settings.compute_threads, thread_name_prefix=f"fp-{self.name}")
+        return await self._loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    def expect_started(self, token: str) -> asyncio.Future:
+        """A future resolved with the Started message carrying `token` (launcher handshake)."""
+        fut = self._loop.create_future()
+        self._started_waiters[token] = fut
+        return fut
+
+    def __repr__(self) -> str:
+        return f"<Actor {self.self_ref} pid={os.getpid()}>"

@@ -1,0 +1,336 @@
+"""Starting actors: in-process on the running loop, or in a spawned subprocess; the ActorSystem.
+
+    async with ActorSystem(ActorSettings(heartbeat_timeout=1.0)) as system:
+        h = await system.launch("mypkg.stage:StageBehaviour", {"units": [0, 5]}, name="stage0")
+        reply = await system.ask(h.ref, SomeRequest(...))
+        await h.stop()            # or h.kill() for SIGKILL
+
+A subprocess is started with the multiprocessing *spawn* context, so it inherits no torch or
+ZeroMQ state. Its only argument is an `ActorSpec` encoded by the wire codec (no pickled objects of
+ours); readiness is a handshake: the child binds its mailbox and tells its starter `Started`, which
+`launch` awaits with a timeout. The parent watches the child's process sentinel, so a death is known
+at once (asks to it fail with PeerDeadError, watchers get Terminated), without waiting for heartbeats.
+
+Remote workers (later): a worker daemon receives an `ActorSpec` in a message and calls
+`launch_spec(spec)` on its own ActorSystem; the Started handshake is the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import uuid
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from flexpipe.errors import ActorClosed, ActorError, AskTimeout, ConfigError, PeerDeadError
+from flexpipe.runtime import codec
+from flexpipe.runtime.actor import Actor, ActorSettings
+from flexpipe.runtime.messages import ActorRef, Started, Stop, message
+
+__all__ = ["ActorSpec", "ActorHandle", "ActorSystem", "load_behaviour", "launch_spec"]
+
+log = logging.getLogger("flexpipe.launcher")
+
+
+@message(11)
+class ActorSpec:
+    """Everything needed to start an actor elsewhere: what, with which arguments, and who to tell."""
+    target: str                       # "package.module:BehaviourClass"
+    kwargs: dict
+    name: str
+    settings: ActorSettings
+    parent: ActorRef | None = None    # receives Started(token=...)
+    token: str = ""
+    endpoint: str = ""                # "" = chosen by the child's ActorSystem
+
+
+def load_behaviour(target: str) -> type:
+    """Import "module:Class" and return the class (ConfigError when it cannot be found)."""
+    module, _, attr = target.partition(":")
+    if not module or not attr:
+        raise ConfigError(f"behaviour target {target!r} is not of the form 'module:Class'")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"cannot load behaviour {target!r}: {e}") from e
+    return obj
+
+
+class ActorHandle:
+    """A launched actor: its ref and pid, and how to stop it (cleanly) or kill it."""
+
+    def __init__(self, system: "ActorSystem", ref: ActorRef, pid: int, *,
+                 actor: Actor | None = None, process: Any = None):
+        self.system = system
+        self.ref = ref
+        self.pid = pid
+        self.actor = actor            # the Actor itself when in-process
+        self.process = process        # the multiprocessing.Process when a subprocess
+        self.exitcode: int | None = None
+        self._exited = asyncio.Event()
+
+    @property
+    def alive(self) -> bool:
+        """True until the actor has stopped or its process has exited."""
+        if self.actor is not None:
+            return not self.actor.closed
+        return not self._exited.is_set()
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Ask the actor to stop; a subprocess that has not exited after `timeout` is killed."""
+        if self.actor is not None:
+            await self.actor.aclose("stopped by its handle")
+            return
+        if self._exited.is_set():
+            return
+        try:
+            await self.system.ask(self.ref, Stop("stopped by its handle"), timeout=timeout)
+        except (AskTimeout, PeerDeadError, ActorClosed) as e:
+            log.info("stop of %s: %s", self.ref, e)
+        try:
+            await asyncio.wait_for(self._exited.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("%s did not exit %gs after Stop; killing it", self.ref, timeout)
+            self.kill()
+            await self._exited.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the subprocess (in-process: close its sockets without any goodbye)."""
+        if self.actor is not None:
+            self.actor.abort()
+            self.system.declare_dead(self.ref, "killed")
+        elif not self._exited.is_set():
+            os.kill(self.pid, signal.SIGKILL)
+
+    async def wait(self) -> int | None:
+        """Wait until the actor has stopped; returns the process exit code (None in-process)."""
+        if self.actor is not None:
+            await self.actor.wait_closed()
+        else:
+            await self._exited.wait()
+        return self.exitcode
+
+    def _on_exit(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.process.sentinel)
+        self._reap(loop)
+
+    def _reap(self, loop: asyncio.AbstractEventLoop) -> None:
+        # the sentinel closes while the child is still exiting: wait (briefly) to read its code
+        if self.process.exitcode is None:
+            loop.call_later(0.005, self._reap, loop)
+            return
+        self.exitcode = self.process.exitcode
+        self._exited.set()
+        self.system.declare_dead(self.ref, f"process {self.pid} exited with code {self.exitcode}")
+
+    def __repr__(self) -> str:
+        return f"<ActorHandle {self.ref} pid={self.pid} alive={self.alive}>"
+
+
+class ActorSystem:
+    """The actors of one process: a ZeroMQ context, an ipc temp dir, settings, and a client actor.
+
+    Use as `async with ActorSystem(settings) as system:`; leaving it stops every actor it started
+    (subprocesses included), closes every socket, and terminates the context.
+    """
+
+    def __init__(self, settings: ActorSettings | None = None, *, name: str = "system"):
+        self.settings = settings or ActorSettings()
+        self.name = name
+        self.zctx: zmq.asyncio.Context | None = None
+        self.actors: list[Actor] = []
+        self.handles: list[ActorHandle] = []
+        self._client: Actor | None = None
+        self._client_starting: asyncio.Future | None = None
+        self._dir: str | None = None
+        self._owns_dir = False
+
+    async def __aenter__(self) -> "ActorSystem":
+        return await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def start(self) -> "ActorSystem":
+        """Create the ZeroMQ context (and the ipc dir); called by `async with`."""
+        if self.zctx is None:
+            self.zctx = zmq.asyncio.Context()
+            if self.settings.bind == "ipc":
+                if self.settings.endpoint_dir:
+                    self._dir = self.settings.endpoint_dir
+                else:
+                    self._dir = tempfile.mkdtemp(prefix="fp-")
+                    self._owns_dir = True
+        return self
+
+    def endpoint_for(self, name: str) -> str:
+        """A fresh endpoint to bind an actor's mailbox on (per the `bind` setting)."""
+        if self.settings.bind == "tcp":
+            return f"tcp://{self.settings.host}:*"
+        if self.settings.bind != "ipc":
+            raise ConfigError(f"bind must be 'ipc' or 'tcp', got {self.settings.bind!r}")
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:32]
+        return f"ipc://{self._dir}/{safe}-{uuid.uuid4().hex[:8]}"
+
+    async def spawn(self, behaviour: Any, name: str, *, endpoint: str = "") -> Actor:
+        """Start `behaviour` as an actor on this event loop; returns the started Actor."""
+        if self.zctx is None:
+            await self.start()
+        actor = Actor(behaviour, name, endpoint or self.endpoint_for(name), zctx=self.zctx,
+                      settings=self.settings)
+        await actor.start()
+        self.actors.append(actor)
+        return actor
+
+    @property
+    def client(self) -> Actor:
+        """An actor with no handlers, for telling and asking from outside any actor."""
+        if self._client is None or self._client.closed:
+            raise ActorClosed("the system is not started; use `async with ActorSystem()`")
+        return self._client
+
+    async def _ensure_client(self) -> Actor:
+        if self._client is None:
+            if self._client_starting is None:  # concurrent first callers share one start
+                self._client_starting = asyncio.ensure_future(
+                    self.spawn(None, f"{self.name}-{os.getpid()}"))
+            client = await asyncio.shield(self._client_starting)
+            self._client = client
+        return self._client
+
+    async def tell(self, ref: ActorRef, msg: Any, *tensors: Any) -> None:
+        """Tell from the system's client actor."""
+        await (await self._ensure_client()).tell(ref, msg, *tensors)
+
+    async def ask(self, ref: ActorRef, msg: Any, *tensors: Any, timeout: float | None = None) -> Any:
+        """Ask from the system's client actor."""
+        return await (await self._ensure_client()).ask(ref, msg, *tensors, timeout=timeout)
+
+    def declare_dead(self, ref: ActorRef, reason: str) -> None:
+        """Tell every actor of this system that `ref` is dead (used when its process exits)."""
+        for actor in self.actors:
+            if not actor.closed:
+                actor._declare_dead(ref, reason)
+
+    async def launch(self, target: str | type, kwargs: dict | None = None, *, name: str,
+                     in_process: bool = False, endpoint: str = "",
+                     timeout: float | None = None) -> ActorHandle:
+        """Start the behaviour `target` ("module:Class", or a class when in-process) with `kwargs`.
+
+        In a subprocess, kwargs must be msgpack-able. Raises AskTimeout when Started does not come
+        within `timeout` (default: settings.start_timeout), PeerDeadError when the child exits
+        first, and ActorError when the behaviour failed to start.
+        """
+        kwargs = kwargs or {}
+        if in_process:
+            cls = load_behaviour(target) if isinstance(target, str) else target
+            actor = await self.spawn(cls(**kwargs), name, endpoint=endpoint)
+            handle = ActorHandle(self, actor.ref, os.getpid(), actor=actor)
+            self.handles.append(handle)
+            return handle
+        if not isinstance(target, str):
+            raise ConfigError("a subprocess actor is named by an import path 'module:Class'")
+        client = await self._ensure_client()
+        settings = dataclasses.replace(self.settings, endpoint_dir=self._dir or "")
+        spec = ActorSpec(target, kwargs, name, settings, client.ref, uuid.uuid4().hex, endpoint)
+        started = client.expect_started(spec.token)
+        blob = bytes(codec.encode(spec, inline_max=1 << 62)[0])
+        process = multiprocessing.get_context("spawn").Process(
+            target=_child_main, args=(blob,), name=f"fp-{name}", daemon=True)
+        process.start()
+        handle = ActorHandle(self, ActorRef(name, ""), process.pid, process=process)
+        self.handles.append(handle)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(process.sentinel, handle._on_exit)
+        wait = timeout if timeout is not None else self.settings.start_timeout
+        exited = asyncio.ensure_future(handle._exited.wait())
+        try:
+            done, _ = await asyncio.wait({started, exited}, timeout=wait,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+        if started not in done:
+            started.cancel()
+            if handle._exited.is_set():
+                raise PeerDeadError(f"actor {name} (pid {process.pid}) exited with code "
+                                    f"{handle.exitcode} before it started")
+            handle.kill()
+            raise AskTimeout(f"actor {name} (pid {process.pid}) did not start within {wait:g}s")
+        msg: Started = started.result()
+        if msg.error:
+            await handle.wait()
+            raise ActorError(f"actor {name} failed to start: {msg.error}")
+        handle.ref = msg.ref
+        return handle
+
+    async def aclose(self) -> None:
+        """Stop every launched subprocess and every actor, close all sockets and the context."""
+        await asyncio.gather(*(h.stop() for h in self.handles if h.process is not None),
+                             return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        for h in self.handles:
+            if h.process is not None and not h._exited.is_set():
+                loop.remove_reader(h.process.sentinel)
+        for actor in reversed(self.actors):
+            await actor.aclose("system closed")
+        self.actors.clear()
+        if self.zctx is not None:
+            zctx, self.zctx = self.zctx, None
+            await asyncio.to_thread(zctx.term)
+        if self._owns_dir and self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+# --- the child side -------------------------------------------------------------------------------
+
+def _child_main(blob: bytes) -> None:
+    """Entry point of a spawned actor process."""
+    spec, _ = codec.decode([blob])
+    if spec.settings.torch_threads:   # read by torch when (if) the behaviour imports it
+        os.environ["OMP_NUM_THREADS"] = str(spec.settings.torch_threads)
+    logging.basicConfig(level=logging.WARNING,
+                        format=f"%(levelname)s {spec.name}[%(process)d] %(name)s: %(message)s")
+    asyncio.run(launch_spec(spec))
+
+
+async def launch_spec(spec: ActorSpec, *, exit_with_parent: bool = True) -> None:
+    """Serve the actor described by `spec` until it stops (what a child process or worker runs)."""
+    parent_pid = os.getppid()
+    async with ActorSystem(spec.settings, name=f"{spec.name}-launcher") as system:
+        try:
+            cls = load_behaviour(spec.target)
+            if spec.settings.torch_threads and "torch" in sys.modules:
+                sys.modules["torch"].set_num_threads(spec.settings.torch_threads)
+            behaviour = cls(**spec.kwargs)
+            actor = await system.spawn(behaviour, spec.name, endpoint=spec.endpoint)
+        except Exception as e:
+            log.error("actor %s failed to start: %s: %s", spec.name, type(e).__name__, e)
+            if spec.parent is not None:
+                await system.tell(spec.parent, Started(ActorRef(spec.name, ""), os.getpid(),
+                                                       spec.token, f"{type(e).__name__}: {e}"))
+            return
+        if spec.parent is not None:
+            await actor.tell(spec.parent, Started(actor.ref, os.getpid(), spec.token))
+        while not actor.closed:
+            if exit_with_parent and os.getppid() != parent_pid:
+                log.warning("%s: parent process %d is gone; stopping", spec.name, parent_pid)
+                await actor.aclose("parent process exited")
+                break
+            try:
+                await asyncio.wait_for(actor.wait_closed(), 1.0)
+            except asyncio.TimeoutError:
+                pass

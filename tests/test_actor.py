@@ -1,0 +1,232 @@
+"""Actors on one event loop: ask/tell, ordering, timeouts, remote errors, one-at-a-time handling,
+bad input, monitors, clean shutdown; and the same behaviour driven with no sockets (LocalContext)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import pytest
+import torch
+
+from flexpipe.errors import ActorClosed, AskTimeout, PeerDeadError, ProtocolError, RemoteError
+from flexpipe.errors import ConfigError
+from flexpipe.runtime import ActorRef, ActorSystem, LocalContext, Ping, Pong, Stop, message
+from test_actor_helpers import (
+    FAST, BadReply, Compute, Deaths, Echo, Fail, Log, Quit, Say, Sleep, SlowConcurrent, WatchIt,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+async def system():
+    async with ActorSystem(FAST) as system:
+        yield system
+
+
+async def test_ask_and_tell(system):
+    echo = await system.spawn(Echo(), "echo")
+    assert await system.ask(echo.ref, Say("hi", 1)) == Say("hi", 1)
+    await system.tell(echo.ref, Say("told", 2))
+    x = torch.randn(64, 64).to(torch.bfloat16)
+    reply, y = await system.ask(echo.ref, Say("tensor"), x)   # a handler may return tensors
+    assert reply == Say("tensor") and torch.equal(x, y)
+    assert [m.text for m in await system.ask(echo.ref, Log())] == ["hi", "told", "tensor"]
+    assert echo.behaviour.started and echo.stats["handled"] == 4
+
+
+async def test_messages_between_a_pair_keep_their_order(system):
+    echo = await system.spawn(Echo(), "echo")
+    a = await system.spawn(Echo(), "a")
+    for i in range(500):
+        await a.tell(echo.ref, Say("a", i))
+        if i % 50 == 0:   # interleave asks with the tells
+            assert (await a.ask(echo.ref, Say("ask", i))).n == i
+    seen = await a.ask(echo.ref, Log())
+    assert [m.n for m in seen if m.text == "a"] == list(range(500))
+
+
+async def test_ask_timeout_is_typed_and_the_actor_keeps_serving(system):
+    echo = await system.spawn(Echo(), "echo")
+    t = time.perf_counter()
+    with pytest.raises(AskTimeout, match="within 0.2s"):
+        await system.ask(echo.ref, Sleep(1.0), timeout=0.2)
+    assert time.perf_counter() - t < 0.6
+    assert await system.ask(echo.ref, Say("after")) == Say("after")   # waits for the sleep
+    assert system.client.stats["late_replies"] == 1
+
+
+async def test_ask_to_nobody_times_out():
+    async with ActorSystem(FAST) as system:
+        nobody = ActorRef("nobody", system.endpoint_for("nobody"))
+        with pytest.raises(AskTimeout):
+            await system.ask(nobody, Say("?"), timeout=0.3)
+
+
+async def test_remote_error_carries_type_and_message_and_is_counted(system):
+    echo = await system.spawn(Echo(), "echo")
+    with pytest.raises(RemoteError) as err:
+        await system.ask(echo.ref, Fail("ValueError", "bad prompt"))
+    assert err.value.kind == "ValueError" and err.value.message == "bad prompt"
+    await system.tell(echo.ref, Fail("KeyError", "told, nobody hears"))
+    assert await system.ask(echo.ref, Say("still here")) == Say("still here")
+    assert echo.stats["handler_errors"] == 2
+
+
+async def test_unhandled_message_and_unencodable_reply_are_remote_errors(system):
+    echo = await system.spawn(Echo(), "echo")
+    with pytest.raises(RemoteError, match="no handler for Stopwatch") as err:
+        await system.ask(echo.ref, Stopwatch(1))
+    assert err.value.kind == "ProtocolError"
+    with pytest.raises(RemoteError, match="reply not encodable"):
+        await system.ask(echo.ref, BadReply())
+    assert echo.stats["unhandled"] == 1 and echo.stats["reply_errors"] == 1
+    assert await system.ask(echo.ref, Say("fine")) == Say("fine")
+
+
+@message(60098)
+class Stopwatch:
+    """A message the Echo behaviour has no handler for."""
+    t: int
+
+
+async def test_one_message_at_a_time_unless_concurrent(system):
+    echo = await system.spawn(Echo(), "echo")
+    t = time.perf_counter()
+    await asyncio.gather(*(system.ask(echo.ref, Sleep(0.15)) for _ in range(3)))
+    assert time.perf_counter() - t >= 0.45
+    t = time.perf_counter()
+    tags = await asyncio.gather(*(system.ask(echo.ref, SlowConcurrent(0.3, i)) for i in range(5)))
+    assert tags == list(range(5)) and time.perf_counter() - t < 0.9
+
+
+async def test_pings_are_answered_while_a_handler_is_busy(system):
+    echo = await system.spawn(Echo(), "echo")
+    busy = asyncio.ensure_future(system.ask(echo.ref, Sleep(0.5)))
+    await asyncio.sleep(0.05)
+    t = time.perf_counter()
+    assert await system.ask(echo.ref, Ping(7)) == Pong(7)
+    assert time.perf_counter() - t < 0.2 and not busy.done()
+    await busy
+
+
+async def test_oversize_message_gets_an_error_reply():
+    settings = dataclasses.replace(FAST, max_message_bytes=10_000)
+    async with ActorSystem(settings) as system:
+        echo = await system.spawn(Echo(), "echo")
+        with pytest.raises(RemoteError, match="exceeds max_message_bytes=10000"):
+            await system.ask(echo.ref, Say("big"), torch.zeros(20_000, dtype=torch.uint8))
+        assert echo.stats["oversize"] == 1
+        assert await system.ask(echo.ref, Say("small")) == Say("small")
+
+
+async def test_watch_sees_a_clean_stop_at_once_and_a_crash_within_the_heartbeat_timeout(system):
+    watcher = await system.spawn(Echo(), "watcher")
+    a = await system.launch(Echo, name="a", in_process=True)
+    b = await system.spawn(Echo(), "b")
+    await system.ask(watcher.ref, WatchIt(a.ref))
+    await system.ask(watcher.ref, WatchIt(b.ref))
+    await asyncio.sleep(0.2)   # a few heartbeats go by: nobody is declared dead
+    assert await system.ask(watcher.ref, Deaths()) == []
+
+    t = time.perf_counter()
+    assert await system.ask(a.ref, Stop("done")) is True
+    while not await system.ask(watcher.ref, Deaths()):
+        await asyncio.sleep(0.01)
+    assert time.perf_counter() - t < 0.3   # told by the stopping actor, not by heartbeats
+    assert (await system.ask(watcher.ref, Deaths()))[0].reason == "done"
+    assert a.actor.behaviour.stopped
+
+    b.abort()   # no goodbye, and the system is not told: only heartbeats can notice
+    t = time.perf_counter()
+    while len(await system.ask(watcher.ref, Deaths())) < 2:
+        await asyncio.sleep(0.02)
+    elapsed = time.perf_counter() - t
+    death = (await system.ask(watcher.ref, Deaths()))[1]
+    assert death.ref == b.ref and "heartbeat" in death.reason
+    assert elapsed <= FAST.heartbeat_timeout + 0.2
+    with pytest.raises(PeerDeadError):
+        await watcher.ask(b.ref, Say("anyone?"))
+
+
+async def test_killed_in_process_actor_fails_pending_asks_with_peer_dead(system):
+    h = await system.launch("test_actor_helpers:Echo", name="victim", in_process=True)
+    pending = asyncio.ensure_future(system.ask(h.ref, Sleep(5)))
+    await asyncio.sleep(0.05)
+    h.kill()
+    with pytest.raises(PeerDeadError, match="killed"):
+        await pending
+    with pytest.raises(PeerDeadError):
+        await system.ask(h.ref, Say("?"))
+
+
+async def test_heartbeats_flow_during_compute_in_a_worker_thread(system):
+    echo = await system.spawn(Echo(), "echo")
+    watcher = await system.spawn(Echo(), "watcher")
+    await system.ask(watcher.ref, WatchIt(echo.ref))
+    work = asyncio.ensure_future(system.ask(echo.ref, Compute(1.0)))
+    worst = 0.0
+    while not work.done():
+        t = time.perf_counter()
+        await system.ask(echo.ref, Ping())
+        worst = max(worst, time.perf_counter() - t)
+        await asyncio.sleep(0.05)
+    assert await work > 0 and worst < 0.3
+    assert await system.ask(watcher.ref, Deaths()) == []
+
+
+async def test_clean_shutdown_runs_on_stop_and_closes_everything():
+    async with ActorSystem(FAST) as system:
+        echo = await system.spawn(Echo(), "echo")
+        other = await system.spawn(Echo(), "other")
+        await other.ask(echo.ref, Say("x"))
+        await system.ask(other.ref, WatchIt(echo.ref))
+    assert echo.closed and other.closed and echo.behaviour.stopped
+    with pytest.raises(ActorClosed):
+        await echo.ask(other.ref, Say("too late"))
+    # (the autouse fixture fails this test if any socket or context is still open)
+
+
+async def test_stop_from_inside_a_handler(system):
+    echo = await system.spawn(Echo(), "echo")
+    assert await system.ask(echo.ref, Quit()) is True
+    await asyncio.wait_for(echo.wait_closed(), 2)
+    assert echo.behaviour.stopped
+
+
+async def test_tcp_endpoints():
+    async with ActorSystem(dataclasses.replace(FAST, bind="tcp")) as system:
+        echo = await system.spawn(Echo(), "echo")
+        assert echo.ref.endpoint.startswith("tcp://127.0.0.1:")
+        assert await system.ask(echo.ref, Say("tcp")) == Say("tcp")
+
+
+async def test_local_context_drives_a_behaviour_without_sockets():
+    echo = Echo()
+    ctx = await LocalContext(echo, "e").start()
+    assert echo.started
+    assert await ctx.deliver(Say("hi")) == Say("hi")
+    with pytest.raises(ValueError, match="boom"):   # plain exceptions, no RemoteError
+        await ctx.deliver(Fail("ValueError", "boom"))
+    with pytest.raises(ProtocolError, match="no handler"):
+        await ctx.deliver(Stopwatch(1))
+    assert await ctx.deliver(Compute(0.01)) > 0
+    peer = await LocalContext(Echo(), "peer").start()
+    ctx.peers[peer.self_ref] = peer
+    await ctx.tell(peer.self_ref, Say("to peer"))
+    assert await ctx.ask(peer.self_ref, Log()) == [Say("to peer")]
+    stranger = ActorRef("x", "ipc:///nowhere")
+    await ctx.tell(stranger, Say("recorded"))
+    assert ctx.outbox == [(stranger, Say("recorded"), ())]
+    await ctx.deliver(WatchIt(stranger))
+    assert ctx.watched == {stranger}
+    await ctx.close()
+    assert echo.stopped
+
+
+async def test_settings_validation():
+    with pytest.raises(ConfigError, match="bind must be"):
+        async with ActorSystem(dataclasses.replace(FAST, bind="udp")) as system:
+            await system.spawn(Echo(), "x")

@@ -1,0 +1,171 @@
+"""Behaviours and messages shared by the actor tests; importable by name ("test_actor_helpers:Echo")
+so that launched subprocesses can load them. Holds no tests itself."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from flexpipe.runtime import ActorSettings, Terminated, handles, message
+
+# kinds 60050-60099 belong to these helpers (see flexpipe/runtime/messages.py)
+
+
+@message(60050)
+class Say:
+    """Echo me back (tell or ask)."""
+    text: str
+    n: int = 0
+
+
+@message(60051)
+class Fail:
+    """Raise an error of `kind` with `text` in the handler."""
+    kind: str
+    text: str
+
+
+@message(60052)
+class Sleep:
+    """Sleep `seconds` on the loop (async) before answering."""
+    seconds: float
+
+
+@message(60053)
+class Log:
+    """Ask for everything received so far."""
+
+
+@message(60054)
+class Compute:
+    """Burn `seconds` of torch compute through run_compute, then answer."""
+    seconds: float
+
+
+@message(60055)
+class WatchIt:
+    """Start watching `ref`."""
+    ref: object
+
+
+@message(60056)
+class Deaths:
+    """Ask for the Terminated messages received so far."""
+
+
+@message(60057)
+class Pid:
+    """Ask for the process id."""
+
+
+@message(60058)
+class SlowConcurrent:
+    """A concurrent handler that sleeps."""
+    seconds: float
+    tag: int
+
+
+@message(60059)
+class Quit:
+    """Make the handler call ctx.stop()."""
+
+
+@message(60060)
+class BadReply:
+    """Make the handler return something the wire cannot carry."""
+
+
+FAST = ActorSettings(heartbeat_interval=0.1, heartbeat_timeout=0.6, ask_timeout=5.0,
+                     start_timeout=30.0, torch_threads=1, linger_ms=100)
+
+
+def burn(seconds: float) -> int:
+    """Torch work for about `seconds` (matmuls release the GIL)."""
+    import torch   # only here: the processes of the other tests start faster without torch
+    a = torch.randn(256, 256)
+    end = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < end:
+        a = torch.tanh(a @ a)
+        n += 1
+    return n
+
+
+class Echo:
+    """Answers Say with Say, records every message, and can fail, sleep or compute on request."""
+
+    def __init__(self, tag: str = ""):
+        self.tag = tag
+        self.seen: list = []
+        self.deaths: list[Terminated] = []
+        self.started = False
+        self.stopped = False
+
+    async def on_start(self, ctx) -> None:
+        self.started = True
+
+    async def on_stop(self, ctx) -> None:
+        self.stopped = True
+
+    @handles(Say)
+    def say(self, ctx, msg: Say, *tensors):
+        self.seen.append(msg)
+        if tensors:
+            return [msg, *tensors]
+        return msg
+
+    @handles(Fail)
+    def fail(self, ctx, msg: Fail):
+        raise {"ValueError": ValueError, "KeyError": KeyError}.get(msg.kind, RuntimeError)(msg.text)
+
+    @handles(Sleep)
+    async def sleep(self, ctx, msg: Sleep):
+        await asyncio.sleep(msg.seconds)
+        return msg.seconds
+
+    @handles(SlowConcurrent, concurrent=True)
+    async def slow(self, ctx, msg: SlowConcurrent):
+        await asyncio.sleep(msg.seconds)
+        return msg.tag
+
+    @handles(Log)
+    def log(self, ctx, msg: Log):
+        return self.seen
+
+    @handles(Compute)
+    async def compute(self, ctx, msg: Compute):
+        return await ctx.run_compute(burn, msg.seconds)
+
+    @handles(WatchIt)
+    def watch_it(self, ctx, msg: WatchIt):
+        ctx.watch(msg.ref)
+        return True
+
+    @handles(Terminated)
+    def terminated(self, ctx, msg: Terminated):
+        self.deaths.append(msg)
+
+    @handles(Deaths)
+    def get_deaths(self, ctx, msg: Deaths):
+        return self.deaths
+
+    @handles(Pid)
+    def pid(self, ctx, msg: Pid):
+        return os.getpid()
+
+    @handles(Quit)
+    def quit(self, ctx, msg: Quit):
+        ctx.stop("asked to quit")
+        return True
+
+    @handles(BadReply)
+    def bad_reply(self, ctx, msg: BadReply):
+        return object()
+
+
+class FailsToStart:
+    """A behaviour whose on_start raises."""
+
+    async def on_start(self, ctx) -> None:
+        raise RuntimeError("no GPU here")
