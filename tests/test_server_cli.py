@@ -35,7 +35,7 @@ def _lines(stream, q: queue.Queue) -> None:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     cfg = tmp_path_factory.mktemp("serve") / "flexpipe.toml"
-    cfg.write_text('[serve]\nmodel = "tiny"\nstages = 2\nport = 0\n')
+    cfg.write_text('[serve]\nmodel = "tiny"\nstages = 2\nport = 0\nnum_blocks = 512\n')
     env = {**os.environ, "FLEXPIPE_API_KEY": KEY, "FLEXPIPE_CONFIG": str(cfg), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(_cmd("serve"), env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             text=True)
@@ -65,6 +65,8 @@ def test_serve_prints_its_url_and_takes_settings_from_file_and_env(served):
     assert httpx.get(f"{url}/v1/models").status_code == 401  # FLEXPIPE_API_KEY took effect
     r = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
     assert r.json()["data"][0]["id"] == "tiny"
+    st = httpx.get(f"{url}/v1/flexpipe/status", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert st["pipeline"]["kv_blocks_total"] == 512  # a runtime setting from the file reached the pipeline
 
 
 def test_chat_one_message_streams_an_answer(served):
@@ -77,7 +79,7 @@ def test_chat_one_message_streams_an_answer(served):
 
 def test_chat_session_from_stdin(served):
     _, url, _ = served
-    env = {**os.environ, "FLEXPIPE_URL": url, "FLEXPIPE_API_KEY": KEY, "FLEXPIPE_MAX_TOKENS": "6"}
+    env = {**os.environ, "FLEXPIPE_URL": url, "FLEXPIPE_API_KEY": KEY, "FLEXPIPE_CHAT_MAX_TOKENS": "6"}
     out = subprocess.run(_cmd("chat"), input="/status\nHi there\n/reset\n/quit\n", capture_output=True,
                          text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr

@@ -213,9 +213,27 @@ def test_help_names_every_setting_with_its_environment_variable(capsys):
     with pytest.raises(SystemExit):
         cli.main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for s in cli.SERVE_SETTINGS:
+    for s in cli.SERVE_SETTINGS + cli.RUNTIME_SETTINGS:
         assert s.env in text.replace("- ", "-"), s.name
     with pytest.raises(SystemExit):
         cli.main(["chat", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "FLEXPIPE_URL" in text and "--message" in text
+    assert "FLEXPIPE_URL" in text and "FLEXPIPE_CHAT_MAX_TOKENS" in text and "--message" in text
+
+
+def test_runtime_flags_match_the_runtime_settings():
+    import dataclasses
+
+    from flexpipe.api import Settings
+
+    fields = {f.name: f.default for f in dataclasses.fields(Settings)}
+    flags = {s.name: s.default for s in cli.RUNTIME_SETTINGS}
+    assert flags == fields, "flexpipe.api.Settings changed: update RUNTIME_SETTINGS in flexpipe/server/cli.py"
+
+
+def test_runtime_settings_from_env_and_file(tmp_path):
+    f = tmp_path / "f.yaml"
+    f.write_text("num_blocks: 64\n")
+    args = _serve_args(["--config", str(f), "--block-size", "8"])
+    cfg = cli.resolve(cli.SERVE_SETTINGS + cli.RUNTIME_SETTINGS, args, "serve", environ={"FLEXPIPE_MAX_QUEUED": "5"})
+    assert (cfg["num_blocks"], cfg["block_size"], cfg["max_queued"], cfg["dtype"]) == (64, 8, 5, "float32")

@@ -8,7 +8,6 @@ the default.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tomllib
@@ -32,10 +31,11 @@ class Setting:
     help: str
     metavar: str | None = None
     positional: bool = False
+    env_prefix: str = "FLEXPIPE_"
 
     @property
     def env(self) -> str:
-        return "FLEXPIPE_" + self.name.upper()
+        return self.env_prefix + self.name.upper()
 
     @property
     def flag(self) -> str:
@@ -57,21 +57,44 @@ SERVE_SETTINGS = [
             "or inline text; default: the checkpoint's, else a plain 'Role: text' template", "TEMPLATE"),
     Setting("default_max_tokens", int, None, "tokens to generate when a request names no max_tokens "
             "(default: 16 for completions, the rest of the context for chat)", "N"),
-    Setting("engine_options", str, None, "extra keyword settings of FlexPipe.launch, as a JSON object, e.g. "
-            "'{\"block_size\": 16}'", "JSON"),
     Setting("access_log", bool, False, "log every HTTP request"),
 ]
+
+# The runtime's own settings (flexpipe.api.Settings), passed to FlexPipe.launch when given.  Listed
+# here rather than read from the dataclass so that `flexpipe --help` does not import torch; a test
+# keeps names and defaults in step with flexpipe.api.Settings.
+RUNTIME_SETTINGS = [
+    Setting("block_size", int, 16, "tokens per KV block", "N"),
+    Setting("num_blocks", int, 1024, "KV blocks per stage (the KV memory of each stage)", "N"),
+    Setting("max_batch_tokens", int, 256, "token budget of one micro-batch; chunked prefill fills it", "N"),
+    Setting("max_batch_seqs", int, 256, "sequences in one micro-batch at most", "N"),
+    Setting("dtype", str, "float32", "dtype of weights and activations (float32, bfloat16, float16)"),
+    Setting("device", str, "cpu", "device of the stages (cpu, cuda, cuda:N)"),
+    Setting("seed", int, 0, "weights seed of preset models"),
+    Setting("torch_threads", int, 1, "torch threads per stage process", "N"),
+    Setting("heartbeat_interval", float, 0.5, "seconds between heartbeats of the stage actors", "S"),
+    Setting("heartbeat_timeout", float, 3.0, "seconds without a heartbeat before a stage counts as dead", "S"),
+    Setting("start_timeout", float, 120.0, "seconds a stage may take to start (load its weights)", "S"),
+    Setting("max_queued", int, 4096, "requests waiting at most; beyond, new ones are refused", "N"),
+]
+
+# The URL and key are shared with `flexpipe serve` (FLEXPIPE_URL, FLEXPIPE_API_KEY); the rest read
+# FLEXPIPE_CHAT_*, so that a shell set up for the server does not steer the client (and back).
+def _chat(name: str, type_: Callable[[str], Any] | type, default: Any, help_: str, metavar: str | None = None
+          ) -> Setting:
+    return Setting(name, type_, default, help_, metavar, env_prefix="FLEXPIPE_CHAT_")
+
 
 CHAT_SETTINGS = [
     Setting("url", str, "http://127.0.0.1:8000", "base URL of a running `flexpipe serve`"),
     Setting("api_key", str, None, "the server's API key, if it has one", "KEY"),
-    Setting("model", str, None, "model name to ask for (default: the first one the server lists)", "NAME"),
-    Setting("system", str, None, "system message that starts the conversation", "TEXT"),
-    Setting("max_tokens", int, 128, "tokens to generate per answer"),
-    Setting("temperature", float, 0.7, "sampling temperature (0 = greedy)"),
-    Setting("top_p", float, 1.0, "nucleus sampling mass"),
-    Setting("seed", int, None, "sampling seed, for answers that repeat"),
-    Setting("message", str, None, "send this one message, print the answer and exit (no prompt)", "TEXT"),
+    _chat("model", str, None, "model name to ask for (default: the first one the server lists)", "NAME"),
+    _chat("system", str, None, "system message that starts the conversation", "TEXT"),
+    _chat("max_tokens", int, 128, "tokens to generate per answer", "N"),
+    _chat("temperature", float, 0.7, "sampling temperature (0 = greedy)", "T"),
+    _chat("top_p", float, 1.0, "nucleus sampling mass", "P"),
+    _chat("seed", int, None, "sampling seed, for answers that repeat", "N"),
+    _chat("message", str, None, "send this one message, print the answer and exit (no prompt)", "TEXT"),
 ]
 
 
@@ -127,7 +150,9 @@ def resolve(settings: list[Setting], args: argparse.Namespace, section: str,
     config_path = getattr(args, "config", None) or environ.get("FLEXPIPE_CONFIG")
     from_file = load_config_file(config_path, section) if config_path else {}
     known = {s.name for s in settings}
-    unknown = sorted(set(from_file) - known)
+    # One file may serve both commands at its top level: keys of the other command are not typos.
+    anyone = known | {s.name for s in SERVE_SETTINGS + RUNTIME_SETTINGS + CHAT_SETTINGS}
+    unknown = sorted(set(from_file) - anyone)
     if unknown:
         raise ConfigError(f"config file {config_path}: unknown setting(s) {', '.join(unknown)} for "
                           f"`flexpipe {section}`; known: {', '.join(sorted(known))}")
@@ -145,7 +170,7 @@ def resolve(settings: list[Setting], args: argparse.Namespace, section: str,
     return out
 
 
-def _add_settings(p: argparse.ArgumentParser, settings: list[Setting], section: str) -> None:
+def _add_settings(p: Any, settings: list[Setting], section: str, config_flag: bool = True) -> None:
     for s in settings:
         where = f"env {s.env}; config key '{s.name}'"
         default = "" if s.default is None else f"; default {s.default!r}"
@@ -156,6 +181,8 @@ def _add_settings(p: argparse.ArgumentParser, settings: list[Setting], section: 
             p.add_argument(s.flag, dest=s.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             p.add_argument(s.flag, dest=s.name, type=s.type, default=None, metavar=s.metavar, help=help_)
+    if not config_flag:
+        return
     p.add_argument("--config", metavar="FILE", default=None,
                    help=f"YAML or TOML file of settings, at its top level or under a [{section}] table "
                         "(env FLEXPIPE_CONFIG)")
@@ -175,19 +202,22 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                     "Each setting is taken from its flag, else its environment variable, else the\n"
                     "config file, else its default.")
     _add_settings(p, SERVE_SETTINGS, "serve")
+    runtime = p.add_argument_group("runtime settings (passed to the pipeline)")
+    _add_settings(runtime, RUNTIME_SETTINGS, "serve", config_flag=False)
     p.set_defaults(func=serve_main)
     return p
 
 
 def serve_main(args: argparse.Namespace) -> int:
     """Run `flexpipe serve` until SIGINT/SIGTERM."""
-    cfg = resolve(SERVE_SETTINGS, args, "serve")
+    cfg = resolve(SERVE_SETTINGS + RUNTIME_SETTINGS, args, "serve")
     from flexpipe.api import FlexPipe
 
     from .app import create_app
     from .runner import serve_forever
 
-    options = _engine_options(cfg["engine_options"])
+    # Only what was set anywhere goes to the runtime; the rest keeps the runtime's own defaults.
+    options = {s.name: cfg[s.name] for s in RUNTIME_SETTINGS if cfg[s.name] != s.default}
     model, stages, in_process = cfg["model"], cfg["stages"], cfg["in_process"]
 
     def launch() -> Any:
@@ -209,19 +239,6 @@ def serve_main(args: argparse.Namespace) -> int:
     started = serve_forever(app, host=cfg["host"], port=cfg["port"], on_ready=ready, log_level=log_level,
                             access_log=cfg["access_log"])
     return 0 if started else 1
-
-
-def _engine_options(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"engine_options is not JSON ({e}); send an object such as '{{\"block_size\": 16}}'") \
-            from None
-    if not isinstance(options, dict):
-        raise ConfigError("engine_options must be a JSON object of FlexPipe.launch keyword settings")
-    return options
 
 
 # --- flexpipe chat -------------------------------------------------------------------------------
