@@ -151,6 +151,24 @@ def test_chat_usage_rides_in_the_last_chunk_by_default(live):
     assert len({e["id"] for e in events}) == 1 and events[0]["id"].startswith("chatcmpl-")
 
 
+async def test_concurrent_streams_each_get_their_own_answer(live):
+    """Requests batched together in the pipeline answer as they would alone (greedy)."""
+    import asyncio
+
+    prompts = [f"Request number {i}: " + "word " * i for i in range(6)]
+    alone = [live.oai.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0).choices[0].text
+             for p in prompts]
+    client = openai.AsyncOpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+    async def one(p: str) -> str:
+        stream = await client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0, stream=True)
+        return "".join([c.choices[0].text async for c in stream])
+
+    together = await asyncio.gather(*(one(p) for p in prompts))
+    await client.close()
+    assert together == alone
+
+
 # --- bad input: OpenAI-style errors, and the server keeps serving --------------------------------------
 LONG = "x" * 5000
 
