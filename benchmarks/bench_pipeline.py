@@ -1,0 +1,316 @@
+"""FP-3 serving benchmark: FlexPipe (1 stage, 4 stages) vs HF transformers `generate`, same weights, one run.
+
+    .venv/bin/python benchmarks/bench_pipeline.py            # 64 new tokens, best of 2 (about 2-3 minutes)
+    .venv/bin/python benchmarks/bench_pipeline.py --quick    # 32 new tokens, one repeat, 1 and 32 streams
+    .venv/bin/python benchmarks/bench_pipeline.py --preset tiny
+
+Model: by default a Llama of hidden 256 x 8 layers (6.1M params, the config of bench_reference.py),
+exported with save_checkpoint; FlexPipe loads that directory and HF loads it with from_pretrained,
+so both run the very same fp32 weights.  `tiny` (hidden 128, 1.6M params) is so small that a decode
+step is almost only Python and messaging overhead; hidden 256 puts real matmul work in each step.
+
+Load: N = 1, 8, 32 concurrent streams, greedy, ignore EOS, prompts of 16..64 tokens, the same
+max_new_tokens M.  FlexPipe gets N concurrent `fp.generate` streams (stage subprocesses, default
+settings: one torch thread per stage).  HF gets what a user would write: one left-padded batch of
+the same N prompts, `generate(max_new_tokens=M, min_new_tokens=M, do_sample=False)`, with as many
+torch threads as one FlexPipe stage (--hf-threads; see the README for why).
+
+Token times: FlexPipe's streamed events; HF's a streamer that notes when each step's tokens come
+out (a batch decodes in lockstep).  Decode throughput is tokens/s while all N streams decode at
+once, prefill excluded: tokens that arrive between the moment the last stream got its first token
+and the moment the first stream got its last one, over that window (for HF: N (M - 1) over first to
+last step).  TTFT and time per output token (the gap between consecutive tokens of a stream, TPOT)
+come from the same times, pooled over repeats; throughputs are the best of --repeats, systems
+interleaved.  CPU ms/token: CPU time of every process involved
+(router or HF process, stage processes) per generated token of the M run, which the other load on a
+shared machine disturbs far less than wall time.  Every FlexPipe output is checked against
+model/reference.py.
+Targets (FP-3): FlexPipe 1 stage >= 2x HF decode throughput at 32 streams; 4 stages <= 1.25x the
+1-stage time per output token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import tempfile
+import time
+
+import torch
+
+from flexpipe.api import FlexPipe
+from flexpipe.model import ModelConfig, PresetWeights, ReferenceModel, SamplingParams, preset, save_checkpoint
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    if args.preset:
+        return preset(args.preset)
+    h = args.hidden
+    return ModelConfig(name=f"llama-h{h}-l{args.layers}", hidden_size=h, intermediate_size=h * 11 // 4,
+                       num_layers=args.layers, num_heads=h // 64, num_kv_heads=max(1, h // 128),
+                       bos_token_id=256, eos_token_ids=(257,), pad_token_id=258)
+
+
+def make_prompts(n: int) -> list[list[int]]:
+    """n byte-token prompts of 16..64 tokens (deterministic)."""
+    return [[(37 * i + 11 * j + 5) % 256 for i in range(16 + (7 * j) % 49)] for j in range(n)]
+
+
+def pct(xs: list[float], q: float) -> float:
+    """q-th percentile (linear interpolation), NaN for no samples."""
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    k = (len(s) - 1) * q / 100
+    lo = int(k)
+    return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (k - lo)
+
+
+# ---- FlexPipe -------------------------------------------------------------------------------------
+async def _stream(fp: FlexPipe, prompt: list[int], m: int) -> tuple[float, list[float], list[int]]:
+    t0, times, ids = time.perf_counter(), [], []
+    async for ev in fp.generate(prompt, max_tokens=m, ignore_eos=True):
+        if ev.token_id is not None:
+            times.append(time.perf_counter())
+            ids.append(ev.token_id)
+    return t0, times, ids
+
+
+async def run_flexpipe(fp: FlexPipe, prompts: list[list[int]], m: int) -> tuple[float, list]:
+    """Wall time of N concurrent streams of m tokens, and each stream's (submit, token times, ids)."""
+    t = time.perf_counter()
+    res = await asyncio.gather(*(_stream(fp, p, m) for p in prompts))
+    return time.perf_counter() - t, res
+
+
+# ---- HF transformers -----------------------------------------------------------------------------
+class _Clock:
+    """An HF streamer that only notes when each generation step's tokens come out."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+class HFRunner:
+    """HF generate on a left-padded batch, run in its own thread so the pipelines' loop stays live."""
+
+    def __init__(self, path: str, threads: int):
+        import transformers
+
+        self.transformers_version = transformers.__version__
+        self.threads = threads
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hf")
+        self.model = self.pool.submit(self._load, path).result()
+
+    def _load(self, path: str):
+        import transformers
+
+        torch.set_num_threads(self.threads)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model.generation_config.eos_token_id = None  # ignore EOS, as the FlexPipe requests do
+        model.generation_config.pad_token_id = 0
+        return model
+
+    def _generate(self, prompts: list[list[int]], m: int) -> tuple[float, list[float], list[list[int]]]:
+        torch.set_num_threads(self.threads)
+        width = max(map(len, prompts))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        clock = _Clock()
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = self.model.generate(ids, attention_mask=mask, max_new_tokens=m, min_new_tokens=m,
+                                      do_sample=False, streamer=clock)
+        # the streamer's first put is the prompt; then one put per step with the batch's new tokens
+        return t, clock.times[1:], out[:, width:].tolist()
+
+    async def run(self, prompts: list[list[int]], m: int) -> tuple[float, list]:
+        """Like run_flexpipe: wall time and, per prompt, (start, token times, ids) from one batch."""
+        t, times, outs = await asyncio.get_running_loop().run_in_executor(self.pool, self._generate, prompts, m)
+        return times[-1] - t, [(t, times, o) for o in outs]
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+# ---- oracle check ----------------------------------------------------------------------------------
+class Oracle:
+    """Reference tokens per prompt (computed once, compared as prefixes) and the near-tie rule of the tests."""
+
+    TIE = 1e-4  # a greedy token may differ only where the reference's top-2 logits are closer than this
+
+    def __init__(self, cfg: ModelConfig, path: str, prompts: list[list[int]], m: int):
+        from flexpipe.model import CheckpointReader
+
+        self.model = ReferenceModel(cfg, CheckpointReader(path))
+        self.want = [self.model.generate(p, SamplingParams(max_tokens=m, ignore_eos=True)) for p in prompts]
+        self.prompts = prompts
+        self.checked = self.equal = self.ties = 0
+        self.bad: list[str] = []
+
+    def check(self, j: int, got: list[int], label: str) -> None:
+        want = self.want[j][:len(got)]
+        self.checked += 1
+        if got == want and len(got) > 0:
+            self.equal += 1
+            return
+        k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        if k < len(got) and k < len(want):
+            top2 = self.model.logits_for(self.prompts[j], want[:k])[-1].topk(2).values
+            if float(top2[0] - top2[1]) < self.TIE:
+                self.ties += 1
+                return
+        self.bad.append(f"{label} prompt {j}: first difference at token {k}: {got[k:k + 4]} != {want[k:k + 4]}")
+
+    def line(self) -> str:
+        ok = self.equal + self.ties == self.checked and not self.bad
+        s = (f"oracle check: {self.equal}/{self.checked} FlexPipe outputs equal model/reference.py token for token"
+             f"{f', {self.ties} differ only at a near-tie (top-2 margin < {self.TIE})' if self.ties else ''}"
+             f" -> {'OK' if ok else 'MISMATCH'}")
+        return s + "".join(f"\n  {b}" for b in self.bad[:10])
+
+
+# ---- measures -------------------------------------------------------------------------------------
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) of this process and of `pids` so far (Linux /proc)."""
+    total = time.process_time()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def window_rate(res: list) -> float:
+    """Tokens/s while every stream decodes: from the last first token to the first last token."""
+    start = max(times[0] for _, times, _ in res)
+    end = min(times[-1] for _, times, _ in res)
+    if end <= start:
+        return float("nan")
+    return sum(1 for _, times, _ in res for t in times if start < t <= end) / (end - start)
+
+
+# ---- the run -------------------------------------------------------------------------------------
+LABELS = {"hf": "HF generate", "fp1": "FlexPipe 1 stage", "fp4": "FlexPipe 4 stages"}
+
+
+async def bench(args: argparse.Namespace) -> None:
+    cfg = model_config(args)
+    streams = [1, 32] if args.quick else [1, 8, 32]
+    m = args.tokens
+    prompts = make_prompts(max(streams))
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fp-bench-") as path:
+        save_checkpoint(cfg, PresetWeights(cfg, seed=0), path)
+        oracle = Oracle(cfg, path, prompts, m)
+        hf = HFRunner(path, args.hf_threads)
+        nparams = sum(p.numel() for p in hf.model.parameters())
+        async with contextlib.AsyncExitStack() as stack:
+            fps = {f"fp{s}": await stack.enter_async_context(FlexPipe.launch(path, stages=s)) for s in (1, 4)}
+            pids = {k: [st["pid"] for st in fp.controller.stage_info()] for k, fp in fps.items()}
+            pids["hf"] = []
+            for fp in fps.values():  # warm-up: first steps pay for lazy initialisation
+                await run_flexpipe(fp, prompts[:2], 4)
+            await hf.run(prompts[:2], 4)
+            best: dict[tuple[str, int, str], float] = {}
+            lat: dict[tuple[str, int], dict[str, list[float]]] = {}
+            hf_same: dict[int, int] = {}
+
+            def keep(key: tuple, v: float, most: bool = False) -> None:
+                old = best.get(key, float("-inf") if most else float("inf"))
+                best[key] = max(old, v) if most else min(old, v)
+
+            systems = ["hf", "fp1", "fp4"]
+            for rep in range(args.repeats):
+                for n in streams:
+                    for name in systems[rep % 3:] + systems[:rep % 3]:  # no system always goes first
+                        c0 = cpu_seconds(pids[name])
+                        if name == "hf":
+                            dt, res = await hf.run(prompts[:n], m)
+                        else:
+                            dt, res = await run_flexpipe(fps[name], prompts[:n], m)
+                        keep((name, n, "cpu"), (cpu_seconds(pids[name]) - c0) / (n * m))
+                        keep((name, n, "tm"), dt)
+                        keep((name, n, "rate"), window_rate(res), most=True)
+                        d = lat.setdefault((name, n), {"ttft": [], "tpot": []})
+                        for j, (t0, times, ids) in enumerate(res):
+                            d["ttft"].append(times[0] - t0)
+                            d["tpot"] += [b - a for a, b in zip(times, times[1:])]
+                            if name != "hf":
+                                oracle.check(j, ids, f"{LABELS[name]}, {n} streams")
+                        if name == "hf":
+                            hf_same[n] = sum(ids == oracle.want[j] for j, (_, _, ids) in enumerate(res))
+            bounds = {k: fp.controller.shape.boundaries for k, fp in fps.items()}
+        hf.close()
+    elapsed = time.perf_counter() - t_start
+
+    load = os.getloadavg()
+    print(f"model {cfg.name}: {nparams / 1e6:.1f}M params, fp32, CPU ({os.cpu_count()} cores, load average "
+          f"{load[0]:.1f} at the end); prompts 16..64 tokens, M = {m} new tokens, greedy; best of {args.repeats}")
+    print(f"FlexPipe: stage subprocesses, 1 torch thread each; unit boundaries 1 stage {bounds['fp1']}, "
+          f"4 stages {bounds['fp4']}.  HF transformers {hf.transformers_version} generate, left-padded batch, "
+          f"{args.hf_threads} torch thread(s)")
+    print()
+    head = (f"{'system':<18}{'streams':>8}{'decode tok/s':>14}{'e2e tok/s':>11}{'TTFT p50/p99 ms':>19}"
+            f"{'TPOT p50/p99 ms':>19}{'CPU ms/tok':>12}")
+    print(head)
+    print("-" * len(head))
+    for n in streams:
+        for name in systems:
+            tm, d = best[(name, n, "tm")], lat[(name, n)]
+            ttft = f"{pct(d['ttft'], 50) * 1e3:.0f} / {pct(d['ttft'], 99) * 1e3:.0f}"
+            tpot = f"{pct(d['tpot'], 50) * 1e3:.1f} / {pct(d['tpot'], 99) * 1e3:.1f}"
+            print(f"{LABELS[name]:<18}{n:>8}{best[(name, n, 'rate')]:>14.1f}{n * m / tm:>11.1f}{ttft:>19}"
+                  f"{tpot:>19}{best[(name, n, 'cpu')] * 1e3:>12.2f}")
+    print()
+    n_max = max(streams)
+    r_hf = best[("fp1", n_max, "rate")] / best[("hf", n_max, "rate")]
+    r_e2e = best[("hf", n_max, "tm")] / best[("fp1", n_max, "tm")]
+    r_tpot = pct(lat[("hf", n_max)]["tpot"], 50) / pct(lat[("fp1", n_max)]["tpot"], 50)
+    print(f"FlexPipe 1 stage / HF decode throughput at {n_max} streams: {r_hf:.2f}x (end to end {r_e2e:.2f}x, "
+          f"p50 TPOT HF / FlexPipe {r_tpot:.2f}x)  "
+          f"target >= 2x: {'met' if r_hf >= 2 else 'NOT met'}")
+    for n in streams:
+        r = pct(lat[("fp4", n)]["tpot"], 50) / pct(lat[("fp1", n)]["tpot"], 50)
+        r_tp = best[("fp1", n, "rate")] / best[("fp4", n, "rate")]
+        r_cpu = best[("fp4", n, "cpu")] / best[("fp1", n, "cpu")]
+        print(f"4 stages / 1 stage time per output token at {n:>2} streams: p50 TPOT {r:.2f}x  target <= 1.25x: "
+              f"{'met' if r <= 1.25 else 'NOT met'}  (1/decode throughput {r_tp:.2f}x, CPU per token {r_cpu:.2f}x)")
+    print("HF generate outputs equal to the reference (not a target): "
+          + ", ".join(f"{hf_same[n]}/{n} at {n} streams" for n in streams))
+    print(oracle.line())
+    print(f"elapsed {elapsed:.0f} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default=None, help="model preset, e.g. tiny (default: --hidden/--layers Llama)")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=None, help="new tokens per stream (default 64, quick 32)")
+    ap.add_argument("--repeats", type=int, default=None, help="best of (default 2, quick 1)")
+    ap.add_argument("--hf-threads", type=int, default=1, help="torch threads of HF (default 1 = one stage's)")
+    ap.add_argument("--quick", action="store_true", help="32 tokens, one repeat, 1 and 32 streams")
+    args = ap.parse_args()
+    args.tokens = args.tokens or (32 if args.quick else 64)
+    args.repeats = args.repeats or (1 if args.quick else 2)
+    # One torch thread in this process too (router, oracle, HF's thread sets its own): on a 2-core
+    # machine shared with other work, an OpenMP team of 2 spins against the stages and other jobs.
+    torch.set_num_threads(1)
+    asyncio.run(bench(args))
+
+
+if __name__ == "__main__":
+    main()
