@@ -212,6 +212,10 @@ class LocalContext(ActorContext):
         self.stopped = reason
 
 
+def _is_ref(x: Any) -> bool:
+    return isinstance(x, ActorRef) and isinstance(x.name, str) and isinstance(x.endpoint, str)
+
+
 def ident_of(ref: ActorRef) -> bytes:
     """The ZeroMQ routing id an actor's DEALERs announce: its own ref, msgpack-encoded."""
     return msgpack.packb([ref.name, ref.endpoint])
@@ -576,14 +580,17 @@ class Actor(ActorContext):
                 self._reply(ident, self._sender_of(ident), env.corr, Pong(msg.seq))
         elif cls is Terminated:
             if self._sender_of(ident) == msg.ref:  # only an actor may announce its own end
-                self._declare_dead(msg.ref, msg.reason)
+                self._declare_dead(msg.ref, str(msg.reason))
         elif cls is Watch:
-            self._watchers.add(msg.watcher)
+            if self._sender_of(ident) == msg.watcher:  # and only watch for itself
+                self._watchers.add(msg.watcher)
         elif cls is Unwatch:
-            self._watchers.discard(msg.watcher)
+            if self._sender_of(ident) == msg.watcher:
+                self._watchers.discard(msg.watcher)
         elif cls is Started:
-            waiter = self._started_waiters.pop(msg.token, None)
-            if waiter is not None and not waiter.done():
+            waiter = self._started_waiters.get(msg.token) if isinstance(msg.token, str) else None
+            if waiter is not None and not waiter.done() and _is_ref(msg.ref):
+                del self._started_waiters[msg.token]
                 waiter.set_result(msg)
         elif cls is Stop:
             if asked:

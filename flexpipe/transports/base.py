@@ -1,0 +1,121 @@
+"""The tensor transport interface, the registry of transport kinds, and the choice per pair.
+
+A transport is one direction of a tensor channel. The receiving side opens it first and gets a
+msgpack-able `address`, which travels to the sending side in an ordinary actor message::
+
+    rx = await open_receiver(choose_transport(sender_endpoint, Endpoint.here()))
+    await ctx.tell(sender, UseChannel(rx.address))      # sender: tx = await open_sender(address)
+    await tx.send(hidden)                               # [tokens, hidden]
+    (hidden,) = await rx.recv()                         # or rx.recv(into=[preallocated])
+
+Sends are delivered in order. Tensors handed to send() must not be modified until send() returns.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence
+
+import torch
+
+from flexpipe.errors import ConfigError, ProtocolError
+
+__all__ = ["Endpoint", "Transport", "choose_transport", "register_transport", "open_receiver",
+           "open_sender", "check_into"]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where one side of a tensor channel lives: host, process and device."""
+    host: str
+    pid: int
+    device: str = "cpu"
+
+    @classmethod
+    def here(cls, device: str = "cpu") -> "Endpoint":
+        """This process on this host."""
+        return cls(socket.gethostname(), os.getpid(), device)
+
+
+class Transport(abc.ABC):
+    """One direction of a tensor channel; `send` on the sending side, `recv` on the receiving side."""
+
+    kind: str = ""
+    address: dict = {}   # receiving side: how a sender reaches it (msgpack-able)
+
+    @abc.abstractmethod
+    async def send(self, *tensors: torch.Tensor) -> None:
+        """Send tensors to the peer, in order with earlier sends. Raises ActorClosed when closed."""
+
+    @abc.abstractmethod
+    async def recv(self, into: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Receive the next send's tensors: new tensors, or copied into `into` (same dtypes and
+        shapes, contiguous) which is then returned. Raises ProtocolError on a mismatch."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release sockets and memory; a pending recv raises ActorClosed."""
+
+    async def __aenter__(self) -> "Transport":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
+def check_into(into: Sequence[torch.Tensor], specs: Sequence[Any]) -> None:
+    """Raise ProtocolError unless `into` matches the incoming (dtype, shape) specs."""
+    if len(into) != len(specs):
+        raise ProtocolError(f"received {len(specs)} tensors, `into` has {len(into)}")
+    for i, (t, spec) in enumerate(zip(into, specs)):
+        if t.dtype != spec.dtype or list(t.shape) != list(spec.shape) or not t.is_contiguous():
+            raise ProtocolError(f"tensor {i}: received {spec.dtype}{list(spec.shape)}, `into` "
+                                f"holds {t.dtype}{list(t.shape)} (contiguous={t.is_contiguous()})")
+
+
+def choose_transport(src: Endpoint, dst: Endpoint) -> str:
+    """The transport kind for sending from `src` to `dst`: local, shm, tcp (or cuda_ipc, nccl)."""
+    if src.device != "cpu" or dst.device != "cpu":
+        return "cuda_ipc" if src.host == dst.host else "nccl"    # FP-10
+    if src.host != dst.host:
+        return "tcp"
+    if src.pid == dst.pid:
+        return "local"
+    return "shm"
+
+
+_Listen = Callable[..., Awaitable[Transport]]
+_Connect = Callable[[dict], Awaitable[Transport]]
+_REGISTRY: dict[str, tuple[_Listen, _Connect]] = {}
+
+
+def register_transport(kind: str, listen: _Listen, connect: _Connect) -> None:
+    """Make a transport kind available (FP-10 registers cuda_ipc and nccl here)."""
+    _REGISTRY[kind] = (listen, connect)
+
+
+def _lookup(kind: str) -> tuple[_Listen, _Connect]:
+    if kind not in _REGISTRY:
+        import flexpipe.transports  # noqa: F401  (registers the built-in kinds)
+    try:
+        return _REGISTRY[kind]
+    except KeyError:
+        raise ConfigError(f"transport {kind!r} is not available (known: "
+                          f"{', '.join(sorted(_REGISTRY))})") from None
+
+
+async def open_receiver(kind: str, **options: Any) -> Transport:
+    """Open the receiving side of a channel of `kind`; give its `.address` to the sender."""
+    listen, _ = _lookup(kind)
+    return await listen(**options)
+
+
+async def open_sender(address: dict, **options: Any) -> Transport:
+    """Open the sending side of the channel a receiver published as `address`."""
+    if not isinstance(address, dict) or not isinstance(address.get("kind"), str):
+        raise ProtocolError(f"bad transport address {address!r:.120}")
+    _, connect = _lookup(address["kind"])
+    return await connect(address, **options)

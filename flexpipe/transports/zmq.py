@@ -1,0 +1,144 @@
+"""Tensors as ZeroMQ frames (kinds "ipc" and "tcp"): a header frame, then each tensor's raw bytes.
+
+The sender's frames share memory with its tensors (copy=False). Without `into`, received tensors
+are views of the received frames (no copy); with `into`, frames are received straight into the
+given tensors (recv_into, no intermediate buffer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import uuid
+from typing import Any, Sequence
+
+import torch
+import zmq
+import zmq.asyncio
+
+from flexpipe.errors import ActorClosed, ConfigError, ProtocolError
+from flexpipe.runtime.codec import byte_view, parse_tensor_header, tensor_header
+from flexpipe.transports.base import Transport, check_into
+
+__all__ = ["ZmqTransport"]
+
+
+class ZmqTransport(Transport):
+    """One PUSH -> PULL ZeroMQ channel; the receiver binds, the sender connects."""
+
+    def __init__(self, kind: str, sock: zmq.asyncio.Socket, zctx: zmq.asyncio.Context,
+                 owns_ctx: bool, address: dict, path: str = ""):
+        self.kind = kind
+        self.address = address
+        self._sock = sock
+        self._zctx = zctx
+        self._owns_ctx = owns_ctx
+        self._path = path
+        self._closed = False
+        self._recv_lock = asyncio.Lock()
+
+    @classmethod
+    async def listen(cls, kind: str = "ipc", *, zctx: zmq.asyncio.Context | None = None,
+                     host: str = "127.0.0.1", hwm: int = 16) -> "ZmqTransport":
+        """Bind the receiving side on a fresh ipc path or tcp port."""
+        owns = zctx is None
+        zctx = zctx or zmq.asyncio.Context()
+        sock = zctx.socket(zmq.PULL)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        path = ""
+        if kind == "ipc":
+            path = os.path.join(tempfile.gettempdir(), f"fp-tx-{uuid.uuid4().hex[:12]}")
+            endpoint = f"ipc://{path}"
+        elif kind == "tcp":
+            endpoint = f"tcp://{host}:*"
+        else:
+            raise ConfigError(f"ZmqTransport kind must be 'ipc' or 'tcp', got {kind!r}")
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError:
+            sock.close(0)
+            if owns:
+                zctx.term()
+            raise
+        endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        return cls(kind, sock, zctx, owns, {"kind": kind, "endpoint": endpoint}, path)
+
+    @classmethod
+    async def connect(cls, address: dict, *, zctx: zmq.asyncio.Context | None = None,
+                      hwm: int = 16, linger_ms: int = 1000) -> "ZmqTransport":
+        """Connect the sending side to a receiver's address."""
+        endpoint = address.get("endpoint")
+        if not isinstance(endpoint, str):
+            raise ProtocolError(f"zmq transport address without endpoint: {address!r:.100}")
+        owns = zctx is None
+        zctx = zctx or zmq.asyncio.Context()
+        sock = zctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, linger_ms)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.connect(endpoint)
+        return cls(address["kind"], sock, zctx, owns, dict(address))
+
+    async def send(self, *tensors: torch.Tensor) -> None:
+        if self._closed:
+            raise ActorClosed(f"{self.kind} transport is closed")
+        tensors = tuple(t if t.is_contiguous() else t.contiguous() for t in tensors)
+        frames: list[Any] = [tensor_header(tensors)]
+        frames += [byte_view(t) for t in tensors]
+        await self._sock.send_multipart(frames, copy=False)
+
+    async def recv(self, into: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        if self._closed:
+            raise ActorClosed(f"{self.kind} transport is closed")
+        async with self._recv_lock:   # recv(into=) reads one message in several calls
+            if into is None:
+                return self._tensors(await self._sock.recv_multipart(copy=False))
+            return await self._recv_into(self._sock, into)
+
+    @staticmethod
+    def _tensors(frames: list) -> list[torch.Tensor]:
+        specs = parse_tensor_header(frames[0])
+        if len(frames) != len(specs) + 1:
+            raise ProtocolError(f"header announces {len(specs)} tensors, got {len(frames) - 1} "
+                                "frames")
+        out = []
+        for spec, frame in zip(specs, frames[1:]):
+            if len(frame) != spec.nbytes:
+                raise ProtocolError(f"tensor frame of {len(frame)} bytes, expected {spec.nbytes}")
+            out.append(torch.frombuffer(frame.buffer, dtype=spec.dtype).view(spec.shape)
+                       if spec.nbytes else torch.empty(spec.shape, dtype=spec.dtype))
+        return out
+
+    async def _recv_into(self, sock: zmq.asyncio.Socket,
+                         into: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        try:
+            specs = parse_tensor_header(await sock.recv(copy=False))
+            check_into(into, specs)
+            for dst, spec in zip(into, specs):
+                if not sock.getsockopt(zmq.RCVMORE):
+                    raise ProtocolError("message ended before all tensor frames arrived")
+                n = await sock.recv_into(byte_view(dst)) if spec.nbytes else \
+                    len(await sock.recv(copy=False))
+                if n != spec.nbytes:
+                    raise ProtocolError(f"tensor frame of {n} bytes, expected {spec.nbytes}")
+            if sock.getsockopt(zmq.RCVMORE):
+                raise ProtocolError("more tensor frames than the header announces")
+        except ProtocolError:
+            while sock.getsockopt(zmq.RCVMORE):   # drop the rest of this message
+                await sock.recv(copy=False)
+            raise
+        return list(into)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._sock.close()
+        if self._owns_ctx:
+            self._zctx.term()
+        if self._path:
+            try:
+                os.unlink(self._path)
+            except FileNotFoundError:
+                pass

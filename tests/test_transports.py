@@ -1,0 +1,169 @@
+"""Transports move exact bytes (sizes 0, small, 16 MiB), in order, into preallocated tensors or new
+ones, within a process and to another process; and the choice of transport per pair."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+import torch
+
+from flexpipe.errors import ActorClosed, ConfigError, ProtocolError
+from flexpipe.runtime import ActorSystem, handles, message
+from flexpipe.transports import Endpoint, choose_transport, open_receiver, open_sender
+from test_actor_helpers import FAST
+
+pytestmark = pytest.mark.timeout(60)
+
+KINDS = ["local", "shm", "ipc", "tcp"]
+SIZES = [0, 100, 16 << 20]
+
+
+def payload(nbytes: int, seed: int = 0) -> list[torch.Tensor]:
+    """A uint8 blob of `nbytes` plus a small non-contiguous bf16 tensor and an empty one."""
+    g = torch.Generator().manual_seed(seed)
+    blob = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)
+    return [blob, torch.randn(7, 5, generator=g).to(torch.bfloat16).t(), torch.empty(0, 3)]
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+async def pair(kind: str, **opts):
+    rx = await open_receiver(kind, **opts)
+    tx = await open_sender(rx.address)
+    return tx, rx
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_exact_bytes_in_order_new_and_into(kind):
+    tx, rx = await pair(kind)
+    try:
+        for nbytes in SIZES:
+            sent = payload(nbytes, seed=nbytes)
+            send = asyncio.ensure_future(tx.send(*sent))
+            got = await rx.recv()
+            await send
+            assert all(same(a, b) for a, b in zip(sent, got)) and len(got) == 3
+            into = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in sent]
+            into[1] = torch.empty(5, 7, dtype=torch.bfloat16)
+            send = asyncio.ensure_future(tx.send(*sent))
+            got = await rx.recv(into=into)
+            await send
+            assert all(g is i for g, i in zip(got, into))
+            assert all(same(a, b) for a, b in zip(sent, got))
+        sends = asyncio.ensure_future(asyncio.gather(*(tx.send(torch.tensor([i])) for i in range(20))))
+        assert [int((await rx.recv())[0]) for _ in range(20)] == list(range(20))
+        await sends
+    finally:
+        await tx.aclose()
+        await rx.aclose()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_into_must_match(kind):
+    tx, rx = await pair(kind)
+    try:
+        send = asyncio.ensure_future(tx.send(torch.zeros(4), torch.ones(2)))
+        with pytest.raises(ProtocolError, match="tensor 0"):
+            await rx.recv(into=[torch.empty(5), torch.empty(2)])
+        await send
+        send = asyncio.ensure_future(tx.send(torch.arange(3)))   # the channel still works
+        assert same((await rx.recv())[0], torch.arange(3))
+        await send
+    finally:
+        await tx.aclose()
+        await rx.aclose()
+    with pytest.raises(ActorClosed):
+        await tx.send(torch.zeros(1))
+
+
+async def test_shm_streams_tensors_larger_than_its_ring():
+    tx, rx = await pair("shm", slot_bytes=1 << 16, nslots=2)   # a 128 KiB ring
+    try:
+        sent = payload(3 << 20, seed=3)
+        send = asyncio.ensure_future(tx.send(*sent))
+        got = await rx.recv()
+        await send
+        assert all(same(a, b) for a, b in zip(sent, got))
+    finally:
+        await tx.aclose()
+        await rx.aclose()
+
+
+def test_choose_transport():
+    here = Endpoint.here()
+    assert choose_transport(here, here) == "local"
+    other_proc = Endpoint(here.host, here.pid + 1)
+    assert choose_transport(here, other_proc) == "shm"
+    assert choose_transport(here, Endpoint("elsewhere", 1)) == "tcp"
+    assert choose_transport(Endpoint(here.host, 1, "cuda:0"), Endpoint(here.host, 2, "cuda:1")) \
+        == "cuda_ipc"
+    assert choose_transport(Endpoint("a", 1, "cuda:0"), Endpoint("b", 1, "cuda:0")) == "nccl"
+
+
+async def test_unknown_kind_and_bad_address():
+    with pytest.raises(ConfigError, match="transport 'cuda_ipc' is not available"):
+        await open_receiver("cuda_ipc")
+    with pytest.raises(ProtocolError):
+        await open_sender({"nokind": 1})
+    with pytest.raises(ConfigError):
+        await open_sender({"kind": "local", "channel": "nope", "pid": 0})
+
+
+# --- to another process: a subprocess actor opens the receiving end -----------------------------
+
+@message(60090)
+class OpenRx:
+    """Open a receiving end of `kind`; the reply is its address."""
+    kind: str
+
+
+@message(60091)
+class Digest:
+    """Receive one send and answer with (sha256 of every tensor's bytes, dtypes, shapes)."""
+
+
+class Sink:
+    """Receives tensors through a transport in another process."""
+
+    rx = None
+
+    @handles(OpenRx)
+    async def open(self, ctx, msg: OpenRx):
+        self.rx = await open_receiver(msg.kind)
+        return self.rx.address
+
+    @handles(Digest)
+    async def digest(self, ctx, msg: Digest):
+        got = await self.rx.recv()
+        return [[hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest(),
+                 str(t.dtype), list(t.shape)] for t in got]
+
+    async def on_stop(self, ctx):
+        if self.rx is not None:
+            await self.rx.aclose()
+
+
+def digest(tensors):
+    return [[hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest(), str(t.dtype),
+             list(t.shape)] for t in tensors]
+
+
+@pytest.mark.parametrize("kind", ["shm", "ipc"])
+async def test_exact_bytes_to_another_process(kind):
+    async with ActorSystem(FAST) as system:
+        sink = await system.launch("test_transports:Sink", name="sink")
+        tx = await open_sender(await system.ask(sink.ref, OpenRx(kind)))
+        try:
+            for nbytes in SIZES:
+                sent = [t.reshape(-1) for t in payload(nbytes, seed=nbytes)]
+                reply = asyncio.ensure_future(system.ask(sink.ref, Digest(), timeout=30))
+                await tx.send(*sent)
+                assert await reply == digest(sent)
+        finally:
+            await tx.aclose()
+        await sink.stop()
