@@ -100,7 +100,11 @@ def plan_shape(cfg: ModelConfig, stages: int | None = None, boundaries: Sequence
     if boundaries is not None:
         shape = PipelineShape.from_boundaries(list(boundaries), epoch, [device] * (len(boundaries) - 1))
     else:
-        part = solve(UnitGraph.from_config(cfg), num_stages=stages or 1, cost=CostModel(tokens=64))
+        # operating point of a decode-heavy micro-batch: CPU stages talk over ipc, GPU stages over
+        # NVLink/PCIe; only the ratio of compute to transfer matters for where the cuts go
+        cost = (CostModel(tokens=64, flops_per_s=5e10, bandwidth=5e9, latency=1e-4) if device.startswith("cpu")
+                else CostModel(tokens=64, flops_per_s=3e14, bandwidth=5e10, latency=2e-5))
+        part = solve(UnitGraph.from_config(cfg), num_stages=stages or 1, cost=cost)
         shape = part.shape(epoch, [device] * part.num_stages)
     shape.validate(cfg.num_units)
     return shape

@@ -13,6 +13,10 @@ from flexpipe.errors import FlexPipeError
 # (module, add-parser function) of subcommands owned by other layers, imported lazily so that a
 # missing optional extra (serve, sim, gpu) disables only its own subcommand.
 _EXTERNAL: list[tuple[str, str, str | None]] = [
+    ("flexpipe.server.cli", "add_serve_parser", "serve"),
+    ("flexpipe.server.cli", "add_chat_parser", "serve"),
+    ("flexpipe.sim.cli", "add_simulate_parser", "sim"),
+    ("flexpipe.placement.cli", "add_topology_parser", None),
 ]
 
 

@@ -1,0 +1,138 @@
+"""In-flight reshaping: any sequence of reshapes while requests generate leaves every output equal to
+the oracle (same near-tie rule as tests/test_pipeline.py)."""
+
+import asyncio
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from flexpipe.api import FlexPipe
+from flexpipe.errors import ReshapeError
+from flexpipe.runtime.stage import StageStatus, StepInput
+from tests.pipeline_helpers import check_against_oracle, request_mix, run_all
+
+pytestmark = pytest.mark.timeout(300)
+NUM_UNITS = 18  # the tiny preset: 8 layers -> 2 * 8 + 2 units
+
+
+def shapes(max_stages: int = 4):
+    """Random valid pipeline shapes: boundaries plus a device label per stage (a new label = a move)."""
+    @st.composite
+    def one(draw):
+        n = draw(st.integers(1, max_stages))
+        cuts = sorted(draw(st.sets(st.integers(1, NUM_UNITS - 1), min_size=n - 1, max_size=n - 1)))
+        devices = [draw(st.sampled_from(["cpu", "cpu:1"])) for _ in range(n)]
+        return [0, *cuts, NUM_UNITS], devices
+    return one()
+
+
+async def reshape_while_generating(fp, reqs, plan, gap=0.05):
+    tasks = asyncio.gather(*(fp.complete(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"})
+                             for r in reqs))
+    stats = []
+    for boundaries, devices in plan:
+        await asyncio.sleep(gap)
+        stats.append(await fp.reshape(boundaries=boundaries, devices=devices))
+    return await tasks, stats
+
+
+@settings(max_examples=5, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(plan=st.lists(shapes(), min_size=2, max_size=4))
+def test_random_reshapes_keep_outputs_identical(plan):
+    async def go():
+        reqs = request_mix(16, seed=len(plan), max_tokens=(40, 90))
+        async with FlexPipe.launch("tiny", stages=2, in_process=True) as fp:
+            outs, stats = await reshape_while_generating(fp, reqs, plan)
+            check_against_oracle(fp, reqs, outs)
+            assert fp.status()["shape"]["epoch"] == len(plan)
+            assert all(s.ok for s in stats)
+            assert all(p["used"] == 0 for p in fp.status()["router"]["kv"])
+    asyncio.run(go())
+
+
+async def test_stage_processes_1_4_2_3():
+    reqs = request_mix(16, seed=3, max_tokens=(150, 220))
+    plan = [([0, 4, 9, 13, 18], None), ([0, 9, 18], None), ([0, 5, 11, 18], None)]
+    async with FlexPipe.launch("tiny", stages=1) as fp:
+        tasks = asyncio.gather(*(fp.complete(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"})
+                                 for r in reqs))
+        await asyncio.sleep(0.5)
+        stats = [await fp.reshape(boundaries=b) for b, _ in plan]
+        outs = await tasks
+        check_against_oracle(fp, reqs, outs)
+        assert [s.to_boundaries for s in stats] == [b for b, _ in plan]
+        assert any(s.kv_bytes > 0 and s.requests_running > 0 for s in stats), "no reshape happened mid-generation"
+        assert len({s["pid"] for s in fp.status()["stages"]}) == 3
+
+
+async def test_reshape_during_long_prefill():
+    long_prompt = {"prompt": "p" * 1500, "max_tokens": 20, "temperature": 0.0, "top_k": 0, "top_p": 1.0,
+                   "seed": 1, "ignore_eos": True}
+    reqs = [long_prompt] + request_mix(4, seed=11)
+    async with FlexPipe.launch("tiny", stages=2, in_process=True, max_batch_tokens=32) as fp:
+        task = asyncio.ensure_future(run_all(fp, reqs))
+        for _ in range(500):  # reshape while the long prompt is part way through its chunked prefill
+            req = next(iter(fp.router.sched.requests.values()), None)
+            if req is not None and 100 < req.computed < 1000:
+                break
+            await asyncio.sleep(0.005)
+        else:
+            pytest.fail("never saw the long prefill in flight")
+        st = await fp.reshape(boundaries=[0, 3, 12, 18])
+        assert st.kv_bytes > 0
+        outs = await task
+        check_against_oracle(fp, reqs, outs)
+
+
+async def test_back_to_back_reshapes():
+    reqs = request_mix(16, seed=5, max_tokens=(60, 120))
+    async with FlexPipe.launch("tiny", stages=3, in_process=True) as fp:
+        tasks = asyncio.ensure_future(run_all(fp, reqs))
+        await asyncio.sleep(0.1)
+        res = await asyncio.gather(fp.reshape(stages=2), fp.reshape(stages=4), fp.reshape(stages=1),
+                                   fp.reshape(boundaries=[0, 1, 17, 18]))
+        assert [r.to_epoch for r in sorted(res, key=lambda r: r.to_epoch)] == [1, 2, 3, 4]
+        check_against_oracle(fp, reqs, await tasks)
+
+
+async def test_reshape_with_kv_nearly_full():
+    reqs = request_mix(12, seed=9, max_tokens=(40, 60))
+    async with FlexPipe.launch("tiny", stages=2, in_process=True, num_blocks=48, block_size=8) as fp:
+        task = asyncio.ensure_future(run_all(fp, reqs))
+        for _ in range(1000):
+            kv = fp.status()["router"]["kv"]
+            if max(p["used"] / p["capacity"] for p in kv) > 0.8:
+                break
+            await asyncio.sleep(0.002)
+        st = await fp.reshape(boundaries=[0, 6, 12, 18])
+        assert st.ok
+        check_against_oracle(fp, reqs, await task)
+        assert fp.router.sched.stats.preemptions > 0
+
+
+async def test_aborted_reshape_keeps_old_epoch_serving():
+    reqs = request_mix(16, seed=13, max_tokens=(40, 80))
+    async with FlexPipe.launch("tiny", stages=2, in_process=True) as fp:
+        task = asyncio.ensure_future(run_all(fp, reqs))
+        await asyncio.sleep(0.05)
+        before = fp.status()["shape"]
+        fp.controller.fail_next_launch = True
+        with pytest.raises(ReshapeError, match="failed to start"):
+            await fp.reshape(stages=3)
+        assert fp.status()["shape"] == before
+        assert fp.controller.history[-1].ok is False
+        check_against_oracle(fp, reqs, await task)
+        st = await fp.reshape(stages=3)  # and a later reshape still works
+        assert st.ok and st.to_epoch == 1
+
+
+async def test_stale_epoch_messages_are_dropped_and_counted():
+    async with FlexPipe.launch("tiny", stages=2, in_process=True) as fp:
+        ref = fp.controller.slots[0].ref
+        msg = StepInput(99, 0, ["x"], [0], [1], [True], [0], [[0.0, 0, 1.0, 0]], [])
+        await fp.system.tell(ref, msg, torch.tensor([1]))
+        status = await fp.system.ask(ref, StageStatus())
+        assert status["stale_dropped"] == 1
+        c = await fp.complete("ok", max_tokens=3)
+        assert len(c.token_ids) == 3
