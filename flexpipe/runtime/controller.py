@@ -85,9 +85,11 @@ class Controller:
     """Owns the stage actors of one pipeline and changes their shape."""
 
     def __init__(self, system: Any, spec: Any, settings: Any, *, in_process: bool = False,
-                 max_precopy_rounds: int = 3, delta_tokens_target: int = 64):
+                 max_precopy_rounds: int = 3, delta_tokens_target: int = 64, stage_launcher: Any = None):
         self.system, self.spec, self.settings = system, spec, settings
         self.in_process = in_process
+        # async (target, kwargs, name, device) -> handle with .ref .pid .stop() .kill(); None: local processes
+        self.stage_launcher = stage_launcher
         self.max_precopy_rounds = max_precopy_rounds
         self.delta_tokens_target = delta_tokens_target
         self.slots: list[Slot] = []
@@ -110,7 +112,10 @@ class Controller:
             self.fail_next_launch = False
             kwargs["source"] = {"kind": "checkpoint", "path": "/nonexistent/flexpipe-test-failure"}
         target = "flexpipe.runtime.stage:StageActor"
-        handle = await self.system.launch(target, kwargs, name=f"stage{self._names}", in_process=self.in_process)
+        if self.stage_launcher is not None:  # e.g. the router daemon: a worker process starts it
+            handle = await self.stage_launcher(target, kwargs, f"stage{self._names}", device)
+        else:
+            handle = await self.system.launch(target, kwargs, name=f"stage{self._names}", in_process=self.in_process)
         return Slot(handle, start, end, device)
 
     def _pools(self, shape: PipelineShape) -> list[StagePool]:
