@@ -23,7 +23,7 @@ READY = re.compile(r"chat page (http://\S+?)/\s")
 
 
 def _cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "flexpipe.server.cli", *args]
+    return [sys.executable, "-m", "flexpipe.cli", *args]
 
 
 def _lines(stream, q: queue.Queue) -> None:

@@ -8,4 +8,4 @@ root="$(cd "$(dirname "$0")/../.." && pwd)"
 py="${PYTHON:-$root/.venv/bin/python}"
 [ -x "$py" ] || py=python3
 cd "$root"
-exec "$py" -m flexpipe.server.cli serve "$@"
+exec "$py" -m flexpipe.cli serve "$@"

@@ -272,27 +272,3 @@ def chat_main(args: argparse.Namespace) -> int:
         if cfg["message"] is not None:
             return 0 if client.turn(cfg["message"], sys.stdout) else 1
         return client.repl(sys.stdin, sys.stdout)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m flexpipe.server.cli serve|chat ...`, for use before the `flexpipe` command has them."""
-    import logging
-
-    parser = argparse.ArgumentParser(prog="python -m flexpipe.server.cli")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_serve_parser(sub)
-    add_chat_parser(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("FLEXPIPE_LOG_LEVEL", "WARNING").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"flexpipe: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
