@@ -15,7 +15,9 @@ How it keeps its numbers (all memory is bounded by the settings, not by traffic)
   (cannot forget old data, so it is not windowed): histograms are exact to `rel_err`, mergeable across
   slabs, and expire a slab at a time.
 - Forecast: Holt's linear trend (level + slope) over per-bucket arrival rates, with smoothing set by time
-  constants rather than per-sample weights, extrapolated `forecast_horizon_s` ahead.
+  constants rather than per-sample weights, extrapolated `forecast_horizon_s` ahead with a damped trend
+  (factor `trend_damping` per bucket): an undamped trend overshoots a step by about the step itself,
+  and steps are the change detector's job; the forecast is for ramps.
 - Change points: two-sided CUSUM on per-bucket arrival counts standardised by a slow baseline mean and
   variance (the variance keeps the observed dispersion, so bursty traffic does not alarm all the time).
   A step is flagged within a few buckets of the change; the change time is estimated as the start of
@@ -170,8 +172,8 @@ class TrafficAnalyzer:
 
     def __init__(self, window_s: float = 60.0, short_window_s: float = 10.0, *, bucket_s: float = 0.5,
                  slabs: int = 6, rel_err: float = 0.01, forecast_horizon_s: float = 30.0,
-                 level_tau_s: float = 10.0, trend_tau_s: float = 30.0, cusum_k: float = 0.5,
-                 cusum_h: float = 8.0, cusum_clip: float = 4.0, baseline_tau_s: float = 60.0,
+                 level_tau_s: float = 10.0, trend_tau_s: float = 30.0, trend_damping: float = 0.95,
+                 cusum_k: float = 1.0, cusum_h: float = 8.0, cusum_clip: float = 4.0, baseline_tau_s: float = 60.0,
                  warmup_s: float = 10.0, slo_ttft_s: float | None = None, slo_tpot_s: float | None = None):
         if not 0 < bucket_s <= short_window_s <= window_s:
             raise ConfigError("need 0 < bucket_s <= short_window_s <= window_s "
@@ -180,6 +182,8 @@ class TrafficAnalyzer:
             raise ConfigError(f"need slabs >= 1 and 0 < rel_err < 0.5 (got {slabs}, {rel_err})")
         if min(level_tau_s, trend_tau_s, baseline_tau_s) <= 0 or cusum_h <= 0 or cusum_k < 0:
             raise ConfigError("time constants and cusum_h must be > 0, cusum_k >= 0")
+        if not 0.0 < trend_damping <= 1.0:
+            raise ConfigError(f"trend_damping must be in (0, 1], got {trend_damping}")
         self.window_s, self.short_window_s, self.bucket_s = window_s, short_window_s, bucket_s
         self.forecast_horizon_s = forecast_horizon_s
         self.slo_ttft_s, self.slo_tpot_s = slo_ttft_s, slo_tpot_s
@@ -212,6 +216,7 @@ class TrafficAnalyzer:
         self._a_trend = 1.0 - math.exp(-bucket_s / trend_tau_s)
         self._level: float | None = None
         self._trend = 0.0  # per bucket
+        self._phi = trend_damping
         self._peak = 0.0
         # CUSUM on per-bucket counts
         self._k, self._h, self._clip = cusum_k, cusum_h, cusum_clip
@@ -316,7 +321,9 @@ class TrafficAnalyzer:
         trend = 0.0
         if self._level is not None:
             trend = self._trend / bs
-            forecast = max(0.0, self._level + trend * self.forecast_horizon_s)
+            h = self.forecast_horizon_s / bs  # buckets ahead; a damped trend adds phi + phi^2 + ... + phi^h
+            reach = h if self._phi == 1.0 else self._phi * (1.0 - self._phi ** h) / (1.0 - self._phi)
+            forecast = max(0.0, self._level + self._trend * reach)
         since = NAN
         if self._changes and now - self._change_at <= self.window_s:
             cb = int(math.floor(self._change_at / bs))
@@ -402,9 +409,9 @@ class TrafficAnalyzer:
         if self._level is None:
             self._level = x
         else:
-            prev = self._level
-            self._level = self._a_level * x + (1.0 - self._a_level) * (prev + self._trend)
-            self._trend = self._a_trend * (self._level - prev) + (1.0 - self._a_trend) * self._trend
+            prev, phi = self._level, self._phi
+            self._level = self._a_level * x + (1.0 - self._a_level) * (prev + phi * self._trend)
+            self._trend = self._a_trend * (self._level - prev) + (1.0 - self._a_trend) * phi * self._trend
         self._cusum(c, end)
         # open the next bucket
         self._b += 1
