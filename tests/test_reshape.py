@@ -52,17 +52,33 @@ def test_random_reshapes_keep_outputs_identical(plan):
 
 
 async def test_stage_processes_1_4_2_3():
-    reqs = request_mix(16, seed=3, max_tokens=(150, 220))
-    plan = [([0, 4, 9, 13, 18], None), ([0, 9, 18], None), ([0, 5, 11, 18], None)]
+    # Traffic keeps coming while the reshapes run (new stage processes take seconds to start), so
+    # every reshape finds requests in the middle of their generation.
+    pool = request_mix(48, seed=3, max_tokens=(40, 120))
+    plan = [[0, 4, 9, 13, 18], [0, 9, 18], [0, 5, 11, 18]]
     async with FlexPipe.launch("tiny", stages=1) as fp:
-        tasks = asyncio.gather(*(fp.complete(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"})
-                                 for r in reqs))
-        await asyncio.sleep(0.5)
-        stats = [await fp.reshape(boundaries=b) for b, _ in plan]
-        outs = await tasks
-        check_against_oracle(fp, reqs, outs)
-        assert [s.to_boundaries for s in stats] == [b for b, _ in plan]
-        assert any(s.kv_bytes > 0 and s.requests_running > 0 for s in stats), "no reshape happened mid-generation"
+        done = asyncio.Event()
+        sent: list[tuple[dict, asyncio.Task]] = []
+
+        async def traffic():
+            while not done.is_set() and len(sent) < len(pool):
+                if sum(not t.done() for _, t in sent) < 12:
+                    r = pool[len(sent)]
+                    sent.append((r, asyncio.ensure_future(
+                        fp.complete(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"}))))
+                await asyncio.sleep(0.01)
+
+        gen = asyncio.ensure_future(traffic())
+        while len(sent) < 12:
+            await asyncio.sleep(0.01)
+        stats = [await fp.reshape(boundaries=b) for b in plan]
+        done.set()
+        await gen
+        outs = await asyncio.gather(*(t for _, t in sent))
+        check_against_oracle(fp, [r for r, _ in sent], outs)
+        assert [s.to_boundaries for s in stats] == plan
+        moved = [s for s in stats if s.kv_bytes > 0 and s.requests_running > 0]
+        assert moved, f"no reshape moved KV of running requests: {[s.to_dict() for s in stats]}"
         assert len({s["pid"] for s in fp.status()["stages"]}) == 3
 
 
