@@ -148,23 +148,26 @@ class Oracle:
 
     TIE = 1e-4  # a greedy token may differ only where the reference's top-2 logits are closer than this
 
-    def __init__(self, cfg: ModelConfig, path: str, prompts: list[list[int]], m: int):
+    def __init__(self, cfg: ModelConfig, path: str, prompts: list[list[int]], m: int | list[int]):
         from flexpipe.model import CheckpointReader
 
         self.model = ReferenceModel(cfg, CheckpointReader(path))
-        self.want = [self.model.generate(p, SamplingParams(max_tokens=m, ignore_eos=True)) for p in prompts]
+        ms = m if isinstance(m, list) else [m] * len(prompts)
+        self.want = [self.model.generate(p, SamplingParams(max_tokens=k, ignore_eos=True))
+                     for p, k in zip(prompts, ms)]
         self.prompts = prompts
         self.checked = self.equal = self.ties = 0
         self.bad: list[str] = []
 
-    def check(self, j: int, got: list[int], label: str) -> None:
-        want = self.want[j][:len(got)]
+    def check(self, j: int, got: list[int], label: str, complete: bool = True) -> None:
+        """`got` must equal the reference (its prefix when the request was cut short: complete=False)."""
+        want = self.want[j] if complete else self.want[j][:len(got)]
         self.checked += 1
-        if got == want and len(got) > 0:
+        if got == want and (len(got) > 0 or not complete):
             self.equal += 1
             return
         k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-        if k < len(got) and k < len(want):
+        if k < len(got) and k < len(want):  # a different token: allowed only at a near-tie
             top2 = self.model.logits_for(self.prompts[j], want[:k])[-1].topk(2).values
             if float(top2[0] - top2[1]) < self.TIE:
                 self.ties += 1
