@@ -3,19 +3,26 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHELL := /bin/bash
 
-.PHONY: run test test-slow chat bench clean
+.PHONY: run generate test test-slow clean
 
 $(VENV)/.ok-run: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV) serve,sim
 	touch $@
 
-$(VENV)/.ok-test: pyproject.toml scripts/setup.sh
+$(VENV)/.ok-test: pyproject.toml scripts/setup.sh scripts/install_browser.sh
 	bash scripts/setup.sh $(VENV) serve,sim,test
+	bash scripts/install_browser.sh $(VENV)
 	touch $(VENV)/.ok-run $@
 
-# Main job on the built-in default model: a completion generated through a 2-stage pipeline.
+# Main job on the built-in default model: a completion generated through a 2-stage pipeline (checked
+# against the single-process oracle), then the chat server on the same model (prints its URL).
 run: $(VENV)/.ok-run
-	$(VENV)/bin/flexpipe generate --stages 2 --max-tokens 24 "FlexPipe reshapes pipelines"
+	$(VENV)/bin/flexpipe generate --stages 2 --max-tokens 24 --check "FlexPipe reshapes pipelines"
+	$(VENV)/bin/flexpipe serve --stages 2
+
+# Only the completion, no server.
+generate: $(VENV)/.ok-run
+	$(VENV)/bin/flexpipe generate --stages 2 --max-tokens 24 --check "FlexPipe reshapes pipelines"
 
 # Everything the tests need, then the whole (non-slow) suite.
 test: $(VENV)/.ok-test

@@ -47,7 +47,7 @@ def _generate_main(args: argparse.Namespace) -> int:
         async with FlexPipe.launch(model=args.model, stages=args.stages, in_process=args.in_process) as fp:
             shape = fp.status()["shape"]
             print(f"# model {fp.model_name}: {len(shape['stages'])} stages "
-                  f"{[(s['start'], s['end']) for s in shape['stages']]}", file=sys.stderr)
+                  f"{[(s['start'], s['end']) for s in shape['stages']]}", flush=True)
             print(args.prompt, end="", flush=True)
             ids: list[int] = []
             async for ev in fp.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
@@ -60,9 +60,9 @@ def _generate_main(args: argparse.Namespace) -> int:
                 ref = fp.reference_tokens(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                                           top_k=args.top_k, top_p=args.top_p, seed=args.seed)
                 if ref != ids:
-                    print(f"# MISMATCH with the reference: {ids} != {ref}", file=sys.stderr)
+                    print(f"# MISMATCH with the reference: {ids} != {ref}", flush=True)
                     return 1
-                print(f"# {len(ids)} tokens, identical to the single-process reference", file=sys.stderr)
+                print(f"# {len(ids)} tokens, identical to the single-process reference", flush=True)
         return 0
 
     return anyio.run(go)
