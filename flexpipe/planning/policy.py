@@ -55,7 +55,7 @@ import math
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 from flexpipe.errors import ConfigError
 from flexpipe.planning.analyzer import TrafficStats
@@ -155,9 +155,8 @@ class PolicyConfig:
             raise bad("scale_to_zero_idle_s must be > 0 or None")
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """One (stages, token_budget) scored at the decision's demand.
+class Candidate(NamedTuple):
+    """One (stages, token_budget) scored at the decision's demand (a NamedTuple: 161 per decision).
 
     `replicas` is what it would run: demand * (1 + scale_down_margin) over one replica's capacity at the
     sizing lengths, capped by max_gpus.
@@ -211,11 +210,11 @@ class Decision:
              "current": asdict(self.current), "reason": self.reason, "held_back": self.held_back,
              "urgent": self.urgent, "load_rps": self.load_rps, "demand_rps": self.demand_rps,
              "capacity_rps": self.capacity_rps,
-             "winner": asdict(self.winner) if self.winner else None,
-             "current_score": asdict(self.current_score) if self.current_score else None,
+             "winner": self.winner._asdict() if self.winner else None,
+             "current_score": self.current_score._asdict() if self.current_score else None,
              "inputs": self.inputs, "stats": self.stats.to_dict() if self.stats else None}
         if candidates:
-            d["candidates"] = [asdict(c) for c in self.candidates]
+            d["candidates"] = [c._asdict() for c in self.candidates]
         return d
 
     def explain(self, top: int = 5) -> str:
@@ -238,8 +237,7 @@ def _rank(c: Candidate) -> tuple:
     return (c.feasible, c.utility, -c.gpus, -c.stages, -c.token_budget)
 
 
-@dataclass(frozen=True, slots=True)
-class _Shape:
+class _Shape(NamedTuple):
     """Load-independent figures of one (stages, budget) for the current lengths."""
 
     stages: int
@@ -281,6 +279,7 @@ class GranularityPolicy:
         self._last_change = -INF
         self._better_since: float | None = None  # since when some shape beats the running one enough
         self._shapes: dict[tuple, _Shape] = {}
+        self._srefs: dict[tuple, float] = {}
 
     # ---- the decision ------------------------------------------------------------------------
     def decide(self, now: float, stats: TrafficStats, current: PipelineConfig) -> Decision:
@@ -320,7 +319,7 @@ class GranularityPolicy:
 
         margin = 1.0 + cfg.scale_down_margin
         cands, cur_score, s_ref = self._score(list(shapes.values()), cur_shape, demand, margin, sizing_rps,
-                                              load, cv)
+                                              load, cv, (prompt, p90, output))
         inputs["s_ref"] = s_ref
         winner = self._winner(cands)
 
@@ -421,7 +420,7 @@ class GranularityPolicy:
             self._seen = current
 
     def _lengths(self, stats: TrafficStats) -> tuple[float, float, float]:
-        """Mean prompt, p90 prompt and mean output tokens, snapped to a 1% grid (see _shape)."""
+        """Mean prompt, p90 prompt and mean output tokens, snapped to a 2% grid (see _snap)."""
         cfg = self.config
         pt, ot = stats.prompt_tokens, stats.output_tokens
         prompt = pt.mean if pt.n else cfg.default_prompt_tokens
@@ -477,25 +476,20 @@ class GranularityPolicy:
                       fits and tpot <= cfg.slo_tpot_s and ttft <= cfg.slo_ttft_s,
                       fits and tpot <= cfg.slo_tpot_s * tol and ttft <= cfg.slo_ttft_s * tol, "; ".join(why))
 
-    def _size(self, rps: float, stages: int, demand: float) -> int:
-        """Replicas of `rps` requests/s each for `demand` (at least min_replicas; capped by max_gpus)."""
-        cfg = self.config
-        if rps <= 0:
-            return max(cfg.min_replicas, 1)
-        r = max(cfg.min_replicas, _ceil(demand / rps))
-        return min(r, max(1, cfg.max_gpus // stages))
-
     def _score(self, shapes: list[_Shape], cur: _Shape, demand: float, margin: float, sizing_rps: Any,
-               load: float, cv: float) -> tuple[tuple[Candidate, ...], Candidate, float]:
+               load: float, cv: float, lengths: tuple) -> tuple[tuple[Candidate, ...], Candidate, float]:
         """Candidates for every shape (and the running one), and the S_ref of the burstiness fit."""
         cfg = self.config
         rows = []  # (shape, replicas, capacity, T_g: goodput per GPU at the demand, why not)
+        target = demand * margin
+        max_gpus, min_r = cfg.max_gpus, max(cfg.min_replicas, 1)
         for sh in shapes + [cur]:
             rps = sizing_rps(sh.stages, sh.budget)
-            r = self._size(rps, sh.stages, demand * margin)
+            limit = max(1, max_gpus // sh.stages)
+            r = min(max(min_r, _ceil(target / rps)), limit) if rps > 0 else min_r
             why = sh.why_not
-            if sh.fits and (r * rps < demand * margin * (1.0 - 1e-9) or r * sh.stages > cfg.max_gpus):
-                why = (why + "; " if why else "") + f"demand needs more than max_gpus={cfg.max_gpus}"
+            if sh.fits and (r * rps < target * (1.0 - 1e-9) or r * sh.stages > max_gpus):
+                why = (why + "; " if why else "") + f"demand needs more than max_gpus={max_gpus}"
             rows.append((sh, r, r * rps, min(max(demand, 1e-9), r * rps) / (r * sh.stages), why))
         # The bracket is the paper's two ratios with weight alpha, combined as a weighted geometric
         # mean: T_g / T_max and L_min / L_g.  With T_g = D / GPUs for every config that meets the
@@ -508,19 +502,7 @@ class GranularityPolicy:
         l_min = min(row[0].latency for row in fitting)
         base = [(t / t_max) ** a * (l_min / sh.latency) ** (1.0 - a) if t > 0 else 0.0
                 for sh, _, _, t, _ in rows]
-        s_ref = float(cfg.base_stages or 0)
-        if not s_ref:
-            # the stage count the bracket prefers at full load (per-GPU capacity instead of goodput, so
-            # that it does not move with the demand), as a soft argmax: a hard one jumps between
-            # near-equal shapes, and the fit, steep in S / S_ref, would turn that into a flip of the winner
-            ok = [sh for sh in shapes if sh.slo_ok] or [sh for sh in shapes if sh.fits] or shapes
-            e_max = max(sh.replica_rps / sh.stages for sh in ok) or 1.0
-            l_ok = min(sh.latency for sh in ok)
-            logs = [a * math.log(max(sh.replica_rps / sh.stages / e_max, 1e-300))
-                    + (1.0 - a) * math.log(l_ok / sh.latency) for sh in ok]
-            top = max(logs)
-            w = [math.exp((x - top) / cfg.sref_temperature) for x in logs]
-            s_ref = math.exp(sum(wi * math.log(sh.stages) for wi, sh in zip(w, ok)) / sum(w))
+        s_ref = float(cfg.base_stages or 0) or self._s_ref(shapes, lengths)
         v_t = max(cv, cfg.cv_knee)
         out = []
         for (sh, r, cap, t, why), b in zip(rows, base):
@@ -530,6 +512,30 @@ class GranularityPolicy:
             out.append(Candidate(sh.stages, sh.budget, r, r * sh.stages, sh.batch, sh.tpot, sh.ttft, sh.latency,
                                  sh.replica_rps, cap, queue, t, fit, b * fit, not why, why))
         return tuple(out[:-1]), out[-1], s_ref
+
+    def _s_ref(self, shapes: list[_Shape], key: tuple) -> float:
+        """The stage count the bracket prefers at full load, as a soft argmax; memoised per lengths.
+
+        Per-GPU capacity stands in for the goodput so that S_ref does not move with the demand; soft,
+        because a hard argmax jumps between near-equal shapes, and the fit, steep in S / S_ref, would
+        turn that jump into a flip of the winner.
+        """
+        hit = self._srefs.get(key)
+        if hit is not None:
+            return hit
+        cfg, a = self.config, self.config.alpha
+        ok = [sh for sh in shapes if sh.slo_ok] or [sh for sh in shapes if sh.fits] or shapes
+        e_max = max(sh.replica_rps / sh.stages for sh in ok) or 1.0
+        l_ok = min(sh.latency for sh in ok)
+        logs = [a * math.log(max(sh.replica_rps / sh.stages / e_max, 1e-300))
+                + (1.0 - a) * math.log(l_ok / sh.latency) for sh in ok]
+        top = max(logs)
+        w = [math.exp((x - top) / cfg.sref_temperature) for x in logs]
+        s_ref = math.exp(sum(wi * math.log(sh.stages) for wi, sh in zip(w, ok)) / sum(w))
+        if len(self._srefs) >= 1024:
+            self._srefs.clear()
+        self._srefs[key] = s_ref
+        return s_ref
 
     def _winner(self, cands: tuple[Candidate, ...]) -> Candidate:
         """The best feasible candidate; without one, a choice that does not depend on the demand."""
@@ -553,9 +559,16 @@ def _ceil(x: float) -> int:
     return int(r) if abs(x - r) < 1e-9 else math.ceil(x)
 
 
+_SNAP = math.log(1.02)
+
+
 def _snap(x: float) -> float:
-    """x (>= 1) rounded to a grid of 1% steps: lengths that close give the same figures."""
-    return 1.01 ** round(math.log(max(1.0, x)) / math.log(1.01))
+    """x (>= 1) rounded to a grid of 2% steps: lengths that close give the same (memoised) figures.
+
+    The window means move by a percent or so from tick to tick; 2% is well inside the perf model's own
+    error and halves the ticks that recompute every shape (~0.8 ms for 160 candidates).
+    """
+    return math.exp(_SNAP * round(math.log(max(1.0, x)) / _SNAP))
 
 
 def _pct(x: float) -> str:
