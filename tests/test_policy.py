@@ -76,6 +76,17 @@ def test_perf_model_cuts_times_and_kv_room():
         LLAMA7B.stage_time_s(67, 1)
 
 
+def test_simulator_specs_and_unit_costs_pass_straight_in():
+    # the simulator (FP-7) keeps its own GPU/link tables and unit costs; the same objects drive this model
+    sim = pytest.importorskip("flexpipe.sim.perf")
+    costs = sim.ModelCosts.for_model("opt-66b")
+    pm = AnalyticPerfModel(costs.units, sim.GPUS["A100-40"], sim.LINKS["net"])
+    assert isinstance(pm, PerfModel) and pm.num_units == costs.num_units
+    assert pm.max_kv_tokens(2) == 0 < pm.max_kv_tokens(8)
+    d = GranularityPolicy(PolicyConfig(), pm).decide(0.0, stats(0.0, 20.0, cv=4.0), PipelineConfig(8, 512, 1))
+    assert d.winner.feasible and d.capacity_rps >= d.demand_rps
+
+
 # ---- the required properties ----------------------------------------------------------------------
 @PROP
 @given(model=st.sampled_from(sorted(MODELS)), rate=st.floats(0.0, 400.0), factor=st.floats(1.0, 4.0),

@@ -163,9 +163,12 @@ class TrafficAnalyzer:
       `on_queue(now, queue_len, oldest_wait_s)`  the waiting queue changed (or on every scheduler step)
       `on_tokens(now, n)`                   n tokens were produced (per step; optional, see tokens_per_s)
       `on_finish(now, output_tokens, ttft_s, tpot_s, met_slo=None, queue_delay_s=None)`
-    Per decision tick: `snapshot(now) -> TrafficStats`.
-    Every method returns True when a change point was flagged during the call, so a control loop can
-    run the policy at once instead of waiting for its next tick.
+    Per decision tick: `snapshot(now) -> TrafficStats` (O(window / bucket), ~0.1 ms with the defaults).
+    Times are seconds on any clock that does not go backwards (events may share a timestamp; a time
+    earlier than the last one is clamped to it and counted in `clock_regressions`).
+    Every `on_*` method and `advance(now)` returns True when a change point was flagged during the
+    call, so a control loop (or the simulator) can run the policy at once instead of waiting for its
+    next tick; `snapshot` reports change points through the stats (`change_points`, `last_change_*`).
     `tokens_per_s` counts `on_tokens`; if `on_tokens` is never called it counts output tokens at finish.
     `met_slo=None` is judged against `slo_ttft_s`/`slo_tpot_s` when those are set, else left out.
     """
@@ -222,7 +225,6 @@ class TrafficAnalyzer:
         self._k, self._h, self._clip = cusum_k, cusum_h, cusum_clip
         self._a_base = 1.0 - math.exp(-bucket_s / baseline_tau_s)
         self._warmup = max(2, int(round(warmup_s / bucket_s)))
-        self._closed = 0
         self._learn = 0  # buckets behind the baseline since it was (re)started
         self._learn_until = self._warmup  # no alarms until then: the baseline is still being learnt
         self._settle = int(math.ceil(3 * max(level_tau_s, trend_tau_s, baseline_tau_s) / bucket_s))
@@ -421,7 +423,6 @@ class TrafficAnalyzer:
             col[j] = 0.0
 
     def _cusum(self, x: float, end: float) -> None:
-        self._closed += 1
         self._learn += 1
         if self._learn <= self._learn_until:
             # running mean and variance until the baseline has enough buckets (again after an alarm)
