@@ -1,0 +1,852 @@
+"""Same-node GPU to GPU transport (kind "cuda_ipc") through CUDA IPC memory handles, and KV block copies.
+
+The receiver allocates one device ring per channel and exports its IPC memory handle (CuPy's
+`ipcGetMemHandle`) in its address; the sender opens it once (`ipcOpenMemHandle`, cached per
+(pid, handle)) and copies each send straight into the receiver's ring on a dedicated stream: one
+copy, no host staging, no allocation per message. Control notices (where a send landed, which ring
+space is free again) travel as codec messages over a ZeroMQ PAIR socket, as in shm.py.
+
+Completion is signalled with two IPC events (`sync="event"`, the default): the sender records its
+"copied" event after its copies and the receiver's stream waits on it before reading; the receiver
+records its "free" event when a region is given back and the sender's copy stream waits on it
+before writing there again. Neither side's CPU waits for the GPU. `sync="host"` instead has each
+side wait (asynchronously, polling a plain event) until the GPU work is done before it sends the
+notice: slower, and the fallback if IPC events misbehave on a platform.
+
+Received tensors without `into` are views of the ring (no copy), given back when the last view is
+garbage-collected, as in shm.py: hold them briefly. The free event is recorded on the stream that
+was current when recv() ran, so GPU work queued there on the views is finished before the sender
+reuses the space. A tensor larger than the ring is streamed through it and arrives as a new tensor.
+
+KV blocks move without the ring: the new owner exports its KV pools once (`export_tensor`), the old
+owner opens them (`PeerPools`) and copies blocks directly, coalescing runs of consecutive block ids
+(`coalesce_runs`, `copy_runs`); the completion signal is the reply to the ask, sent after the copy
+stream has finished.
+
+CuPy is imported lazily: without CUDA this module imports, registers the kind, and `listen`/`connect`
+raise ConfigError saying why (`unavailable_reason()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import os
+import tempfile
+import threading
+import uuid
+import weakref
+from typing import Any, Callable, Sequence
+
+import torch
+import zmq
+import zmq.asyncio
+
+from flexpipe.errors import ActorClosed, ConfigError, ProtocolError
+from flexpipe.runtime import codec
+from flexpipe.runtime.codec import parse_tensor_header, tensor_header
+from flexpipe.runtime.messages import message
+from flexpipe.transports.base import Transport, check_into, register_transport
+
+__all__ = ["CudaIpcTransport", "IpcBuffer", "IpcHello", "IpcRegions", "IpcFree", "KvPools", "HandleCache",
+           "RingBooks", "InOrderReleases", "PeerPools", "HANDLES", "available", "unavailable_reason",
+           "export_tensor", "coalesce_runs", "copy_runs", "wrap_device_memory"]
+
+IPC_HANDLE_BYTES = 64        # sizeof(cudaIpcMemHandle_t) and of cudaIpcEventHandle_t
+ALIGN = 256                  # ring regions start on this boundary (any dtype's alignment)
+_BIG_RUN = 1 << 20           # runs of at least this many bytes are copied with cudaMemcpy, others batched
+
+
+def unavailable_reason() -> str:
+    """'' when CUDA IPC can run in this process, else why it cannot."""
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device (a CPU build of torch, or no NVIDIA GPU/driver)"
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return "CuPy is not installed (pip install cupy-cuda12x, or the flexpipe[gpu] extra)"
+    except Exception as e:   # a CuPy built for another CUDA major raises at import
+        return f"CuPy cannot be imported: {type(e).__name__}: {e}"
+    return ""
+
+
+def available() -> bool:
+    """True when CUDA IPC channels can be opened here."""
+    return not unavailable_reason()
+
+
+def _require() -> Any:
+    reason = unavailable_reason()
+    if reason:
+        raise ConfigError(f"transport 'cuda_ipc' is not available: {reason}")
+    import cupy
+    return cupy
+
+
+def device_index(device: Any) -> int:
+    """CUDA device index of "cuda", "cuda:N", N or a torch.device (ConfigError for a CPU label)."""
+    if isinstance(device, int):
+        return device
+    d = torch.device(device)
+    if d.type != "cuda":
+        raise ConfigError(f"cuda_ipc needs a CUDA device, got {device!r}")
+    return d.index if d.index is not None else torch.cuda.current_device()
+
+
+# --- wire messages (kinds 400-409) ----------------------------------------------------------------
+
+@message(400)
+class IpcBuffer:
+    """Device memory exported with CUDA IPC: open `handle` in another process, then add `offset`."""
+    pid: int            # the exporting process (handles are cached per (pid, handle))
+    device: int         # its CUDA device index (processes of a node share the numbering)
+    handle: bytes       # cudaIpcMemHandle_t of the allocation's base, 64 bytes
+    offset: int         # bytes from the allocation's base to the buffer
+    nbytes: int
+
+    def check(self) -> "IpcBuffer":
+        """Raise ProtocolError unless every field is plausible; returns self."""
+        if not (isinstance(self.handle, (bytes, bytearray)) and len(self.handle) == IPC_HANDLE_BYTES):
+            raise ProtocolError(f"IPC memory handle must be {IPC_HANDLE_BYTES} bytes, got "
+                                f"{type(self.handle).__name__} of {len(self.handle) if hasattr(self.handle, '__len__') else '?'}")
+        for name in ("pid", "device", "offset", "nbytes"):
+            v = getattr(self, name)
+            if type(v) is not int or v < 0:
+                raise ProtocolError(f"IpcBuffer.{name} must be an int >= 0, got {v!r}")
+        return self
+
+    def to_list(self) -> list:
+        return [self.pid, self.device, bytes(self.handle), self.offset, self.nbytes]
+
+    @classmethod
+    def parse(cls, value: Any) -> "IpcBuffer":
+        """An IpcBuffer from itself or its to_list() form (ProtocolError when malformed)."""
+        if isinstance(value, cls):
+            return value.check()
+        if not (isinstance(value, (list, tuple)) and len(value) == 5):
+            raise ProtocolError(f"bad IPC buffer description {value!r:.120}")
+        return cls(*value).check()
+
+
+@message(401)
+class IpcHello:
+    """Sender -> receiver, once: the sender's process and its "copied" event (b"" with sync="host")."""
+    pid: int
+    event: bytes
+
+
+@message(402)
+class IpcRegions:
+    """Sender -> receiver: ring regions now holding data; `header` (tensor specs) starts a send."""
+    header: bytes
+    regions: list       # [[offset, nbytes, ring bytes used incl. padding], ...]
+
+
+@message(403)
+class IpcFree:
+    """Receiver -> sender: every ring byte before `tail` (a running count) may be written again."""
+    tail: int
+
+
+@message(404)
+class KvPools:
+    """A stage's KV pools, exported for a peer to copy blocks into: unit -> [k, v] IpcBuffer lists."""
+    dtype: str
+    num_blocks: int
+    block_shape: list   # [block_size, kv_heads, head_dim]
+    pools: dict         # unit index -> [k.to_list(), v.to_list()]
+
+
+def _read_control(frame: Any) -> Any:
+    msg, _ = codec.decode([frame])
+    return msg
+
+
+def _control(msg: Any) -> bytes:
+    return codec.encode(msg)[0]
+
+
+# --- handles -------------------------------------------------------------------------------------
+
+_libcuda: Any = None
+
+
+def base_allocation(ptr: int) -> tuple[int, int]:
+    """(base, size) of the cudaMalloc allocation holding device address `ptr` (cuMemGetAddressRange)."""
+    global _libcuda
+    if _libcuda is None:
+        _libcuda = ctypes.CDLL("libcuda.so.1")
+    base, size = ctypes.c_uint64(0), ctypes.c_size_t(0)
+    rc = _libcuda.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr))
+    if rc != 0:
+        raise ConfigError(f"cuMemGetAddressRange failed with CUresult {rc} for device address {ptr:#x}")
+    return int(base.value), int(size.value)
+
+
+def export_tensor(t: torch.Tensor) -> IpcBuffer:
+    """Export the memory of a contiguous CUDA tensor for other processes of this node."""
+    cupy = _require()
+    if not t.is_cuda or not t.is_contiguous():
+        raise ConfigError(f"export_tensor needs a contiguous CUDA tensor, got {t.device} "
+                          f"contiguous={t.is_contiguous()}")
+    dev = t.device.index
+    ptr = t.data_ptr()
+    with cupy.cuda.Device(dev):
+        base, size = base_allocation(ptr)
+        try:
+            handle = bytes(cupy.cuda.runtime.ipcGetMemHandle(base))
+        except cupy.cuda.runtime.CUDARuntimeError as e:
+            raise ConfigError(f"cannot export device memory with CUDA IPC ({e}); memory from "
+                              "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True or cudaMallocAsync "
+                              "pools cannot be exported: unset those") from e
+    return IpcBuffer(os.getpid(), dev, handle, ptr - base, t.numel() * t.element_size())
+
+
+def _cuda_open(device: int, handle: bytes) -> int:
+    import cupy
+    with cupy.cuda.Device(device):
+        return int(cupy.cuda.runtime.ipcOpenMemHandle(handle, cupy.cuda.runtime.cudaIpcMemLazyEnablePeerAccess))
+
+
+def _cuda_close(device: int, base: int) -> None:
+    import cupy
+    with cupy.cuda.Device(device):
+        cupy.cuda.runtime.ipcCloseMemHandle(base)
+
+
+class HandleCache:
+    """IPC memory handles opened in this process, per (exporting pid, handle), reference counted.
+
+    CUDA maps an exported allocation once per process (a second open of the same handle fails), and
+    several buffers may share an allocation (torch's caching allocator carves tensors out of one
+    segment), so every user goes through here: `acquire` opens on first use, `release` closes when
+    the last user is gone. `open_fn(device, handle) -> base` and `close_fn(device, base)` default to
+    CuPy's runtime calls; tests pass fakes.
+    """
+
+    def __init__(self, open_fn: Callable[[int, bytes], int] | None = None,
+                 close_fn: Callable[[int, int], None] | None = None):
+        self._open = open_fn or _cuda_open
+        self._close = close_fn or _cuda_close
+        self._entries: dict[tuple[int, bytes], list] = {}   # key -> [base, refs, device]
+        self._lock = threading.Lock()
+        self.opened = 0
+        self.closed = 0
+
+    def acquire(self, buf: IpcBuffer, device: int | None = None) -> int:
+        """The address of `buf` in this process; opens its allocation on `device` on first use."""
+        buf.check()
+        key = (buf.pid, bytes(buf.handle))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                dev = buf.device if device is None else device
+                base = self._open(dev, key[1])   # raises: nothing is recorded
+                entry = self._entries[key] = [base, 0, dev]
+                self.opened += 1
+            entry[1] += 1
+            return entry[0] + buf.offset
+
+    def release(self, buf: IpcBuffer) -> bool:
+        """Drop one use of `buf`; closes the mapping when it was the last (returns True then)."""
+        key = (buf.pid, bytes(buf.handle))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                raise KeyError(f"IPC handle of pid {buf.pid} is not open in this process")
+            entry[1] -= 1
+            if entry[1] > 0:
+                return False
+            del self._entries[key]
+            self.closed += 1
+        self._close(entry[2], entry[0])
+        return True
+
+    def refs(self, buf: IpcBuffer) -> int:
+        """How many users hold `buf`'s mapping (0: not open)."""
+        entry = self._entries.get((buf.pid, bytes(buf.handle)))
+        return 0 if entry is None else entry[1]
+
+    def forget_pid(self, pid: int) -> int:
+        """Close every mapping exported by `pid` (a peer that died); returns how many."""
+        with self._lock:
+            gone = [(k, e) for k, e in self._entries.items() if k[0] == pid]
+            for k, _ in gone:
+                del self._entries[k]
+            self.closed += len(gone)
+        for _, e in gone:
+            self._close(e[2], e[0])
+        return len(gone)
+
+    def close_all(self) -> int:
+        """Close every mapping (process exit, tests); returns how many were open."""
+        with self._lock:
+            entries = list(self._entries.values())
+            self._entries.clear()
+            self.closed += len(entries)
+        for e in entries:
+            self._close(e[2], e[0])
+        return len(entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+HANDLES = HandleCache()   # this process's mappings (lazily CUDA: nothing happens until acquire)
+
+
+class _DeviceMemory:
+    """Raw device memory as __cuda_array_interface__, so torch.as_tensor wraps it without a copy.
+
+    torch keeps this object alive as long as any tensor views the memory, so `keep` (what must
+    outlive the views) and a weakref.finalize on this object give the memory back at the right time.
+    """
+
+    def __init__(self, ptr: int, nbytes: int, keep: Any = None):
+        self.keep = keep
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
+                                         "version": 3, "strides": None}
+
+
+def wrap_device_memory(ptr: int, nbytes: int, device: int | None, keep: Any = None) -> tuple[torch.Tensor, Any]:
+    """A uint8 CUDA tensor over [ptr, ptr + nbytes) and its owner object (for weakref.finalize)."""
+    owner = _DeviceMemory(ptr, nbytes, keep)
+    t = torch.as_tensor(owner)   # no device argument: one that differed would make torch copy
+    if not t.is_cuda or t.data_ptr() != ptr or (device is not None and t.device.index != device):
+        raise ConfigError(f"wrapping device memory {ptr:#x} gave a tensor on {t.device} at "
+                          f"{t.data_ptr():#x}, expected cuda:{device} at the same address")
+    return t, owner
+
+
+# --- ring bookkeeping (pure; tested on CPU) ---------------------------------------------------------
+
+class RingBooks:
+    """The sender's view of a ring of `size` bytes: aligned contiguous regions taken at the head and
+    given back (by the receiver's running `tail`) in order."""
+
+    def __init__(self, size: int, align: int = ALIGN):
+        if size < align or size % align:
+            raise ConfigError(f"ring of {size} bytes: must be a positive multiple of {align}")
+        self.size, self.align = size, align
+        self.head = 0   # bytes of ring ever taken
+        self.tail = 0   # bytes of ring ever given back
+
+    def alloc(self, nbytes: int) -> tuple[int, int] | None:
+        """(offset, bytes used including a skipped end of ring), or None while the space is held."""
+        n = -(-max(nbytes, 1) // self.align) * self.align
+        if n > self.size:
+            raise ValueError(f"a region of {nbytes} bytes does not fit a ring of {self.size}")
+        pos = self.head % self.size
+        used = n + (self.size - pos if pos + n > self.size else 0)
+        if self.size - (self.head - self.tail) < used:
+            return None
+        offset = (self.head + used - n) % self.size
+        self.head += used
+        return offset, used
+
+    def freed(self, tail: int) -> None:
+        """The receiver gave back everything before `tail`."""
+        if not self.tail <= tail <= self.head:
+            raise ProtocolError(f"ring tail {tail} outside [{self.tail}, {self.head}]")
+        self.tail = tail
+
+    @property
+    def in_use(self) -> int:
+        return self.head - self.tail
+
+
+class InOrderReleases:
+    """The receiver's side: regions are released in any order, the tail only moves over a released prefix."""
+
+    def __init__(self) -> None:
+        self._regions: collections.deque[list] = collections.deque()   # [used, released]
+        self.tail = 0
+        self._lock = threading.Lock()   # finalizers release from whichever thread dropped a view
+
+    def add(self, used: int) -> list:
+        """Record the next region (in ring order); returns its token for release()."""
+        token = [used, False]
+        with self._lock:
+            self._regions.append(token)
+        return token
+
+    def release(self, token: list) -> int | None:
+        """Mark a region released; returns the new tail when it moved, else None."""
+        with self._lock:
+            if token[1]:
+                return None
+            token[1] = True
+            tail = self.tail
+            while self._regions and self._regions[0][1]:
+                tail += self._regions.popleft()[0]
+            if tail == self.tail:
+                return None
+            self.tail = tail
+            return tail
+
+    def __len__(self) -> int:
+        return len(self._regions)
+
+
+# --- the channel ----------------------------------------------------------------------------------
+
+_LOCAL: dict[str, "CudaIpcTransport"] = {}   # receivers of this process, for same-process senders
+
+
+async def _until_done(ev: torch.cuda.Event) -> None:
+    """Wait (without blocking the loop) until the GPU has passed `ev`."""
+    spins = 0
+    while not ev.query():
+        spins += 1
+        await asyncio.sleep(0 if spins < 50 else 1e-4)
+
+
+class CudaIpcTransport(Transport):
+    """One direction of a same-node GPU channel: the receiver's device ring, written by the sender."""
+
+    kind = "cuda_ipc"
+
+    def __init__(self, *, receiving: bool, device: int, ring: torch.Tensor, size: int, ctrl: Any, zctx: Any,
+                 owns_ctx: bool, address: dict, sync: str, path: str = ""):
+        self.address = address
+        self._receiving = receiving
+        self._dev = device
+        self._ring = ring            # uint8 [size] on the ring's device (ours, or the peer's mapped)
+        self._ring_ptr = ring.data_ptr()
+        self._ring_dev = ring.device.index
+        self._size = size
+        self._ctrl = ctrl
+        self._zctx = zctx
+        self._owns_ctx = owns_ctx
+        self._sync = sync
+        self._path = path
+        self._closed = False
+        self._lock = asyncio.Lock()
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+        self._peer_event: torch.cuda.Event | None = None   # the other side's IPC event
+        self._event: torch.cuda.Event | None = None        # ours (exported to the peer)
+        self._buffer: IpcBuffer | None = None              # sender: the mapping we hold
+        self._books = RingBooks(size) if not receiving else None
+        self._releases = InOrderReleases() if receiving else None
+        self._regions: collections.deque = collections.deque()   # receiver: announced, not yet taken
+        self._stream: torch.cuda.Stream | None = None
+        self._fence = True
+        self.stats = collections.Counter()
+
+    # --- opening ----------------------------------------------------------------------------------
+    @classmethod
+    async def listen(cls, *, device: Any = "cuda", ring_bytes: int = 64 << 20, sync: str = "event",
+                     zctx: zmq.asyncio.Context | None = None) -> "CudaIpcTransport":
+        """Allocate the ring on `device` and bind the control socket; the receiving side."""
+        _require()
+        if sync not in ("event", "host"):
+            raise ConfigError(f"cuda_ipc sync must be 'event' or 'host', got {sync!r}")
+        dev = device_index(device)
+        size = max(ALIGN, ring_bytes // ALIGN * ALIGN)
+        with torch.cuda.device(dev):
+            ring = torch.empty(size, dtype=torch.uint8, device=torch.device("cuda", dev))
+            event = torch.cuda.Event(interprocess=True) if sync == "event" else None
+            event_handle = bytes(event.ipc_handle()) if event is not None else b""
+        buf = export_tensor(ring)
+        tag = uuid.uuid4().hex[:12]
+        path = os.path.join(tempfile.gettempdir(), f"fp-cipc-{tag}.ctl")
+        owns = zctx is None
+        zctx = zctx or zmq.asyncio.Context()
+        ctrl = zctx.socket(zmq.PAIR)
+        ctrl.setsockopt(zmq.LINGER, 0)
+        ctrl.setsockopt(zmq.SNDHWM, 0)   # free notices: at most one per ring region, never dropped
+        ctrl.bind(f"ipc://{path}")
+        address = {"kind": "cuda_ipc", "channel": tag, "pid": os.getpid(), "device": dev, "ring": buf.to_list(),
+                   "event": event_handle, "ctrl": f"ipc://{path}", "sync": sync}
+        self = cls(receiving=True, device=dev, ring=ring, size=size, ctrl=ctrl, zctx=zctx, owns_ctx=owns,
+                   address=address, sync=sync, path=path)
+        self._event = event
+        _LOCAL[tag] = self
+        return self
+
+    @classmethod
+    async def connect(cls, address: dict, *, device: Any = None, fence: bool = True,
+                      zctx: zmq.asyncio.Context | None = None) -> "CudaIpcTransport":
+        """Open the receiver's ring (cached mapping) and say hello; the sending side.
+
+        `device`: where this side's tensors live (default: the receiver's device index). `fence`:
+        later work on the producer's stream waits for the copies (so a sent tensor may be modified
+        as soon as send() returns, as the Transport contract says).
+        """
+        _require()
+        try:
+            tag, pid, rdev, ctrl_ep, sync = (address["channel"], int(address["pid"]), int(address["device"]),
+                                             address["ctrl"], address["sync"])
+            buf = IpcBuffer.parse(address["ring"])
+            event_handle = bytes(address["event"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProtocolError(f"bad cuda_ipc address {address!r:.160}: {e}") from e
+        dev = rdev if device is None else device_index(device)
+        if pid == os.getpid():   # CUDA cannot open a handle in the process that exported it
+            rx = _LOCAL.get(tag)
+            if rx is None:
+                raise ConfigError(f"cuda_ipc channel {tag} is not open in this process")
+            ring, peer_event, held = rx._ring, rx._event, None
+        else:
+            base = HANDLES.acquire(buf, dev)
+            held = buf
+            try:
+                ring, _ = wrap_device_memory(base, buf.nbytes, rdev)
+                peer_event = (torch.cuda.Event.from_ipc_handle(rdev, event_handle)
+                              if sync == "event" else None)
+            except BaseException:
+                HANDLES.release(buf)
+                raise
+        with torch.cuda.device(dev):
+            stream = torch.cuda.Stream(dev)
+            event = torch.cuda.Event(interprocess=True) if sync == "event" else None
+            hello = IpcHello(os.getpid(), bytes(event.ipc_handle()) if event is not None else b"")
+        owns = zctx is None
+        zctx = zctx or zmq.asyncio.Context()
+        ctrl = zctx.socket(zmq.PAIR)
+        ctrl.setsockopt(zmq.LINGER, 1000)
+        ctrl.setsockopt(zmq.RCVHWM, 0)
+        ctrl.connect(ctrl_ep)
+        self = cls(receiving=False, device=dev, ring=ring, size=buf.nbytes, ctrl=ctrl, zctx=zctx, owns_ctx=owns,
+                   address=dict(address), sync=sync)
+        self._buffer, self._stream, self._event, self._peer_event = held, stream, event, peer_event
+        self._fence = fence
+        if held is None:   # same process: each side uses the other's event object directly
+            _LOCAL[tag]._peer_event = event
+        await ctrl.send(_control(hello))
+        return self
+
+    # --- sending ----------------------------------------------------------------------------------
+    async def _flush(self, header: bytes, regions: list) -> None:
+        if not header and not regions:
+            return
+        if self._sync == "event":
+            self._event.record(self._stream)
+        else:
+            ev = torch.cuda.Event()
+            ev.record(self._stream)
+            await _until_done(ev)
+        await self._ctrl.send(_control(IpcRegions(header, regions)))
+        self.stats["notices"] += 1
+
+    async def _poll_frees(self) -> None:
+        """Take in the free notices already here, without waiting (keeps the control queue short)."""
+        while self._ctrl.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._freed(_read_control(await self._ctrl.recv()))
+
+    def _freed(self, msg: Any) -> None:
+        if not isinstance(msg, IpcFree):
+            raise ProtocolError(f"cuda_ipc sender got {type(msg).__name__}, expected IpcFree")
+        self._books.freed(msg.tail)
+
+    async def _alloc(self, nbytes: int) -> tuple[int, int]:
+        while True:
+            got = self._books.alloc(nbytes)
+            if got is not None:
+                return got
+            self._freed(_read_control(await self._ctrl.recv()))
+            self.stats["waits"] += 1
+
+    async def send(self, *tensors: torch.Tensor) -> None:
+        if self._closed:
+            raise ActorClosed("cuda_ipc transport is closed")
+        ts = []
+        for t in tensors:
+            if not t.is_cuda or t.device.index != self._dev:
+                raise ProtocolError(f"this cuda_ipc sender carries tensors of cuda:{self._dev} (see connect's "
+                                    f"`device`); got one on {t.device}")
+            ts.append(t if t.is_contiguous() else t.contiguous())
+        header = tensor_header(ts)
+        chunk = max(ALIGN, self._size // 4 // ALIGN * ALIGN)
+        async with self._lock:
+            await self._poll_frees()
+            producer = torch.cuda.current_stream(self._dev)
+            self._stream.wait_stream(producer)
+            pending: list = []
+            head = header
+            for t in ts:
+                if t.numel() == 0:
+                    continue
+                src = t.reshape(-1).view(torch.uint8)
+                n = src.numel()
+                step = n if n <= self._size else chunk   # larger than the ring: streamed through it
+                for pos in range(0, n, step):
+                    part = src[pos:pos + step]
+                    got = self._books.alloc(part.numel())
+                    if got is None:   # the ring is full: tell what is there, then wait for space
+                        await self._flush(head, pending)
+                        head, pending = b"", []
+                        got = await self._alloc(part.numel())
+                    offset, used = got
+                    if self._peer_event is not None:
+                        self._stream.wait_event(self._peer_event)   # the receiver is done with that space
+                    with torch.cuda.stream(self._stream):
+                        self._ring[offset:offset + part.numel()].copy_(part, non_blocking=True)
+                    pending.append([offset, part.numel(), used])
+                    self.stats["bytes"] += part.numel()
+                t.record_stream(self._stream)   # t may be freed once send() returns: the copy may still run
+            await self._flush(head, pending)
+            if self._fence:
+                producer.wait_stream(self._stream)
+            self.stats["sends"] += 1
+
+    # --- receiving --------------------------------------------------------------------------------
+    async def _next(self) -> Any:
+        while True:
+            try:
+                frame = await self._ctrl.recv()
+            except zmq.ZMQError as e:
+                raise ActorClosed(f"cuda_ipc transport closed: {e}") from None
+            msg = _read_control(frame)
+            if isinstance(msg, IpcHello):
+                if self._sync == "event" and msg.pid != os.getpid():
+                    if len(msg.event) != IPC_HANDLE_BYTES:
+                        raise ProtocolError(f"IPC event handle of {len(msg.event)} bytes")
+                    self._peer_event = torch.cuda.Event.from_ipc_handle(self._dev, bytes(msg.event))
+                continue
+            if not isinstance(msg, IpcRegions):
+                raise ProtocolError(f"cuda_ipc receiver got {type(msg).__name__}, expected IpcRegions")
+            return msg
+
+    def _arrived(self, msg: IpcRegions, stream: torch.cuda.Stream) -> None:
+        if self._sync == "event" and self._peer_event is not None:
+            stream.wait_event(self._peer_event)
+        for r in msg.regions:
+            if not (isinstance(r, list) and len(r) == 3 and all(type(x) is int and x >= 0 for x in r)
+                    and r[0] + r[1] <= self._size and r[2] <= self._size):
+                raise ProtocolError(f"bad cuda_ipc region {r!r:.80} (ring {self._size})")
+            self._regions.append(r)
+
+    async def _take(self, max_bytes: int, stream: torch.cuda.Stream) -> tuple[int, int, list]:
+        while not self._regions:
+            msg = await self._next()
+            if msg.header:
+                raise ProtocolError("cuda_ipc: a new send began before the last one's data arrived")
+            self._arrived(msg, stream)
+        offset, nbytes, used = self._regions.popleft()
+        if nbytes > max_bytes:
+            raise ProtocolError(f"cuda_ipc region of {nbytes} bytes, expected at most {max_bytes}")
+        return offset, nbytes, self._releases.add(used)
+
+    def _release(self, token: list, stream: torch.cuda.Stream) -> None:
+        """Give a region back: record "free" where its readers were queued, then tell the sender."""
+        if self._closed:
+            return
+        if self._sync == "event":
+            self._event.record(stream)
+            tail = self._releases.release(token)
+            if tail is not None:
+                self._notify_free(tail)
+        else:
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            self._call_on_loop(self._host_release, token, ev)
+
+    def _host_release(self, token: list, ev: torch.cuda.Event) -> None:
+        async def later() -> None:
+            await _until_done(ev)
+            tail = self._releases.release(token)
+            if tail is not None and not self._closed:
+                await self._ctrl.send(_control(IpcFree(tail)))
+        self._loop.create_task(later())
+
+    def _notify_free(self, tail: int) -> None:
+        self._call_on_loop(self._send_free, tail)
+
+    def _send_free(self, tail: int) -> None:
+        if not self._closed:
+            self._ctrl.send(_control(IpcFree(tail)))
+            self.stats["frees"] += 1
+
+    def _call_on_loop(self, fn: Callable, *args: Any) -> None:
+        if threading.get_ident() == self._thread:
+            fn(*args)
+        else:   # a view dropped in a worker thread
+            try:
+                self._loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:   # the loop is gone, and the channel with it
+                pass
+
+    async def recv(self, into: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        if self._closed:
+            raise ActorClosed("cuda_ipc transport is closed")
+        async with self._lock:
+            stream = torch.cuda.current_stream(self._dev)
+            msg = await self._next()
+            if not msg.header:
+                raise ProtocolError("cuda_ipc receiver expected the start of a send")
+            specs = parse_tensor_header(msg.header)
+            self._arrived(msg, stream)
+            bad = None
+            if into is not None:
+                try:
+                    check_into(into, specs)
+                    if any(not t.is_cuda for t in into):
+                        raise ProtocolError("cuda_ipc `into` tensors must be CUDA tensors")
+                except ProtocolError as e:
+                    bad = e   # read (and give back) this send so that the next one is intact
+            out: list[torch.Tensor] = []
+            for i, spec in enumerate(specs):
+                if spec.nbytes == 0:
+                    out.append(into[i] if into is not None and bad is None else
+                               torch.empty(spec.shape, dtype=spec.dtype, device=torch.device("cuda", self._dev)))
+                    continue
+                if bad is not None or into is not None or spec.nbytes > self._size:
+                    dst = None if bad is not None else (into[i] if into is not None else torch.empty(
+                        spec.shape, dtype=spec.dtype, device=torch.device("cuda", self._dev)))
+                    await self._copy_out(spec.nbytes, dst, stream)
+                    if dst is not None:
+                        out.append(dst)
+                    continue
+                offset, nbytes, token = await self._take(spec.nbytes, stream)
+                if nbytes != spec.nbytes:
+                    raise ProtocolError(f"cuda_ipc region of {nbytes} bytes for a tensor of {spec.nbytes}")
+                view, owner = wrap_device_memory(self._ring_ptr + offset, nbytes, self._ring_dev, keep=self._ring)
+                weakref.finalize(owner, self._release, token, stream).atexit = False
+                out.append(view.view(spec.dtype).view(spec.shape))
+            self.stats["recvs"] += 1
+            if bad is not None:
+                raise bad
+            return out
+
+    async def _copy_out(self, nbytes: int, dst: torch.Tensor | None, stream: torch.cuda.Stream) -> None:
+        flat = dst.reshape(-1).view(torch.uint8) if dst is not None else None
+        pos = 0
+        while pos < nbytes:
+            offset, n, token = await self._take(nbytes - pos, stream)
+            if flat is not None:
+                with torch.cuda.stream(stream):
+                    flat[pos:pos + n].copy_(self._ring[offset:offset + n], non_blocking=True)
+            self._release(token, stream)
+            pos += n
+
+    # --- closing ----------------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._receiving:
+            _LOCAL.pop(self.address["channel"], None)
+            if self._path:
+                try:
+                    os.unlink(self._path)
+                except FileNotFoundError:
+                    pass
+        else:
+            if self._stream is not None:
+                await asyncio.to_thread(self._stream.synchronize)   # no copy may still target the ring
+            if self._buffer is not None:
+                HANDLES.release(self._buffer)
+                self._buffer = None
+        # received views keep the ring (and so the mapping's memory) alive until they are dropped
+        self._ring = None
+        self._ctrl.close()
+        if self._owns_ctx:
+            self._zctx.term()
+
+
+# --- KV blocks --------------------------------------------------------------------------------------
+
+def coalesce_runs(src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Pairs of block ids as runs (src_start, dst_start, length) where both sides are consecutive."""
+    if len(src_blocks) != len(dst_blocks):
+        raise ValueError(f"{len(src_blocks)} source blocks for {len(dst_blocks)} destination blocks")
+    runs: list[list[int]] = []
+    for s, d in zip(src_blocks, dst_blocks):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1][2] += 1
+        else:
+            runs.append([int(s), int(d), 1])
+    return [(s, d, n) for s, d, n in runs]
+
+
+def copy_runs(src: torch.Tensor, dst: torch.Tensor, runs: Sequence[tuple[int, int, int]],
+              stream: Any = None) -> int:
+    """Copy blocks src[s:s+n] -> dst[d:d+n] for each run (pools [num_blocks, ...]); returns bytes.
+
+    Long runs are single memcpys; short ones (block by block) go in one batched launch
+    (torch._foreach_copy_) instead of one launch per block. On CPU tensors this is plain copying.
+    """
+    if src.dtype != dst.dtype or src.shape[1:] != dst.shape[1:]:
+        raise ValueError(f"pools differ: {src.dtype}{list(src.shape)} vs {dst.dtype}{list(dst.shape)}")
+    per_block = src[0].numel() * src.element_size() if src.shape[0] else 0
+    small_d: list[torch.Tensor] = []
+    small_s: list[torch.Tensor] = []
+    total = 0
+    ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+    with ctx:
+        for s, d, n in runs:
+            if s < 0 or d < 0 or s + n > src.shape[0] or d + n > dst.shape[0]:
+                raise IndexError(f"run ({s}, {d}, {n}) outside pools of {src.shape[0]} / {dst.shape[0]} blocks")
+            total += n * per_block
+            if n * per_block >= _BIG_RUN:
+                dst[d:d + n].copy_(src[s:s + n], non_blocking=True)
+            else:
+                small_d.append(dst[d:d + n])
+                small_s.append(src[s:s + n])
+        if small_d:
+            if hasattr(torch, "_foreach_copy_"):
+                torch._foreach_copy_(small_d, small_s, non_blocking=True)
+            else:
+                for a, b in zip(small_d, small_s):
+                    a.copy_(b, non_blocking=True)
+    return total
+
+
+def export_pools(kv: dict, num_blocks: int, block_size: int) -> KvPools:
+    """KvPools of a stage's caches (unit -> PagedKVCache with .k/.v [num_blocks, block_size, heads, dim])."""
+    pools, dtype, shape = {}, "", []
+    for u, cache in kv.items():
+        pools[int(u)] = [export_tensor(cache.k).to_list(), export_tensor(cache.v).to_list()]
+        dtype = str(cache.k.dtype).removeprefix("torch.")
+        shape = list(cache.k.shape[1:])
+    return KvPools(dtype, num_blocks, shape or [block_size, 0, 0], pools)
+
+
+class PeerPools:
+    """Another process's KV pools opened here (through HANDLES), as tensors of their shape."""
+
+    def __init__(self, cache: HandleCache | None = None):
+        self._cache = cache or HANDLES
+        self._held: dict[tuple[int, bytes, int], tuple[IpcBuffer, torch.Tensor]] = {}
+
+    def open(self, pools: KvPools, device: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """unit -> (k, v) tensors [num_blocks, *block_shape] viewing the peer's pools."""
+        dtype = getattr(torch, str(pools.dtype), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ProtocolError(f"KvPools dtype {pools.dtype!r} is not a torch dtype")
+        shape = [int(pools.num_blocks), *[int(x) for x in pools.block_shape]]
+        out = {}
+        for u, (kb, vb) in pools.pools.items():
+            out[int(u)] = (self._tensor(IpcBuffer.parse(kb), dtype, shape, device),
+                           self._tensor(IpcBuffer.parse(vb), dtype, shape, device))
+        return out
+
+    def _tensor(self, buf: IpcBuffer, dtype: torch.dtype, shape: list, device: int) -> torch.Tensor:
+        key = (buf.pid, bytes(buf.handle), buf.offset)
+        held = self._held.get(key)
+        if held is None:
+            if buf.pid == os.getpid():
+                raise ConfigError("PeerPools opens another process's pools; in one process use the tensors")
+            nbytes = 1
+            for x in shape:
+                nbytes *= x
+            nbytes *= torch.empty(0, dtype=dtype).element_size()
+            if nbytes != buf.nbytes:
+                raise ProtocolError(f"pool of {buf.nbytes} bytes announced as {dtype}{shape}")
+            ptr = self._cache.acquire(buf, device)
+            t, _ = wrap_device_memory(ptr, buf.nbytes, buf.device)
+            held = self._held[key] = (buf, t.view(dtype).view(shape))
+        return held[1]
+
+    def close(self) -> None:
+        """Release every opened pool (call before the peer frees them)."""
+        for buf, _ in self._held.values():
+            self._cache.release(buf)
+        self._held.clear()
+
+
+register_transport("cuda_ipc", CudaIpcTransport.listen, CudaIpcTransport.connect)

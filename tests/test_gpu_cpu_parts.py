@@ -1,0 +1,459 @@
+"""The parts of the GPU data path that are honest to test without a GPU: IPC handles through the
+codec, the handle cache and ring bookkeeping, KV block runs, the NCCL communicator pool and its
+unique-id exchange through real actor messages, and NVML inventory parsing (a fake NVML module)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from flexpipe.errors import ConfigError, NoDriverError, ProtocolError
+from flexpipe.placement.topology import GiB, LinkKind, Topology
+from flexpipe.runtime import ActorSystem, codec
+from flexpipe.runtime.allocator import AllocatorCore
+from flexpipe.transports import Endpoint, choose_transport, open_receiver, open_sender
+from flexpipe.transports import cuda_ipc, nccl
+from flexpipe.transports.cuda_ipc import (
+    HandleCache, InOrderReleases, IpcBuffer, IpcFree, IpcHello, IpcRegions, KvPools, RingBooks, coalesce_runs,
+    copy_runs,
+)
+from flexpipe.transports.nccl import CommPool, NcclBootstrap, NcclEnsure, NcclPoolStatus, pair_key, uid_to_bytes
+from flexpipe.runtime import inventory
+from test_actor_helpers import FAST
+
+pytestmark = pytest.mark.timeout(60)
+
+HANDLE = bytes(range(64))   # NULs and high bytes: a handle is not a string
+
+
+def roundtrip(msg):
+    got, _ = codec.decode(codec.encode(msg))
+    return got
+
+
+# --- CUDA IPC: what travels ------------------------------------------------------------------------
+
+def test_ipc_messages_roundtrip_through_the_codec():
+    buf = IpcBuffer(1234, 1, b"\x00" * 10 + HANDLE[10:], 4096, 1 << 30)
+    got = roundtrip(buf)
+    assert got == buf and isinstance(got.handle, bytes) and len(got.handle) == 64
+    assert IpcBuffer.parse(got.to_list()) == buf
+    for m in (IpcHello(7, HANDLE), IpcRegions(b"hdr\x00", [[0, 100, 256], [256, 3, 256]]), IpcFree(1 << 40)):
+        assert roundtrip(m) == m
+    pools = KvPools("float16", 128, [16, 8, 128], {3: [buf.to_list(), buf.to_list()], 5: [buf.to_list()] * 2})
+    got = roundtrip(pools)
+    assert got.pools.keys() == {3, 5} and IpcBuffer.parse(got.pools[5][1]) == buf
+    # an address as an actor reply carries it (a plain dict with bytes and lists inside)
+    address = {"kind": "cuda_ipc", "channel": "ab12", "pid": 9, "device": 0, "ring": buf.to_list(),
+               "event": HANDLE, "ctrl": "ipc:///tmp/x", "sync": "event"}
+    assert roundtrip(address) == address
+
+
+@pytest.mark.parametrize("bad", [
+    [1, 0, b"short", 0, 10], [1, 0, HANDLE, -1, 10], [1, 0, "x" * 64, 0, 10], [1, 0, HANDLE, 0], "nope",
+    [1.5, 0, HANDLE, 0, 10]])
+def test_bad_ipc_buffers_are_protocol_errors(bad):
+    with pytest.raises(ProtocolError):
+        IpcBuffer.parse(bad)
+
+
+def test_tensor_header_of_gpu_tensors_needs_no_gpu():
+    # the specs a cuda_ipc/nccl send puts first: built from dtype and shape only
+    meta = [torch.empty(3, 4, dtype=torch.bfloat16, device="meta"), torch.empty(0, 2, device="meta")]
+    specs = codec.parse_tensor_header(codec.tensor_header(meta))
+    assert [(s.dtype, s.shape, s.nbytes) for s in specs] == [(torch.bfloat16, [3, 4], 24), (torch.float32, [0, 2], 0)]
+
+
+class FakeCuda:
+    """Stands for cudaIpcOpenMemHandle/cudaIpcCloseMemHandle: counts calls, hands out fake bases."""
+
+    def __init__(self, fail: bool = False):
+        self.open_calls: list[tuple[int, bytes]] = []
+        self.closed: list[tuple[int, int]] = []
+        self.fail = fail
+
+    def open(self, device: int, handle: bytes) -> int:
+        if self.fail:
+            raise RuntimeError("cudaErrorMapBufferObjectFailed")
+        self.open_calls.append((device, handle))
+        return 0x7F0000000000 + 0x100000000 * len(self.open_calls)
+
+    def close(self, device: int, base: int) -> None:
+        self.closed.append((device, base))
+
+
+def test_handle_cache_opens_once_per_pid_and_handle_and_closes_at_the_last_release():
+    cuda = FakeCuda()
+    cache = HandleCache(cuda.open, cuda.close)
+    ring = IpcBuffer(100, 0, HANDLE, 512, 1 << 20)
+    pools = IpcBuffer(100, 0, HANDLE, 1 << 21, 1 << 22)      # another buffer of the same allocation
+    other_pid = IpcBuffer(101, 0, HANDLE, 512, 1 << 20)       # the same bytes from another process
+    a = cache.acquire(ring, device=1)
+    b = cache.acquire(pools, device=1)
+    assert len(cuda.open_calls) == 1 and b - a == (1 << 21) - 512 and cache.refs(ring) == 2
+    c = cache.acquire(other_pid)
+    assert len(cuda.open_calls) == 2 and c != a and cuda.open_calls[1][0] == 0 and len(cache) == 2
+    assert cache.release(ring) is False and not cuda.closed
+    assert cache.release(pools) is True and cuda.closed == [(1, a - 512)]
+    with pytest.raises(KeyError):
+        cache.release(ring)
+    assert cache.acquire(ring) and len(cuda.open_calls) == 3   # opened again after the last release
+    assert cache.forget_pid(100) == 1 and cache.refs(other_pid) == 1
+    assert cache.close_all() == 1 and len(cache) == 0
+    assert (cache.opened, cache.closed) == (3, 3)
+
+
+def test_handle_cache_failure_records_nothing_and_bad_handles_never_reach_cuda():
+    cuda = FakeCuda(fail=True)
+    cache = HandleCache(cuda.open, cuda.close)
+    with pytest.raises(RuntimeError):
+        cache.acquire(IpcBuffer(1, 0, HANDLE, 0, 10))
+    assert len(cache) == 0 and cache.opened == 0
+    with pytest.raises(ProtocolError):
+        cache.acquire(IpcBuffer(1, 0, b"\x01" * 63, 0, 10))
+
+
+def test_ring_books_wrap_fill_and_free_in_order():
+    books = RingBooks(4096, align=256)
+    assert books.alloc(100) == (0, 256)
+    assert books.alloc(1000) == (256, 1024)
+    assert books.alloc(2560) == (1280, 2560)
+    assert books.alloc(512) is None                  # 256 bytes left
+    books.freed(256)
+    assert books.alloc(512) is None                  # 256 at the end + 256 at the start, not contiguous
+    books.freed(256 + 1024)
+    off, used = books.alloc(512)                     # skips the 256-byte tail of the ring
+    assert (off, used) == (0, 768) and books.in_use == 2560 + 768
+    with pytest.raises(ProtocolError):
+        books.freed(10)                              # the tail never goes back
+    with pytest.raises(ValueError):
+        books.alloc(8192)
+    with pytest.raises(ConfigError):
+        RingBooks(1000, align=256)
+
+
+def test_in_order_releases_move_the_tail_over_the_released_prefix_only():
+    rel = InOrderReleases()
+    a, b, c = rel.add(256), rel.add(512), rel.add(256)
+    assert rel.release(b) is None and rel.tail == 0
+    assert rel.release(b) is None                    # twice is once
+    assert rel.release(a) == 768
+    assert rel.release(c) == 1024 and len(rel) == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 5000), min_size=1, max_size=60), st.integers(0, 7))
+def test_ring_books_and_releases_agree_under_any_sizes(sizes, lag):
+    """The sender's books and the receiver's releases never hand out overlapping live regions."""
+    books, rel = RingBooks(16384, align=256), InOrderReleases()
+    live: list[tuple[int, int, list]] = []
+    for n in sizes:
+        got = books.alloc(n)
+        while got is None:
+            off, m, token = live.pop(0)
+            tail = rel.release(token)
+            if tail is not None:
+                books.freed(tail)
+            got = books.alloc(n)
+        off, used = got
+        for o, m, _ in live:
+            assert off + n <= o or o + m <= off      # no overlap with any region still held
+        live.append((off, n, rel.add(used)))
+        while len(live) > lag:
+            _, _, token = live.pop(0)
+            tail = rel.release(token)
+            if tail is not None:
+                books.freed(tail)
+
+
+def test_coalesce_runs():
+    assert coalesce_runs([], []) == []
+    assert coalesce_runs([4, 5, 6, 9, 10, 2], [0, 1, 2, 3, 4, 7]) == [(4, 0, 3), (9, 3, 2), (2, 7, 1)]
+    assert coalesce_runs([1, 2, 3], [5, 9, 10]) == [(1, 5, 1), (2, 9, 2)]
+    with pytest.raises(ValueError):
+        coalesce_runs([1], [1, 2])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 63), st.integers(0, 63)), max_size=40))
+def test_coalesced_runs_expand_back_to_the_pairs(pairs):
+    src, dst = [p[0] for p in pairs], [p[1] for p in pairs]
+    runs = coalesce_runs(src, dst)
+    assert [(s + k, d + k) for s, d, n in runs for k in range(n)] == list(zip(src, dst))
+    assert all(n >= 1 for *_, n in runs)
+
+
+def test_copy_runs_moves_exactly_the_blocks_named():
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(32, 16, 2, 8, generator=g).to(torch.bfloat16)    # [blocks, block_size, heads, dim]
+    dst = torch.zeros(24, 16, 2, 8, dtype=torch.bfloat16)
+    src_ids, dst_ids = [3, 4, 5, 6, 20, 7, 31], [0, 1, 2, 3, 10, 11, 23]
+    nbytes = copy_runs(src, dst, coalesce_runs(src_ids, dst_ids))
+    assert nbytes == len(src_ids) * src[0].numel() * 2
+    want = torch.zeros_like(dst)
+    want[dst_ids] = src[src_ids]
+    assert torch.equal(dst, want)
+    big = torch.randn(8, 1 << 18, generator=g)                            # 1 MiB blocks: the memcpy path
+    out = torch.zeros_like(big)
+    copy_runs(big, out, [(0, 4, 4)])
+    assert torch.equal(out[4:], big[:4]) and not out[:4].any()
+    with pytest.raises(IndexError):
+        copy_runs(src, dst, [(30, 0, 4)])
+    with pytest.raises(ValueError):
+        copy_runs(src, dst.float(), [(0, 0, 1)])
+
+
+# --- registry and availability ---------------------------------------------------------------------
+
+def test_gpu_kinds_are_registered_and_say_why_they_cannot_open_here():
+    assert choose_transport(Endpoint("h", 1, "cuda:0"), Endpoint("h", 2, "cuda:0")) == "cuda_ipc"
+    assert choose_transport(Endpoint("h", 1, "cuda:0"), Endpoint("g", 2, "cuda:3")) == "nccl"
+    if cuda_ipc.available():
+        pytest.skip("this machine has CUDA and CuPy: tests/test_gpu.py covers the real thing")
+    assert cuda_ipc.unavailable_reason() and nccl.unavailable_reason()
+    with pytest.raises(ConfigError, match="transport 'cuda_ipc' is not available: "):
+        asyncio.run(open_receiver("cuda_ipc"))
+    with pytest.raises(ConfigError, match="transport 'nccl' is not available: "):
+        asyncio.run(open_sender({"kind": "nccl", "ctrl": "tcp://127.0.0.1:1", "uid": bytes(128)},
+                                pool=CommPool("w")))
+
+
+# --- NCCL: the communicator pool ------------------------------------------------------------------
+
+class FakeNccl:
+    """ncclGetUniqueId/ncclCommInitRank stand-ins: init blocks until both ranks of a uid have joined,
+    as NCCL's does, and a communicator records whether it was destroyed."""
+
+    def __init__(self):
+        self.barriers: dict[bytes, threading.Barrier] = {}
+        self.lock = threading.Lock()
+        self.made: list[SimpleNamespace] = []
+        self.n = 0
+
+    def uid(self) -> tuple:
+        with self.lock:
+            self.n += 1
+            n = self.n
+        return tuple((n * 7 + i) % 256 - 128 for i in range(128))   # old CuPy's form: signed chars
+
+    def comm(self, device: int, nranks: int, uid: bytes, rank: int) -> SimpleNamespace:
+        with self.lock:
+            b = self.barriers.setdefault(uid, threading.Barrier(nranks))
+        b.wait(timeout=10)
+        c = SimpleNamespace(uid=uid, rank=rank, device=device, destroyed=False, aborted=False)
+        c.destroy = lambda: setattr(c, "destroyed", True)
+        c.abort = lambda: setattr(c, "aborted", True)
+        with self.lock:
+            self.made.append(c)
+        return c
+
+
+def test_unique_ids_and_pair_keys():
+    t = tuple(range(-128, 0))
+    b = uid_to_bytes(t)
+    assert len(b) == 128 and b[0] == 128 and uid_to_bytes(b) == b
+    assert nccl._signed(b) == t
+    with pytest.raises(ProtocolError):
+        uid_to_bytes(b"\x00" * 10)
+    assert pair_key("w2", "w1") == pair_key("w1", "w2") == ("w1", "w2")
+    with pytest.raises(ConfigError):
+        pair_key("w1", "w1")
+
+
+async def test_comm_pool_leases_reuse_and_close():
+    fake = FakeNccl()
+    a = CommPool("wA", 0, fake.comm, fake.uid)
+    b = CommPool("wB", 1, fake.comm, fake.uid)
+    assert (a.rank_with("wB"), b.rank_with("wA")) == (0, 1)
+    uid = a.new_uid()
+    ca, cb = await asyncio.gather(a.create("wB", uid), b.create("wA", uid))
+    assert (ca.rank, cb.rank, ca.peer_rank) == (0, 1, 1) and ca.comm.device == 0 and cb.comm.device == 1
+    with pytest.raises(ConfigError, match="exists already"):
+        await a.create("wB", uid)
+    rx = a.lease("wB", "rx1")
+    assert rx is ca and a.lease("wB", "rx2") is None and a.idle("wB") == 0 and a.total("wB") == 1
+    tx = b.lease_uid(rx.uid, "tx1")
+    with pytest.raises(ConfigError, match="held by 'tx1'"):
+        b.lease_uid(rx.uid, "tx2")
+    for _ in range(5):                          # five reshapes: the same communicator every time
+        a.give_back(rx)
+        b.give_back(tx)
+        rx, tx = a.lease("wB", "rx"), b.lease_uid(uid, "tx")
+        assert rx is ca and tx is cb
+    assert a.stats["created"] == 1 and a.stats["reused"] == 5 and len(fake.made) == 2
+    with pytest.raises(ConfigError, match="no communicator"):
+        a.lease_uid(bytes(128), "x")
+    a.give_back(rx)
+    with pytest.raises(ConfigError, match="not leased"):
+        a.give_back(rx)
+    assert a.status()["pairs"]["wB"]["total"] == 1
+    assert a.close() == 1 and ca.comm.destroyed and a.total("wB") == 0
+    with pytest.raises(Exception, match="closed"):
+        await a.create("wC", a.new_uid())
+    b.discard(cb)
+    assert cb.comm.aborted and b.total("wA") == 0
+
+
+async def test_unique_id_exchange_over_actor_messages_creates_once_per_pair():
+    fake = FakeNccl()
+    async with ActorSystem(FAST) as system:
+        boots = {w: await system.spawn(NcclBootstrap(w, i, fake.comm, fake.uid), f"nccl-{w}")
+                 for i, w in enumerate(["w1", "w2", "w3"])}
+        ref = {w: act.ref for w, act in boots.items()}
+        # the higher id asks first: the lower one draws the id and both join
+        st2 = await system.ask(ref["w2"], NcclEnsure("w1", ref["w1"]), timeout=10)
+        st1 = await system.ask(ref["w1"], NcclPoolStatus(), timeout=10)
+        assert st2["pairs"]["w1"]["total"] == st1["pairs"]["w2"]["total"] == 1
+        assert st2["pairs"]["w1"]["uids"] == st1["pairs"]["w2"]["uids"]
+        pool1, pool2 = boots["w1"].behaviour.pool, boots["w2"].behaviour.pool
+        (c1,), (c2,) = pool1._comms[("w1", "w2")], pool2._comms[("w1", "w2")]
+        assert (c1.rank, c2.rank) == (0, 1) and c1.uid == c2.uid
+        # asking again (a reshape) creates nothing: the pooled one is idle
+        await system.ask(ref["w1"], NcclEnsure("w2", ref["w2"]), timeout=10)
+        assert pool1.stats["created"] == pool2.stats["created"] == 1 and pool1.stats["hits"] == 1
+        # both sides at once, each wanting two idle ones: one creation sequence, pools stay symmetric
+        await asyncio.gather(system.ask(ref["w1"], NcclEnsure("w2", ref["w2"], idle=2), timeout=10),
+                             system.ask(ref["w2"], NcclEnsure("w1", ref["w1"], idle=2), timeout=10))
+        assert pool1.total("w2") == pool2.total("w1") == 2
+        assert {c.uid for c in pool1._comms[("w1", "w2")]} == {c.uid for c in pool2._comms[("w1", "w2")]}
+        # a leased communicator does not count as idle: the next ensure grows the pair by one
+        rx = pool1.lease("w2", "rx")
+        pool2.lease_uid(rx.uid, "tx")
+        await system.ask(ref["w1"], NcclEnsure("w2", ref["w2"], idle=2), timeout=10)
+        assert pool1.total("w2") == pool2.total("w1") == 3
+        await system.ask(ref["w3"], NcclEnsure("w2", ref["w2"]), timeout=10)
+        assert pool2.total("w3") == boots["w3"].behaviour.pool.total("w2") == 1 and pool1.total("w3") == 0
+        assert len(fake.made) == 2 * (3 + 1)
+    assert all(c.destroyed for c in fake.made)     # on_stop closed every pool
+
+
+# --- NVML inventory ---------------------------------------------------------------------------------
+
+class FakeNvml:
+    """A module-like object with the pynvml calls the inventory makes: two NVLinked GPUs and a third
+    on PCIe, another tenant on GPU 0, our own process on GPU 1, no utilisation on GPU 2."""
+
+    NVML_NVLINK_MAX_LINKS = 4
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, mib_used=(10_000, 30_000, 0), our_pid=4242, attributable=True):
+        self.total = 80 * 1024 * 2**20
+        self.used = [m * 2**20 for m in mib_used]
+        self.our_pid = our_pid
+        self.attributable = attributable
+        self.bus = ["00000000:17:00.0", "00000000:2A:00.0", "00000000:3B:00.0"]
+        self.inits = self.shutdowns = 0
+
+    def nvmlInit(self): self.inits += 1
+    def nvmlShutdown(self): self.shutdowns += 1
+    def nvmlDeviceGetCount(self): return 3
+    def nvmlDeviceGetHandleByIndex(self, i): return ("h", i)
+    def nvmlDeviceGetName(self, h): return b"NVIDIA H100 80GB HBM3" if h[1] < 2 else "NVIDIA Mystery GPU"
+    def nvmlDeviceGetUUID(self, h): return f"GPU-{h[1]:04d}"
+    def nvmlDeviceGetPciInfo(self, h): return SimpleNamespace(busId=self.bus[h[1]].encode())
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        used = self.used[h[1]]
+        return SimpleNamespace(total=self.total, used=used, free=self.total - used)
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        if h[1] == 2:
+            raise self.NVMLError("Not Supported")
+        return SimpleNamespace(gpu=[35, 80][h[1]], memory=[10, 20][h[1]])
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        procs = {0: [(999, 10_000)], 1: [(self.our_pid, 25_000), (998, 5_000)], 2: []}[h[1]]
+        return [SimpleNamespace(pid=p, usedGpuMemory=m * 2**20 if self.attributable else None) for p, m in procs]
+
+    def nvmlDeviceGetTopologyCommonAncestor(self, a, b):
+        return 10 if {a[1], b[1]} == {0, 1} else 50
+
+    def nvmlDeviceGetNvLinkState(self, h, link):
+        if h[1] == 2 or link >= 2:
+            raise self.NVMLError("Not Supported")
+        return 1
+
+    def nvmlDeviceGetNvLinkRemotePciInfo(self, h, link):
+        return SimpleNamespace(busId=self.bus[1 - h[1]])
+
+
+def test_sample_gpus_reads_memory_utilisation_and_our_share():
+    nv = FakeNvml()
+    s = inventory.sample_gpus(nv, own_pids=[nv.our_pid])
+    assert [x.name for x in s][:2] == ["NVIDIA H100 80GB HBM3"] * 2 and s[0].bus_id == "00000000:17:00.0"
+    assert s[0].used_by_us == 0 and s[1].used_by_us == 25_000 * 2**20 and s[2].used_by_us == 0
+    assert (s[0].util, s[1].mem_util, s[2].util) == (0.35, 0.2, None)
+    assert s[1].processes == {nv.our_pid: 25_000 * 2**20, 998: 5_000 * 2**20}
+    usage = inventory.external_used(s, "n0")
+    assert usage == {"n0/0": 10_000 * 2**20, "n0/1": 5_000 * 2**20, "n0/2": 0}
+    nv2 = FakeNvml(attributable=False)            # no per-process figures: our reservation stands in
+    s2 = inventory.sample_gpus(nv2, own_pids=[nv2.our_pid])
+    assert s2[1].used_by_us is None
+    assert inventory.external_used(s2, "n0", {"n0/1": 20_000 * 2**20})["n0/1"] == 10_000 * 2**20
+
+
+def test_nvlink_wiring_and_local_topology():
+    nv = FakeNvml()
+    pairs, switch = inventory.nvlink_wiring(nv, [b.lower() for b in nv.bus])
+    assert pairs == {(0, 1): 2} and switch == [0, 0, 0]
+    topo = inventory.local_topology(nv, "n0", own_pids=[nv.our_pid])
+    assert [g.model for g in topo.gpus] == ["H100", "H100", "NVIDIA Mystery GPU"]
+    assert topo.link_kind(0, 1) is LinkKind.NVLINK and topo.link_kind(0, 2) is LinkKind.PCIE_CROSS_SOCKET
+    assert int(topo.free[1]) == (80 * 1024 - 5_000) * 2**20   # what we use ourselves counts as free
+    assert topo.busy[0] == pytest.approx(0.35)
+    again = Topology.from_dict(topo.to_dict())                 # what AnnounceGpus carries survives the trip
+    assert again.gpus[2].compute_class == "unknown" and again.link_kind(0, 1) is LinkKind.NVLINK
+
+
+def test_inventory_feeds_the_allocator():
+    nv = FakeNvml()
+    inv = inventory.Inventory(nv, node="n0", worker="w0", own_pids=lambda: [nv.our_pid])
+    core = AllocatorCore()
+    ids = inv.announce_to(core)
+    assert ids == ["n0/0", "n0/1", "n0/2"]
+    i1 = core.topo.gpu_index("n0/1")
+    assert int(core.topo.free[i1]) == (80 * 1024 - 5_000) * 2**20
+    r = core.reserve({"n0/1": 30 * GiB}, owner="stage")
+    nv.used[1] += 5_000 * 2**20                                  # another tenant grows on GPU 1
+    usage = inv.report_to(core)
+    assert usage["n0/1"] == 10_000 * 2**20
+    assert int(core.topo.free[i1]) == 80 * GiB - 10_000 * 2**20 - 30 * GiB
+    core.check()
+    core.release(r.id)
+    assert inv.utilisation() == {"n0/0": 0.35, "n0/1": 0.8}
+    inv.close()
+    assert nv.shutdowns == 0                                     # it did not initialise this NVML
+
+
+async def test_inventory_run_reports_until_cancelled():
+    nv = FakeNvml()
+    inv = inventory.Inventory(nv, node="n0", own_pids=[])
+    got = []
+
+    async def send(usage):
+        got.append(usage)
+
+    task = asyncio.create_task(inv.run(send, interval=0.01))
+    while len(got) < 3:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert got[0]["n0/1"] == 30_000 * 2**20
+
+
+def test_load_nvml_without_pynvml_is_a_typed_error():
+    try:
+        import pynvml  # noqa: F401
+    except ImportError:
+        with pytest.raises(NoDriverError, match="nvidia-ml-py"):
+            inventory.load_nvml()
+    else:
+        pytest.skip("pynvml is installed here")
