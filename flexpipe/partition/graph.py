@@ -13,20 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from flexpipe.errors import PartitionError
+from flexpipe.model.units import UnitCost, unit_costs
 
 
-@dataclass(frozen=True, slots=True)
-class UnitNode:
-    """One unit of the chain with the costs the solver needs."""
-
-    index: int
-    name: str
-    kind: str  # "embedding" | "attention" | "mlp" | "head"
-    layer: int | None
-    param_bytes: int
-    flops_per_token: float
-    kv_bytes_per_token: int
-    act_bytes_per_token: int  # bytes of the residual stream leaving this unit, per token
+# One unit of the chain with its costs: the model's own cost record serves the solver as it is.
+UnitNode = UnitCost
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,21 +30,8 @@ class UnitGraph:
     @classmethod
     def from_config(cls, cfg: Any, dtype_bytes: int = 2) -> "UnitGraph":
         """Build the graph of a ModelConfig from its per-unit costs."""
-        from flexpipe.model.units import unit_costs
 
-        nodes = tuple(
-            UnitNode(
-                index=c.index,
-                name=c.name,
-                kind=c.kind,
-                layer=c.layer,
-                param_bytes=int(c.param_bytes),
-                flops_per_token=float(c.flops_per_token),
-                kv_bytes_per_token=int(c.kv_bytes_per_token),
-                act_bytes_per_token=int(c.act_bytes_per_token),
-            )
-            for c in unit_costs(cfg, dtype_bytes=dtype_bytes)
-        )
+        nodes = tuple(unit_costs(cfg, dtype_bytes=dtype_bytes))
         return cls(nodes, tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)))
 
     def __len__(self) -> int:
