@@ -1,8 +1,9 @@
 """FP-3 serving benchmark: FlexPipe (1 stage, 4 stages) vs HF transformers `generate`, same weights, one run.
 
-    .venv/bin/python benchmarks/bench_pipeline.py            # 64 new tokens, best of 2 (about 2-3 minutes)
+    .venv/bin/python benchmarks/bench_pipeline.py            # 64 new tokens, best of 3 (about 1 minute)
     .venv/bin/python benchmarks/bench_pipeline.py --quick    # 32 new tokens, one repeat, 1 and 32 streams
     .venv/bin/python benchmarks/bench_pipeline.py --preset tiny
+    .venv/bin/python benchmarks/bench_pipeline.py --profile  # where a stage's decode step goes
 
 Model: by default a Llama of hidden 256 x 8 layers (6.1M params, the config of bench_reference.py),
 exported with save_checkpoint; FlexPipe loads that directory and HF loads it with from_pretrained,
@@ -297,21 +298,59 @@ async def bench(args: argparse.Namespace) -> None:
     print(f"elapsed {elapsed:.0f} s")
 
 
+def profile_decode(args: argparse.Namespace, n: int = 32, steps: int = 20) -> None:
+    """Where one stage's time goes in a decode step of n sequences (in-process StageCore, cProfile)."""
+    import cProfile
+    import pstats
+
+    from flexpipe.runtime.stage_core import StageCore, StepMeta
+
+    cfg = model_config(args)
+    core = StageCore(cfg, PresetWeights(cfg, seed=0), 0, cfg.num_units, num_blocks=1024, block_size=16)
+    prompts, ids, greedy = make_prompts(n), [f"s{j}" for j in range(n)], [0.0, 0, 1.0, 0]
+    for j, p in enumerate(prompts):
+        core.forward(StepMeta([ids[j]], [0], [len(p)], [True], [0], [greedy]), torch.tensor(p))
+
+    def step(k: int) -> None:
+        core.forward(StepMeta(ids, [len(p) + k for p in prompts], [1] * n, [True] * n, [k + 1] * n, [greedy] * n),
+                     torch.full((n,), 5, dtype=torch.int64))
+
+    for k in range(3):
+        step(k)
+    prof = cProfile.Profile()
+    prof.enable()
+    for k in range(3, 3 + steps):
+        step(k)
+    prof.disable()
+    st = pstats.Stats(prof).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, callers)
+    total = sum(v[2] for v in st.values()) / steps
+    print(f"decode step of {n} sequences, all {cfg.num_units} units of {cfg.name} in one StageCore, "
+          f"{torch.get_num_threads()} thread: {total * 1e3:.1f} ms (cProfile, mean of {steps})")
+    top = sorted(st.items(), key=lambda kv: -kv[1][2])[:8]
+    for (file, line, name), v in top:
+        where = name if file == "~" else f"{file.rsplit('/', 1)[-1]}:{line} {name}"
+        print(f"  {v[2] / steps * 1e3:7.2f} ms  {where}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default=None, help="model preset, e.g. tiny (default: --hidden/--layers Llama)")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per stream (default 64, quick 32)")
-    ap.add_argument("--repeats", type=int, default=None, help="best of (default 2, quick 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="best of (default 3, quick 1)")
     ap.add_argument("--hf-threads", type=int, default=1, help="torch threads of HF (default 1 = one stage's)")
     ap.add_argument("--quick", action="store_true", help="32 tokens, one repeat, 1 and 32 streams")
+    ap.add_argument("--profile", action="store_true", help="only profile one stage's decode step (32 sequences)")
     args = ap.parse_args()
     args.tokens = args.tokens or (32 if args.quick else 64)
-    args.repeats = args.repeats or (1 if args.quick else 2)
+    args.repeats = args.repeats or (1 if args.quick else 3)
     # One torch thread in this process too (router, oracle, HF's thread sets its own): on a 2-core
     # machine shared with other work, an OpenMP team of 2 spins against the stages and other jobs.
     torch.set_num_threads(1)
+    if args.profile:
+        profile_decode(args)
+        return
     asyncio.run(bench(args))
 
 

@@ -121,7 +121,7 @@ def main() -> None:
     draw(top, data, a, 1.0, (a - 0.3, b + 0.3), detail=False)
     top.set_xlabel("seconds since fp.reshape(stages=4) was called", fontsize=8)
     top.set_title(f"Split {op['from']} -> {op['to']} under {data['streams']} streams (peer weights): "
-                  f"total {op['total_s']:.2f} s, of which process start-up {op['prepare_s']:.2f} s "
+                  f"total {op['total_s']:.2f} s, of which prepare (process start, weights) {op['prepare_s']:.2f} s "
                   f"(zoomed below: shaded)", fontsize=9)
     zoom = (first_copy - 0.03, resume + 0.12)
     top.axvspan(zoom[0] - a, zoom[1] - a, color="#ffe9a8", alpha=0.5, lw=0)
