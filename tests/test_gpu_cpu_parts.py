@@ -457,3 +457,55 @@ def test_load_nvml_without_pynvml_is_a_typed_error():
             inventory.load_nvml()
     else:
         pytest.skip("pynvml is installed here")
+
+
+# --- the GPU check's stage harness and driver, on CPU -------------------------------------------------
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+async def test_transport_hop_stages_through_1_2_1_reshape_equal_the_oracle_on_cpu():
+    """benchmarks/gpu_check.py's IpcStageActor with CPU stage processes: the hop is a shm channel per
+    neighbour pair, KV moves through ExportKV, and every output equals the reference."""
+    import sys
+    if str(ROOT) not in sys.path:   # benchmarks/ is not a package of flexpipe; `python -m pytest` has it
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.gpu_check import DevicePresetWeights, ipc_pipeline, make_config
+    from flexpipe.model.reference import ReferenceModel
+    from flexpipe.model.sampling import SamplingParams
+
+    cfg = make_config("tiny")
+    prompts = [[(31 * i + 7 * j) % 250 + 3 for i in range(5 + 9 * j)] for j in range(4)]
+    async with ipc_pipeline(cfg, stages=1, device="cpu", dtype="float32", num_blocks=256) as fp:
+        running = [asyncio.ensure_future(fp.complete(p, max_tokens=30, ignore_eos=True)) for p in prompts]
+        await asyncio.sleep(0.2)
+        st2 = await fp.reshape(stages=2)
+        status = await fp.controller.stage_status()
+        st1 = await fp.reshape(stages=1)
+        outs = [o.token_ids for o in await asyncio.gather(*running)]
+    assert st2.ok and st1.ok and [s["hop"] for s in status] == ["shm", ""]
+    ref = ReferenceModel(cfg, DevicePresetWeights(cfg, 0))
+    for p, got in zip(prompts, outs):
+        assert got == ref.generate(p, SamplingParams(max_tokens=30, ignore_eos=True))
+
+
+def test_gpu_check_dry_run_writes_its_json_and_an_honest_exit_code(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--sections",
+                           "env,kv_bandwidth", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    assert res["schema"] == "flexpipe.gpu_check/1" and res["dry_run"] is True and res["exit_code"] == 0
+    kv = res["sections"]["kv_bandwidth"]
+    assert kv["status"] == "ok" and kv["coalesced"]["bytes_equal"] and kv["target"]["met"] is None
+    assert "DRY RUN" in proc.stdout and "not evaluated (dry run)" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--sections", "env", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if not cuda_ipc.available() and not __import__("torch").cuda.is_available():
+        assert proc.returncode == 2 and "no CUDA device" in proc.stdout   # not a dry run, and no GPU here
+        assert json.loads(out.read_text())["exit_code"] == 2

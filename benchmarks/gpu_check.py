@@ -1,0 +1,938 @@
+"""FP-10 GPU check: the GPU tests and the GPU figures in one run, written to a JSON file (docs/gpu.md).
+
+    bash benchmarks/gpu_check.sh                      # on a machine with one NVIDIA GPU, < 8 minutes
+    .venv/bin/python -m benchmarks.gpu_check --dry-run   # the same control flow on CPU, tiny sizes
+
+Sections, each in its own process with its own time budget (one that fails or hangs loses nothing
+else): env (devices, versions, NVML inventory), tests (pytest tests/test_gpu.py), kv_bandwidth
+(KV block migration through CUDA IPC vs a plain device-to-device copy), hop_latency (a stage hop
+through CUDA IPC vs staging through host memory), decode (Llama-7B-shaped fp16 model, random weights
+drawn on the GPU, 1/16/64 streams, FlexPipe vs HF transformers), reshape (1->2->1 stages on one GPU,
+two stage processes with CUDA IPC between them, pause p50/p99).
+
+The GPU stages here are `IpcStageActor`: flexpipe's StageActor with its activations sent over the
+transport `choose_transport` names for the pair (cuda_ipc between GPU stage processes) and its KV
+copied block to block through CUDA IPC. It is plugged in through the controller's stage_launcher seam;
+docs/gpu.md says what of it belongs in runtime/stage.py.
+
+Exit code: 0 all sections ran, every check passed and every target was met; 1 a section failed, timed
+out, or a test or check failed; 2 no usable GPU (and not --dry-run); 3 all ran and passed, but a
+performance target was not met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexpipe.errors import CheckpointError
+from flexpipe.model.checkpoint import PresetWeights
+from flexpipe.runtime.actor import ActorContext, ActorSettings, handles
+from flexpipe.runtime.messages import ActorRef, message
+from flexpipe.runtime.stage import (
+    Activate, Configure, ExportKV, StageActor, StageStatus, StepFailed, StepInput, StepOutput,
+)
+from flexpipe.runtime.stage_core import StageCore, StepMeta
+from flexpipe.transports import Endpoint, choose_transport, open_receiver, open_sender
+from flexpipe.transports import cuda_ipc
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = "flexpipe.gpu_check/1"
+STAGE_TARGET = "benchmarks.gpu_check:IpcStageActor"
+KV_TARGET = 0.70          # KV migration through CUDA IPC >= 70% of a plain device-to-device copy
+TIE = 1e-3                # oracle: a greedy token may differ only where the reference's top-2 logits are closer
+
+
+# ---- weights drawn on the device -------------------------------------------------------------------
+class DevicePresetWeights(PresetWeights):
+    """PresetWeights' recipe (a seed per tensor name, the same scales) drawn on the target device.
+
+    13 GB of Llama-7B weights take seconds on a GPU instead of minutes on the CPU. The values differ
+    from PresetWeights' (another generator), and are the same in every process on the same GPU kind.
+    """
+
+    def load(self, names, dtype=None, device=None):
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        dt_ = dtype or torch.float32
+        out = {}
+        for n in names:
+            if n not in self._specs:
+                raise CheckpointError(f"{self!r}: tensor {n!r} is not part of model {self.config.name}")
+            shape = self._specs[n]
+            if "norm" in n:
+                out[n] = (torch.ones if n.endswith(".weight") else torch.zeros)(shape, dtype=dt_, device=dev)
+                continue
+            digest = hashlib.blake2b(f"{self.seed}/{n}".encode(), digest_size=8).digest()
+            g = torch.Generator(device=dev).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+            t = torch.randn(shape, generator=g, dtype=dt_, device=dev)
+            if n.endswith(".bias"):
+                t.mul_(0.02)
+            elif not ("embed_tokens" in n or "embed_positions" in n):
+                t.mul_(shape[1] ** -0.5)
+            out[n] = t
+        return out
+
+
+# ---- the GPU stage (messages 420-429) -------------------------------------------------------------
+@message(420)
+class OpenHop:
+    """Open the receiving end of the activation hop from the stage at `src` [host, pid, device]."""
+    epoch: int
+    src: list
+
+
+@message(421)
+class ReserveKV:
+    """Grow these sequences' block tables to hold [t0, t1) and return the new blocks + the KV pools."""
+    items: list   # [seq_id, t0, t1]
+
+
+def _rx_options(kind: str, device: str) -> dict:
+    return {"device": device, "ring_bytes": 32 << 20} if kind == "cuda_ipc" else {}
+
+
+def _tx_options(kind: str, device: str) -> dict:
+    return {"device": device} if kind == "cuda_ipc" else {}
+
+
+class IpcStageActor(StageActor):
+    """A StageActor whose hop to the next stage is a transport channel (cuda_ipc between GPU stage
+    processes, shm between CPU ones) and whose KV moves block to block through CUDA IPC on GPUs."""
+
+    def __init__(self, *args: Any, **kw: Any):
+        super().__init__(*args, **kw)
+        self.tx = None
+        self.tx_to: ActorRef | None = None
+        self.rx = None
+        self.rx_epoch = -1
+        self.hop_kind = ""
+        self.peer_pools = None
+        self.kv_stream = None
+        self.stats.update(kv_ipc_bytes=0, hop_sends=0)
+
+    async def on_start(self, ctx: ActorContext) -> None:
+        if not self.source_spec.get("on_device"):
+            return await super().on_start(ctx)
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        t0 = time.perf_counter()
+        self.core = StageCore(self.cfg, DevicePresetWeights(self.cfg, int(self.source_spec.get("seed", 0))),
+                              *self.range, num_blocks=self.num_blocks, block_size=self.block_size,
+                              dtype=self.dtype, device=self.device)
+        self.load_s = time.perf_counter() - t0
+
+    async def on_stop(self, ctx: ActorContext) -> None:
+        for ch in (self.tx, self.rx):
+            if ch is not None:
+                await ch.aclose()
+        if self.peer_pools is not None:
+            self.peer_pools.close()
+
+    def _ipc_kv(self) -> bool:
+        return self.core.device.type == "cuda" and cuda_ipc.available()
+
+    async def _connect_next(self, ctx: ActorContext) -> None:
+        if self.next == self.tx_to and (self.tx is not None or self.next is None):
+            return   # same neighbour: the channel carries on into the new epoch
+        if self.tx is not None:
+            await self.tx.aclose()
+            self.tx = None
+        self.tx_to = self.next
+        self.hop_kind = ""
+        if self.next is not None:
+            here = Endpoint.here(self.device)
+            address = await ctx.ask(self.next, OpenHop(self.epoch, [here.host, here.pid, here.device]))
+            self.hop_kind = address["kind"]
+            self.tx = await open_sender(address, **_tx_options(address["kind"], self.device))
+
+    @handles(Configure)
+    async def configure(self, ctx: ActorContext, msg: Configure) -> bool:
+        self.epoch, self.index, self.next, self.router = msg.epoch, msg.index, msg.next, msg.router
+        await self._connect_next(ctx)
+        return True
+
+    @handles(Activate)
+    async def activate(self, ctx: ActorContext, msg: Activate) -> bool:
+        self.core.activate(msg.start, msg.end)
+        self.epoch, self.index, self.next, self.router = msg.epoch, msg.index, msg.next, msg.router
+        await self._connect_next(ctx)
+        return True
+
+    @handles(OpenHop)
+    async def open_hop(self, ctx: ActorContext, msg: OpenHop) -> dict:
+        kind = choose_transport(Endpoint(*msg.src), Endpoint.here(self.device))
+        if self.rx is not None:
+            await self.rx.aclose()
+        self.rx = await open_receiver(kind, **_rx_options(kind, self.device))
+        self.rx_epoch = msg.epoch
+        return self.rx.address
+
+    @handles(StepInput)
+    async def step(self, ctx: ActorContext, msg: StepInput, x: torch.Tensor | None = None) -> None:
+        if x is None:   # the residual comes down the hop channel, sent just before this message
+            if self.rx is None or msg.epoch < self.rx_epoch:
+                self.stats["stale_dropped"] += 1   # its data went down a channel that is closed
+                return
+            (x,) = await self.rx.recv()
+        if msg.epoch != self.epoch:
+            self.stats["stale_dropped"] += 1
+            return
+        meta = StepMeta(msg.seq_ids, msg.starts, msg.lens, msg.sample, msg.out_index, msg.sampling)
+        t0 = time.perf_counter()
+        try:
+            if msg.frees:
+                self.core.free(msg.frees)
+            out = await ctx.run_compute(self.core.forward, meta, x)
+            del x   # a ring view: give its space back as soon as the step no longer needs it
+            dt_ = time.perf_counter() - t0
+            self.stats["steps"] += 1
+            self.stats["compute_s"] += dt_
+            if msg.epoch != self.epoch:
+                self.stats["stale_dropped"] += 1
+                return
+            if self.core.end < self.cfg.num_units:
+                await self.tx.send(out)
+                self.stats["hop_sends"] += 1
+                await ctx.tell(self.next, msg)
+            else:
+                ids = [s for s, f in zip(msg.seq_ids, msg.sample) if f]
+                await ctx.tell(self.router, StepOutput(msg.epoch, msg.step, ids, out.tolist(), dt_))
+        except Exception as e:   # a step that cannot run must not hang the router
+            if self.router is not None:
+                await ctx.tell(self.router, StepFailed(msg.epoch, msg.step, self.index, f"{type(e).__name__}: {e}"))
+
+    @handles(ReserveKV)
+    def reserve_kv(self, ctx: ActorContext, msg: ReserveKV) -> dict:
+        bs = self.core.block_size
+        tables = [self.core.ensure(seq, t1)[t0 // bs:-(-t1 // bs)] for seq, t0, t1 in msg.items]
+        return {"tables": tables, "pools": cuda_ipc.export_pools(self.core.kv, self.num_blocks, bs)}
+
+    @handles(ExportKV)
+    async def export_kv(self, ctx: ActorContext, msg: ExportKV) -> int:
+        if not self._ipc_kv():
+            return await super().export_kv(ctx, msg)
+        items = [it for it in msg.items if it[3] > it[2]]
+        if not items:
+            return 0
+        for seq, _, _, t1 in items:
+            table = self.core.tables.get(seq)
+            if table is None or -(-t1 // self.block_size) > len(table):
+                raise KeyError(f"stage [{self.core.start},{self.core.end}) holds no KV of {seq} up to token {t1}")
+        reply = await ctx.ask(msg.dest, ReserveKV([[s, t0, t1] for s, _, t0, t1 in items]), timeout=600)
+        if self.peer_pools is None:
+            self.peer_pools = cuda_ipc.PeerPools()
+            self.kv_stream = torch.cuda.Stream(self.core.device)
+        dst = self.peer_pools.open(reply["pools"], self.core.device.index)
+        nbytes = await ctx.run_compute(self._copy_blocks, items, reply["tables"], dst)
+        self.stats["kv_bytes_out"] += nbytes
+        self.stats["kv_ipc_bytes"] += nbytes
+        return nbytes
+
+    def _copy_blocks(self, items: list, tables: list, dst: dict) -> int:
+        bs, core, stream = self.block_size, self.core, self.kv_stream
+        stream.wait_stream(torch.cuda.current_stream(core.device))   # KV written so far is in place
+        nbytes = 0
+        for (seq, units, t0, t1), dst_ids in zip(items, tables):
+            runs = cuda_ipc.coalesce_runs(core.tables[seq][t0 // bs:-(-t1 // bs)], dst_ids)
+            for u in units:
+                if u not in dst:
+                    raise KeyError(f"the destination has no KV pool for unit {u}: prepare it first")
+                nbytes += cuda_ipc.copy_runs(core.kv[u].k, dst[u][0], runs, stream)
+                nbytes += cuda_ipc.copy_runs(core.kv[u].v, dst[u][1], runs, stream)
+        stream.synchronize()   # the reply to the ask is the completion signal
+        return nbytes
+
+    @handles(StageStatus)   # an override must be marked again: handlers are found by name
+    def status(self, ctx: ActorContext, msg: StageStatus) -> dict:
+        return {**super().status(ctx, msg), "hop": self.hop_kind}
+
+
+# ---- an IPC pipeline (FlexPipe with IpcStageActor stages) ------------------------------------------
+def make_config(name: str, layers: int | None = None):
+    from flexpipe.model.config import ModelConfig, preset
+
+    cfg = preset(name)
+    if layers is not None and layers != cfg.num_layers:
+        d = cfg.to_dict()
+        d.update(num_layers=layers, name=f"{name}-{layers}l")
+        cfg = ModelConfig.from_dict(d)
+    return cfg
+
+
+@contextlib.asynccontextmanager
+async def ipc_pipeline(cfg: Any, *, stages: int = 1, device: str = "cuda:0", dtype: str = "float16",
+                       start_timeout: float = 180.0, **settings: Any):
+    """A FlexPipe whose stages are IpcStageActor processes with weights drawn on `device`."""
+    from flexpipe.api import FlexPipe, ModelSpec, Settings, plan_shape
+    from flexpipe.model.tokenizer import load_tokenizer
+    from flexpipe.runtime.controller import Controller
+    from flexpipe.runtime.launcher import ActorSystem
+
+    s = Settings(device=device, dtype=dtype, start_timeout=start_timeout, heartbeat_timeout=30.0, **settings)
+    spec = ModelSpec(cfg.name, cfg, {"kind": "preset", "seed": 0, "on_device": True}, load_tokenizer(cfg, None))
+    shape = plan_shape(cfg, stages, device=device)
+    actor_settings = ActorSettings(heartbeat_interval=1.0, heartbeat_timeout=30.0, ask_timeout=120.0,
+                                   start_timeout=start_timeout, torch_threads=s.torch_threads)
+    async with ActorSystem(actor_settings, name="gpu-check") as system:
+        async def launch(target: str, kwargs: dict, name: str, dev: str) -> Any:
+            return await system.launch(STAGE_TARGET, kwargs, name=name)
+
+        controller = Controller(system, spec, s, stage_launcher=launch)
+        try:
+            router = await controller.start(shape)
+            yield FlexPipe(spec, s, system, router, controller)
+        finally:
+            await controller.aclose()
+
+
+# ---- helper actors of the kv_bandwidth and hop_latency sections (messages 422-429) -----------------
+@message(422)
+class MakePools:
+    """Allocate `units` zeroed K/V pools [num_blocks, *block_shape] and export them (reply: KvPools)."""
+    units: int
+    num_blocks: int
+    block_shape: list
+    dtype: str
+    device: str
+
+
+@message(423)
+class PoolDigest:
+    """sha256 of blocks `ids` of unit `unit`'s K and V (to check what a copy wrote)."""
+    unit: int
+    ids: list
+
+
+@message(424)
+class EchoOpen:
+    """Open a receiver of `kind`, connect a sender to `back`, and echo every receive (reply: address)."""
+    kind: str
+    back: dict
+    device: str
+    staged: bool = False
+
+
+class Peer:
+    """The other process of the kv_bandwidth and hop_latency measurements."""
+
+    def __init__(self) -> None:
+        self.pools: dict = {}
+        self.rx = self.tx = None
+        self.task: asyncio.Task | None = None
+
+    @handles(MakePools)
+    def make_pools(self, ctx: ActorContext, msg: MakePools) -> Any:
+        from types import SimpleNamespace
+
+        shape = [msg.num_blocks, *msg.block_shape]
+        dtype = getattr(torch, msg.dtype)
+        self.pools = {u: SimpleNamespace(k=torch.zeros(shape, dtype=dtype, device=msg.device),
+                                         v=torch.zeros(shape, dtype=dtype, device=msg.device))
+                      for u in range(msg.units)}
+        return cuda_ipc.export_pools(self.pools, msg.num_blocks, msg.block_shape[0])
+
+    @handles(PoolDigest)
+    def digest(self, ctx: ActorContext, msg: PoolDigest) -> str:
+        return blocks_digest(self.pools[msg.unit].k, self.pools[msg.unit].v, msg.ids)
+
+    @handles(EchoOpen)
+    async def echo_open(self, ctx: ActorContext, msg: EchoOpen) -> dict:
+        dev = "cpu" if msg.staged else msg.device
+        self.rx = await open_receiver(msg.kind, **_rx_options(msg.kind, dev))
+        self.tx = await open_sender(msg.back, **_tx_options(msg.kind, dev))
+        self.task = asyncio.create_task(self._echo(msg.staged, msg.device))
+        return self.rx.address
+
+    async def _echo(self, staged: bool, device: str) -> None:
+        while True:
+            (x,) = await self.rx.recv()
+            if staged:   # what a hop through host memory costs: H2D here, D2H back
+                x = x.to(device, non_blocking=True).to("cpu")
+            await self.tx.send(x)
+            del x
+
+    async def on_stop(self, ctx: ActorContext) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        for ch in (self.rx, self.tx):
+            if ch is not None:
+                await ch.aclose()
+
+
+def blocks_digest(k: torch.Tensor, v: torch.Tensor, ids: list) -> str:
+    idx = torch.as_tensor(ids, dtype=torch.int64, device=k.device)
+    h = hashlib.sha256()
+    for t in (k, v):
+        h.update(t.index_select(0, idx).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def pct(xs: list[float], q: float) -> float:
+    """q-th percentile (linear interpolation); NaN for no samples."""
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    k = (len(s) - 1) * q / 100
+    lo = int(k)
+    return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (k - lo)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+# ---- sections (each runs in its own process: python -m benchmarks.gpu_check --section NAME) ---------
+def section_env(args: argparse.Namespace) -> dict:
+    out: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                           "torch_cuda": torch.version.cuda, "host": socket.gethostname(),
+                           "cuda_available": torch.cuda.is_available(), "cupy": None,
+                           "cuda_ipc": cuda_ipc.unavailable_reason() or "available"}
+    from flexpipe.transports import nccl
+    out["nccl"] = nccl.unavailable_reason() or "available"
+    try:
+        import cupy
+        out["cupy"] = cupy.__version__
+        out["nccl_version"] = nccl_version()
+    except Exception as e:
+        out["cupy_missing"] = f"{type(e).__name__}: {e}"
+    if torch.cuda.is_available():
+        out["gpus"] = [{"index": i, "name": torch.cuda.get_device_name(i),
+                        "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1),
+                        "capability": list(torch.cuda.get_device_capability(i))}
+                       for i in range(torch.cuda.device_count())]
+    try:
+        from flexpipe.runtime.inventory import Inventory
+        inv = Inventory(own_pids=[os.getpid()])
+        try:
+            out["nvml"] = [{"index": s.index, "name": s.name, "total_gib": round(s.total / 2**30, 1),
+                            "free_gib": round(s.free / 2**30, 1), "util": s.util} for s in inv.sample()]
+            out["nvml_cluster"] = inv.cluster()
+        finally:
+            inv.close()
+    except Exception as e:   # no pynvml / driver: the allocator then needs a cluster file
+        out["nvml"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def nccl_version() -> int | None:
+    try:
+        from cupy.cuda import nccl
+        return int(nccl.get_version())
+    except Exception:
+        return None
+
+
+def section_tests(args: argparse.Namespace) -> dict:
+    import xml.etree.ElementTree as ET
+
+    with tempfile.TemporaryDirectory(prefix="fp-gpu-tests-") as d:
+        xml = os.path.join(d, "junit.xml")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-rs",
+               f"--junitxml={xml}", "tests/test_gpu.py"]
+        print("  $ " + " ".join(cmd[2:]), flush=True)
+        rc = subprocess.call(cmd, cwd=ROOT)
+        if not os.path.exists(xml):
+            return {"ok": False, "rc": rc, "error": "pytest wrote no report"}
+        suite = ET.parse(xml).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        cases = []
+        for tc in suite.iter("testcase"):
+            state, why = "passed", ""
+            for tag in ("failure", "error", "skipped"):
+                el = tc.find(tag)
+                if el is not None:
+                    state, why = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag], \
+                        (el.get("message") or "")[:300]
+            cases.append({"name": tc.get("name"), "state": state, "seconds": float(tc.get("time", 0)), "why": why})
+    counts = {s: sum(c["state"] == s for c in cases) for s in ("passed", "failed", "error", "skipped")}
+    return {"ok": rc in (0, 5) and not counts["failed"] and not counts["error"], "rc": rc, **counts, "cases": cases}
+
+
+async def _peer(system: Any) -> Any:
+    return await system.launch("benchmarks.gpu_check:Peer", name="peer")
+
+
+def _time_it(fn: Any, device: str, reps: int) -> list[float]:
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+async def section_kv_bandwidth(args: argparse.Namespace) -> dict:
+    from flexpipe.runtime.launcher import ActorSystem
+
+    dry = args.dry_run
+    device = "cpu" if dry else "cuda:0"
+    units, num_blocks, move = (2, 64, 32) if dry else (4, 1024, 512)
+    block_shape = [16, 2, 8] if dry else [16, 32, 128]              # llama2-7b: 32 KV heads x 128
+    dtype = torch.float32 if dry else torch.float16
+    g = torch.Generator(device=device).manual_seed(0)
+    src = {u: (torch.randn(num_blocks, *block_shape, generator=g, dtype=dtype, device=device),
+               torch.randn(num_blocks, *block_shape, generator=g, dtype=dtype, device=device)) for u in range(units)}
+    block_bytes = src[0][0][0].numel() * src[0][0].element_size() * 2
+    nbytes = units * move * block_bytes
+    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(1)).tolist()
+    patterns = {"coalesced": (list(range(move)), list(range(num_blocks - move, num_blocks))),
+                "block_by_block": (perm[:move], perm[move:2 * move])}
+    reps = 3 if dry else 7
+    out: dict[str, Any] = {"units": units, "num_blocks": num_blocks, "blocks_moved_per_unit": move,
+                           "block_shape": block_shape, "dtype": str(dtype).removeprefix("torch."),
+                           "bytes_per_move": nbytes, "reps": reps}
+    # baseline: one plain copy of the same bytes on the same device
+    flat_src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    flat_dst = torch.empty_like(flat_src)
+    t = _time_it(lambda: flat_dst.copy_(flat_src), device, reps)
+    out["d2d_gbs"] = nbytes / pct(t, 50) / 1e9
+    async with ActorSystem(ActorSettings(ask_timeout=120.0, start_timeout=120.0)) as system:
+        if dry:   # no second process can map CPU memory this way: copy between local pools instead
+            dst = {u: (torch.zeros_like(k), torch.zeros_like(v)) for u, (k, v) in src.items()}
+            digest = lambda u, ids: blocks_digest(*dst[u], ids)  # noqa: E731
+            peer = None
+        else:
+            peer = await _peer(system)
+            pools = await system.ask(peer.ref, MakePools(units, num_blocks, block_shape, out["dtype"], device))
+            opened = cuda_ipc.PeerPools()
+            dst = opened.open(pools, 0)
+        stream = torch.cuda.Stream(device) if not dry else None
+        try:
+            for name, (s_ids, d_ids) in patterns.items():
+                runs = cuda_ipc.coalesce_runs(s_ids, d_ids)
+
+                def move_all() -> None:
+                    for u in range(units):
+                        cuda_ipc.copy_runs(src[u][0], dst[u][0], runs, stream)
+                        cuda_ipc.copy_runs(src[u][1], dst[u][1], runs, stream)
+                    if stream is not None:
+                        stream.synchronize()
+
+                t = _time_it(move_all, device, reps)
+                gbs = nbytes / pct(t, 50) / 1e9
+                want = blocks_digest(*src[units - 1], s_ids)
+                got = (digest(units - 1, d_ids) if dry else
+                       await system.ask(peer.ref, PoolDigest(units - 1, d_ids)))
+                out[name] = {"runs_per_unit": len(runs), "gbs": gbs, "ratio_vs_d2d": gbs / out["d2d_gbs"],
+                             "p50_ms": pct(t, 50) * 1e3, "bytes_equal": want == got}
+        finally:
+            if not dry:
+                opened.close()
+                await peer.stop()
+    out["ok"] = all(out[p]["bytes_equal"] for p in patterns)
+    ratio = out["coalesced"]["ratio_vs_d2d"]
+    out["target"] = {"name": "kv_ipc_coalesced_vs_d2d", "min": KV_TARGET, "value": ratio,
+                     "met": None if dry else ratio >= KV_TARGET}   # a CPU copy says nothing about the target
+    return out
+
+
+async def section_hop_latency(args: argparse.Namespace) -> dict:
+    from flexpipe.runtime.launcher import ActorSystem
+
+    dry = args.dry_run
+    device = "cpu" if dry else "cuda:0"
+    hidden, dtype = (128, torch.float32) if dry else (4096, torch.float16)
+    tokens = [1, 64] if dry else [1, 64, 256]
+    iters, warm = (30, 5) if dry else (300, 30)
+    kinds = [("shm", False)] if dry else [("cuda_ipc", False), ("shm", True)]
+    out: dict[str, Any] = {"hidden": hidden, "dtype": str(dtype).removeprefix("torch."), "iters": iters, "rows": []}
+    async with ActorSystem(ActorSettings(ask_timeout=120.0, start_timeout=120.0)) as system:
+        for kind, staged in kinds:
+            peer = await _peer(system)
+            here = "cpu" if staged else device
+            rx = await open_receiver(kind, **_rx_options(kind, here))
+            try:
+                address = await system.ask(peer.ref, EchoOpen(kind, rx.address, device, staged))
+                tx = await open_sender(address, **_tx_options(kind, here))
+                try:
+                    for n in tokens:
+                        x = torch.randn(n, hidden, dtype=dtype, device=device)
+                        times = []
+                        for i in range(iters + warm):
+                            sync(device)
+                            t0 = time.perf_counter()
+                            await tx.send(x.to("cpu") if staged else x)
+                            (y,) = await rx.recv()
+                            y = y.to(device) if staged else y
+                            sync(device)
+                            if i >= warm:
+                                times.append((time.perf_counter() - t0) / 2)
+                            del y
+                        label = "host-staged (D2H + shm + H2D)" if staged else kind
+                        out["rows"].append({"transport": label, "tokens": n, "bytes": x.numel() * x.element_size(),
+                                            "p50_us": pct(times, 50) * 1e6, "p99_us": pct(times, 99) * 1e6})
+                finally:
+                    await tx.aclose()
+            finally:
+                await peer.stop()
+                await rx.aclose()
+    out["ok"] = True
+    return out
+
+
+def _prompts(n: int, vocab: int) -> list[list[int]]:
+    """n prompts of 32..64 token ids (byte ids for byte-level vocabularies), deterministic."""
+    lo, span = (0, 256) if vocab < 1024 else (260, vocab - 300)
+    return [[(37 * i + 11 * j + 5) % span + lo for i in range(32 + (7 * j) % 33)] for j in range(n)]
+
+
+def _window_rate(res: list) -> float:
+    """Tokens/s while every stream decodes: from the last first token to the first last token."""
+    start = max(times[0] for _, times in res)
+    end = min(times[-1] for _, times in res)
+    if end <= start:
+        return float("nan")
+    return sum(1 for _, times in res for t in times if start < t <= end) / (end - start)
+
+
+async def _fp_run(fp: Any, prompts: list[list[int]], m: int) -> list:
+    async def one(p: list[int]) -> tuple[float, list[float]]:
+        t0, times = time.perf_counter(), []
+        async for ev in fp.generate(p, max_tokens=m, ignore_eos=True):
+            if ev.token_id is not None:
+                times.append(time.perf_counter())
+        return t0, times
+    return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+def _hf_model(cfg: Any, device: str, dtype: torch.dtype) -> Any:
+    import transformers
+
+    config = getattr(transformers, "LlamaConfig")(**cfg.to_hf())
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except TypeError:   # transformers < 4.56 names it torch_dtype
+            model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    model = model.to(device=device, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _hf_run(model: Any, prompts: list[list[int]], m: int, device: str) -> list:
+    class Clock:
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: Any) -> None:
+            sync(device)
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    clock = Clock()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=m, min_new_tokens=m, do_sample=False, streamer=clock)
+    times = clock.times[1:]   # the first put is the prompt
+    return [(t0, times) for _ in prompts]
+
+
+def _rates(res: list, n: int, m: int) -> dict:
+    tpot = [b - a for _, times in res for a, b in zip(times, times[1:])]
+    wall = max(times[-1] for _, times in res) - min(t0 for t0, _ in res)
+    return {"decode_tok_s": _window_rate(res), "e2e_tok_s": n * m / wall, "tpot_p50_ms": pct(tpot, 50) * 1e3,
+            "ttft_p50_ms": pct([times[0] - t0 for t0, times in res], 50) * 1e3}
+
+
+async def section_decode(args: argparse.Namespace) -> dict:
+    dry = args.dry_run
+    device = "cpu" if dry else "cuda:0"
+    cfg = make_config("tiny" if dry else "llama2-7b")
+    dtype = "float32" if dry else "float16"
+    streams = [1, 4] if dry else [1, 16, 64]
+    m = 8 if dry else 64
+    prompts = _prompts(max(streams), cfg.vocab_size)
+    out: dict[str, Any] = {"model": cfg.name, "dtype": dtype, "new_tokens": m, "prompt_tokens": [32, 64],
+                           "streams": streams, "flexpipe": {}, "hf": {}}
+    t0 = time.perf_counter()
+    async with ipc_pipeline(cfg, stages=1, device=device, dtype=dtype, num_blocks=1024,
+                            max_batch_tokens=1024) as fp:
+        out["flexpipe_start_s"] = time.perf_counter() - t0
+        await _fp_run(fp, prompts[:2], 4)   # warm-up: first steps pay for lazy initialisation
+        for n in streams:
+            res = await _fp_run(fp, prompts[:n], m)
+            out["flexpipe"][str(n)] = _rates(res, n, m)
+            print(f"  FlexPipe {n:>3} streams: {out['flexpipe'][str(n)]['decode_tok_s']:.1f} tok/s", flush=True)
+    if not dry:
+        torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    import transformers
+    out["transformers"] = transformers.__version__
+    model = _hf_model(cfg, device, getattr(torch, dtype))
+    out["hf_load_s"] = time.perf_counter() - t0
+    await asyncio.to_thread(_hf_run, model, prompts[:2], 4, device)
+    for n in streams:
+        res = await asyncio.to_thread(_hf_run, model, prompts[:n], m, device)
+        out["hf"][str(n)] = _rates(res, n, m)
+        print(f"  HF       {n:>3} streams: {out['hf'][str(n)]['decode_tok_s']:.1f} tok/s", flush=True)
+    out["ratio"] = {str(n): out["flexpipe"][str(n)]["decode_tok_s"] / out["hf"][str(n)]["decode_tok_s"]
+                    for n in streams}
+    out["ok"] = True
+    return out
+
+
+async def section_reshape(args: argparse.Namespace) -> dict:
+    dry = args.dry_run
+    device = "cpu" if dry else "cuda:0"
+    cfg = make_config("tiny") if dry else make_config("llama2-7b", layers=8)
+    dtype = "float32" if dry else "float16"
+    cycles, streams, m = (1, 4, 24) if dry else (5, 16, 48)
+    prompts = _prompts(streams, cfg.vocab_size)
+    stats: list[Any] = []
+    out: dict[str, Any] = {"model": cfg.name, "dtype": dtype, "streams": streams, "cycles": cycles}
+    async with ipc_pipeline(cfg, stages=1, device=device, dtype=dtype, num_blocks=512) as fp:
+        stop = asyncio.Event()
+        done = [0]
+
+        async def load(p: list[int]) -> None:   # a stream that keeps generating until the reshapes are over
+            while not stop.is_set():
+                async for _ in fp.generate(p, max_tokens=m, ignore_eos=True):
+                    pass
+                done[0] += 1
+
+        tasks = [asyncio.create_task(load(p)) for p in prompts]
+        try:
+            await asyncio.sleep(1.0 if not dry else 0.5)
+            for _ in range(cycles):
+                for stages in (2, 1):
+                    st = await fp.reshape(stages=stages)
+                    stats.append(st)
+                    print(f"  -> {stages} stage(s): pause {st.pause_s * 1e3:.1f} ms, KV {st.kv_bytes / 2**20:.1f} MiB, "
+                          f"{st.requests_running} requests running", flush=True)
+                    if stages == 2:
+                        status = await fp.controller.stage_status()
+                        out.setdefault("hops", []).append(status[0].get("hop", ""))
+                    await asyncio.sleep(0.3)
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        out["requests_completed"] = done[0]
+    pauses = [s.pause_s * 1e3 for s in stats]
+    out.update(reshapes=len(stats), pause_p50_ms=pct(pauses, 50), pause_p99_ms=pct(pauses, 99),
+               pause_max_ms=max(pauses), kv_mib_per_reshape=pct([s.kv_bytes / 2**20 for s in stats], 50),
+               kv_delta_mib_p50=pct([s.kv_bytes_delta / 2**20 for s in stats], 50),
+               total_s_p50=pct([s.total_s for s in stats], 50), all_ok=all(s.ok for s in stats))
+    want_hop = "shm" if dry else "cuda_ipc"
+    out["ok"] = out["all_ok"] and out["requests_completed"] > 0 and all(h == want_hop for h in out.get("hops", []))
+    return out
+
+
+SECTIONS: dict[str, tuple[Any, float]] = {   # name -> (function, budget in seconds)
+    "env": (section_env, 45),
+    "tests": (section_tests, 170),
+    "kv_bandwidth": (section_kv_bandwidth, 60),
+    "hop_latency": (section_hop_latency, 60),
+    "decode": (section_decode, 170),
+    "reshape": (section_reshape, 120),
+}
+TOTAL_BUDGET = 465.0   # seconds for the whole run: under 8 minutes with the interpreter's start
+
+
+def run_section(name: str, args: argparse.Namespace) -> None:
+    """The child side: run one section and write its result (or its error) as JSON."""
+    fn, _ = SECTIONS[name]
+    t0 = time.perf_counter()
+    try:
+        res = asyncio.run(fn(args)) if asyncio.iscoroutinefunction(fn) else fn(args)
+        res = {"status": "ok" if res.pop("ok", True) else "failed", **res}
+    except BaseException as e:
+        traceback.print_exc()
+        res = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
+    res["seconds"] = round(time.perf_counter() - t0, 2)
+    Path(args.section_out).write_text(json.dumps(res, default=str))
+
+
+# ---- the driver --------------------------------------------------------------------------------------
+def _spawn(name: str, args: argparse.Namespace, budget: float, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--section", name, "--section-out", str(out)]
+    if args.dry_run:
+        cmd.append("--dry-run")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)   # its own group: a timeout kills it all
+    try:
+        rc = proc.wait(timeout=budget)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return {"status": "timeout", "seconds": round(time.perf_counter() - t0, 1), "budget_s": budget,
+                "error": f"section ran past its budget of {budget:.0f} s and was killed"}
+    with contextlib.suppress(ProcessLookupError):   # stage processes it left behind
+        os.killpg(proc.pid, signal.SIGKILL)
+    if not out.exists():
+        return {"status": "failed", "seconds": round(time.perf_counter() - t0, 1), "budget_s": budget,
+                "error": f"section process exited with code {rc} and wrote no result"}
+    res = json.loads(out.read_text())
+    res["budget_s"] = budget
+    return res
+
+
+def _gpu_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
+
+
+def _fmt(x: Any, spec: str = ".1f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and x != x) else format(x, spec)
+
+
+def report_lines(res: dict) -> list[str]:
+    """The human-readable summary of a results dict (docs/gpu.md describes it)."""
+    s = res["sections"]
+    lines = []
+    kv = s.get("kv_bandwidth", {})
+    if kv.get("status") == "ok" or "coalesced" in kv:
+        lines.append(f"KV migration via CUDA IPC ({kv['units']} units x {kv['blocks_moved_per_unit']} blocks "
+                     f"{kv['block_shape']} {kv['dtype']}, {kv['bytes_per_move'] / 2**20:.0f} MiB per move), "
+                     f"plain D2D copy {kv['d2d_gbs']:.1f} GB/s:")
+        for p in ("coalesced", "block_by_block"):
+            if p in kv:
+                lines.append(f"  {p:<15} {kv[p]['gbs']:8.1f} GB/s  {kv[p]['ratio_vs_d2d']:.2f}x of D2D  "
+                             f"({kv[p]['runs_per_unit']} runs/unit, bytes equal: {kv[p]['bytes_equal']})")
+        t = kv.get("target", {})
+        if t:
+            verdict = {True: "met", False: "NOT met", None: "not evaluated (dry run)"}[t["met"]]
+            lines.append(f"  target coalesced >= {t['min']:.2f}x of D2D: {verdict}")
+    hop = s.get("hop_latency", {})
+    for r in hop.get("rows", []):
+        lines.append(f"stage hop {r['tokens']:>3} x {hop['hidden']} {hop['dtype']} via {r['transport']}: "
+                     f"p50 {r['p50_us']:.1f} us, p99 {r['p99_us']:.1f} us (one way, half a round trip)")
+    dec = s.get("decode", {})
+    if dec.get("flexpipe"):
+        lines.append(f"decode {dec['model']} {dec['dtype']}, random weights, {dec['new_tokens']} new tokens, greedy "
+                     f"(HF transformers {dec.get('transformers', '?')}):")
+        lines.append(f"  {'streams':>7} {'FlexPipe tok/s':>15} {'HF tok/s':>10} {'ratio':>6} "
+                     f"{'FP TPOT p50 ms':>15} {'HF TPOT p50 ms':>15}")
+        for n in dec["streams"]:
+            f, h = dec["flexpipe"].get(str(n), {}), dec["hf"].get(str(n), {})
+            r = dec.get("ratio", {}).get(str(n))
+            lines.append(f"  {n:>7} {_fmt(f.get('decode_tok_s')):>15} {_fmt(h.get('decode_tok_s')):>10} "
+                         f"{_fmt(r, '.2f'):>6} {_fmt(f.get('tpot_p50_ms')):>15} {_fmt(h.get('tpot_p50_ms')):>15}")
+    rs = s.get("reshape", {})
+    if "pause_p50_ms" in rs:
+        lines.append(f"reshape 1->2->1 ({rs['model']} {rs['dtype']}, {rs['streams']} streams, {rs['reshapes']} "
+                     f"reshapes, hop {','.join(sorted(set(rs.get('hops', []))))}): pause p50 {rs['pause_p50_ms']:.1f} ms, "
+                     f"p99 {rs['pause_p99_ms']:.1f} ms, KV {rs['kv_mib_per_reshape']:.1f} MiB per reshape")
+    return lines
+
+
+def drive(args: argparse.Namespace) -> int:
+    names = args.sections.split(",") if args.sections else list(SECTIONS)
+    bad = [n for n in names if n not in SECTIONS]
+    if bad:
+        print(f"unknown section(s) {bad}; sections: {', '.join(SECTIONS)}", file=sys.stderr)
+        return 1
+    started = time.perf_counter()
+    today = dt.date.today().isoformat()
+    res: dict[str, Any] = {"schema": SCHEMA, "date": today, "started": dt.datetime.now().isoformat(timespec="seconds"),
+                           "dry_run": args.dry_run, "host": socket.gethostname(), "command": " ".join(sys.argv),
+                           "sections": {}}
+    print(f"FlexPipe GPU check{' (DRY RUN on CPU: no figure below is a GPU figure)' if args.dry_run else ''}, "
+          f"{today}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="fp-gpu-check-") as tmp:
+        for name in names:
+            left = TOTAL_BUDGET - (time.perf_counter() - started)
+            budget = min(SECTIONS[name][1], left)
+            if budget < 10:
+                res["sections"][name] = {"status": "skipped", "error": "no time left in the run's budget"}
+                print(f"[{name}] skipped: no time left", flush=True)
+                continue
+            print(f"[{name}] (budget {budget:.0f} s)", flush=True)
+            r = _spawn(name, args, budget, Path(tmp) / f"{name}.json")
+            res["sections"][name] = r
+            extra = f": {r['error']}" if r.get("error") else ""
+            print(f"[{name}] {r['status']} in {r.get('seconds', 0):.1f} s{extra}", flush=True)
+            if name == "env":
+                gpus = r.get("gpus") or []
+                res["gpu"] = gpus[0]["name"] if gpus else None
+                if not gpus and not args.dry_run:
+                    print("no CUDA device visible to torch: nothing to check on a GPU "
+                          f"(torch {r.get('torch')}, cuda_ipc: {r.get('cuda_ipc')})", flush=True)
+                    res["exit_code"] = 2
+                    _write(res, args)
+                    return 2
+                if r.get("cupy") is None:
+                    print(f"CuPy is missing ({r.get('cupy_missing', '?')}): CUDA IPC and NCCL parts will fail or "
+                          "skip; the torch-only parts still run", flush=True)
+    res["seconds"] = round(time.perf_counter() - started, 1)
+    sections = res["sections"]
+    tests = sections.get("tests", {})
+    targets = [s["target"] for s in sections.values() if isinstance(s.get("target"), dict)]
+    res["targets"] = targets
+    failed = [n for n, s in sections.items() if s.get("status") != "ok"]
+    code = 1 if failed else (3 if any(t["met"] is False for t in targets) else 0)
+    res["exit_code"] = code
+    print()
+    for line in report_lines(res):
+        print(line)
+    if tests.get("cases") is not None:
+        print(f"GPU tests: {tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, "
+              f"{tests.get('error', 0)} errors, {tests.get('skipped', 0)} skipped")
+        for c in tests["cases"]:
+            if c["state"] != "passed":
+                print(f"  {c['state']}: {c['name']}: {c['why'][:160]}")
+    path = _write(res, args)
+    print(f"sections: {len(sections) - len(failed)}/{len(sections)} ok"
+          f"{' (failed: ' + ', '.join(failed) + ')' if failed else ''}; targets met: "
+          f"{sum(t['met'] is True for t in targets)}/{sum(t['met'] is not None for t in targets)}; "
+          f"{res['seconds']:.0f} s; exit {code}; results: {path}")
+    return code
+
+
+def _write(res: dict, args: argparse.Namespace) -> Path:
+    if args.out:
+        path = Path(args.out)
+    elif args.dry_run:
+        path = Path(tempfile.gettempdir()) / f"gpu_check-{res['date']}-dryrun.json"
+    else:
+        path = ROOT / "benchmarks" / "results" / f"gpu_check-{res['date']}-{_gpu_slug(res.get('gpu') or 'gpu')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dry-run", action="store_true", help="run the control flow on CPU with tiny sizes")
+    ap.add_argument("--sections", default="", help=f"comma-separated subset of: {', '.join(SECTIONS)}")
+    ap.add_argument("--out", default="", help="results JSON (default benchmarks/results/gpu_check-<date>-<gpu>.json)")
+    ap.add_argument("--section", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--section-out", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.section:
+        run_section(args.section, args)
+        return
+    sys.exit(drive(args))
+
+
+if __name__ == "__main__":
+    main()
