@@ -227,7 +227,10 @@ class StageActor:
         return True
 
     # ---- reshaping ---------------------------------------------------------------------------------
-    @handles(PrepareUnits)
+    # The copy handlers run concurrently with steps: their tensor work goes through run_compute, whose
+    # single thread serialises it with forward() (so block tables and unit sets never race), while
+    # the old epoch keeps serving between their pieces instead of waiting behind a whole copy.
+    @handles(PrepareUnits, concurrent=True)
     async def prepare(self, ctx: ActorContext, msg: PrepareUnits) -> dict:
         t0 = time.perf_counter()
         src = _PeerTensors(self.peer_tensors) if msg.from_peer else None
@@ -235,9 +238,9 @@ class StageActor:
         self.peer_tensors = {}
         return {"loaded": loaded, "seconds": time.perf_counter() - t0}
 
-    @handles(SendUnits)
+    @handles(SendUnits, concurrent=True)
     async def send_units(self, ctx: ActorContext, msg: SendUnits) -> int:
-        tensors = self.core.unit_tensors(msg.units)
+        tensors = await ctx.run_compute(self.core.unit_tensors, msg.units)
         names = list(tensors)
         await ctx.ask(msg.dest, UnitTensors(names), *[tensors[n] for n in names])
         return sum(t.numel() * t.element_size() for t in tensors.values())
@@ -247,13 +250,13 @@ class StageActor:
         self.peer_tensors.update(zip(msg.names, tensors))
         return True
 
-    @handles(ExportKV)
+    @handles(ExportKV, concurrent=True)
     async def export_kv(self, ctx: ActorContext, msg: ExportKV) -> int:
         items, tensors, nbytes = [], [], 0
         for seq_id, units, t0, t1 in msg.items:
             if t1 <= t0:
                 continue
-            k, v = self.core.export_kv(seq_id, units, t0, t1)
+            k, v = await ctx.run_compute(self.core.export_kv, seq_id, units, t0, t1)
             items.append([seq_id, units, t0])
             tensors += [k, v]
             nbytes += k.numel() * k.element_size() * 2
@@ -262,11 +265,11 @@ class StageActor:
         self.stats["kv_bytes_out"] += nbytes
         return nbytes
 
-    @handles(ImportKV)
-    def import_kv(self, ctx: ActorContext, msg: ImportKV, *tensors: torch.Tensor) -> bool:
+    @handles(ImportKV, concurrent=True)
+    async def import_kv(self, ctx: ActorContext, msg: ImportKV, *tensors: torch.Tensor) -> bool:
         for j, (seq_id, units, t0) in enumerate(msg.items):
             k, v = tensors[2 * j], tensors[2 * j + 1]
-            self.core.import_kv(seq_id, units, t0, k, v)
+            await ctx.run_compute(self.core.import_kv, seq_id, units, t0, k, v)
             self.stats["kv_bytes_in"] += k.numel() * k.element_size() * 2
         return True
 
