@@ -36,7 +36,7 @@ import zmq
 import zmq.asyncio
 
 from flexpipe.errors import ActorClosed, AskTimeout, PeerDeadError, ProtocolError, RemoteError
-from flexpipe.runtime import codec
+from flexpipe.runtime import codec, keys
 from flexpipe.runtime.codec import ASK, ERROR, REPLY
 from flexpipe.runtime.messages import (
     ActorRef, ErrorReply, Ping, Pong, Started, Stop, Terminated, Unwatch, Watch, message,
@@ -62,6 +62,11 @@ class ActorSettings:
     compute_threads: int = 1           # worker threads per actor for run_compute
     torch_threads: int = 0             # torch intra-op threads in launched processes; 0 = default
     start_timeout: float = 60.0        # how long launch() waits for Started
+    # CURVE on tcp endpoints (see runtime/keys.py); all "" = plain tcp
+    curve_server_secret: str = ""      # .key_secret file every tcp mailbox presents
+    curve_server_public: str = ""      # .key file DEALERs expect ("" = from curve_server_secret)
+    curve_client_secret: str = ""      # .key_secret file DEALERs present ("" = the server's)
+    curve_authorized: str = ""         # .key file or directory of client public keys admitted
 
 
 class _Handler(NamedTuple):
@@ -287,6 +292,7 @@ class Actor(ActorContext):
         router.setsockopt(zmq.RCVHWM, 0)
         self._router = router
         try:
+            keys.secure_router(router, self._zctx, self.settings, self._endpoint)
             router.bind(self._endpoint)
             endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
             self.self_ref = ActorRef(self.name, endpoint)
@@ -385,6 +391,7 @@ class Actor(ActorContext):
             sock = self._zctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.ROUTING_ID, self._ident)
             sock.setsockopt(zmq.LINGER, self.settings.linger_ms)
+            keys.secure_dealer(sock, self.settings, ref.endpoint)
             sock.connect(ref.endpoint)
             self._dealers[ref] = sock
         return sock

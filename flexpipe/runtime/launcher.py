@@ -34,7 +34,7 @@ import zmq
 import zmq.asyncio
 
 from flexpipe.errors import ActorClosed, ActorError, AskTimeout, ConfigError, PeerDeadError
-from flexpipe.runtime import codec
+from flexpipe.runtime import codec, keys
 from flexpipe.runtime.actor import Actor, ActorSettings
 from flexpipe.runtime.messages import ActorRef, Started, Stop, message
 
@@ -290,6 +290,7 @@ class ActorSystem:
         self.actors.clear()
         if self.zctx is not None:
             zctx, self.zctx = self.zctx, None
+            keys.stop_authenticator(zctx)
             await asyncio.to_thread(zctx.term)
         if self._owns_dir and self._dir:
             shutil.rmtree(self._dir, ignore_errors=True)
