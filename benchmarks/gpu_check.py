@@ -17,7 +17,8 @@ docs/gpu.md says what of it belongs in runtime/stage.py.
 
 Exit code: 0 all sections ran, every check passed and every target was met; 1 a section failed, timed
 out, or a test or check failed; 2 no usable GPU (and not --dry-run); 3 all ran and passed, but a
-performance target was not met.
+performance target was not met; 4 nothing failed, but a section was skipped (no CuPy: no CUDA IPC;
+or no time left).
 """
 
 from __future__ import annotations
@@ -397,6 +398,12 @@ def pct(xs: list[float], q: float) -> float:
     return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (k - lo)
 
 
+def _ipc_missing(args: argparse.Namespace) -> dict | None:
+    """A section result saying why a CUDA IPC section cannot run here (None when it can)."""
+    reason = "" if args.dry_run else cuda_ipc.unavailable_reason()
+    return {"skip_reason": f"needs CUDA IPC: {reason}"} if reason else None
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
@@ -474,6 +481,7 @@ async def _peer(system: Any) -> Any:
 
 
 def _time_it(fn: Any, device: str, reps: int) -> list[float]:
+    fn()   # warm-up: first touches of memory, lazy initialisation
     times = []
     for _ in range(reps):
         sync(device)
@@ -485,6 +493,8 @@ def _time_it(fn: Any, device: str, reps: int) -> list[float]:
 
 
 async def section_kv_bandwidth(args: argparse.Namespace) -> dict:
+    if (skip := _ipc_missing(args)) is not None:
+        return skip
     from flexpipe.runtime.launcher import ActorSystem
 
     dry = args.dry_run
@@ -505,8 +515,8 @@ async def section_kv_bandwidth(args: argparse.Namespace) -> dict:
                            "block_shape": block_shape, "dtype": str(dtype).removeprefix("torch."),
                            "bytes_per_move": nbytes, "reps": reps}
     # baseline: one plain copy of the same bytes on the same device
-    flat_src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    flat_dst = torch.empty_like(flat_src)
+    flat_src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=device)
+    flat_dst = torch.zeros_like(flat_src)
     t = _time_it(lambda: flat_dst.copy_(flat_src), device, reps)
     out["d2d_gbs"] = nbytes / pct(t, 50) / 1e9
     async with ActorSystem(ActorSettings(ask_timeout=120.0, start_timeout=120.0)) as system:
@@ -550,6 +560,8 @@ async def section_kv_bandwidth(args: argparse.Namespace) -> dict:
 
 
 async def section_hop_latency(args: argparse.Namespace) -> dict:
+    if (skip := _ipc_missing(args)) is not None:
+        return skip
     from flexpipe.runtime.launcher import ActorSystem
 
     dry = args.dry_run
@@ -702,6 +714,8 @@ async def section_decode(args: argparse.Namespace) -> dict:
 
 
 async def section_reshape(args: argparse.Namespace) -> dict:
+    if (skip := _ipc_missing(args)) is not None:
+        return skip
     dry = args.dry_run
     device = "cpu" if dry else "cuda:0"
     cfg = make_config("tiny") if dry else make_config("llama2-7b", layers=8)
@@ -764,7 +778,8 @@ def run_section(name: str, args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     try:
         res = asyncio.run(fn(args)) if asyncio.iscoroutinefunction(fn) else fn(args)
-        res = {"status": "ok" if res.pop("ok", True) else "failed", **res}
+        status = "skipped" if "skip_reason" in res else ("ok" if res.pop("ok", True) else "failed")
+        res = {"status": status, **res}
     except BaseException as e:
         traceback.print_exc()
         res = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
@@ -811,9 +826,10 @@ def report_lines(res: dict) -> list[str]:
     lines = []
     kv = s.get("kv_bandwidth", {})
     if kv.get("status") == "ok" or "coalesced" in kv:
-        lines.append(f"KV migration via CUDA IPC ({kv['units']} units x {kv['blocks_moved_per_unit']} blocks "
-                     f"{kv['block_shape']} {kv['dtype']}, {kv['bytes_per_move'] / 2**20:.0f} MiB per move), "
-                     f"plain D2D copy {kv['d2d_gbs']:.1f} GB/s:")
+        how, base = ("CPU copies (dry run)", "plain copy") if res["dry_run"] else ("CUDA IPC", "plain D2D copy")
+        lines.append(f"KV migration via {how} ({kv['units']} units x {kv['blocks_moved_per_unit']} blocks "
+                     f"{kv['block_shape']} {kv['dtype']}, {kv['bytes_per_move'] / 2**20:.1f} MiB per move), "
+                     f"{base} {kv['d2d_gbs']:.1f} GB/s:")
         for p in ("coalesced", "block_by_block"):
             if p in kv:
                 lines.append(f"  {p:<15} {kv[p]['gbs']:8.1f} GB/s  {kv[p]['ratio_vs_d2d']:.2f}x of D2D  "
@@ -869,7 +885,8 @@ def drive(args: argparse.Namespace) -> int:
             print(f"[{name}] (budget {budget:.0f} s)", flush=True)
             r = _spawn(name, args, budget, Path(tmp) / f"{name}.json")
             res["sections"][name] = r
-            extra = f": {r['error']}" if r.get("error") else ""
+            why = r.get("error") or r.get("skip_reason")
+            extra = f": {why}" if why else ""
             print(f"[{name}] {r['status']} in {r.get('seconds', 0):.1f} s{extra}", flush=True)
             if name == "env":
                 gpus = r.get("gpus") or []
@@ -888,8 +905,9 @@ def drive(args: argparse.Namespace) -> int:
     tests = sections.get("tests", {})
     targets = [s["target"] for s in sections.values() if isinstance(s.get("target"), dict)]
     res["targets"] = targets
-    failed = [n for n, s in sections.items() if s.get("status") != "ok"]
-    code = 1 if failed else (3 if any(t["met"] is False for t in targets) else 0)
+    failed = [n for n, s in sections.items() if s.get("status") not in ("ok", "skipped")]
+    skipped = [n for n, s in sections.items() if s.get("status") == "skipped"]
+    code = 1 if failed else 4 if skipped else 3 if any(t["met"] is False for t in targets) else 0
     res["exit_code"] = code
     print()
     for line in report_lines(res):
@@ -901,8 +919,9 @@ def drive(args: argparse.Namespace) -> int:
             if c["state"] != "passed":
                 print(f"  {c['state']}: {c['name']}: {c['why'][:160]}")
     path = _write(res, args)
-    print(f"sections: {len(sections) - len(failed)}/{len(sections)} ok"
-          f"{' (failed: ' + ', '.join(failed) + ')' if failed else ''}; targets met: "
+    print(f"sections: {len(sections) - len(failed) - len(skipped)}/{len(sections)} ok"
+          f"{' (failed: ' + ', '.join(failed) + ')' if failed else ''}"
+          f"{' (skipped: ' + ', '.join(skipped) + ')' if skipped else ''}; targets met: "
           f"{sum(t['met'] is True for t in targets)}/{sum(t['met'] is not None for t in targets)}; "
           f"{res['seconds']:.0f} s; exit {code}; results: {path}")
     return code

@@ -194,6 +194,7 @@ def export_tensor(t: torch.Tensor) -> IpcBuffer:
     dev = t.device.index
     ptr = t.data_ptr()
     with cupy.cuda.Device(dev):
+        cupy.cuda.runtime.setDevice(dev)   # makes the primary context current: the driver call below needs it
         base, size = base_allocation(ptr)
         try:
             handle = bytes(cupy.cuda.runtime.ipcGetMemHandle(base))
