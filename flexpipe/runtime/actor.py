@@ -691,25 +691,51 @@ class Actor(ActorContext):
     async def _monitor(self, ref: ActorRef) -> None:
         interval = self.settings.heartbeat_interval
         timeout = self.settings.heartbeat_timeout
+        # Silence is judged in time our own loop was running. When it was blocked (user code on
+        # the embedded runtime's loop), Pongs sat unread in the socket while the clock ran: a wait
+        # that overran its deadline by more than `slack` starts a fresh deadline instead of a
+        # verdict. At most `max_forgiven` times in a row, so a dead peer is still found under a
+        # loop that lags all the time.
+        loop = self._loop
+        slack = min(interval, timeout / 2)
+        max_forgiven = 3
+        forgiven = 0
         seq = 0
-        last = self._loop.time()
+        last = loop.time()
         while True:
-            remaining = last + timeout - self._loop.time()
+            remaining = last + timeout - loop.time()
             if remaining <= 0:
                 break
             seq += 1
+            due = loop.time() + remaining
             try:
                 await self.ask(ref, Ping(seq), timeout=remaining)
             except AskTimeout:
+                if loop.time() - due > slack and forgiven < max_forgiven:
+                    forgiven += 1
+                    self._loop_stalled(ref, loop.time() - due)
+                    last = loop.time()
+                    continue
                 break
             except (PeerDeadError, ActorClosed):
                 return
             except RemoteError:
                 pass  # it answered: alive, if confused
-            last = self._loop.time()
+            forgiven = 0
+            last = loop.time()
             await asyncio.sleep(interval)
+            late = loop.time() - (last + interval)
+            if late > slack and forgiven < max_forgiven:
+                forgiven += 1
+                self._loop_stalled(ref, late)
+                last = loop.time()
         self._monitors.pop(ref, None)
         self._declare_dead(ref, f"no heartbeat answer for {timeout:g}s")
+
+    def _loop_stalled(self, ref: ActorRef, late: float) -> None:
+        self.stats["loop_stalls"] += 1
+        log.info("%s: event loop stalled %.2fs while watching %s: pinging again before judging",
+                 self.name, late, ref)
 
     def _close_dealer(self, ref: ActorRef) -> None:
         sock = self._dealers.pop(ref, None)
