@@ -53,6 +53,7 @@ _MAX_DIMS = 32
 
 _TORCH_DTYPE_NAMES = ("bool", "uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16",
                       "float32", "float64", "complex64", "complex128")
+_NUMPY_OF = {n: np.dtype(n) for n in _TORCH_DTYPE_NAMES if n != "bfloat16"}
 _TORCH_DTYPES: dict[str, "torch.dtype"] = {}   # filled on first use: the runtime needs no torch
 _TORCH_NAMES: dict["torch.dtype", str] = {}
 
@@ -122,18 +123,20 @@ class _Encoder:
         return len(self.frames) - 1
 
     def _torch(self, t: "torch.Tensor") -> msgpack.ExtType:
-        torch = _torch()
-        if t.device.type != "cpu":
-            raise TypeError(f"tensor on {t.device} cannot go in a frame; use a GPU transport")
-        name = _TORCH_NAMES.get(t.dtype)
+        # few torch calls: each costs microseconds on the hot path, numpy views cost less
+        name = _TORCH_NAMES.get(t.dtype) or (_torch() and _TORCH_NAMES.get(t.dtype))
         if name is None:
             raise TypeError(f"tensor dtype {t.dtype} is not supported on the wire")
-        t = t.detach()
-        if t.is_conj():
+        if not t.is_cpu:
+            raise TypeError(f"tensor on {t.device} cannot go in a frame; use a GPU transport")
+        if t.requires_grad:
+            t = t.detach()
+        if name[0] == "c" and t.is_conj():
             t = t.resolve_conj()
         if not t.is_contiguous():
             t = t.contiguous()
-        flat = t.reshape(-1).view(torch.uint8).numpy()
+        arr = (t.view(_torch().int16) if name == "bfloat16" else t).numpy()
+        flat = arr.reshape(-1).view(np.uint8)
         return msgpack.ExtType(_EXT_TORCH, msgpack.packb([name, list(t.shape), self._data(flat)]))
 
     def _numpy(self, a: np.ndarray) -> msgpack.ExtType:
@@ -231,10 +234,10 @@ class _Decoder:
             raise ProtocolError(f"tensor {name}{shape} needs {nbytes} bytes, got {view.nbytes}")
         if view.readonly:       # bytes: copy, so the tensor is writable like any other
             view = memoryview(bytearray(view))
-        if torch_:
-            if nbytes == 0:
-                return torch.empty(shape, dtype=dtype)
-            return torch.frombuffer(view, dtype=dtype).view(shape)
+        if torch_:   # via numpy (cheaper than torch.frombuffer); bf16 travels as int16
+            if name == "bfloat16":
+                return torch.from_numpy(np.frombuffer(view, np.int16).reshape(shape)).view(dtype)
+            return torch.from_numpy(np.frombuffer(view, _NUMPY_OF[name]).reshape(shape))
         return np.frombuffer(view, dtype=dtype).reshape(shape)
 
 

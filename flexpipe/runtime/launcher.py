@@ -155,7 +155,6 @@ class ActorSystem:
         self.actors: list[Actor] = []
         self.handles: list[ActorHandle] = []
         self._client: Actor | None = None
-        self._client_starting: asyncio.Future | None = None
         self._dir: str | None = None
         self._owns_dir = False
 
@@ -166,7 +165,7 @@ class ActorSystem:
         await self.aclose()
 
     async def start(self) -> "ActorSystem":
-        """Create the ZeroMQ context (and the ipc dir); called by `async with`."""
+        """Create the ZeroMQ context, the ipc dir and the client actor; called by `async with`."""
         if self.zctx is None:
             self.zctx = zmq.asyncio.Context()
             if self.settings.bind == "ipc":
@@ -175,6 +174,11 @@ class ActorSystem:
                 else:
                     self._dir = tempfile.mkdtemp(prefix="fp-")
                     self._owns_dir = True
+            try:
+                self._client = await self.spawn(None, f"{self.name}-{os.getpid()}")
+            except BaseException:
+                await self.aclose()
+                raise
         return self
 
     def endpoint_for(self, name: str) -> str:
@@ -189,7 +193,7 @@ class ActorSystem:
     async def spawn(self, behaviour: Any, name: str, *, endpoint: str = "") -> Actor:
         """Start `behaviour` as an actor on this event loop; returns the started Actor."""
         if self.zctx is None:
-            await self.start()
+            raise ActorClosed("the system is not running; use `async with ActorSystem()`")
         actor = Actor(behaviour, name, endpoint or self.endpoint_for(name), zctx=self.zctx,
                       settings=self.settings)
         await actor.start()
@@ -200,25 +204,16 @@ class ActorSystem:
     def client(self) -> Actor:
         """An actor with no handlers, for telling and asking from outside any actor."""
         if self._client is None or self._client.closed:
-            raise ActorClosed("the system is not started; use `async with ActorSystem()`")
-        return self._client
-
-    async def _ensure_client(self) -> Actor:
-        if self._client is None:
-            if self._client_starting is None:  # concurrent first callers share one start
-                self._client_starting = asyncio.ensure_future(
-                    self.spawn(None, f"{self.name}-{os.getpid()}"))
-            client = await asyncio.shield(self._client_starting)
-            self._client = client
+            raise ActorClosed("the system is not running; use `async with ActorSystem()`")
         return self._client
 
     async def tell(self, ref: ActorRef, msg: Any, *tensors: Any) -> None:
         """Tell from the system's client actor."""
-        await (await self._ensure_client()).tell(ref, msg, *tensors)
+        await self.client.tell(ref, msg, *tensors)
 
     async def ask(self, ref: ActorRef, msg: Any, *tensors: Any, timeout: float | None = None) -> Any:
         """Ask from the system's client actor."""
-        return await (await self._ensure_client()).ask(ref, msg, *tensors, timeout=timeout)
+        return await self.client.ask(ref, msg, *tensors, timeout=timeout)
 
     def declare_dead(self, ref: ActorRef, reason: str) -> None:
         """Tell every actor of this system that `ref` is dead (used when its process exits)."""
@@ -244,7 +239,7 @@ class ActorSystem:
             return handle
         if not isinstance(target, str):
             raise ConfigError("a subprocess actor is named by an import path 'module:Class'")
-        client = await self._ensure_client()
+        client = self.client
         settings = dataclasses.replace(self.settings, endpoint_dir=self._dir or "")
         spec = ActorSpec(target, kwargs, name, settings, client.ref, uuid.uuid4().hex, endpoint)
         started = client.expect_started(spec.token)

@@ -1,20 +1,26 @@
 """Same-host transport through one reusable shared-memory ring per channel.
 
-The receiver creates a file in /dev/shm of `nslots` slots of `slot_bytes` each, maps it, and binds
-a ZeroMQ PAIR socket for control. The sender maps the same file once; each send then streams the
-tensors' bytes through the slots (so a tensor larger than the ring still fits), telling the receiver
-"slot i holds n bytes" and getting "slot i is free" back. Copying in and copying out overlap across
-slots. The file is unlinked as soon as the sender has mapped it, so a crash leaks nothing.
+The receiver creates a file in /dev/shm of `ring_bytes`, maps it, and binds a ZeroMQ PAIR socket
+for control; the sender maps the same file once (which unlinks its name, so a crash leaks nothing).
+A send copies each tensor into a contiguous region of the ring and tells the receiver where it is;
+the receiver either copies it out (`recv(into=...)`) or, without `into`, returns tensors that *are*
+the ring regions (no copy): a region is given back to the sender when the last tensor viewing it is
+garbage-collected. Hold such tensors only briefly (clone what you keep): they hold ring space, and a
+sender that finds the ring full waits. A tensor larger than the ring is streamed through it in
+chunks and arrives as a new tensor (or in `into`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import mmap
 import os
 import struct
 import tempfile
+import threading
 import uuid
+import weakref
 from typing import Sequence
 
 import numpy as np
@@ -28,44 +34,56 @@ from flexpipe.transports.base import Transport, check_into
 
 __all__ = ["ShmTransport"]
 
-_HELLO, _HEAD, _CHUNK, _FREE = b"O", b"H", b"C", b"F"
-_SLOT = struct.Struct("<II")   # slot index, bytes used
+_HELLO, _HEAD, _REGION, _FREE = b"O", b"H", b"R", b"F"
+_REGION_FMT = struct.Struct("<QQQ")   # offset, bytes of data, bytes of ring used (with padding)
+_FREE_FMT = struct.Struct("<Q")       # the receiver's tail: every byte before it is free again
+_ALIGN = 64
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
+class _Region:
+    __slots__ = ("used", "released")
+
+    def __init__(self, used: int):
+        self.used = used
+        self.released = False
+
+
 class ShmTransport(Transport):
-    """One direction of a same-host channel: a shared ring of slots plus a control socket."""
+    """One direction of a same-host channel: a shared ring of bytes plus a control socket."""
 
     kind = "shm"
 
-    def __init__(self, mm: mmap.mmap, path: str, slot_bytes: int, nslots: int,
-                 ctrl: zmq.asyncio.Socket, zctx: zmq.asyncio.Context, owns_ctx: bool,
-                 receiving: bool, address: dict):
+    def __init__(self, mm: mmap.mmap, path: str, ring_bytes: int, ctrl: zmq.asyncio.Socket,
+                 zctx: zmq.asyncio.Context, owns_ctx: bool, receiving: bool, address: dict):
         self.address = address
         self._mm = mm
         self._path = path
         self._ring = np.frombuffer(mm, dtype=np.uint8)
-        self._slot_bytes = slot_bytes
-        self._slots = [self._ring[i * slot_bytes:(i + 1) * slot_bytes] for i in range(nslots)]
-        self._free = list(range(nslots))      # sender: slots it may fill now
+        self._size = ring_bytes
+        self._head = 0        # bytes of ring ever allocated (sender) / announced (receiver)
+        self._tail = 0        # bytes of ring ever given back
+        self._regions: collections.deque[_Region] = collections.deque()   # receiver, in order
         self._ctrl = ctrl
         self._zctx = zctx
         self._owns_ctx = owns_ctx
         self._receiving = receiving
         self._closed = False
-        self._lock = asyncio.Lock()   # one send (or recv) at a time: their control messages interleave
+        self._lock = asyncio.Lock()   # one send (or recv) at a time: their messages interleave
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
 
     @classmethod
-    async def listen(cls, *, slot_bytes: int = 8 << 20, nslots: int = 4,
+    async def listen(cls, *, ring_bytes: int = 64 << 20,
                      zctx: zmq.asyncio.Context | None = None) -> "ShmTransport":
         """Create the ring and the control socket; the receiving side."""
+        ring_bytes = max(_ALIGN, ring_bytes // _ALIGN * _ALIGN)
         tag = uuid.uuid4().hex[:12]
         path = os.path.join(SHM_DIR, f"fp-shm-{tag}")
-        size = slot_bytes * nslots
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size)
+            os.ftruncate(fd, ring_bytes)
+            mm = mmap.mmap(fd, ring_bytes)
         except BaseException:
             os.unlink(path)
             raise
@@ -75,24 +93,22 @@ class ShmTransport(Transport):
         zctx = zctx or zmq.asyncio.Context()
         ctrl = zctx.socket(zmq.PAIR)
         ctrl.setsockopt(zmq.LINGER, 0)
-        ctrl_path = os.path.join(tempfile.gettempdir(), f"fp-shm-{tag}.ctl")
-        ctrl.bind(f"ipc://{ctrl_path}")
-        address = {"kind": "shm", "path": path, "slot_bytes": slot_bytes, "nslots": nslots,
-                   "ctrl": f"ipc://{ctrl_path}"}
-        return cls(mm, path, slot_bytes, nslots, ctrl, zctx, owns, True, address)
+        ctrl_ep = f"ipc://{os.path.join(tempfile.gettempdir(), f'fp-shm-{tag}.ctl')}"
+        ctrl.bind(ctrl_ep)
+        address = {"kind": "shm", "path": path, "ring_bytes": ring_bytes, "ctrl": ctrl_ep}
+        return cls(mm, path, ring_bytes, ctrl, zctx, owns, True, address)
 
     @classmethod
     async def connect(cls, address: dict, *,
                       zctx: zmq.asyncio.Context | None = None) -> "ShmTransport":
         """Map the receiver's ring and connect to its control socket; the sending side."""
         try:
-            path, slot_bytes, nslots, ctrl_ep = (address["path"], int(address["slot_bytes"]),
-                                                 int(address["nslots"]), address["ctrl"])
+            path, size, ctrl_ep = address["path"], int(address["ring_bytes"]), address["ctrl"]
             fd = os.open(path, os.O_RDWR)
         except (KeyError, TypeError, ValueError, OSError) as e:
             raise ProtocolError(f"cannot open shm channel {address!r:.120}: {e}") from e
         try:
-            mm = mmap.mmap(fd, slot_bytes * nslots)
+            mm = mmap.mmap(fd, size)
         finally:
             os.close(fd)
         owns = zctx is None
@@ -101,17 +117,24 @@ class ShmTransport(Transport):
         ctrl.setsockopt(zmq.LINGER, 1000)
         ctrl.connect(ctrl_ep)
         await ctrl.send(_HELLO)
-        return cls(mm, path, slot_bytes, nslots, ctrl, zctx, owns, False, dict(address))
+        return cls(mm, path, size, ctrl, zctx, owns, False, dict(address))
 
     # --- sending ---------------------------------------------------------------------------
 
-    async def _take_slot(self) -> int:
-        while not self._free:
+    async def _alloc(self, nbytes: int) -> tuple[int, int]:
+        """A contiguous region of `nbytes`: (offset, ring bytes used including the skipped end)."""
+        n = -(-nbytes // _ALIGN) * _ALIGN
+        pos = self._head % self._size
+        used = n + (self._size - pos if pos + n > self._size else 0)   # skip the end: wrap
+        # free when nothing is held, or when what is held is at least one lap behind the region
+        while self._tail != self._head and self._head + used - self._tail > self._size:
             msg = await self._ctrl.recv()
             if msg[:1] != _FREE:
                 raise ProtocolError(f"shm sender got control message {msg[:1]!r}")
-            self._free.append(_SLOT.unpack_from(msg, 1)[0])
-        return self._free.pop()
+            self._tail = max(self._tail, _FREE_FMT.unpack_from(msg, 1)[0])
+        offset = (self._head + used - n) % self._size
+        self._head += used
+        return offset, used
 
     async def send(self, *tensors: torch.Tensor) -> None:
         if self._closed:
@@ -119,26 +142,18 @@ class ShmTransport(Transport):
         tensors = tuple(t if t.is_contiguous() else t.contiguous() for t in tensors)
         header = _HEAD + tensor_header(tensors)
         async with self._lock:
-            await self._send(header, tensors)
-
-    async def _send(self, header: bytes, tensors: tuple) -> None:
-        await self._ctrl.send(header)
-        slot, used = -1, 0
-        for t in tensors:
-            src = byte_view(t)
-            pos, n = 0, src.nbytes
-            while pos < n:
-                if slot < 0:
-                    slot, used = await self._take_slot(), 0
-                k = min(n - pos, self._slot_bytes - used)
-                np.copyto(self._slots[slot][used:used + k], src[pos:pos + k])
-                used += k
-                pos += k
-                if used == self._slot_bytes:
-                    await self._ctrl.send(_CHUNK + _SLOT.pack(slot, used))
-                    slot = -1
-        if slot >= 0:
-            await self._ctrl.send(_CHUNK + _SLOT.pack(slot, used))
+            await self._ctrl.send(header)
+            chunk = max(_ALIGN, self._size // 4 // _ALIGN * _ALIGN)
+            for t in tensors:
+                src = byte_view(t)
+                if not src.nbytes:
+                    continue
+                step = src.nbytes if src.nbytes <= self._size else chunk   # else: streamed
+                for pos in range(0, src.nbytes, step):
+                    part = src[pos:pos + step]
+                    offset, used = await self._alloc(part.nbytes)
+                    np.copyto(self._ring[offset:offset + part.nbytes], part)
+                    await self._ctrl.send(_REGION + _REGION_FMT.pack(offset, part.nbytes, used))
 
     # --- receiving -------------------------------------------------------------------------
 
@@ -149,6 +164,42 @@ class ShmTransport(Transport):
                 return msg
             self._unlink()   # the sender has mapped the ring: the name is no longer needed
 
+    async def _region(self, max_bytes: int) -> tuple[int, int, _Region]:
+        msg = await self._next()
+        if msg[:1] != _REGION or len(msg) != 1 + _REGION_FMT.size:
+            raise ProtocolError(f"shm receiver expected a region notice, got {msg[:1]!r}")
+        offset, nbytes, used = _REGION_FMT.unpack_from(msg, 1)
+        if offset + nbytes > self._size or nbytes > max_bytes or not \
+                nbytes <= used < nbytes + self._size + _ALIGN:
+            raise ProtocolError(f"bad shm region: {nbytes} bytes at {offset} (ring "
+                                f"{self._size}, expected at most {max_bytes})")
+        region = _Region(used)
+        self._regions.append(region)
+        return offset, nbytes, region
+
+    def _release(self, region: _Region) -> None:
+        if self._closed or region.released:
+            return
+        region.released = True
+        tail = self._tail
+        while self._regions and self._regions[0].released:
+            tail += self._regions.popleft().used
+        if tail != self._tail:
+            self._tail = tail
+            self._ctrl.send(_FREE + _FREE_FMT.pack(tail))
+
+    def _release_soon(self, region: _Region) -> None:
+        # a finalizer: runs in whichever thread dropped the last view of the region
+        if self._closed:
+            return
+        if threading.get_ident() == self._thread:
+            self._release(region)
+        else:
+            try:
+                self._loop.call_soon_threadsafe(self._release, region)
+            except RuntimeError:   # the loop is gone: so is the channel
+                pass
+
     async def recv(self, into: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         if self._closed:
             raise ActorClosed("shm transport is closed")
@@ -157,44 +208,48 @@ class ShmTransport(Transport):
             if head[:1] != _HEAD:
                 raise ProtocolError(f"shm receiver expected a header, got {head[:1]!r}")
             specs = parse_tensor_header(memoryview(head)[1:])
-            if into is None:
-                out = [torch.empty(s.shape, dtype=s.dtype) for s in specs]
-            else:
+            bad = None
+            if into is not None:
                 try:
                     check_into(into, specs)
-                except ProtocolError:
-                    await self._consume(specs, None)   # skip this send: the next one is intact
-                    raise
-                out = list(into)
-            await self._consume(specs, out)
+                except ProtocolError as e:
+                    bad = e   # read (and drop) this send, so that the next one is intact
+            out = []
+            for i, spec in enumerate(specs):
+                if bad is not None:
+                    await self._copy_out(spec, None)
+                elif into is not None:
+                    out.append(await self._copy_out(spec, into[i]))
+                elif spec.nbytes == 0:
+                    out.append(torch.empty(spec.shape, dtype=spec.dtype))
+                elif spec.nbytes > self._size:   # it was streamed through the ring
+                    out.append(await self._copy_out(spec, torch.empty(spec.shape,
+                                                                      dtype=spec.dtype)))
+                else:   # a view of the ring, given back when garbage-collected
+                    offset, nbytes, region = await self._region(spec.nbytes)
+                    if nbytes != spec.nbytes:
+                        raise ProtocolError(f"region of {nbytes} bytes for a tensor of "
+                                            f"{spec.nbytes}")
+                    view = self._ring[offset:offset + nbytes]
+                    weakref.finalize(view, self._release_soon, region)
+                    out.append(torch.frombuffer(view, dtype=spec.dtype).view(spec.shape))
+            if bad is not None:
+                raise bad
             return out
 
-    async def _consume(self, specs: list, out: list[torch.Tensor] | None) -> None:
-        # copy the announced bytes out of the ring chunk by chunk, freeing each slot when read
-        slot, used, length = -1, 0, 0
-        for i, spec in enumerate(specs):
-            dst = byte_view(out[i]) if out is not None and spec.nbytes else None
-            pos = 0
-            while pos < spec.nbytes:
-                if slot < 0:
-                    msg = await self._next()
-                    if msg[:1] != _CHUNK:
-                        raise ProtocolError(f"shm receiver expected a chunk, got {msg[:1]!r}")
-                    slot, length = _SLOT.unpack_from(msg, 1)
-                    used = 0
-                    if slot >= len(self._slots) or length > self._slot_bytes:
-                        raise ProtocolError(f"chunk notice for slot {slot} of {length} bytes")
-                k = min(spec.nbytes - pos, length - used)
-                if dst is not None:
-                    np.copyto(dst[pos:pos + k], self._slots[slot][used:used + k])
-                used += k
-                pos += k
-                if used == length:
-                    await self._ctrl.send(_FREE + _SLOT.pack(slot, 0))
-                    slot = -1
-        if slot >= 0:
-            raise ProtocolError(f"chunk in slot {slot} holds {length - used} bytes more than "
-                                "the tensors announced")
+    async def _copy_out(self, spec, dst: torch.Tensor | None) -> torch.Tensor | None:
+        """Copy one tensor's regions into `dst` (None: read and drop them), freeing each."""
+        flat = byte_view(dst) if dst is not None and spec.nbytes else None
+        pos = 0
+        while pos < spec.nbytes:
+            offset, nbytes, region = await self._region(spec.nbytes - pos)
+            if flat is not None:
+                np.copyto(flat[pos:pos + nbytes], self._ring[offset:offset + nbytes])
+            self._release(region)
+            pos += nbytes
+        return dst
+
+    # --- closing ---------------------------------------------------------------------------
 
     def _unlink(self) -> None:
         if self._path:
@@ -210,9 +265,9 @@ class ShmTransport(Transport):
         self._closed = True
         if self._receiving:
             self._unlink()
-        self._slots = []
-        self._ring = None  # the mmap cannot close while numpy views of it exist
-        self._mm.close()
+        # received tensors may still view the ring: the mapping goes when the last of them does
+        self._ring = None
+        self._mm = None
         self._ctrl.close()
         if self._owns_ctx:
             self._zctx.term()
