@@ -1,0 +1,415 @@
+"""A client of a `flexpipe router` daemon with the embedded runtime's interface (FlexPipe).
+
+    async with RemoteFlexPipe.connect("tcp://10.0.0.5:5555") as fp:
+        async for ev in fp.generate("Hello", max_tokens=16, seed=1):
+            print(ev.text, end="")
+        await fp.reshape(stages=3)
+
+The client is an actor of its own (bound on tcp, reachable from the router): it asks the router's
+frontend actor to Submit a request and receives the request's tokens as Tokens messages, in order,
+the last one carrying the finish reason.  It watches the frontend, so a router that goes away ends
+every open stream with finish_reason "error"; the next call tries the router once more (a missed
+heartbeat may have been a stalled loop) and raises RouterUnavailable when it does not answer.  The
+router watches the client, so a client that goes away has its requests cancelled.
+
+This module holds the client protocol (kinds 330-349); the daemons are in runtime/daemon.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import socket
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Sequence
+from urllib.parse import urlsplit
+
+from flexpipe import errors
+from flexpipe.errors import ActorClosed, ActorError, ConfigError, PeerDeadError, RemoteError, RequestError
+from flexpipe.runtime.actor import ActorSettings, handles
+from flexpipe.runtime.messages import ActorRef, Terminated, message
+
+__all__ = ["RemoteFlexPipe", "RouterUnavailable", "connect", "Hello", "ModelInfo", "WaitReady", "Submit",
+           "Tokens", "Cancel", "StatusQuery", "Reshape", "PROTOCOL_VERSION", "frontend_ref",
+           "local_address_towards"]
+
+PROTOCOL_VERSION = 1
+
+
+class RouterUnavailable(PeerDeadError):
+    """The router daemon is gone, not ready yet, or shutting down: it takes no requests now."""
+
+
+# --- the client protocol (kinds 330-349) ----------------------------------------------------------
+@message(330)
+class Hello:
+    """Ask the router what it serves (reply: ModelInfo)."""
+    version: int = PROTOCOL_VERSION
+
+
+@message(331)
+class ModelInfo:
+    """What a router serves: the model's name, config and weight source, its tokenizer files."""
+    name: str
+    config: dict
+    source: dict
+    tokenizer_files: dict  # file name -> text (tokenizer.json ...); empty: the byte-level tokenizer
+    max_context: int
+    ready: bool
+    version: int = PROTOCOL_VERSION
+
+
+@message(332)
+class WaitReady:
+    """Reply True once the pipeline serves; RouterUnavailable after `timeout` seconds."""
+    timeout: float
+
+
+@message(333)
+class Submit:
+    """A validated request; tokens go to `client` as Tokens messages (reply: True)."""
+    rid: str
+    prompt: list
+    params: dict  # SamplingParams fields
+    client: ActorRef
+
+
+@message(334)
+class Tokens:
+    """Tokens of request `rid` at indices index, index+1, ...; finish_reason set on the last message."""
+    rid: str
+    index: int
+    token_ids: list
+    finish_reason: str | None = None
+
+
+@message(335)
+class Cancel:
+    """Cancel request `rid` (its stream ends with finish_reason "cancelled")."""
+    rid: str
+
+
+@message(336)
+class StatusQuery:
+    """Ask for the router's status dict (FlexPipe.status() plus workers and inventory)."""
+
+
+@message(337)
+class Reshape:
+    """Reshape the pipeline (reply: ReshapeStats as a dict)."""
+    stages: int | None = None
+    boundaries: list | None = None
+    devices: list | None = None
+    weights_from: str = "auto"
+
+
+# --- addresses ----------------------------------------------------------------------------------
+def _split_tcp(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
+        raise ConfigError(f"router address {url!r} is not of the form tcp://HOST:PORT")
+    return parts.hostname, parts.port
+
+
+def frontend_ref(url: str) -> ActorRef:
+    """The ref of the router daemon's frontend actor at `url` (tcp://HOST:PORT)."""
+    host, port = _split_tcp(url)
+    return ActorRef("frontend", f"tcp://{host}:{port}")
+
+
+def local_address_towards(host: str, port: int = 9) -> str:
+    """This machine's address on the route to `host` (no packet is sent); 127.0.0.1 for loopback."""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, port))
+            return s.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
+
+
+# --- the client -------------------------------------------------------------------------------------
+class _ClientBehaviour:
+    """The client's mailbox: Tokens go to the queue of their request; the router's end ends them all."""
+
+    def __init__(self, frontend: ActorRef):
+        self.frontend = frontend
+        self.streams: dict[str, asyncio.Queue] = {}
+        self.lost: str | None = None
+        self.orphans: set[str] = set()  # requests ended here when the router was lost: cancel them there
+
+    @handles(Tokens)
+    def tokens(self, ctx: Any, msg: Tokens) -> None:
+        q = self.streams.get(msg.rid)
+        if q is None:
+            return  # cancelled or finished here: nothing reads it
+        for i, t in enumerate(msg.token_ids):
+            q.put_nowait((int(t), msg.index + i, None))
+        if msg.finish_reason is not None:
+            q.put_nowait((None, msg.index + len(msg.token_ids), str(msg.finish_reason)))
+
+    @handles(Terminated)
+    def router_gone(self, ctx: Any, msg: Terminated) -> None:
+        if msg.ref != self.frontend:
+            return
+        self.lost = str(msg.reason)
+        self.orphans.update(self.streams)
+        for q in self.streams.values():
+            q.put_nowait((None, -1, "error"))
+
+
+def _typed(e: RemoteError) -> Exception:
+    """The FlexPipe error a router's ErrorReply names (RequestError, ReshapeError, ...), else `e`."""
+    cls = RouterUnavailable if e.kind == "RouterUnavailable" else getattr(errors, e.kind, None)
+    if isinstance(cls, type) and issubclass(cls, errors.FlexPipeError) and cls is not RemoteError:
+        return cls(e.message)
+    return e
+
+
+class RemoteFlexPipe:
+    """FlexPipe's interface over a router daemon.  Create with `RemoteFlexPipe.connect(url)`."""
+
+    def __init__(self, url: str, info: ModelInfo, spec: Any, system: Any, actor: Any):
+        self.url, self.info, self.spec = url, info, spec
+        self.system, self.actor = system, actor
+        self.frontend = frontend_ref(url)
+        self._behaviour: _ClientBehaviour = actor.behaviour
+        self._tasks: set[asyncio.Task] = set()
+        self._reconnect_timeout = max(1.0, actor.settings.heartbeat_timeout)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, url: str, *, ready_timeout: float = 120.0, host: str | None = None,
+                      heartbeat_interval: float = 0.5, heartbeat_timeout: float = 3.0,
+                      ask_timeout: float = 60.0) -> AsyncIterator["RemoteFlexPipe"]:
+        """Connect to the router at `url` and wait (up to `ready_timeout`) until its pipeline serves.
+
+        `host`: the address the router reaches this client at (default: this machine's address on
+        the route to the router).  Raises RouterUnavailable when the router does not answer or its
+        pipeline is not ready in time.
+        """
+        from flexpipe.errors import AskTimeout
+        from flexpipe.runtime.launcher import ActorSystem
+
+        rhost, rport = _split_tcp(url)
+        settings = ActorSettings(bind="tcp", host=host or local_address_towards(rhost, rport),
+                                 heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
+                                 ask_timeout=ask_timeout)
+        frontend = frontend_ref(url)
+        async with ActorSystem(settings, name="flexpipe-client") as system:
+            actor = await system.spawn(_ClientBehaviour(frontend), f"client-{uuid.uuid4().hex[:8]}")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + ready_timeout
+            try:
+                info = await actor.ask(frontend, Hello(), timeout=ready_timeout)
+                if not isinstance(info, ModelInfo) or info.version != PROTOCOL_VERSION:
+                    raise ConfigError(f"the router at {url} speaks another protocol ({info!r}); "
+                                      f"this client speaks version {PROTOCOL_VERSION}")
+                actor.watch(frontend)
+                if not info.ready:
+                    left = max(0.1, deadline - loop.time())
+                    await actor.ask(frontend, WaitReady(left), timeout=left + 5.0)
+            except AskTimeout as e:
+                raise RouterUnavailable(f"no answer from the router at {url} within {ready_timeout:g}s "
+                                        f"(is `flexpipe router --bind {url}` running?)") from e
+            except RemoteError as e:
+                raise _typed(e) from e
+            fp = cls(url, info, _model_spec(info), system, actor)
+            try:
+                yield fp
+            finally:
+                await fp._drain_tasks()
+
+    # ---- properties (as FlexPipe) --------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.spec.name
+
+    @property
+    def config(self) -> Any:
+        return self.spec.config
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.spec.tokenizer
+
+    @property
+    def max_context(self) -> int:
+        return int(self.info.max_context)
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt given as text or ids (ids are checked against the vocabulary)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("the prompt is empty: give some text or token ids")
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        vocab = self.config.vocab_size
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        return ids
+
+    def _params(self, **kw: Any) -> Any:
+        from flexpipe.model.sampling import SamplingParams
+
+        kw["stop_token_ids"] = tuple(kw.get("stop_token_ids") or ())
+        return SamplingParams(**kw).validate(self.config.vocab_size).resolve_seed()
+
+    async def _reconnect(self) -> None:
+        """After the router was declared dead: is it back (or was it only a stalled loop)?"""
+        b = self._behaviour
+        self.actor.watch(self.frontend)  # forgets the death, and watches again
+        try:
+            info = await self.actor.ask(self.frontend, Hello(), timeout=self._reconnect_timeout)
+        except (ActorError, asyncio.TimeoutError) as e:
+            raise RouterUnavailable(f"the router at {self.url} is gone ({b.lost}) and does not answer: "
+                                    f"{e}") from e
+        if not isinstance(info, ModelInfo) or info.name != self.info.name or info.config != self.info.config:
+            raise RouterUnavailable(f"the router at {self.url} now serves another model")
+        b.lost = None
+        orphans, b.orphans = b.orphans, set()
+        for rid in orphans:
+            self._spawn(self._cancel(rid))
+
+    async def _ask(self, msg: Any, timeout: float | None = None) -> Any:
+        if self._behaviour.lost is not None:
+            await self._reconnect()
+        try:
+            return await self.actor.ask(self.frontend, msg, timeout=timeout)
+        except RemoteError as e:
+            raise _typed(e) from e
+        except PeerDeadError as e:
+            raise RouterUnavailable(f"the router at {self.url} is gone: {e}") from e
+
+    async def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 64, temperature: float = 0.0,
+                       top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                       stop: Sequence[str] | None = None, stop_token_ids: Sequence[int] | None = None,
+                       ignore_eos: bool = False, request_id: str | None = None) -> AsyncIterator[Any]:
+        """Stream the new tokens of one request; closing the iterator early cancels the request."""
+        from flexpipe.api import GenerationEvent
+
+        ids = self.encode(prompt)
+        params = self._params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              seed=seed, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
+        rid = request_id or uuid.uuid4().hex
+        streams = self._behaviour.streams
+        if rid in streams:
+            raise RequestError(f"request id {rid!r} is already in use")
+        queue = streams[rid] = asyncio.Queue()
+        done = False
+        try:
+            await self._ask(Submit(rid, ids, dataclasses.asdict(params), self.actor.ref))
+        except BaseException:
+            done = True  # never admitted: nothing to cancel
+            streams.pop(rid, None)
+            raise
+        dec = self.tokenizer.stream()
+        stops = [s for s in (stop or []) if s]
+        text = ""
+        try:
+            while True:
+                token, index, reason = await queue.get()
+                if reason is not None:
+                    done = True
+                    yield GenerationEvent(None, dec.flush(), index, reason)
+                    return
+                piece = dec.feed(token)
+                if stops:
+                    text += piece
+                    hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+                    if hit >= 0:
+                        cut = len(text) - len(piece)
+                        yield GenerationEvent(token, text[cut:hit] if hit > cut else "", index, "stop")
+                        return
+                yield GenerationEvent(token, piece, index)
+        finally:
+            streams.pop(rid, None)
+            if not done:
+                self._spawn(self._cancel(rid))
+
+    async def _cancel(self, rid: str) -> None:
+        if self._behaviour.lost is None and not self.actor.closed:
+            with contextlib.suppress(ActorClosed, PeerDeadError):
+                await self.actor.tell(self.frontend, Cancel(rid))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drain_tasks(self) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5.0)
+
+    async def complete(self, prompt: str | Sequence[int], **kw: Any) -> Any:
+        """Generate to the end and return the whole completion."""
+        from flexpipe.api import Completion
+
+        ids = self.encode(prompt)
+        toks, parts, reason = [], [], "length"
+        async for ev in self.generate(ids, **kw):
+            if ev.token_id is not None:
+                toks.append(ev.token_id)
+            parts.append(ev.text)
+            if ev.finish_reason:
+                reason = ev.finish_reason
+        return Completion("".join(parts), toks, reason, len(ids), len(toks))
+
+    def reference_tokens(self, prompt: str | Sequence[int], *, max_tokens: int = 64, temperature: float = 0.0,
+                         top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                         stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False) -> list[int]:
+        """What the single-process oracle generates, computed here (needs the weights readable here)."""
+        from flexpipe.model.reference import generate
+
+        params = self._params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              seed=seed if seed is not None else 0, stop_token_ids=stop_token_ids,
+                              ignore_eos=ignore_eos)
+        return generate(self.config, self.spec.weights(), self.encode(prompt), params)
+
+    # ---- pipeline -------------------------------------------------------------------------------
+    async def status(self) -> dict:
+        """The router's status: shape, router, stages (with their workers), reshapes, workers, inventory."""
+        return await self._ask(StatusQuery())
+
+    async def reshape(self, stages: int | None = None, boundaries: Sequence[int] | None = None, *,
+                      devices: Sequence[str] | None = None, weights_from: str = "auto") -> Any:
+        """Change the pipeline's shape while requests run; returns the ReshapeStats."""
+        from flexpipe.runtime.controller import ReshapeStats
+
+        if (stages is None) == (boundaries is None):
+            raise ConfigError("give either stages=N or boundaries=[0, ..., num_units]")
+        d = await self._ask(Reshape(stages, list(boundaries) if boundaries is not None else None,
+                                    list(devices) if devices is not None else None, weights_from),
+                            timeout=900.0)
+        known = {f.name for f in dataclasses.fields(ReshapeStats)}
+        return ReshapeStats(**{k: v for k, v in d.items() if k in known})
+
+
+def _model_spec(info: ModelInfo) -> Any:
+    """A ModelSpec from what the router sent: config, weight source, tokenizer (files or byte-level)."""
+    from flexpipe.api import ModelSpec
+    from flexpipe.model.config import ModelConfig
+    from flexpipe.model.tokenizer import load_tokenizer
+
+    cfg = ModelConfig.from_dict(info.config)
+    if info.tokenizer_files:
+        with tempfile.TemporaryDirectory(prefix="fp-tok-") as d:
+            for name, text in info.tokenizer_files.items():
+                if Path(name).name != name:
+                    raise ConfigError(f"the router sent a tokenizer file with a path in its name: {name!r}")
+                (Path(d) / name).write_text(text)
+            tok = load_tokenizer(cfg, d)
+    else:
+        tok = load_tokenizer(cfg, None)
+    return ModelSpec(info.name, cfg, dict(info.source), tok)
+
+
+def connect(url: str, **kw: Any) -> Any:
+    """An async context manager yielding a RemoteFlexPipe on the router at `url` (for create_app)."""
+    return RemoteFlexPipe.connect(url, **kw)
