@@ -1,0 +1,283 @@
+"""The router daemon and two worker daemons as real processes on loopback, driven through RemoteFlexPipe.
+
+Every wait is a handshake: a daemon's structured log line (read by a thread from its stderr) or a
+reply from the router; each has a bound.  The oracle checks run in a thread, so that the client's
+event loop keeps answering heartbeats while the reference model computes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from flexpipe.errors import ConfigError, PlacementError, RequestError
+from flexpipe.runtime.daemon import assign_devices
+from flexpipe.runtime.remote import RemoteFlexPipe, RouterUnavailable
+from tests.pipeline_helpers import check_against_oracle, request_mix, run_all
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parents[1]
+START_S = 90.0  # bound on each start-up handshake (two cores, several engineers: torch imports are slow)
+
+
+def _entry() -> list[str]:
+    """`python -m flexpipe.cli` once it lists router/worker, else the daemon module's own main."""
+    from flexpipe.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return ["-m", "flexpipe.cli"] if "router" in sub.choices else ["-m", "flexpipe.runtime.daemon"]
+
+
+class Daemon:
+    """A daemon process with --log-format json; a thread collects its log lines for wait_for()."""
+
+    started: list["Daemon"] = []
+
+    def __init__(self, name: str, args: list[str]):
+        self.name = name
+        Daemon.started.append(self)
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, *_entry(), *args, "--log-format", "json"], cwd=ROOT, env=env,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
+        self.events: list[dict] = []
+        self.raw: list[str] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, name=f"log-{name}", daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            with self._cond:
+                self.raw.append(line.rstrip())
+                try:
+                    self.events.append(json.loads(line))
+                except ValueError:
+                    pass
+                self._cond.notify_all()
+        with self._cond:
+            self.raw.append(f"<exit {self.proc.wait()}>")
+            self._cond.notify_all()
+
+    def mark(self) -> int:
+        """A position in the log, for wait_for(since=...)."""
+        with self._cond:
+            return len(self.events)
+
+    def wait_for(self, event: str, timeout: float = START_S, since: int = 0, **fields) -> dict:
+        """The first log event named `event` (with these field values) after `since`; fails after `timeout`."""
+        def found():
+            return next((e for e in self.events[since:] if e.get("event") == event
+                         and all(e.get(k) == v for k, v in fields.items())), None)
+        with self._cond:
+            self._cond.wait_for(lambda: found() is not None or self.proc.poll() is not None, timeout)
+            hit = found()
+        assert hit is not None, f"{self.name}: no '{event}' event within {timeout:g}s\n{logs()}"
+        return hit
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, and the exit code (killed, and failed, if it does not exit in time)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            pytest.fail(f"{self.name} did not exit {timeout:g}s after SIGTERM\n{logs()}")
+
+
+def logs(lines: int = 25) -> str:
+    """The last log lines of every daemon (stage processes write to their worker's), for failures."""
+    return "\n".join(f"--- {d.name} (pid {d.proc.pid}, exit {d.proc.poll()}):\n" + "\n".join(d.raw[-lines:])
+                     for d in Daemon.started)
+
+
+def worker(name: str, url: str) -> Daemon:
+    return Daemon(name, ["worker", "--router", url, "--name", name, "--devices", "cpu:0", "--memory", "1GB",
+                         "--heartbeat-timeout", "5"])
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A router (2 stages, waits for 2 workers) and two workers with one CPU device each."""
+    router = Daemon("router", ["router", "--bind", "tcp://127.0.0.1:0", "--model", "tiny", "--stages", "2",
+                               "--min-workers", "2", "--drain-timeout", "1.5", "--heartbeat-timeout", "5"])
+    daemons = [router]
+    try:
+        url = router.wait_for("listening")["endpoint"]
+        for w in ("wa", "wb"):
+            daemons.append(worker(w, url))
+        router.wait_for("ready")
+        yield SimpleNamespace(url=url, router=router, workers=daemons[1:], all=daemons)
+    finally:
+        for d in reversed(daemons):  # (the list grows when a test starts a worker)
+            if d.proc.poll() is None:
+                d.proc.send_signal(signal.SIGTERM)
+        for d in daemons:
+            try:
+                d.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                d.proc.kill()
+                d.proc.wait(10)
+
+
+def connect(cluster) -> RemoteFlexPipe:
+    return RemoteFlexPipe.connect(cluster.url, ready_timeout=30, heartbeat_timeout=5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# --- placement (no processes) -------------------------------------------------------------------------
+def test_assign_devices_spreads_and_keeps_running_stages():
+    order = ["wa/0", "wb/0"]
+    free = {"wa/0": 100, "wb/0": 100}
+    assert assign_devices([(0, 9), (9, 18)], [10, 10], order, free) == ["wa/0", "wb/0"]
+    # 2 -> 3 stages: the overlapping stages stay where they run, the new one goes to the emptier device
+    prev = [(0, 9, "wa/0"), (9, 18, "wb/0")]
+    out = assign_devices([(0, 6), (6, 12), (12, 18)], [5, 5, 5], order, free, prev)
+    assert out[0] == "wa/0" and out[2] == "wb/0" and sorted(out).count("wa/0") in (1, 2)
+    # 3 -> 2 stages: both workers stay in use even where the largest overlaps sit on one device
+    prev3 = [(0, 6, "wa/0"), (6, 12, "wb/0"), (12, 18, "wa/0")]
+    assert sorted(assign_devices([(0, 9), (9, 18)], [5, 5], order, free, prev3)) == order
+    with pytest.raises(PlacementError, match="needs"):
+        assign_devices([(0, 18)], [1000], order, free)
+
+
+# --- the daemons ------------------------------------------------------------------------------------------
+async def test_requests_through_the_router_equal_the_oracle(cluster):
+    reqs = request_mix(8, seed=3, max_tokens=(8, 24))  # greedy and seeded, different lengths, all at once
+    async with connect(cluster) as fp:
+        assert fp.model_name == "tiny" and fp.max_context == fp.config.max_position_embeddings
+        outs = await run_all(fp, reqs)
+        await asyncio.to_thread(check_against_oracle, fp, reqs, outs)
+        assert all(o.finish_reason == "length" for o in outs)
+        st = await fp.status()
+        assert st["state"] == "serving"
+        assert st["router"]["running"] == st["router"]["waiting"] == st["router"]["inflight"] == 0
+        assert all(p["used"] == 0 for p in st["router"]["kv"])
+        # streaming: indices in order, the last event carries the finish reason and no token
+        events = [ev async for ev in fp.generate("stream", max_tokens=5, ignore_eos=True)]
+        assert [e.index for e in events] == [0, 1, 2, 3, 4, 5]
+        assert events[-1].finish_reason == "length" and events[-1].token_id is None
+
+
+async def test_stages_run_on_both_workers_in_their_own_processes(cluster):
+    async with connect(cluster) as fp:
+        st = await fp.status()
+    assert {w["name"] for w in st["workers"]} == {"wa", "wb"}
+    assert {s["worker"] for s in st["stages"]} == {"wa", "wb"}
+    worker_pids = {d.proc.pid for d in cluster.workers} | {cluster.router.proc.pid}
+    pids = [s["pid"] for s in st["stages"]]
+    assert len(set(pids)) == len(pids) and not set(pids) & worker_pids
+    for s in st["stages"]:  # each worker started the stages the router placed on it
+        w = next(d for d in cluster.workers if d.name == s["worker"])
+        assert w.wait_for("stage_started", 5, stage=s["name"])["stage_pid"] == s["pid"]
+    assert st["allocator"]["reservations"] == len(st["stages"])
+
+
+async def test_reshape_through_the_client_while_requests_run(cluster):
+    reqs = request_mix(6, seed=11, max_tokens=(20, 40))
+    async with connect(cluster) as fp:
+        epoch = (await fp.status())["shape"]["epoch"]
+        traffic = asyncio.ensure_future(run_all(fp, reqs))
+        up = await fp.reshape(stages=3)
+        down = await fp.reshape(stages=2)
+        outs = await traffic
+        await asyncio.to_thread(check_against_oracle, fp, reqs, outs)
+        assert up.ok and down.ok and len(up.to_boundaries) == 4 and len(down.to_boundaries) == 3
+        st = await fp.status()
+        assert st["shape"]["epoch"] == epoch + 2
+        assert {s["worker"] for s in st["stages"]} == {"wa", "wb"}
+        assert st["allocator"]["reservations"] == 2, "retired stages gave their memory back"
+        with pytest.raises(ConfigError):
+            await fp.reshape()
+    assert cluster.router.wait_for("reshaped", 5)["pause_ms"] >= 0
+
+
+async def test_bad_requests_raise_typed_errors_and_the_router_keeps_serving(cluster):
+    async with connect(cluster) as fp:
+        with pytest.raises(RequestError, match="context"):
+            await fp.complete(list(range(5)) * 500, max_tokens=4)
+        with pytest.raises(RequestError):
+            await fp.complete("x", max_tokens=0)
+        with pytest.raises(RequestError, match="already in use"):
+            agen = fp.generate("a", max_tokens=50, request_id="same")
+            await agen.__anext__()
+            try:
+                await fp.complete("b", max_tokens=2, request_id="same")
+            finally:
+                await agen.aclose()
+        c = await fp.complete("still serving", max_tokens=3)
+        assert len(c.token_ids) == 3
+
+
+async def test_a_dead_workers_stages_restart_elsewhere_and_a_new_worker_is_used(cluster):
+    wa = cluster.workers[0]
+    async with connect(cluster) as fp:
+        st = await fp.status()
+        assert any(s["worker"] == "wa" for s in st["stages"])
+        mark = cluster.router.mark()
+        wa.proc.kill()  # SIGKILL: no goodbye; its stage processes notice their parent is gone and exit
+        wa.proc.wait(10)
+        moved = await asyncio.to_thread(cluster.router.wait_for, "stage_moved", 30, mark)
+        assert moved["to_device"] == "wb/0"
+        await asyncio.to_thread(cluster.router.wait_for, "stage_started", START_S, mark, stage=moved["stage"])
+        reqs = request_mix(4, seed=21, max_tokens=(8, 20))
+        outs = await run_all(fp, reqs)  # they finish only once the router resumed on the new stage
+        await asyncio.to_thread(check_against_oracle, fp, reqs, outs)
+        st = await fp.status()
+        assert {s["worker"] for s in st["stages"]} == {"wb"} and st["reshapes"][-1]["kind"] == "recovery"
+        # a worker under the same name joins again; the next reshape spreads the stages over both
+        mark = cluster.router.mark()
+        new = worker("wa", cluster.url)
+        cluster.workers[0] = new
+        cluster.all.append(new)
+        await asyncio.to_thread(cluster.router.wait_for, "worker_joined", START_S, mark, worker="wa")
+        await fp.reshape(stages=2)
+        st = await fp.status()
+        assert {s["worker"] for s in st["stages"]} == {"wa", "wb"}
+        c = await fp.complete("after the move", max_tokens=6, seed=5, temperature=0.8)
+        assert c.token_ids == await asyncio.to_thread(fp.reference_tokens, "after the move", max_tokens=6,
+                                                      seed=5, temperature=0.8)
+
+
+async def test_sigterm_drains_stops_stages_and_every_process_exits_0(cluster):
+    async with connect(cluster) as fp:
+        st = await fp.status()
+        stage_pids = [s["pid"] for s in st["stages"]]
+        agen = fp.generate("a long one", max_tokens=1500, ignore_eos=True)
+        first = await agen.__anext__()
+        assert first.token_id is not None
+        cluster.router.proc.send_signal(signal.SIGTERM)
+        cluster.router.wait_for("shutdown_started", 20)
+        with pytest.raises(RouterUnavailable):  # no new request is admitted while draining
+            await fp.complete("too late", max_tokens=2)
+        events = [ev async for ev in agen]
+        assert events[-1].finish_reason == "shutdown", "a cut request says why it ended"
+    assert cluster.router.stop(30) == 0
+    cluster.router.wait_for("requests_ended", 1, finish_reason="shutdown")
+    for w in cluster.workers:  # the router stopped its stages through the workers, which stay up
+        w.wait_for("router_lost", 20)
+    assert not any(_alive(p) for p in stage_pids)
+    assert all(w.proc.poll() is None for w in cluster.workers)
+    t0 = time.monotonic()
+    assert [w.stop(30) for w in cluster.workers] == [0, 0]
+    assert time.monotonic() - t0 < 30
