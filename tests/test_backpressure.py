@@ -1,0 +1,109 @@
+"""Back-pressure under overload: with Settings.max_queued = Q, a burst of many more requests than the
+pipeline can run leaves at most Q waiting; the rest are refused at once with a reason (RequestError in
+the embedded API, a 4xx JSON error over HTTP), the router's records stay bounded, and every admitted
+request finishes. Over HTTP the refusal should be 429 with Retry-After (marked xfail: today it is 400)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from flexpipe.api import FlexPipe
+from flexpipe.errors import RequestError
+
+pytestmark = pytest.mark.timeout(300)
+
+QUEUE = 8
+BURST = 120
+
+
+async def test_overload_is_refused_beyond_the_queue_bound():
+    async with FlexPipe.launch("tiny", stages=2, in_process=True, max_queued=QUEUE, max_batch_seqs=4) as fp:
+        peak = {"waiting": 0, "streams": 0}
+        outcome: list[str] = []
+
+        async def one(i):
+            try:
+                async for _ in fp.generate(f"{i} overload", max_tokens=4, ignore_eos=True):
+                    pass
+                outcome.append("finished")
+            except RequestError as e:
+                assert "retry later" in str(e)
+                outcome.append("refused")
+
+        async def sample():
+            while True:
+                peak["waiting"] = max(peak["waiting"], len(fp.router.sched.waiting))
+                peak["streams"] = max(peak["streams"], len(fp.router.streams))
+                await asyncio.sleep(0)
+
+        sampler = asyncio.ensure_future(sample())
+        try:
+            await asyncio.gather(*(one(i) for i in range(BURST)))
+        finally:
+            sampler.cancel()
+        refused, finished = outcome.count("refused"), outcome.count("finished")
+        print(f"\nburst {BURST}, max_queued {QUEUE}: finished {finished}, refused {refused}, peak {peak}")
+        assert finished + refused == BURST and refused > 0 and finished >= QUEUE
+        assert peak["waiting"] <= QUEUE
+        # records held by the router: the queue plus what can run at once, not the burst
+        assert peak["streams"] <= QUEUE + fp.settings.max_batch_seqs * 2 + 8
+        assert not fp.router.streams and all(p["used"] == 0 for p in fp.status()["router"]["kv"])
+
+
+starlette = pytest.importorskip("starlette", reason="the 'serve' extra is not installed")
+
+
+async def _http_burst(url: str, n: int) -> dict[int, int]:
+    import httpx
+
+    codes: dict[int, int] = {}
+    async with httpx.AsyncClient(base_url=url, timeout=120,
+                                 limits=httpx.Limits(max_connections=n)) as client:
+        async def one(i):
+            r = await client.post("/v1/completions", json={"model": "tiny", "prompt": f"{i} x",
+                                                           "max_tokens": 4, "ignore_eos": True})
+            r.json()   # every answer is JSON, refusal included
+            codes[r.status_code] = codes.get(r.status_code, 0) + 1
+            return r
+        rs = await asyncio.gather(*(one(i) for i in range(n)))
+    codes["refusal_bodies"] = sorted({r.json()["error"]["message"] for r in rs if r.status_code >= 400})[:1]
+    return codes
+
+
+@pytest.fixture(scope="module")
+def http_server():
+    from flexpipe.server import ServerThread, create_app
+
+    app = create_app(lambda: FlexPipe.launch("tiny", stages=2, in_process=True, max_queued=QUEUE,
+                                             max_batch_seqs=4))
+    with ServerThread(app) as url:
+        yield url
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_resources():
+    """The module-scoped server outlives single tests; the first test holds its own resources."""
+    yield
+
+
+def _burst_codes(url):
+    return asyncio.run(_http_burst(url, BURST))
+
+
+def test_http_overload_is_refused_with_a_reason(http_server):
+    codes = _burst_codes(http_server)
+    print(f"\nHTTP burst {BURST}, max_queued {QUEUE}: {codes}")
+    statuses = {k: v for k, v in codes.items() if isinstance(k, int)}
+    assert sum(statuses.values()) == BURST
+    assert not any(c >= 500 for c in statuses)
+    assert any(400 <= c < 500 for c in statuses), "an overload this size must be refused"
+    assert "retry later" in codes["refusal_bodies"][0]
+
+
+@pytest.mark.xfail(strict=True, reason="app._api_error maps the queue-full RequestError to 400; "
+                                       "it should be 429 with Retry-After")
+def test_http_overload_refusal_is_429(http_server):
+    codes = _burst_codes(http_server)
+    assert 429 in codes and 400 not in codes
