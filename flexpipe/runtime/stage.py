@@ -90,9 +90,16 @@ class UnitTensors:
 
 @message(107)
 class ExportKV:
-    """Copy KV of (seq, units, t0, t1) items to `dest`; replies with bytes copied."""
+    """Copy KV of (seq, units, t0, t1) items to `dest`; replies with bytes copied.
+
+    In a pre-copy round (strict=False) a sequence whose KV is gone (it finished, or was preempted
+    since the controller read its record) is skipped: the controller copies it again if it lives on
+    (its preemption count changed).  In the delta (strict=True, pipeline quiesced) nothing may be
+    missing, and a gap aborts the reshape.
+    """
     items: list  # [seq_id, [unit indices], t0, t1]
     dest: ActorRef
+    strict: bool = False
 
 
 @message(108)
@@ -256,7 +263,13 @@ class StageActor:
         for seq_id, units, t0, t1 in msg.items:
             if t1 <= t0:
                 continue
-            k, v = await ctx.run_compute(self.core.export_kv, seq_id, units, t0, t1)
+            try:
+                k, v = await ctx.run_compute(self.core.export_kv, seq_id, units, t0, t1)
+            except KeyError:
+                if msg.strict:
+                    raise
+                self.stats["kv_export_skipped"] = self.stats.get("kv_export_skipped", 0) + 1
+                continue
             items.append([seq_id, units, t0])
             tensors += [k, v]
             nbytes += k.numel() * k.element_size() * 2
