@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from flexpipe.errors import ConfigError, NoDriverError, ProtocolError
+from flexpipe.errors import ActorClosed, ConfigError, NoDriverError, ProtocolError
 from flexpipe.placement.topology import GiB, LinkKind, Topology
 from flexpipe.runtime import ActorSystem, codec
 from flexpipe.runtime.allocator import AllocatorCore
@@ -146,15 +146,28 @@ def test_in_order_releases_move_the_tail_over_the_released_prefix_only():
     assert rel.release(c) == 1024 and len(rel) == 0
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(1, 5000), min_size=1, max_size=60), st.integers(0, 7))
+def test_ring_books_empty_ring_takes_a_wrapping_region_over_half_its_size():
+    books = RingBooks(4096, align=256)
+    books.alloc(3000)
+    books.freed(3072)                                # empty again, head at 3072
+    assert books.alloc(2500) == (0, 1024 + 2560)     # skips 1024 bytes: used > what is left, still fine
+    assert books.alloc(256) == (2560, 256)           # between the region's end and the skipped bytes
+    assert books.alloc(1024) is None                 # no more room until things are given back
+    books.freed(3072 + 3584 + 256)
+    assert books.alloc(4096) is not None
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(1, 16384), min_size=1, max_size=60), st.integers(0, 7))
 def test_ring_books_and_releases_agree_under_any_sizes(sizes, lag):
-    """The sender's books and the receiver's releases never hand out overlapping live regions."""
+    """The sender's books and the receiver's releases never hand out overlapping live regions, and
+    a region that fits the ring is always granted once everything is given back."""
     books, rel = RingBooks(16384, align=256), InOrderReleases()
     live: list[tuple[int, int, list]] = []
     for n in sizes:
         got = books.alloc(n)
         while got is None:
+            assert live, f"an empty ring refused {n} bytes (head {books.head}, tail {books.tail})"
             off, m, token = live.pop(0)
             tail = rel.release(token)
             if tail is not None:
@@ -206,6 +219,126 @@ def test_copy_runs_moves_exactly_the_blocks_named():
         copy_runs(src, dst, [(30, 0, 4)])
     with pytest.raises(ValueError):
         copy_runs(src, dst.float(), [(0, 0, 1)])
+
+
+# --- CUDA IPC: the channel protocol, on host memory in one process -----------------------------------
+# listen(device="cpu") runs the very same ring protocol (notices, waiting for space, streaming through
+# the ring, views that hold space until dropped, `into`) with no CUDA call: what it tests is the
+# protocol, not CUDA (tests/test_gpu.py does that on a GPU).
+
+def host_payload(nbytes: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g),
+            torch.randn(7, 5, generator=g).to(torch.bfloat16).t(), torch.empty(0, 3), torch.arange(5) * seed]
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+async def host_pair(ring_bytes: int = 1 << 20):
+    rx = await open_receiver("cuda_ipc", device="cpu", ring_bytes=ring_bytes)
+    tx = await open_sender(rx.address)
+    return tx, rx
+
+
+async def test_ipc_protocol_moves_exact_bytes_in_order_new_and_into():
+    tx, rx = await host_pair(1 << 20)
+    try:
+        for nbytes in (0, 100, 3 << 20):                       # 3 MiB streams through a 1 MiB ring
+            sent = host_payload(nbytes, seed=nbytes % 97 + 1)
+            send = asyncio.ensure_future(tx.send(*sent))
+            got = await rx.recv()
+            await send
+            assert len(got) == 4 and all(same_bytes(a, b) for a, b in zip(sent, got))
+            del got
+            into = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in sent]
+            into[1] = torch.empty(5, 7, dtype=torch.bfloat16)
+            send = asyncio.ensure_future(tx.send(*sent))
+            got = await rx.recv(into=into)
+            await send
+            assert all(g is i for g, i in zip(got, into)) and all(same_bytes(a, b) for a, b in zip(sent, got))
+        assert tx.stats["waits"] > 0                           # the big one had to wait for space
+        sends = asyncio.ensure_future(asyncio.gather(*(tx.send(torch.tensor([i])) for i in range(20))))
+        assert [int((await rx.recv())[0]) for _ in range(20)] == list(range(20))
+        await sends
+    finally:
+        await tx.aclose()
+        await rx.aclose()
+    with pytest.raises(ActorClosed):
+        await tx.send(torch.zeros(1))
+    with pytest.raises(ActorClosed):
+        await rx.recv()
+
+
+async def test_ipc_protocol_bad_into_keeps_the_channel_in_step():
+    tx, rx = await host_pair(64 << 10)
+    try:
+        for big in (False, True):
+            x = torch.arange(30000 if big else 4, dtype=torch.float32)   # 120 KB > the ring: streamed
+            send = asyncio.ensure_future(tx.send(x, torch.ones(2)))
+            with pytest.raises(ProtocolError, match="tensor 0"):
+                await rx.recv(into=[torch.empty(x.numel() + 1), torch.empty(2)])
+            await send
+            send = asyncio.ensure_future(tx.send(torch.arange(3)))
+            assert torch.equal((await rx.recv())[0], torch.arange(3))
+            await send
+        with pytest.raises(ProtocolError, match="carries tensors of the CPU"):
+            await tx.send(torch.zeros(2, device="meta"))
+    finally:
+        await tx.aclose()
+        await rx.aclose()
+
+
+async def test_ipc_protocol_views_hold_ring_space_until_dropped():
+    tx, rx = await host_pair(64 << 10)
+    a = torch.arange(4096, dtype=torch.int32)                  # 16 KiB
+    try:
+        views = []
+        for i in range(4):                                     # fill the ring with views
+            send = asyncio.ensure_future(tx.send(a + i))
+            views.append((await rx.recv())[0])
+            await send
+        blocked = asyncio.ensure_future(tx.send(a + 4))
+        later = asyncio.ensure_future(rx.recv())
+        await asyncio.sleep(0.1)
+        assert not blocked.done() and not later.done()        # full: the sender waits
+        assert all(torch.equal(v, a + i) for i, v in enumerate(views))
+        alias = views[1][::2]                                  # a view of a view holds its region too
+        del views[0]
+        await asyncio.wait_for(blocked, 2)
+        assert torch.equal((await later)[0], a + 4)
+        del later                                              # its result (a view) would hold space forever
+        views[0] = None                                        # views[1]'s region: still held by `alias`
+        blocked = asyncio.ensure_future(tx.send(a + 5))
+        await asyncio.sleep(0.05)
+        assert not blocked.done() and torch.equal(alias, (a + 1)[::2])
+        del alias
+        await asyncio.to_thread(views.clear)                   # the rest dropped in another thread
+        await asyncio.wait_for(blocked, 2)
+        assert torch.equal((await rx.recv())[0], a + 5)
+        g = torch.Generator().manual_seed(1)                   # sizes that wrap the ring
+        for _ in range(60):
+            x = torch.randint(0, 256, (int(torch.randint(1, 60000, (1,), generator=g)),), dtype=torch.uint8,
+                              generator=g)
+            send = asyncio.ensure_future(tx.send(x))
+            assert torch.equal((await rx.recv())[0], x)
+            await send
+    finally:
+        await tx.aclose()
+        await rx.aclose()
+
+
+async def test_host_memory_channel_is_for_one_process_only():
+    rx = await open_receiver("cuda_ipc", device="cpu")
+    try:
+        with pytest.raises(ConfigError, match="within one process"):
+            await open_sender(dict(rx.address, pid=rx.address["pid"] + 1))
+        with pytest.raises(ProtocolError, match="bad cuda_ipc address"):
+            await open_sender({"kind": "cuda_ipc", "channel": "x"})
+    finally:
+        await rx.aclose()
 
 
 # --- registry and availability ---------------------------------------------------------------------
@@ -464,6 +597,7 @@ def test_load_nvml_without_pynvml_is_a_typed_error():
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.timeout(240)   # three stage processes start; slow on a busy 2-core machine
 async def test_transport_hop_stages_through_1_2_1_reshape_equal_the_oracle_on_cpu():
     """benchmarks/gpu_check.py's IpcStageActor with CPU stage processes: the hop is a shm channel per
     neighbour pair, KV moves through ExportKV, and every output equals the reference."""
@@ -489,6 +623,7 @@ async def test_transport_hop_stages_through_1_2_1_reshape_equal_the_oracle_on_cp
         assert got == ref.generate(p, SamplingParams(max_tokens=30, ignore_eos=True))
 
 
+@pytest.mark.timeout(240)
 def test_gpu_check_dry_run_writes_its_json_and_an_honest_exit_code(tmp_path):
     import json
     import subprocess

@@ -341,7 +341,9 @@ class RingBooks:
             raise ValueError(f"a region of {nbytes} bytes does not fit a ring of {self.size}")
         pos = self.head % self.size
         used = n + (self.size - pos if pos + n > self.size else 0)
-        if self.size - (self.head - self.tail) < used:
+        # An empty ring takes any region: skipping its end may make `used` exceed the ring, but the
+        # running positions it then shares with nothing hold no data (only the skipped end).
+        if self.size - (self.head - self.tail) < used and not (self.head == self.tail and n <= self.size):
             return None
         offset = (self.head + used - n) % self.size
         self.head += used
@@ -405,16 +407,22 @@ async def _until_done(ev: torch.cuda.Event) -> None:
 
 
 class CudaIpcTransport(Transport):
-    """One direction of a same-node GPU channel: the receiver's device ring, written by the sender."""
+    """One direction of a same-node GPU channel: the receiver's device ring, written by the sender.
+
+    `listen(device="cpu")` makes a channel on host memory that works within one process only: the
+    same protocol with no CUDA call (no handle, stream or event), which is how the protocol is
+    tested on machines without a GPU.
+    """
 
     kind = "cuda_ipc"
 
-    def __init__(self, *, receiving: bool, device: int, ring: torch.Tensor, size: int, ctrl: Any, zctx: Any,
-                 owns_ctx: bool, address: dict, sync: str, path: str = ""):
+    def __init__(self, *, receiving: bool, device: int | None, ring: torch.Tensor, size: int, ctrl: Any,
+                 zctx: Any, owns_ctx: bool, address: dict, sync: str, path: str = ""):
         self.address = address
         self._receiving = receiving
-        self._dev = device
-        self._ring = ring            # uint8 [size] on the ring's device (ours, or the peer's mapped)
+        self._dev = device                 # None: the host-memory channel
+        self._cuda = device is not None
+        self._ring = ring                  # uint8 [size] (ours, or the peer's mapped into this process)
         self._ring_ptr = ring.data_ptr()
         self._ring_dev = ring.device.index
         self._size = size
@@ -427,31 +435,56 @@ class CudaIpcTransport(Transport):
         self._lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
-        self._peer_event: torch.cuda.Event | None = None   # the other side's IPC event
-        self._event: torch.cuda.Event | None = None        # ours (exported to the peer)
-        self._buffer: IpcBuffer | None = None              # sender: the mapping we hold
+        self._peer_event: Any = None       # the other side's event (IPC-opened, or the object itself)
+        self._event: Any = None            # ours: "copied" (sender) or "free" (receiver)
+        self._buffer: IpcBuffer | None = None   # sender: the mapping it holds
         self._books = RingBooks(size) if not receiving else None
         self._releases = InOrderReleases() if receiving else None
         self._regions: collections.deque = collections.deque()   # receiver: announced, not yet taken
-        self._stream: torch.cuda.Stream | None = None
+        self._stream: Any = None           # sender: its copy stream
         self._fence = True
-        self.stats = collections.Counter()
+        self.stats: collections.Counter[str] = collections.Counter()
+
+    # --- small device helpers (no-ops on the host-memory channel) ---------------------------------
+    def _current(self) -> Any:
+        return torch.cuda.current_stream(self._dev) if self._cuda else None
+
+    @staticmethod
+    def _on(stream: Any) -> Any:
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    def _new_tensor(self, spec: Any) -> torch.Tensor:
+        dev = torch.device("cuda", self._dev) if self._cuda else torch.device("cpu")
+        return torch.empty(spec.shape, dtype=spec.dtype, device=dev)
+
+    def _view(self, offset: int, nbytes: int) -> tuple[torch.Tensor, Any]:
+        """A uint8 tensor over ring bytes [offset, offset + nbytes) and the object whose end frees them."""
+        if self._cuda:
+            return wrap_device_memory(self._ring_ptr + offset, nbytes, self._ring_dev, keep=self._ring)
+        owner = self._ring.numpy()[offset:offset + nbytes]   # tensors made from it keep it alive
+        return torch.from_numpy(owner), owner
 
     # --- opening ----------------------------------------------------------------------------------
     @classmethod
     async def listen(cls, *, device: Any = "cuda", ring_bytes: int = 64 << 20, sync: str = "event",
                      zctx: zmq.asyncio.Context | None = None) -> "CudaIpcTransport":
         """Allocate the ring on `device` and bind the control socket; the receiving side."""
-        _require()
         if sync not in ("event", "host"):
             raise ConfigError(f"cuda_ipc sync must be 'event' or 'host', got {sync!r}")
-        dev = device_index(device)
+        host = str(device) == "cpu"
         size = max(ALIGN, ring_bytes // ALIGN * ALIGN)
-        with torch.cuda.device(dev):
-            ring = torch.empty(size, dtype=torch.uint8, device=torch.device("cuda", dev))
-            event = torch.cuda.Event(interprocess=True) if sync == "event" else None
-            event_handle = bytes(event.ipc_handle()) if event is not None else b""
-        buf = export_tensor(ring)
+        dev, event, event_handle, ring_desc = None, None, b"", None
+        if host:
+            ring = torch.empty(size, dtype=torch.uint8)
+        else:
+            _require()
+            dev = device_index(device)
+            with torch.cuda.device(dev):
+                ring = torch.empty(size, dtype=torch.uint8, device=torch.device("cuda", dev))
+                if sync == "event":
+                    event = torch.cuda.Event(interprocess=True)
+                    event_handle = bytes(event.ipc_handle())
+            ring_desc = export_tensor(ring).to_list()
         tag = uuid.uuid4().hex[:12]
         path = os.path.join(tempfile.gettempdir(), f"fp-cipc-{tag}.ctl")
         owns = zctx is None
@@ -460,8 +493,8 @@ class CudaIpcTransport(Transport):
         ctrl.setsockopt(zmq.LINGER, 0)
         ctrl.setsockopt(zmq.SNDHWM, 0)   # free notices: at most one per ring region, never dropped
         ctrl.bind(f"ipc://{path}")
-        address = {"kind": "cuda_ipc", "channel": tag, "pid": os.getpid(), "device": dev, "ring": buf.to_list(),
-                   "event": event_handle, "ctrl": f"ipc://{path}", "sync": sync}
+        address = {"kind": "cuda_ipc", "channel": tag, "pid": os.getpid(), "device": -1 if host else dev,
+                   "ring": ring_desc, "event": event_handle, "ctrl": f"ipc://{path}", "sync": sync}
         self = cls(receiving=True, device=dev, ring=ring, size=size, ctrl=ctrl, zctx=zctx, owns_ctx=owns,
                    address=address, sync=sync, path=path)
         self._event = event
@@ -474,44 +507,48 @@ class CudaIpcTransport(Transport):
         """Open the receiver's ring (cached mapping) and say hello; the sending side.
 
         `device`: where this side's tensors live (default: the receiver's device index). `fence`:
-        later work on the producer's stream waits for the copies (so a sent tensor may be modified
-        as soon as send() returns, as the Transport contract says).
+        later work on the producer's stream waits for the copies, so a sent tensor may be modified
+        as soon as send() returns, as the Transport contract says.
         """
-        _require()
         try:
             tag, pid, rdev, ctrl_ep, sync = (address["channel"], int(address["pid"]), int(address["device"]),
                                              address["ctrl"], address["sync"])
-            buf = IpcBuffer.parse(address["ring"])
+            buf = None if address["ring"] is None else IpcBuffer.parse(address["ring"])
             event_handle = bytes(address["event"])
         except (KeyError, TypeError, ValueError) as e:
             raise ProtocolError(f"bad cuda_ipc address {address!r:.160}: {e}") from e
-        dev = rdev if device is None else device_index(device)
+        if buf is None and pid != os.getpid():
+            raise ConfigError("a host-memory cuda_ipc channel (device='cpu') works within one process only")
+        dev = None if buf is None else (rdev if device is None else device_index(device))
+        held = None
         if pid == os.getpid():   # CUDA cannot open a handle in the process that exported it
             rx = _LOCAL.get(tag)
             if rx is None:
                 raise ConfigError(f"cuda_ipc channel {tag} is not open in this process")
-            ring, peer_event, held = rx._ring, rx._event, None
+            ring, size, peer_event = rx._ring, rx._size, rx._event
         else:
-            base = HANDLES.acquire(buf, dev)
-            held = buf
+            _require()
+            ring_ptr = HANDLES.acquire(buf, dev)
+            held, size = buf, buf.nbytes
             try:
-                ring, _ = wrap_device_memory(base, buf.nbytes, rdev)
-                peer_event = (torch.cuda.Event.from_ipc_handle(rdev, event_handle)
-                              if sync == "event" else None)
+                ring, _ = wrap_device_memory(ring_ptr, buf.nbytes, rdev)
+                peer_event = torch.cuda.Event.from_ipc_handle(rdev, event_handle) if sync == "event" else None
             except BaseException:
                 HANDLES.release(buf)
                 raise
-        with torch.cuda.device(dev):
-            stream = torch.cuda.Stream(dev)
-            event = torch.cuda.Event(interprocess=True) if sync == "event" else None
-            hello = IpcHello(os.getpid(), bytes(event.ipc_handle()) if event is not None else b"")
+        stream = event = None
+        if dev is not None:
+            with torch.cuda.device(dev):
+                stream = torch.cuda.Stream(dev)
+                event = torch.cuda.Event(interprocess=True) if sync == "event" else None
+        hello = IpcHello(os.getpid(), bytes(event.ipc_handle()) if event is not None and held is not None else b"")
         owns = zctx is None
         zctx = zctx or zmq.asyncio.Context()
         ctrl = zctx.socket(zmq.PAIR)
         ctrl.setsockopt(zmq.LINGER, 1000)
         ctrl.setsockopt(zmq.RCVHWM, 0)
         ctrl.connect(ctrl_ep)
-        self = cls(receiving=False, device=dev, ring=ring, size=buf.nbytes, ctrl=ctrl, zctx=zctx, owns_ctx=owns,
+        self = cls(receiving=False, device=dev, ring=ring, size=size, ctrl=ctrl, zctx=zctx, owns_ctx=owns,
                    address=dict(address), sync=sync)
         self._buffer, self._stream, self._event, self._peer_event = held, stream, event, peer_event
         self._fence = fence
@@ -522,11 +559,12 @@ class CudaIpcTransport(Transport):
 
     # --- sending ----------------------------------------------------------------------------------
     async def _flush(self, header: bytes, regions: list) -> None:
+        """Signal "copied" for what is in the ring so far, then tell the receiver where it is."""
         if not header and not regions:
             return
-        if self._sync == "event":
+        if self._event is not None:
             self._event.record(self._stream)
-        else:
+        elif self._stream is not None:   # sync="host": wait (off the loop's back) until the copies are done
             ev = torch.cuda.Event()
             ev.record(self._stream)
             await _until_done(ev)
@@ -551,21 +589,26 @@ class CudaIpcTransport(Transport):
             self._freed(_read_control(await self._ctrl.recv()))
             self.stats["waits"] += 1
 
+    def _check_tensor(self, t: torch.Tensor) -> None:
+        ok = (t.is_cuda and t.device.index == self._dev) if self._cuda else t.device.type == "cpu"
+        if not ok:
+            where = f"cuda:{self._dev} (see connect's `device`)" if self._cuda else "the CPU"
+            raise ProtocolError(f"this cuda_ipc sender carries tensors of {where}; got one on {t.device}")
+
     async def send(self, *tensors: torch.Tensor) -> None:
         if self._closed:
             raise ActorClosed("cuda_ipc transport is closed")
         ts = []
         for t in tensors:
-            if not t.is_cuda or t.device.index != self._dev:
-                raise ProtocolError(f"this cuda_ipc sender carries tensors of cuda:{self._dev} (see connect's "
-                                    f"`device`); got one on {t.device}")
+            self._check_tensor(t)
             ts.append(t if t.is_contiguous() else t.contiguous())
         header = tensor_header(ts)
         chunk = max(ALIGN, self._size // 4 // ALIGN * ALIGN)
         async with self._lock:
             await self._poll_frees()
-            producer = torch.cuda.current_stream(self._dev)
-            self._stream.wait_stream(producer)
+            producer = self._current()
+            if self._stream is not None:
+                self._stream.wait_stream(producer)   # the tensors' values are computed
             pending: list = []
             head = header
             for t in ts:
@@ -577,25 +620,26 @@ class CudaIpcTransport(Transport):
                 for pos in range(0, n, step):
                     part = src[pos:pos + step]
                     got = self._books.alloc(part.numel())
-                    if got is None:   # the ring is full: tell what is there, then wait for space
+                    if got is None:   # the ring is full: say what is there, then wait for space
                         await self._flush(head, pending)
                         head, pending = b"", []
                         got = await self._alloc(part.numel())
                     offset, used = got
                     if self._peer_event is not None:
                         self._stream.wait_event(self._peer_event)   # the receiver is done with that space
-                    with torch.cuda.stream(self._stream):
-                        self._ring[offset:offset + part.numel()].copy_(part, non_blocking=True)
+                    with self._on(self._stream):
+                        self._ring[offset:offset + part.numel()].copy_(part, non_blocking=self._cuda)
                     pending.append([offset, part.numel(), used])
                     self.stats["bytes"] += part.numel()
-                t.record_stream(self._stream)   # t may be freed once send() returns: the copy may still run
+                if self._stream is not None:
+                    t.record_stream(self._stream)   # t may be freed once send() returns: the copy may still run
             await self._flush(head, pending)
-            if self._fence:
+            if self._fence and self._stream is not None:
                 producer.wait_stream(self._stream)
             self.stats["sends"] += 1
 
     # --- receiving --------------------------------------------------------------------------------
-    async def _next(self) -> Any:
+    async def _next(self) -> IpcRegions:
         while True:
             try:
                 frame = await self._ctrl.recv()
@@ -603,7 +647,7 @@ class CudaIpcTransport(Transport):
                 raise ActorClosed(f"cuda_ipc transport closed: {e}") from None
             msg = _read_control(frame)
             if isinstance(msg, IpcHello):
-                if self._sync == "event" and msg.pid != os.getpid():
+                if msg.event and msg.pid != os.getpid():
                     if len(msg.event) != IPC_HANDLE_BYTES:
                         raise ProtocolError(f"IPC event handle of {len(msg.event)} bytes")
                     self._peer_event = torch.cuda.Event.from_ipc_handle(self._dev, bytes(msg.event))
@@ -612,16 +656,16 @@ class CudaIpcTransport(Transport):
                 raise ProtocolError(f"cuda_ipc receiver got {type(msg).__name__}, expected IpcRegions")
             return msg
 
-    def _arrived(self, msg: IpcRegions, stream: torch.cuda.Stream) -> None:
-        if self._sync == "event" and self._peer_event is not None:
-            stream.wait_event(self._peer_event)
+    def _arrived(self, msg: IpcRegions, stream: Any) -> None:
+        if self._peer_event is not None:
+            stream.wait_event(self._peer_event)   # what the notice names is copied before anything reads it
         for r in msg.regions:
             if not (isinstance(r, list) and len(r) == 3 and all(type(x) is int and x >= 0 for x in r)
-                    and r[0] + r[1] <= self._size and r[2] <= self._size):
+                    and r[0] + r[1] <= self._size and r[2] < 2 * self._size):
                 raise ProtocolError(f"bad cuda_ipc region {r!r:.80} (ring {self._size})")
             self._regions.append(r)
 
-    async def _take(self, max_bytes: int, stream: torch.cuda.Stream) -> tuple[int, int, list]:
+    async def _take(self, max_bytes: int, stream: Any) -> tuple[int, int, list]:
         while not self._regions:
             msg = await self._next()
             if msg.header:
@@ -632,30 +676,28 @@ class CudaIpcTransport(Transport):
             raise ProtocolError(f"cuda_ipc region of {nbytes} bytes, expected at most {max_bytes}")
         return offset, nbytes, self._releases.add(used)
 
-    def _release(self, token: list, stream: torch.cuda.Stream) -> None:
-        """Give a region back: record "free" where its readers were queued, then tell the sender."""
+    def _release(self, token: list, stream: Any) -> None:
+        """Give a region back: mark "free" where its readers were queued, then tell the sender."""
         if self._closed:
             return
-        if self._sync == "event":
-            self._event.record(stream)
-            tail = self._releases.release(token)
-            if tail is not None:
-                self._notify_free(tail)
-        else:
+        if self._cuda and self._event is None:   # sync="host": notify once the readers are done
             ev = torch.cuda.Event()
             ev.record(stream)
             self._call_on_loop(self._host_release, token, ev)
+            return
+        if self._event is not None:
+            self._event.record(stream)
+        tail = self._releases.release(token)
+        if tail is not None:
+            self._call_on_loop(self._send_free, tail)
 
-    def _host_release(self, token: list, ev: torch.cuda.Event) -> None:
+    def _host_release(self, token: list, ev: Any) -> None:
         async def later() -> None:
             await _until_done(ev)
             tail = self._releases.release(token)
-            if tail is not None and not self._closed:
-                await self._ctrl.send(_control(IpcFree(tail)))
+            if tail is not None:
+                self._send_free(tail)
         self._loop.create_task(later())
-
-    def _notify_free(self, tail: int) -> None:
-        self._call_on_loop(self._send_free, tail)
 
     def _send_free(self, tail: int) -> None:
         if not self._closed:
@@ -675,7 +717,7 @@ class CudaIpcTransport(Transport):
         if self._closed:
             raise ActorClosed("cuda_ipc transport is closed")
         async with self._lock:
-            stream = torch.cuda.current_stream(self._dev)
+            stream = self._current()
             msg = await self._next()
             if not msg.header:
                 raise ProtocolError("cuda_ipc receiver expected the start of a send")
@@ -685,19 +727,18 @@ class CudaIpcTransport(Transport):
             if into is not None:
                 try:
                     check_into(into, specs)
-                    if any(not t.is_cuda for t in into):
-                        raise ProtocolError("cuda_ipc `into` tensors must be CUDA tensors")
+                    if any(t.is_cuda != self._cuda for t in into):
+                        raise ProtocolError(f"cuda_ipc `into` tensors must be on {'CUDA' if self._cuda else 'the CPU'}")
                 except ProtocolError as e:
                     bad = e   # read (and give back) this send so that the next one is intact
             out: list[torch.Tensor] = []
             for i, spec in enumerate(specs):
                 if spec.nbytes == 0:
-                    out.append(into[i] if into is not None and bad is None else
-                               torch.empty(spec.shape, dtype=spec.dtype, device=torch.device("cuda", self._dev)))
+                    if bad is None:
+                        out.append(into[i] if into is not None else self._new_tensor(spec))
                     continue
                 if bad is not None or into is not None or spec.nbytes > self._size:
-                    dst = None if bad is not None else (into[i] if into is not None else torch.empty(
-                        spec.shape, dtype=spec.dtype, device=torch.device("cuda", self._dev)))
+                    dst = None if bad is not None else (into[i] if into is not None else self._new_tensor(spec))
                     await self._copy_out(spec.nbytes, dst, stream)
                     if dst is not None:
                         out.append(dst)
@@ -705,7 +746,7 @@ class CudaIpcTransport(Transport):
                 offset, nbytes, token = await self._take(spec.nbytes, stream)
                 if nbytes != spec.nbytes:
                     raise ProtocolError(f"cuda_ipc region of {nbytes} bytes for a tensor of {spec.nbytes}")
-                view, owner = wrap_device_memory(self._ring_ptr + offset, nbytes, self._ring_dev, keep=self._ring)
+                view, owner = self._view(offset, nbytes)
                 weakref.finalize(owner, self._release, token, stream).atexit = False
                 out.append(view.view(spec.dtype).view(spec.shape))
             self.stats["recvs"] += 1
@@ -713,14 +754,14 @@ class CudaIpcTransport(Transport):
                 raise bad
             return out
 
-    async def _copy_out(self, nbytes: int, dst: torch.Tensor | None, stream: torch.cuda.Stream) -> None:
+    async def _copy_out(self, nbytes: int, dst: torch.Tensor | None, stream: Any) -> None:
         flat = dst.reshape(-1).view(torch.uint8) if dst is not None else None
         pos = 0
         while pos < nbytes:
             offset, n, token = await self._take(nbytes - pos, stream)
             if flat is not None:
-                with torch.cuda.stream(stream):
-                    flat[pos:pos + n].copy_(self._ring[offset:offset + n], non_blocking=True)
+                with self._on(stream):
+                    flat[pos:pos + n].copy_(self._ring[offset:offset + n], non_blocking=self._cuda)
             self._release(token, stream)
             pos += n
 
