@@ -453,12 +453,13 @@ class NcclTransport(Transport):
             return
         from cupy.cuda import nccl
         comm, peer, stream = self._comm.comm, self._comm.peer_rank, self._stream.cuda_stream
-        nccl.groupStart()
-        try:
-            for t in ts:
-                getattr(comm, op)(t.data_ptr(), t.numel() * t.element_size(), _NCCL_UINT8, peer, stream)
-        finally:
-            nccl.groupEnd()
+        with torch.cuda.device(self._dev):   # the communicator's device, whichever thread calls
+            nccl.groupStart()
+            try:
+                for t in ts:
+                    getattr(comm, op)(t.data_ptr(), t.numel() * t.element_size(), _NCCL_UINT8, peer, stream)
+            finally:
+                nccl.groupEnd()
 
     async def recv(self, into: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         if self._closed:
