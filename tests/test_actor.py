@@ -58,11 +58,13 @@ async def test_ask_timeout_is_typed_and_the_actor_keeps_serving(system):
     assert system.client.stats["late_replies"] == 1
 
 
-async def test_ask_to_nobody_times_out():
+async def test_ask_to_nobody_times_out_and_a_bad_endpoint_is_peer_dead():
     async with ActorSystem(FAST) as system:
         nobody = ActorRef("nobody", system.endpoint_for("nobody"))
         with pytest.raises(AskTimeout):
             await system.ask(nobody, Say("?"), timeout=0.3)
+        with pytest.raises(PeerDeadError, match="cannot connect"):
+            await system.tell(ActorRef("x", "not an endpoint"), Say("?"))
 
 
 async def test_remote_error_carries_type_and_message_and_is_counted(system):

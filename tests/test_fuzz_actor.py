@@ -87,12 +87,14 @@ async def test_fuzzed_frames_leave_the_actor_answering():
         anonymous = system.zctx.socket(zmq.DEALER)            # a plain socket: replies via ROUTER
         impostor = system.zctx.socket(zmq.DEALER)             # claims to be an actor that isn't
         impostor.setsockopt(zmq.ROUTING_ID, ident_of(ActorRef("ghost", "ipc:///nonexistent/x")))
+        liar = system.zctx.socket(zmq.DEALER)                 # ... at an endpoint that can't be
+        liar.setsockopt(zmq.ROUTING_ID, ident_of(ActorRef("liar", "no such endpoint")))
         try:
-            for sock in (anonymous, impostor):
+            for sock in (anonymous, impostor, liar):
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.connect(echo.ref.endpoint)
             for i in range(N_FRAMES):
-                sock = anonymous if i % 10 else impostor
+                sock = anonymous if i % 10 else impostor if i % 20 else liar
                 await sock.send_multipart(mutate(rng, base))
                 if i % 1000 == 999:   # still serving in the middle of the storm
                     assert await system.ask(echo.ref, Say("alive", i)) == Say("alive", i)
@@ -105,8 +107,8 @@ async def test_fuzzed_frames_leave_the_actor_answering():
                 msg, _ = codec.decode(frames)                 # every reply is well-formed
                 replies += 1
         finally:
-            anonymous.close(0)
-            impostor.close(0)
+            for sock in (anonymous, impostor, liar):
+                sock.close(0)
         refused = echo.stats["bad_frames"] + echo.stats["oversize"] + echo.stats["unhandled"]
         assert echo.stats["bad_frames"] > N_FRAMES // 3 and echo.stats["oversize"] > 100
         assert refused + echo.stats["handled"] + echo.stats["handler_errors"] \

@@ -394,10 +394,14 @@ class Actor(ActorContext):
         sock = self._dealers.get(ref)
         if sock is None:
             sock = self._zctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.ROUTING_ID, self._ident)
-            sock.setsockopt(zmq.LINGER, self.settings.linger_ms)
-            keys.secure_dealer(sock, self.settings, ref.endpoint)
-            sock.connect(ref.endpoint)
+            try:
+                sock.setsockopt(zmq.ROUTING_ID, self._ident)
+                sock.setsockopt(zmq.LINGER, self.settings.linger_ms)
+                keys.secure_dealer(sock, self.settings, ref.endpoint)
+                sock.connect(ref.endpoint)
+            except Exception as e:
+                sock.close(linger=0)
+                raise PeerDeadError(f"cannot connect to {ref}: {_error_text(e)}") from e
             self._dealers[ref] = sock
         return sock
 
@@ -482,7 +486,12 @@ class Actor(ActorContext):
         if self._closing:
             return
         if sender is not None and sender not in self._dead:
-            fut = self._send_now(sender, frames)
+            try:
+                fut = self._send_now(sender, frames)
+            except PeerDeadError as e:   # an identity naming an endpoint that cannot be
+                self.stats["reply_errors"] += 1   # reached: nobody to answer
+                log.warning("%s: %s", self.name, e)
+                return
         else:  # an anonymous peer (a plain DEALER): answer through the ROUTER
             try:
                 self._router.send_multipart([job_ident, *frames], zmq.NOBLOCK, copy=False)
