@@ -104,6 +104,17 @@ def logs(lines: int = 25) -> str:
                      for d in Daemon.started)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The oracle in this process on one thread: on a loaded two-core machine, two threads are ~7x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def worker(name: str, url: str) -> Daemon:
     return Daemon(name, ["worker", "--router", url, "--name", name, "--devices", "cpu:0", "--memory", "1GB",
                          "--heartbeat-timeout", "5"])
@@ -161,6 +172,33 @@ def test_assign_devices_spreads_and_keeps_running_stages():
         assign_devices([(0, 18)], [1000], order, free)
 
 
+def test_router_flags_are_runtime_settings():
+    import dataclasses
+
+    from flexpipe.api import Settings
+    from flexpipe.runtime.daemon import _RUNTIME_FLAGS, add_daemon_parsers
+
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    for name, typ, _ in _RUNTIME_FLAGS:
+        assert name in fields and type(fields[name].default) is typ, name
+    parser = argparse.ArgumentParser()
+    add_daemon_parsers(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["router", "--num-blocks", "64", "--bind", "ipc:///tmp/x"])
+    assert args.num_blocks == 64 and args.block_size is None and args.bind == "ipc:///tmp/x"
+    args = parser.parse_args(["worker", "--router", "tcp://h:1", "--devices", "cpu:0,cpu:1", "--memory", "1GB"])
+    assert args.devices == "cpu:0,cpu:1" and args.memory == "1GB"
+
+
+def test_cpu_devices_each_have_their_memory_budget():
+    from flexpipe.runtime.daemon import local_devices
+
+    topo, torch_devices = local_devices("cpu:0,cpu:1", "node-x", 3 * 2**30)
+    assert [g.id for g in topo.gpus] == ["node-x/0", "node-x/1"] and torch_devices == {0: "cpu", 1: "cpu"}
+    assert list(topo.free) == [3 * 2**30] * 2
+    with pytest.raises(ConfigError, match="not a mix"):
+        local_devices("cpu:0,cuda:0", "node-x")
+
+
 # --- the daemons ------------------------------------------------------------------------------------------
 async def test_requests_through_the_router_equal_the_oracle(cluster):
     reqs = request_mix(8, seed=3, max_tokens=(8, 24))  # greedy and seeded, different lengths, all at once
@@ -210,6 +248,33 @@ async def test_reshape_through_the_client_while_requests_run(cluster):
         with pytest.raises(ConfigError):
             await fp.reshape()
     assert cluster.router.wait_for("reshaped", 5)["pause_ms"] >= 0
+
+
+def test_http_server_serves_through_the_router(cluster):
+    """What `flexpipe serve --router URL` runs: the OpenAI-compatible app over a RemoteFlexPipe."""
+    openai = pytest.importorskip("openai", reason="the 'test' extra is not installed")
+    httpx = pytest.importorskip("httpx")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from flexpipe.runtime.remote import connect as remote_connect
+    from flexpipe.server import ServerThread, create_app
+
+    app = create_app(lambda: remote_connect(cluster.url, ready_timeout=30, heartbeat_timeout=5))
+    with ServerThread(app) as url:
+        engine = app.state.server.engine
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=60) as oai:
+            c = oai.completions.create(model="tiny", prompt="over the wire", max_tokens=8, temperature=0)
+            want = engine.reference_tokens("over the wire", max_tokens=8)
+            assert c.choices[0].text == engine.tokenizer.decode(want)
+            chunks = list(oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                      max_tokens=6, stream=True, seed=3, temperature=0.9))
+            assert chunks[-1].choices[0].finish_reason == "length"
+        with httpx.Client(timeout=30) as http:
+            st = http.get(f"{url}/v1/flexpipe/status").json()
+            metrics = {f.name: f.samples for f in text_string_to_metric_families(http.get(f"{url}/metrics").text)}
+    assert {s["device"] for s in st["pipeline"]["stages"]} == {"wa/0", "wb/0"}  # each worker's device
+    assert st["max_context"] == engine.max_context
+    assert metrics["flexpipe_pipeline_stages"][0].value == 2
 
 
 async def test_bad_requests_raise_typed_errors_and_the_router_keeps_serving(cluster):

@@ -37,16 +37,15 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
-from urllib.parse import urlsplit
 
 from flexpipe.errors import (
     ActorClosed, ActorError, ConfigError, FlexPipeError, NoDriverError, PlacementError, RemoteError, RequestError,
 )
 from flexpipe.runtime.actor import ActorSettings, handles
-from flexpipe.runtime.messages import ActorRef, Terminated, message
+from flexpipe.runtime.messages import ActorRef, Ping, Terminated, message
 from flexpipe.runtime.remote import (
     Cancel, Hello, ModelInfo, Reshape, RouterUnavailable, StatusQuery, Submit, Tokens, WaitReady,
-    local_address_towards,
+    local_address_towards, parse_endpoint,
 )
 
 __all__ = ["RouterDaemon", "WorkerDaemon", "add_daemon_parsers", "assign_devices", "local_devices", "main"]
@@ -440,13 +439,6 @@ def _tokenizer_files(spec: Any) -> dict[str, str]:
     return {n: (d / n).read_text() for n in names if (d / n).is_file()} if (d / "tokenizer.json").is_file() else {}
 
 
-def _parse_tcp(url: str, flag: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
-        raise ConfigError(f"{flag} {url!r} is not of the form tcp://HOST:PORT (PORT 0: any free port)")
-    return parts.hostname, parts.port
-
-
 class RouterDaemon:
     """`flexpipe router`: frontend + allocator + (once enough workers joined) controller and router."""
 
@@ -455,10 +447,10 @@ class RouterDaemon:
                  settings: Any = None):
         from flexpipe.api import Settings
 
-        host, port = _parse_tcp(bind, "--bind")
-        self.bind = f"tcp://{host}:{port or '*'}"
+        self.kind, host, port = parse_endpoint(bind, "--bind")
+        self.bind = bind if self.kind == "ipc" else f"tcp://{host}:{port or '*'}"
         wildcard = host in ("0.0.0.0", "*", "::")
-        self.host = advertise or (local_address_towards("8.8.8.8") if wildcard else host)
+        self.host = advertise or (local_address_towards("8.8.8.8") if wildcard else host or "127.0.0.1")
         self.model, self.num_stages, self.boundaries = model, stages, boundaries
         self.min_workers, self.drain_timeout = min_workers, drain_timeout
         self.settings = settings or Settings()
@@ -486,7 +478,7 @@ class RouterDaemon:
 
         s = self.settings
         self.spec = ModelSpec.resolve(self.model, s.seed)
-        actor_settings = ActorSettings(bind="tcp", host=self.host, heartbeat_interval=s.heartbeat_interval,
+        actor_settings = ActorSettings(bind=self.kind, host=self.host, heartbeat_interval=s.heartbeat_interval,
                                        heartbeat_timeout=s.heartbeat_timeout, start_timeout=s.start_timeout,
                                        torch_threads=s.torch_threads)
         code = 0
@@ -641,11 +633,13 @@ class RouterDaemon:
 
         units = (kwargs["start"], kwargs["end"])
         need = stage_bytes(self.spec.config, self.settings, *units)
-        w = self._owner(device)
-        if w is None:  # its worker is gone (recovery after a worker died): take another device
+        w, silent = self._owner(device), set()
+        while w is None or not await self._answers(w):  # its worker is gone: take another device
+            if w is not None:
+                silent.add(w.name)
             counts = collections.Counter(h.device for h in self.stages.values())
             free = await self._free()
-            order = self._device_order()
+            order = [d for d in self._device_order() if self._owner(d).name not in silent]
             fits = [d for d in order if free.get(d, 0) >= need]
             if not fits:
                 raise PlacementError(f"no live device has {need / 2**20:.1f} MiB free for stage {name}")
@@ -657,10 +651,10 @@ class RouterDaemon:
         except RemoteError as e:
             raise PlacementError(f"device {device} cannot hold stage {name} (units [{units[0]},{units[1]}), "
                                  f"{need / 2**20:.1f} MiB): {e.message}") from e
-        stage_settings = ActorSettings(heartbeat_interval=self.settings.heartbeat_interval,
+        stage_settings = ActorSettings(heartbeat_interval=self.settings.heartbeat_interval,  # bind: the worker's
                                        heartbeat_timeout=self.settings.heartbeat_timeout,
                                        start_timeout=self.settings.start_timeout,
-                                       torch_threads=self.settings.torch_threads, bind="tcp", host=w.host)
+                                       torch_threads=self.settings.torch_threads)
         kwargs = dict(kwargs, device=w.devices[device])
         timeout = self.settings.start_timeout
         try:
@@ -674,6 +668,16 @@ class RouterDaemon:
         event("stage_started", stage=name, worker=w.name, device=device, units=list(units), stage_pid=r.pid,
               endpoint=r.ref.endpoint)
         return h
+
+    async def _answers(self, w: WorkerInfo) -> bool:
+        """Does `w` answer a ping within a second?  (A stage that died with its worker is replaced at
+        once, not after the heartbeat timeout; a worker only slow to answer merely loses this stage.)"""
+        try:
+            await self.frontend.ask(w.ref, Ping(), timeout=min(1.0, self.settings.heartbeat_timeout))
+            return True
+        except ActorError:
+            event("worker_silent", logging.WARNING, worker=w.name)
+            return False
 
     def _owner(self, device: str) -> WorkerInfo | None:
         """The live worker that has `device` (one known dead but not yet removed does not count)."""
@@ -804,12 +808,13 @@ class WorkerDaemon:
     def __init__(self, router: str, *, name: str | None = None, host: str | None = None, devices: str = "auto",
                  memory: int | None = None, heartbeat_interval: float = 0.5, heartbeat_timeout: float = 3.0,
                  join_timeout: float = 5.0):
-        from flexpipe.runtime.remote import frontend_ref
+        from flexpipe.runtime.remote import client_settings, frontend_ref
 
-        rhost, rport = _parse_tcp(router, "--router")
         self.router_url = router
         self.router_ref = frontend_ref(router)
-        self.host = host or local_address_towards(rhost, rport)
+        self.settings = client_settings(router, host, heartbeat_interval=heartbeat_interval,
+                                        heartbeat_timeout=heartbeat_timeout)
+        self.host = self.settings.host
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.devices, self.memory = devices, memory
         self.heartbeat_interval, self.heartbeat_timeout = heartbeat_interval, heartbeat_timeout
@@ -830,9 +835,7 @@ class WorkerDaemon:
         topo, torch_devices = local_devices(self.devices, self.name, self.memory)
         self.cluster = topo.to_dict()
         self.torch_devices = {str(i): d for i, d in torch_devices.items()}
-        settings = ActorSettings(bind="tcp", host=self.host, heartbeat_interval=self.heartbeat_interval,
-                                 heartbeat_timeout=self.heartbeat_timeout)
-        async with ActorSystem(settings, name=self.name) as system:
+        async with ActorSystem(self.settings, name=self.name) as system:
             self.actor = await system.spawn(WorkerBehaviour(self), self.name)
             event("started", worker=self.name, endpoint=self.actor.ref.endpoint, router=self.router_url,
                   devices={f"{self.name}/{i}": d for i, d in self.torch_devices.items()},
@@ -893,7 +896,7 @@ class WorkerDaemon:
         if msg.name in self.stages:
             raise ConfigError(f"worker {self.name} already runs a stage named {msg.name}")
         if self.stage_system is None:
-            settings = dataclasses.replace(msg.settings, bind="tcp", host=self.host)
+            settings = dataclasses.replace(msg.settings, bind=self.settings.bind, host=self.host)
             self.stage_system = await ActorSystem(settings, name=f"{self.name}-stages").start()
         h = await self.stage_system.launch(msg.target, msg.kwargs, name=msg.name, timeout=msg.timeout)
         self.stages[msg.name] = h
@@ -967,8 +970,9 @@ def add_daemon_parsers(subparsers: argparse._SubParsersAction) -> None:
                     "and workers, wait for --min-workers workers, start the pipeline's stages on them, and "
                     "serve until SIGTERM (then drain, stop the stages, exit 0).")
     r.add_argument("--bind", default=_env("FLEXPIPE_ROUTER_BIND", "tcp://127.0.0.1:5555"),
-                   help="tcp://HOST:PORT for clients and workers; PORT 0 picks a free port, logged in the "
-                        "'listening' event (env FLEXPIPE_ROUTER_BIND; default %(default)s)")
+                   help="tcp://HOST:PORT for clients and workers (PORT 0: a free port, logged in the "
+                        "'listening' event), or ipc:///PATH when all run on this host "
+                        "(env FLEXPIPE_ROUTER_BIND; default %(default)s)")
     r.add_argument("--advertise", default=None, metavar="HOST",
                    help="address peers reach this router at (default: the --bind host, or this machine's "
                         "address when it binds every interface)")
@@ -993,7 +997,7 @@ def add_daemon_parsers(subparsers: argparse._SubParsersAction) -> None:
                     "processes when it asks, and report their health; on SIGTERM stop them and exit 0. "
                     "Several workers may run on one host (each with its own --name and --devices).")
     w.add_argument("--router", default=_env("FLEXPIPE_ROUTER", None), required="FLEXPIPE_ROUTER" not in os.environ,
-                   help="the router's tcp://HOST:PORT (env FLEXPIPE_ROUTER)")
+                   help="the router's tcp://HOST:PORT or ipc:///PATH (env FLEXPIPE_ROUTER)")
     w.add_argument("--name", default=None, help="worker (and node) name, unique in the cluster "
                    "(default: HOSTNAME-PID)")
     w.add_argument("--host", default=None, help="address the router and other stages reach this worker's stages "

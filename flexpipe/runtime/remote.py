@@ -33,8 +33,8 @@ from flexpipe.runtime.actor import ActorSettings, handles
 from flexpipe.runtime.messages import ActorRef, Terminated, message
 
 __all__ = ["RemoteFlexPipe", "RouterUnavailable", "connect", "Hello", "ModelInfo", "WaitReady", "Submit",
-           "Tokens", "Cancel", "StatusQuery", "Reshape", "PROTOCOL_VERSION", "frontend_ref",
-           "local_address_towards"]
+           "Tokens", "Cancel", "StatusQuery", "Reshape", "PROTOCOL_VERSION", "client_settings", "frontend_ref",
+           "local_address_towards", "parse_endpoint"]
 
 PROTOCOL_VERSION = 1
 
@@ -107,17 +107,29 @@ class Reshape:
 
 
 # --- addresses ----------------------------------------------------------------------------------
-def _split_tcp(url: str) -> tuple[str, int]:
+def parse_endpoint(url: str, what: str = "router address") -> tuple[str, str, int]:
+    """(kind, host, port) of tcp://HOST:PORT, or ("ipc", "", 0) of ipc:///PATH (one host only)."""
+    if url.startswith("ipc://") and len(url) > len("ipc://"):
+        return "ipc", "", 0
     parts = urlsplit(url)
     if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
-        raise ConfigError(f"router address {url!r} is not of the form tcp://HOST:PORT")
-    return parts.hostname, parts.port
+        raise ConfigError(f"{what} {url!r} is not of the form tcp://HOST:PORT or ipc:///PATH")
+    return "tcp", parts.hostname, parts.port
 
 
 def frontend_ref(url: str) -> ActorRef:
-    """The ref of the router daemon's frontend actor at `url` (tcp://HOST:PORT)."""
-    host, port = _split_tcp(url)
-    return ActorRef("frontend", f"tcp://{host}:{port}")
+    """The ref of the router daemon's frontend actor at `url` (tcp://HOST:PORT or ipc:///PATH)."""
+    kind, host, port = parse_endpoint(url)
+    return ActorRef("frontend", url if kind == "ipc" else f"tcp://{host}:{port}")
+
+
+def client_settings(url: str, host: str | None = None, **kw: Any) -> ActorSettings:
+    """Settings for the actors of a process that talks to the router at `url`: the same transport,
+    bound on `host` (default: this machine's address on the route to the router)."""
+    kind, rhost, rport = parse_endpoint(url)
+    if kind == "ipc":
+        return ActorSettings(bind="ipc", **kw)
+    return ActorSettings(bind="tcp", host=host or local_address_towards(rhost, rport), **kw)
 
 
 def local_address_towards(host: str, port: int = 9) -> str:
@@ -188,17 +200,15 @@ class RemoteFlexPipe:
                       ask_timeout: float = 60.0) -> AsyncIterator["RemoteFlexPipe"]:
         """Connect to the router at `url` and wait (up to `ready_timeout`) until its pipeline serves.
 
-        `host`: the address the router reaches this client at (default: this machine's address on
-        the route to the router).  Raises RouterUnavailable when the router does not answer or its
+        `url`: tcp://HOST:PORT, or ipc:///PATH for a router on this host.  `host`: the address the
+        router reaches this client at over tcp (default: this machine's address on the route to it).  Raises RouterUnavailable when the router does not answer or its
         pipeline is not ready in time.
         """
         from flexpipe.errors import AskTimeout
         from flexpipe.runtime.launcher import ActorSystem
 
-        rhost, rport = _split_tcp(url)
-        settings = ActorSettings(bind="tcp", host=host or local_address_towards(rhost, rport),
-                                 heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
-                                 ask_timeout=ask_timeout)
+        settings = client_settings(url, host, heartbeat_interval=heartbeat_interval,
+                                   heartbeat_timeout=heartbeat_timeout, ask_timeout=ask_timeout)
         frontend = frontend_ref(url)
         async with ActorSystem(settings, name="flexpipe-client") as system:
             actor = await system.spawn(_ClientBehaviour(frontend), f"client-{uuid.uuid4().hex[:8]}")
