@@ -399,9 +399,12 @@ class Actor(ActorContext):
                 sock.setsockopt(zmq.LINGER, self.settings.linger_ms)
                 keys.secure_dealer(sock, self.settings, ref.endpoint)
                 sock.connect(ref.endpoint)
-            except Exception as e:
+            except zmq.ZMQError as e:
                 sock.close(linger=0)
-                raise PeerDeadError(f"cannot connect to {ref}: {_error_text(e)}") from e
+                raise PeerDeadError(f"cannot connect to {ref}: {e}") from e
+            except BaseException:   # e.g. ConfigError from the CURVE keys
+                sock.close(linger=0)
+                raise
             self._dealers[ref] = sock
         return sock
 
