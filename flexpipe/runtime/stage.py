@@ -222,11 +222,15 @@ class StageActor:
         if msg.epoch != self.epoch:  # a switch happened while computing: the result is stale
             self.stats["stale_dropped"] += 1
             return
-        if core.end < self.cfg.num_units:
-            await ctx.tell(self.next, msg, out)
-        else:
-            ids = [s for s, f in zip(msg.seq_ids, msg.sample) if f]
-            await ctx.tell(self.router, StepOutput(msg.epoch, msg.step, ids, out.tolist(), dt))
+        try:
+            if core.end < self.cfg.num_units:
+                # the codec carries host tensors; a CUDA stage pair uses transports/cuda_ipc.py instead
+                await ctx.tell(self.next, msg, out if out.device.type == "cpu" else out.cpu())
+            else:
+                ids = [s for s, f in zip(msg.seq_ids, msg.sample) if f]
+                await ctx.tell(self.router, StepOutput(msg.epoch, msg.step, ids, out.tolist(), dt))
+        except Exception as e:  # the next stage is gone: the router hears of it and recovers
+            log.warning("stage %d: step %d not delivered: %s: %s", self.index, msg.step, type(e).__name__, e)
 
     @handles(FreeSeqs)
     def free_seqs(self, ctx: ActorContext, msg: FreeSeqs) -> bool:
@@ -247,7 +251,7 @@ class StageActor:
 
     @handles(SendUnits, concurrent=True)
     async def send_units(self, ctx: ActorContext, msg: SendUnits) -> int:
-        tensors = await ctx.run_compute(self.core.unit_tensors, msg.units)
+        tensors = {n: t.cpu() for n, t in (await ctx.run_compute(self.core.unit_tensors, msg.units)).items()}
         names = list(tensors)
         await ctx.ask(msg.dest, UnitTensors(names), *[tensors[n] for n in names])
         return sum(t.numel() * t.element_size() for t in tensors.values())
@@ -271,7 +275,7 @@ class StageActor:
                 self.stats["kv_export_skipped"] = self.stats.get("kv_export_skipped", 0) + 1
                 continue
             items.append([seq_id, units, t0])
-            tensors += [k, v]
+            tensors += [k.cpu(), v.cpu()]
             nbytes += k.numel() * k.element_size() * 2
         if items:
             await ctx.ask(msg.dest, ImportKV(items), *tensors)
