@@ -341,4 +341,4 @@ def parse_tensor_header(data: Any) -> list[TensorSpec]:
 
 def byte_view(t: "torch.Tensor") -> np.ndarray:
     """A flat uint8 numpy view of a contiguous CPU tensor's memory (no copy)."""
-    return t.reshape(-1).view(_torch().uint8).numpy()
+    return t.detach().reshape(-1).view(_torch().uint8).numpy()

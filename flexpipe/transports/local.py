@@ -7,10 +7,11 @@ import os
 import uuid
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from flexpipe.errors import ActorClosed, ConfigError
-from flexpipe.runtime.codec import TensorSpec
+from flexpipe.runtime.codec import TensorSpec, byte_view
 from flexpipe.transports.base import Transport, check_into
 
 __all__ = ["LocalTransport"]
@@ -61,7 +62,10 @@ class LocalTransport(Transport):
             return list(item)
         check_into(into, [TensorSpec(t.dtype, list(t.shape), 0) for t in item])
         for dst, src in zip(into, item):
-            dst.copy_(src)
+            if src.is_contiguous() and src.numel():
+                np.copyto(byte_view(dst), byte_view(src))   # a memcpy: torch's copy_ is slower
+            else:
+                dst.copy_(src)
         return list(into)
 
     async def aclose(self) -> None:
