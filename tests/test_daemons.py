@@ -115,16 +115,33 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+KEYS: dict[str, str] = {}  # CURVE key files of the cluster (ActorSettings.curve_* names)
+
+
+def _curve_flags() -> list[str]:
+    return [a for f, path in KEYS.items() for a in ("--" + f.replace("_", "-"), path)]
+
+
 def worker(name: str, url: str) -> Daemon:
     return Daemon(name, ["worker", "--router", url, "--name", name, "--devices", "cpu:0", "--memory", "1GB",
-                         "--heartbeat-timeout", "5"])
+                         "--heartbeat-timeout", "5", *_curve_flags()])
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A router (2 stages, waits for 2 workers) and two workers with one CPU device each."""
+def cluster(tmp_path_factory):
+    """A router (2 stages, waits for 2 workers) and two workers with one CPU device each; every tcp
+    endpoint is a CURVE server admitting one client key (the daemons' and the tests')."""
+    from flexpipe.runtime.keys import create_keypair
+
+    keys = tmp_path_factory.mktemp("keys")
+    _, server = create_keypair(str(keys), "server")
+    public, client = create_keypair(str(keys), "client")
+    (keys / "authorized").mkdir()
+    (keys / "authorized" / "client.key").write_bytes(Path(public).read_bytes())
+    KEYS.update(curve_server_secret=server, curve_client_secret=client, curve_authorized=str(keys / "authorized"))
     router = Daemon("router", ["router", "--bind", "tcp://127.0.0.1:0", "--model", "tiny", "--stages", "2",
-                               "--min-workers", "2", "--drain-timeout", "1.5", "--heartbeat-timeout", "5"])
+                               "--min-workers", "2", "--drain-timeout", "1.5", "--heartbeat-timeout", "5",
+                               *_curve_flags()])
     daemons = [router]
     try:
         url = router.wait_for("listening")["endpoint"]
@@ -145,7 +162,7 @@ def cluster():
 
 
 def connect(cluster) -> RemoteFlexPipe:
-    return RemoteFlexPipe.connect(cluster.url, ready_timeout=30, heartbeat_timeout=5)
+    return RemoteFlexPipe.connect(cluster.url, ready_timeout=30, heartbeat_timeout=5, curve=KEYS)
 
 
 def _alive(pid: int) -> bool:
@@ -259,7 +276,7 @@ def test_http_server_serves_through_the_router(cluster):
     from flexpipe.runtime.remote import connect as remote_connect
     from flexpipe.server import ServerThread, create_app
 
-    app = create_app(lambda: remote_connect(cluster.url, ready_timeout=30, heartbeat_timeout=5))
+    app = create_app(lambda: remote_connect(cluster.url, ready_timeout=30, heartbeat_timeout=5, curve=KEYS))
     with ServerThread(app) as url:
         engine = app.state.server.engine
         with openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=60) as oai:
@@ -275,6 +292,13 @@ def test_http_server_serves_through_the_router(cluster):
     assert {s["device"] for s in st["pipeline"]["stages"]} == {"wa/0", "wb/0"}  # each worker's device
     assert st["max_context"] == engine.max_context
     assert metrics["flexpipe_pipeline_stages"][0].value == 2
+
+
+async def test_a_client_without_the_keys_gets_no_answer(cluster):
+    with pytest.raises(RouterUnavailable, match="no answer"):
+        async with RemoteFlexPipe.connect(cluster.url, ready_timeout=1.5, curve={}):
+            pass
+    assert cluster.router.proc.poll() is None
 
 
 async def test_bad_requests_raise_typed_errors_and_the_router_keeps_serving(cluster):

@@ -38,14 +38,16 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import zmq
+
 from flexpipe.errors import (
     ActorClosed, ActorError, ConfigError, FlexPipeError, NoDriverError, PlacementError, RemoteError, RequestError,
 )
 from flexpipe.runtime.actor import ActorSettings, handles
 from flexpipe.runtime.messages import ActorRef, Ping, Terminated, message
 from flexpipe.runtime.remote import (
-    Cancel, Hello, ModelInfo, Reshape, RouterUnavailable, StatusQuery, Submit, Tokens, WaitReady,
-    local_address_towards, parse_endpoint,
+    CURVE_FIELDS, Cancel, Hello, ModelInfo, Reshape, RouterUnavailable, StatusQuery, Submit, Tokens, WaitReady,
+    curve_from_env, local_address_towards, parse_endpoint,
 )
 
 __all__ = ["RouterDaemon", "WorkerDaemon", "add_daemon_parsers", "assign_devices", "local_devices", "main"]
@@ -444,7 +446,7 @@ class RouterDaemon:
 
     def __init__(self, bind: str, model: str = "tiny", stages: int = 2, *, boundaries: Sequence[int] | None = None,
                  min_workers: int = 1, drain_timeout: float = 30.0, advertise: str | None = None,
-                 settings: Any = None):
+                 settings: Any = None, curve: dict[str, str] | None = None):
         from flexpipe.api import Settings
 
         self.kind, host, port = parse_endpoint(bind, "--bind")
@@ -454,6 +456,7 @@ class RouterDaemon:
         self.model, self.num_stages, self.boundaries = model, stages, boundaries
         self.min_workers, self.drain_timeout = min_workers, drain_timeout
         self.settings = settings or Settings()
+        self.curve = dict(curve or {})  # CURVE key files of this host (ActorSettings.curve_* names)
         self.spec: Any = None
         self.system: Any = None
         self.frontend: Any = None
@@ -480,12 +483,15 @@ class RouterDaemon:
         self.spec = ModelSpec.resolve(self.model, s.seed)
         actor_settings = ActorSettings(bind=self.kind, host=self.host, heartbeat_interval=s.heartbeat_interval,
                                        heartbeat_timeout=s.heartbeat_timeout, start_timeout=s.start_timeout,
-                                       torch_threads=s.torch_threads)
+                                       torch_threads=s.torch_threads, **(self.curve if self.kind == "tcp" else {}))
         code = 0
-        async with ActorSystem(actor_settings, name="router") as system:
+        async with await _started(ActorSystem(actor_settings, name="router"), self.host) as system:
             self.system = system
-            self.allocator = await system.spawn(AllocatorBehaviour(), "allocator")
-            self.frontend = await system.spawn(RouterFrontend(self), "frontend", endpoint=self.bind)
+            try:
+                self.allocator = await system.spawn(AllocatorBehaviour(), "allocator")
+                self.frontend = await system.spawn(RouterFrontend(self), "frontend", endpoint=self.bind)
+            except zmq.ZMQError as e:
+                raise ConfigError(f"cannot bind {self.bind} (or an endpoint on {self.host}): {e}") from None
             self.state = f"waiting for workers (0 of {self.min_workers})"
             event("listening", endpoint=self.frontend.ref.endpoint, model=self.spec.name,
                   stages=self.boundaries and len(self.boundaries) - 1 or self.num_stages, min_workers=self.min_workers)
@@ -760,6 +766,14 @@ class RouterDaemon:
         return out
 
 
+async def _started(system: Any, host: str) -> Any:
+    """The system, started; ConfigError when it cannot bind on `host`."""
+    try:
+        return await system.start()
+    except zmq.ZMQError as e:
+        raise ConfigError(f"cannot bind an endpoint on {host} (--host / --advertise): {e}") from None
+
+
 async def _until(aw: Any, stop: asyncio.Event) -> bool:
     """Wait for `aw` unless `stop` is set first; True when `aw` finished."""
     task = asyncio.ensure_future(aw)
@@ -807,12 +821,12 @@ class WorkerDaemon:
 
     def __init__(self, router: str, *, name: str | None = None, host: str | None = None, devices: str = "auto",
                  memory: int | None = None, heartbeat_interval: float = 0.5, heartbeat_timeout: float = 3.0,
-                 join_timeout: float = 5.0):
+                 join_timeout: float = 5.0, curve: dict[str, str] | None = None):
         from flexpipe.runtime.remote import client_settings, frontend_ref
 
         self.router_url = router
         self.router_ref = frontend_ref(router)
-        self.settings = client_settings(router, host, heartbeat_interval=heartbeat_interval,
+        self.settings = client_settings(router, host, curve, heartbeat_interval=heartbeat_interval,
                                         heartbeat_timeout=heartbeat_timeout)
         self.host = self.settings.host
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -835,7 +849,7 @@ class WorkerDaemon:
         topo, torch_devices = local_devices(self.devices, self.name, self.memory)
         self.cluster = topo.to_dict()
         self.torch_devices = {str(i): d for i, d in torch_devices.items()}
-        async with ActorSystem(self.settings, name=self.name) as system:
+        async with await _started(ActorSystem(self.settings, name=self.name), self.host) as system:
             self.actor = await system.spawn(WorkerBehaviour(self), self.name)
             event("started", worker=self.name, endpoint=self.actor.ref.endpoint, router=self.router_url,
                   devices={f"{self.name}/{i}": d for i, d in self.torch_devices.items()},
@@ -896,7 +910,9 @@ class WorkerDaemon:
         if msg.name in self.stages:
             raise ConfigError(f"worker {self.name} already runs a stage named {msg.name}")
         if self.stage_system is None:
-            settings = dataclasses.replace(msg.settings, bind=self.settings.bind, host=self.host)
+            # the router's heartbeat and start settings; this worker's transport and key files
+            settings = dataclasses.replace(msg.settings, bind=self.settings.bind, host=self.host,
+                                           **{f: getattr(self.settings, f) for f in CURVE_FIELDS})
             self.stage_system = await ActorSystem(settings, name=f"{self.name}-stages").start()
         h = await self.stage_system.launch(msg.target, msg.kwargs, name=msg.name, timeout=msg.timeout)
         self.stages[msg.name] = h
@@ -986,6 +1002,7 @@ def add_daemon_parsers(subparsers: argparse._SubParsersAction) -> None:
                    help="on SIGTERM, seconds running requests may take to finish before they end with "
                         "finish_reason 'shutdown' (default: 30)")
     r.add_argument("--log-format", **fmt)
+    _add_curve_flags(r)
     g = r.add_argument_group("runtime settings (flexpipe.api.Settings; default: the runtime's own)")
     for name, typ, help_ in _RUNTIME_FLAGS:
         g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
@@ -1010,7 +1027,22 @@ def add_daemon_parsers(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("--heartbeat-timeout", type=float, default=3.0,
                    help="seconds without a heartbeat before the router counts as gone (default 3)")
     w.add_argument("--log-format", **fmt)
+    _add_curve_flags(w)
     w.set_defaults(func=worker_main)
+
+
+def _add_curve_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("CURVE authentication of tcp endpoints (key files of `flexpipe keys`)")
+    for f, help_ in zip(CURVE_FIELDS, ["server keypair (.key_secret) every tcp mailbox presents",
+                                       "server public key (.key), when this host has no server secret",
+                                       "this host's client keypair (.key_secret; default: the server's)",
+                                       "authorized client public keys (.key file or directory)"]):
+        g.add_argument("--" + f.replace("_", "-"), dest=f, default=None, metavar="FILE",
+                       help=f"{help_} (env FLEXPIPE_{f.upper()})")
+
+
+def _curve(args: argparse.Namespace) -> dict[str, str]:
+    return {**curve_from_env(), **{f: getattr(args, f) for f in CURVE_FIELDS if getattr(args, f, None)}}
 
 
 def _serve(daemon: Any) -> int:
@@ -1037,7 +1069,8 @@ def router_main(args: argparse.Namespace) -> int:
     settings = Settings(**{n: getattr(args, n) for n, _, _ in _RUNTIME_FLAGS if getattr(args, n) is not None})
     bounds = [int(b) for b in args.boundaries.split(",")] if args.boundaries else None
     return _serve(RouterDaemon(args.bind, args.model, args.stages, boundaries=bounds, min_workers=args.min_workers,
-                               drain_timeout=args.drain_timeout, advertise=args.advertise, settings=settings))
+                               drain_timeout=args.drain_timeout, advertise=args.advertise, settings=settings,
+                               curve=_curve(args)))
 
 
 def worker_main(args: argparse.Namespace) -> int:
@@ -1047,7 +1080,8 @@ def worker_main(args: argparse.Namespace) -> int:
     configure_logging(args.log_format)
     memory = parse_bytes(args.memory) if args.memory else None
     return _serve(WorkerDaemon(args.router, name=args.name, host=args.host, devices=args.devices, memory=memory,
-                               heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout))
+                               heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
+                               curve=_curve(args)))
 
 
 def main(argv: list[str] | None = None) -> int:

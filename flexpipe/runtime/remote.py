@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import socket
 import tempfile
 import uuid
@@ -33,7 +34,8 @@ from flexpipe.runtime.actor import ActorSettings, handles
 from flexpipe.runtime.messages import ActorRef, Terminated, message
 
 __all__ = ["RemoteFlexPipe", "RouterUnavailable", "connect", "Hello", "ModelInfo", "WaitReady", "Submit",
-           "Tokens", "Cancel", "StatusQuery", "Reshape", "PROTOCOL_VERSION", "client_settings", "frontend_ref",
+           "Tokens", "Cancel", "StatusQuery", "Reshape", "PROTOCOL_VERSION", "CURVE_FIELDS", "client_settings",
+           "curve_from_env", "frontend_ref",
            "local_address_towards", "parse_endpoint"]
 
 PROTOCOL_VERSION = 1
@@ -123,13 +125,27 @@ def frontend_ref(url: str) -> ActorRef:
     return ActorRef("frontend", url if kind == "ipc" else f"tcp://{host}:{port}")
 
 
-def client_settings(url: str, host: str | None = None, **kw: Any) -> ActorSettings:
+CURVE_FIELDS = ("curve_server_secret", "curve_server_public", "curve_client_secret", "curve_authorized")
+
+
+def curve_from_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """CURVE key files from FLEXPIPE_CURVE_SERVER_SECRET, ..._SERVER_PUBLIC, ..._CLIENT_SECRET, ..._AUTHORIZED."""
+    environ = os.environ if environ is None else environ
+    return {f: environ[f"FLEXPIPE_{f.upper()}"] for f in CURVE_FIELDS if environ.get(f"FLEXPIPE_{f.upper()}")}
+
+
+def client_settings(url: str, host: str | None = None, curve: dict[str, str] | None = None,
+                    **kw: Any) -> ActorSettings:
     """Settings for the actors of a process that talks to the router at `url`: the same transport,
-    bound on `host` (default: this machine's address on the route to the router)."""
+    bound on `host` (default: this machine's address on the route to the router), with the CURVE
+    key files in `curve` (ActorSettings.curve_* names; tcp only)."""
     kind, rhost, rport = parse_endpoint(url)
     if kind == "ipc":
         return ActorSettings(bind="ipc", **kw)
-    return ActorSettings(bind="tcp", host=host or local_address_towards(rhost, rport), **kw)
+    unknown = set(curve or {}) - set(CURVE_FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown CURVE settings {sorted(unknown)}; known: {', '.join(CURVE_FIELDS)}")
+    return ActorSettings(bind="tcp", host=host or local_address_towards(rhost, rport), **(curve or {}), **kw)
 
 
 def local_address_towards(host: str, port: int = 9) -> str:
@@ -196,18 +212,21 @@ class RemoteFlexPipe:
     @classmethod
     @contextlib.asynccontextmanager
     async def connect(cls, url: str, *, ready_timeout: float = 120.0, host: str | None = None,
-                      heartbeat_interval: float = 0.5, heartbeat_timeout: float = 3.0,
-                      ask_timeout: float = 60.0) -> AsyncIterator["RemoteFlexPipe"]:
+                      curve: dict[str, str] | None = None, heartbeat_interval: float = 0.5,
+                      heartbeat_timeout: float = 3.0, ask_timeout: float = 60.0) -> AsyncIterator["RemoteFlexPipe"]:
         """Connect to the router at `url` and wait (up to `ready_timeout`) until its pipeline serves.
 
         `url`: tcp://HOST:PORT, or ipc:///PATH for a router on this host.  `host`: the address the
-        router reaches this client at over tcp (default: this machine's address on the route to it).  Raises RouterUnavailable when the router does not answer or its
+        router reaches this client at over tcp (default: this machine's address on the route to it).
+        `curve`: the key files when the router's tcp endpoints use CURVE (ActorSettings.curve_*
+        names; default: curve_from_env()); a client without authorized keys gets no answer.  Raises RouterUnavailable when the router does not answer or its
         pipeline is not ready in time.
         """
         from flexpipe.errors import AskTimeout
         from flexpipe.runtime.launcher import ActorSystem
 
-        settings = client_settings(url, host, heartbeat_interval=heartbeat_interval,
+        settings = client_settings(url, host, curve_from_env() if curve is None else curve,
+                                   heartbeat_interval=heartbeat_interval,
                                    heartbeat_timeout=heartbeat_timeout, ask_timeout=ask_timeout)
         frontend = frontend_ref(url)
         async with ActorSystem(settings, name="flexpipe-client") as system:
