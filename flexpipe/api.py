@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
-from flexpipe.errors import ConfigError, RequestError, UnknownModelError
+from flexpipe.errors import ConfigError, QueueFullError, RequestError, UnknownModelError
 from flexpipe.model.config import ModelConfig
 from flexpipe.model.sampling import SamplingParams
 from flexpipe.model.tokenizer import load_tokenizer
@@ -192,7 +192,7 @@ class FlexPipe:
         ids = self.encode(prompt)
         params = self._params(max_tokens, temperature, top_k, top_p, seed, stop_token_ids, ignore_eos)
         if len(self.router.sched.waiting) >= self.settings.max_queued:
-            raise RequestError(f"{self.settings.max_queued} requests are already queued: retry later")
+            raise QueueFullError(f"{self.settings.max_queued} requests are already queued: retry later")
         rid, queue = self.router.submit(ids, params, request_id)
         dec = self.tokenizer.stream()
         stops = [s for s in (stop or []) if s]

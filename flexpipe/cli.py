@@ -17,6 +17,7 @@ _EXTERNAL: list[tuple[str, str, str | None]] = [
     ("flexpipe.server.cli", "add_chat_parser", "serve"),
     ("flexpipe.sim.cli", "add_simulate_parser", "sim"),
     ("flexpipe.placement.cli", "add_topology_parser", None),
+    ("flexpipe.runtime.keys", "add_keys_parser", None),
 ]
 
 

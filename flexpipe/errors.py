@@ -50,6 +50,10 @@ class CapacityError(RequestError):
     """A request can never fit in the KV memory of the pipeline."""
 
 
+class QueueFullError(RequestError):
+    """Too many requests are waiting: back-pressure, retry later."""
+
+
 class RequestCancelled(FlexPipeError):
     """The request was cancelled before it finished."""
 

@@ -1,7 +1,7 @@
 """Back-pressure under overload: with Settings.max_queued = Q, a burst of many more requests than the
 pipeline can run leaves at most Q waiting; the rest are refused at once with a reason (RequestError in
 the embedded API, a 4xx JSON error over HTTP), the router's records stay bounded, and every admitted
-request finishes. Over HTTP the refusal should be 429 with Retry-After (marked xfail: today it is 400)."""
+request finishes. Over HTTP the refusal is 429 (rate_limit_error, code queue_full)."""
 
 from __future__ import annotations
 
@@ -102,8 +102,6 @@ def test_http_overload_is_refused_with_a_reason(http_server):
     assert "retry later" in codes["refusal_bodies"][0]
 
 
-@pytest.mark.xfail(strict=True, reason="app._api_error maps the queue-full RequestError to 400; "
-                                       "it should be 429 with Retry-After")
 def test_http_overload_refusal_is_429(http_server):
     codes = _burst_codes(http_server)
     assert 429 in codes and 400 not in codes

@@ -19,7 +19,9 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from flexpipe.errors import ActorError, CapacityError, FlexPipeError, PartitionError, RequestError
+from flexpipe.errors import (
+    ActorError, CapacityError, FlexPipeError, PartitionError, QueueFullError, RequestError, ReshapeError,
+)
 
 from .chat_template import ChatTemplate
 from .metrics import CONTENT_TYPE, ServerMetrics
@@ -494,8 +496,12 @@ def _api_error(e: BaseException) -> APIError:
         return e
     if isinstance(e, CapacityError):
         return bad_request(f"{e} Reduce the prompt or max_tokens.", "max_tokens", "capacity_exceeded")
+    if isinstance(e, QueueFullError):
+        return APIError(429, str(e), type="rate_limit_error", code="queue_full")
     if isinstance(e, RequestError):
         return bad_request(str(e))
+    if isinstance(e, ReshapeError):
+        return APIError(409, f"{e}", type="invalid_request_error", code="reshape_aborted")
     if isinstance(e, ActorError):
         log.error("engine unavailable: %s", e)
         return APIError(503, f"The engine is unavailable ({type(e).__name__}: {e}); retry later.",
