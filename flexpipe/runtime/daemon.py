@@ -453,6 +453,8 @@ class RouterDaemon:
         self.bind = bind if self.kind == "ipc" else f"tcp://{host}:{port or '*'}"
         wildcard = host in ("0.0.0.0", "*", "::")
         self.host = advertise or (local_address_towards("8.8.8.8") if wildcard else host or "127.0.0.1")
+        if min_workers < 1:
+            raise ConfigError(f"--min-workers must be at least 1 (got {min_workers}): stages run on workers")
         self.model, self.num_stages, self.boundaries = model, stages, boundaries
         self.min_workers, self.drain_timeout = min_workers, drain_timeout
         self.settings = settings or Settings()
@@ -830,6 +832,8 @@ class WorkerDaemon:
                                         heartbeat_timeout=heartbeat_timeout)
         self.host = self.settings.host
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"--name {self.name!r}: a worker name is a node name, without '/'")
         self.devices, self.memory = devices, memory
         self.heartbeat_interval, self.heartbeat_timeout = heartbeat_interval, heartbeat_timeout
         self.join_timeout = join_timeout

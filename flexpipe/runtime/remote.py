@@ -219,8 +219,8 @@ class RemoteFlexPipe:
         `url`: tcp://HOST:PORT, or ipc:///PATH for a router on this host.  `host`: the address the
         router reaches this client at over tcp (default: this machine's address on the route to it).
         `curve`: the key files when the router's tcp endpoints use CURVE (ActorSettings.curve_*
-        names; default: curve_from_env()); a client without authorized keys gets no answer.  Raises RouterUnavailable when the router does not answer or its
-        pipeline is not ready in time.
+        names; default: curve_from_env()); a client without authorized keys gets no answer.
+        Raises RouterUnavailable when the router does not answer or its pipeline is not ready in time.
         """
         from flexpipe.errors import AskTimeout
         from flexpipe.runtime.launcher import ActorSystem
