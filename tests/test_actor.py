@@ -48,6 +48,21 @@ async def test_messages_between_a_pair_keep_their_order(system):
     assert [m.n for m in seen if m.text == "a"] == list(range(500))
 
 
+async def test_tell_waits_at_the_high_water_mark_and_keeps_order(system):
+    endpoint = system.endpoint_for("late")
+    sender = await system.spawn(Echo(), "sender")
+    n = 1500   # more than the DEALER's high-water mark (1000) while nobody listens yet
+    sends = asyncio.gather(*(sender.tell(ActorRef("late", endpoint), Say("n", i))
+                             for i in range(n)))
+    await asyncio.sleep(0.2)
+    assert not sends.done()                        # back-pressure: the later tells wait
+    late = await system.spawn(Echo(), "late", endpoint=endpoint)
+    await asyncio.wait_for(sends, 10)
+    while len(late.behaviour.seen) < n:
+        await asyncio.sleep(0.01)
+    assert [m.n for m in late.behaviour.seen] == list(range(n))
+
+
 async def test_ask_timeout_is_typed_and_the_actor_keeps_serving(system):
     echo = await system.spawn(Echo(), "echo")
     t = time.perf_counter()

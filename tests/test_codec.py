@@ -235,3 +235,17 @@ def test_arbitrary_bytes_never_raise_anything_but_protocol_error(data, nframes):
         decode(frames)
     except ProtocolError:
         pass
+
+
+def test_a_received_tensor_sent_on_unchanged_reuses_its_frame():
+    x = torch.randn(64, 64)
+    frames = [zmq.Frame(bytes(memoryview(f))) for f in encode(None, [x])]
+    _, (y,) = decode(frames)
+    again = encode(Inner("relay", []), [y])
+    assert again[1] is frames[1]                      # the same frame: no copy
+    y.mul_(2)                                         # changed in place: still that memory
+    assert torch.equal(decode([bytes(memoryview(f)) for f in encode(None, [y])])[1][0], x * 2)
+    z = y[1:]                                         # a view is another tensor: copied as usual
+    assert encode(None, [z])[1] is not frames[1]
+    _, (w,) = decode([bytes(memoryview(f)) for f in encode(None, [x])])   # bytes were copied
+    assert encode(None, [w])[1] is not frames[1] and not hasattr(w, "_fp_frame")

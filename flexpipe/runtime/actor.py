@@ -32,6 +32,7 @@ import os
 from typing import Any, Callable, NamedTuple
 
 import msgpack
+import numpy as np
 import zmq
 import zmq.asyncio
 
@@ -234,6 +235,62 @@ _COPY_BELOW = 128 << 10
 _SYSTEM_MESSAGES = frozenset({Ping, Terminated, Watch, Unwatch, Started, Stop})
 
 
+class _Outbox:
+    """One DEALER to a peer: a message goes out at once when the socket takes it, else it waits,
+    in order, until the socket is writable again (ZeroMQ's high-water mark)."""
+    __slots__ = ("sock", "loop", "backlog", "watching")
+
+    def __init__(self, sock: zmq.Socket, loop: asyncio.AbstractEventLoop):
+        self.sock = sock
+        self.loop = loop
+        self.backlog: collections.deque[tuple[list, asyncio.Future]] = collections.deque()
+        self.watching = False
+
+    def send(self, frames: list) -> asyncio.Future | None:
+        """Send now (returns None) or queue (returns a future set once sent)."""
+        if not self.backlog:
+            try:
+                self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                return None
+            except zmq.Again:
+                pass
+        fut = self.loop.create_future()
+        self.backlog.append((frames, fut))
+        if not self.watching:
+            self.loop.add_reader(self.sock.FD, self.flush)
+            self.watching = True
+        self.loop.call_soon(self.flush)   # the fd is edge-triggered: the edge may have passed
+        return fut
+
+    def flush(self) -> None:
+        while self.backlog and not self.sock.closed:
+            frames, fut = self.backlog[0]
+            if not fut.done():   # (a cancelled send is not sent)
+                try:
+                    self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    return
+                except zmq.ZMQError as e:
+                    fut.set_exception(e)
+                else:
+                    fut.set_result(None)
+            self.backlog.popleft()
+        if self.watching:
+            self.loop.remove_reader(self.sock.FD)
+            self.watching = False
+
+    def close(self, linger: int, error: BaseException) -> None:
+        """Close the socket; queued sends fail with `error`."""
+        if self.watching:
+            self.loop.remove_reader(self.sock.FD)
+            self.watching = False
+        for _, fut in self.backlog:
+            if not fut.done():
+                fut.set_exception(error)
+        self.backlog.clear()
+        self.sock.close(linger=linger)
+
+
 class _Job(NamedTuple):
     handler: _Handler
     msg: Any
@@ -260,7 +317,7 @@ class Actor(ActorContext):
         self._zctx = zctx
         self._handlers = handlers_of(type(behaviour)) if behaviour is not None else {}
         self._router: zmq.Socket | None = None   # plain socket, read from a loop reader callback
-        self._dealers: dict[ActorRef, zmq.asyncio.Socket] = {}
+        self._dealers: dict[ActorRef, _Outbox] = {}
         self._senders: dict[bytes, ActorRef | None] = {}
         self._pending: dict[int, tuple[asyncio.Future, ActorRef]] = {}
         self._corr = itertools.count(1)
@@ -347,11 +404,13 @@ class Actor(ActorContext):
         if notify:
             for w in self._watchers:
                 try:
-                    self._send_now(w, codec.encode(Terminated(self.self_ref, reason)))
-                except zmq.ZMQError as e:
+                    fut = self._send_now(w, codec.encode(Terminated(self.self_ref, reason)))
+                    if fut is not None:
+                        fut.add_done_callback(self._log_send_error)
+                except (zmq.ZMQError, PeerDeadError) as e:
                     log.warning("%s: cannot tell watcher %s: %s", self.name, w, e)
-        for sock in self._dealers.values():
-            sock.close(linger=self.settings.linger_ms)
+        for out in self._dealers.values():
+            out.close(self.settings.linger_ms, ActorClosed(f"{self.name} closed ({reason})"))
         self._dealers.clear()
         self._close_router()
         if self._executor is not None:
@@ -366,8 +425,8 @@ class Actor(ActorContext):
         self._closing = True
         for t in (*self._tasks, *self._monitors.values()):
             t.cancel()
-        for sock in self._dealers.values():
-            sock.close(linger=0)
+        for out in self._dealers.values():
+            out.close(0, ActorClosed(f"{self.name} aborted"))
         self._close_router()
         self._dealers.clear()
         for fut, ref in self._pending.values():
@@ -390,13 +449,15 @@ class Actor(ActorContext):
 
     # --- sending ----------------------------------------------------------------------------
 
-    def _dealer(self, ref: ActorRef) -> zmq.asyncio.Socket:
-        sock = self._dealers.get(ref)
-        if sock is None:
-            sock = self._zctx.socket(zmq.DEALER)
+    def _dealer(self, ref: ActorRef) -> _Outbox:
+        out = self._dealers.get(ref)
+        if out is None:
+            # a plain socket: a non-blocking send costs a quarter of zmq.asyncio's
+            sock = zmq.Socket(self._zctx, zmq.DEALER)
             try:
                 sock.setsockopt(zmq.ROUTING_ID, self._ident)
                 sock.setsockopt(zmq.LINGER, self.settings.linger_ms)
+                sock.setsockopt(zmq.RCVHWM, 1)   # nothing is ever read from it
                 keys.secure_dealer(sock, self.settings, ref.endpoint)
                 sock.connect(ref.endpoint)
             except zmq.ZMQError as e:
@@ -405,11 +466,12 @@ class Actor(ActorContext):
             except BaseException:   # e.g. ConfigError from the CURVE keys
                 sock.close(linger=0)
                 raise
-            self._dealers[ref] = sock
-        return sock
+            out = self._dealers[ref] = _Outbox(sock, self._loop)
+        return out
 
-    def _send_now(self, ref: ActorRef, frames: list) -> asyncio.Future:
-        fut = self._dealer(ref).send_multipart(frames, copy=False)
+    def _send_now(self, ref: ActorRef, frames: list) -> asyncio.Future | None:
+        """Send (None) or queue behind the high-water mark (a future set once sent)."""
+        fut = self._dealer(ref).send(frames)
         self.stats["sent"] += 1
         return fut
 
@@ -417,8 +479,9 @@ class Actor(ActorContext):
         frames = codec.encode(msg, tensors, flags=flags, corr=corr,
                               inline_max=self.settings.inline_tensor_bytes)
         for i in range(1, len(frames)):
-            if frames[i].nbytes < _COPY_BELOW:
-                frames[i] = zmq.Frame(frames[i], copy=True)
+            f = frames[i]
+            if isinstance(f, np.ndarray) and f.nbytes < _COPY_BELOW:
+                frames[i] = zmq.Frame(f, copy=True)
         return frames
 
     def _check_peer(self, ref: ActorRef) -> None:
@@ -431,19 +494,8 @@ class Actor(ActorContext):
     async def tell(self, ref: ActorRef, msg: Any, *tensors: Any) -> None:
         self._check_peer(ref)
         fut = self._send_now(ref, self._encode(msg, tensors))
-        if not fut.done():
-            await self._await_send(ref, fut)
-
-    async def _await_send(self, ref: ActorRef, fut: asyncio.Future) -> None:
-        try:
+        if fut is not None:   # the peer's queue is full: wait (back-pressure)
             await fut
-        except asyncio.CancelledError:
-            # the DEALER was closed under us because the peer died: not our cancellation
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-            self._check_peer(ref)
-            raise ActorClosed(f"send to {ref} was abandoned") from None
 
     async def ask(self, ref: ActorRef, msg: Any, *tensors: Any, timeout: float | None = None) -> Any:
         self._check_peer(ref)
@@ -455,7 +507,7 @@ class Actor(ActorContext):
         timer = self._loop.call_later(timeout, self._expire, corr, type(msg).__name__, timeout)
         try:
             sent = self._send_now(ref, frames)
-            if not sent.done():
+            if sent is not None:
                 sent.add_done_callback(functools.partial(self._send_failed, fut, ref))
             return await fut
         finally:
@@ -463,10 +515,8 @@ class Actor(ActorContext):
             del self._pending[corr]
 
     def _send_failed(self, fut: asyncio.Future, ref: ActorRef, sent: asyncio.Future) -> None:
-        if not fut.done() and (sent.cancelled() or sent.exception() is not None):
-            reason = self._dead.get(ref)
-            fut.set_exception(PeerDeadError(f"{ref} is dead: {reason}") if reason else
-                              ActorClosed(f"send to {ref} was abandoned"))
+        if not fut.done() and not sent.cancelled() and sent.exception() is not None:
+            fut.set_exception(sent.exception())
 
     def _expire(self, corr: int, what: str, timeout: float) -> None:
         entry = self._pending.get(corr)
@@ -502,12 +552,13 @@ class Actor(ActorContext):
                 log.warning("%s: reply to an anonymous peer failed: %s", self.name, e)
             self._loop.call_soon(self._drain)  # the send may have eaten the fd's wakeup
             return
-        if not fut.done():
+        if fut is not None:
             fut.add_done_callback(self._log_send_error)
 
     def _log_send_error(self, fut: asyncio.Future) -> None:
+        # for sends nobody awaits (replies, Watch, goodbyes): say why one was not delivered
         if not fut.cancelled() and fut.exception() is not None:
-            log.warning("%s: reply send failed: %s", self.name, _error_text(fut.exception()))
+            log.info("%s: a message was not sent: %s", self.name, _error_text(fut.exception()))
 
     # --- receiving --------------------------------------------------------------------------
 
@@ -699,7 +750,9 @@ class Actor(ActorContext):
             self._close_dealer(ref)
         if ref not in self._monitors:
             self._monitors[ref] = self._loop.create_task(self._monitor(ref))
-            self._send_now(ref, self._encode(Watch(self.self_ref), ()))
+            fut = self._send_now(ref, self._encode(Watch(self.self_ref), ()))
+            if fut is not None:
+                fut.add_done_callback(self._log_send_error)
 
     def unwatch(self, ref: ActorRef) -> None:
         self._watched.discard(ref)
@@ -707,7 +760,9 @@ class Actor(ActorContext):
         if task is not None:
             task.cancel()
             if ref not in self._dead and not self._closing:
-                self._send_now(ref, self._encode(Unwatch(self.self_ref), ()))
+                fut = self._send_now(ref, self._encode(Unwatch(self.self_ref), ()))
+                if fut is not None:
+                    fut.add_done_callback(self._log_send_error)
 
     async def _monitor(self, ref: ActorRef) -> None:
         interval = self.settings.heartbeat_interval
@@ -759,9 +814,10 @@ class Actor(ActorContext):
                  self.name, late, ref)
 
     def _close_dealer(self, ref: ActorRef) -> None:
-        sock = self._dealers.pop(ref, None)
-        if sock is not None:
-            sock.close(linger=0)
+        out = self._dealers.pop(ref, None)
+        if out is not None:
+            reason = self._dead.get(ref, "closed")
+            out.close(0, PeerDeadError(f"{ref} is dead: {reason}"))
 
     def _declare_dead(self, ref: ActorRef, reason: str) -> None:
         """Mark `ref` dead: fail asks to it, drop its socket, tell the behaviour if it watched."""

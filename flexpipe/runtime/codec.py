@@ -135,9 +135,15 @@ class _Encoder:
             t = t.resolve_conj()
         if not t.is_contiguous():
             t = t.contiguous()
-        arr = (t.view(_torch().int16) if name == "bfloat16" else t).numpy()
-        flat = arr.reshape(-1).view(np.uint8)
-        return msgpack.ExtType(_EXT_TORCH, msgpack.packb([name, list(t.shape), self._data(flat)]))
+        relay = getattr(t, "_fp_frame", None)
+        if relay is not None and relay[1] == t.data_ptr():
+            # received whole and sent on unchanged (or changed in place): the same frame again
+            self.frames.append(relay[0])
+            data: Any = len(self.frames) - 1
+        else:
+            arr = (t.view(_torch().int16) if name == "bfloat16" else t).numpy()
+            data = self._data(arr.reshape(-1).view(np.uint8))
+        return msgpack.ExtType(_EXT_TORCH, msgpack.packb([name, list(t.shape), data]))
 
     def _numpy(self, a: np.ndarray) -> msgpack.ExtType:
         dt = _NUMPY_DTYPES.get(a.dtype.str)
@@ -232,12 +238,17 @@ class _Decoder:
         view = memoryview(buf)
         if view.nbytes != nbytes:
             raise ProtocolError(f"tensor {name}{shape} needs {nbytes} bytes, got {view.nbytes}")
+        shared = not view.readonly and buf is not ref   # the tensor will be the frame's memory
         if view.readonly:       # bytes: copy, so the tensor is writable like any other
             view = memoryview(bytearray(view))
         if torch_:   # via numpy (cheaper than torch.frombuffer); bf16 travels as int16
             if name == "bfloat16":
-                return torch.from_numpy(np.frombuffer(view, np.int16).reshape(shape)).view(dtype)
-            return torch.from_numpy(np.frombuffer(view, _NUMPY_OF[name]).reshape(shape))
+                t = torch.from_numpy(np.frombuffer(view, np.int16).reshape(shape)).view(dtype)
+            else:
+                t = torch.from_numpy(np.frombuffer(view, _NUMPY_OF[name]).reshape(shape))
+            if shared and nbytes:   # remember the frame: a relay can send it again
+                t._fp_frame = (buf, t.data_ptr())
+            return t
         return np.frombuffer(view, dtype=dtype).reshape(shape)
 
 
