@@ -41,7 +41,8 @@ from typing import Any, Sequence
 import zmq
 
 from flexpipe.errors import (
-    ActorClosed, ActorError, ConfigError, FlexPipeError, NoDriverError, PlacementError, RemoteError, RequestError,
+    ActorClosed, ActorError, ConfigError, FlexPipeError, NoDriverError, PlacementError, QueueFullError, RemoteError,
+    RequestError,
 )
 from flexpipe.runtime.actor import ActorSettings, handles
 from flexpipe.runtime.messages import ActorRef, Ping, Terminated, message
@@ -350,7 +351,7 @@ class RouterFrontend:
             raise RouterUnavailable(f"the router takes no requests now ({d.state})")
         router = d.controller.router
         if len(router.sched.waiting) >= d.settings.max_queued:
-            raise RequestError(f"{d.settings.max_queued} requests are already queued: retry later")
+            raise QueueFullError(f"{d.settings.max_queued} requests are already queued: retry later")
         vocab = d.spec.config.vocab_size
         params = SamplingParams(**msg.params).validate(vocab).resolve_seed()
         ids = list(msg.prompt)
