@@ -18,6 +18,7 @@ _EXTERNAL: list[tuple[str, str, str | None]] = [
     ("flexpipe.sim.cli", "add_simulate_parser", "sim"),
     ("flexpipe.placement.cli", "add_topology_parser", None),
     ("flexpipe.runtime.keys", "add_keys_parser", None),
+    ("flexpipe.runtime.daemon", "add_daemon_parsers", None),
 ]
 
 

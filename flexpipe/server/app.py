@@ -476,7 +476,7 @@ def _finish_reason(reason: str | None) -> str:
     A request the engine ended otherwise ("error" when a stage died and it could not be recomputed,
     "cancelled") did not finish: that is an error for the client, not a short answer.
     """
-    if reason in ("error", "cancelled"):
+    if reason in ("error", "cancelled", "shutdown"):
         raise APIError(503, f"The pipeline ended this request early ({reason}); retry it.", type="server_error",
                        code="generation_failed")
     return "length" if reason == "length" else "stop"

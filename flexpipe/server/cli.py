@@ -58,6 +58,9 @@ SERVE_SETTINGS = [
     Setting("default_max_tokens", int, None, "tokens to generate when a request names no max_tokens "
             "(default: 16 for completions, the rest of the context for chat)", "N"),
     Setting("access_log", bool, False, "log every HTTP request"),
+    Setting("router", str, None, "serve through a running `flexpipe router` at tcp://HOST:PORT (or ipc:///PATH) "
+            "instead of starting a pipeline here (MODEL, --stages and the runtime settings are the router's); "
+            "CURVE key files from FLEXPIPE_CURVE_*", "URL"),
 ]
 
 # The runtime's own settings (flexpipe.api.Settings), passed to FlexPipe.launch when given.  Listed
@@ -221,11 +224,18 @@ def serve_main(args: argparse.Namespace) -> int:
     model, stages, in_process = cfg["model"], cfg["stages"], cfg["in_process"]
 
     def launch() -> Any:
+        if cfg["router"]:
+            from flexpipe.runtime.remote import connect
+
+            return connect(cfg["router"])
         return FlexPipe.launch(model=model, stages=stages, in_process=in_process, **options)
 
     app = create_app(launch, model_name=cfg["served_model_name"], api_key=cfg["api_key"],
                      chat_template=cfg["chat_template"], default_max_tokens=cfg["default_max_tokens"])
-    print(f"flexpipe serve: starting model {model!r} on {stages} stage(s)...", file=sys.stderr, flush=True)
+    if cfg["router"]:
+        print(f"flexpipe serve: connecting to the router at {cfg['router']}...", file=sys.stderr, flush=True)
+    else:
+        print(f"flexpipe serve: starting model {model!r} on {stages} stage(s)...", file=sys.stderr, flush=True)
 
     def ready(url: str) -> None:
         shown = url.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")
