@@ -326,6 +326,28 @@ class Controller:
         return moves
 
     async def _copy_round(self, moves: dict, copied: dict, st: ReshapeStats, delta: bool) -> int:
+        """One copy round, redone for the requests still live when one finished while it ran.
+
+        A request that finishes after its items were listed may have its KV freed on the old owner
+        (the frees ride on the next step) before the ExportKV arrives, which fails that export.
+        Finished requests need no copy: the round is redone without them; they stay listed in
+        `copied` so that whatever did reach a new owner is freed at the switch.
+        """
+        for attempt in range(8):
+            before = dict(copied)
+            try:
+                return await self._copy_round_once(moves, copied, st, delta)
+            except ActorError:
+                live = self.router.sched.requests
+                gone = {rid: v for rid, v in copied.items() if v != before.get(rid) and rid not in live}
+                if not gone or attempt == 7:
+                    raise
+                copied.clear()
+                copied.update(before)
+                copied.update(gone)
+        raise AssertionError("unreachable")
+
+    async def _copy_round_once(self, moves: dict, copied: dict, st: ReshapeStats, delta: bool) -> int:
         """Copy [copied, computed) of every request for every move; returns tokens still uncopied after."""
         sched = self.router.sched
         items: list[tuple[str, int, int]] = []
@@ -344,7 +366,11 @@ class Controller:
         for (i, j), units in moves.items():
             msg = ExportKV([[rid, units, a, b] for rid, a, b in items], self._new_slots[j].ref)
             reqs.append(self.system.ask(self.slots[i].ref, msg, timeout=600))
-        nbytes = sum(await asyncio.gather(*reqs))
+        res = await asyncio.gather(*reqs, return_exceptions=True)  # all settle before a retry
+        err = next((r for r in res if isinstance(r, BaseException)), None)
+        if err is not None:
+            raise err
+        nbytes = sum(res)
         st.kv_bytes += nbytes
         st.moved_kv_tokens += sum(b - a for _, a, b in items)
         if delta:
