@@ -19,7 +19,8 @@ raises `ConfigError` on a duplicate kind or a kind outside 1..65535):
 
     runtime (this module)      1 -  99      router / stage            100 - 199
     cache manager            200 - 249      allocator                 250 - 299
-    control / controller     300 - 399      tests and benchmarks    60000 - 65535
+    control / controller     300 - 399      transports (GPU)          400 - 449
+    tests and benchmarks   60000 - 65535
 
 Field values may be None, bool, int, float, str, bytes, lists, tuples (they arrive as lists),
 dicts, other registered messages (nested), torch tensors and numpy arrays. Kind 0 is reserved: it
@@ -46,6 +47,7 @@ KIND_RANGES: dict[str, range] = {
     "cache": range(200, 250),
     "allocator": range(250, 300),
     "control": range(300, 400),
+    "transports (cuda_ipc, nccl)": range(400, 450),
     "tests": range(60000, 65536),
 }
 

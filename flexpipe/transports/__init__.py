@@ -29,3 +29,7 @@ register_transport("local", LocalTransport.listen, LocalTransport.connect)
 register_transport("shm", ShmTransport.listen, ShmTransport.connect)
 register_transport("ipc", lambda **kw: ZmqTransport.listen("ipc", **kw), ZmqTransport.connect)
 register_transport("tcp", lambda **kw: ZmqTransport.listen("tcp", **kw), ZmqTransport.connect)
+
+# The GPU kinds register themselves on import; both import CuPy lazily, so this is safe without CUDA.
+import flexpipe.transports.cuda_ipc  # noqa: E402,F401
+import flexpipe.transports.nccl  # noqa: E402,F401

@@ -78,8 +78,11 @@ def check_into(into: Sequence[torch.Tensor], specs: Sequence[Any]) -> None:
 
 def choose_transport(src: Endpoint, dst: Endpoint) -> str:
     """The transport kind for sending from `src` to `dst`: local, shm, tcp (or cuda_ipc, nccl)."""
-    if src.device != "cpu" or dst.device != "cpu":
-        return "cuda_ipc" if src.host == dst.host else "nccl"    # FP-10
+    gpu = src.device.startswith("cuda"), dst.device.startswith("cuda")
+    if all(gpu):  # FP-10: these carry CUDA tensors only
+        return "cuda_ipc" if src.host == dst.host else "nccl"
+    if any(gpu):  # a GPU and a host end: the host paths below, fed through a device-to-host copy
+        return "tcp" if src.host != dst.host else ("local" if src.pid == dst.pid else "shm")
     if src.host != dst.host:
         return "tcp"
     if src.pid == dst.pid:
