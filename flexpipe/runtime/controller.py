@@ -14,6 +14,11 @@ The pause requests see is 4-6 and is measured.  A failure in 1-5 aborts: prepare
 dropped, new actors stopped, and epoch e keeps serving.  KV moves as (sequence, units, token
 range): KV of past positions never changes, so a copy of [0, computed) stays valid while the old
 epoch appends after it; a request preempted meanwhile is copied again from 0.
+
+With a host-memory weight cache (runtime/weight_cache.py), units that leave a stage are sent to it
+during prepare, and a stage that needs units the cache holds gets them from RAM ("cache" tier).
+`suspend()` scales to zero (every stage retired to the cache, the router holds new requests) and
+`wake(shape)` starts the pipeline again from the cache.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from flexpipe.runtime.messages import ActorRef
 from flexpipe.runtime.router import Pipeline, RouterActor
 from flexpipe.runtime.stage import (
     AbortPrepare, Activate, Configure, ExportKV, FreeSeqs, PrepareUnits, ResetKV, SendUnits, StageStatus,
+    UnitTensors,
 )
 
 log = logging.getLogger("flexpipe.controller")
@@ -54,7 +60,7 @@ class Slot:
 class ReshapeStats:
     """What one reshape (or recovery) did and cost."""
 
-    kind: str  # "reshape" | "recovery"
+    kind: str  # "reshape" | "recovery" | "scale_to_zero" | "cold_start"
     from_epoch: int
     to_epoch: int
     from_boundaries: list[int]
@@ -65,7 +71,8 @@ class ReshapeStats:
     total_s: float = 0.0
     prepare_s: float = 0.0
     weight_bytes: int = 0  # parameters loaded into stages (from source or peers)
-    weights_from: str = "source"
+    weights_from: str = "source"  # "source" | "peer" | "cache" (the cache tier falls back to peers per unit)
+    weights_s: float = 0.0  # copying and building units (loading inside a starting process excluded)
     kv_bytes: int = 0  # KV copied, pre-copy and delta together
     kv_bytes_delta: int = 0  # KV copied during the pause
     moved_kv_tokens: int = 0
@@ -85,8 +92,11 @@ class Controller:
     """Owns the stage actors of one pipeline and changes their shape."""
 
     def __init__(self, system: Any, spec: Any, settings: Any, *, in_process: bool = False,
-                 max_precopy_rounds: int = 3, delta_tokens_target: int = 64, stage_launcher: Any = None):
+                 max_precopy_rounds: int = 3, delta_tokens_target: int = 64, stage_launcher: Any = None,
+                 weight_cache: Any = None):
         self.system, self.spec, self.settings = system, spec, settings
+        self.weight_cache = weight_cache  # a WeightCache (runtime/weight_cache.py), or None: no cache tier
+        self.cache_actor: Any = None
         self.in_process = in_process
         # async (target, kwargs, name, device) -> handle with .ref .pid .stop() .kill(); None: local processes
         self.stage_launcher = stage_launcher
@@ -141,6 +151,11 @@ class Controller:
                                   max_batch_seqs=s.max_batch_seqs)
         self.router.on_stage_death = self._on_stage_death
         self.router_actor = await self.system.spawn(self.router, "router")
+        if self.weight_cache is not None:
+            from flexpipe.runtime.weight_cache import WeightCacheActor
+
+            self.cache_actor = await self.system.spawn(WeightCacheActor(self.weight_cache, self.model_key, cfg),
+                                                       "weights")
         await self._configure(shape.epoch)
         return self.router
 
@@ -160,6 +175,8 @@ class Controller:
         """Stop the router and every stage."""
         if self.router_actor is not None:
             await self.router_actor.aclose("pipeline closed")
+        if self.cache_actor is not None:
+            await self.cache_actor.aclose("pipeline closed")
         await asyncio.gather(*(sl.handle.stop() for sl in self.slots), return_exceptions=True)
 
     def stage_info(self) -> list[dict]:
@@ -192,6 +209,8 @@ class Controller:
     async def reshape(self, shape: PipelineShape, *, weights_from: str = "auto") -> ReshapeStats:
         """Move the running pipeline to `shape` without losing or changing any request."""
         async with self._lock:
+            if not self.slots:  # scaled to zero: nothing to reshape, start `shape`
+                return await self._wake(shape)
             return await self._reshape(shape, weights_from)
 
     async def _reshape(self, shape: PipelineShape, weights_from: str) -> ReshapeStats:
@@ -208,8 +227,9 @@ class Controller:
         started: list[Slot] = []
         prepared: list[Slot] = []
         paused = False
-        peer = weights_from == "peer" or (weights_from == "auto" and self.spec.source.get("kind") == "checkpoint")
-        st.weights_from = "peer" if peer else "source"
+        tier = self._tier(shape, new_slots, weights_from)
+        peer = tier != "source"  # cache and peer tiers both send tensors to stages that start empty
+        st.weights_from = tier
         try:
             # 2. prepare: new processes, and missing units in kept ones
             launches = {j: self._launch(s.start, s.end, s.device, old_epoch, j, load=not peer)
@@ -232,12 +252,15 @@ class Controller:
                     missing = [u for u in range(s.start, s.end) if not sl.start <= u < sl.end]
                 if not missing:
                     continue
+                tw = time.perf_counter()
                 if peer:
-                    st.weight_bytes += await self._peer_copy(missing, sl)
+                    st.weight_bytes += await self._deliver(missing, sl, from_cache=tier == "cache")
                 else:
                     st.weight_bytes += self._param_bytes_list(missing)
                 await self.system.ask(sl.ref, PrepareUnits(s.start, s.end, from_peer=peer), timeout=600)
+                st.weights_s += time.perf_counter() - tw
                 prepared.append(sl)
+            await self._evict_leaving(shape, new_slots)
             st.prepare_s = time.perf_counter() - t0
 
             # 3. pre-copy rounds while the old epoch serves
@@ -294,6 +317,149 @@ class Controller:
         self.history.append(st)
         log.info("reshape %s -> %s: pause %.1f ms, total %.2f s, KV %d B, weights %d B", st.from_boundaries,
                  st.to_boundaries, st.pause_s * 1e3, st.total_s, st.kv_bytes, st.weight_bytes)
+        return st
+
+    # ---- weight tiers ----------------------------------------------------------------------------------
+    @property
+    def model_key(self) -> str:
+        """The weight cache's key for this model: its name and where its weights come from."""
+        src = self.spec.source
+        return f"{self.spec.name}|{src.get('kind')}|{src.get('path', src.get('seed', ''))}|{self.settings.dtype}"
+
+    def _tier(self, shape: PipelineShape, new_slots: list[Slot | None], weights_from: str) -> str:
+        """Where the units a reshape loads come from: "cache", "peer" or "source"."""
+        if weights_from == "cache" and self.weight_cache is None:
+            raise ReshapeError("weights_from='cache' needs a weight cache (launch with autoscale= or a cache)")
+        if weights_from != "auto":
+            return weights_from
+        need = [u for j, s in enumerate(shape.stages) for u in range(s.start, s.end)
+                if new_slots[j] is None or not new_slots[j].start <= u < new_slots[j].end]
+        if need and self.weight_cache is not None and self.weight_cache.holds(self.model_key, need):
+            return "cache"
+        return "peer" if self.spec.source.get("kind") == "checkpoint" else "source"
+
+    async def _deliver(self, units: list[int], dest: Slot, *, from_cache: bool) -> int:
+        """Send `units` to `dest`: cached ones from RAM (with from_cache), the rest from running peers."""
+        total = 0
+        if from_cache:
+            hit = [u for u in units if self.weight_cache.holds(self.model_key, [u])]
+            if hit:
+                tensors = self.weight_cache.take(self.model_key, hit)
+                names = list(tensors)
+                await self.system.ask(dest.ref, UnitTensors(names), *[tensors[n] for n in names], timeout=600)
+                total += sum(t.numel() * t.element_size() for t in tensors.values())
+            units = [u for u in units if u not in hit]
+        if units:
+            total += await self._peer_copy(units, dest)
+        return total
+
+    async def _evict_leaving(self, shape: PipelineShape | None, new_slots: list[Slot | None]) -> None:
+        """Send the units that leave a running stage (not already cached) to the weight cache.
+
+        `shape` None: every unit leaves (scale to zero)."""
+        if self.cache_actor is None:
+            return
+        key = self.model_key
+        for sl in self.slots:
+            keep = (0, 0)
+            if shape is not None and sl in new_slots:
+                s = shape.stages[new_slots.index(sl)]
+                keep = (s.start, s.end)
+            leaving = [u for u in range(sl.start, sl.end) if not keep[0] <= u < keep[1]]
+            self.weight_cache.touch(key, leaving)
+            fresh = [u for u in leaving if not self.weight_cache.holds(key, [u])]
+            if fresh:
+                try:
+                    await self.system.ask(sl.ref, SendUnits(fresh, self.cache_actor.ref), timeout=600)
+                except ActorError as e:  # the cache is an optimisation: the reshape goes on without it
+                    log.warning("units %s of %s not cached: %s", fresh, sl.ref, e)
+
+    # ---- scale to zero and back ------------------------------------------------------------------------
+    @property
+    def suspended(self) -> bool:
+        """Scaled to zero: no stage runs; requests wait in the router until `wake`."""
+        return not self.slots
+
+    async def suspend(self) -> ReshapeStats | None:
+        """Scale to zero: retire every stage (its units to the weight cache) and hold new requests.
+
+        Only when the router has no request at all (none waiting, running or in flight); returns None
+        and changes nothing otherwise.  The router stays quiesced until `wake` (or `reshape`).
+        """
+        async with self._lock:
+            router = self.router
+            if not self.slots or router.sched.requests:
+                return None
+            old = self.shape
+            st = ReshapeStats("scale_to_zero", old.epoch, old.epoch + 1, old.boundaries, [])
+            t0 = time.perf_counter()
+            await router.quiesce()
+            if router.sched.requests:  # arrived meanwhile: keep serving
+                router.resume()
+                return None
+            await self._evict_leaving(None, [])
+            st.weights_from = "cache" if self.cache_actor is not None else "none"
+            retired, self.slots = self.slots, []
+            self.shape = old.with_epoch(old.epoch + 1)
+            router.switch(Pipeline(self.shape.epoch, [], []))  # stays paused: requests wait for wake()
+            await asyncio.gather(*(sl.handle.stop() for sl in retired), return_exceptions=True)
+            st.stages_retired = len(retired)
+            st.total_s = time.perf_counter() - t0
+            self.history.append(st)
+            log.info("scaled to zero: %d stages retired in %.2f s", len(retired), st.total_s)
+            return st
+
+    async def wake(self, shape: PipelineShape) -> ReshapeStats:
+        """Start `shape` after a scale to zero, with weights from the cache where it holds them all."""
+        async with self._lock:
+            if self.slots:
+                raise ReshapeError("wake() needs a pipeline scaled to zero; use reshape() on a running one")
+            return await self._wake(shape)
+
+    async def _wake(self, shape: PipelineShape) -> ReshapeStats:
+        shape.validate(self.spec.config.num_units)
+        router = self.router
+        old = self.shape
+        shape = shape.with_epoch(old.epoch + 1)
+        st = ReshapeStats("cold_start", old.epoch, shape.epoch, [], shape.boundaries)
+        t0 = time.perf_counter()
+        units = range(self.spec.config.num_units)
+        cached = self.weight_cache is not None and self.weight_cache.holds(self.model_key, units)
+        st.weights_from = "cache" if cached else "source"
+        res = await asyncio.gather(*(self._launch(s.start, s.end, s.device, shape.epoch, j, load=not cached)
+                                     for j, s in enumerate(shape.stages)), return_exceptions=True)
+        slots = [r for r in res if isinstance(r, Slot)]
+        try:
+            bad = next((r for r in res if isinstance(r, BaseException)), None)
+            if bad is not None:
+                raise ReshapeError(f"cold start: a stage failed to start: {type(bad).__name__}: {bad}")
+            st.prepare_s = time.perf_counter() - t0
+            tw = time.perf_counter()
+            if cached:
+                for sl, s in zip(slots, shape.stages):
+                    st.weight_bytes += await self._deliver(list(range(s.start, s.end)), sl, from_cache=True)
+                    await self.system.ask(sl.ref, PrepareUnits(s.start, s.end, from_peer=True), timeout=600)
+            else:
+                st.weight_bytes = self._param_bytes_list(units)
+            st.weights_s = time.perf_counter() - tw
+            rr = self.router_actor.ref
+            await asyncio.gather(*(self.system.ask(sl.ref, Activate(shape.epoch, j, s.start, s.end,
+                                                                   self._next_ref(j, slots), rr))
+                                   for j, (sl, s) in enumerate(zip(slots, shape.stages))))
+        except Exception as e:
+            await asyncio.gather(*(sl.handle.stop() for sl in slots), return_exceptions=True)
+            st.ok, st.error = False, f"{type(e).__name__}: {e}"
+            st.total_s = time.perf_counter() - t0
+            self.history.append(st)
+            raise e if isinstance(e, ReshapeError) else ReshapeError(f"cold start failed, still at zero: "
+                                                                     f"{st.error}") from e
+        self.slots, self.shape = slots, shape
+        router.switch(self._pipeline(shape.epoch), CacheManager(self.settings.block_size, self._pools(shape)))
+        router.resume()
+        st.stages_started = len(slots)
+        st.total_s = st.pause_s = time.perf_counter() - t0  # requests waiting meanwhile saw all of it
+        self.history.append(st)
+        log.info("cold start of %s: %.2f s, weights from %s", shape.boundaries, st.total_s, st.weights_from)
         return st
 
     def _param_bytes_list(self, units: Any) -> int:
@@ -364,7 +530,7 @@ class Controller:
             return 0
         reqs = []
         for (i, j), units in moves.items():
-            msg = ExportKV([[rid, units, a, b] for rid, a, b in items], self._new_slots[j].ref)
+            msg = ExportKV([[rid, units, a, b] for rid, a, b in items], self._new_slots[j].ref, strict=delta)
             reqs.append(self.system.ask(self.slots[i].ref, msg, timeout=600))
         res = await asyncio.gather(*reqs, return_exceptions=True)  # all settle before a retry
         err = next((r for r in res if isinstance(r, BaseException)), None)

@@ -6,7 +6,8 @@ steps, so steps leave in order; outputs come back as StepOutput messages from th
 Outputs of another epoch are dropped and counted (epoch fencing).
 
 The reshape controller (runtime/controller.py) acts through `quiesce()` / `resume()` and swaps the
-pipeline (stage refs, ledger pools, epoch) while nothing is in flight.
+pipeline (stage refs, ledger pools, epoch) while nothing is in flight.  `listeners` see arrivals,
+finishes and steps (the autoscaler's traffic analyzer is fed from them).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class RequestStream:
     """Where a request's events go: an asyncio queue read by the client."""
 
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    request: Any = None  # its scheduler record, kept for listeners after the scheduler drops it
 
 
 class RouterActor:
@@ -72,6 +74,9 @@ class RouterActor:
         self._pump_task: asyncio.Task | None = None
         self._death_seen = False
         self.on_stage_death = None  # set by the controller: async fn(ref, reason)
+        # fn(event, now, request) with now on the scheduler's clock: "arrival" (the record), "finish"
+        # (the record, `finished` set), "step" (None; after each step's output); called inline: keep it O(1)
+        self.listeners: list[Any] = []
         self.stats = collections.Counter()
         self.step_times: collections.deque = collections.deque(maxlen=1024)
         self._sent_at: dict[int, float] = {}
@@ -110,8 +115,11 @@ class RouterActor:
             raise RequestError(f"request id {rid!r} is already in use")
         stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_ids))
         self.sched.add(Request(rid, list(prompt), params, stop, self.max_context))
-        st = self.streams[rid] = RequestStream()
+        req = self.sched.requests[rid]
+        st = self.streams[rid] = RequestStream(request=req)
         self.stats["requests"] += 1
+        if self.listeners:
+            self._notify("arrival", req)
         self._wake.set()
         return rid, st.queue
 
@@ -129,6 +137,8 @@ class RouterActor:
             if ev.finish_reason is not None:
                 del self.streams[ev.request_id]
                 self.stats[f"finish_{ev.finish_reason}"] += 1
+                if self.listeners:
+                    self._notify("finish", st.request)
             else:
                 self.stats["tokens"] += 1
 
@@ -196,6 +206,17 @@ class RouterActor:
         if not self.sched.inflight:
             self._drained.set()
         self._wake.set()
+        if self.listeners:
+            self._notify("step", None)
+
+    def _notify(self, event: str, req: Any) -> None:
+        now = self.sched.clock()
+        for fn in self.listeners:
+            try:
+                fn(event, now, req)
+            except Exception:  # a listener's bug must not stop the data path; logged and counted
+                self.stats["listener_errors"] += 1
+                log.exception("router: listener %r failed on %s", fn, event)
 
     @handles(Terminated, concurrent=True)
     async def terminated(self, ctx: ActorContext, msg: Terminated) -> None:
