@@ -7,6 +7,8 @@
 
 The router (scheduler, KV ledger, controller) runs on the caller's event loop; each stage is an
 actor in its own spawned process by default (`in_process=True` keeps them on this loop).
+`autoscale=True` (or a PolicyConfig / AutoscaleConfig) starts the control loop of
+runtime/autoscale.py: the pipeline then reshapes and scales to zero by itself.
 """
 
 from __future__ import annotations
@@ -116,15 +118,20 @@ class FlexPipe:
     def __init__(self, spec: ModelSpec, settings: Settings, system: Any, router: Any, controller: Any):
         self.spec, self.settings = spec, settings
         self.system, self.router, self.controller = system, router, controller
+        self.autoscaler: Any = None  # runtime/autoscale.py's Autoscaler when launched with autoscale=
 
     # ---- life cycle ---------------------------------------------------------------------------
     @classmethod
     @contextlib.asynccontextmanager
     async def launch(cls, model: str = "tiny", stages: int = 1, *, boundaries: Sequence[int] | None = None,
-                     in_process: bool = False, settings: Settings | None = None,
+                     in_process: bool = False, settings: Settings | None = None, autoscale: Any = None,
                      **overrides: Any) -> AsyncIterator["FlexPipe"]:
-        """Start the pipeline; stops every stage and closes every socket on exit."""
+        """Start the pipeline; stops every stage and closes every socket on exit.
+
+        `autoscale`: None/False (off), True, a planning.PolicyConfig or a runtime.autoscale.AutoscaleConfig.
+        """
         from flexpipe.runtime.actor import ActorSettings
+        from flexpipe.runtime.autoscale import AutoscaleConfig, Autoscaler, make_weight_cache
         from flexpipe.runtime.controller import Controller
         from flexpipe.runtime.launcher import ActorSystem
 
@@ -133,6 +140,7 @@ class FlexPipe:
             if not hasattr(settings, k):
                 raise ConfigError(f"unknown setting {k!r}; settings: {', '.join(Settings.__slots__)}")
             setattr(settings, k, v)
+        auto = AutoscaleConfig.of(autoscale)
         spec = ModelSpec.resolve(model, settings.seed)
         shape = plan_shape(spec.config, stages, boundaries, device=settings.device)
         actor_settings = ActorSettings(heartbeat_interval=settings.heartbeat_interval,
@@ -140,12 +148,18 @@ class FlexPipe:
                                        start_timeout=settings.start_timeout,
                                        torch_threads=settings.torch_threads)
         async with ActorSystem(actor_settings, name="flexpipe") as system:
-            controller = Controller(system, spec, settings, in_process=in_process)
+            controller = Controller(system, spec, settings, in_process=in_process,
+                                    weight_cache=make_weight_cache(auto))
             router = await controller.start(shape)
             fp = cls(spec, settings, system, router, controller)
             try:
+                if auto is not None:
+                    fp.autoscaler = Autoscaler(controller, auto)
+                    await fp.autoscaler.start()
                 yield fp
             finally:
+                if fp.autoscaler is not None:
+                    await fp.autoscaler.aclose()
                 await controller.aclose()
 
     # ---- properties -------------------------------------------------------------------------------
@@ -242,10 +256,13 @@ class FlexPipe:
 
     # ---- pipeline -------------------------------------------------------------------------------------
     def status(self) -> dict:
-        """Current shape, KV usage, queue and recent reshapes."""
+        """Current shape, KV usage, queue, recent reshapes and the autoscaler's decisions."""
+        auto = self.autoscaler
         return {"model": self.model_name, "shape": self.controller.shape.to_dict(), "router": self.router.status(),
                 "reshapes": [r.to_dict() for r in self.controller.history[-16:]],
-                "stages": self.controller.stage_info()}
+                "stages": self.controller.stage_info(),
+                "decisions": auto.decision_log() if auto is not None else [],
+                "autoscale": auto.status() if auto is not None else {"enabled": False}}
 
     async def reshape(self, stages: int | None = None, boundaries: Sequence[int] | None = None, *,
                       devices: Sequence[str] | None = None, weights_from: str = "auto") -> Any:
