@@ -608,6 +608,10 @@ class Controller:
         st.requests_recomputed = len(requeued)
         for i, sl in enumerate(self.slots):
             if sl.ref == dead:
+                try:  # a stage declared dead by heartbeats may still be running, hung: make sure it is gone
+                    sl.handle.kill()
+                except Exception as e:  # already gone, or its worker is
+                    log.debug("recovery: kill of %s: %s", dead, e)
                 for attempt in range(3):
                     try:
                         self.slots[i] = await self._launch(sl.start, sl.end, sl.device, shape.epoch, i)
