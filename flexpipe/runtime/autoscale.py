@@ -324,6 +324,8 @@ class Autoscaler:
     # ---- one decision ------------------------------------------------------------------------------
     def current(self) -> PipelineConfig:
         """The config the policy is told is running (its own last choice, reconciled with the runtime)."""
+        if not self.config.act:  # observing: decisions play out as if carried out, whatever runs
+            return self._logical
         running = len(self.controller.slots)
         budget = self.router.sched.max_batch_tokens
         if running == 0:
