@@ -61,6 +61,8 @@ SERVE_SETTINGS = [
     Setting("router", str, None, "serve through a running `flexpipe router` at tcp://HOST:PORT (or ipc:///PATH) "
             "instead of starting a pipeline here (MODEL, --stages and the runtime settings are the router's); "
             "CURVE key files from FLEXPIPE_CURVE_*", "URL"),
+    Setting("autoscale", bool, False, "let the control loop reshape and scale the pipeline by itself from the "
+            "traffic it sees (runtime/autoscale.py; its decisions show in /v1/flexpipe/status)"),
 ]
 
 # The runtime's own settings (flexpipe.api.Settings), passed to FlexPipe.launch when given.  Listed
@@ -228,7 +230,8 @@ def serve_main(args: argparse.Namespace) -> int:
             from flexpipe.runtime.remote import connect
 
             return connect(cfg["router"])
-        return FlexPipe.launch(model=model, stages=stages, in_process=in_process, **options)
+        return FlexPipe.launch(model=model, stages=stages, in_process=in_process,
+                               autoscale=True if cfg["autoscale"] else None, **options)
 
     app = create_app(launch, model_name=cfg["served_model_name"], api_key=cfg["api_key"],
                      chat_template=cfg["chat_template"], default_max_tokens=cfg["default_max_tokens"])
