@@ -112,7 +112,73 @@ def plan_shape(cfg: ModelConfig, stages: int | None = None, boundaries: Sequence
     return shape
 
 
-class FlexPipe:
+class EngineClient:
+    """What the embedded runtime and a router daemon's client (runtime/remote.py) share: the model
+    as a client sees it, prompt checks, sampling parameters, completions and the oracle's answer.
+    Subclasses provide `spec` (a ModelSpec-like object) and `generate`."""
+
+    spec: Any
+
+    # ---- properties -------------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.spec.name
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.spec.config
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.spec.tokenizer
+
+    @property
+    def max_context(self) -> int:
+        return self.spec.config.max_position_embeddings
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def _params(self, **kw: Any) -> SamplingParams:
+        """Validated sampling parameters (RequestError says what to change); a seed is drawn if none."""
+        kw["stop_token_ids"] = tuple(kw.get("stop_token_ids") or ())
+        return SamplingParams(**kw).validate(self.config.vocab_size).resolve_seed()
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt given as text or ids (ids are checked against the vocabulary)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("the prompt is empty: give some text or token ids")
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise RequestError(f"prompt token ids must be integers in [0, {self.config.vocab_size}); got {bad[:5]}")
+        return ids
+
+    async def complete(self, prompt: str | Sequence[int], **kw: Any) -> Completion:
+        """Generate to the end and return the whole completion."""
+        ids = self.encode(prompt)
+        toks, parts, reason = [], [], "length"
+        async for ev in self.generate(ids, **kw):
+            if ev.token_id is not None:
+                toks.append(ev.token_id)
+            parts.append(ev.text)
+            if ev.finish_reason:
+                reason = ev.finish_reason
+        return Completion("".join(parts), toks, reason, len(ids), len(toks))
+
+    def reference_tokens(self, prompt: str | Sequence[int], *, max_tokens: int = 64, temperature: float = 0.0,
+                         top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                         stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False) -> list[int]:
+        """What the single-process oracle (model/reference.py) generates for the same request."""
+        from flexpipe.model.reference import generate
+
+        params = self._params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              seed=seed if seed is not None else 0, stop_token_ids=stop_token_ids,
+                              ignore_eos=ignore_eos)
+        return generate(self.config, self.spec.weights(), self.encode(prompt), params)
+
+
+class FlexPipe(EngineClient):
     """A running pipeline: router on this loop, stages as actors.  Create with `FlexPipe.launch`."""
 
     def __init__(self, spec: ModelSpec, settings: Settings, system: Any, router: Any, controller: Any):
@@ -162,49 +228,14 @@ class FlexPipe:
                     await fp.autoscaler.aclose()
                 await controller.aclose()
 
-    # ---- properties -------------------------------------------------------------------------------
-    @property
-    def model_name(self) -> str:
-        return self.spec.name
-
-    @property
-    def config(self) -> ModelConfig:
-        return self.spec.config
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.spec.tokenizer
-
-    @property
-    def max_context(self) -> int:
-        return self.spec.config.max_position_embeddings
-
-    # ---- requests ------------------------------------------------------------------------------------
-    def _params(self, max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
-                stop_token_ids: Sequence[int] | None, ignore_eos: bool) -> SamplingParams:
-        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                              stop_token_ids=tuple(stop_token_ids or ()), ignore_eos=ignore_eos
-                              ).validate(self.config.vocab_size).resolve_seed()
-
-    def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        """Token ids of a prompt given as text or ids (ids are checked against the vocabulary)."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise RequestError("the prompt is empty: give some text or token ids")
-            return self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise RequestError(f"prompt token ids must be integers in [0, {self.config.vocab_size}); got {bad[:5]}")
-        return ids
-
     async def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 64, temperature: float = 0.0,
                        top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                        stop: Sequence[str] | None = None, stop_token_ids: Sequence[int] | None = None,
                        ignore_eos: bool = False, request_id: str | None = None) -> AsyncIterator[GenerationEvent]:
         """Stream the new tokens of one request; closing the iterator early cancels the request."""
         ids = self.encode(prompt)
-        params = self._params(max_tokens, temperature, top_k, top_p, seed, stop_token_ids, ignore_eos)
+        params = self._params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                              stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
         if len(self.router.sched.waiting) >= self.settings.max_queued:
             raise QueueFullError(f"{self.settings.max_queued} requests are already queued: retry later")
         rid, queue = self.router.submit(ids, params, request_id)
@@ -231,28 +262,6 @@ class FlexPipe:
         finally:
             if not done:
                 self.router.cancel(rid)
-
-    async def complete(self, prompt: str | Sequence[int], **kw: Any) -> Completion:
-        """Generate to the end and return the whole completion."""
-        ids = self.encode(prompt)
-        toks, parts, reason = [], [], "length"
-        async for ev in self.generate(ids, **kw):
-            if ev.token_id is not None:
-                toks.append(ev.token_id)
-            parts.append(ev.text)
-            if ev.finish_reason:
-                reason = ev.finish_reason
-        return Completion("".join(parts), toks, reason, len(ids), len(toks))
-
-    def reference_tokens(self, prompt: str | Sequence[int], *, max_tokens: int = 64, temperature: float = 0.0,
-                         top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                         stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False) -> list[int]:
-        """What the single-process oracle (model/reference.py) generates for the same request."""
-        from flexpipe.model.reference import generate
-
-        params = self._params(max_tokens, temperature, top_k, top_p, seed if seed is not None else 0,
-                              stop_token_ids, ignore_eos)
-        return generate(self.config, self.spec.weights(), self.encode(prompt), params)
 
     # ---- pipeline -------------------------------------------------------------------------------------
     def status(self) -> dict:
@@ -315,4 +324,4 @@ async def _call(fn: Any) -> Any:
     return fn()
 
 
-__all__ = ["Completion", "FlexPipe", "GenerationEvent", "ModelSpec", "Settings", "SyncFlexPipe", "plan_shape"]
+__all__ = ["Completion", "EngineClient", "FlexPipe", "GenerationEvent", "ModelSpec", "Settings", "SyncFlexPipe", "plan_shape"]

@@ -29,6 +29,7 @@ from typing import Any, AsyncIterator, Sequence
 from urllib.parse import urlsplit
 
 from flexpipe import errors
+from flexpipe.api import EngineClient
 from flexpipe.errors import ActorClosed, ActorError, ConfigError, PeerDeadError, RemoteError, RequestError
 from flexpipe.runtime.actor import ActorSettings, handles
 from flexpipe.runtime.messages import ActorRef, Terminated, message
@@ -198,7 +199,7 @@ def _typed(e: RemoteError) -> Exception:
     return e
 
 
-class RemoteFlexPipe:
+class RemoteFlexPipe(EngineClient):
     """FlexPipe's interface over a router daemon.  Create with `RemoteFlexPipe.connect(url)`."""
 
     def __init__(self, url: str, info: ModelInfo, spec: Any, system: Any, actor: Any):
@@ -253,42 +254,9 @@ class RemoteFlexPipe:
             finally:
                 await fp._drain_tasks()
 
-    # ---- properties (as FlexPipe) --------------------------------------------------------------
-    @property
-    def model_name(self) -> str:
-        return self.spec.name
-
-    @property
-    def config(self) -> Any:
-        return self.spec.config
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.spec.tokenizer
-
     @property
     def max_context(self) -> int:
         return int(self.info.max_context)
-
-    # ---- requests ---------------------------------------------------------------------------------
-    def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        """Token ids of a prompt given as text or ids (ids are checked against the vocabulary)."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise RequestError("the prompt is empty: give some text or token ids")
-            return self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        vocab = self.config.vocab_size
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
-        return ids
-
-    def _params(self, **kw: Any) -> Any:
-        from flexpipe.model.sampling import SamplingParams
-
-        kw["stop_token_ids"] = tuple(kw.get("stop_token_ids") or ())
-        return SamplingParams(**kw).validate(self.config.vocab_size).resolve_seed()
 
     async def _reconnect(self) -> None:
         """After the router was declared dead: is it back (or was it only a stalled loop)?"""
@@ -375,31 +343,6 @@ class RemoteFlexPipe:
     async def _drain_tasks(self) -> None:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5.0)
-
-    async def complete(self, prompt: str | Sequence[int], **kw: Any) -> Any:
-        """Generate to the end and return the whole completion."""
-        from flexpipe.api import Completion
-
-        ids = self.encode(prompt)
-        toks, parts, reason = [], [], "length"
-        async for ev in self.generate(ids, **kw):
-            if ev.token_id is not None:
-                toks.append(ev.token_id)
-            parts.append(ev.text)
-            if ev.finish_reason:
-                reason = ev.finish_reason
-        return Completion("".join(parts), toks, reason, len(ids), len(toks))
-
-    def reference_tokens(self, prompt: str | Sequence[int], *, max_tokens: int = 64, temperature: float = 0.0,
-                         top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                         stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False) -> list[int]:
-        """What the single-process oracle generates, computed here (needs the weights readable here)."""
-        from flexpipe.model.reference import generate
-
-        params = self._params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              seed=seed if seed is not None else 0, stop_token_ids=stop_token_ids,
-                              ignore_eos=ignore_eos)
-        return generate(self.config, self.spec.weights(), self.encode(prompt), params)
 
     # ---- pipeline -------------------------------------------------------------------------------
     async def status(self) -> dict:
