@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from flexpipe.sim.cluster import Placement
-from flexpipe.sim.engine import Replica, Simulator
+from flexpipe.sim.engine import Simulator
 from flexpipe.sim.policy import FlexPipePolicy, LoadShape, capacity, min_stages, typical_hole
 
 

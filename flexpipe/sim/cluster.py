@@ -14,7 +14,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from flexpipe.errors import ConfigError
 from flexpipe.sim.perf import GPUS, LINKS, GPUSpec, LinkSpec, ModelCosts, StageCost
 
 GB = 1e9

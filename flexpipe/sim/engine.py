@@ -21,7 +21,6 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from flexpipe.errors import ConfigError
 from flexpipe.sim.cluster import (Cluster, Placement, place_pipeline, place_server_tp)
 from flexpipe.sim.perf import INIT_S, LOAD_TIERS, FastPipe, ModelCosts, PipelineSpec
 from flexpipe.sim.traces import Trace

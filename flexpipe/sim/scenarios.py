@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import csv
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from importlib import resources
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
