@@ -40,6 +40,8 @@ import os
 import tempfile
 import time
 
+import numpy as np
+
 import torch
 
 from flexpipe.api import FlexPipe
@@ -61,13 +63,8 @@ def make_prompts(n: int) -> list[list[int]]:
 
 
 def pct(xs: list[float], q: float) -> float:
-    """q-th percentile (linear interpolation), NaN for no samples."""
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    k = (len(s) - 1) * q / 100
-    lo = int(k)
-    return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (k - lo)
+    """q-th percentile (numpy's linear interpolation), NaN for no samples."""
+    return float(np.percentile(xs, q)) if xs else float("nan")
 
 
 # ---- FlexPipe -------------------------------------------------------------------------------------

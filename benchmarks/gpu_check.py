@@ -42,6 +42,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import torch
 
 from flexpipe.errors import CheckpointError
@@ -389,13 +391,8 @@ def blocks_digest(k: torch.Tensor, v: torch.Tensor, ids: list) -> str:
 
 
 def pct(xs: list[float], q: float) -> float:
-    """q-th percentile (linear interpolation); NaN for no samples."""
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    k = (len(s) - 1) * q / 100
-    lo = int(k)
-    return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (k - lo)
+    """q-th percentile (numpy's linear interpolation), NaN for no samples."""
+    return float(np.percentile(xs, q)) if xs else float("nan")
 
 
 def _ipc_missing(args: argparse.Namespace) -> dict | None:
