@@ -149,6 +149,10 @@ def source_from_spec(cfg: Any, spec: dict) -> Any:
 
     if spec.get("kind") == "checkpoint":
         return CheckpointReader(spec["path"])
+    if spec.get("on_device"):  # drawn on the stage's device: other values, seconds instead of minutes for 7B
+        from flexpipe.model.device_weights import DevicePresetWeights
+
+        return DevicePresetWeights(cfg, int(spec.get("seed", 0)))
     return PresetWeights(cfg, int(spec.get("seed", 0)))
 
 
@@ -224,13 +228,17 @@ class StageActor:
             return
         try:
             if core.end < self.cfg.num_units:
-                # the codec carries host tensors; a CUDA stage pair uses transports/cuda_ipc.py instead
-                await ctx.tell(self.next, msg, out if out.device.type == "cpu" else out.cpu())
+                await self._send_next(ctx, msg, out)
             else:
                 ids = [s for s, f in zip(msg.seq_ids, msg.sample) if f]
                 await ctx.tell(self.router, StepOutput(msg.epoch, msg.step, ids, out.tolist(), dt))
         except Exception as e:  # the next stage is gone: the router hears of it and recovers
             log.warning("stage %d: step %d not delivered: %s: %s", self.index, msg.step, type(e).__name__, e)
+
+    async def _send_next(self, ctx: ActorContext, msg: StepInput, out: torch.Tensor) -> None:
+        """Hand the residual [T, hidden] to the next stage (runtime/gpu_stage.py overrides this)."""
+        # the codec carries host tensors; GpuStageActor sends CUDA pairs' residuals through cuda_ipc
+        await ctx.tell(self.next, msg, out if out.device.type == "cpu" else out.cpu())
 
     @handles(FreeSeqs)
     def free_seqs(self, ctx: ActorContext, msg: FreeSeqs) -> bool:
