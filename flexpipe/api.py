@@ -37,6 +37,7 @@ class Settings:
     max_batch_seqs: int = 256
     dtype: str = "float32"
     device: str = "cpu"
+    transport: str = "auto"  # stage hop: auto (cuda_ipc between CUDA stages of a node), message, cuda_ipc, shm
     seed: int = 0  # weights seed of presets
     torch_threads: int = 1  # per stage process
     heartbeat_interval: float = 0.5

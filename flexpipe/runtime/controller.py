@@ -121,7 +121,11 @@ class Controller:
         if self.fail_next_launch:
             self.fail_next_launch = False
             kwargs["source"] = {"kind": "checkpoint", "path": "/nonexistent/flexpipe-test-failure"}
-        target = "flexpipe.runtime.stage:StageActor"
+        from flexpipe.runtime.gpu_stage import PLAIN_TARGET, stage_target
+
+        target = stage_target(s.transport, device)  # CUDA stages: GpuStageActor (cuda_ipc hop, KV via IPC)
+        if target != PLAIN_TARGET:
+            kwargs["transport"] = s.transport
         if self.stage_launcher is not None:  # e.g. the router daemon: a worker process starts it
             handle = await self.stage_launcher(target, kwargs, f"stage{self._names}", device)
         else:

@@ -968,6 +968,7 @@ _RUNTIME_FLAGS: list[tuple[str, type, str]] = [
     ("max_batch_tokens", int, "token budget of one micro-batch"),
     ("max_batch_seqs", int, "sequences in one micro-batch at most"),
     ("dtype", str, "float32, bfloat16 or float16"),
+    ("transport", str, "stage hop: auto (cuda_ipc between CUDA stages of one node), message, cuda_ipc, shm"),
     ("seed", int, "weights seed of preset models"),
     ("torch_threads", int, "torch threads per stage process"),
     ("heartbeat_interval", float, "seconds between heartbeats"),

@@ -75,6 +75,8 @@ RUNTIME_SETTINGS = [
     Setting("max_batch_seqs", int, 256, "sequences in one micro-batch at most", "N"),
     Setting("dtype", str, "float32", "dtype of weights and activations (float32, bfloat16, float16)"),
     Setting("device", str, "cpu", "device of the stages (cpu, cuda, cuda:N)"),
+    Setting("transport", str, "auto", "hop between stage processes: auto (cuda_ipc between CUDA stages of one node, "
+            "else the actor message), message, cuda_ipc (or fail), shm"),
     Setting("seed", int, 0, "weights seed of preset models"),
     Setting("torch_threads", int, 1, "torch threads per stage process", "N"),
     Setting("heartbeat_interval", float, 0.5, "seconds between heartbeats of the stage actors", "S"),

@@ -438,12 +438,31 @@ class CudaIpcTransport(Transport):
         self._peer_event: Any = None       # the other side's event (IPC-opened, or the object itself)
         self._event: Any = None            # ours: "copied" (sender) or "free" (receiver)
         self._buffer: IpcBuffer | None = None   # sender: the mapping it holds
-        self._books = RingBooks(size) if not receiving else None
-        self._releases = InOrderReleases() if receiving else None
+        self._books_ = RingBooks(size) if not receiving else None
+        self._releases_ = InOrderReleases() if receiving else None
         self._regions: collections.deque = collections.deque()   # receiver: announced, not yet taken
         self._stream: Any = None           # sender: its copy stream
         self._fence = True
         self.stats: collections.Counter[str] = collections.Counter()
+
+    @property
+    def capacity(self) -> int:
+        """Bytes one send may hold without streaming through the ring (the ring's size)."""
+        return self._size
+
+    @property
+    def _books(self) -> RingBooks:
+        """The sending side's ring bookkeeping."""
+        if self._books_ is None:
+            raise ProtocolError("the receiving side of a cuda_ipc channel does not send")
+        return self._books_
+
+    @property
+    def _releases(self) -> InOrderReleases:
+        """The receiving side's release bookkeeping."""
+        if self._releases_ is None:
+            raise ProtocolError("the sending side of a cuda_ipc channel does not receive")
+        return self._releases_
 
     # --- small device helpers (no-ops on the host-memory channel) ---------------------------------
     def _current(self) -> Any:
@@ -454,7 +473,7 @@ class CudaIpcTransport(Transport):
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
     def _new_tensor(self, spec: Any) -> torch.Tensor:
-        dev = torch.device("cuda", self._dev) if self._cuda else torch.device("cpu")
+        dev = torch.device("cuda", self._dev) if self._dev is not None else torch.device("cpu")
         return torch.empty(spec.shape, dtype=spec.dtype, device=dev)
 
     def _view(self, offset: int, nbytes: int) -> tuple[torch.Tensor, Any]:
@@ -478,9 +497,9 @@ class CudaIpcTransport(Transport):
             ring = torch.empty(size, dtype=torch.uint8)
         else:
             _require()
-            dev = device_index(device)
-            with torch.cuda.device(dev):
-                ring = torch.empty(size, dtype=torch.uint8, device=torch.device("cuda", dev))
+            dev = index = device_index(device)
+            with torch.cuda.device(index):
+                ring = torch.empty(size, dtype=torch.uint8, device=torch.device("cuda", index))
                 if sync == "event":
                     event = torch.cuda.Event(interprocess=True)
                     event_handle = bytes(event.ipc_handle())
@@ -528,6 +547,7 @@ class CudaIpcTransport(Transport):
             ring, size, peer_event = rx._ring, rx._size, rx._event
         else:
             _require()
+            assert buf is not None   # a host-memory channel (no ring handle) was refused above
             ring_ptr = HANDLES.acquire(buf, dev)
             held, size = buf, buf.nbytes
             try:
@@ -784,7 +804,7 @@ class CudaIpcTransport(Transport):
                 HANDLES.release(self._buffer)
                 self._buffer = None
         # received views keep the ring (and so the mapping's memory) alive until they are dropped
-        self._ring = None
+        self._ring = torch.empty(0, dtype=torch.uint8)   # drops our reference to the ring
         self._ctrl.close()
         if self._owns_ctx:
             self._zctx.term()

@@ -73,6 +73,11 @@ class ShmTransport(Transport):
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
 
+    @property
+    def capacity(self) -> int:
+        """Bytes one send may hold without streaming through the ring (the ring's size)."""
+        return self._size
+
     @classmethod
     async def listen(cls, *, ring_bytes: int = 64 << 20,
                      zctx: zmq.asyncio.Context | None = None) -> "ShmTransport":
