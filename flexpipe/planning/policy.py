@@ -15,13 +15,21 @@ flight, one per stage), for mean prompt P and output O tokens:
   latency L = TTFT + O * TPOT.
 
 Demand D (requests/s the deployment must serve) is the load -- max(long-window rate, forecast, rate
-since an upward change point) plus the queue drained over `queue_drain_s` -- times a burst headroom
-`1 + min(headroom * (1 + cv^2) / 2, headroom_cap)` (Kingman: queueing grows with (1 + cv^2) / 2), never
-below `reserve_floor` * the observed peak rate, and held at its maximum over `reclaim_window_s` so that
-capacity added for a burst is reclaimed only after the window (the paper's 5-minute windows).
+since an upward change point) plus the queue drained over `queue_drain_s` -- with a burst headroom,
+never below `reserve_floor` * the observed peak rate, and held at its maximum over `reclaim_window_s`
+so that capacity added for a burst is reclaimed only after the window (the paper's 5-minute windows).
+The headroom is square-root staffing: arrivals of a renewal process with rate L and gap CV c count
+L*W +- c*sqrt(L*W) in a window W, so capacity L*(1 + headroom) + burst_z * c * sqrt(L / burst_window_s)
+absorbs all but the largest fluctuations over `burst_window_s` (shorter ones wait in the queue, longer
+ones are the rate's own moves, which the window max follows), capped at L * (1 + headroom_cap).  It
+grows like c, not c^2, and shrinks relative to L as L grows (pooling).  The forecast counts only where it
+exceeds the rate by more than burst_z standard errors of a short-window rate estimate
+(c * sqrt(L / short_window)): at a high CV a Holt forecast swings with every clump of arrivals, and the
+window max would otherwise hold the largest swing for the whole reclaim window.
 
 Each candidate g gets R_g = ceil(D * (1 + scale_down_margin) / capacity of one replica) replicas (one
-replica's capacity computed with the longest mean lengths of the window) and the utility
+replica's capacity computed with the sizing lengths: the long-window mean lengths averaged over the
+reclaim window, tick by tick) and the utility
     U_g = (T_g / T_max)^alpha * (L_min / L_g)^(1 - alpha) * exp(-|v_t - v_g| / sigma)
 with T_g the goodput per GPU at demand D (D / (R_g * S): low load prefers few GPUs, high load efficient
 shapes), L_g the latency above, v_t = max(cv, cv_knee) the observed burstiness and v_g = cv_knee *
@@ -42,7 +50,7 @@ Against the running config:
   `reshape_payback_s`, at every tick for `reshape_persist_s`, and waits `min_dwell_s` after the last
   change.
 - Replicas of the running shape: the need (demand / one replica's capacity, the latter computed with
-  the longest mean lengths of the window) is held at its max over `reclaim_window_s`; the shape keeps
+  the sizing lengths) is held at its max over `reclaim_window_s`; the shape keeps
   ceil(max * (1 + scale_down_margin)) replicas, and a new shape is sized the same way.  Scaling up goes
   straight there; scaling down waits `min_dwell_s` and must free at least `scale_down_min_step` of the
   replicas, so steady traffic settles on one count.
@@ -105,8 +113,10 @@ class PolicyConfig:
     token_budgets: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
     max_gpus: int = 1024  # GPUs this model may hold in all
     min_replicas: int = 1  # while serving (scale to zero is the only way below)
-    headroom: float = 0.2  # spare capacity at cv = 1
+    headroom: float = 0.1  # spare capacity at any cv (on top of the burst term)
     headroom_cap: float = 1.0  # most burst headroom (demand <= load * (1 + cap))
+    burst_z: float = 2.0  # standard deviations of arrival-count noise the capacity absorbs
+    burst_window_s: float = 30.0  # over this window (about the time a scale-up takes to serve)
     queue_drain_s: float = 10.0  # a backlog is to be cleared within this time
     alpha: float = 0.5  # utility weight of throughput against latency
     sigma: float = 8.0  # utility width of the burstiness fit (CV units): a tilt, not a veto
@@ -149,8 +159,10 @@ class PolicyConfig:
                self.reshape_persist_s,
                self.scale_down_min_step) < 0:
             raise bad("margins, headrooms, costs and times must be >= 0")
-        if self.queue_drain_s <= 0 or self.reshape_payback_s <= 0:
-            raise bad("queue_drain_s and reshape_payback_s must be > 0")
+        if self.queue_drain_s <= 0 or self.reshape_payback_s <= 0 or self.burst_window_s <= 0:
+            raise bad("queue_drain_s, reshape_payback_s and burst_window_s must be > 0")
+        if self.burst_z < 0:
+            raise bad(f"burst_z must be >= 0, got {self.burst_z}")
         if self.scale_to_zero_idle_s is not None and self.scale_to_zero_idle_s <= 0:
             raise bad("scale_to_zero_idle_s must be > 0 or None")
 
@@ -171,7 +183,7 @@ class Candidate(NamedTuple):
     ttft_s: float  # service part (prefill rounds), no queueing
     latency_s: float  # ttft + output tokens * tpot
     replica_rps: float  # requests/s one replica serves at the current lengths
-    capacity_rps: float  # replicas * one replica's requests/s at the sizing lengths (the window's longest)
+    capacity_rps: float  # replicas * one replica's requests/s at the sizing lengths (reclaim-window mean)
     queue_s: float  # Kingman estimate of queueing at this capacity (for the record)
     goodput_per_gpu: float  # T_g
     fit: float  # burstiness fit exp(-|v_t - v_g| / sigma)
@@ -274,12 +286,18 @@ class GranularityPolicy:
         self.token_budgets = tuple(sorted(set(config.token_budgets)))
         self._demand: deque[tuple[float, float]] = deque()  # (time, demand): window max
         self._need: deque[tuple[float, float]] = deque()  # (time, replicas the running shape needs)
-        self._long: tuple[deque, deque, deque] = (deque(), deque(), deque())  # window max of the lengths
+        self._long: tuple[deque, deque, deque] = (deque(), deque(), deque())  # (time, length) over the window
+        self._long_sum = [0.0, 0.0, 0.0]
         self._seen: PipelineConfig | None = None
         self._last_change = -INF
         self._better_since: float | None = None  # since when some shape beats the running one enough
         self._shapes: dict[tuple, _Shape] = {}
         self._srefs: dict[tuple, float] = {}
+
+    def perf_changed(self) -> None:
+        """Forget memoised figures: call when the PerfModel's answers changed (e.g. a measured KV room)."""
+        self._shapes.clear()
+        self._srefs.clear()
 
     # ---- the decision ------------------------------------------------------------------------
     def decide(self, now: float, stats: TrafficStats, current: PipelineConfig) -> Decision:
@@ -288,13 +306,18 @@ class GranularityPolicy:
         self._observe(now, current)
         prompt, p90, output = self._lengths(stats)
         cv = stats.cv if stats.gaps >= cfg.min_gaps_for_cv and math.isfinite(stats.cv) else 1.0
-        load = max(stats.rate, stats.rate_forecast)
+        rate = max(stats.rate, 0.0)
+        # a forecast above the rate by less than the noise of a short-window estimate is that noise
+        noise = cfg.burst_z * cv * math.sqrt(rate / max(stats.short_window_s, 1e-9))
+        load = max(rate, stats.rate_forecast - noise)
         if stats.last_change_dir > 0 and math.isfinite(stats.rate_since_change):
             load = max(load, stats.rate_since_change)
         load += stats.queue_len / cfg.queue_drain_s
-        burst = 1.0 + min(cfg.headroom * (1.0 + cv * cv) / 2.0, cfg.headroom_cap)
+        spare = min(cfg.headroom * load + cfg.burst_z * cv * math.sqrt(load / cfg.burst_window_s),
+                    cfg.headroom_cap * load)
+        burst = 1.0 + spare / load if load > 0 else 1.0
         floor = cfg.reserve_floor * stats.peak_rate
-        demand_now = max(load * burst, floor)
+        demand_now = max(load + spare, floor)
         demand = self._hold(self._demand, now, demand_now)
         idle = (cfg.scale_to_zero_idle_s is not None and stats.idle_s >= cfg.scale_to_zero_idle_s
                 and stats.queue_len == 0)
@@ -308,10 +331,12 @@ class GranularityPolicy:
                   for s in self.stage_counts for b in self.token_budgets}
         cur_shape = shapes.get(current.shape) or self._shape(current.stages, current.token_budget,
                                                             prompt, p90, output)
-        # Replicas are sized with the longest (snapped) mean lengths of the window and the margin the
-        # running shape keeps: one replica's capacity moves steeply with the lengths (through the KV
-        # room), and sizing on one tick's lengths would chase their noise.
-        long = tuple(self._hold(q, now, v) for q, v in zip(self._long, (prompt, p90, output)))
+        # Replicas are sized with the mean lengths averaged over the reclaim window (snapped) and the
+        # margin the running shape keeps: one replica's capacity moves steeply with the lengths (through
+        # the KV room), and sizing on one tick's lengths would chase their noise.  An average, not the
+        # window max: the max of noisy means is biased up (by ~40% for a model at 2 req/s with
+        # heavy-tailed outputs) and sized every replica for the longest minute of the window.
+        long = tuple(_snap(self._average(i, now, v)) for i, v in enumerate((prompt, p90, output)))
         inputs["sizing_lengths"] = long
 
         def sizing_rps(stages: int, budget: int) -> float:
@@ -437,6 +462,16 @@ class GranularityPolicy:
         while q[0][0] < start:
             q.popleft()
         return q[0][1]
+
+    def _average(self, i: int, now: float, value: float) -> float:
+        """Mean of the values passed over the reclaim window (one per decision), O(1) amortised."""
+        q = self._long[i]
+        q.append((now, value))
+        self._long_sum[i] += value
+        start = now - self.config.reclaim_window_s
+        while len(q) > 1 and q[0][0] < start:
+            self._long_sum[i] -= q.popleft()[1]
+        return self._long_sum[i] / len(q)
 
     def _shape(self, stages: int, budget: int, prompt: float, p90: float, output: float) -> _Shape:
         """Figures of one shape; memoised, which is why lengths are snapped to a grid first."""
