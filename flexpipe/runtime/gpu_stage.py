@@ -37,12 +37,13 @@ from typing import Any
 
 import torch
 
-from flexpipe.errors import ConfigError, RemoteError
+from flexpipe.errors import ActorClosed, ConfigError, RemoteError
 from flexpipe.runtime.actor import ActorContext, handles
 from flexpipe.runtime.messages import message
 from flexpipe.runtime.stage import (
     AbortPrepare, Activate, Configure, ExportKV, FreeSeqs, StageActor, StageStatus, StepInput,
 )
+from flexpipe.runtime.stage_core import StageCore
 from flexpipe.transports import Endpoint, open_receiver, open_sender
 from flexpipe.transports import cuda_ipc
 
@@ -159,6 +160,13 @@ class GpuStageActor(StageActor):
         self.kv_stream: Any = None
         self.stats.update(hop_sends=0, hop_beside=0, hop_failed=0, kv_ipc_bytes=0)
 
+    @property
+    def _core(self) -> StageCore:
+        """The started stage's core (on_start made it)."""
+        if self.core is None:
+            raise ActorClosed(f"stage {self.index} has not started (no units loaded)")
+        return self.core
+
     def _here(self) -> Endpoint:
         return Endpoint(socket.gethostname(), os.getpid(), self.device)
 
@@ -265,6 +273,7 @@ class GpuStageActor(StageActor):
                 await StageActor._send_next(self, ctx, msg, out)
             return
         self.stats["hop_sends"] += 1
+        assert self.next is not None   # a channel exists only towards a next stage
         await ctx.tell(self.next, msg)
 
     # ---- KV through CUDA IPC ----------------------------------------------------------------------------
@@ -286,7 +295,7 @@ class GpuStageActor(StageActor):
         return await ctx.run_compute(self._reserve, [(str(s), int(t0), int(t1)) for s, t0, t1 in msg.items])
 
     def _reserve(self, items: list[tuple[str, int, int]]) -> dict:
-        core, bs = self.core, self.block_size
+        core, bs = self._core, self.block_size
         tables = [core.ensure(seq, t1)[t0 // bs:-(-t1 // bs)] for seq, t0, t1 in items]
         return {"tables": tables, "pools": cuda_ipc.export_pools(core.kv, self.num_blocks, bs)}
 
@@ -294,7 +303,7 @@ class GpuStageActor(StageActor):
     async def export_kv(self, ctx: ActorContext, msg: ExportKV) -> int:
         if self.mode == "message" or self._my_ipc_reason():
             return await StageActor.export_kv(self, ctx, msg)
-        core, bs = self.core, self.block_size
+        core, bs = self._core, self.block_size
         items = []
         for seq, units, t0, t1 in msg.items:
             if t1 <= t0:
@@ -331,7 +340,7 @@ class GpuStageActor(StageActor):
         return nbytes
 
     def _copy_blocks(self, items: list, tables: list, dst: dict, strict: bool) -> tuple[int, list]:
-        bs, core, stream = self.block_size, self.core, self.kv_stream
+        bs, core, stream = self.block_size, self._core, self.kv_stream
         stream.wait_stream(torch.cuda.current_stream(core.device))   # KV written so far is in place
         nbytes, gone = 0, []
         for (seq, units, t0, t1), dst_ids in zip(items, tables):

@@ -37,7 +37,7 @@ _LEVELS = {0: LinkKind.SAME, 10: LinkKind.PCIE_SWITCH, 20: LinkKind.PCIE_SWITCH,
 def load_nvml() -> Any:
     """The pynvml module, initialised (NoDriverError when it or the driver is missing)."""
     try:
-        import pynvml  # type: ignore[import-not-found]
+        import pynvml
     except ImportError as e:
         raise NoDriverError("pynvml is not installed (pip install nvidia-ml-py, or the flexpipe[gpu] extra)") from e
     try:
@@ -87,6 +87,8 @@ def sample_gpus(nvml: Any, own_pids: Iterable[int] = ()) -> list[GpuSample]:
     for i in range(int(nvml.nvmlDeviceGetCount())):
         h = nvml.nvmlDeviceGetHandleByIndex(i)
         mem = nvml.nvmlDeviceGetMemoryInfo(h)
+        util: float | None
+        mem_util: float | None
         try:
             rates = nvml.nvmlDeviceGetUtilizationRates(h)
             util, mem_util = float(rates.gpu) / 100.0, float(rates.memory) / 100.0

@@ -91,7 +91,7 @@ def choose_transport(src: Endpoint, dst: Endpoint) -> str:
 
 
 _Listen = Callable[..., Awaitable[Transport]]
-_Connect = Callable[[dict], Awaitable[Transport]]
+_Connect = Callable[..., Awaitable[Transport]]   # (address, **options)
 _REGISTRY: dict[str, tuple[_Listen, _Connect]] = {}
 
 

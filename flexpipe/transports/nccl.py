@@ -408,7 +408,7 @@ class NcclTransport(Transport):
             if owns:
                 zctx.term()
             raise
-        endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         dev = _device(device, pool.device)
         address = {"kind": "nccl", "ctrl": endpoint, "worker": pool.worker, "uid": comm.uid, "pid": os.getpid()}
         return cls(pool, comm, sock, zctx, owns, address, dev)
