@@ -10,10 +10,10 @@ through CUDA IPC vs staging through host memory), decode (Llama-7B-shaped fp16 m
 drawn on the GPU, 1/16/64 streams, FlexPipe vs HF transformers), reshape (1->2->1 stages on one GPU,
 two stage processes with CUDA IPC between them, pause p50/p99).
 
-The GPU stages here are `IpcStageActor`: flexpipe's StageActor with its activations sent over the
-transport `choose_transport` names for the pair (cuda_ipc between GPU stage processes) and its KV
-copied block to block through CUDA IPC. It is plugged in through the controller's stage_launcher seam;
-docs/gpu.md says what of it belongs in runtime/stage.py.
+The GPU stages here are FlexPipe's own (`FlexPipe`'s Controller launching
+`flexpipe.runtime.gpu_stage:GpuStageActor` for CUDA stages): the hop between two CUDA stage processes
+is a cuda_ipc channel and KV moves block to block through CUDA IPC. Weights are preset weights drawn
+on the device (`flexpipe.model.device_weights`).
 
 Exit code: 0 all sections ran, every check passed and every target was met; 1 a section failed, timed
 out, or a test or check failed; 2 no usable GPU (and not --dry-run); 3 all ran and passed, but a
@@ -46,229 +46,18 @@ import numpy as np
 
 import torch
 
-from flexpipe.errors import CheckpointError
-from flexpipe.model.checkpoint import PresetWeights
 from flexpipe.runtime.actor import ActorContext, ActorSettings, handles
-from flexpipe.runtime.messages import ActorRef, message
-from flexpipe.runtime.stage import (
-    Activate, Configure, ExportKV, StageActor, StageStatus, StepFailed, StepInput, StepOutput,
-)
-from flexpipe.runtime.stage_core import StageCore, StepMeta
-from flexpipe.transports import Endpoint, choose_transport, open_receiver, open_sender
+from flexpipe.runtime.messages import message
+from flexpipe.transports import open_receiver, open_sender
 from flexpipe.transports import cuda_ipc
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "flexpipe.gpu_check/1"
-STAGE_TARGET = "benchmarks.gpu_check:IpcStageActor"
 KV_TARGET = 0.70          # KV migration through CUDA IPC >= 70% of a plain device-to-device copy
 TIE = 1e-3                # oracle: a greedy token may differ only where the reference's top-2 logits are closer
 
 
-# ---- weights drawn on the device -------------------------------------------------------------------
-class DevicePresetWeights(PresetWeights):
-    """PresetWeights' recipe (a seed per tensor name, the same scales) drawn on the target device.
-
-    13 GB of Llama-7B weights take seconds on a GPU instead of minutes on the CPU. The values differ
-    from PresetWeights' (another generator), and are the same in every process on the same GPU kind.
-    """
-
-    def load(self, names, dtype=None, device=None):
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-        dt_ = dtype or torch.float32
-        out = {}
-        for n in names:
-            if n not in self._specs:
-                raise CheckpointError(f"{self!r}: tensor {n!r} is not part of model {self.config.name}")
-            shape = self._specs[n]
-            if "norm" in n:
-                out[n] = (torch.ones if n.endswith(".weight") else torch.zeros)(shape, dtype=dt_, device=dev)
-                continue
-            digest = hashlib.blake2b(f"{self.seed}/{n}".encode(), digest_size=8).digest()
-            g = torch.Generator(device=dev).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-            t = torch.randn(shape, generator=g, dtype=dt_, device=dev)
-            if n.endswith(".bias"):
-                t.mul_(0.02)
-            elif not ("embed_tokens" in n or "embed_positions" in n):
-                t.mul_(shape[1] ** -0.5)
-            out[n] = t
-        return out
-
-
-# ---- the GPU stage (messages 420-429) -------------------------------------------------------------
-@message(420)
-class OpenHop:
-    """Open the receiving end of the activation hop from the stage at `src` [host, pid, device]."""
-    epoch: int
-    src: list
-
-
-@message(421)
-class ReserveKV:
-    """Grow these sequences' block tables to hold [t0, t1) and return the new blocks + the KV pools."""
-    items: list   # [seq_id, t0, t1]
-
-
-def _rx_options(kind: str, device: str) -> dict:
-    return {"device": device, "ring_bytes": 32 << 20} if kind == "cuda_ipc" else {}
-
-
-def _tx_options(kind: str, device: str) -> dict:
-    return {"device": device} if kind == "cuda_ipc" else {}
-
-
-class IpcStageActor(StageActor):
-    """A StageActor whose hop to the next stage is a transport channel (cuda_ipc between GPU stage
-    processes, shm between CPU ones) and whose KV moves block to block through CUDA IPC on GPUs."""
-
-    def __init__(self, *args: Any, **kw: Any):
-        super().__init__(*args, **kw)
-        self.tx = None
-        self.tx_to: ActorRef | None = None
-        self.rx = None
-        self.rx_epoch = -1
-        self.hop_kind = ""
-        self.peer_pools = None
-        self.kv_stream = None
-        self.stats.update(kv_ipc_bytes=0, hop_sends=0)
-
-    async def on_start(self, ctx: ActorContext) -> None:
-        if not self.source_spec.get("on_device"):
-            return await super().on_start(ctx)
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)
-        t0 = time.perf_counter()
-        self.core = StageCore(self.cfg, DevicePresetWeights(self.cfg, int(self.source_spec.get("seed", 0))),
-                              *self.range, num_blocks=self.num_blocks, block_size=self.block_size,
-                              dtype=self.dtype, device=self.device)
-        self.load_s = time.perf_counter() - t0
-
-    async def on_stop(self, ctx: ActorContext) -> None:
-        for ch in (self.tx, self.rx):
-            if ch is not None:
-                await ch.aclose()
-        if self.peer_pools is not None:
-            self.peer_pools.close()
-
-    def _ipc_kv(self) -> bool:
-        return self.core.device.type == "cuda" and cuda_ipc.available()
-
-    async def _connect_next(self, ctx: ActorContext) -> None:
-        if self.next == self.tx_to and (self.tx is not None or self.next is None):
-            return   # same neighbour: the channel carries on into the new epoch
-        if self.tx is not None:
-            await self.tx.aclose()
-            self.tx = None
-        self.tx_to = self.next
-        self.hop_kind = ""
-        if self.next is not None:
-            here = Endpoint.here(self.device)
-            address = await ctx.ask(self.next, OpenHop(self.epoch, [here.host, here.pid, here.device]))
-            self.hop_kind = address["kind"]
-            self.tx = await open_sender(address, **_tx_options(address["kind"], self.device))
-
-    @handles(Configure)
-    async def configure(self, ctx: ActorContext, msg: Configure) -> bool:
-        self.epoch, self.index, self.next, self.router = msg.epoch, msg.index, msg.next, msg.router
-        await self._connect_next(ctx)
-        return True
-
-    @handles(Activate)
-    async def activate(self, ctx: ActorContext, msg: Activate) -> bool:
-        self.core.activate(msg.start, msg.end)
-        self.epoch, self.index, self.next, self.router = msg.epoch, msg.index, msg.next, msg.router
-        await self._connect_next(ctx)
-        return True
-
-    @handles(OpenHop)
-    async def open_hop(self, ctx: ActorContext, msg: OpenHop) -> dict:
-        kind = choose_transport(Endpoint(*msg.src), Endpoint.here(self.device))
-        if self.rx is not None:
-            await self.rx.aclose()
-        self.rx = await open_receiver(kind, **_rx_options(kind, self.device))
-        self.rx_epoch = msg.epoch
-        return self.rx.address
-
-    @handles(StepInput)
-    async def step(self, ctx: ActorContext, msg: StepInput, x: torch.Tensor | None = None) -> None:
-        if x is None:   # the residual comes down the hop channel, sent just before this message
-            if self.rx is None or msg.epoch < self.rx_epoch:
-                self.stats["stale_dropped"] += 1   # its data went down a channel that is closed
-                return
-            (x,) = await self.rx.recv()
-        if msg.epoch != self.epoch:
-            self.stats["stale_dropped"] += 1
-            return
-        meta = StepMeta(msg.seq_ids, msg.starts, msg.lens, msg.sample, msg.out_index, msg.sampling)
-        t0 = time.perf_counter()
-        try:
-            if msg.frees:
-                self.core.free(msg.frees)
-            out = await ctx.run_compute(self.core.forward, meta, x)
-            del x   # a ring view: give its space back as soon as the step no longer needs it
-            dt_ = time.perf_counter() - t0
-            self.stats["steps"] += 1
-            self.stats["compute_s"] += dt_
-            if msg.epoch != self.epoch:
-                self.stats["stale_dropped"] += 1
-                return
-            if self.core.end < self.cfg.num_units:
-                await self.tx.send(out)
-                self.stats["hop_sends"] += 1
-                await ctx.tell(self.next, msg)
-            else:
-                ids = [s for s, f in zip(msg.seq_ids, msg.sample) if f]
-                await ctx.tell(self.router, StepOutput(msg.epoch, msg.step, ids, out.tolist(), dt_))
-        except Exception as e:   # a step that cannot run must not hang the router
-            if self.router is not None:
-                await ctx.tell(self.router, StepFailed(msg.epoch, msg.step, self.index, f"{type(e).__name__}: {e}"))
-
-    @handles(ReserveKV)
-    def reserve_kv(self, ctx: ActorContext, msg: ReserveKV) -> dict:
-        bs = self.core.block_size
-        tables = [self.core.ensure(seq, t1)[t0 // bs:-(-t1 // bs)] for seq, t0, t1 in msg.items]
-        return {"tables": tables, "pools": cuda_ipc.export_pools(self.core.kv, self.num_blocks, bs)}
-
-    @handles(ExportKV)
-    async def export_kv(self, ctx: ActorContext, msg: ExportKV) -> int:
-        if not self._ipc_kv():
-            return await super().export_kv(ctx, msg)
-        items = [it for it in msg.items if it[3] > it[2]]
-        if not items:
-            return 0
-        for seq, _, _, t1 in items:
-            table = self.core.tables.get(seq)
-            if table is None or -(-t1 // self.block_size) > len(table):
-                raise KeyError(f"stage [{self.core.start},{self.core.end}) holds no KV of {seq} up to token {t1}")
-        reply = await ctx.ask(msg.dest, ReserveKV([[s, t0, t1] for s, _, t0, t1 in items]), timeout=600)
-        if self.peer_pools is None:
-            self.peer_pools = cuda_ipc.PeerPools()
-            self.kv_stream = torch.cuda.Stream(self.core.device)
-        dst = self.peer_pools.open(reply["pools"], self.core.device.index)
-        nbytes = await ctx.run_compute(self._copy_blocks, items, reply["tables"], dst)
-        self.stats["kv_bytes_out"] += nbytes
-        self.stats["kv_ipc_bytes"] += nbytes
-        return nbytes
-
-    def _copy_blocks(self, items: list, tables: list, dst: dict) -> int:
-        bs, core, stream = self.block_size, self.core, self.kv_stream
-        stream.wait_stream(torch.cuda.current_stream(core.device))   # KV written so far is in place
-        nbytes = 0
-        for (seq, units, t0, t1), dst_ids in zip(items, tables):
-            runs = cuda_ipc.coalesce_runs(core.tables[seq][t0 // bs:-(-t1 // bs)], dst_ids)
-            for u in units:
-                if u not in dst:
-                    raise KeyError(f"the destination has no KV pool for unit {u}: prepare it first")
-                nbytes += cuda_ipc.copy_runs(core.kv[u].k, dst[u][0], runs, stream)
-                nbytes += cuda_ipc.copy_runs(core.kv[u].v, dst[u][1], runs, stream)
-        stream.synchronize()   # the reply to the ask is the completion signal
-        return nbytes
-
-    @handles(StageStatus)   # an override must be marked again: handlers are found by name
-    def status(self, ctx: ActorContext, msg: StageStatus) -> dict:
-        return {**super().status(ctx, msg), "hop": self.hop_kind}
-
-
-# ---- an IPC pipeline (FlexPipe with IpcStageActor stages) ------------------------------------------
+# ---- a pipeline of the production runtime with device-drawn weights and a channel hop ------------------------------------------
 def make_config(name: str, layers: int | None = None):
     from flexpipe.model.config import ModelConfig, preset
 
@@ -282,23 +71,26 @@ def make_config(name: str, layers: int | None = None):
 
 @contextlib.asynccontextmanager
 async def ipc_pipeline(cfg: Any, *, stages: int = 1, device: str = "cuda:0", dtype: str = "float16",
-                       start_timeout: float = 180.0, **settings: Any):
-    """A FlexPipe whose stages are IpcStageActor processes with weights drawn on `device`."""
+                       start_timeout: float = 180.0, transport: str = "", **settings: Any):
+    """FlexPipe's own runtime (Controller, GpuStageActor stages) with weights drawn on `device`.
+
+    `transport` defaults to cuda_ipc on a GPU (a stage pair that cannot have it fails the launch instead
+    of quietly taking the host path) and to shm on the CPU (the same channel machinery, no GPU).
+    """
     from flexpipe.api import FlexPipe, ModelSpec, Settings, plan_shape
     from flexpipe.model.tokenizer import load_tokenizer
     from flexpipe.runtime.controller import Controller
     from flexpipe.runtime.launcher import ActorSystem
 
-    s = Settings(device=device, dtype=dtype, start_timeout=start_timeout, heartbeat_timeout=30.0, **settings)
+    transport = transport or ("cuda_ipc" if device.startswith("cuda") else "shm")
+    s = Settings(device=device, dtype=dtype, start_timeout=start_timeout, heartbeat_timeout=30.0,
+                 transport=transport, **settings)
     spec = ModelSpec(cfg.name, cfg, {"kind": "preset", "seed": 0, "on_device": True}, load_tokenizer(cfg, None))
     shape = plan_shape(cfg, stages, device=device)
     actor_settings = ActorSettings(heartbeat_interval=1.0, heartbeat_timeout=30.0, ask_timeout=120.0,
                                    start_timeout=start_timeout, torch_threads=s.torch_threads)
     async with ActorSystem(actor_settings, name="gpu-check") as system:
-        async def launch(target: str, kwargs: dict, name: str, dev: str) -> Any:
-            return await system.launch(STAGE_TARGET, kwargs, name=name)
-
-        controller = Controller(system, spec, s, stage_launcher=launch)
+        controller = Controller(system, spec, s)
         try:
             router = await controller.start(shape)
             yield FlexPipe(spec, s, system, router, controller)
@@ -307,6 +99,14 @@ async def ipc_pipeline(cfg: Any, *, stages: int = 1, device: str = "cuda:0", dty
 
 
 # ---- helper actors of the kv_bandwidth and hop_latency sections (messages 422-429) -----------------
+def _rx_options(kind: str, device: str) -> dict:
+    return {"device": device, "ring_bytes": 32 << 20} if kind == "cuda_ipc" else {}
+
+
+def _tx_options(kind: str, device: str) -> dict:
+    return {"device": device} if kind == "cuda_ipc" else {}
+
+
 @message(422)
 class MakePools:
     """Allocate `units` zeroed K/V pools [num_blocks, *block_shape] and export them (reply: KvPools)."""

@@ -1,8 +1,8 @@
 """GPU tests (marker `gpu`), run by benchmarks/gpu_check.sh on a machine with an NVIDIA GPU and skipped
 elsewhere with the reason: CUDA IPC moves exact bytes between processes (both completion modes,
 streaming through a small ring, views holding ring space), KV blocks land where they should,
-FlexPipe on cuda:0 equals model/reference.py on the same GPU (one plain stage; and IPC stages
-through a 1->2->1 reshape), NCCL channels over a pooled communicator (two GPUs), NVML inventory."""
+FlexPipe on cuda:0 equals model/reference.py on the same GPU (one plain stage; and GpuStageActor
+stages with a cuda_ipc hop through a 1->2->1 reshape), NCCL channels over a pooled communicator (two GPUs), NVML inventory."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ if str(ROOT) not in sys.path:   # benchmarks/ holds the IPC stage harness; `pyth
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu_check import (  # noqa: E402
-    TIE, DevicePresetWeights, MakePools, PoolDigest, blocks_digest, ipc_pipeline, make_config,
+    TIE, MakePools, PoolDigest, blocks_digest, ipc_pipeline, make_config,
 )
+from flexpipe.model.device_weights import DevicePresetWeights  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason=f"no CUDA device: torch {torch.__version__} sees none "
@@ -220,7 +221,8 @@ async def test_single_stage_on_cuda_equals_the_reference_on_the_same_gpu():
 
 @needs_ipc
 async def test_ipc_stages_through_1_2_1_reshape_equal_the_reference():
-    """Two stage processes on one GPU with CUDA IPC between them, requests running across both reshapes."""
+    """Two GpuStageActor processes on one GPU (transport="cuda_ipc": the launch fails if the pair cannot
+    have it), requests running across both reshapes; KV moved through CUDA IPC."""
     from flexpipe.model.reference import ReferenceModel
 
     cfg = make_config("tiny")
@@ -231,11 +233,12 @@ async def test_ipc_stages_through_1_2_1_reshape_equal_the_reference():
         st2 = await fp.reshape(stages=2)
         status = await fp.controller.stage_status()
         assert [s["hop"] for s in status] == ["cuda_ipc", ""]
+        kv_ipc = sum(s.get("kv_ipc_bytes", 0) for s in status)   # 1 -> 2 copied KV through CUDA IPC
         await asyncio.sleep(0.3)
         st1 = await fp.reshape(stages=1)
         outs = [o.token_ids for o in await asyncio.gather(*running)]
         after = await asyncio.gather(*(fp.complete(p, max_tokens=12, ignore_eos=True) for p in PROMPTS[:2]))
-    assert st2.ok and st1.ok and st2.kv_bytes > 0 and st1.kv_bytes > 0
+    assert st2.ok and st1.ok and st2.kv_bytes > 0 and st1.kv_bytes > 0 and kv_ipc > 0
     ref = ReferenceModel(cfg, DevicePresetWeights(cfg, 0), device="cuda:0")
     check_oracle(ref, PROMPTS, outs, m)
     check_oracle(ref, PROMPTS[:2], [o.token_ids for o in after], 12)

@@ -598,29 +598,31 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.timeout(240)   # three stage processes start; slow on a busy 2-core machine
-async def test_transport_hop_stages_through_1_2_1_reshape_equal_the_oracle_on_cpu():
-    """benchmarks/gpu_check.py's IpcStageActor with CPU stage processes: the hop is a shm channel per
-    neighbour pair, KV moves through ExportKV, and every output equals the reference."""
-    import sys
-    if str(ROOT) not in sys.path:   # benchmarks/ is not a package of flexpipe; `python -m pytest` has it
-        sys.path.insert(0, str(ROOT))
-    from benchmarks.gpu_check import DevicePresetWeights, ipc_pipeline, make_config
+async def test_channel_hop_stages_through_1_2_1_reshape_equal_the_oracle_on_cpu():
+    """The production runtime with transport="shm": the controller launches GpuStageActor, each
+    neighbour pair opens a channel (the same machinery as cuda_ipc, on a host ring), KV falls back to
+    host tensors (no CUDA), and every output equals the reference."""
+    from flexpipe.api import FlexPipe
     from flexpipe.model.reference import ReferenceModel
     from flexpipe.model.sampling import SamplingParams
 
-    cfg = make_config("tiny")
     prompts = [[(31 * i + 7 * j) % 250 + 3 for i in range(5 + 9 * j)] for j in range(4)]
-    async with ipc_pipeline(cfg, stages=1, device="cpu", dtype="float32", num_blocks=256) as fp:
+    async with FlexPipe.launch("tiny", stages=1, transport="shm", num_blocks=256) as fp:
         running = [asyncio.ensure_future(fp.complete(p, max_tokens=30, ignore_eos=True)) for p in prompts]
         await asyncio.sleep(0.2)
         st2 = await fp.reshape(stages=2)
         status = await fp.controller.stage_status()
+        more = await fp.complete(prompts[0], max_tokens=4, ignore_eos=True)   # surely through the hop
+        status_after = await fp.controller.stage_status()
         st1 = await fp.reshape(stages=1)
         outs = [o.token_ids for o in await asyncio.gather(*running)]
+        ref = ReferenceModel(fp.config, fp.spec.weights())
     assert st2.ok and st1.ok and [s["hop"] for s in status] == ["shm", ""]
-    ref = ReferenceModel(cfg, DevicePresetWeights(cfg, 0))
+    assert status_after[0]["hop_sends"] > 0 and status_after[0]["hop_failed"] == 0
+    assert all(s["kv_ipc_bytes"] == 0 for s in status)   # no CUDA: KV went as host tensors
     for p, got in zip(prompts, outs):
         assert got == ref.generate(p, SamplingParams(max_tokens=30, ignore_eos=True))
+    assert more.token_ids == ref.generate(prompts[0], SamplingParams(max_tokens=4, ignore_eos=True))
 
 
 @pytest.mark.timeout(240)

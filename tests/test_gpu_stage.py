@@ -5,8 +5,6 @@ device-drawn preset weights on the CPU. The data moving over CUDA is tests/test_
 
 from __future__ import annotations
 
-import asyncio
-from types import SimpleNamespace
 
 import pytest
 import torch
