@@ -79,6 +79,40 @@ def _fds(pids: list[int]) -> tuple[int, int]:
     return fds, socks
 
 
+def _role(pid: int, server_pid: int) -> str:
+    if pid == server_pid:
+        return "server"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+    except OSError:
+        return "gone"
+    return "resource_tracker" if b"resource_tracker" in cmd else "stage"
+
+
+def _fd_kinds(server_pid: int) -> collections.Counter:
+    """Open fds of the server tree by (process role, kind of target), e.g. ("server", "socket")."""
+    out: collections.Counter = collections.Counter()
+    for p in _tree(server_pid):
+        role = _role(p, server_pid)
+        try:
+            names = os.listdir(f"/proc/{p}/fd")
+        except OSError:
+            continue
+        for n in names:
+            try:
+                target = os.readlink(f"/proc/{p}/fd/{n}")
+            except OSError:
+                continue
+            kind = target.split(":", 1)[0] if ":" in target and not target.startswith("/") else target
+            if kind.startswith("/dev/shm/"):
+                kind = "/dev/shm/*"
+            elif kind.startswith("/tmp/"):
+                kind = "/tmp/*"
+            out[(role, kind)] += 1
+    return out
+
+
 def _stage_pids(server_pid: int) -> list[int]:
     out = []
     for p in _tree(server_pid)[1:]:
@@ -164,12 +198,14 @@ async def main_async(args: argparse.Namespace) -> int:
     tally = Tally()
     peak = {"rss": 0}
     limits = httpx.Limits(max_connections=args.burst + 64, max_keepalive_connections=64)
+    headers = {"Authorization": f"Bearer {KEY}"}
     try:
-        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"},
-                                     timeout=httpx.Timeout(600, connect=60), limits=limits) as client:
+        # the baseline and end figures are taken with no HTTP connection open: a client's keep-alive
+        # connections are the client's, not the server's
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(600, connect=60)) as c:
             for _ in range(600):
                 try:
-                    if (await client.get("/health")).status_code == 200:
+                    if (await c.get("/health")).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
@@ -177,11 +213,14 @@ async def main_async(args: argparse.Namespace) -> int:
             else:
                 print("server did not come up", file=sys.stderr)
                 return 1
-            await stream_one(client, Tally(), rng, cancel_p=0, max_tokens=4)   # warm
+            await stream_one(c, Tally(), rng, cancel_p=0, max_tokens=4)   # warm
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(600, connect=60),
+                                     limits=limits) as client:
             await asyncio.sleep(1.0)
             base_rss = _rss(_tree(server.pid))
             base_fds, base_socks = _fds(_tree(server.pid))
             base_stages = len(_stage_pids(server.pid))
+            base_kinds = _fd_kinds(server.pid)
 
             async def sampler():
                 while True:
@@ -238,6 +277,7 @@ async def main_async(args: argparse.Namespace) -> int:
             r = await client.post("/v1/flexpipe/reshape", json={"stages": base_stages})
             if r.status_code != 200:
                 print(f"  final reshape to {base_stages} stages: HTTP {r.status_code} {r.text[:200]}")
+            await client.aclose()
             await asyncio.sleep(3.0)   # let the server close what the last requests used
             pids = _tree(server.pid)
             print(f"stage processes: baseline {base_stages}, end {len(_stage_pids(server.pid))}")
@@ -260,6 +300,10 @@ async def main_async(args: argparse.Namespace) -> int:
                   f"end {end_rss / 2**20:.0f} MiB")
             print(f"server tree fds: baseline {base_fds} ({base_socks} sockets), end {end_fds} "
                   f"({end_socks} sockets)")
+            end_kinds = _fd_kinds(server.pid)
+            for key in sorted(set(base_kinds) | set(end_kinds)):
+                if base_kinds[key] != end_kinds[key]:
+                    print(f"  fds of {key[0]} -> {key[1]}: baseline {base_kinds[key]}, end {end_kinds[key]}")
             return 0 if not tally.lost else 1
     finally:
         server.send_signal(signal.SIGINT)

@@ -93,6 +93,8 @@ class ActorHandle:
         """Ask the actor to stop; a subprocess that has not exited after `timeout` is killed."""
         if self.actor is not None:
             await self.actor.aclose("stopped by its handle")
+            # as when a subprocess exits: the other actors here close their sockets to it
+            self.system.declare_dead(self.ref, "stopped by its handle")
             return
         if self._exited.is_set():
             return
@@ -135,6 +137,10 @@ class ActorHandle:
             return
         self.exitcode = self.process.exitcode
         self._exited.set()
+        # Process holds two pipe fds (its sentinel and the spawn pipe) until it is closed: without
+        # this, every stage a reshape retires or a recovery replaces kept two fds open for good
+        self.process.close()
+        self.system._forget(self)
         self.system.declare_dead(self.ref, f"process {self.pid} exited with code {self.exitcode}")
 
     def __repr__(self) -> str:
@@ -197,6 +203,7 @@ class ActorSystem:
         actor = Actor(behaviour, name, endpoint or self.endpoint_for(name), zctx=self.zctx,
                       settings=self.settings)
         await actor.start()
+        self.actors = [a for a in self.actors if not a.closed]   # retired in-process stages
         self.actors.append(actor)
         return actor
 
@@ -214,6 +221,13 @@ class ActorSystem:
     async def ask(self, ref: ActorRef, msg: Any, *tensors: Any, timeout: float | None = None) -> Any:
         """Ask from the system's client actor."""
         return await self.client.ask(ref, msg, *tensors, timeout=timeout)
+
+    def _forget(self, handle: ActorHandle) -> None:
+        """Drop an exited subprocess's handle (the caller may keep it: its exit code stays)."""
+        try:
+            self.handles.remove(handle)
+        except ValueError:
+            pass
 
     def declare_dead(self, ref: ActorRef, reason: str) -> None:
         """Tell every actor of this system that `ref` is dead (used when its process exits)."""
