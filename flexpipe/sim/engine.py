@@ -65,7 +65,7 @@ class Replica:
                  "dec", "n_dec", "sum_p", "sum_first", "prefill", "prefill_tokens", "iters", "seg_t0",
                  "seg_i0", "seg_k", "seg_dt", "seg_comm", "seg_busy", "seg_chunk", "in_seg", "gen", "cut",
                  "pause_until", "cum_comm", "cum_busy", "token_budget", "max_seqs", "hold", "pending",
-                 "switch_due", "tier", "mode")
+                 "switch_due", "tier", "mode", "rver", "room_pushed")
 
     def __init__(self, rid: int, m: int, placement: Placement, pipe: FastPipe, now: float, spec: ModelSpec):
         self.id, self.m, self.placement, self.pipe = rid, m, placement, pipe
@@ -74,7 +74,7 @@ class Replica:
         self.ready_at = now
         self.kv_cap = placement.kv_tokens
         self.kv_used = 0
-        self.dec: list[tuple[int, int]] = []  # heap of (target iteration, request id)
+        self.dec: list[tuple[int, int, int]] = []  # heap of (last-token iteration, request id, first-token iteration)
         self.n_dec = 0
         self.sum_p = 0
         self.sum_first = 0
@@ -96,6 +96,8 @@ class Replica:
         self.switch_due = False
         self.tier = ""
         self.mode = "pipeline"
+        self.rver = 0  # version of this replica's entry in its model's room heap
+        self.room_pushed = -1  # KV room that entry holds
 
     @property
     def stages(self) -> int:
@@ -112,13 +114,18 @@ class Replica:
 
 @dataclass
 class ModelState:
-    """Per-model queue and replicas."""
+    """Per-model queue and replicas, and the two indexes `Simulator._kick` reads instead of scanning."""
 
     idx: int
     spec: ModelSpec
     costs: ModelCosts
     queue: deque = field(default_factory=deque)
-    replicas: list[Replica] = field(default_factory=list)
+    replicas: list[Replica] = field(default_factory=list)  # in id order (appended at creation)
+    # replicas not inside a segment, or whose segment is cut: the ones a kick stops at
+    flagged: dict[int, Replica] = field(default_factory=dict)
+    # (-KV room, id, version, replica) of active replicas; an entry is current while its version is
+    # the replica's `rver` (older ones are dropped when they reach the top, or by `_compact_rooms`)
+    room_heap: list = field(default_factory=list)
     reshapes: int = 0
     scale_ups: int = 0
     scale_downs: int = 0
@@ -168,9 +175,15 @@ class Simulator:
         self.finish_t = np.full(n, np.nan)
         self.comm_s = np.zeros(n)
         self.comm0 = np.zeros(n)
-        self.first_iter = np.zeros(n, dtype=np.int64)
         self.dropped = np.zeros(n, dtype=bool)
         self.stall_s = np.zeros(n)  # pause time seen while running
+        # plain-Python copies of the per-request inputs for the hot paths: indexing a list gives a
+        # Python number at once, indexing an array builds a numpy scalar (several times slower)
+        self._arr_l: list[float] = self.arr.tolist()
+        self._model_l: list[int] = self.model_of.tolist()
+        self._prompt_l: list[int] = self.prompt.tolist()
+        self._out_l: list[int] = self.out.tolist()
+        self._need_l: list[int] = (self.prompt + self.out).tolist()  # KV reserved at admission
         self._heap: list[tuple[float, int, int, Any, int]] = []
         self._seq = 0
         self.now = 0.0
@@ -205,20 +218,27 @@ class Simulator:
         self.policy.attach(self)
         self._push(0.0, _TICK)
         self._push(0.0, _SAMPLE)
-        i, n, arr = 0, self.n, self.arr
+        i, n, arr = 0, self.n, self._arr_l
+        model_l, models, policy = self._model_l, self.models, self.policy
         heap = self._heap
+        heappop = heapq.heappop
+        inf = math.inf
         next_prog = 0.0
         while True:
-            t_arr = arr[i] if i < n else math.inf
-            t_ev = heap[0][0] if heap else math.inf
+            t_arr = arr[i] if i < n else inf
+            t_ev = heap[0][0] if heap else inf
             if t_arr <= t_ev:
-                if t_arr == math.inf:
+                if t_arr == inf:
                     break
+                # an arrival: queue it, tell the policy, make a replica reach a boundary to admit it
                 self.now = t_arr
-                self._arrival(i)
+                m = model_l[i]
+                models[m].queue.append(i)
+                policy.on_arrival(t_arr, m, i)
+                self._kick(m)
                 i += 1
                 continue
-            t, _, kind, obj, gen = heapq.heappop(heap)
+            t, _, kind, obj, gen = heappop(heap)
             if t > self.horizon:
                 break
             self.now = t
@@ -239,6 +259,7 @@ class Simulator:
             elif kind == _READY:
                 if obj.state == "loading":
                     obj.state = "active"
+                    self._push_room(obj)
                     self._kick(obj.m)
             elif kind == _SWITCH:
                 if obj.pending is not None and obj.state in ("active", "draining"):
@@ -260,36 +281,70 @@ class Simulator:
 
     # ------------------------------------------------------------------------------------------
     # requests
-    def _arrival(self, rid: int) -> None:
-        m = int(self.model_of[rid])
-        ms = self.models[m]
-        ms.queue.append(rid)
-        self.policy.on_arrival(self.now, m, rid)
-        self._kick(m)
-
     def _kick(self, m: int) -> None:
-        """Make a replica that can admit the head of the queue reach an iteration boundary."""
+        """Make a replica that can admit the head of the queue reach an iteration boundary.
+
+        Among the active replicas with room for the head (KV and a sequence slot), in id order: the
+        first one that is idle gets a boundary now, and a cut one means a boundary is already coming;
+        when there is neither, the one with the most KV room (lowest id on ties) is cut.  The first
+        part reads `flagged` (idle or cut replicas), the second the room heap, so that an arrival
+        costs O(flagged + log replicas) instead of a scan of every replica.
+        """
         ms = self.models[m]
-        if not ms.queue:
+        q = ms.queue
+        if not q:
             return
-        head = ms.queue[0]
-        need = int(self.prompt[head] + self.out[head])
-        best = None
-        for r in ms.replicas:
+        need = self._need_l[q[0]]
+        first = None
+        for r in ms.flagged.values():
             if r.state != "active" or r.pending is not None and r.switch_due:
                 continue
-            room = r.kv_cap - r.kv_used
-            if room < need or r.running >= r.max_seqs:
+            if r.kv_cap - r.kv_used < need or r.n_dec + len(r.prefill) >= r.max_seqs:
                 continue
-            if not r.in_seg:
-                self._boundary(r)
-                return
-            if r.cut:
-                return  # a boundary is already coming
-            if best is None or room > best[0]:
-                best = (room, r)
+            if first is None or r.id < first.id:
+                first = r
+        if first is not None:
+            if not first.in_seg:
+                self._boundary(first)
+            return  # else a boundary is already coming
+        heap = ms.room_heap
+        skipped = []
+        best = None
+        while heap:
+            neg, _, ver, r = heap[0]
+            if ver != r.rver or r.state != "active":
+                heapq.heappop(heap)  # outdated entry
+                continue
+            if -neg < need:
+                break  # the most room any replica has is too little
+            if r.pending is not None and r.switch_due or r.n_dec + len(r.prefill) >= r.max_seqs:
+                skipped.append(heapq.heappop(heap))  # full or switching: look further, keep it
+                continue
+            best = r
+            break
+        for e in skipped:
+            heapq.heappush(heap, e)
         if best is not None:
-            self._cut(best[1])
+            self._cut(best)
+
+    def _push_room(self, r: Replica) -> None:
+        """Record an active replica's KV room in its model's room heap (when it changed)."""
+        room = r.kv_cap - r.kv_used
+        if room == r.room_pushed:
+            return
+        r.room_pushed = room
+        r.rver += 1
+        ms = self.models[r.m]
+        heap = ms.room_heap
+        heapq.heappush(heap, (-room, r.id, r.rver, r))
+        if len(heap) > 4 * len(ms.replicas) + 64:
+            self._compact_rooms(ms)
+
+    @staticmethod
+    def _compact_rooms(ms: ModelState) -> None:
+        """Rebuild a room heap from its current entries only."""
+        ms.room_heap = [e for e in ms.room_heap if e[2] == e[3].rver and e[3].state == "active"]
+        heapq.heapify(ms.room_heap)
 
     def _cut(self, r: Replica) -> None:
         """End the running segment at its next iteration boundary."""
@@ -300,34 +355,44 @@ class Simulator:
             r.gen += 1
             self._push(r.seg_t0 + j * r.seg_dt, _SEG, r, r.gen)
         r.cut = True
+        self.models[r.m].flagged[r.id] = r
 
     def _drop_stale(self, ms: ModelState) -> None:
         q = ms.queue
         lim = self.now - self.queue_timeout_s
-        while q and self.arr[q[0]] < lim:
+        arr = self._arr_l
+        while q and arr[q[0]] < lim:
             self.dropped[q.popleft()] = True
 
     def _admit(self, r: Replica) -> None:
         ms = self.models[r.m]
-        self._drop_stale(ms)
         q = ms.queue
-        while q and r.running < r.max_seqs:
+        if not q:
+            return
+        self._drop_stale(ms)
+        need_l, prompt_l = self._need_l, self._prompt_l
+        admit_t, comm0 = self.admit_t, self.comm0
+        now = self.now
+        running = r.n_dec + len(r.prefill)
+        max_seqs, kv_cap = r.max_seqs, r.kv_cap
+        while q and running < max_seqs:
             rid = q[0]
-            need = int(self.prompt[rid] + self.out[rid])
-            if r.kv_used + need > r.kv_cap:
+            need = need_l[rid]
+            if r.kv_used + need > kv_cap:
                 break
             q.popleft()
-            self.admit_t[rid] = self.now
-            self.comm0[rid] = r.cum_comm
+            admit_t[rid] = now
+            comm0[rid] = r.cum_comm
             r.kv_used += need
-            p = int(self.prompt[rid])
+            p = prompt_l[rid]
             r.prefill.append([rid, p])
             r.prefill_tokens += p
+            running += 1
 
     def _finish(self, r: Replica, rid: int, t: float) -> None:
         self.finish_t[rid] = t
         self.comm_s[rid] = r.cum_comm - self.comm0[rid]
-        r.kv_used -= int(self.prompt[rid] + self.out[rid])
+        r.kv_used -= self._need_l[rid]
         self.finished += 1
         self.policy.on_finish(t, r.m, rid)
 
@@ -338,47 +403,54 @@ class Simulator:
         r.in_seg = False
         r.cut = False
         if k > 0:
-            r.iters = i0 + k
+            iters = r.iters = i0 + k
             r.cum_comm += k * r.seg_comm
             r.cum_busy += k * r.seg_busy
             self.busy_gpu_s += k * r.seg_busy
             if r.seg_chunk > 0:
                 self._prefill_progress(r, k)
             dec = r.dec
-            while dec and dec[0][0] <= r.iters:
-                target, rid = heapq.heappop(dec)
-                r.n_dec -= 1
-                r.sum_p += -int(self.prompt[rid])
-                r.sum_first -= int(self.first_iter[rid])
-                self._finish(r, rid, t0 + (target - i0) * dt)
+            if dec and dec[0][0] <= iters:
+                prompt_l, finish = self._prompt_l, self._finish
+                heappop = heapq.heappop
+                while dec and dec[0][0] <= iters:
+                    target, rid, first_it = heappop(dec)
+                    r.n_dec -= 1
+                    r.sum_p -= prompt_l[rid]
+                    r.sum_first -= first_it
+                    finish(r, rid, t0 + (target - i0) * dt)
         self._boundary(r)
 
     def _prefill_progress(self, r: Replica, k: int) -> None:
         chunk, t0, i0, dt = r.seg_chunk, r.seg_t0, r.seg_i0, r.seg_dt
         done = k * chunk
         cum = 0
-        while r.prefill and done > 0:
-            ent = r.prefill[0]
-            if ent[1] <= done - cum:
-                cum += ent[1]
-                r.prefill_tokens -= ent[1]
-                r.prefill.popleft()
+        pre, dec = r.prefill, r.dec
+        out_l, prompt_l, first_t = self._out_l, self._prompt_l, self.first_t
+        while pre and done > 0:
+            ent = pre[0]
+            left = ent[1]
+            if left <= done - cum:
+                cum += left
+                r.prefill_tokens -= left
+                pre.popleft()
                 rid = ent[0]
                 idx = max(1, math.ceil(cum / chunk))
                 it = i0 + idx
-                self.first_t[rid] = t0 + idx * dt
-                o = int(self.out[rid])
+                ft = t0 + idx * dt
+                first_t[rid] = ft
+                o = out_l[rid]
                 if o <= 1:
-                    self._finish(r, rid, self.first_t[rid])
+                    self._finish(r, rid, ft)
                 else:
-                    self.first_iter[rid] = it
-                    heapq.heappush(r.dec, (it + o - 1, rid))
+                    # (iteration of the last token, request, iteration of the first token)
+                    heapq.heappush(dec, (it + o - 1, rid, it))
                     r.n_dec += 1
-                    r.sum_p += int(self.prompt[rid])
+                    r.sum_p += prompt_l[rid]
                     r.sum_first += it
             else:
                 part = done - cum
-                ent[1] -= part
+                ent[1] = left - part
                 r.prefill_tokens -= part
                 break
 
@@ -387,11 +459,14 @@ class Simulator:
         now = self.now
         if r.switch_due and r.pending is not None:
             self._apply_switch(r)
-        if r.state == "draining" and not r.busy:
+        state = r.state
+        if state == "draining" and not (r.n_dec or r.prefill):
             self._release(r)
             return
-        if r.state == "active":
+        if state == "active":
             self._admit(r)
+            if r.kv_cap - r.kv_used != r.room_pushed:
+                self._push_room(r)
         if now < r.pause_until:
             r.in_seg = True
             r.seg_k = 0
@@ -399,38 +474,44 @@ class Simulator:
             r.seg_t0 = now
             r.seg_dt = 0.0
             r.gen += 1
+            self.models[r.m].flagged.pop(r.id, None)
             self._push(r.pause_until, _SEG, r, r.gen)
             return
         n_dec = r.n_dec
-        if not r.prefill and n_dec == 0:
+        pre = r.prefill
+        if not pre and n_dec == 0:
+            self.models[r.m].flagged[r.id] = r
             return  # idle
-        ctx = r.sum_p + n_dec * r.iters - r.sum_first
-        if r.prefill:
-            chunk = min(max(r.token_budget - n_dec, r.token_budget // 4, 16), r.prefill_tokens)
-            head = r.prefill[0]
+        iters = r.iters
+        ctx = r.sum_p + n_dec * iters - r.sum_first
+        dec = r.dec
+        if pre:
+            tb = r.token_budget
+            chunk = min(max(tb - n_dec, tb // 4, 16), r.prefill_tokens)
+            head = pre[0]
             k = math.ceil(head[1] / chunk)
-            if r.dec:
-                k = min(k, max(1, r.dec[0][0] - r.iters))
+            if dec:
+                k = min(k, max(1, dec[0][0] - iters))
             pseqs, acc = 0, 0
-            for ent in r.prefill:
+            for ent in pre:
                 pseqs += 1
                 acc += ent[1]
                 if acc >= chunk or pseqs >= 32:
                     break
             dt, comm, busy = r.pipe.round(n_dec, ctx + n_dec * k * 0.5, chunk,
-                                          float(self.prompt[head[0]]) * 0.5, pseqs)
+                                          self._prompt_l[head[0]] * 0.5, pseqs)
         else:
             chunk = 0
-            k = max(1, r.dec[0][0] - r.iters)
+            k = max(1, dec[0][0] - iters)
             dt, comm, busy = r.pipe.round(n_dec, ctx + n_dec * k * 0.5)
-        r.seg_t0, r.seg_i0, r.seg_k, r.seg_dt = now, r.iters, k, dt
+        r.seg_t0, r.seg_i0, r.seg_k, r.seg_dt = now, iters, k, dt
         r.seg_comm, r.seg_busy, r.seg_chunk = comm, busy, chunk
         r.in_seg = True
         r.cut = False
-        r.gen += 1
-        self._push(now + k * dt, _SEG, r, r.gen)
-        if self.models[r.m].queue and r.kv_used < r.kv_cap:
-            pass  # queue blocked on this replica's KV; other replicas are kicked by arrivals and ticks
+        self.models[r.m].flagged.pop(r.id, None)
+        r.gen = gen = r.gen + 1
+        self._seq += 1
+        heapq.heappush(self._heap, (now + k * dt, self._seq, _SEG, r, gen))
 
     # ------------------------------------------------------------------------------------------
     # reservation accounting
@@ -522,10 +603,12 @@ class Simulator:
         self._set_hold(r, self._hold_of(placement))
         self.replicas[r.id] = r
         ms.replicas.append(r)
+        ms.flagged[r.id] = r  # not inside a segment
         ms.scale_ups += 1
         if instant:
             r.state = "active"
             r.ready_at = self.now
+            self._push_room(r)
         else:
             t, _ = self._load_time(m, placement, cold_tier, host_cache)
             r.ready_at = self.now + t
@@ -553,6 +636,7 @@ class Simulator:
         r.state = "released"
         r.gen += 1
         ms.replicas.remove(r)
+        ms.flagged.pop(r.id, None)
         del self.replicas[r.id]
         self._kick(r.m)
 
@@ -613,8 +697,8 @@ class Simulator:
         self._set_hold(r, self._hold_of(new))
         r.pause_until = self.now + pause
         # every request in flight sees the pause
-        for _, rid in r.dec:
-            self.stall_s[rid] += pause
+        for ent in r.dec:
+            self.stall_s[ent[1]] += pause
         for ent in r.prefill:
             self.stall_s[ent[0]] += pause
 
@@ -647,4 +731,4 @@ class Simulator:
     def queue_wait(self, m: int) -> float:
         """How long the head of model m's queue has waited."""
         q = self.models[m].queue
-        return self.now - float(self.arr[q[0]]) if q else 0.0
+        return self.now - self._arr_l[q[0]] if q else 0.0

@@ -304,6 +304,9 @@ class FastPipe:
         self.H0 = np.array([l.latency + l.overhead for l in p.links] + [0.0])
         self.H1 = np.array([s.act_bytes_per_token / l.bandwidth for l, s in zip(p.links, st)] + [0.0])
         self._memo: dict[tuple[int, int, int, int, int], tuple[float, float, float]] = {}
+        # the same coefficients as plain floats, one row per stage, for the scalar path of `round`
+        self._rows = list(zip(*(a.tolist() for a in (self.Fc, self.Ac, self.P, self.K, self.Act, self.U, self.ar0,
+                                                     self.ar1, self.H0, self.H1))))
 
     def round(self, decode: int, decode_ctx: float, prefill: int = 0, prefill_ctx: float = 0.0,
               prefill_seqs: int = 1) -> tuple[float, float, float]:
@@ -328,18 +331,57 @@ class FastPipe:
         tok = d + pf
         dc = dctx / M
         actx = dc + pf * prefill_ctx
-        comp = self.Fc * tok + self.Ac * actx
-        mem = self.P + self.K * (dc + tok) + self.Act * tok
-        t = np.maximum(comp, mem) / self.tp + self.U + self.ar0 + self.ar1 * tok
-        hops = self.H0 + self.H1 * tok
-        comm = float(hops.sum())
-        trip = float(t.sum()) + comm
-        cycle = M * float(np.maximum(t, hops).max())
+        dtok = dc + tok
+        tp = self.tp
+        # per stage: roofline time t and hop time h, in plain floats (a pipeline has at most a few
+        # dozen stages, where numpy's per-call overhead costs more than the arithmetic)
+        ts: list[float] = []
+        hs: list[float] = []
+        worst = 0.0
+        for fc, ac, p, kv, act, u, ar0, ar1, h0, h1 in self._rows:
+            comp = fc * tok + ac * actx
+            mem = p + kv * dtok + act * tok
+            t = (comp if comp > mem else mem) / tp + u + ar0 + ar1 * tok
+            h = h0 + h1 * tok
+            ts.append(t)
+            hs.append(h)
+            if t > worst:
+                worst = t
+            if h > worst:
+                worst = h
+        comm = _np_sum(hs)
+        tsum = _np_sum(ts)
+        trip = tsum + comm
+        cycle = M * worst
         total = max(trip, cycle)
-        res = (total, comm * total / trip, M * float(t.sum()) * self.tp)
+        res = (total, comm * total / trip, M * tsum * tp)
         if len(self._memo) < 200_000:
             self._memo[key] = res
         return res
+
+
+def _np_sum(xs: list[float]) -> float:
+    """Sum of floats in the order numpy's `ndarray.sum` adds them (pairwise: blocks of up to 128 values
+    summed with 8 accumulators), so that `FastPipe.round` gives the bits its numpy version gave."""
+    n = len(xs)
+    if n > 128:
+        n2 = n // 2
+        n2 -= n2 % 8
+        return _np_sum(xs[:n2]) + _np_sum(xs[n2:])
+    if n < 8:
+        acc = 0.0
+        for x in xs:
+            acc += x
+        return acc
+    r = xs[:8]
+    m = n - n % 8
+    for i in range(8, m, 8):
+        for j in range(8):
+            r[j] += xs[i + j]
+    res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    for i in range(m, n):
+        res += xs[i]
+    return res
 
 
 # ---------------------------------------------------------------------------------------------
