@@ -2,6 +2,7 @@
 
     flexpipe simulate --preset paper-82gpu --cv 1,2,4,8 --out DIR
     flexpipe simulate calibrate --measurements FILE.json
+    flexpipe simulate calibrate --measure-cpu [--measurements FILE.json]   # time the runtime's stages here
 
 Hooked into flexpipe/cli.py with `add_simulate_parser(subparsers)`; the handler is `simulate_main`.
 """
@@ -36,6 +37,12 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--measurements", default=None, help="calibrate: measured stage times (JSON, see docs/sim.md)")
     p.add_argument("--gpu", default=None, help="calibrate: GPU entry to fit (default: the file's)")
+    p.add_argument("--measure-cpu", action="store_true",
+                   help="calibrate: time the real runtime's StageCore on this CPU (one torch thread), fit the "
+                        "CPU entry on 3/4 of the points and report the error on the rest; with --measurements, "
+                        "write the measurements there")
+    p.add_argument("--repeats", type=int, default=5, help="calibrate --measure-cpu: timed calls per point (fastest)")
+    p.add_argument("--quick", action="store_true", help="calibrate --measure-cpu: 12 points instead of 40")
     p.set_defaults(func=simulate_main)
     return p
 
@@ -43,8 +50,12 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _calibrate(args: argparse.Namespace) -> int:
     from flexpipe.sim.perf import GPUS, ModelCosts, calibrate, load_measurements
 
+    if args.measure_cpu:
+        from flexpipe.sim.measure import main_measure
+
+        return main_measure(args.measurements, repeats=args.repeats, quick=args.quick)
     if not args.measurements:
-        raise ConfigError("calibrate needs --measurements FILE.json")
+        raise ConfigError("calibrate needs --measurements FILE.json (or --measure-cpu)")
     model, gpu, dtype_bytes, ms = load_measurements(args.measurements)
     gpu = args.gpu or gpu
     if gpu not in GPUS:
@@ -52,7 +63,15 @@ def _calibrate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     spec = replace(GPUS[gpu], dtype_bytes=dtype_bytes)
-    cal = calibrate(ModelCosts.for_model(model, dtype_bytes), spec, ms)
+    with open(args.measurements) as f:
+        doc = json.load(f)
+    if "config" in doc:  # a model that is no preset: its ModelConfig travels in the file
+        from flexpipe.sim.measure import costs_for_doc
+
+        costs = costs_for_doc(doc)
+    else:
+        costs = ModelCosts.for_model(model, dtype_bytes)
+    cal = calibrate(costs, spec, ms)
     d = cal.to_dict()
     d["model"] = model
     print(json.dumps(d, indent=1))

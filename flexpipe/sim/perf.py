@@ -49,10 +49,16 @@ GPUS: dict[str, GPUSpec] = {
                     source="NVIDIA H100 datasheet (SXM5): 989 TFLOPS bf16 dense, 3.35 TB/s"),
     "A10": GPUSpec("A10", 125e12, 600 * GB, 24 * GB, 0.55, 0.75, 15e-6,
                    source="NVIDIA A10 datasheet: 125 TFLOPS fp16 tensor dense, 600 GB/s"),
-    # Measured on this project's 2-core Xeon dev machine (numpy fp32 2048^2 matmul: 300 GFLOP/s;
-    # np.copyto of 256 MiB: 24 GB/s read+write, ~12 GB/s one way).  The runtime runs fp32 on CPU.
-    "CPU": GPUSpec("CPU", 300e9, 12 * GB, 16 * GB, 0.5, 0.6, 30e-6, dtype_bytes=4,
-                   source="measured here: numpy fp32 matmul and memcpy on the 2-core dev VM"),
+    # Peaks measured on this project's 2-core Xeon dev machine (numpy fp32 2048^2 matmul: 300 GFLOP/s;
+    # np.copyto of 256 MiB: 24 GB/s read+write, ~12 GB/s one way).  The runtime runs fp32 on CPU.  The
+    # factors are fitted to the runtime's own stage steps (`flexpipe simulate calibrate --measure-cpu`:
+    # FP-3's StageCore, `tiny`, one torch thread, 40 prefill/decode steps over 4 unit ranges): one
+    # thread on small matrices and a paged-KV gather reach ~15% of the matmul peak and ~25% of memcpy.
+    # Fitted 0.156 / 0.250 / 16 us, mean error 18% over the 40 (12.5% on 10 held out); the earlier
+    # 0.5 / 0.6 / 30 us guess was off by 60%.
+    "CPU": GPUSpec("CPU", 300e9, 12 * GB, 16 * GB, 0.156, 0.25, 16e-6, dtype_bytes=4,
+                   source="peaks: numpy fp32 matmul and memcpy on the 2-core dev VM; factors: fitted to "
+                          "StageCore step times (flexpipe simulate calibrate --measure-cpu)"),
 }
 
 
@@ -304,24 +310,50 @@ class FastPipe:
         self.H0 = np.array([l.latency + l.overhead for l in p.links] + [0.0])
         self.H1 = np.array([s.act_bytes_per_token / l.bandwidth for l, s in zip(p.links, st)] + [0.0])
         self._memo: dict[tuple[int, int, int, int, int], tuple[float, float, float]] = {}
+        self._dmemo: dict[tuple[int, int, int], tuple[float, float, float]] = {}
         # the same coefficients as plain floats, one row per stage, for the scalar path of `round`
         self._rows = list(zip(*(a.tolist() for a in (self.Fc, self.Ac, self.P, self.K, self.Act, self.U, self.ar0,
                                                      self.ar1, self.H0, self.H1))))
 
     def round(self, decode: int, decode_ctx: float, prefill: int = 0, prefill_ctx: float = 0.0,
-              prefill_seqs: int = 1) -> tuple[float, float, float]:
+              prefill_seqs: int = 1, memo: dict | None = None) -> tuple[float, float, float]:
         """(seconds, comm seconds, busy GPU-seconds) of one iteration; see `round_time`.
 
         `prefill_seqs` requests share the prefill tokens; each can ride in its own micro-batch.
+        Memo keys: context sums on a ~3% log grid, prefill chunks rounded up to 32 tokens, prefill
+        positions in buckets of `CTX_Q`.  A decode-only round is a function of its key alone, so
+        those are memoised on this object, which replicas with the same pipeline share.  A round with
+        prefill is computed at the first position seen in its bucket and memoised in `memo` (one per
+        replica and pipeline; this object's own when None), so that what a replica sees does not
+        depend on what other replicas saw.
         """
-        prefill_seqs = min(prefill_seqs, self.S) if prefill else 0
-        # memo key: context sums on a ~3% log grid, prefill chunks rounded up to 32 tokens
         kc = int(math.log(decode_ctx) * 32) if decode_ctx >= 1 else -1
+        if not prefill:
+            if decode <= 0:
+                return (0.0, 0.0, 0.0)
+            # decode-only: the round depends on decode only through M and ceil(decode / M)
+            M = min(self.S, decode)
+            dkey = (M, -(-decode // M), kc)
+            hit = self._dmemo.get(dkey)
+            if hit is None:
+                hit = self._compute(decode, kc, 0, 0.0, 0)
+                if len(self._dmemo) < 400_000:
+                    self._dmemo[dkey] = hit
+            return hit
+        prefill_seqs = min(prefill_seqs, self.S)
         prefill = -(-prefill // 32) * 32
         key = (decode, kc, prefill, int(prefill_ctx // self.CTX_Q), prefill_seqs)
-        hit = self._memo.get(key)
-        if hit is not None:
-            return hit
+        if memo is None:
+            memo = self._memo
+        hit = memo.get(key)
+        if hit is None:
+            hit = self._compute(decode, kc, prefill, prefill_ctx, prefill_seqs)
+            if len(memo) < 200_000:
+                memo[key] = hit
+        return hit
+
+    def _compute(self, decode: int, kc: int, prefill: int, prefill_ctx: float,
+                 prefill_seqs: int) -> tuple[float, float, float]:
         dctx = math.exp((kc + 0.5) / 32) if kc >= 0 else 0.0
         seqs = decode + prefill_seqs
         if seqs == 0:
@@ -354,10 +386,7 @@ class FastPipe:
         trip = tsum + comm
         cycle = M * worst
         total = max(trip, cycle)
-        res = (total, comm * total / trip, M * tsum * tp)
-        if len(self._memo) < 200_000:
-            self._memo[key] = res
-        return res
+        return (total, comm * total / trip, M * tsum * tp)
 
 
 def _np_sum(xs: list[float]) -> float:
