@@ -65,7 +65,7 @@ class Replica:
                  "dec", "n_dec", "sum_p", "sum_first", "prefill", "prefill_tokens", "iters", "seg_t0",
                  "seg_i0", "seg_k", "seg_dt", "seg_comm", "seg_busy", "seg_chunk", "in_seg", "gen", "cut",
                  "pause_until", "cum_comm", "cum_busy", "token_budget", "max_seqs", "hold", "pending",
-                 "switch_due", "tier", "mode", "rver", "room_pushed")
+                 "switch_due", "tier", "mode", "rver", "room_pushed", "pmemo")
 
     def __init__(self, rid: int, m: int, placement: Placement, pipe: FastPipe, now: float, spec: ModelSpec):
         self.id, self.m, self.placement, self.pipe = rid, m, placement, pipe
@@ -98,6 +98,7 @@ class Replica:
         self.mode = "pipeline"
         self.rver = 0  # version of this replica's entry in its model's room heap
         self.room_pushed = -1  # KV room that entry holds
+        self.pmemo: dict = {}  # this replica's memo of rounds with prefill on its current pipeline
 
     @property
     def stages(self) -> int:
@@ -147,6 +148,7 @@ class Reshape:
 
 
 _SEG, _READY, _SWITCH, _TICK, _SAMPLE = 0, 1, 2, 3, 4
+_KICK_NONE, _KICK_WAIT, _KICK_BOUNDARY, _KICK_CUT = 0, 1, 2, 3  # what a kick does (see _kick_choice)
 
 
 class Simulator:
@@ -202,6 +204,7 @@ class Simulator:
         self.reshapes: list[Reshape] = []
         self.events: list[tuple[float, str, str]] = []  # (t, model, what) scale/retire/reshape log
         self.host_cache: dict[tuple[int, int], float] = {}  # (server, model) -> time params were left
+        self._pipes: dict[PipelineSpec, FastPipe] = {}
         self.progress = progress
         self.finished = 0
         self.n_dropped = 0
@@ -282,19 +285,26 @@ class Simulator:
     # ------------------------------------------------------------------------------------------
     # requests
     def _kick(self, m: int) -> None:
-        """Make a replica that can admit the head of the queue reach an iteration boundary.
-
-        Among the active replicas with room for the head (KV and a sequence slot), in id order: the
-        first one that is idle gets a boundary now, and a cut one means a boundary is already coming;
-        when there is neither, the one with the most KV room (lowest id on ties) is cut.  The first
-        part reads `flagged` (idle or cut replicas), the second the room heap, so that an arrival
-        costs O(flagged + log replicas) instead of a scan of every replica.
-        """
+        """Make a replica that can admit the head of the queue reach an iteration boundary."""
         ms = self.models[m]
-        q = ms.queue
-        if not q:
+        if not ms.queue:
             return
-        need = self._need_l[q[0]]
+        r, act = self._kick_choice(ms, self._need_l[ms.queue[0]])
+        if act == _KICK_BOUNDARY:
+            self._boundary(r)
+        elif act == _KICK_CUT:
+            self._cut(r)
+
+    @staticmethod
+    def _kick_choice(ms: ModelState, need: int) -> tuple[Replica | None, int]:
+        """Which replica a kick for a request needing `need` tokens of KV acts on, and how.
+
+        Among the active replicas with room for it (KV and a sequence slot), in id order: the first
+        one that is idle gets a boundary now, and a cut one means a boundary is already coming
+        (nothing to do); when there is neither, the one with the most KV room (lowest id on ties) is
+        cut.  The first part reads `flagged` (idle or cut replicas), the second the room heap, so an
+        arrival costs O(flagged + log replicas) instead of a scan of every replica.
+        """
         first = None
         for r in ms.flagged.values():
             if r.state != "active" or r.pending is not None and r.switch_due:
@@ -304,9 +314,7 @@ class Simulator:
             if first is None or r.id < first.id:
                 first = r
         if first is not None:
-            if not first.in_seg:
-                self._boundary(first)
-            return  # else a boundary is already coming
+            return first, (_KICK_WAIT if first.in_seg else _KICK_BOUNDARY)
         heap = ms.room_heap
         skipped = []
         best = None
@@ -324,8 +332,7 @@ class Simulator:
             break
         for e in skipped:
             heapq.heappush(heap, e)
-        if best is not None:
-            self._cut(best)
+        return best, (_KICK_CUT if best is not None else _KICK_NONE)
 
     def _push_room(self, r: Replica) -> None:
         """Record an active replica's KV room in its model's room heap (when it changed)."""
@@ -499,7 +506,7 @@ class Simulator:
                 if acc >= chunk or pseqs >= 32:
                     break
             dt, comm, busy = r.pipe.round(n_dec, ctx + n_dec * k * 0.5, chunk,
-                                          self._prompt_l[head[0]] * 0.5, pseqs)
+                                          self._prompt_l[head[0]] * 0.5, pseqs, r.pmemo)
         else:
             chunk = 0
             k = max(1, dec[0][0] - iters)
@@ -560,7 +567,10 @@ class Simulator:
         links = tuple(c.link(a.gpus[-1], b.gpus[0]) for a, b in zip(p.stages, p.stages[1:]))
         tp = len(p.stages[0].gpus)
         spec = PipelineSpec(stages, gpus, links, ms.costs.hidden, tp, c.intra if tp > 1 else None)
-        return FastPipe(spec)
+        pipe = self._pipes.get(spec)
+        if pipe is None:  # one per distinct pipeline: replicas placed on the same GPUs share its memo
+            pipe = self._pipes[spec] = FastPipe(spec)
+        return pipe
 
     def place(self, m: int, stages: int, mode: str = "pipeline", credit: dict[int, float] | None = None,
               kv_min: int | None = None, boundaries: Sequence[int] | None = None) -> Placement | None:
@@ -693,6 +703,7 @@ class Simulator:
         r.pending = None
         r.switch_due = False
         r.placement, r.pipe = new, pipe
+        r.pmemo = {}
         r.kv_cap = new.kv_tokens
         self._set_hold(r, self._hold_of(new))
         r.pause_until = self.now + pause
