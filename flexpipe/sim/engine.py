@@ -176,7 +176,7 @@ class Simulator:
         self.first_t = np.full(n, np.nan)
         self.finish_t = np.full(n, np.nan)
         self.comm_s = np.zeros(n)
-        self.comm0 = np.zeros(n)
+        self.comm0 = [0.0] * n  # the replica's communication clock at admission (a list: written per request)
         self.dropped = np.zeros(n, dtype=bool)
         self.stall_s = np.zeros(n)  # pause time seen while running
         # plain-Python copies of the per-request inputs for the hot paths: indexing a list gives a
@@ -418,14 +418,22 @@ class Simulator:
                 self._prefill_progress(r, k)
             dec = r.dec
             if dec and dec[0][0] <= iters:
-                prompt_l, finish = self._prompt_l, self._finish
+                # completions (what _finish does, inlined: this runs once per request)
+                prompt_l, need_l, comm0 = self._prompt_l, self._need_l, self.comm0
+                finish_t, comm_s = self.finish_t, self.comm_s
+                on_finish, m = self.policy.on_finish, r.m
                 heappop = heapq.heappop
                 while dec and dec[0][0] <= iters:
                     target, rid, first_it = heappop(dec)
                     r.n_dec -= 1
                     r.sum_p -= prompt_l[rid]
                     r.sum_first -= first_it
-                    finish(r, rid, t0 + (target - i0) * dt)
+                    t = t0 + (target - i0) * dt
+                    finish_t[rid] = t
+                    comm_s[rid] = r.cum_comm - comm0[rid]
+                    r.kv_used -= need_l[rid]
+                    self.finished += 1
+                    on_finish(t, m, rid)
         self._boundary(r)
 
     def _prefill_progress(self, r: Replica, k: int) -> None:
@@ -471,7 +479,8 @@ class Simulator:
             self._release(r)
             return
         if state == "active":
-            self._admit(r)
+            if self.models[r.m].queue:
+                self._admit(r)
             if r.kv_cap - r.kv_used != r.room_pushed:
                 self._push_room(r)
         if now < r.pause_until:

@@ -47,17 +47,23 @@ def _stalls(arr: np.ndarray, ttft: np.ndarray) -> dict[str, float]:
                 "stalled_share": 0.0}
     base = float(np.percentile(ttft, 25))
     hi, lo = 1.5 * base, 1.2 * base
+    # an episode starts at the first request above hi and ends at the next one at or below lo;
+    # one searchsorted per boundary instead of a Python step per request
+    up = np.flatnonzero(ttft > hi)
+    down = np.flatnonzero(ttft <= lo)
     eps = []
-    start = None
-    for t, v in zip(arr, ttft):
-        if start is None:
-            if v > hi:
-                start = t
-        elif v <= lo:
-            eps.append(t - start)
-            start = None
-    if start is not None:
-        eps.append(arr[-1] - start)
+    pos = 0
+    while True:
+        k = int(np.searchsorted(up, pos))
+        if k == len(up):
+            break
+        s = up[k]
+        j = int(np.searchsorted(down, s + 1))
+        if j == len(down):
+            eps.append(arr[-1] - arr[s])
+            break
+        eps.append(arr[down[j]] - arr[s])
+        pos = down[j] + 1
     e = np.array(eps)
     return {"stall_episodes": int(len(e)), "recovery_mean_s": float(e.mean()) if len(e) else 0.0,
             "recovery_p50_s": _pct(e, 50) if len(e) else 0.0, "recovery_p99_s": _pct(e, 99) if len(e) else 0.0,
