@@ -20,8 +20,9 @@ never below `reserve_floor` * the observed peak rate, and held at its maximum ov
 so that capacity added for a burst is reclaimed only after the window (the paper's 5-minute windows).
 The headroom is square-root staffing: arrivals of a renewal process with rate L and gap CV c count
 L*W +- c*sqrt(L*W) in a window W, so capacity L*(1 + headroom) + burst_z * c * sqrt(L / burst_window_s)
-absorbs all but the largest fluctuations over `burst_window_s` (shorter ones wait in the queue, longer
-ones are the rate's own moves, which the window max follows), capped at L * (1 + headroom_cap).  It
+absorbs all but the largest fluctuations over `burst_window_s` (by default the analyzer's 60 s window
+that L is measured over: shorter ones wait in the queue, longer ones are the rate's own moves, which the
+window max follows), capped at L * (1 + headroom_cap).  It
 grows like c, not c^2, and shrinks relative to L as L grows (pooling).  The forecast counts only where it
 exceeds the rate by more than burst_z standard errors of a short-window rate estimate
 (c * sqrt(L / short_window)): at a high CV a Holt forecast swings with every clump of arrivals, and the
@@ -116,7 +117,7 @@ class PolicyConfig:
     headroom: float = 0.1  # spare capacity at any cv (on top of the burst term)
     headroom_cap: float = 1.0  # most burst headroom (demand <= load * (1 + cap))
     burst_z: float = 2.0  # standard deviations of arrival-count noise the capacity absorbs
-    burst_window_s: float = 30.0  # over this window (about the time a scale-up takes to serve)
+    burst_window_s: float = 60.0  # over this window (the analyzer's long window, which the rate averages)
     queue_drain_s: float = 10.0  # a backlog is to be cleared within this time
     alpha: float = 0.5  # utility weight of throughput against latency
     sigma: float = 8.0  # utility width of the burstiness fit (CV units): a tilt, not a veto

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from flexpipe.sim.cluster import STAGE_OVERHEAD_BYTES, Placement
+from flexpipe.sim.cluster import STAGE_OVERHEAD_BYTES, Placement, StagePlace
 from flexpipe.sim.engine import Replica, Simulator
 from flexpipe.sim.perf import FastPipe, ModelCosts, PipelineSpec
 
@@ -250,7 +250,8 @@ class FlexPipePolicy:
     KV_SHARE = 0.75  # a new replica needs this share of the KV room the planner assumed for it
 
     def __init__(self, max_reshapes_per_tick: int = 2, cold_tier: str = "remote", decide_every_s: float = 5.0,
-                 **policy_overrides: Any):
+                 use_fp5_placer: bool = True, **policy_overrides: Any):
+        self.use_fp5_placer = use_fp5_placer
         self.max_reshapes = max_reshapes_per_tick
         self.cold_tier = cold_tier
         self.decide_every_s = decide_every_s
@@ -274,6 +275,16 @@ class FlexPipePolicy:
         self.target_stages = [0 for _ in sim.models]
         self.len_mean = [[512.0, 128.0] for _ in sim.models]  # EMA of prompt, output tokens seen
         hole = typical_hole(sim)
+        self._placer = None
+        self.placer_impl = "sim fallback"
+        if self.use_fp5_placer and getattr(sim.cluster, "topo", None) is not None:
+            try:
+                from flexpipe.placement.placer import FlexPlacer
+            except ImportError:
+                pass
+            else:
+                self._placer, self._topo, self._reqs = FlexPlacer(), sim.cluster.topo.copy(), {}
+                self.placer_impl = "flexpipe.placement"
         self.per_model: list[Any] = []
         for ms in sim.models:
             s_min = min_stages(ms.costs, hole, ms.spec.kv_min_tokens)
@@ -376,6 +387,42 @@ class FlexPipePolicy:
         room = sum(min(r.max_seqs, r.kv_cap // max(int(per), 1)) for r in cur if r.state == "loading")
         return max(0, q - room)
 
+    def _sim_place(self, sim: Simulator, m: int, stages: int, credit: dict[int, float] | None,
+                   kv_min: int, ladder: bool = True) -> Placement | None:
+        """One placement attempt: FP-5's FlexPlacer on the cluster's current free memory when it is
+        available (boundaries and GPUs chosen jointly, topology- and fragmentation-aware), else the
+        simulator's fallback placer.  FP-5 reserves one KV size on every stage: the replica's full KV
+        request when it fits, else 3/4 or 1/2 of it, else `kv_min`; the fallback takes what each hole has
+        down to `kv_min`."""
+        if self._placer is None:
+            return sim.place(m, stages, credit=credit, kv_min=kv_min)
+        from flexpipe.errors import PlacementError
+        from flexpipe.placement.placer import ReplicaRequest
+
+        t = self._topo
+        free = np.fromiter((g.free for g in sim.cluster.gpus), dtype=np.float64, count=len(sim.cluster.gpus))
+        for g, b in (credit or {}).items():
+            free[g] += b
+        t.free[:] = np.maximum(free, 0.0).astype(np.int64)
+        ms = sim.models[m]
+        want = max(ms.spec.kv_want_tokens, kv_min)
+        kvs = (want, max(kv_min, want * 3 // 4), max(kv_min, want // 2), kv_min) if ladder else (kv_min,)
+        for kv in dict.fromkeys(kvs):
+            key = (m, stages, kv)
+            req = self._reqs.get(key)
+            if req is None:
+                req = self._reqs[key] = ReplicaRequest(ms.costs.units, stages=stages, max_stages=stages, kv_tokens=kv,
+                                                       batch_tokens=ms.spec.token_budget // 8,
+                                                       stage_overhead_bytes=int(STAGE_OVERHEAD_BYTES),
+                                                       model=ms.spec.name)
+            try:
+                p = self._placer.place(req, t)
+            except PlacementError:
+                continue
+            return Placement(tuple(StagePlace(st.start, st.end, (t.gpu_index(st.gpu),), float(st.mem_bytes), kv)
+                                   for st in p.stages))
+        return None
+
     def _place(self, sim: Simulator, m: int, stages: int, credit: dict[int, float] | None = None,
                kv_min: int | None = None) -> Placement | None:
         """The target stage count first, then finer cuts (smaller stages fit smaller holes).
@@ -387,17 +434,29 @@ class FlexPipePolicy:
         """
         n = sim.models[m].costs.num_units
         order = [stages] + [x for x in self.STAGE_COUNTS if x > stages and x <= n]
+        if self._placer is not None and kv_min is None:
+            # FP-5 reserves one KV size per replica: first the full request at any allowed cut (for a
+            # weight-heavy model, KV room is what buys requests/s), then less KV at the target cut
+            want = sim.models[m].spec.kv_want_tokens
+            for kv in (want, want * 3 // 4):
+                for s in order:
+                    if kv < self._kv_planned(m, s):
+                        continue
+                    if sim.now - self.failed.get((m, s), -math.inf) >= self.BACKOFF_S or credit is not None:
+                        p = self._sim_place(sim, m, s, credit, kv, ladder=False)
+                        if p is not None:
+                            return p
         for s in order:
             if sim.now - self.failed.get((m, s), -math.inf) < self.BACKOFF_S and credit is None:
                 continue
-            p = sim.place(m, s, credit=credit, kv_min=kv_min if kv_min is not None else self._kv_planned(m, s))
+            p = self._sim_place(sim, m, s, credit, kv_min if kv_min is not None else self._kv_planned(m, s))
             if p is not None:
                 return p
             if credit is None:
                 self.failed[(m, s)] = sim.now
         if kv_min is None and credit is None and not sim.active(m):
             for s in order:
-                p = sim.place(m, s)
+                p = self._sim_place(sim, m, s, None, sim.models[m].spec.kv_min_tokens)
                 if p is not None:
                     return p
         return None
@@ -422,8 +481,7 @@ class FlexPipePolicy:
                 key = (m, -r.id)
                 if sim.now - self.failed.get(key, -math.inf) < self.BACKOFF_S:
                     continue
-                p = sim.place(m, d.stages, credit=dict(r.hold),
-                              kv_min=max(r.kv_used, self._kv_planned(m, d.stages)))
+                p = self._sim_place(sim, m, d.stages, dict(r.hold), max(r.kv_used, self._kv_planned(m, d.stages)))
                 if p is not None and sim.reshape_replica(r, p, d.token_budget):
                     done += 1
                 else:

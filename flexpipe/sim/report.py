@@ -112,6 +112,7 @@ def summarise(sim: Simulator, policy_name: str | None = None) -> dict[str, Any]:
     s = {
         "policy": policy_name or getattr(sim.policy, "name", "?"),
         "policy_impl": getattr(sim.policy, "impl", "baseline"),
+        "placer": getattr(sim.policy, "placer_impl", "sim fallback"),
         "requests": int(measured.sum()), "finished": int(fin.sum()), "dropped": int((sim.dropped & measured).sum()),
         "warmup_s": w,
         "duration_s": sim.duration,
