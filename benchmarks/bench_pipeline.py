@@ -84,6 +84,36 @@ async def run_flexpipe(fp: FlexPipe, prompts: list[list[int]], m: int) -> tuple[
     return time.perf_counter() - t, res
 
 
+def mixed_lengths(n: int, scale: int = 4, cap: int = 256, seed: int = 0) -> list[int]:
+    """n output lengths drawn from the Azure LLM conversation trace's GeneratedTokens (the slice
+    shipped in flexpipe/data/traces), divided by `scale` (same shape, 1/scale the tokens: the run
+    stays short) and capped: median ~32, mean ~50, max 250 with the defaults."""
+    import csv
+    from importlib import resources
+
+    path = resources.files("flexpipe") / "data" / "traces" / "azure_llm_conv_slice.csv"
+    with path.open() as f:
+        gen = [int(r["GeneratedTokens"]) for r in csv.DictReader(f)]
+    rng = np.random.default_rng(seed)
+    return [int(min(cap, max(1, round(g / scale)))) for g in rng.choice(gen, size=n)]
+
+
+async def run_flexpipe_closed(fp: FlexPipe, prompts: list[list[int]], ms: list[int], n: int) -> tuple[float, list]:
+    """A closed loop of n concurrent clients working through the requests (prompt j, ms[j] tokens):
+    each client sends its next request when its last one finished.  Wall time and per-request results."""
+    queue = list(range(len(prompts)))[::-1]
+    res: list = [None] * len(prompts)
+
+    async def client() -> None:
+        while queue:
+            j = queue.pop()
+            res[j] = await _stream(fp, prompts[j], ms[j])
+
+    t = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(n)))
+    return time.perf_counter() - t, res
+
+
 # ---- HF transformers -----------------------------------------------------------------------------
 class _Clock:
     """An HF streamer that only notes when each generation step's tokens come out."""
@@ -135,6 +165,16 @@ class HFRunner:
         """Like run_flexpipe: wall time and, per prompt, (start, token times, ids) from one batch."""
         t, times, outs = await asyncio.get_running_loop().run_in_executor(self.pool, self._generate, prompts, m)
         return times[-1] - t, [(t, times, o) for o in outs]
+
+    async def run_batches(self, prompts: list[list[int]], ms: list[int], n: int) -> tuple[float, list]:
+        """The same requests as run_flexpipe_closed, the way a user of `generate` serves them: n at a
+        time, each batch generating its longest request's length, outputs cut to each request's own."""
+        t0, res = time.perf_counter(), []
+        for i in range(0, len(prompts), n):
+            m = max(ms[i:i + n])
+            _, part = await self.run(prompts[i:i + n], m)
+            res += [(t, times[:k], ids[:k]) for (t, times, ids), k in zip(part, ms[i:i + n])]
+        return time.perf_counter() - t0, res
 
     def close(self) -> None:
         self.pool.shutdown()
@@ -219,7 +259,8 @@ async def bench(args: argparse.Namespace) -> None:
         hf = HFRunner(path, args.hf_threads)
         nparams = sum(p.numel() for p in hf.model.parameters())
         async with contextlib.AsyncExitStack() as stack:
-            fps = {f"fp{s}": await stack.enter_async_context(FlexPipe.launch(path, stages=s)) for s in (1, 4)}
+            fps = {f"fp{s}": await stack.enter_async_context(
+                FlexPipe.launch(path, stages=s, max_inflight=args.max_inflight if s > 1 else 0)) for s in (1, 4)}
             pids = {k: [st["pid"] for st in fp.controller.stage_info()] for k, fp in fps.items()}
             pids["hf"] = []
             for fp in fps.values():  # warm-up: first steps pay for lazy initialisation
@@ -253,7 +294,29 @@ async def bench(args: argparse.Namespace) -> None:
                                 oracle.check(j, ids, f"{LABELS[name]}, {n} streams")
                         if name == "hf":
                             hf_same[n] = sum(ids == oracle.want[j] for j, (_, _, ids) in enumerate(res))
+            mixed: dict[str, dict] = {}
+            if args.mixed:
+                n_mix = max(streams)
+                mprompts = make_prompts(args.mixed)
+                mlens = mixed_lengths(args.mixed)
+                moracle = Oracle(cfg, path, mprompts, mlens)
+                for rep in range(args.repeats):
+                    for name in systems[rep % 3:] + systems[:rep % 3]:
+                        c0 = cpu_seconds(pids[name])
+                        if name == "hf":
+                            dt, res = await hf.run_batches(mprompts, mlens, n_mix)
+                        else:
+                            dt, res = await run_flexpipe_closed(fps[name], mprompts, mlens, n_mix)
+                        cpu = cpu_seconds(pids[name]) - c0
+                        if name != "hf":
+                            for j, (_, _, ids) in enumerate(res):
+                                moracle.check(j, ids, f"{LABELS[name]}, mixed lengths")
+                        if dt < mixed.get(name, {}).get("wall", float("inf")):
+                            ttft = [times[0] - t0 for t0, times, _ in res if times]
+                            mixed[name] = {"wall": dt, "cpu": cpu, "ttft": ttft}
+                mixed_info = (n_mix, len(mlens), sum(mlens), float(np.median(mlens)), max(mlens))
             bounds = {k: fp.controller.shape.boundaries for k, fp in fps.items()}
+            inflight = {k: fp.router.sched.max_inflight for k, fp in fps.items()}
         hf.close()
     elapsed = time.perf_counter() - t_start
 
@@ -261,7 +324,7 @@ async def bench(args: argparse.Namespace) -> None:
     print(f"model {cfg.name}: {nparams / 1e6:.1f}M params, fp32, CPU ({os.cpu_count()} cores, load average "
           f"{load[0]:.1f} at the end); prompts 16..64 tokens, M = {m} new tokens, greedy; best of {args.repeats}")
     print(f"FlexPipe: stage subprocesses, 1 torch thread each; unit boundaries 1 stage {bounds['fp1']}, "
-          f"4 stages {bounds['fp4']}.  HF transformers {hf.transformers_version} generate, left-padded batch, "
+          f"4 stages {bounds['fp4']} ({inflight['fp4']} micro-batches in flight).  HF transformers {hf.transformers_version} generate, left-padded batch, "
           f"{args.hf_threads} torch thread(s)")
     print()
     head = (f"{'system':<18}{'streams':>8}{'decode tok/s':>14}{'e2e tok/s':>11}{'TTFT p50/p99 ms':>19}"
@@ -292,6 +355,25 @@ async def bench(args: argparse.Namespace) -> None:
     print("HF generate outputs equal to the reference (not a target): "
           + ", ".join(f"{hf_same[n]}/{n} at {n} streams" for n in streams))
     print(oracle.line())
+    if args.mixed:
+        n_mix, nreq, ntok, med, mx = mixed_info
+        print()
+        print(f"Mixed lengths: {nreq} requests, output lengths from the Azure LLM conversation trace / 4 "
+              f"(median {med:.0f}, max {mx}, {ntok} tokens in all), {n_mix} concurrent clients in a closed loop "
+              f"(FlexPipe: continuous batching; HF: batches of {n_mix}, each generating its longest request); "
+              f"best of {args.repeats}")
+        head = f"{'system':<18}{'wall s':>8}{'tok/s':>9}{'TTFT p50/p99 ms':>19}{'CPU ms/tok':>12}"
+        print(head)
+        print("-" * len(head))
+        for name in systems:
+            d = mixed[name]
+            ttft = f"{pct(d['ttft'], 50) * 1e3:.0f} / {pct(d['ttft'], 99) * 1e3:.0f}"
+            print(f"{LABELS[name]:<18}{d['wall']:>8.2f}{ntok / d['wall']:>9.1f}{ttft:>19}{d['cpu'] / ntok * 1e3:>12.2f}")
+        r1 = mixed["hf"]["wall"] / mixed["fp1"]["wall"]
+        r4 = mixed["fp4"]["wall"] / mixed["fp1"]["wall"]
+        print(f"FlexPipe 1 stage / HF throughput, mixed lengths at {n_mix} streams: {r1:.2f}x  target >= 2x: "
+              f"{'met' if r1 >= 2 else 'NOT met'};  4 stages / 1 stage wall time: {r4:.2f}x")
+        print(moracle.line())
     print(f"elapsed {elapsed:.0f} s")
 
 
@@ -338,10 +420,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="best of (default 3, quick 1)")
     ap.add_argument("--hf-threads", type=int, default=1, help="torch threads of HF (default 1 = one stage's)")
     ap.add_argument("--quick", action="store_true", help="32 tokens, one repeat, 1 and 32 streams")
+    ap.add_argument("--mixed", type=int, default=None,
+                    help="requests of the mixed-length closed-loop run (default 96, quick 64; 0 skips it)")
+    ap.add_argument("--max-inflight", type=int, default=0,
+                    help="micro-batches in flight of the 4-stage pipeline (default 0: one per parallel slot)")
     ap.add_argument("--profile", action="store_true", help="only profile one stage's decode step (32 sequences)")
     args = ap.parse_args()
     args.tokens = args.tokens or (32 if args.quick else 64)
     args.repeats = args.repeats or (1 if args.quick else 3)
+    args.mixed = (64 if args.quick else 96) if args.mixed is None else args.mixed
     # One torch thread in this process too (router, oracle, HF's thread sets its own): on a 2-core
     # machine shared with other work, an OpenMP team of 2 spins against the stages and other jobs.
     torch.set_num_threads(1)

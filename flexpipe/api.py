@@ -35,6 +35,7 @@ class Settings:
     num_blocks: int = 1024  # KV blocks per stage
     max_batch_tokens: int = 256  # token budget of one micro-batch (chunked prefill fills it)
     max_batch_seqs: int = 256
+    max_inflight: int = 0  # micro-batches in flight; 0 = one per stage that can run in parallel
     dtype: str = "float32"
     device: str = "cpu"
     transport: str = "auto"  # stage hop: auto (cuda_ipc between CUDA stages of a node), message, cuda_ipc, shm

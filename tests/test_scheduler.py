@@ -119,3 +119,35 @@ def test_inflight_limit_and_spread():
     batches = [sched.schedule() for _ in range(5)]
     assert batches[4] is None
     assert [len(b.chunks) for b in batches[:4]] == [2, 2, 2, 2]
+
+
+def test_parallel_slots_counts_devices_that_compute_at_once(monkeypatch):
+    from flexpipe.runtime import router as router_mod
+
+    monkeypatch.setattr(router_mod.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    slots = router_mod.parallel_slots
+    assert slots(["cpu"] * 4) == 2  # 4 CPU stages share 2 cores
+    assert slots(["cpu"] * 4, cpu_threads=2) == 1
+    assert slots(["cpu"]) == 1
+    assert slots(["cuda:0", "cuda:1", "cuda:2", "cuda:3"]) == 4
+    assert slots(["cuda:0", "cuda:0"]) == 1  # two stages on one GPU take turns
+    assert slots(["w1/0", "w2/0", "w2/0"]) == 2  # worker daemons' devices
+    assert slots(["cuda:0", "cpu", "cpu", "cpu"]) == 3
+    assert slots([]) == 1
+
+
+def test_router_inflight_is_fixed_or_one_per_parallel_slot(monkeypatch):
+    from flexpipe.runtime import router as router_mod
+    from flexpipe.runtime.messages import ActorRef
+
+    monkeypatch.setattr(router_mod.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    refs = [ActorRef(f"s{i}", f"ipc:///tmp/s{i}") for i in range(4)]
+    ranges = [(0, 1), (1, 2), (2, 3), (3, 4)]
+    cache = CacheManager(16, [StagePool(64, (0,))] * 4)
+    auto = router_mod.RouterActor(cache, router_mod.Pipeline(0, refs, ranges, ["cpu"] * 4), max_context=512)
+    assert auto.sched.max_inflight == 2
+    auto.switch(router_mod.Pipeline(1, refs, ranges, ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]))
+    assert auto.sched.max_inflight == 4
+    fixed = router_mod.RouterActor(cache, router_mod.Pipeline(0, refs, ranges, ["cpu"] * 4), max_context=512,
+                                   max_inflight=3)
+    assert fixed.sched.max_inflight == 3

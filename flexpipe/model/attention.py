@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -136,7 +137,11 @@ class PagedKVCache:
 
 
 def _layout(meta: AttnMetadata, block_size: int, window: int | None) -> dict[str, Any]:
-    """Padded-batch indices and mask for one step; computed once, shared by all attention units."""
+    """Padded-batch indices and mask for one step; computed once, shared by all attention units.
+
+    Built with numpy on the host (a few small arrays: far cheaper per step than a dozen tiny torch
+    ops on every stage) and moved to the device once.
+    """
     dev = meta.positions.device
     B, T = len(meta.seq_lens), meta.num_tokens
     if sum(meta.seq_lens) != T or len(meta.context_lens) != B or len(meta.block_tables) != B:
@@ -144,34 +149,33 @@ def _layout(meta: AttnMetadata, block_size: int, window: int | None) -> dict[str
                          f"{len(meta.context_lens)} context lens, {len(meta.block_tables)} block tables")
     max_q, max_ctx = max(meta.seq_lens), max(meta.context_lens)
     nblk = max(len(bt) for bt in meta.block_tables)
-    bt = torch.zeros(B, nblk, dtype=torch.int64)
+    bt = np.zeros((B, nblk), dtype=np.int64)
     for b, row in enumerate(meta.block_tables):
-        bt[b, : len(row)] = torch.tensor(row, dtype=torch.int64)
-    ctx = torch.tensor(meta.context_lens, dtype=torch.int64)
-    qn = torch.tensor(meta.seq_lens, dtype=torch.int64)
-    kpos = torch.arange(max_ctx)
+        bt[b, : len(row)] = row
+    ctx = np.asarray(meta.context_lens, dtype=np.int64)
+    qn = np.asarray(meta.seq_lens, dtype=np.int64)
+    kpos = np.arange(max_ctx, dtype=np.int64)
     if (ctx > nblk * block_size).any() or (qn > ctx).any():
         raise ValueError(f"context lens {meta.context_lens} exceed the block tables or new tokens {meta.seq_lens}")
     slots = bt[:, kpos // block_size] * block_size + kpos % block_size  # [B, max_ctx]
-    slots = torch.where(kpos[None, :] < ctx[:, None], slots, slots[:, :1])
-    j = torch.arange(max_q)
+    slots = np.where(kpos[None, :] < ctx[:, None], slots, slots[:, :1])
+    j = np.arange(max_q, dtype=np.int64)
     q_valid = j[None, :] < qn[:, None]  # [B, max_q]
     qpos = (ctx - qn)[:, None] + j[None, :]  # [B, max_q]
     allowed = kpos[None, None, :] <= qpos[:, :, None]  # causal, also keeps keys < ctx
     if window is not None:
         allowed &= kpos[None, None, :] > qpos[:, :, None] - window
     allowed |= ~q_valid[:, :, None] & (kpos == 0)[None, None, :]  # padded rows: anything but all -inf
-    uniform_q = bool((qn == max_q).all())
-    out: dict[str, Any] = {"B": B, "max_q": max_q, "slots": slots.to(dev)}
-    if uniform_q:
+    out: dict[str, Any] = {"B": B, "max_q": max_q, "slots": torch.from_numpy(slots).to(dev)}
+    if bool((qn == max_q).all()):
         out["q_index"] = None  # [T] is already [B * max_q] in order
     else:
-        starts = torch.cumsum(qn, 0) - qn
-        out["q_index"] = torch.where(q_valid, starts[:, None] + j[None, :], 0).to(dev)
+        starts = np.cumsum(qn) - qn
+        out["q_index"] = torch.from_numpy(np.where(q_valid, starts[:, None] + j[None, :], 0)).to(dev)
         # Rows of the padded [B * max_q] output that are real tokens (an index, not a mask: no GPU sync).
-        out["q_rows"] = q_valid.reshape(-1).nonzero().reshape(-1).to(dev)
+        out["q_rows"] = torch.from_numpy(np.flatnonzero(q_valid.reshape(-1))).to(dev)
     # Mask only where some key must be hidden: decode steps at equal lengths need none.
-    out["mask"] = None if bool(allowed.all()) else allowed[:, None].to(dev)  # [B, 1, max_q, max_ctx]
+    out["mask"] = None if bool(allowed.all()) else torch.from_numpy(allowed[:, None]).to(dev)  # [B, 1, max_q, max_ctx]
     return out
 
 

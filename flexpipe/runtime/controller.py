@@ -152,7 +152,8 @@ class Controller:
         cache = CacheManager(s.block_size, self._pools(shape))
         self.router = RouterActor(cache, self._pipeline(shape.epoch), max_context=cfg.max_position_embeddings,
                                   eos_ids=eos_ids, max_batch_tokens=s.max_batch_tokens,
-                                  max_batch_seqs=s.max_batch_seqs)
+                                  max_batch_seqs=s.max_batch_seqs, max_inflight=s.max_inflight or None,
+                                  cpu_threads=s.torch_threads)
         self.router.on_stage_death = self._on_stage_death
         self.router_actor = await self.system.spawn(self.router, "router")
         if self.weight_cache is not None:
@@ -164,7 +165,8 @@ class Controller:
         return self.router
 
     def _pipeline(self, epoch: int) -> Pipeline:
-        return Pipeline(epoch, [sl.ref for sl in self.slots], [(sl.start, sl.end) for sl in self.slots])
+        return Pipeline(epoch, [sl.ref for sl in self.slots], [(sl.start, sl.end) for sl in self.slots],
+                        [sl.device for sl in self.slots])
 
     async def _configure(self, epoch: int) -> None:
         rr = self.router_actor.ref

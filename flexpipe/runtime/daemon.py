@@ -967,6 +967,7 @@ _RUNTIME_FLAGS: list[tuple[str, type, str]] = [
     ("num_blocks", int, "KV blocks per stage"),
     ("max_batch_tokens", int, "token budget of one micro-batch"),
     ("max_batch_seqs", int, "sequences in one micro-batch at most"),
+    ("max_inflight", int, "micro-batches in flight; 0: one per stage that can compute in parallel"),
     ("dtype", str, "float32, bfloat16 or float16"),
     ("transport", str, "stage hop: auto (cuda_ipc between CUDA stages of one node), message, cuda_ipc, shm"),
     ("seed", int, "weights seed of preset models"),

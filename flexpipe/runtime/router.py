@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -39,6 +40,27 @@ class Pipeline:
     epoch: int
     refs: list[ActorRef]
     ranges: list[tuple[int, int]]
+    devices: list[str] = field(default_factory=list)  # placement label per stage ("cpu", "cuda:0", ...)
+
+
+def parallel_slots(devices: Sequence[str], cpu_threads: int = 1) -> int:
+    """How many stages of a pipeline can compute at the same time.
+
+    A device runs one stage's work at a time (a CUDA device without MPS, or a worker daemon's
+    device "node/i"), except this host's CPU ("cpu", "cpu:N"), whose stages share the cores this
+    process may use, `cpu_threads` torch threads each.  Keeping more micro-batches in flight than
+    this only splits the batch into smaller, less efficient pieces that wait for a core: on a
+    2-core host, 4 CPU stages run best with 2 micro-batches of half the streams each.
+    """
+    local_cpu = [d for d in devices if d == "cpu" or d.startswith("cpu:")]
+    slots = len({d for d in devices if d not in local_cpu})
+    if local_cpu:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        slots += min(len(local_cpu), max(1, cores // max(1, cpu_threads)))
+    return max(1, slots)
 
 
 @message(120)
@@ -58,13 +80,15 @@ class RouterActor:
     """Behaviour of the router: lives in the client's process (embedded) or in the router daemon."""
 
     def __init__(self, cache: CacheManager, pipeline: Pipeline, *, max_context: int, eos_ids: tuple[int, ...] = (),
-                 max_batch_tokens: int = 256, max_inflight: int | None = None, max_batch_seqs: int = 256):
+                 max_batch_tokens: int = 256, max_inflight: int | None = None, max_batch_seqs: int = 256,
+                 cpu_threads: int = 1):
         self.pipeline = pipeline
         self.max_context = max_context
         self.eos_ids = tuple(eos_ids)
-        self.sched = Scheduler(cache, max_batch_tokens=max_batch_tokens,
-                               max_inflight=max_inflight or len(pipeline.refs), max_batch_seqs=max_batch_seqs)
         self._fixed_inflight = max_inflight
+        self.cpu_threads = cpu_threads
+        self.sched = Scheduler(cache, max_batch_tokens=max_batch_tokens,
+                               max_inflight=self._inflight_for(pipeline), max_batch_seqs=max_batch_seqs)
         self.streams: dict[str, RequestStream] = {}
         self.ctx: ActorContext | None = None
         self._wake = asyncio.Event()
@@ -265,8 +289,14 @@ class RouterActor:
         self.pipeline = pipeline
         if cache is not None:
             self.sched.cache = cache
-        if self._fixed_inflight is None:
-            self.sched.max_inflight = len(pipeline.refs)
+        self.sched.max_inflight = self._inflight_for(pipeline)
+
+    def _inflight_for(self, pipeline: Pipeline) -> int:
+        """Micro-batches in flight: the fixed setting, else one per stage that can compute at once."""
+        if self._fixed_inflight:
+            return self._fixed_inflight
+        n = len(pipeline.refs)
+        return max(1, min(n, parallel_slots(pipeline.devices, self.cpu_threads))) if pipeline.devices else max(1, n)
 
     def status(self) -> dict:
         s = self.sched
@@ -275,6 +305,7 @@ class RouterActor:
             "stages": [{"index": i, "start": a, "end": b, "actor": str(r)}
                        for i, (r, (a, b)) in enumerate(zip(self.pipeline.refs, self.pipeline.ranges))],
             "running": len(s.running), "waiting": len(s.waiting), "inflight": len(s.inflight),
+            "max_inflight": s.max_inflight,
             "kv": self.cache.usage(), "block_size": self.cache.block_size,
             "preemptions": s.stats.preemptions, "steps": s.stats.steps, "paused": self._paused,
             **{k: v for k, v in self.stats.items()},

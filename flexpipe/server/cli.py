@@ -73,6 +73,8 @@ RUNTIME_SETTINGS = [
     Setting("num_blocks", int, 1024, "KV blocks per stage (the KV memory of each stage)", "N"),
     Setting("max_batch_tokens", int, 256, "token budget of one micro-batch; chunked prefill fills it", "N"),
     Setting("max_batch_seqs", int, 256, "sequences in one micro-batch at most", "N"),
+    Setting("max_inflight", int, 0, "micro-batches in flight at once; 0: one per stage that can compute "
+            "in parallel (each GPU; the CPU cores / torch threads for CPU stages)", "N"),
     Setting("dtype", str, "float32", "dtype of weights and activations (float32, bfloat16, float16)"),
     Setting("device", str, "cpu", "device of the stages (cpu, cuda, cuda:N)"),
     Setting("transport", str, "auto", "hop between stage processes: auto (cuda_ipc between CUDA stages of one node, "
