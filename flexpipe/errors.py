@@ -84,6 +84,16 @@ class ProtocolError(ActorError):
     """A frame could not be decoded (not msgpack, unknown kind, bad version, bad tensor header)."""
 
 
+class SenderRefused(ActorError):
+    """A message came from a peer its receiver does not know in that role (e.g. a StepInput not from
+    the stage's upstream, a reshape command not from its controller); dropped before any handler ran."""
+
+
+class StepRejected(ActorError):
+    """A StepInput is inconsistent with the stage's KV (an unknown sequence not starting at 0,
+    malformed fields): the stage refuses it and allocates nothing."""
+
+
 class ActorClosed(ActorError):
     """The actor or its mailbox is closed."""
 

@@ -10,12 +10,19 @@ A behaviour holds no sockets::
         @handles(Terminated)
         def peer_gone(self, ctx, msg): ...              # after ctx.watch(ref)
         async def on_stop(self, ctx): ...               # optional
+        def check_sender(self, sender, msg): ...        # optional: a reason to refuse msg, or None
 
 `Actor` puts it behind one ROUTER socket (its mailbox, at `ref.endpoint`) and one DEALER per peer
 it sends to, so messages between a pair keep their order. Replies travel on the replier's DEALER to
 the asker's ROUTER, so replies and tells from one peer are ordered too. The asker's identity on the
 wire is its own ref, which is how the replier knows where to answer. Tests and the simulator drive
 a behaviour with `LocalContext` instead: plain method calls, no sockets.
+
+`check_sender(sender, msg)` runs just before a handler would (in mailbox order, so it sees the state
+earlier messages left): a string refuses the message with `SenderRefused` (counted, logged, an
+ErrorReply to an ask) and no handler runs. The sender is the ref the peer's DEALER announces: it tells
+a confused or foreign peer from the expected one, but a peer that can connect (inside the CURVE
+boundary, runtime/keys.py) can announce any ref.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import inspect
 import itertools
 import logging
 import os
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Collection, NamedTuple
 
 import msgpack
 import numpy as np
@@ -140,6 +147,10 @@ class ActorContext(abc.ABC):
     @abc.abstractmethod
     def stop(self, reason: str = "stopped") -> None:
         """Stop this actor after the current handler returns."""
+
+    def prune_peers(self, keep: Collection[ActorRef]) -> int:
+        """Close the sockets to peers outside `keep` (a later send reopens one); returns how many."""
+        return 0
 
 
 async def _call(h: _Handler, behaviour: Any, ctx: ActorContext, msg: Any, tensors: Any) -> Any:
@@ -316,6 +327,9 @@ class Actor(ActorContext):
         self._endpoint = endpoint
         self._zctx = zctx
         self._handlers = handlers_of(type(behaviour)) if behaviour is not None else {}
+        # (sender, msg) -> reason to refuse or None; the behaviour's check_sender by default
+        self.check_sender: Callable[[ActorRef | None, Any], str | None] | None = \
+            getattr(behaviour, "check_sender", None)
         self._router: zmq.Socket | None = None   # plain socket, read from a loop reader callback
         self._dealers: dict[ActorRef, _Outbox] = {}
         self._senders: dict[bytes, ActorRef | None] = {}
@@ -706,7 +720,26 @@ class Actor(ActorContext):
             finally:
                 self._busy = False
 
+    def _refused_sender(self, job: _Job) -> bool:
+        """Apply check_sender to a message from the wire; True when it was refused (and answered)."""
+        if self.check_sender is None or not job.ident:   # no ident: made here (Terminated)
+            return False
+        try:
+            reason = self.check_sender(job.sender, job.msg)
+        except Exception as e:  # a bug in the check: refuse rather than let an unchecked message in
+            reason = f"sender check failed: {_error_text(e)}"
+        if not reason:
+            return False
+        self.stats["senders_refused"] += 1
+        log.warning("%s: refused %s from %s: %s", self.name, type(job.msg).__name__,
+                    job.sender or job.ident[:16], reason)
+        if job.flags & ASK:
+            self._reply(job.ident, job.sender, job.corr, ErrorReply("SenderRefused", reason), error=True)
+        return True
+
     def _run_sync(self, job: _Job) -> None:
+        if self._refused_sender(job):
+            return
         try:
             result = job.handler.fn(self.behaviour, self, job.msg, *job.tensors)
         except Exception as e:
@@ -717,6 +750,8 @@ class Actor(ActorContext):
             self._reply(job.ident, job.sender, job.corr, result)
 
     async def _run(self, job: _Job) -> None:
+        if self._refused_sender(job):
+            return
         try:
             result = await _call(job.handler, self.behaviour, self, job.msg, job.tensors)
         except asyncio.CancelledError as e:
@@ -818,6 +853,16 @@ class Actor(ActorContext):
         if out is not None:
             reason = self._dead.get(ref, "closed")
             out.close(0, PeerDeadError(f"{ref} is dead: {reason}"))
+
+    def prune_peers(self, keep: Collection[ActorRef]) -> int:
+        # A DEALER to a peer that is gone (a stage a reshape retired) keeps its ZeroMQ socket, its
+        # eventfd and its reconnect timer for as long as this actor lives: close the ones nobody needs.
+        keep = {*keep, *self._watched, *self._monitors, *(ref for _, ref in self._pending.values())}
+        gone = [ref for ref in self._dealers if ref not in keep]
+        for ref in gone:
+            self._dealers.pop(ref).close(self.settings.linger_ms, PeerDeadError(f"{ref}: disconnected"))
+        self.stats["peers_pruned"] += len(gone)
+        return len(gone)
 
     def _declare_dead(self, ref: ActorRef, reason: str) -> None:
         """Mark `ref` dead: fail asks to it, drop its socket, tell the behaviour if it watched."""
