@@ -200,12 +200,12 @@ async def tier_times(cfg: ModelConfig, reps: int) -> dict:
                 t0 = time.perf_counter()
                 await fn(dest)
                 t1 = time.perf_counter()
-                await system.ask(dest.ref, Activate(epoch[0], 0, a, b, None, sink_actor.ref))
+                await system.ask(dest.ref, Activate(epoch[0], 0, a, b, None, sink_actor.ref, system.client.ref))
                 await step(dest)
                 t2 = time.perf_counter()
                 await step(dest)
                 t3 = time.perf_counter()
-                await system.ask(dest.ref, Activate(epoch[0], 0, a, a, None, sink_actor.ref))  # empty again
+                await system.ask(dest.ref, Activate(epoch[0], 0, a, a, None, sink_actor.ref, system.client.ref))  # empty again
                 return t1 - t0, t2 - t0, t3 - t2
             await system.ask(holder.ref, SendUnits(list(range(a, b)), cache_actor.ref), timeout=600)
             assert cache.holds("m", range(a, b))

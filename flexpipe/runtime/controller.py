@@ -35,8 +35,8 @@ from flexpipe.runtime.cache import CacheManager, StagePool, blocks_for
 from flexpipe.runtime.messages import ActorRef
 from flexpipe.runtime.router import Pipeline, RouterActor
 from flexpipe.runtime.stage import (
-    AbortPrepare, Activate, Configure, ExportKV, FreeSeqs, PrepareUnits, ResetKV, SendUnits, StageStatus,
-    UnitTensors,
+    AbortPrepare, Activate, Configure, ExpectPeers, ExportKV, FreeSeqs, PrepareUnits, ResetKV, SendUnits,
+    StageStatus, UnitTensors,
 )
 
 log = logging.getLogger("flexpipe.controller")
@@ -117,7 +117,8 @@ class Controller:
         self._names += 1
         kwargs = {"config": self.spec.config.to_dict(), "source": self.spec.source, "start": start, "end": end,
                   "num_blocks": s.num_blocks, "block_size": s.block_size, "dtype": s.dtype, "device": device,
-                  "epoch": epoch, "index": index, "torch_threads": s.torch_threads, "load": load}
+                  "epoch": epoch, "index": index, "torch_threads": s.torch_threads, "load": load,
+                  "controller": [self.system.client.ref.name, self.system.client.ref.endpoint]}
         if self.fail_next_launch:
             self.fail_next_launch = False
             kwargs["source"] = {"kind": "checkpoint", "path": "/nonexistent/flexpipe-test-failure"}
@@ -170,12 +171,17 @@ class Controller:
 
     async def _configure(self, epoch: int) -> None:
         rr = self.router_actor.ref
-        await asyncio.gather(*(self.system.ask(sl.ref, Configure(epoch, i, self._next_ref(i), rr))
+        await asyncio.gather(*(self.system.ask(sl.ref, Configure(epoch, i, self._next_ref(i), rr, self._upstream(i)))
                                for i, sl in enumerate(self.slots)))
 
     def _next_ref(self, i: int, slots: list[Slot] | None = None) -> ActorRef | None:
         slots = self.slots if slots is None else slots
         return slots[i + 1].ref if i + 1 < len(slots) else None
+
+    def _upstream(self, i: int, slots: list[Slot] | None = None) -> ActorRef:
+        """Who sends stage i its steps: the router, or the stage before it."""
+        slots = self.slots if slots is None else slots
+        return slots[i - 1].ref if i > 0 else self.router_actor.ref
 
     async def aclose(self) -> None:
         """Stop the router and every stage."""
@@ -250,6 +256,9 @@ class Controller:
                     started.append(r)
                     if not peer:
                         st.weight_bytes += self._param_bytes_list(range(r.start, r.end))
+            # the stages that may send weights and KV to one another during this reshape
+            peers = [sl.ref for sl in {id(sl): sl for sl in (*self.slots, *new_slots)}.values()]
+            await asyncio.gather(*(self.system.ask(sl.ref, ExpectPeers(shape.epoch, peers)) for sl in new_slots))
             for j, s in enumerate(shape.stages):
                 sl = new_slots[j]
                 if sl in started:
@@ -288,7 +297,8 @@ class Controller:
             rr = self.router_actor.ref
             slots = [s for s in new_slots]
             await asyncio.gather(*(self.system.ask(sl.ref, Activate(shape.epoch, j, s.start, s.end,
-                                                                   self._next_ref(j, slots), rr))
+                                                                   self._next_ref(j, slots), rr,
+                                                                   self._upstream(j, slots)))
                                    for j, (sl, s) in enumerate(zip(slots, shape.stages))))
             if gone:
                 await asyncio.gather(*(self.system.ask(sl.ref, FreeSeqs(shape.epoch, gone)) for sl in slots))
@@ -450,7 +460,8 @@ class Controller:
             st.weights_s = time.perf_counter() - tw
             rr = self.router_actor.ref
             await asyncio.gather(*(self.system.ask(sl.ref, Activate(shape.epoch, j, s.start, s.end,
-                                                                   self._next_ref(j, slots), rr))
+                                                                   self._next_ref(j, slots), rr,
+                                                                   self._upstream(j, slots)))
                                    for j, (sl, s) in enumerate(zip(slots, shape.stages))))
         except Exception as e:
             await asyncio.gather(*(sl.handle.stop() for sl in slots), return_exceptions=True)
@@ -630,7 +641,7 @@ class Controller:
         await asyncio.gather(*(self.system.ask(sl.ref, ResetKV(shape.epoch)) for sl in self.slots))
         rr = self.router_actor.ref
         await asyncio.gather(*(self.system.ask(sl.ref, Activate(shape.epoch, j, sl.start, sl.end,
-                                                               self._next_ref(j), rr))
+                                                               self._next_ref(j), rr, self._upstream(j)))
                                for j, sl in enumerate(self.slots)))
         self.shape = shape
         cache = CacheManager(self.settings.block_size, self._pools(shape))

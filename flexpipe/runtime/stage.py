@@ -1,10 +1,15 @@
 """StageActor: one pipeline stage (a contiguous unit range on one device) behind a mailbox.
 
 Every pipeline message carries the config epoch; a stage drops (and counts) messages of another
-epoch, so no half-old, half-new step can exist.  Compute runs in a worker thread so heartbeats and
-control messages are answered during a long prefill.  Steps of one stage run one at a time in
-arrival order (the mailbox is sequential), while different stages overlap on different
-micro-batches.
+epoch, so no half-old, half-new step can exist.  A stage knows who may send what (`check_sender`):
+steps of its epoch only from its upstream (the router for stage 0, else the stage before it), reshape
+and KV commands only from the controller that launched it, copied KV and weights only from the peers
+the controller named for the reshape.  A step must also fit the stage's KV (a sequence it holds no KV
+of starts at token 0): anything else is refused with a typed error and allocates nothing.
+
+Compute runs in a worker thread so heartbeats and control messages are answered during a long
+prefill.  Steps of one stage run one at a time in arrival order (the mailbox is sequential), while
+different stages overlap on different micro-batches.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 import torch
 
+from flexpipe.errors import StepRejected
 from flexpipe.runtime.actor import ActorContext, handles
 from flexpipe.runtime.messages import ActorRef, message
 from flexpipe.runtime.stage_core import StageCore, StepMeta
@@ -60,11 +66,12 @@ class StepFailed:
 
 @message(103)
 class Configure:
-    """Where a stage sends its output, and the epoch it serves."""
+    """Where a stage sends its output, the epoch it serves, and who sends it steps (None: nobody)."""
     epoch: int
     index: int
     next: ActorRef | None
     router: ActorRef
+    upstream: ActorRef | None = None
 
 
 @message(104)
@@ -110,13 +117,14 @@ class ImportKV:
 
 @message(109)
 class Activate:
-    """Serve [start, end) in `epoch`; drop units (and KV) outside it."""
+    """Serve [start, end) in `epoch`; drop units (and KV) outside it; steps come from `upstream`."""
     epoch: int
     index: int
     start: int
     end: int
     next: ActorRef | None
     router: ActorRef
+    upstream: ActorRef | None = None
 
 
 @message(110)
@@ -141,6 +149,13 @@ class FreeSeqs:
     """Drop the KV of these sequences (used when no step is going to carry the frees)."""
     epoch: int
     seq_ids: list
+
+
+@message(114)
+class ExpectPeers:
+    """The actors a stage may take weights (UnitTensors) and KV (ImportKV) from, for one reshape."""
+    epoch: int
+    refs: list
 
 
 def source_from_spec(cfg: Any, spec: dict) -> Any:
@@ -170,9 +185,15 @@ class _PeerTensors:
 class StageActor:
     """Behaviour of a stage process: runs its units on each micro-batch and forwards the result."""
 
+    # only the controller that launched the stage may send these (a subclass adds its own)
+    control_messages: frozenset = frozenset({Configure, PrepareUnits, SendUnits, ExportKV, Activate, AbortPrepare,
+                                             ResetKV, FreeSeqs, ExpectPeers})
+    # these carry weights or KV into the stage: from the controller or the peers it named
+    peer_messages: frozenset = frozenset({UnitTensors, ImportKV})
+
     def __init__(self, config: dict, source: dict, start: int, end: int, *, num_blocks: int = 1024,
                  block_size: int = 16, dtype: str = "float32", device: str = "cpu", epoch: int = 0,
-                 index: int = 0, torch_threads: int = 0, load: bool = True):
+                 index: int = 0, torch_threads: int = 0, load: bool = True, controller: list | None = None):
         from flexpipe.model.config import ModelConfig
 
         self.cfg = ModelConfig.from_dict(config)
@@ -184,6 +205,10 @@ class StageActor:
         self.torch_threads = torch_threads
         self.next: ActorRef | None = None
         self.router: ActorRef | None = None
+        self.upstream: ActorRef | None = None
+        # [name, endpoint] of the controller's actor; None (launched by hand): control from anyone
+        self.controller = ActorRef(*controller) if controller else None
+        self.peers: set[ActorRef] = set()
         self.core: StageCore | None = None
         self.peer_tensors: dict[str, torch.Tensor] = {}
         self.stats = {"steps": 0, "stale_dropped": 0, "compute_s": 0.0, "kv_bytes_in": 0, "kv_bytes_out": 0}
@@ -197,28 +222,97 @@ class StageActor:
                               block_size=self.block_size, dtype=self.dtype, device=self.device)
         self.load_s = time.perf_counter() - t0
 
+    # ---- who may send what ---------------------------------------------------------------------
+    def check_sender(self, sender: ActorRef | None, msg: Any) -> str | None:
+        """Why `sender` may not send `msg` to this stage, or None (run by the Actor before a handler)."""
+        cls = type(msg)
+        if cls is StepInput:
+            if msg.epoch != self.epoch:
+                return None   # dropped as stale by the handler, whoever sent it
+            if self.upstream is None:
+                return f"stage {self.index} has no upstream in epoch {self.epoch}: it takes no steps"
+            if sender != self.upstream:
+                return f"steps of epoch {self.epoch} come from {self.upstream}, not {sender}"
+        elif cls in self.control_messages:
+            if self.controller is not None and sender != self.controller:
+                return f"{cls.__name__} comes from the controller {self.controller}, not {sender}"
+        elif cls in self.peer_messages:
+            if self.controller is not None and sender != self.controller and sender not in self.peers:
+                return f"{cls.__name__} from {sender}, which is neither the controller nor a peer it named"
+        return None
+
+    def _adopt(self, ctx: ActorContext, msg: Configure | Activate) -> None:
+        """Take the roles of a Configure or Activate, and close sockets to peers that left the pipeline."""
+        self.epoch, self.index, self.next, self.router = msg.epoch, msg.index, msg.next, msg.router
+        self.upstream = msg.upstream
+        self.peers = set()
+        ctx.prune_peers([r for r in (self.next, self.router, self.upstream, self.controller) if r is not None])
+
     # ---- data path ----------------------------------------------------------------------------
     @handles(Configure)
     def configure(self, ctx: ActorContext, msg: Configure) -> bool:
-        self.epoch, self.index, self.next, self.router = msg.epoch, msg.index, msg.next, msg.router
+        self._adopt(ctx, msg)
         return True
 
+    def _check_step(self, msg: StepInput, x: Any) -> None:
+        """Raise StepRejected unless `msg` is well-formed and fits this stage's KV (allocates nothing)."""
+        n = len(msg.seq_ids) if isinstance(msg.seq_ids, list) else -1
+        fields = (msg.starts, msg.lens, msg.sample, msg.out_index, msg.sampling)
+        if n < 0 or not all(isinstance(f, list) and len(f) == n for f in fields):
+            raise StepRejected(f"step {msg.step}: per-sequence fields of different lengths")
+        if not all(isinstance(s, str) for s in msg.seq_ids) or len(set(msg.seq_ids)) != n:
+            raise StepRejected(f"step {msg.step}: sequence ids must be distinct strings")
+        if not isinstance(msg.frees, list) or not all(isinstance(s, str) for s in msg.frees):
+            raise StepRejected(f"step {msg.step}: frees must be sequence ids")
+        for v in (*msg.starts, *msg.lens, *msg.out_index):
+            if type(v) is not int or not 0 <= v < 1 << 31:
+                raise StepRejected(f"step {msg.step}: positions and lengths must be small non-negative ints")
+        if not all(type(v) is bool for v in msg.sample):
+            raise StepRejected(f"step {msg.step}: sample flags must be booleans")
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != sum(msg.lens):
+            raise StepRejected(f"step {msg.step}: the tensor does not hold sum(lens)={sum(msg.lens)} rows")
+        core = self.core
+        if not any(u in core.kv for u in range(core.start, core.end)):
+            return   # it serves no KV (yet): KV of units prepared for the next epoch arrives by ImportKV
+        for s, start in zip(msg.seq_ids, msg.starts):
+            table = None if s in msg.frees else core.tables.get(s)   # frees apply before the step
+            if table is None and start != 0:
+                raise StepRejected(f"step {msg.step}: stage {self.index} holds no KV of sequence {s!r}, "
+                                   f"which starts at token {start}: only a first chunk may be new")
+            if table is not None and start > len(table) * core.block_size:
+                raise StepRejected(f"step {msg.step}: sequence {s!r} starts at token {start}, past its KV")
+
+    def _forward(self, meta: StepMeta, x: torch.Tensor) -> torch.Tensor:
+        """core.forward, run in the compute thread; a step that fails gives back the blocks it took
+        for sequences new to this stage (a known one's are freed with it)."""
+        core = self.core
+        new = [s for s in meta.seq_ids if s not in core.tables]
+        try:
+            return core.forward(meta, x)
+        except BaseException:
+            core.free(new)
+            raise
+
     @handles(StepInput)
-    async def step(self, ctx: ActorContext, msg: StepInput, x: torch.Tensor) -> None:
+    async def step(self, ctx: ActorContext, msg: StepInput, x: torch.Tensor | None = None) -> None:
         if msg.epoch != self.epoch:
             self.stats["stale_dropped"] += 1
             return
         core = self.core
-        meta = StepMeta(msg.seq_ids, msg.starts, msg.lens, msg.sample, msg.out_index, msg.sampling)
         t0 = time.perf_counter()
         try:
+            self._check_step(msg, x)
+            meta = StepMeta(msg.seq_ids, msg.starts, msg.lens, msg.sample, msg.out_index, msg.sampling)
             if msg.frees:
                 core.free(msg.frees)
-            out = await ctx.run_compute(core.forward, meta, x)
+            out = await ctx.run_compute(self._forward, meta, x)
         except Exception as e:  # a step that cannot run must not hang the router
             log.warning("stage %d: step %d failed: %s: %s", self.index, msg.step, type(e).__name__, e)
             if self.router is not None:
                 await ctx.tell(self.router, StepFailed(msg.epoch, msg.step, self.index, f"{type(e).__name__}: {e}"))
+            if isinstance(e, StepRejected):
+                self.stats["steps_rejected"] = self.stats.get("steps_rejected", 0) + 1
+                raise   # the typed error is the reply when the step was asked
             return
         dt = time.perf_counter() - t0
         self.stats["steps"] += 1
@@ -301,7 +395,12 @@ class StageActor:
     @handles(Activate)
     def activate(self, ctx: ActorContext, msg: Activate) -> bool:
         self.core.activate(msg.start, msg.end)
-        self.epoch, self.index, self.next, self.router = msg.epoch, msg.index, msg.next, msg.router
+        self._adopt(ctx, msg)
+        return True
+
+    @handles(ExpectPeers)
+    def expect_peers(self, ctx: ActorContext, msg: ExpectPeers) -> bool:
+        self.peers = {r for r in msg.refs if isinstance(r, ActorRef)}
         return True
 
     @handles(AbortPrepare)
