@@ -34,18 +34,18 @@ def bench(preset: str, cv: float, policies: list[str], hours: float | None, targ
           f"(trace generated in {gen:.1f} s)", flush=True)
     for name in policies:
         bar = None
-        prog = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=sc.duration_s, unit="sim-s", unit_scale=True, desc=f"{preset} {name}",
                        dynamic_ncols=True, file=sys.stderr, mininterval=2.0)
 
-            def prog(t: float, bar=bar) -> None:
+        def prog(t: float) -> None:
+            if bar is not None:
                 bar.update(min(t, sc.duration_s) - bar.n)
 
         c0 = time.process_time()
-        sim, wall = scenarios.run_one(sc, make_policy(name), trace, 0, prog)
+        sim, wall = scenarios.run_one(sc, make_policy(name), trace, 0, prog if bar is not None else None)
         cpu = time.process_time() - c0
         if bar is not None:
             bar.update(sc.duration_s - bar.n)
