@@ -19,8 +19,8 @@ from flexpipe.runtime import ActorSystem
 from flexpipe.runtime.actor import LocalContext
 from flexpipe.runtime.messages import ActorRef
 from flexpipe.runtime.stage import (
-    Activate, Configure, ExpectPeers, ExportKV, FreeSeqs, ImportKV, ResetKV, StageActor, StageStatus, StepInput,
-    UnitTensors,
+    Activate, Configure, ExpectPeers, ExportKV, FreeSeqs, ImportKV, ResetKV, StageActor, StageStatus, StepFailed,
+    StepInput, StepOutput, UnitTensors,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -121,6 +121,13 @@ async def test_forged_messages_are_refused_on_a_live_pipeline():
                     with pytest.raises(RemoteError) as e:
                         await intruder.ask(r, msg, timeout=10)
                     assert e.value.kind == "SenderRefused"
+            # nor does the router take outputs or failures of its epoch from anyone but its stages
+            epoch = fp.controller.router.epoch
+            for msg in (StepOutput(epoch, 1, ["x"], [5]), StepFailed(epoch, 1, 0, "forged")):
+                with pytest.raises(RemoteError) as e:
+                    await intruder.ask(fp.controller.router_actor.ref, msg, timeout=10)
+                assert e.value.kind == "SenderRefused"
+            assert fp.controller.router_actor.stats["senders_refused"] == 2
         # the controller's own actor is not stage 0's upstream either
         with pytest.raises(RemoteError) as e:
             await fp.system.ask(refs[0], step("forged", 0, 3, epoch=fp.controller.router.epoch), x, timeout=10)

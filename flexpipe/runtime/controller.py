@@ -36,7 +36,7 @@ from flexpipe.runtime.messages import ActorRef
 from flexpipe.runtime.router import Pipeline, RouterActor
 from flexpipe.runtime.stage import (
     AbortPrepare, Activate, Configure, ExpectPeers, ExportKV, FreeSeqs, PrepareUnits, ResetKV, SendUnits,
-    StageStatus, UnitTensors,
+    StageStatus, StepFailed, StepOutput, UnitTensors,
 )
 
 log = logging.getLogger("flexpipe.controller")
@@ -157,6 +157,7 @@ class Controller:
                                   cpu_threads=s.torch_threads)
         self.router.on_stage_death = self._on_stage_death
         self.router_actor = await self.system.spawn(self.router, "router")
+        self.router_actor.check_sender = self._router_sender_check
         if self.weight_cache is not None:
             from flexpipe.runtime.weight_cache import WeightCacheActor
 
@@ -177,6 +178,17 @@ class Controller:
     def _next_ref(self, i: int, slots: list[Slot] | None = None) -> ActorRef | None:
         slots = self.slots if slots is None else slots
         return slots[i + 1].ref if i + 1 < len(slots) else None
+
+    def _router_sender_check(self, sender: ActorRef | None, msg: Any) -> str | None:
+        """The router's roles (runtime/actor.py check_sender): outputs of its epoch come from the last
+        stage, step failures from a stage of the pipeline; other epochs are dropped as stale anyway."""
+        if type(msg) not in (StepOutput, StepFailed) or msg.epoch != self.router.epoch:
+            return None
+        refs = self.router.pipeline.refs
+        if sender in (refs[-1:] if type(msg) is StepOutput else refs):
+            return None
+        return f"{type(msg).__name__} of epoch {msg.epoch} from {sender}, which is not " + \
+            ("its last stage" if type(msg) is StepOutput else "one of its stages")
 
     def _upstream(self, i: int, slots: list[Slot] | None = None) -> ActorRef:
         """Who sends stage i its steps: the router, or the stage before it."""
