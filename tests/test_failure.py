@@ -10,6 +10,7 @@ import time
 import pytest
 
 from flexpipe.api import FlexPipe
+from flexpipe.errors import ReshapeError
 from tests.pipeline_helpers import check_against_oracle, request_mix
 
 pytestmark = pytest.mark.timeout(400)
@@ -45,3 +46,32 @@ async def test_kill_each_stage_in_turn_mid_stream():
             # off the loop: a loop blocked for seconds would miss the stages' heartbeats
             await asyncio.to_thread(check_against_oracle, fp, reqs, outs)
         assert all(p["used"] == 0 for p in fp.status()["router"]["kv"])
+
+
+async def test_a_stage_dying_during_a_reshape_aborts_it_at_once():
+    # the stage a reshape copies KV to dies before the copy: the exporting stage's ask to it would wait
+    # for its timeout (it has no news of the death) while the reshape holds the lock the recovery needs
+    async with FlexPipe.launch("tiny", stages=2, heartbeat_interval=0.3,
+                               heartbeat_timeout=HEARTBEAT_TIMEOUT) as fp:
+        reqs = request_mix(6, seed=41, max_tokens=(60, 100))
+        tasks = [asyncio.ensure_future(fp.complete(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"}))
+                 for r in reqs]
+        while not any(r.computed > 0 for r in fp.controller.router.sched.requests.values()):
+            await asyncio.sleep(0.01)   # some KV to copy, so that a stage asks the dead one
+        ctl = fp.controller
+        copy_round = ctl._copy_round_once
+
+        async def kill_destination_first(moves, copied, st, delta):
+            for sl in ctl._new_slots:
+                if sl not in ctl.slots and sl.handle.alive:
+                    sl.handle.kill()
+                    await sl.handle.wait()
+            return await copy_round(moves, copied, st, delta)
+
+        ctl._copy_round_once = kill_destination_first
+        with pytest.raises(ReshapeError, match="died"):
+            await fp.reshape(stages=3)
+        ctl._copy_round_once = copy_round
+        assert ctl.history[-1].ok is False and "died" in ctl.history[-1].error
+        check_against_oracle(fp, reqs, await asyncio.gather(*tasks))   # the old epoch served them all
+        assert (await fp.reshape(stages=3)).ok

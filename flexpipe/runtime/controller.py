@@ -108,6 +108,9 @@ class Controller:
         self.router_actor: Any = None
         self.history: list[ReshapeStats] = []
         self._lock = asyncio.Lock()
+        # the stages a running reshape depends on, and the futures its waits resolve when one dies
+        self._involved: set[ActorRef] = set()
+        self._death_waiters: set[asyncio.Future] = set()
         self._names = 0
         self.fail_next_launch = False  # test hook: make the next stage launch fail (aborted reshape)
 
@@ -156,6 +159,8 @@ class Controller:
                                   max_batch_seqs=s.max_batch_seqs, max_inflight=s.max_inflight or None,
                                   cpu_threads=s.torch_threads)
         self.router.on_stage_death = self._on_stage_death
+        if hasattr(self.system, "death_listeners"):
+            self.system.death_listeners.append(self._actor_died)
         self.router_actor = await self.system.spawn(self.router, "router")
         self.router_actor.check_sender = self._router_sender_check
         if self.weight_cache is not None:
@@ -235,7 +240,36 @@ class Controller:
         async with self._lock:
             if not self.slots:  # scaled to zero: nothing to reshape, start `shape`
                 return await self._wake(shape)
-            return await self._reshape(shape, weights_from)
+            try:
+                return await self._reshape(shape, weights_from)
+            finally:
+                self._involved = set()
+
+    def _actor_died(self, ref: ActorRef, reason: str) -> None:
+        if ref in self._involved:
+            for fut in self._death_waiters:
+                if not fut.done():
+                    fut.set_result(f"{ref} died: {reason}")
+
+    async def _unless_a_stage_dies(self, aw: Any) -> Any:
+        """Await `aw`, or raise ReshapeError as soon as a stage of the reshape dies.
+
+        A stage's copy to a peer that died would wait for its ask's timeout (30 s by default), holding
+        the lock that the recovery of that very death waits for."""
+        task = asyncio.ensure_future(aw)
+        died = asyncio.get_running_loop().create_future()
+        gone = next((r for r in self._involved if self.system.client.is_dead(r)), None)
+        if gone is not None:   # before this wait began
+            died.set_result(f"{gone} is dead")
+        self._death_waiters.add(died)
+        try:
+            await asyncio.wait({task, died}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._death_waiters.discard(died)
+        if task.done() and not died.done():
+            return task.result()
+        task.cancel()
+        raise ReshapeError(f"a stage died during the reshape: {died.result()}")
 
     async def _reshape(self, shape: PipelineShape, weights_from: str) -> ReshapeStats:
         cfg = self.spec.config
@@ -270,6 +304,7 @@ class Controller:
                         st.weight_bytes += self._param_bytes_list(range(r.start, r.end))
             # the stages that may send weights and KV to one another during this reshape
             peers = [sl.ref for sl in {id(sl): sl for sl in (*self.slots, *new_slots)}.values()]
+            self._involved = set(peers)
             await asyncio.gather(*(self.system.ask(sl.ref, ExpectPeers(shape.epoch, peers)) for sl in new_slots))
             for j, s in enumerate(shape.stages):
                 sl = new_slots[j]
@@ -281,7 +316,8 @@ class Controller:
                     continue
                 tw = time.perf_counter()
                 if peer:
-                    st.weight_bytes += await self._deliver(missing, sl, from_cache=tier == "cache")
+                    st.weight_bytes += await self._unless_a_stage_dies(
+                        self._deliver(missing, sl, from_cache=tier == "cache"))
                 else:
                     st.weight_bytes += self._param_bytes_list(missing)
                 await self.system.ask(sl.ref, PrepareUnits(s.start, s.end, from_peer=peer), timeout=600)
@@ -294,7 +330,7 @@ class Controller:
             moves = self._moves(shape, new_slots)
             copied: dict[str, tuple[int, int]] = {}  # seq -> (tokens copied, preemptions when copied)
             for rnd in range(self.max_precopy_rounds):
-                left = await self._copy_round(moves, copied, st, delta=False)
+                left = await self._unless_a_stage_dies(self._copy_round(moves, copied, st, delta=False))
                 st.precopy_rounds = rnd + 1
                 if left <= self.delta_tokens_target:
                     break
@@ -303,7 +339,7 @@ class Controller:
             tq = time.perf_counter()
             paused = True
             await router.quiesce()
-            await self._copy_round(moves, copied, st, delta=True)
+            await self._unless_a_stage_dies(self._copy_round(moves, copied, st, delta=True))
             live = set(router.sched.requests)
             gone = [s for s in copied if s not in live]
             rr = self.router_actor.ref

@@ -161,6 +161,8 @@ class ActorSystem:
         self.actors: list[Actor] = []
         self.handles: list[ActorHandle] = []
         self._client: Actor | None = None
+        # fn(ref, reason), called when a launched actor exits or is declared dead
+        self.death_listeners: list[Any] = []
         self._dir: str | None = None
         self._owns_dir = False
 
@@ -234,6 +236,8 @@ class ActorSystem:
         for actor in self.actors:
             if not actor.closed:
                 actor._declare_dead(ref, reason)
+        for fn in list(self.death_listeners):
+            fn(ref, reason)
 
     async def launch(self, target: str | type, kwargs: dict | None = None, *, name: str,
                      in_process: bool = False, endpoint: str = "",
