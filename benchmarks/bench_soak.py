@@ -104,7 +104,7 @@ def _fd_kinds(server_pid: int) -> collections.Counter:
                 target = os.readlink(f"/proc/{p}/fd/{n}")
             except OSError:
                 continue
-            kind = target.split(":", 1)[0] if ":" in target and not target.startswith("/") else target
+            kind = target.split(":", 1)[0] if ":" in target and not target.startswith(("/", "anon")) else target
             if kind.startswith("/dev/shm/"):
                 kind = "/dev/shm/*"
             elif kind.startswith("/tmp/"):
@@ -136,8 +136,8 @@ class Tally:
 
 
 async def stream_one(client: httpx.AsyncClient, tally: Tally, rng: random.Random, *, cancel_p: float,
-                     max_tokens: int) -> str:
-    body = {"model": "tiny", "prompt": f"soak {rng.random():.6f}", "max_tokens": max_tokens,
+                     max_tokens: int, prompt: str = "") -> str:
+    body = {"model": "tiny", "prompt": prompt or f"soak {rng.random():.6f}", "max_tokens": max_tokens,
             "stream": True, "ignore_eos": True, "seed": rng.randrange(1 << 30),
             "temperature": rng.choice([0.0, 0.8])}
     cancel_after = rng.randint(1, max_tokens) if rng.random() < cancel_p else None
@@ -179,6 +179,12 @@ async def stream_one(client: httpx.AsyncClient, tally: Tally, rng: random.Random
     return "finished"
 
 
+async def warm(client: httpx.AsyncClient, rng: random.Random) -> None:
+    """One request long enough that stage processes send activations as zero-copy frames: the first
+    one starts pyzmq's garbage-collector context in that process (~7 fds, once per process)."""
+    await stream_one(client, Tally(), rng, cancel_p=0, max_tokens=4, prompt="warm " * 60)
+
+
 def pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -213,7 +219,7 @@ async def main_async(args: argparse.Namespace) -> int:
             else:
                 print("server did not come up", file=sys.stderr)
                 return 1
-            await stream_one(c, Tally(), rng, cancel_p=0, max_tokens=4)   # warm
+            await warm(c, rng)
         async with httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(600, connect=60),
                                      limits=limits) as client:
             await asyncio.sleep(1.0)
@@ -277,6 +283,7 @@ async def main_async(args: argparse.Namespace) -> int:
             r = await client.post("/v1/flexpipe/reshape", json={"stages": base_stages})
             if r.status_code != 200:
                 print(f"  final reshape to {base_stages} stages: HTTP {r.status_code} {r.text[:200]}")
+            await warm(client, rng)   # as before the baseline: every connection of the new shape opened once
             await client.aclose()
             await asyncio.sleep(3.0)   # let the server close what the last requests used
             pids = _tree(server.pid)
