@@ -90,6 +90,14 @@ def _role(pid: int, server_pid: int) -> str:
     return "resource_tracker" if b"resource_tracker" in cmd else "stage"
 
 
+def _rss_by_role(server_pid: int) -> collections.Counter:
+    """RSS of the server tree by process role (bytes)."""
+    out: collections.Counter = collections.Counter()
+    for p in _tree(server_pid):
+        out[_role(p, server_pid)] += _rss([p])
+    return out
+
+
 def _fd_kinds(server_pid: int) -> collections.Counter:
     """Open fds of the server tree by (process role, kind of target), e.g. ("server", "socket")."""
     out: collections.Counter = collections.Counter()
@@ -227,6 +235,7 @@ async def main_async(args: argparse.Namespace) -> int:
             base_fds, base_socks = _fds(_tree(server.pid))
             base_stages = len(_stage_pids(server.pid))
             base_kinds = _fd_kinds(server.pid)
+            base_roles = _rss_by_role(server.pid)
 
             async def sampler():
                 while True:
@@ -305,6 +314,9 @@ async def main_async(args: argparse.Namespace) -> int:
             print(f"stage kill -9 -> first new request finished: {recovery.get('s', float('nan')):.2f}s")
             print(f"server tree RSS: baseline {base_rss / 2**20:.0f} MiB, peak {peak['rss'] / 2**20:.0f} MiB, "
                   f"end {end_rss / 2**20:.0f} MiB")
+            end_roles = _rss_by_role(server.pid)
+            print("  by process: " + ", ".join(f"{r} {base_roles[r] / 2**20:.0f} -> {end_roles[r] / 2**20:.0f} MiB"
+                                               for r in sorted(set(base_roles) | set(end_roles))))
             print(f"server tree fds: baseline {base_fds} ({base_socks} sockets), end {end_fds} "
                   f"({end_socks} sockets)")
             end_kinds = _fd_kinds(server.pid)
