@@ -169,3 +169,10 @@ class FailsToStart:
 
     async def on_start(self, ctx) -> None:
         raise RuntimeError("no GPU here")
+
+
+class DiesBeforeStarted:
+    """A behaviour whose process exits in on_start, before it can tell Started."""
+
+    async def on_start(self, ctx) -> None:
+        os._exit(3)

@@ -39,6 +39,9 @@ async def test_failures_to_start_are_typed_and_leave_no_process():
         with pytest.raises(ActorError, match="unexpected keyword"):
             await system.launch("test_actor_helpers:Echo", {"colour": "red"}, name="badargs")
         assert all(not h.alive for h in system.handles)
+        # a child that exits before Started: its Process is closed by then, the error still names it
+        with pytest.raises(PeerDeadError, match=r"exited with code 3 before it started"):
+            await system.launch("test_actor_helpers:DiesBeforeStarted", name="dies")
 
 
 async def test_kill_9_is_noticed_by_heartbeats_within_the_timeout():

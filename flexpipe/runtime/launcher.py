@@ -279,10 +279,10 @@ class ActorSystem:
         if started not in done:
             started.cancel()
             if handle._exited.is_set():
-                raise PeerDeadError(f"actor {name} (pid {process.pid}) exited with code "
+                raise PeerDeadError(f"actor {name} (pid {handle.pid}) exited with code "
                                     f"{handle.exitcode} before it started")
             handle.kill()
-            raise AskTimeout(f"actor {name} (pid {process.pid}) did not start within {wait:g}s")
+            raise AskTimeout(f"actor {name} (pid {handle.pid}) did not start within {wait:g}s")
         msg: Started = started.result()
         if msg.error:
             await handle.wait()
