@@ -273,7 +273,11 @@ async def main_async(args: argparse.Namespace) -> int:
 
             async def killer():
                 await asyncio.sleep(max(0.0, kill_at - time.perf_counter()))
-                pids = _stage_pids(server.pid)
+                # a stage that serves (not one a reshape is starting): the kill must cost a recovery
+                r = await client.get("/v1/flexpipe/status")
+                serving = [st.get("pid") for st in r.json().get("pipeline", {}).get("stages", [])] \
+                    if r.status_code == 200 else []
+                pids = [p for p in _stage_pids(server.pid) if p in serving]
                 if not pids:
                     recovery["error"] = 1
                     return
