@@ -198,3 +198,26 @@ def test_source_spec_on_device_selects_device_weights():
     cfg = ModelConfig.preset("tiny")
     assert type(source_from_spec(cfg, {"kind": "preset", "seed": 1, "on_device": True})) is DevicePresetWeights
     assert type(source_from_spec(cfg, {"kind": "preset", "seed": 1})) is PresetWeights
+
+
+async def test_gpu_stage_takes_kv_reservations_and_hop_requests_only_from_its_pipeline():
+    """ReserveKV (it grows block tables) and OpenHop (it replaces the receiving channel) are refused
+    from a stranger once the stage knows its roles; before its first Configure, OpenHop is open."""
+    from flexpipe.runtime.actor import LocalContext
+    from flexpipe.runtime.stage import ExpectPeers, StageActor
+
+    ctrl, up, nxt, stranger = (ActorRef(n, f"ipc:///{n}") for n in ("system-1", "up", "next", "stranger"))
+    stage = GpuStageActor(ModelConfig.preset("tiny").to_dict(), {"kind": "preset", "seed": 0}, 2, 4,
+                          num_blocks=16, block_size=4, transport="message", controller=[ctrl.name, ctrl.endpoint])
+    hop, reserve = OpenHop(0, ["h", 1, "cpu"]), ReserveKV([["a", 0, 4]], ["h", 1, "cpu"])
+    assert stage.check_sender(stranger, hop) is None          # not configured yet: upstream unknown
+    ctx = await LocalContext(stage, "stage2").start()
+    StageActor.configure(stage, ctx, Configure(0, 1, nxt, ctrl, up))  # its roles, without opening a hop
+    assert stage.check_sender(up, hop) is None
+    assert stage.check_sender(ctrl, hop) is None
+    assert "upstream" in stage.check_sender(stranger, hop)
+    assert stage.check_sender(ctrl, reserve) is None
+    assert "neither" in stage.check_sender(stranger, reserve)
+    stage.expect_peers(None, ExpectPeers(1, [stranger]))      # named for a reshape: may send both
+    assert stage.check_sender(stranger, reserve) is None
+    assert stage.check_sender(stranger, hop) is None

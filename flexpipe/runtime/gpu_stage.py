@@ -39,7 +39,7 @@ import torch
 
 from flexpipe.errors import ActorClosed, ConfigError, RemoteError
 from flexpipe.runtime.actor import ActorContext, handles
-from flexpipe.runtime.messages import message
+from flexpipe.runtime.messages import ActorRef, message
 from flexpipe.runtime.stage import (
     AbortPrepare, Activate, Configure, ExportKV, FreeSeqs, StageActor, StageStatus, StepInput,
 )
@@ -145,6 +145,20 @@ class ReserveKV:
 
 class GpuStageActor(StageActor):
     """A StageActor with a channel hop to the next stage and KV copies through CUDA IPC (see above)."""
+
+    # ReserveKV grows block tables: only from the controller or the peers it named for a reshape
+    peer_messages: frozenset = StageActor.peer_messages | {ReserveKV}
+
+    def check_sender(self, sender: ActorRef | None, msg: Any) -> str | None:
+        """StageActor's rules, and: OpenHop (which replaces the receiving channel) only from this
+        stage's upstream, a peer named for the running reshape or the controller.  Before the first
+        Configure the upstream is not known yet (the upstream's Configure may run first), so then
+        any sender may open it (a channel opened that way is replaced by the upstream's request)."""
+        if type(msg) is OpenHop and self.upstream is not None:
+            if sender not in (self.upstream, self.controller) and sender not in self.peers:
+                return f"OpenHop comes from the upstream {self.upstream} or a named peer, not {sender}"
+            return None
+        return StageActor.check_sender(self, sender, msg)
 
     def __init__(self, *args: Any, transport: str = "auto", hop_ring_bytes: int = DEFAULT_RING_BYTES,
                  **kw: Any):
