@@ -62,21 +62,24 @@ def _rss(pids: list[int]) -> int:
     return total
 
 
-def _fds(pids: list[int]) -> tuple[int, int]:
-    fds = socks = 0
-    for p in pids:
+def _fd_targets(pid: int) -> list[str]:
+    """What each open fd of `pid` points at (Linux /proc; fds closed meanwhile are skipped)."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    out = []
+    for n in names:
         try:
-            names = os.listdir(f"/proc/{p}/fd")
+            out.append(os.readlink(f"/proc/{pid}/fd/{n}"))
         except OSError:
             continue
-        for n in names:
-            try:
-                target = os.readlink(f"/proc/{p}/fd/{n}")
-            except OSError:
-                continue
-            fds += 1
-            socks += target.startswith("socket:")
-    return fds, socks
+    return out
+
+
+def _fds(pids: list[int]) -> tuple[int, int]:
+    targets = [t for p in pids for t in _fd_targets(p)]
+    return len(targets), sum(t.startswith("socket:") for t in targets)
 
 
 def _role(pid: int, server_pid: int) -> str:
@@ -103,15 +106,7 @@ def _fd_kinds(server_pid: int) -> collections.Counter:
     out: collections.Counter = collections.Counter()
     for p in _tree(server_pid):
         role = _role(p, server_pid)
-        try:
-            names = os.listdir(f"/proc/{p}/fd")
-        except OSError:
-            continue
-        for n in names:
-            try:
-                target = os.readlink(f"/proc/{p}/fd/{n}")
-            except OSError:
-                continue
+        for target in _fd_targets(p):
             kind = target.split(":", 1)[0] if ":" in target and not target.startswith(("/", "anon")) else target
             if kind.startswith("/dev/shm/"):
                 kind = "/dev/shm/*"
