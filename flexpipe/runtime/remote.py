@@ -12,7 +12,7 @@ every open stream with finish_reason "error"; the next call tries the router onc
 heartbeat may have been a stalled loop) and raises RouterUnavailable when it does not answer.  The
 router watches the client, so a client that goes away has its requests cancelled.
 
-This module holds the client protocol (kinds 330-349); the daemons are in runtime/daemon.py.
+This module holds the client protocol (kinds 330-349); the daemons are in runtime/daemon/.
 """
 
 from __future__ import annotations

@@ -1,0 +1,162 @@
+"""The command line of the daemons: `flexpipe router`, `flexpipe worker`, `python -m flexpipe.runtime.daemon`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from flexpipe.errors import FlexPipeError
+from flexpipe.runtime.daemon.events import configure_logging
+from flexpipe.runtime.daemon.router import RouterDaemon
+from flexpipe.runtime.daemon.worker import WorkerDaemon
+from flexpipe.runtime.remote import CURVE_FIELDS, curve_from_env
+
+
+# --- command line ------------------------------------------------------------------------------------------
+# flexpipe.api.Settings, listed here so that `flexpipe --help` imports no torch (a test keeps them in step)
+_RUNTIME_FLAGS: list[tuple[str, type, str]] = [
+    ("block_size", int, "tokens per KV block"),
+    ("num_blocks", int, "KV blocks per stage"),
+    ("max_batch_tokens", int, "token budget of one micro-batch"),
+    ("max_batch_seqs", int, "sequences in one micro-batch at most"),
+    ("max_inflight", int, "micro-batches in flight; 0: one per stage that can compute in parallel"),
+    ("dtype", str, "float32, bfloat16 or float16"),
+    ("transport", str, "stage hop: auto (cuda_ipc between CUDA stages of one node), message, cuda_ipc, shm"),
+    ("seed", int, "weights seed of preset models"),
+    ("torch_threads", int, "torch threads per stage process"),
+    ("heartbeat_interval", float, "seconds between heartbeats"),
+    ("heartbeat_timeout", float, "seconds without a heartbeat before a peer counts as dead"),
+    ("start_timeout", float, "seconds a stage may take to start"),
+    ("max_queued", int, "requests waiting at most; beyond, new ones are refused"),
+]
+
+
+def _env(name: str, default: Any) -> Any:
+    return os.environ.get(name, default)
+
+
+def add_daemon_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """Register `flexpipe router` and `flexpipe worker`."""
+    fmt = {"choices": ["kv", "json"], "default": _env("FLEXPIPE_LOG_FORMAT", "kv"),
+           "help": "log lines as key=value or JSON (env FLEXPIPE_LOG_FORMAT; default %(default)s)"}
+    r = subparsers.add_parser(
+        "router", help="the router daemon: serves a pipeline whose stages run on worker daemons",
+        description="Run the router daemon: bind --bind for clients (flexpipe serve --router, RemoteFlexPipe) "
+                    "and workers, wait for --min-workers workers, start the pipeline's stages on them, and "
+                    "serve until SIGTERM (then drain, stop the stages, exit 0).")
+    r.add_argument("--bind", default=_env("FLEXPIPE_ROUTER_BIND", "tcp://127.0.0.1:5555"),
+                   help="tcp://HOST:PORT for clients and workers (PORT 0: a free port, logged in the "
+                        "'listening' event), or ipc:///PATH when all run on this host "
+                        "(env FLEXPIPE_ROUTER_BIND; default %(default)s)")
+    r.add_argument("--advertise", default=None, metavar="HOST",
+                   help="address peers reach this router at (default: the --bind host, or this machine's "
+                        "address when it binds every interface)")
+    r.add_argument("--model", default="tiny", help="preset name or HF checkpoint directory (default: tiny)")
+    r.add_argument("--stages", type=int, default=2, help="pipeline stages to start with (default: 2)")
+    r.add_argument("--boundaries", default=None, metavar="0,A,B,...,N",
+                   help="explicit stage boundaries (unit indices) instead of --stages")
+    r.add_argument("--min-workers", type=int, default=1,
+                   help="workers that must join before the pipeline starts (default: 1)")
+    r.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds running requests may take to finish before they end with "
+                        "finish_reason 'shutdown' (default: 30)")
+    r.add_argument("--log-format", **fmt)
+    _add_curve_flags(r)
+    g = r.add_argument_group("runtime settings (flexpipe.api.Settings; default: the runtime's own)")
+    for name, typ, help_ in _RUNTIME_FLAGS:
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+    r.set_defaults(func=router_main)
+
+    w = subparsers.add_parser(
+        "worker", help="a worker daemon: offers this host's devices to a router and runs its stages",
+        description="Run a worker daemon: announce this host's devices to the router, start and stop stage "
+                    "processes when it asks, and report their health; on SIGTERM stop them and exit 0. "
+                    "Several workers may run on one host (each with its own --name and --devices).")
+    w.add_argument("--router", default=_env("FLEXPIPE_ROUTER", None), required="FLEXPIPE_ROUTER" not in os.environ,
+                   help="the router's tcp://HOST:PORT or ipc:///PATH (env FLEXPIPE_ROUTER)")
+    w.add_argument("--name", default=None, help="worker (and node) name, unique in the cluster "
+                   "(default: HOSTNAME-PID)")
+    w.add_argument("--host", default=None, help="address the router and other stages reach this worker's stages "
+                   "at (default: this machine's address on the route to the router)")
+    w.add_argument("--devices", default="auto", help="auto (GPUs via pynvml, else one CPU device), cpu, "
+                   "cpu:0,cpu:1, cuda, or cuda:0,cuda:1 (default: auto)")
+    w.add_argument("--memory", default=None, help="memory budget of each CPU device, e.g. 2GB (default: 2GiB); "
+                   "for GPUs, a cap on what each offers")
+    w.add_argument("--heartbeat-interval", type=float, default=0.5, help="seconds between heartbeats (default 0.5)")
+    w.add_argument("--heartbeat-timeout", type=float, default=3.0,
+                   help="seconds without a heartbeat before the router counts as gone (default 3)")
+    w.add_argument("--log-format", **fmt)
+    _add_curve_flags(w)
+    w.set_defaults(func=worker_main)
+
+
+def _add_curve_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("CURVE authentication of tcp endpoints (key files of `flexpipe keys`)")
+    for f, help_ in zip(CURVE_FIELDS, ["server keypair (.key_secret) every tcp mailbox presents",
+                                       "server public key (.key), when this host has no server secret",
+                                       "this host's client keypair (.key_secret; default: the server's)",
+                                       "authorized client public keys (.key file or directory)"]):
+        g.add_argument("--" + f.replace("_", "-"), dest=f, default=None, metavar="FILE",
+                       help=f"{help_} (env FLEXPIPE_{f.upper()})")
+
+
+def _curve(args: argparse.Namespace) -> dict[str, str]:
+    return {**curve_from_env(), **{f: getattr(args, f) for f in CURVE_FIELDS if getattr(args, f, None)}}
+
+
+def _serve(daemon: Any) -> int:
+    """Run a daemon until SIGTERM or SIGINT."""
+    async def go() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            return await daemon.run(stop)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    return asyncio.run(go())
+
+
+def router_main(args: argparse.Namespace) -> int:
+    """`flexpipe router`."""
+    from flexpipe.api import Settings
+
+    configure_logging(args.log_format)
+    settings = Settings(**{n: getattr(args, n) for n, _, _ in _RUNTIME_FLAGS if getattr(args, n) is not None})
+    bounds = [int(b) for b in args.boundaries.split(",")] if args.boundaries else None
+    return _serve(RouterDaemon(args.bind, args.model, args.stages, boundaries=bounds, min_workers=args.min_workers,
+                               drain_timeout=args.drain_timeout, advertise=args.advertise, settings=settings,
+                               curve=_curve(args)))
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    """`flexpipe worker`."""
+    from flexpipe.partition import parse_bytes
+
+    configure_logging(args.log_format)
+    memory = parse_bytes(args.memory) if args.memory else None
+    return _serve(WorkerDaemon(args.router, name=args.name, host=args.host, devices=args.devices, memory=memory,
+                               heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
+                               curve=_curve(args)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flexpipe.runtime.daemon router|worker ...` (the same as `flexpipe router|worker`)."""
+    parser = argparse.ArgumentParser(prog="flexpipe-daemon")
+    parser.add_argument("--log-level", default=os.environ.get("FLEXPIPE_LOG_LEVEL", "WARNING"))
+    add_daemon_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper())
+    try:
+        return int(args.func(args) or 0)
+    except FlexPipeError as e:
+        print(f"flexpipe: error: {e}", file=sys.stderr)
+        return 1

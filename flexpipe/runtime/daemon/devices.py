@@ -1,0 +1,109 @@
+"""A worker's devices, and the device of each stage of a pipeline shape."""
+
+from __future__ import annotations
+
+import collections
+import math
+import socket
+from typing import Any, Sequence
+
+from flexpipe.errors import ConfigError, NoDriverError, PlacementError
+
+
+# --- devices ---------------------------------------------------------------------------------------------
+CPU_MEMORY_DEFAULT = 2 * 2**30
+
+
+def local_devices(devices: str = "auto", node: str = "", memory: int | None = None) -> tuple[Any, dict[int, str]]:
+    """This worker's devices as a Topology of one node, and the torch device of each local index.
+
+    devices: "auto" (GPUs via pynvml, else one CPU device), "cpu", "cpu:0,cpu:1", "cuda", "cuda:0,cuda:2".
+    memory: the budget of each CPU device (default 2 GiB); for a GPU, a cap on what it offers.
+    """
+    from flexpipe.placement.topology import Node, Topology, discover_local, make_gpu
+
+    node = node or socket.gethostname()
+    items = [d.strip() for d in devices.split(",") if d.strip()] or ["auto"]
+    kinds = {d.partition(":")[0] for d in items}
+    if not kinds <= {"auto", "cpu", "cuda"} or len(kinds) > 1:
+        raise ConfigError(f"--devices {devices!r}: give 'auto', or CPU devices (cpu, cpu:0,cpu:1), or GPUs "
+                          f"(cuda, cuda:0,cuda:1), not a mix")
+    kind = kinds.pop()
+    if kind in ("auto", "cuda"):
+        try:
+            topo = discover_local(node)
+        except NoDriverError:
+            if kind == "cuda":
+                raise
+            topo = None
+        if topo is not None and len(topo.gpus):
+            want = {int(d.partition(":")[2]) for d in items if d.partition(":")[2]} or {g.index for g in topo.gpus}
+            missing = want - {g.index for g in topo.gpus}
+            if missing:
+                raise ConfigError(f"--devices {devices!r}: this machine has no GPU {sorted(missing)}")
+            keep = [i for i, g in enumerate(topo.gpus) if g.index in want]
+            nd = topo.nodes[0]
+            gpus = [topo.gpus[i] for i in keep]
+            free = [min(int(topo.free[i]), memory) if memory else int(topo.free[i]) for i in keep]
+            links = {k: v for k, v in nd.links.items() if k[0] in want and k[1] in want}
+            t = Topology([Node(node, nd.rack, gpus, links)], name=node, free=free)
+            return t, {g.index: f"cuda:{g.index}" for g in gpus}
+        if kind == "cuda":
+            raise NoDriverError("--devices cuda: no GPU found on this machine")
+        items = ["cpu:0"]
+    idx = sorted({int(d.partition(":")[2] or 0) for d in items})
+    budget = memory or CPU_MEMORY_DEFAULT
+    gpus = [make_gpu(node, i, "cpu", memory_bytes=budget, peak_flops=5e10, mem_bw=2e10, compute_class="cpu")
+            for i in idx]
+    return Topology([Node(node, "r0", gpus)], name=node), {i: "cpu" for i in idx}
+
+
+def stage_bytes(cfg: Any, settings: Any, start: int, end: int) -> int:
+    """Memory a stage of units [start, end) holds: its parameters and its KV pool."""
+    from flexpipe.model.units import unit_costs
+
+    dtype_bytes = {"float32": 4}.get(settings.dtype, 2)
+    kv_tokens = settings.num_blocks * settings.block_size
+    costs = unit_costs(cfg, dtype_bytes=dtype_bytes)[start:end]
+    return sum(c.param_bytes + c.kv_bytes_per_token * kv_tokens for c in costs)
+
+
+def assign_devices(ranges: Sequence[tuple[int, int]], needs: Sequence[int], order: Sequence[str],
+                   free: dict[str, int], previous: Sequence[tuple[int, int, str]] = ()) -> list[str]:
+    """The device of each stage of a new shape.
+
+    A stage that overlaps a running stage stays on that stage's device (largest overlap first; a
+    running stage keeps one new stage at most, a device at most its fair share) so that the
+    controller keeps it in place; every other stage goes to the device with the fewest stages that
+    has the memory, in `order` (devices interleaved across workers, so stages spread over them).
+    """
+    n = len(ranges)
+    if not order:
+        raise PlacementError("no devices: no worker has joined")
+    free = dict(free)
+    fair = math.ceil(n / len(order))
+    count: collections.Counter[str] = collections.Counter()
+    out: list[str | None] = [None] * n
+    pairs = sorted(((min(e, pe) - max(s, ps), j, i) for j, (s, e) in enumerate(ranges)
+                    for i, (ps, pe, pd) in enumerate(previous) if pd in free and min(e, pe) > max(s, ps)),
+                   reverse=True)
+    kept: set[int] = set()
+    for _, j, i in pairs:
+        d = previous[i][2]
+        if out[j] is None and i not in kept and count[d] < fair:
+            out[j], count[d] = d, count[d] + 1
+            kept.add(i)
+    for j in range(n):
+        if out[j] is not None:
+            continue
+        fits = [d for d in order if free.get(d, 0) >= needs[j]]
+        if not fits:
+            best = max(free.values(), default=0)
+            raise PlacementError(f"stage {j} (units [{ranges[j][0]},{ranges[j][1]})) needs {needs[j] / 2**20:.1f} "
+                                 f"MiB; the most any device has free is {best / 2**20:.1f} MiB: add workers or "
+                                 f"memory (--memory), or use fewer KV blocks")
+        d = min(fits, key=lambda x: (count[x], order.index(x)))
+        out[j] = d
+        count[d] += 1
+        free[d] -= needs[j]
+    return out  # type: ignore[return-value]

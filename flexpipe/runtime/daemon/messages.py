@@ -1,0 +1,73 @@
+"""The worker protocol: the messages between the router daemon and its workers (kinds 300-329)."""
+
+from __future__ import annotations
+
+from flexpipe.runtime.actor import ActorSettings
+from flexpipe.runtime.messages import ActorRef, message
+
+
+# --- the worker protocol (kinds 300-329) -----------------------------------------------------------
+@message(300)
+class JoinCluster:
+    """A worker joins: its devices (a cluster description) and the torch device of each local index."""
+    worker: str
+    ref: ActorRef
+    host: str
+    pid: int
+    cluster: dict
+    torch_devices: dict  # local device index (as str) -> "cpu" | "cuda:N"
+
+
+@message(301)
+class JoinReply:
+    """The router accepted the worker; the device ids it knows them by."""
+    router_pid: int
+    model: str
+    device_ids: list
+
+
+@message(302)
+class LeaveCluster:
+    """A worker is leaving (its stages are stopped)."""
+    worker: str
+    reason: str = ""
+
+
+@message(303)
+class StartStage:
+    """Start behaviour `target(**kwargs)` as a process named `name` (reply: StageStarted)."""
+    name: str
+    target: str
+    kwargs: dict
+    settings: ActorSettings
+    timeout: float
+
+
+@message(304)
+class StageStarted:
+    """A stage process is serving at `ref`."""
+    name: str
+    ref: ActorRef
+    pid: int
+
+
+@message(305)
+class StopStage:
+    """Stop stage `name` cleanly (killed after `timeout`); reply True."""
+    name: str
+    timeout: float = 5.0
+
+
+@message(306)
+class KillStage:
+    """SIGKILL stage `name`."""
+    name: str
+
+
+@message(307)
+class StageExited:
+    """A stage process exited without being asked to (worker -> router)."""
+    worker: str
+    name: str
+    ref: ActorRef
+    reason: str

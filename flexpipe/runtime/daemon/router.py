@@ -1,0 +1,548 @@
+"""The router daemon: frontend, allocator and (once enough workers joined) controller and router."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import zmq
+
+from flexpipe.errors import (
+    ActorError, ConfigError, FlexPipeError, PlacementError, QueueFullError, RemoteError, RequestError,
+)
+from flexpipe.runtime.actor import ActorSettings, handles
+from flexpipe.runtime.daemon.devices import assign_devices, stage_bytes
+from flexpipe.runtime.daemon.events import event
+from flexpipe.runtime.daemon.messages import (
+    JoinCluster, JoinReply, KillStage, LeaveCluster, StageExited, StartStage, StopStage,
+)
+from flexpipe.runtime.messages import ActorRef, Ping, Terminated
+from flexpipe.runtime.remote import (
+    Cancel, Hello, ModelInfo, Reshape, RouterUnavailable, StatusQuery, Submit, Tokens, WaitReady,
+    local_address_towards, parse_endpoint,
+)
+
+
+# --- the router side ------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class WorkerInfo:
+    """A worker that joined: its ref, host, and devices (global id -> torch device)."""
+    name: str
+    ref: ActorRef
+    host: str
+    pid: int
+    devices: dict[str, str]
+
+
+class RemoteStage:
+    """A stage process started by a worker: the handle the Controller holds (.ref .pid .stop() .kill())."""
+
+    def __init__(self, daemon: "RouterDaemon", worker: str, name: str, ref: ActorRef, pid: int, device: str,
+                 units: tuple[int, int], reservation: str | None):
+        self.daemon, self.worker, self.name, self.ref, self.pid = daemon, worker, name, ref, pid
+        self.device, self.units, self.reservation = device, units, reservation
+        self.stopped = False
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Ask its worker to stop it (the worker kills it after `timeout`), then release its memory."""
+        if self.stopped:
+            return
+        self.stopped = True
+        d = self.daemon
+        w = d.workers.get(self.worker)
+        if w is not None:
+            try:
+                await d.frontend.ask(w.ref, StopStage(self.name, timeout), timeout=timeout + 10.0)
+            except ActorError as e:
+                event("stage_stop_failed", logging.WARNING, stage=self.name, worker=self.worker, error=str(e))
+        d.stages.pop(self.name, None)
+        await d.release(self.reservation)
+        event("stage_stopped", stage=self.name, worker=self.worker, device=self.device)
+
+    def kill(self) -> None:
+        """Ask its worker to SIGKILL it (fire and forget)."""
+        w = self.daemon.workers.get(self.worker)
+        if w is not None and not self.daemon.frontend.closed:
+            asyncio.get_running_loop().create_task(self.daemon.frontend.tell(w.ref, KillStage(self.name)))
+
+    def __repr__(self) -> str:
+        return f"<RemoteStage {self.name} on {self.worker} {self.device} pid={self.pid}>"
+
+
+class RouterFrontend:
+    """The router daemon's public mailbox: the client protocol and the worker protocol."""
+
+    def __init__(self, daemon: "RouterDaemon"):
+        self.d = daemon
+        self.forwards: dict[str, asyncio.Task] = {}
+        self.clients: dict[ActorRef, set[str]] = {}
+
+    async def on_stop(self, ctx: Any) -> None:
+        for t in list(self.forwards.values()):
+            t.cancel()
+
+    # ---- clients ------------------------------------------------------------------------------------
+    @handles(Hello)
+    def hello(self, ctx: Any, msg: Hello) -> ModelInfo:
+        spec = self.d.spec
+        return ModelInfo(spec.name, spec.config.to_dict(), dict(spec.source), _tokenizer_files(spec),
+                         spec.config.max_position_embeddings, self.d.ready.is_set())
+
+    @handles(WaitReady, concurrent=True)
+    async def wait_ready(self, ctx: Any, msg: WaitReady) -> bool:
+        try:
+            await asyncio.wait_for(self.d.ready.wait(), msg.timeout)
+        except asyncio.TimeoutError:
+            raise RouterUnavailable(f"the pipeline is not up after {msg.timeout:g}s: {self.d.state}") from None
+        return True
+
+    @handles(Submit)
+    def submit(self, ctx: Any, msg: Submit) -> bool:
+        from flexpipe.model.sampling import SamplingParams
+
+        d = self.d
+        if not d.admitting:
+            raise RouterUnavailable(f"the router takes no requests now ({d.state})")
+        router = d.controller.router
+        if len(router.sched.waiting) >= d.settings.max_queued:
+            raise QueueFullError(f"{d.settings.max_queued} requests are already queued: retry later")
+        vocab = d.spec.config.vocab_size
+        params = SamplingParams(**msg.params).validate(vocab).resolve_seed()
+        ids = list(msg.prompt)
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        rid, queue = router.submit(ids, params, msg.rid)
+        if msg.client not in self.clients:
+            self.clients[msg.client] = set()
+            ctx.watch(msg.client)
+        self.clients[msg.client].add(rid)
+        self.forwards[rid] = asyncio.get_running_loop().create_task(self._forward(ctx, rid, queue, msg.client))
+        return True
+
+    async def _forward(self, ctx: Any, rid: str, queue: asyncio.Queue, client: ActorRef) -> None:
+        """Send a request's events to its client, in order, as many per message as are ready."""
+        try:
+            while True:
+                evs = [await queue.get()]
+                while not queue.empty():
+                    evs.append(queue.get_nowait())
+                last = evs[-1].finish_reason
+                toks = [e.token_id for e in evs if e.token_id is not None]
+                if last is not None and rid in self.d.shutdown_rids:
+                    last = "shutdown"
+                await ctx.tell(client, Tokens(rid, evs[0].index, toks, last))
+                if last is not None:
+                    return
+        except ActorError:  # the client is gone: nobody reads this request any more
+            self.d.cancel(rid)
+        finally:
+            self.forwards.pop(rid, None)
+            self.clients.get(client, set()).discard(rid)
+
+    @handles(Cancel)
+    def cancel(self, ctx: Any, msg: Cancel) -> None:
+        if msg.rid in self.forwards:
+            self.d.cancel(msg.rid)
+
+    @handles(StatusQuery, concurrent=True)
+    async def status(self, ctx: Any, msg: StatusQuery) -> dict:
+        return await self.d.status()
+
+    @handles(Reshape, concurrent=True)
+    async def reshape(self, ctx: Any, msg: Reshape) -> dict:
+        st = await self.d.reshape(msg.stages, msg.boundaries, msg.devices, msg.weights_from)
+        return st.to_dict()
+
+    # ---- workers --------------------------------------------------------------------------------------
+    @handles(JoinCluster, concurrent=True)
+    async def join(self, ctx: Any, msg: JoinCluster) -> JoinReply:
+        ids = await self.d.add_worker(msg)
+        ctx.watch(msg.ref)
+        return JoinReply(os.getpid(), self.d.spec.name, ids)
+
+    @handles(LeaveCluster)
+    def leave(self, ctx: Any, msg: LeaveCluster) -> None:
+        w = self.d.workers.get(msg.worker)
+        if w is not None:
+            ctx.unwatch(w.ref)
+            self.d.worker_lost(msg.worker, f"left: {msg.reason}")
+
+    @handles(StageExited)
+    def stage_exited(self, ctx: Any, msg: StageExited) -> None:
+        h = self.d.stages.get(msg.name)
+        if h is not None and h.ref == msg.ref and not h.stopped:
+            event("stage_exited", logging.WARNING, stage=msg.name, worker=msg.worker, reason=msg.reason)
+            self.d.stage_gone(h, msg.reason)  # the router recovers now, not at a heartbeat
+
+    @handles(Terminated)
+    def terminated(self, ctx: Any, msg: Terminated) -> None:
+        for name, w in list(self.d.workers.items()):
+            if w.ref == msg.ref:
+                self.d.worker_lost(name, msg.reason)
+        rids = self.clients.pop(msg.ref, None)
+        if rids:
+            event("client_lost", client=str(msg.ref), requests=len(rids), reason=msg.reason)
+            for rid in list(rids):
+                self.d.cancel(rid)
+
+
+def _tokenizer_files(spec: Any) -> dict[str, str]:
+    if spec.source.get("kind") != "checkpoint":
+        return {}
+    from pathlib import Path
+
+    d = Path(spec.source["path"])
+    names = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+    return {n: (d / n).read_text() for n in names if (d / n).is_file()} if (d / "tokenizer.json").is_file() else {}
+
+
+class RouterDaemon:
+    """`flexpipe router`: frontend + allocator + (once enough workers joined) controller and router."""
+
+    def __init__(self, bind: str, model: str = "tiny", stages: int = 2, *, boundaries: Sequence[int] | None = None,
+                 min_workers: int = 1, drain_timeout: float = 30.0, advertise: str | None = None,
+                 settings: Any = None, curve: dict[str, str] | None = None):
+        from flexpipe.api import Settings
+
+        self.kind, host, port = parse_endpoint(bind, "--bind")
+        self.bind = bind if self.kind == "ipc" else f"tcp://{host}:{port or '*'}"
+        wildcard = host in ("0.0.0.0", "*", "::")
+        self.host = advertise or (local_address_towards("8.8.8.8") if wildcard else host or "127.0.0.1")
+        if min_workers < 1:
+            raise ConfigError(f"--min-workers must be at least 1 (got {min_workers}): stages run on workers")
+        self.model, self.num_stages, self.boundaries = model, stages, boundaries
+        self.min_workers, self.drain_timeout = min_workers, drain_timeout
+        self.settings = settings or Settings()
+        self.curve = dict(curve or {})  # CURVE key files of this host (ActorSettings.curve_* names)
+        self.spec: Any = None
+        self.system: Any = None
+        self.frontend: Any = None
+        self.allocator: Any = None
+        self.controller: Any = None
+        self.workers: dict[str, WorkerInfo] = {}
+        self.stages: dict[str, RemoteStage] = {}
+        self.ready = asyncio.Event()
+        self.enough_workers = asyncio.Event()
+        self.admitting = False
+        self.state = "starting"
+        self.shutdown_rids: set[str] = set()
+        self._membership = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+
+    # ---- life cycle -------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> int:
+        """Serve until `stop` is set, then shut down cleanly; returns the exit code."""
+        from flexpipe.api import ModelSpec
+        from flexpipe.runtime.allocator import AllocatorBehaviour
+        from flexpipe.runtime.launcher import ActorSystem
+
+        s = self.settings
+        self.spec = ModelSpec.resolve(self.model, s.seed)
+        actor_settings = ActorSettings(bind=self.kind, host=self.host, heartbeat_interval=s.heartbeat_interval,
+                                       heartbeat_timeout=s.heartbeat_timeout, start_timeout=s.start_timeout,
+                                       torch_threads=s.torch_threads, **(self.curve if self.kind == "tcp" else {}))
+        code = 0
+        async with await _started(ActorSystem(actor_settings, name="router"), self.host) as system:
+            self.system = system
+            try:
+                self.allocator = await system.spawn(AllocatorBehaviour(), "allocator")
+                self.frontend = await system.spawn(RouterFrontend(self), "frontend", endpoint=self.bind)
+            except zmq.ZMQError as e:
+                raise ConfigError(f"cannot bind {self.bind} (or an endpoint on {self.host}): {e}") from None
+            self.state = f"waiting for workers (0 of {self.min_workers})"
+            event("listening", endpoint=self.frontend.ref.endpoint, model=self.spec.name,
+                  stages=self.boundaries and len(self.boundaries) - 1 or self.num_stages, min_workers=self.min_workers)
+            try:
+                if await _until(self.enough_workers.wait(), stop):
+                    await self._build()
+                    await stop.wait()
+            except FlexPipeError as e:
+                event("failed", logging.ERROR, error=f"{type(e).__name__}: {e}")
+                code = 1
+            finally:
+                await self._shutdown()
+        event("stopped", code=code)
+        return code
+
+    async def _build(self) -> None:
+        from flexpipe.api import plan_shape
+        from flexpipe.partition import PipelineShape
+        from flexpipe.runtime.controller import Controller
+
+        cfg = self.spec.config
+        shape = plan_shape(cfg, self.num_stages, self.boundaries, 0, device=self._device_kind())
+        devices = await self._place(shape, [])
+        shape = PipelineShape.from_boundaries(shape.boundaries, 0, devices)
+        self.state = "starting stages"
+        event("building", boundaries=shape.boundaries, devices=devices)
+        self.controller = Controller(self.system, self.spec, self.settings, stage_launcher=self.launch_stage)
+        await self.controller.start(shape)
+        self.state = "serving"
+        self.admitting = True
+        self.ready.set()
+        event("ready", epoch=shape.epoch, boundaries=shape.boundaries,
+              stages=[f"{sl.handle.name}@{sl.handle.worker}" for sl in self.controller.slots])
+
+    async def _shutdown(self) -> None:
+        self.admitting = False
+        self.state = "shutting down"
+        fe: RouterFrontend | None = self.frontend.behaviour if self.frontend is not None else None
+        running = list(fe.forwards.values()) if fe else []
+        event("shutdown_started", in_flight=len(running), drain_timeout=self.drain_timeout)
+        if running:
+            await asyncio.wait(running, timeout=self.drain_timeout)
+            left = [rid for rid, t in fe.forwards.items() if not t.done()]
+            if left:
+                self.shutdown_rids.update(left)
+                for rid in left:
+                    self.cancel(rid)
+                if fe.forwards:  # cancelled requests end when their step returns
+                    await asyncio.wait(list(fe.forwards.values()), timeout=10.0)
+                event("requests_ended", requests=len(left), finish_reason="shutdown")
+        if self.controller is not None:
+            await self.controller.aclose()
+        await asyncio.gather(*(h.stop() for h in list(self.stages.values())), return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5.0)
+
+    # ---- workers ----------------------------------------------------------------------------------
+    async def add_worker(self, msg: JoinCluster) -> list[str]:
+        # Membership changes of the allocator go through self._membership, keyed by worker name: the
+        # allocator is not told to watch workers, so that the late death of a worker's old process
+        # cannot withdraw the devices its restarted process has announced under the same name.
+        from flexpipe.runtime.allocator import AnnounceGpus, WithdrawWorker
+
+        old = self.workers.get(msg.worker)
+        if old is not None and old.ref != msg.ref:
+            if not self.frontend.is_dead(old.ref):  # a restarted worker is let in once its old self is dead
+                raise ConfigError(f"a worker named {msg.worker!r} has joined already (host {old.host}, pid "
+                                  f"{old.pid}): give each worker its own --name")
+            self.worker_lost(msg.worker, "joined again")
+        async with self._membership:
+            await self.frontend.ask(self.allocator.ref, WithdrawWorker(msg.worker))  # what a past self held
+            try:
+                ids = await self.frontend.ask(self.allocator.ref, AnnounceGpus(msg.worker, msg.cluster))
+            except RemoteError as e:
+                event("join_refused", logging.WARNING, worker=msg.worker, error=str(e))
+                raise
+            node = msg.cluster["nodes"][0]["name"]
+            self.workers[msg.worker] = WorkerInfo(msg.worker, msg.ref, msg.host, msg.pid, {
+                f"{node}/{i}": dev for i, dev in msg.torch_devices.items()})
+        event("worker_joined", worker=msg.worker, host=msg.host, worker_pid=msg.pid, devices=ids,
+              workers=len(self.workers))
+        if not self.ready.is_set():
+            self.state = f"waiting for workers ({len(self.workers)} of {self.min_workers})"
+        if len(self.workers) >= self.min_workers:
+            self.enough_workers.set()
+        return ids
+
+    def worker_lost(self, name: str, reason: str) -> None:
+        w = self.workers.pop(name, None)
+        if w is None:
+            return
+        on_it = [h for h in self.stages.values() if h.worker == name]
+        event("worker_lost", logging.WARNING, worker=name, reason=reason, stages=[h.name for h in on_it],
+              workers=len(self.workers))
+        for h in on_it:  # gone with their worker; the router recovers them elsewhere
+            self.stages.pop(h.name, None)
+            h.stopped, h.reservation = True, None  # the withdrawal drops their reservations
+        self._spawn(self._withdraw(name))
+
+    async def _withdraw(self, name: str) -> None:
+        from flexpipe.runtime.allocator import WithdrawWorker
+
+        async with self._membership:
+            if name not in self.workers and not self.allocator.closed:  # unless it joined again meanwhile
+                await self.frontend.ask(self.allocator.ref, WithdrawWorker(name))
+
+    def stage_gone(self, h: RemoteStage, reason: str) -> None:
+        """A stage process exited unasked: forget it, free its memory, and let the router recover now."""
+        self.stages.pop(h.name, None)
+        h.stopped = True
+        self._spawn(self.release(h.reservation))
+        self.system.declare_dead(h.ref, reason)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _device_kind(self) -> str:
+        devs = [d for w in self.workers.values() for d in w.devices.values()]
+        return "cuda" if devs and all(d.startswith("cuda") for d in devs) else "cpu"
+
+    def _device_order(self) -> list[str]:
+        """Live devices interleaved across workers (join order): w0d0, w1d0, w0d1, w1d1, ..."""
+        per = [list(w.devices) for w in self.workers.values() if not self.frontend.is_dead(w.ref)]
+        return [ds[i] for i in range(max(map(len, per), default=0)) for ds in per if i < len(ds)]
+
+    async def _free(self) -> dict[str, int]:
+        from flexpipe.placement.topology import Topology
+        from flexpipe.runtime.allocator import InventoryQuery
+
+        inv = await self.frontend.ask(self.allocator.ref, InventoryQuery(full=True))
+        topo = Topology.from_dict(inv["cluster"])
+        return {g.id: int(f) for g, f in zip(topo.gpus, topo.free)}
+
+    async def _place(self, shape: Any, previous: list[tuple[int, int, str]]) -> list[str]:
+        ranges = [(st.start, st.end) for st in shape.stages]
+        needs = [stage_bytes(self.spec.config, self.settings, a, b) for a, b in ranges]
+        return assign_devices(ranges, needs, self._device_order(), await self._free(), previous)
+
+    # ---- stages -------------------------------------------------------------------------------------
+    async def launch_stage(self, target: str, kwargs: dict, name: str, device: str) -> RemoteStage:
+        """The Controller's stage launcher: reserve the stage's memory, have the device's worker start it."""
+        from flexpipe.runtime.allocator import ReserveMemory
+
+        units = (kwargs["start"], kwargs["end"])
+        need = stage_bytes(self.spec.config, self.settings, *units)
+        w, silent = self._owner(device), set()
+        while w is None or not await self._answers(w):  # its worker is gone: take another device
+            if w is not None:
+                silent.add(w.name)
+            counts = collections.Counter(h.device for h in self.stages.values())
+            free = await self._free()
+            order = [d for d in self._device_order() if self._owner(d).name not in silent]
+            fits = [d for d in order if free.get(d, 0) >= need]
+            if not fits:
+                raise PlacementError(f"no live device has {need / 2**20:.1f} MiB free for stage {name}")
+            new = min(fits, key=lambda d: (counts[d], order.index(d)))
+            event("stage_moved", logging.WARNING, stage=name, from_device=device, to_device=new)
+            device, w = new, self._owner(new)
+        try:
+            granted = await self.frontend.ask(self.allocator.ref, ReserveMemory({device: need}, name))
+        except RemoteError as e:
+            raise PlacementError(f"device {device} cannot hold stage {name} (units [{units[0]},{units[1]}), "
+                                 f"{need / 2**20:.1f} MiB): {e.message}") from e
+        stage_settings = ActorSettings(heartbeat_interval=self.settings.heartbeat_interval,  # bind: the worker's
+                                       heartbeat_timeout=self.settings.heartbeat_timeout,
+                                       start_timeout=self.settings.start_timeout,
+                                       torch_threads=self.settings.torch_threads)
+        kwargs = dict(kwargs, device=w.devices[device])
+        timeout = self.settings.start_timeout
+        try:
+            r = await self.frontend.ask(w.ref, StartStage(name, target, kwargs, stage_settings, timeout),
+                                        timeout=timeout + 10.0)
+        except BaseException:
+            await self.release(granted.rid)
+            raise
+        h = RemoteStage(self, w.name, name, r.ref, r.pid, device, units, granted.rid)
+        self.stages[name] = h
+        event("stage_started", stage=name, worker=w.name, device=device, units=list(units), stage_pid=r.pid,
+              endpoint=r.ref.endpoint)
+        return h
+
+    async def _answers(self, w: WorkerInfo) -> bool:
+        """Does `w` answer a ping within a second?  (A stage that died with its worker is replaced at
+        once, not after the heartbeat timeout; a worker only slow to answer merely loses this stage.)"""
+        try:
+            await self.frontend.ask(w.ref, Ping(), timeout=min(1.0, self.settings.heartbeat_timeout))
+            return True
+        except ActorError:
+            event("worker_silent", logging.WARNING, worker=w.name)
+            return False
+
+    def _owner(self, device: str) -> WorkerInfo | None:
+        """The live worker that has `device` (one known dead but not yet removed does not count)."""
+        return next((w for w in self.workers.values() if device in w.devices and not self.frontend.is_dead(w.ref)),
+                    None)
+
+    async def release(self, rid: str | None) -> None:
+        from flexpipe.runtime.allocator import ReleaseReservation
+
+        if rid is None or self.allocator is None or self.allocator.closed:
+            return
+        try:
+            await self.frontend.ask(self.allocator.ref, ReleaseReservation(rid))
+        except RemoteError:
+            pass  # already dropped with a worker that left
+
+    async def _resize_reservations(self) -> None:
+        """After a reshape, book each kept stage for the range it now serves."""
+        from flexpipe.runtime.allocator import ReserveMemory
+
+        for sl in self.controller.slots:
+            h = sl.handle
+            if (sl.start, sl.end) == h.units:
+                continue
+            await self.release(h.reservation)
+            h.units, h.reservation = (sl.start, sl.end), None
+            need = stage_bytes(self.spec.config, self.settings, sl.start, sl.end)
+            try:
+                h.reservation = (await self.frontend.ask(self.allocator.ref,
+                                                         ReserveMemory({h.device: need}, h.name))).rid
+            except RemoteError as e:
+                event("reservation_short", logging.WARNING, stage=h.name, device=h.device, error=e.message)
+
+    def cancel(self, rid: str) -> None:
+        if self.controller is not None and self.controller.router is not None:
+            self.controller.router.cancel(rid)
+
+    # ---- control --------------------------------------------------------------------------------------
+    async def reshape(self, stages: int | None, boundaries: list | None, devices: list | None,
+                      weights_from: str) -> Any:
+        from flexpipe.api import plan_shape
+        from flexpipe.partition import PipelineShape
+
+        if not self.ready.is_set() or not self.admitting:
+            raise RouterUnavailable(f"cannot reshape now ({self.state})")
+        if (stages is None) == (boundaries is None):
+            raise ConfigError("give either stages=N or boundaries=[0, ..., num_units]")
+        c = self.controller
+        for sl in c.slots:  # a stage recovered on another worker runs elsewhere than the slot says:
+            sl.device = sl.handle.device  # what the controller's matching must compare with
+        shape = plan_shape(self.spec.config, stages, boundaries, c.shape.epoch + 1, self._device_kind())
+        if devices is None:
+            devices = await self._place(shape, [(sl.start, sl.end, sl.handle.device) for sl in c.slots])
+        shape = PipelineShape.from_boundaries(shape.boundaries, shape.epoch, devices)
+        event("reshape_started", boundaries=shape.boundaries, devices=list(devices))
+        try:
+            st = await c.reshape(shape, weights_from=weights_from)
+        except FlexPipeError as e:
+            event("reshape_failed", logging.WARNING, error=str(e))
+            raise
+        await self._resize_reservations()
+        event("reshaped", epoch=st.to_epoch, boundaries=st.to_boundaries, pause_ms=round(st.pause_s * 1e3, 2),
+              kept=st.stages_kept, started=st.stages_started, retired=st.stages_retired)
+        return st
+
+    async def status(self) -> dict:
+        from flexpipe.runtime.allocator import InventoryQuery
+
+        out: dict[str, Any] = {"model": self.spec.name, "state": self.state, "endpoint": self.frontend.ref.endpoint,
+                               "workers": [{"name": w.name, "host": w.host, "pid": w.pid, "ref": str(w.ref),
+                                            "devices": w.devices} for w in self.workers.values()],
+                               "allocator": await self.frontend.ask(self.allocator.ref, InventoryQuery())}
+        c = self.controller
+        if c is not None and c.shape is not None:
+            stages = c.stage_info()
+            for info, sl in zip(stages, c.slots):
+                info.update(worker=sl.handle.worker, device=sl.handle.device, name=sl.handle.name)
+            out.update(shape=c.shape.to_dict(), router=c.router.status(), stages=stages,
+                       reshapes=[r.to_dict() for r in c.history[-16:]], reshapes_total=len(c.history))
+        return out
+
+
+async def _started(system: Any, host: str) -> Any:
+    """The system, started; ConfigError when it cannot bind on `host`."""
+    try:
+        return await system.start()
+    except zmq.ZMQError as e:
+        raise ConfigError(f"cannot bind an endpoint on {host} (--host / --advertise): {e}") from None
+
+
+async def _until(aw: Any, stop: asyncio.Event) -> bool:
+    """Wait for `aw` unless `stop` is set first; True when `aw` finished."""
+    task = asyncio.ensure_future(aw)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, stopper):
+            if not t.done():
+                t.cancel()
+    return task.done() and not task.cancelled()

@@ -1,0 +1,190 @@
+"""The worker daemon: offers this host's devices to a router and runs the stages it asks for."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any
+
+from flexpipe.errors import ActorClosed, ActorError, ConfigError, RemoteError
+from flexpipe.runtime.actor import handles
+from flexpipe.runtime.daemon.devices import local_devices
+from flexpipe.runtime.daemon.events import event
+from flexpipe.runtime.daemon.messages import (
+    JoinCluster, KillStage, LeaveCluster, StageExited, StageStarted, StartStage, StopStage,
+)
+from flexpipe.runtime.daemon.router import _started
+from flexpipe.runtime.messages import Terminated
+from flexpipe.runtime.remote import CURVE_FIELDS
+
+
+# --- the worker side ------------------------------------------------------------------------------------
+class WorkerBehaviour:
+    """A worker's mailbox: start, stop and kill stage processes; notice the router's end."""
+
+    def __init__(self, daemon: "WorkerDaemon"):
+        self.d = daemon
+
+    @handles(StartStage, concurrent=True)
+    async def start_stage(self, ctx: Any, msg: StartStage) -> StageStarted:
+        return await self.d.start_stage(msg)
+
+    @handles(StopStage, concurrent=True)
+    async def stop_stage(self, ctx: Any, msg: StopStage) -> bool:
+        await self.d.stop_stage(msg.name, msg.timeout)
+        return True
+
+    @handles(KillStage)
+    def kill_stage(self, ctx: Any, msg: KillStage) -> None:
+        h = self.d.stages.get(msg.name)
+        if h is not None:
+            self.d.stopping.add(msg.name)
+            h.kill()
+
+    @handles(Terminated, concurrent=True)
+    async def terminated(self, ctx: Any, msg: Terminated) -> None:
+        if msg.ref == self.d.router_ref:
+            await self.d.router_lost(str(msg.reason))
+
+
+class WorkerDaemon:
+    """`flexpipe worker`: joins a router, starts stage processes on its devices, reports their ends."""
+
+    def __init__(self, router: str, *, name: str | None = None, host: str | None = None, devices: str = "auto",
+                 memory: int | None = None, heartbeat_interval: float = 0.5, heartbeat_timeout: float = 3.0,
+                 join_timeout: float = 5.0, curve: dict[str, str] | None = None):
+        from flexpipe.runtime.remote import client_settings, frontend_ref
+
+        self.router_url = router
+        self.router_ref = frontend_ref(router)
+        self.settings = client_settings(router, host, curve, heartbeat_interval=heartbeat_interval,
+                                        heartbeat_timeout=heartbeat_timeout)
+        self.host = self.settings.host
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"--name {self.name!r}: a worker name is a node name, without '/'")
+        self.devices, self.memory = devices, memory
+        self.heartbeat_interval, self.heartbeat_timeout = heartbeat_interval, heartbeat_timeout
+        self.join_timeout = join_timeout
+        self.actor: Any = None
+        self.stage_system: Any = None
+        self.stages: dict[str, Any] = {}  # name -> ActorHandle
+        self.stopping: set[str] = set()
+        self.joined = False
+        self.closing = False
+        self._joiner: asyncio.Task | None = None
+        self._watchers: set[asyncio.Task] = set()
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """Serve until `stop` is set; then stop every stage and leave.  Returns the exit code."""
+        from flexpipe.runtime.launcher import ActorSystem
+
+        topo, torch_devices = local_devices(self.devices, self.name, self.memory)
+        self.cluster = topo.to_dict()
+        self.torch_devices = {str(i): d for i, d in torch_devices.items()}
+        async with await _started(ActorSystem(self.settings, name=self.name), self.host) as system:
+            self.actor = await system.spawn(WorkerBehaviour(self), self.name)
+            event("started", worker=self.name, endpoint=self.actor.ref.endpoint, router=self.router_url,
+                  devices={f"{self.name}/{i}": d for i, d in self.torch_devices.items()},
+                  memory=[g.memory_bytes for g in topo.gpus])
+            self._joiner = asyncio.get_running_loop().create_task(self._join_loop())
+            await stop.wait()
+            self.closing = True
+            event("stopping", worker=self.name, stages=sorted(self.stages))
+            self._joiner.cancel()
+            await self._stop_all()
+            if self.joined:
+                try:
+                    await self.actor.tell(self.router_ref, LeaveCluster(self.name, "worker stopped"))
+                except ActorError:
+                    pass  # the router is gone already
+        event("stopped", worker=self.name)
+        return 0
+
+    async def _join_loop(self) -> None:
+        delay, attempt = 0.2, 0
+        while True:
+            attempt += 1
+            self.actor.watch(self.router_ref)  # (again) after a death: heartbeats say when it is gone
+            try:
+                reply = await self.actor.ask(self.router_ref, JoinCluster(
+                    self.name, self.actor.ref, self.host, os.getpid(), self.cluster, self.torch_devices),
+                    timeout=self.join_timeout)
+            except RemoteError as e:  # refused (e.g. its name is taken): say so, and try again later
+                event("join_refused", logging.ERROR, worker=self.name, router=self.router_url, error=e.message)
+                delay = 5.0
+            except ActorError as e:
+                if attempt == 1 or attempt % 10 == 0:
+                    event("join_retry", worker=self.name, router=self.router_url, attempt=attempt, error=str(e))
+            else:
+                self.joined = True
+                event("joined", worker=self.name, router=self.router_url, router_pid=reply.router_pid,
+                      model=reply.model, devices=reply.device_ids)
+                return
+            await asyncio.sleep(delay)  # back-off between attempts, not a readiness wait
+            delay = min(delay * 2, 5.0)
+
+    async def router_lost(self, reason: str) -> None:
+        if not self.joined or self.closing:
+            return
+        self.joined = False
+        event("router_lost", logging.WARNING, worker=self.name, reason=reason, stages=sorted(self.stages))
+        await self._stop_all()
+        if not self.closing:
+            self._joiner = asyncio.get_running_loop().create_task(self._join_loop())
+
+    async def start_stage(self, msg: StartStage) -> StageStarted:
+        import dataclasses
+
+        from flexpipe.runtime.launcher import ActorSystem
+
+        if self.closing:
+            raise ActorClosed(f"worker {self.name} is stopping")
+        if msg.name in self.stages:
+            raise ConfigError(f"worker {self.name} already runs a stage named {msg.name}")
+        if self.stage_system is None:
+            # the router's heartbeat and start settings; this worker's transport and key files
+            settings = dataclasses.replace(msg.settings, bind=self.settings.bind, host=self.host,
+                                           **{f: getattr(self.settings, f) for f in CURVE_FIELDS})
+            self.stage_system = await ActorSystem(settings, name=f"{self.name}-stages").start()
+        h = await self.stage_system.launch(msg.target, msg.kwargs, name=msg.name, timeout=msg.timeout)
+        self.stages[msg.name] = h
+        task = asyncio.get_running_loop().create_task(self._watch_stage(msg.name, h))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+        event("stage_started", worker=self.name, stage=msg.name, stage_pid=h.pid, endpoint=h.ref.endpoint,
+              device=msg.kwargs.get("device"), units=[msg.kwargs.get("start"), msg.kwargs.get("end")])
+        return StageStarted(msg.name, h.ref, h.pid)
+
+    async def _watch_stage(self, name: str, h: Any) -> None:
+        code = await h.wait()
+        if self.stages.get(name) is h:
+            del self.stages[name]
+        if name in self.stopping:
+            self.stopping.discard(name)
+            event("stage_stopped", worker=self.name, stage=name, exitcode=code)
+            return
+        reason = f"stage process {h.pid} exited with code {code}"
+        event("stage_exited", logging.WARNING, worker=self.name, stage=name, exitcode=code)
+        if self.joined:
+            try:
+                await self.actor.tell(self.router_ref, StageExited(self.name, name, h.ref, reason))
+            except ActorError:
+                pass  # the router is gone: it will not miss the stage
+
+    async def stop_stage(self, name: str, timeout: float) -> None:
+        h = self.stages.get(name)
+        if h is None:
+            return
+        self.stopping.add(name)
+        await h.stop(timeout)
+
+    async def _stop_all(self) -> None:
+        await asyncio.gather(*(self.stop_stage(n, 5.0) for n in list(self.stages)), return_exceptions=True)
+        if self._watchers:
+            await asyncio.wait(set(self._watchers), timeout=5.0)
+        if self.stage_system is not None:
+            system, self.stage_system = self.stage_system, None
+            await system.aclose()
