@@ -554,6 +554,8 @@ class Controller:
             if new_slots[j] is not self.slots[i]:
                 moves.setdefault((i, j), []).append(u)
         self._new_slots = new_slots
+        self._next_epoch = shape.epoch
+        self._freed_early: set[str] = set()
         return moves
 
     async def _copy_round(self, moves: dict, copied: dict, st: ReshapeStats, delta: bool) -> int:
@@ -579,8 +581,27 @@ class Controller:
         raise AssertionError("unreachable")
 
     async def _copy_round_once(self, moves: dict, copied: dict, st: ReshapeStats, delta: bool) -> int:
-        """Copy [copied, computed) of every request for every move; returns tokens still uncopied after."""
+        """Copy [copied, computed) of every request for every move; returns tokens still uncopied after.
+
+        First the new stage processes drop the KV they were sent of requests that have finished or
+        been preempted since: with KV nearly full the old epoch reuses those blocks at once, and the
+        stale copies would otherwise hold them on the new owners until the switch, which then runs
+        out.  (A kept stage needs no such help: the router's frees reach it with the old epoch's.)
+        """
         sched = self.router.sched
+        stale, finished = [], []
+        for rid, (t_done, gen) in copied.items():
+            req = sched.requests.get(rid)
+            if req is None:
+                if rid not in self._freed_early:
+                    finished.append(rid)
+            elif gen != req.preemptions or t_done > req.computed:
+                stale.append(rid)
+        fresh = {j for (_, j) in moves if self._new_slots[j] not in self.slots}
+        if (stale or finished) and fresh:
+            await asyncio.gather(*(self.system.ask(self._new_slots[j].ref,
+                                                   FreeSeqs(self._next_epoch, stale + finished)) for j in fresh))
+        self._freed_early.update(finished)
         items: list[tuple[str, int, int]] = []
         for rid, req in list(sched.requests.items()):
             if req.computed <= 0:
