@@ -17,6 +17,7 @@ import torch
 from flexpipe.errors import ProtocolError
 from flexpipe.runtime import ActorSettings, ActorSystem, handles, message
 from flexpipe.transports import cuda_ipc, nccl, open_receiver, open_sender
+from ring_helpers import fill_ring
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:   # benchmarks/ holds the IPC stage harness; `python -m pytest` has it already
@@ -132,16 +133,7 @@ async def test_cuda_ipc_received_views_hold_ring_space_until_dropped():
     tx = await open_sender(rx.address)          # the same process: no handle to open, events shared
     a = torch.arange(4096, dtype=torch.int32, device="cuda")   # 16 KiB
     try:
-        views = []
-        for i in range(4):
-            send = asyncio.ensure_future(tx.send(a + i))
-            views.append((await rx.recv())[0])
-            await send
-        blocked = asyncio.ensure_future(tx.send(a + 4))
-        later = asyncio.ensure_future(rx.recv())
-        await asyncio.sleep(0.2)
-        assert not blocked.done() and not later.done()       # full: the sender waits
-        assert all(torch.equal(v, a + i) for i, v in enumerate(views))
+        views, blocked, later = await fill_ring(tx, rx, a, wait=0.2)   # full: the sender waits
         del views[0]
         await asyncio.wait_for(blocked, 5)
         assert torch.equal((await later)[0], a + 4)

@@ -25,6 +25,7 @@ from flexpipe.transports.cuda_ipc import (
 from flexpipe.transports.nccl import CommPool, NcclBootstrap, NcclEnsure, NcclPoolStatus, pair_key, uid_to_bytes
 from flexpipe.runtime import inventory
 from test_actor_helpers import FAST
+from ring_helpers import fill_ring
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -295,16 +296,7 @@ async def test_ipc_protocol_views_hold_ring_space_until_dropped():
     tx, rx = await host_pair(64 << 10)
     a = torch.arange(4096, dtype=torch.int32)                  # 16 KiB
     try:
-        views = []
-        for i in range(4):                                     # fill the ring with views
-            send = asyncio.ensure_future(tx.send(a + i))
-            views.append((await rx.recv())[0])
-            await send
-        blocked = asyncio.ensure_future(tx.send(a + 4))
-        later = asyncio.ensure_future(rx.recv())
-        await asyncio.sleep(0.1)
-        assert not blocked.done() and not later.done()        # full: the sender waits
-        assert all(torch.equal(v, a + i) for i, v in enumerate(views))
+        views, blocked, later = await fill_ring(tx, rx, a)   # full: the sender waits
         alias = views[1][::2]                                  # a view of a view holds its region too
         del views[0]
         await asyncio.wait_for(blocked, 2)

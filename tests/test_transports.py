@@ -13,6 +13,7 @@ from flexpipe.errors import ActorClosed, ConfigError, ProtocolError
 from flexpipe.runtime import ActorSystem, handles, message
 from flexpipe.transports import Endpoint, choose_transport, open_receiver, open_sender
 from test_actor_helpers import FAST
+from ring_helpers import fill_ring
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -99,17 +100,7 @@ async def test_shm_received_views_hold_ring_space_until_dropped():
     tx, rx = await pair("shm", ring_bytes=64 << 10)
     a = torch.arange(4096, dtype=torch.int32)                    # 16 KiB
     try:
-        views = []
-        for i in range(4):                                       # fill the ring with views
-            send = asyncio.ensure_future(tx.send(a + i))
-            views.append((await rx.recv())[0])
-            await send
-        blocked = asyncio.ensure_future(tx.send(a + 4))
-        later = asyncio.ensure_future(rx.recv())
-        await asyncio.sleep(0.1)
-        assert not blocked.done() and not later.done()          # full: the sender waits
-        intact = all(torch.equal(v, a + i) for i, v in enumerate(views))
-        assert intact                                            # nothing was overwritten
+        views, blocked, later = await fill_ring(tx, rx, a)     # full: the sender waits
         del views[0]                                             # gives its region back
         await asyncio.wait_for(blocked, 2)
         fifth = torch.equal((await later)[0], a + 4)
