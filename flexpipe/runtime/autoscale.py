@@ -44,7 +44,6 @@ import asyncio
 import collections
 import logging
 import math
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -53,6 +52,7 @@ from typing import Any, Callable
 from flexpipe.errors import ConfigError, ReshapeError
 from flexpipe.planning import (Action, AnalyticPerfModel, Decision, GpuSpec, GranularityPolicy, LinkSpec,
                                PipelineConfig, PolicyConfig, TrafficAnalyzer, TrafficStats)
+from flexpipe.runtime.router import cpu_stage_slots
 from flexpipe.runtime.weight_cache import WeightCache
 
 log = logging.getLogger("flexpipe.autoscale")
@@ -97,13 +97,14 @@ class AutoscaleConfig:
 
 
 def default_max_stages(settings: Any) -> int:
-    """Devices the pipeline may use: the CPU cores when stages run on the CPU (one torch thread each).
+    """Devices the pipeline may use: the cores this process may use over the stages' torch threads
+    when stages run on the CPU.
 
     Any other device label puts every stage on that one device (plan_shape), where more stages
     buy nothing, so 1: the loop then only scales to zero and back.
     """
     if str(settings.device).startswith("cpu"):
-        return max(1, (os.cpu_count() or 1) // max(1, int(settings.torch_threads or 1)))
+        return cpu_stage_slots(int(settings.torch_threads or 1))
     return 1
 
 

@@ -55,12 +55,18 @@ def parallel_slots(devices: Sequence[str], cpu_threads: int = 1) -> int:
     local_cpu = [d for d in devices if d == "cpu" or d.startswith("cpu:")]
     slots = len({d for d in devices if d not in local_cpu})
     if local_cpu:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            cores = os.cpu_count() or 1
-        slots += min(len(local_cpu), max(1, cores // max(1, cpu_threads)))
+        slots += min(len(local_cpu), cpu_stage_slots(cpu_threads))
     return max(1, slots)
+
+
+def cpu_stage_slots(cpu_threads: int = 1) -> int:
+    """CPU stages of `cpu_threads` torch threads each that this host can run at once: the cores this
+    process may use (its CPU affinity, which a container or taskset narrows) over the threads."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, cpu_threads))
 
 
 @message(120)
