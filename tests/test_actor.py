@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 
 import pytest
@@ -192,6 +193,21 @@ async def test_heartbeats_flow_during_compute_in_a_worker_thread(system):
         await asyncio.sleep(0.05)
     assert await work > 0 and worst < 0.3
     assert await system.ask(watcher.ref, Deaths()) == []
+
+
+async def test_inline_compute_runs_on_the_loop_thread_only_while_the_compute_thread_is_idle(system):
+    actor = await system.spawn(Echo(), "echo")
+    me = threading.get_ident()
+    assert await actor.run_compute(threading.get_ident, inline=True) == me
+    assert await actor.run_compute(threading.get_ident) != me
+    gate = threading.Event()
+    busy = asyncio.ensure_future(actor.run_compute(gate.wait, 5))
+    await asyncio.sleep(0.05)
+    queued = asyncio.ensure_future(actor.run_compute(threading.get_ident, inline=True))
+    await asyncio.sleep(0.05)
+    assert not queued.done()   # behind the running job on the compute thread, not beside it
+    gate.set()
+    assert await busy is True and await queued != me
 
 
 async def test_clean_shutdown_runs_on_stop_and_closes_everything():

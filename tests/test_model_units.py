@@ -216,3 +216,34 @@ def test_bfloat16_stays_close_to_float32():
     bf16 = ReferenceModel(cfg, PresetWeights(cfg, 0), dtype=torch.bfloat16).prefill(prompt)
     assert bf16.dtype == torch.float32  # the Head hands fp32 logits to sampling
     assert (bf16 - f32).abs().max() < 0.15 * f32.std()  # ~0.05 here: bf16 keeps ~3 significant digits
+
+
+@pytest.mark.parametrize("hidden", [64, 256, 4096])
+def test_fused_rms_norm_equals_the_hf_steps(hidden):
+    """rms_norm takes torch's fused op in fp32: the very numbers of HF's steps (fp32 mean, rsqrt, weight)."""
+    from flexpipe.model.units import rms_norm
+
+    g = torch.Generator().manual_seed(hidden)
+    x, w = torch.randn(7, hidden, generator=g) * 3, torch.randn(hidden, generator=g)
+    xf = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert torch.equal(rms_norm(x, w, 1e-6), w * xf)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_tables_equal_rotate_half_per_step(dtype):
+    """cos/sin tables indexed by position, rotated with roll and a sign-folded sin, give the numbers of
+    HF's per-step `q * cos + rotate_half(q) * sin`."""
+    from flexpipe.model.units import rope_inv_freq, rope_tables
+
+    cfg = preset("tiny")
+    pos = torch.tensor([0, 3, 17, 300, 1000, 5])
+    cos_t, sin_t = rope_tables(cfg, 1001, dtype, torch.device("cpu"))
+    assert cos_t.shape[0] >= 1001
+    freqs = pos[:, None].float() * rope_inv_freq(cfg)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    q = torch.randn(len(pos), cfg.num_heads, cfg.head_dim).to(dtype)
+    h = cfg.head_dim // 2
+    want = q * cos + torch.cat((-q[..., h:], q[..., :h]), dim=-1) * sin
+    got = q * cos_t[pos][:, None] + q.roll(h, -1) * sin_t[pos][:, None]
+    assert torch.equal(got, want)

@@ -202,6 +202,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Pa
     lay = meta.cached(("paged", cache.block_size, window), lambda: _layout(meta, cache.block_size, window))
     kc, vc = cache.gather(lay["slots"])  # [B, max_ctx, KVH, D]
     max_q = lay["max_q"]
+    KVH = kc.shape[2]
+    if max_q == 1 and H != KVH:
+        # Decode: fold each KV head's group of query heads into the query rows ([B, KVH, H/KVH, D])
+        # instead of SDPA's GQA path; the mask [B, 1, 1, S] broadcasts over them.  ~1.5x faster on CPU.
+        o = _sdpa(q.view(B, KVH, H // KVH, D), kc.transpose(1, 2), vc.transpose(1, 2), lay["mask"], False, scale)
+        return o.reshape(T, H, D)
     if lay["q_index"] is None:
         qb = q.view(B, max_q, H, D)
     else:

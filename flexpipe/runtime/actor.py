@@ -192,6 +192,7 @@ class Actor(ActorContext):
         self._dead: dict[ActorRef, str] = {}
         self._started_waiters: dict[str, asyncio.Future] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._compute_jobs: list[concurrent.futures.Future] = []   # submitted to the executor
         self._ready = False              # on_start has finished: messages may be handled
         self._busy = False               # the worker is inside a handler
         self._closing = False
@@ -743,11 +744,17 @@ class Actor(ActorContext):
 
     # --- compute ----------------------------------------------------------------------------
 
-    async def run_compute(self, fn: Callable, *args: Any) -> Any:
+    async def run_compute(self, fn: Callable, *args: Any, inline: bool = False) -> Any:
+        if self._compute_jobs:
+            self._compute_jobs = [f for f in self._compute_jobs if not f.done()]
+        if inline and not self._compute_jobs:   # the compute thread is idle: running here cannot race it
+            return fn(*args)
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 self.settings.compute_threads, thread_name_prefix=f"fp-{self.name}")
-        return await self._loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        job = self._executor.submit(fn, *args)   # (done() is true only once it ran, even if we are cancelled)
+        self._compute_jobs.append(job)
+        return await asyncio.wrap_future(job)
 
     def expect_started(self, token: str) -> asyncio.Future:
         """A future resolved with the Started message carrying `token` (launcher handshake)."""

@@ -80,8 +80,13 @@ class ActorContext(abc.ABC):
         """Stop watching `ref`."""
 
     @abc.abstractmethod
-    async def run_compute(self, fn: Callable, *args: Any) -> Any:
-        """Run blocking (torch) work off the event loop and return its result."""
+    async def run_compute(self, fn: Callable, *args: Any, inline: bool = False) -> Any:
+        """Run blocking (torch) work off the event loop and return its result.
+
+        inline=True runs `fn` on the loop's own thread when no other compute is pending (so the
+        work stays serialised with the compute thread's): for short work only (a decode step of a
+        few ms), where the two thread wake-ups of the hand-off cost more than they protect.
+        """
 
     @abc.abstractmethod
     def stop(self, reason: str = "stopped") -> None:
@@ -159,8 +164,8 @@ class LocalContext(ActorContext):
     def unwatch(self, ref: ActorRef) -> None:
         self.watched.discard(ref)
 
-    async def run_compute(self, fn: Callable, *args: Any) -> Any:
-        if self.threaded_compute:
+    async def run_compute(self, fn: Callable, *args: Any, inline: bool = False) -> Any:
+        if self.threaded_compute and not inline:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
 

@@ -210,7 +210,9 @@ class RouterActor:
         t0 = self._sent_at.pop(msg.step, None)
         if t0 is not None:
             self.step_times.append(time.perf_counter() - t0)
-        self._emit(self.sched.on_output(msg.step, msg.seq_ids, msg.tokens))
+        events = self.sched.on_output(msg.step, msg.seq_ids, msg.tokens)
+        self._wake.set()   # first: the pump launches the next step before the clients read these tokens
+        self._emit(events)
         self._after_step()
 
     @handles(StepFailed)

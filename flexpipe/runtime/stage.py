@@ -190,6 +190,11 @@ class StageActor:
                                              ResetKV, FreeSeqs, ExpectPeers})
     # these carry weights or KV into the stage: from the controller or the peers it named
     peer_messages: frozenset = frozenset({UnitTensors, ImportKV})
+    # A step expected to take less than this runs on the event loop's thread (when nothing else is
+    # computing): the hand-off to the compute thread and back costs two thread wake-ups per stage and
+    # step, a large share of a small decode step; a longer step (a prefill) goes to the compute
+    # thread so heartbeats and control messages are answered meanwhile.
+    INLINE_S = 0.02
 
     def __init__(self, config: dict, source: dict, start: int, end: int, *, num_blocks: int = 1024,
                  block_size: int = 16, dtype: str = "float32", device: str = "cpu", epoch: int = 0,
@@ -211,6 +216,7 @@ class StageActor:
         self.peers: set[ActorRef] = set()
         self.core: StageCore | None = None
         self.peer_tensors: dict[str, torch.Tensor] = {}
+        self._s_per_token = float("inf")   # running estimate of compute seconds per token of a step
         self.stats = {"steps": 0, "stale_dropped": 0, "compute_s": 0.0, "kv_bytes_in": 0, "kv_bytes_out": 0}
 
     async def on_start(self, ctx: ActorContext) -> None:
@@ -305,7 +311,8 @@ class StageActor:
             meta = StepMeta(msg.seq_ids, msg.starts, msg.lens, msg.sample, msg.out_index, msg.sampling)
             if msg.frees:
                 core.free(msg.frees)
-            out = await ctx.run_compute(self._forward, meta, x)
+            tokens = x.shape[0]
+            out = await ctx.run_compute(self._forward, meta, x, inline=tokens * self._s_per_token < self.INLINE_S)
         except Exception as e:  # a step that cannot run must not hang the router
             log.warning("stage %d: step %d failed: %s: %s", self.index, msg.step, type(e).__name__, e)
             if self.router is not None:
@@ -315,6 +322,8 @@ class StageActor:
                 raise   # the typed error is the reply when the step was asked
             return
         dt = time.perf_counter() - t0
+        est = self._s_per_token
+        self._s_per_token = dt / tokens if est == float("inf") else est + 0.25 * (dt / tokens - est)
         self.stats["steps"] += 1
         self.stats["compute_s"] += dt
         if msg.epoch != self.epoch:  # a switch happened while computing: the result is stale
