@@ -326,6 +326,9 @@ async def bench(args: argparse.Namespace) -> None:
                             ttft = [times[0] - t0 for t0, times, _ in res if times]
                             mixed[name] = {"wall": dt, "cpu": cpu, "ttft": ttft, "busy": busy_rate(res)}
                 mixed_info = (n_mix, len(mlens), sum(mlens), float(np.median(mlens)), max(mlens))
+                rows_fp = sum(len(p) + k - 1 for p, k in zip(mprompts, mlens))
+                rows_hf = sum(len(mprompts[i:i + n_mix]) * (max(map(len, mprompts[i:i + n_mix])) + max(mlens[i:i + n_mix]) - 1)
+                              for i in range(0, len(mprompts), n_mix))
             bounds = {k: fp.controller.shape.boundaries for k, fp in fps.items()}
             inflight = {k: fp.router.sched.max_inflight for k, fp in fps.items()}
         hf.close()
@@ -386,6 +389,8 @@ async def bench(args: argparse.Namespace) -> None:
         r1 = mixed["hf"]["wall"] / mixed["fp1"]["wall"]
         r4 = mixed["fp4"]["wall"] / mixed["fp1"]["wall"]
         rb = mixed["fp1"]["busy"] / (ntok / mixed["hf"]["wall"])
+        print(f"token rows computed (prompt + output - 1 per request): FlexPipe {rows_fp}, HF {rows_hf} "
+              f"(left padding and rows of finished requests: {rows_hf / rows_fp:.2f}x FlexPipe's)")
         print(f"FlexPipe 1 stage / HF throughput, mixed lengths at {n_mix} streams: {r1:.2f}x whole run, "
               f"{rb:.2f}x while all {n_mix} clients are busy (HF: its whole-run rate, every batch alike)  "
               f"target >= 2x: {'met' if r1 >= 2 else 'NOT met'} (whole run);  "
