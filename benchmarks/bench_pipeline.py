@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_pipeline.py            # 64 new tokens, best of 3 (about 1 minute)
     .venv/bin/python benchmarks/bench_pipeline.py --quick    # 32 new tokens, one repeat, 1 and 32 streams
     .venv/bin/python benchmarks/bench_pipeline.py --preset tiny
-    .venv/bin/python benchmarks/bench_pipeline.py --profile  # where a stage's decode step goes
+    .venv/bin/python benchmarks/bench_pipeline.py --profile  # a stage's decode step alone: 1 vs 4 stages, where it goes
 
 Model: by default a Llama of hidden 256 x 8 layers (6.1M params, the config of bench_reference.py),
 exported with save_checkpoint; FlexPipe loads that directory and HF loads it with from_pretrained,
@@ -234,6 +234,13 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+async def step_split(fp: FlexPipe) -> tuple[tuple[int, list[float]], list[tuple[int, float]]]:
+    """(steps so far, the router's last step round trips: launch to output), and each stage's
+    (steps, compute seconds)."""
+    stages = await fp.controller.stage_status()
+    return (fp.router.sched.stats.steps, list(fp.router.step_times)), [(st["steps"], st["compute_s"]) for st in stages]
+
+
 def busy_rate(res: list) -> float:
     """Tokens/s of a closed loop while every client is busy: from the first request's start to the
     last request's start (after it the queue is empty and clients drop out one by one: the tail of
@@ -280,6 +287,7 @@ async def bench(args: argparse.Namespace) -> None:
             best: dict[tuple[str, int, str], float] = {}
             lat: dict[tuple[str, int], dict[str, list[float]]] = {}
             hf_same: dict[int, int] = {}
+            split: dict[tuple[str, int], list[tuple[float, float]]] = {}
 
             def keep(key: tuple, v: float, most: bool = False) -> None:
                 old = best.get(key, float("-inf") if most else float("inf"))
@@ -293,7 +301,12 @@ async def bench(args: argparse.Namespace) -> None:
                         if name == "hf":
                             dt, res = await hf.run(prompts[:n], m)
                         else:
+                            before = await step_split(fps[name])
                             dt, res = await run_flexpipe(fps[name], prompts[:n], m)
+                            after = await step_split(fps[name])
+                            split.setdefault((name, n), []).append(
+                                (float(np.mean(after[0][1][-(after[0][0] - before[0][0]):])),   # this run's round trips
+                                 sum((c1 - c0_) / max(1, s1 - s0) for (s0, c0_), (s1, c1) in zip(before[1], after[1]))))
                         keep((name, n, "cpu"), (cpu_seconds(pids[name]) - c0) / (n * m))
                         keep((name, n, "tm"), dt)
                         keep((name, n, "rate"), window_rate(res), most=True)
@@ -366,6 +379,15 @@ async def bench(args: argparse.Namespace) -> None:
         r_cpu = best[("fp4", n, "cpu")] / best[("fp1", n, "cpu")]
         print(f"4 stages / 1 stage time per output token at {n:>2} streams: p50 TPOT {r:.2f}x  target <= 1.25x: "
               f"{'met' if r <= 1.25 else 'NOT met'}  (1/decode throughput {r_tp:.2f}x, CPU per token {r_cpu:.2f}x)")
+    print("Where a FlexPipe step's time goes (mean over the steps of the equal-length runs): the router's round trip "
+          "(launch to output) = the stages' compute (handler start to result) + the rest (messaging, event loops; with "
+          "2 micro-batches in flight also waiting behind the other one)")
+    for n in streams:
+        for name in ("fp1", "fp4"):
+            rt, comp = (float(np.mean(v)) for v in zip(*split[(name, n)]))
+            hops = 2 if name == "fp1" else 5
+            print(f"  {LABELS[name]:<18} {n:>2} streams: round trip {rt * 1e3:6.2f} ms = compute {comp * 1e3:6.2f} ms "
+                  f"+ rest {(rt - comp) * 1e3:5.2f} ms ({(rt - comp) / hops * 1e3:.2f} ms per hop, {hops} hops)")
     print("HF generate outputs equal to the reference (not a target): "
           + ", ".join(f"{hf_same[n]}/{n} at {n} streams" for n in streams))
     print(oracle.line())
@@ -399,23 +421,53 @@ async def bench(args: argparse.Namespace) -> None:
     print(f"elapsed {elapsed:.0f} s")
 
 
-def profile_decode(args: argparse.Namespace, n: int = 32, steps: int = 20) -> None:
-    """Where one stage's time goes in a decode step of n sequences (in-process StageCore, cProfile)."""
-    import cProfile
-    import pstats
-
+def _decoding_core(cfg: ModelConfig, start: int, end: int, n: int):
+    """A StageCore of units [start, end) holding n prefilled sequences, and a function running its k-th
+    decode step (token ids in on the first stage, a random residual elsewhere)."""
     from flexpipe.runtime.stage_core import StageCore, StepMeta
 
-    cfg = model_config(args)
-    core = StageCore(cfg, PresetWeights(cfg, seed=0), 0, cfg.num_units, num_blocks=1024, block_size=16)
+    core = StageCore(cfg, PresetWeights(cfg, seed=0), start, end, num_blocks=1024, block_size=16)
     prompts, ids, greedy = make_prompts(n), [f"s{j}" for j in range(n)], [0.0, 0, 1.0, 0]
+
+    def x_of(rows: int, tokens: list[int]) -> torch.Tensor:
+        return torch.tensor(tokens) if start == 0 else torch.randn(rows, cfg.hidden_size)
+
     for j, p in enumerate(prompts):
-        core.forward(StepMeta([ids[j]], [0], [len(p)], [True], [0], [greedy]), torch.tensor(p))
+        core.forward(StepMeta([ids[j]], [0], [len(p)], [True], [0], [greedy]), x_of(len(p), p))
 
     def step(k: int) -> None:
         core.forward(StepMeta(ids, [len(p) + k for p in prompts], [1] * n, [True] * n, [k + 1] * n, [greedy] * n),
-                     torch.full((n,), 5, dtype=torch.int64))
+                     x_of(n, [5] * n))
+    return step
 
+
+def profile_decode(args: argparse.Namespace, n: int = 32, steps: int = 20) -> None:
+    """A stage's decode step alone (in-process StageCore, no messages): its time for the whole model
+    and for the 4-stage split at 1, 16 and 32 rows, then where one step of n rows goes (cProfile)."""
+    import cProfile
+    import pstats
+
+    cfg = model_config(args)
+    cuts = [0, 5, 9, 13, 18] if cfg.num_units == 18 else [round(cfg.num_units * i / 4) for i in range(5)]
+    print(f"decode step of StageCore alone, {cfg.name}, {torch.get_num_threads()} torch thread, mean of 60 "
+          f"steps after prompts of 16..64 tokens):")
+    for rows in (1, 16, 32):
+        whole, parts = 0.0, []
+        for a, b in [(0, cfg.num_units)] + list(zip(cuts, cuts[1:])):
+            step = _decoding_core(cfg, a, b, rows)
+            for k in range(4):
+                step(k)
+            t = time.perf_counter()
+            for k in range(4, 64):
+                step(k)
+            ms = (time.perf_counter() - t) / 60 * 1e3
+            if b - a == cfg.num_units:
+                whole = ms
+            else:
+                parts.append(ms)
+        print(f"  {rows:>2} rows: 1 stage {whole:6.2f} ms; 4 stages {' + '.join(f'{p:.2f}' for p in parts)} "
+              f"= {sum(parts):6.2f} ms ({sum(parts) / whole:.2f}x)")
+    step = _decoding_core(cfg, 0, cfg.num_units, n)
     for k in range(3):
         step(k)
     prof = cProfile.Profile()
