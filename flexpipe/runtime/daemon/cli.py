@@ -15,25 +15,14 @@ from flexpipe.runtime.daemon.events import configure_logging
 from flexpipe.runtime.daemon.router import RouterDaemon
 from flexpipe.runtime.daemon.worker import WorkerDaemon
 from flexpipe.runtime.remote import CURVE_FIELDS, curve_from_env
+from flexpipe.settings import RUNTIME_SETTINGS
 
 
 # --- command line ------------------------------------------------------------------------------------------
-# flexpipe.api.Settings, listed here so that `flexpipe --help` imports no torch (a test keeps them in step)
-_RUNTIME_FLAGS: list[tuple[str, type, str]] = [
-    ("block_size", int, "tokens per KV block"),
-    ("num_blocks", int, "KV blocks per stage"),
-    ("max_batch_tokens", int, "token budget of one micro-batch"),
-    ("max_batch_seqs", int, "sequences in one micro-batch at most"),
-    ("max_inflight", int, "micro-batches in flight; 0: one per stage that can compute in parallel"),
-    ("dtype", str, "float32, bfloat16 or float16"),
-    ("transport", str, "stage hop: auto (cuda_ipc between CUDA stages of one node), message, cuda_ipc, shm"),
-    ("seed", int, "weights seed of preset models"),
-    ("torch_threads", int, "torch threads per stage process"),
-    ("heartbeat_interval", float, "seconds between heartbeats"),
-    ("heartbeat_timeout", float, "seconds without a heartbeat before a peer counts as dead"),
-    ("start_timeout", float, "seconds a stage may take to start"),
-    ("max_queued", int, "requests waiting at most; beyond, new ones are refused"),
-]
+# The runtime settings `flexpipe router` offers: all of flexpipe.api.Settings but the device (each
+# worker says which devices it has); one list with `flexpipe serve`'s (flexpipe/settings.py).
+_RUNTIME_FLAGS: list[tuple[str, Any, str]] = [(s.name, s.type, s.help) for s in RUNTIME_SETTINGS
+                                              if s.name != "device"]
 
 
 def _env(name: str, default: Any) -> Any:

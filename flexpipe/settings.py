@@ -1,0 +1,55 @@
+"""The settings a command line offers, and the runtime's own (flexpipe.api.Settings) as flags.
+
+Torch-free on purpose: `flexpipe --help`, `flexpipe serve` and the daemons' parsers read these without
+importing the runtime.  `flexpipe serve` (server/cli.py) and `flexpipe router` (runtime/daemon/cli.py)
+both offer RUNTIME_SETTINGS; tests/test_server_units.py keeps names and defaults in step with
+flexpipe.api.Settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a command: its flag, environment variable, config key, type and default."""
+
+    name: str
+    type: Callable[[str], Any] | type
+    default: Any
+    help: str
+    metavar: str | None = None
+    positional: bool = False
+    env_prefix: str = "FLEXPIPE_"
+
+    @property
+    def env(self) -> str:
+        return self.env_prefix + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+# The runtime's own settings (flexpipe.api.Settings), passed to FlexPipe.launch when given; listed
+# here rather than read from the dataclass so that no command line parser imports torch.
+RUNTIME_SETTINGS = [
+    Setting("block_size", int, 16, "tokens per KV block", "N"),
+    Setting("num_blocks", int, 1024, "KV blocks per stage (the KV memory of each stage)", "N"),
+    Setting("max_batch_tokens", int, 256, "token budget of one micro-batch; chunked prefill fills it", "N"),
+    Setting("max_batch_seqs", int, 256, "sequences in one micro-batch at most", "N"),
+    Setting("max_inflight", int, 0, "micro-batches in flight at once; 0: one per stage that can compute "
+            "in parallel (each GPU; the CPU cores / torch threads for CPU stages)", "N"),
+    Setting("dtype", str, "float32", "dtype of weights and activations (float32, bfloat16, float16)"),
+    Setting("device", str, "cpu", "device of the stages (cpu, cuda, cuda:N)"),
+    Setting("transport", str, "auto", "hop between stage processes: auto (cuda_ipc between CUDA stages of one node, "
+            "else the actor message), message, cuda_ipc (or fail), shm"),
+    Setting("seed", int, 0, "weights seed of preset models"),
+    Setting("torch_threads", int, 1, "torch threads per stage process", "N"),
+    Setting("heartbeat_interval", float, 0.5, "seconds between heartbeats of the stage actors", "S"),
+    Setting("heartbeat_timeout", float, 3.0, "seconds without a heartbeat before a stage counts as dead", "S"),
+    Setting("start_timeout", float, 120.0, "seconds a stage may take to start (load its weights)", "S"),
+    Setting("max_queued", int, 4096, "requests waiting at most; beyond, new ones are refused", "N"),
+]
