@@ -2,7 +2,8 @@
 
 Tokens of a micro-batch are flattened: sequence 0's new tokens first, then sequence 1's, and so on.
 A step writes the new K/V into their slots, then every query attends (causally) to its sequence's
-context gathered from the blocks, with one SDPA call over the padded batch.
+context gathered from the blocks: one SDPA call for the decodes together (or for all sequences when
+they bring equally many tokens) and one per longer chunk, so no sequence is padded to another's length.
 """
 
 from __future__ import annotations
@@ -136,47 +137,66 @@ class PagedKVCache:
         self.v.index_copy_(0, idx, v.to(device=self.v.device, dtype=self.v.dtype))
 
 
-def _layout(meta: AttnMetadata, block_size: int, window: int | None) -> dict[str, Any]:
-    """Padded-batch indices and mask for one step; computed once, shared by all attention units.
+def _layout(seq_lens: list[int], context_lens: list[int], block_tables: list[list[int]], block_size: int,
+            window: int | None, dev: torch.device) -> dict[str, Any]:
+    """Indices and mask of one group of sequences that all bring as many new tokens (max_q); computed
+    once per step, shared by all attention units.
 
     Built with numpy on the host (a few small arrays: far cheaper per step than a dozen tiny torch
     ops on every stage) and moved to the device once.
     """
+    B = len(seq_lens)
+    max_q, max_ctx = max(seq_lens), max(context_lens)
+    nblk = max(len(bt) for bt in block_tables)
+    bt = np.zeros((B, nblk), dtype=np.int64)
+    for b, row in enumerate(block_tables):
+        bt[b, : len(row)] = row
+    ctx = np.asarray(context_lens, dtype=np.int64)
+    qn = np.asarray(seq_lens, dtype=np.int64)
+    kpos = np.arange(max_ctx, dtype=np.int64)
+    if (ctx > nblk * block_size).any() or (qn > ctx).any() or (qn != max_q).any():
+        raise ValueError(f"context lens {context_lens} exceed the block tables or new tokens {seq_lens}, "
+                         f"or a group's sequences bring different numbers of new tokens")
+    slots = bt[:, kpos // block_size] * block_size + kpos % block_size  # [B, max_ctx]
+    slots = np.where(kpos[None, :] < ctx[:, None], slots, slots[:, :1])
+    j = np.arange(max_q, dtype=np.int64)
+    qpos = (ctx - qn)[:, None] + j[None, :]  # [B, max_q]
+    allowed = kpos[None, None, :] <= qpos[:, :, None]  # causal, also keeps keys < ctx
+    if window is not None:
+        allowed &= kpos[None, None, :] > qpos[:, :, None] - window
+    out: dict[str, Any] = {"B": B, "max_q": max_q, "slots": torch.from_numpy(slots).to(dev), "rows": None,
+                           "fresh": B == 1 and context_lens[0] == seq_lens[0]}
+    # Mask only where some key must be hidden: decode steps at equal lengths need none.
+    out["mask"] = None if bool(allowed.all()) else torch.from_numpy(allowed[:, None]).to(dev)  # [B, 1, max_q, max_ctx]
+    return out
+
+
+def _groups(meta: AttnMetadata, block_size: int, window: int | None) -> list[dict[str, Any]]:
+    """The step's sequences in groups that attend without padding each other: all of them at once
+    when every sequence brings as many new tokens, else the decodes (one token each) together and
+    each longer chunk (a prefill) alone.  Padding a decode batch to a prefill chunk's length made a
+    mixed step compute and mask max_q query rows for every sequence: 31 decodes beside one 40-token
+    chunk cost 2-3x the two run apart.  Each group's "rows" are its tokens in the flattened batch
+    (None: all of them, in order)."""
     dev = meta.positions.device
     B, T = len(meta.seq_lens), meta.num_tokens
     if sum(meta.seq_lens) != T or len(meta.context_lens) != B or len(meta.block_tables) != B:
         raise ValueError(f"attention metadata disagrees: {T} tokens, seq_lens {meta.seq_lens}, "
                          f"{len(meta.context_lens)} context lens, {len(meta.block_tables)} block tables")
-    max_q, max_ctx = max(meta.seq_lens), max(meta.context_lens)
-    nblk = max(len(bt) for bt in meta.block_tables)
-    bt = np.zeros((B, nblk), dtype=np.int64)
-    for b, row in enumerate(meta.block_tables):
-        bt[b, : len(row)] = row
-    ctx = np.asarray(meta.context_lens, dtype=np.int64)
-    qn = np.asarray(meta.seq_lens, dtype=np.int64)
-    kpos = np.arange(max_ctx, dtype=np.int64)
-    if (ctx > nblk * block_size).any() or (qn > ctx).any():
-        raise ValueError(f"context lens {meta.context_lens} exceed the block tables or new tokens {meta.seq_lens}")
-    slots = bt[:, kpos // block_size] * block_size + kpos % block_size  # [B, max_ctx]
-    slots = np.where(kpos[None, :] < ctx[:, None], slots, slots[:, :1])
-    j = np.arange(max_q, dtype=np.int64)
-    q_valid = j[None, :] < qn[:, None]  # [B, max_q]
-    qpos = (ctx - qn)[:, None] + j[None, :]  # [B, max_q]
-    allowed = kpos[None, None, :] <= qpos[:, :, None]  # causal, also keeps keys < ctx
-    if window is not None:
-        allowed &= kpos[None, None, :] > qpos[:, :, None] - window
-    allowed |= ~q_valid[:, :, None] & (kpos == 0)[None, None, :]  # padded rows: anything but all -inf
-    out: dict[str, Any] = {"B": B, "max_q": max_q, "slots": torch.from_numpy(slots).to(dev)}
-    if bool((qn == max_q).all()):
-        out["q_index"] = None  # [T] is already [B * max_q] in order
-    else:
-        starts = np.cumsum(qn) - qn
-        out["q_index"] = torch.from_numpy(np.where(q_valid, starts[:, None] + j[None, :], 0)).to(dev)
-        # Rows of the padded [B * max_q] output that are real tokens (an index, not a mask: no GPU sync).
-        out["q_rows"] = torch.from_numpy(np.flatnonzero(q_valid.reshape(-1))).to(dev)
-    # Mask only where some key must be hidden: decode steps at equal lengths need none.
-    out["mask"] = None if bool(allowed.all()) else torch.from_numpy(allowed[:, None]).to(dev)  # [B, 1, max_q, max_ctx]
-    return out
+    lens = meta.seq_lens
+    if min(lens) == max(lens):
+        return [_layout(lens, meta.context_lens, meta.block_tables, block_size, window, dev)]
+    starts = np.cumsum([0] + lens[:-1])
+    decodes = [b for b in range(B) if lens[b] == 1]
+    members = ([decodes] if decodes else []) + [[b] for b in range(B) if lens[b] > 1]
+    groups = []
+    for g in members:
+        lay = _layout([lens[b] for b in g], [meta.context_lens[b] for b in g], [meta.block_tables[b] for b in g],
+                      block_size, window, dev)
+        rows = np.concatenate([np.arange(starts[b], starts[b] + lens[b]) for b in g])
+        lay["rows"] = torch.from_numpy(rows.astype(np.int64)).to(dev)
+        groups.append(lay)
+    return groups
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache | None,
@@ -196,27 +216,36 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Pa
             s += n
         return outs[0] if len(outs) == 1 else torch.cat(outs)
     cache.write(meta.slot_mapping, k, v)
-    B = len(meta.seq_lens)
-    if B == 1 and meta.context_lens[0] == T:
+    if len(meta.seq_lens) == 1 and meta.context_lens[0] == T:
         return _self_attention(q, k, v, scale, window)  # prefill from position 0: new K/V are the context
-    lay = meta.cached(("paged", cache.block_size, window), lambda: _layout(meta, cache.block_size, window))
+    groups = meta.cached(("paged", cache.block_size, window), lambda: _groups(meta, cache.block_size, window))
+    if len(groups) == 1:
+        return _attend(q, cache, groups[0], scale)
+    out = torch.empty_like(q)
+    for lay in groups:
+        rows = lay["rows"]
+        if lay["fresh"]:  # a first chunk: its new K/V are its whole context
+            o = _self_attention(q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows), scale, window)
+        else:
+            o = _attend(q.index_select(0, rows), cache, lay, scale)
+        out.index_copy_(0, rows, o)
+    return out
+
+
+def _attend(q: torch.Tensor, cache: PagedKVCache, lay: dict[str, Any], scale: float | None) -> torch.Tensor:
+    """Attention of one group's queries q [Tg, H, D] (its flattened tokens) over its gathered context."""
+    T, H, D = q.shape
+    B, max_q = lay["B"], lay["max_q"]
     kc, vc = cache.gather(lay["slots"])  # [B, max_ctx, KVH, D]
-    max_q = lay["max_q"]
     KVH = kc.shape[2]
     if max_q == 1 and H != KVH:
         # Decode: fold each KV head's group of query heads into the query rows ([B, KVH, H/KVH, D])
-        # instead of SDPA's GQA path; the mask [B, 1, 1, S] broadcasts over them.  ~1.5x faster on CPU.
+        # instead of SDPA's GQA path (faster on CPU); the mask [B, 1, 1, S] broadcasts over them.
         o = _sdpa(q.view(B, KVH, H // KVH, D), kc.transpose(1, 2), vc.transpose(1, 2), lay["mask"], False, scale)
         return o.reshape(T, H, D)
-    if lay["q_index"] is None:
-        qb = q.view(B, max_q, H, D)
-    else:
-        qb = q.index_select(0, lay["q_index"].reshape(-1)).view(B, max_q, H, D)
+    qb = q.view(B, max_q, H, D)  # the group's sequences bring max_q tokens each, in order
     o = _sdpa(qb.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), lay["mask"], False, scale)
-    o = o.transpose(1, 2)  # [B, max_q, H, D]
-    if lay["q_index"] is None:
-        return o.reshape(T, H, D)
-    return o.reshape(B * max_q, H, D).index_select(0, lay["q_rows"])  # [T, H, D], flattened order
+    return o.transpose(1, 2).reshape(T, H, D)
 
 
 def _self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,

@@ -36,6 +36,7 @@ import zmq.asyncio
 from flexpipe.errors import ActorClosed, ActorError, AskTimeout, ConfigError, PeerDeadError
 from flexpipe.runtime import codec, keys
 from flexpipe.runtime.actor import Actor, ActorSettings
+from flexpipe.runtime.memory import keep_freed_memory
 from flexpipe.runtime.messages import ActorRef, Started, Stop, message
 
 __all__ = ["ActorSpec", "ActorHandle", "ActorSystem", "load_behaviour", "launch_spec"]
@@ -314,6 +315,7 @@ class ActorSystem:
 def _child_main(blob: bytes) -> None:
     """Entry point of a spawned actor process."""
     spec, _ = codec.decode([blob])
+    keep_freed_memory()   # before torch allocates: step tensors come back from the heap, not fresh mmaps
     if spec.settings.torch_threads:   # read by torch when (if) the behaviour imports it
         os.environ["OMP_NUM_THREADS"] = str(spec.settings.torch_threads)
     logging.basicConfig(level=logging.WARNING,

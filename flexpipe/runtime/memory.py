@@ -1,0 +1,37 @@
+"""Process-level memory settings of the actor processes FlexPipe spawns."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger("flexpipe.memory")
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt parameters (glibc's malloc.h)
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
+    """Make glibc's malloc reuse freed blocks instead of handing them back to the kernel at once.
+
+    torch's CPU allocator takes every tensor from malloc.  By default glibc serves blocks above a
+    moving threshold (128 KiB to 32 MiB) with a fresh mmap and unmaps them when freed, and trims the
+    heap's free top past twice that: a stage step that allocates and frees megabytes of activations and
+    gathered KV then pays a page fault per 4 KiB touched, every step.  Measured on a 2-core VM (Llama
+    hidden 256 x 8, 32 decoding sequences, after a mixed prefill): 15-17 ms per decode step with the
+    defaults, 11-12 ms with these settings.  Fixed thresholds keep blocks up to `mmap_threshold` on
+    the heap and let up to `trim_threshold` of free heap stay mapped (memory a stage reuses next step).
+    Returns False where the C library is not glibc (nothing changed).  Called in the processes
+    FlexPipe spawns, never in a process that embeds the runtime (its allocator is its owner's).
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    if not ok:
+        log.warning("mallopt refused the thresholds (%d, %d): malloc keeps its defaults", mmap_threshold,
+                    trim_threshold)
+    return ok
