@@ -441,6 +441,42 @@ def _decoding_core(cfg: ModelConfig, start: int, end: int, n: int):
     return step
 
 
+def mixed_step(cfg: ModelConfig, n: int = 31, chunk: int = 40, reps: int = 30) -> None:
+    """Time a step of n decodes plus one new prompt's `chunk`-token prefill, against the two apart."""
+    from flexpipe.runtime.stage_core import StageCore, StepMeta
+
+    core = StageCore(cfg, PresetWeights(cfg, seed=0), 0, cfg.num_units, num_blocks=2048, block_size=16)
+    prompts, ids, greedy = make_prompts(n), [f"s{j}" for j in range(n)], [0.0, 0, 1.0, 0]
+    for j, p in enumerate(prompts):
+        core.forward(StepMeta([ids[j]], [0], [len(p)], [True], [0], [greedy]), torch.tensor(p))
+    pos = [len(p) for p in prompts]
+    new = [(7 * i) % 256 for i in range(chunk)]
+
+    def decode(with_chunk: bool) -> None:
+        sids, starts, lens, x = list(ids), list(pos), [1] * n, [5] * n
+        if with_chunk:
+            sids, starts, lens, x = sids + ["new"], starts + [0], lens + [chunk], x + new
+        k = len(sids)
+        core.forward(StepMeta(sids, starts, lens, [True] * k, [1] * k, [greedy] * k), torch.tensor(x))
+        core.free(["new"])
+        for j in range(n):
+            pos[j] += 1
+
+    def prefill() -> None:
+        core.forward(StepMeta(["new"], [0], [chunk], [True], [0], [greedy]), torch.tensor(new))
+        core.free(["new"])
+
+    times = {}
+    for name, fn in (("mixed", lambda: decode(True)), ("decodes", lambda: decode(False)), ("chunk", prefill)):
+        fn()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        times[name] = (time.perf_counter() - t) / reps * 1e3
+    print(f"  a step of {n} decodes + a {chunk}-token prefill chunk: {times['mixed']:.2f} ms; the decodes alone "
+          f"{times['decodes']:.2f} ms + the chunk alone {times['chunk']:.2f} ms = {times['decodes'] + times['chunk']:.2f} ms")
+
+
 def profile_decode(args: argparse.Namespace, n: int = 32, steps: int = 20) -> None:
     """A stage's decode step alone (in-process StageCore, no messages): its time for the whole model
     and for the 4-stage split at 1, 16 and 32 rows, then where one step of n rows goes (cProfile)."""
@@ -467,6 +503,7 @@ def profile_decode(args: argparse.Namespace, n: int = 32, steps: int = 20) -> No
                 parts.append(ms)
         print(f"  {rows:>2} rows: 1 stage {whole:6.2f} ms; 4 stages {' + '.join(f'{p:.2f}' for p in parts)} "
               f"= {sum(parts):6.2f} ms ({sum(parts) / whole:.2f}x)")
+    mixed_step(cfg)
     step = _decoding_core(cfg, 0, cfg.num_units, n)
     for k in range(3):
         step(k)
