@@ -311,7 +311,7 @@ class StageActor:
             meta = StepMeta(msg.seq_ids, msg.starts, msg.lens, msg.sample, msg.out_index, msg.sampling)
             if msg.frees:
                 core.free(msg.frees)
-            tokens = x.shape[0]
+            tokens = max(1, x.shape[0])
             out = await ctx.run_compute(self._forward, meta, x, inline=tokens * self._s_per_token < self.INLINE_S)
         except Exception as e:  # a step that cannot run must not hang the router
             log.warning("stage %d: step %d failed: %s: %s", self.index, msg.step, type(e).__name__, e)
