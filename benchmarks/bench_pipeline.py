@@ -421,35 +421,43 @@ async def bench(args: argparse.Namespace) -> None:
     print(f"elapsed {elapsed:.0f} s")
 
 
-def _decoding_core(cfg: ModelConfig, start: int, end: int, n: int):
-    """A StageCore of units [start, end) holding n prefilled sequences, and a function running its k-th
-    decode step (token ids in on the first stage, a random residual elsewhere)."""
+GREEDY = [0.0, 0, 1.0, 0]   # per-sequence sampling of StepMeta: temperature, top_k, top_p, seed
+
+
+def _prefilled_core(cfg: ModelConfig, start: int, end: int, n: int, num_blocks: int = 1024):
+    """A StageCore of units [start, end) holding n prefilled sequences "s0".."s{n-1}" (make_prompts(n)),
+    and the input it takes for given token ids (the ids on the first stage, a random residual elsewhere)."""
     from flexpipe.runtime.stage_core import StageCore, StepMeta
 
-    core = StageCore(cfg, PresetWeights(cfg, seed=0), start, end, num_blocks=1024, block_size=16)
-    prompts, ids, greedy = make_prompts(n), [f"s{j}" for j in range(n)], [0.0, 0, 1.0, 0]
+    core = StageCore(cfg, PresetWeights(cfg, seed=0), start, end, num_blocks=num_blocks, block_size=16)
 
-    def x_of(rows: int, tokens: list[int]) -> torch.Tensor:
-        return torch.tensor(tokens) if start == 0 else torch.randn(rows, cfg.hidden_size)
+    def x_of(tokens: list[int]) -> torch.Tensor:
+        return torch.tensor(tokens) if start == 0 else torch.randn(len(tokens), cfg.hidden_size)
 
-    for j, p in enumerate(prompts):
-        core.forward(StepMeta([ids[j]], [0], [len(p)], [True], [0], [greedy]), x_of(len(p), p))
+    for j, p in enumerate(make_prompts(n)):
+        core.forward(StepMeta([f"s{j}"], [0], [len(p)], [True], [0], [GREEDY]), x_of(p))
+    return core, x_of
+
+
+def _decoding_core(cfg: ModelConfig, start: int, end: int, n: int):
+    """A function running the k-th decode step of n prefilled sequences on units [start, end)."""
+    from flexpipe.runtime.stage_core import StepMeta
+
+    core, x_of = _prefilled_core(cfg, start, end, n)
+    prompts, ids = make_prompts(n), [f"s{j}" for j in range(n)]
 
     def step(k: int) -> None:
-        core.forward(StepMeta(ids, [len(p) + k for p in prompts], [1] * n, [True] * n, [k + 1] * n, [greedy] * n),
-                     x_of(n, [5] * n))
+        core.forward(StepMeta(ids, [len(p) + k for p in prompts], [1] * n, [True] * n, [k + 1] * n, [GREEDY] * n),
+                     x_of([5] * n))
     return step
 
 
 def mixed_step(cfg: ModelConfig, n: int = 31, chunk: int = 40, reps: int = 30) -> None:
     """Time a step of n decodes plus one new prompt's `chunk`-token prefill, against the two apart."""
-    from flexpipe.runtime.stage_core import StageCore, StepMeta
+    from flexpipe.runtime.stage_core import StepMeta
 
-    core = StageCore(cfg, PresetWeights(cfg, seed=0), 0, cfg.num_units, num_blocks=2048, block_size=16)
-    prompts, ids, greedy = make_prompts(n), [f"s{j}" for j in range(n)], [0.0, 0, 1.0, 0]
-    for j, p in enumerate(prompts):
-        core.forward(StepMeta([ids[j]], [0], [len(p)], [True], [0], [greedy]), torch.tensor(p))
-    pos = [len(p) for p in prompts]
+    core, _ = _prefilled_core(cfg, 0, cfg.num_units, n, num_blocks=2048)
+    ids, pos = [f"s{j}" for j in range(n)], [len(p) for p in make_prompts(n)]
     new = [(7 * i) % 256 for i in range(chunk)]
 
     def decode(with_chunk: bool) -> None:
@@ -457,13 +465,13 @@ def mixed_step(cfg: ModelConfig, n: int = 31, chunk: int = 40, reps: int = 30) -
         if with_chunk:
             sids, starts, lens, x = sids + ["new"], starts + [0], lens + [chunk], x + new
         k = len(sids)
-        core.forward(StepMeta(sids, starts, lens, [True] * k, [1] * k, [greedy] * k), torch.tensor(x))
+        core.forward(StepMeta(sids, starts, lens, [True] * k, [1] * k, [GREEDY] * k), torch.tensor(x))
         core.free(["new"])
         for j in range(n):
             pos[j] += 1
 
     def prefill() -> None:
-        core.forward(StepMeta(["new"], [0], [chunk], [True], [0], [greedy]), torch.tensor(new))
+        core.forward(StepMeta(["new"], [0], [chunk], [True], [0], [GREEDY]), torch.tensor(new))
         core.free(["new"])
 
     times = {}

@@ -17,9 +17,8 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 
     torch's CPU allocator takes every tensor from malloc.  By default glibc serves blocks above a
     moving threshold (128 KiB to 32 MiB) with a fresh mmap and unmaps them when freed, and trims the
     heap's free top past twice that: a stage step that allocates and frees megabytes of activations and
-    gathered KV then pays a page fault per 4 KiB touched, every step.  Measured on a 2-core VM (Llama
-    hidden 256 x 8, 32 decoding sequences, after a mixed prefill): 15-17 ms per decode step with the
-    defaults, 11-12 ms with these settings.  Fixed thresholds keep blocks up to `mmap_threshold` on
+    gathered KV then pays a page fault per 4 KiB touched, every step (README, FP-3: a third of a
+    decode step's time on the benchmark's model).  Fixed thresholds keep blocks up to `mmap_threshold` on
     the heap and let up to `trim_threshold` of free heap stay mapped (memory a stage reuses next step).
     Returns False where the C library is not glibc (nothing changed).  Called in the processes
     FlexPipe spawns, never in a process that embeds the runtime (its allocator is its owner's).
