@@ -146,11 +146,45 @@ def test_preset_weights_do_not_depend_on_the_split():
     assert not torch.equal(other_seed.q_w, part[0].q_w)
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-opt"])
+def test_cpu_units_hold_matrices_transposed_and_give_back_hf_layout(name):
+    """On the CPU the matrices are held [in, out] (a faster sgemm); hf_tensors() gives back exactly
+    what the checkpoint holds, which is what a peer loads a moved unit from (FP-4)."""
+    cfg = preset(name)
+    source = PresetWeights(cfg, 3)
+    units = build_units(cfg, 0, cfg.num_units, source)
+    for u in units:
+        want = source.load(tensor_names(cfg, u.index))
+        got = u.hf_tensors()
+        assert got.keys() == want.keys()
+        for n, t in want.items():
+            assert torch.equal(got[n], t), n
+        mats = [getattr(u, r) for r in u._matrices if getattr(u, r, None) is not None]
+        assert u.transposed and all(w.is_contiguous() for w in mats)
+        assert sum(not t.is_contiguous() for t in got.values()) == len(mats)   # views of [in, out]
+    # the same layer rebuilt from those tensors computes the same thing, bit for bit
+    again = build_units(cfg, 1, 3, type("Src", (), {"load": lambda self, names, dtype=None, device=None: {
+        n: t.contiguous() for u in units[1:3] for n, t in u.hf_tensors().items() if n in names}})())
+    torch.manual_seed(0)
+    x = torch.randn(5, cfg.hidden_size)
+    mlp, mlp2 = units[2], again[1]
+    assert mlp.kind == "mlp" and torch.equal(mlp(x, None), mlp2(x, None))
+    # and what an HF-layout F.linear computes, to rounding
+    w = mlp.hf_tensors()
+    if cfg.arch != "opt":
+        p = f"model.layers.{mlp.layer}.mlp."
+        F = torch.nn.functional
+        h = F.rms_norm(x, (cfg.hidden_size,), mlp.norm_w, cfg.norm_eps)
+        g = F.silu(F.linear(h, w[p + "gate_proj.weight"])) * F.linear(h, w[p + "up_proj.weight"])
+        torch.testing.assert_close(mlp(x, None), x + F.linear(g, w[p + "down_proj.weight"]), rtol=1e-5, atol=1e-5)
+
+
 def test_tied_head_holds_its_own_copy():
     cfg = preset("tiny-opt")
     (head,) = build_units(cfg, cfg.num_units - 1, cfg.num_units, PresetWeights(cfg, 0))
     (emb,) = build_units(cfg, 0, 1, PresetWeights(cfg, 0))
-    assert torch.equal(head.lm_w, emb.weight)
+    assert torch.equal(head.hf_tensors()["model.decoder.embed_tokens.weight"], emb.weight)
+    assert head.lm_w.data_ptr() != emb.weight.data_ptr()
     assert "model.decoder.embed_tokens.weight" in tensor_names(cfg, cfg.num_units - 1)
     costs = unit_costs(cfg, dtype_bytes=4)
     assert costs[-1].param_bytes == head.param_bytes

@@ -192,10 +192,7 @@ class StageCore:
 
     def unit_tensors(self, units: Sequence[int]) -> dict[str, torch.Tensor]:
         """HF-named tensors of `units` (what a peer needs to load them without the checkpoint)."""
-        from flexpipe.model.units import _roles
-
-        return {hf_name: getattr(self.units[i], role).detach()
-                for i in units for role, (hf_name, _) in _roles(self.cfg, i).items()}
+        return {name: t for i in units for name, t in self.units[i].hf_tensors().items()}
 
     def status(self) -> dict:
         return {"start": self.start, "end": self.end, "sequences": len(self.tables),
