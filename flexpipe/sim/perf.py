@@ -53,10 +53,12 @@ GPUS: dict[str, GPUSpec] = {
     # np.copyto of 256 MiB: 24 GB/s read+write, ~12 GB/s one way).  The runtime runs fp32 on CPU.  The
     # factors are fitted to the runtime's own stage steps (`flexpipe simulate calibrate --measure-cpu`:
     # FP-3's StageCore, `tiny`, one torch thread, 40 prefill/decode steps over 4 unit ranges): one
-    # thread on small matrices and a paged-KV gather reach ~15% of the matmul peak and ~25% of memcpy.
-    # Fitted 0.156 / 0.250 / 16 us, mean error 18% over the 40 (12.5% on 10 held out); the earlier
-    # 0.5 / 0.6 / 30 us guess was off by 60%.
-    "CPU": GPUSpec("CPU", 300e9, 12 * GB, 16 * GB, 0.156, 0.25, 16e-6, dtype_bytes=4,
+    # thread on small matrices and a paged-KV gather reach ~25% of the matmul peak and ~37% of memcpy.
+    # Refitted on 2026-11-28 after the StageCore speed-ups of FP-3 (transposed CPU weights, grouped
+    # attention, fused norms): 0.246 / 0.366 / 33 us, mean error 8.5% over the 40 (8.5% on 10 held
+    # out); the previous fit (0.156 / 0.250 / 16 us) was 34% off against the faster StageCore, the
+    # first 0.5 / 0.6 / 30 us guess 60% off against the slower one.
+    "CPU": GPUSpec("CPU", 300e9, 12 * GB, 16 * GB, 0.246, 0.366, 33e-6, dtype_bytes=4,
                    source="peaks: numpy fp32 matmul and memcpy on the 2-core dev VM; factors: fitted to "
                           "StageCore step times (flexpipe simulate calibrate --measure-cpu)"),
 }
