@@ -41,6 +41,7 @@ class Settings:
     transport: str = "auto"  # stage hop: auto (cuda_ipc between CUDA stages of a node), message, cuda_ipc, shm
     seed: int = 0  # weights seed of presets
     torch_threads: int = 1  # per stage process
+    idle_trim_s: float = 5.0  # a stage process idle this long returns its kept free heap (0: never)
     heartbeat_interval: float = 0.5
     heartbeat_timeout: float = 3.0
     start_timeout: float = 120.0

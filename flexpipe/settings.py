@@ -48,6 +48,8 @@ RUNTIME_SETTINGS = [
             "else the actor message), message, cuda_ipc (or fail), shm"),
     Setting("seed", int, 0, "weights seed of preset models"),
     Setting("torch_threads", int, 1, "torch threads per stage process", "N"),
+    Setting("idle_trim_s", float, 5.0, "seconds a stage process goes without a step before it returns the free "
+            "heap it keeps for its steps to the kernel (0: never)", "S"),
     Setting("heartbeat_interval", float, 0.5, "seconds between heartbeats of the stage actors", "S"),
     Setting("heartbeat_timeout", float, 3.0, "seconds without a heartbeat before a stage counts as dead", "S"),
     Setting("start_timeout", float, 120.0, "seconds a stage may take to start (load its weights)", "S"),

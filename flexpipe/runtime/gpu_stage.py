@@ -188,6 +188,7 @@ class GpuStageActor(StageActor):
         return _ipc_reason() if _is_cuda(self.device) else f"stage on {self.device}"
 
     async def on_stop(self, ctx: ActorContext) -> None:
+        await super().on_stop(ctx)
         await self._close_tx()
         if self.rx is not None:
             await self.rx.aclose()

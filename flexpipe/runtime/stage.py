@@ -14,6 +14,7 @@ different stages overlap on different micro-batches.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 
 from flexpipe.errors import StepRejected
 from flexpipe.runtime.actor import ActorContext, handles
+from flexpipe.runtime.memory import release_freed_memory
 from flexpipe.runtime.messages import ActorRef, message
 from flexpipe.runtime.stage_core import StageCore, StepMeta
 
@@ -198,7 +200,8 @@ class StageActor:
 
     def __init__(self, config: dict, source: dict, start: int, end: int, *, num_blocks: int = 1024,
                  block_size: int = 16, dtype: str = "float32", device: str = "cpu", epoch: int = 0,
-                 index: int = 0, torch_threads: int = 0, load: bool = True, controller: list | None = None):
+                 index: int = 0, torch_threads: int = 0, load: bool = True, controller: list | None = None,
+                 idle_trim_s: float = 5.0):
         from flexpipe.model.config import ModelConfig
 
         self.cfg = ModelConfig.from_dict(config)
@@ -217,7 +220,12 @@ class StageActor:
         self.core: StageCore | None = None
         self.peer_tensors: dict[str, torch.Tensor] = {}
         self._s_per_token = float("inf")   # running estimate of compute seconds per token of a step
-        self.stats = {"steps": 0, "stale_dropped": 0, "compute_s": 0.0, "kv_bytes_in": 0, "kv_bytes_out": 0}
+        self.stats = {"steps": 0, "stale_dropped": 0, "compute_s": 0.0, "kv_bytes_in": 0, "kv_bytes_out": 0,
+                      "memory_trims": 0}
+        # A stage process keeps freed heap mapped while it serves (runtime/memory.py: up to 256 MiB
+        # that the next steps reuse); after idle_trim_s without a step it hands that back (0: never).
+        self.idle_trim_s = idle_trim_s
+        self._trimmer: asyncio.Task | None = None
 
     async def on_start(self, ctx: ActorContext) -> None:
         if self.torch_threads:
@@ -227,6 +235,26 @@ class StageActor:
         self.core = StageCore(self.cfg, source, *self.range, num_blocks=self.num_blocks,
                               block_size=self.block_size, dtype=self.dtype, device=self.device)
         self.load_s = time.perf_counter() - t0
+        if self.idle_trim_s > 0:
+            self._trimmer = asyncio.get_running_loop().create_task(self._trim_when_idle())
+
+    async def on_stop(self, ctx: ActorContext) -> None:
+        if self._trimmer is not None:
+            self._trimmer.cancel()
+
+    async def _trim_when_idle(self) -> None:
+        """Release the kept heap once per idle period: within idle_trim_s to 2 x idle_trim_s of the
+        last step (a no-op where the process kept malloc's defaults, e.g. stages run in-process)."""
+        seen, dirty = self.stats["steps"], False
+        while True:
+            await asyncio.sleep(self.idle_trim_s)
+            steps = self.stats["steps"]
+            if steps != seen:
+                seen, dirty = steps, True
+            elif dirty:
+                dirty = False
+                if release_freed_memory():
+                    self.stats["memory_trims"] += 1
 
     # ---- who may send what ---------------------------------------------------------------------
     def check_sender(self, sender: ActorRef | None, msg: Any) -> str | None:
