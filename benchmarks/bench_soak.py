@@ -93,6 +93,12 @@ def _role(pid: int, server_pid: int) -> str:
     return "resource_tracker" if b"resource_tracker" in cmd else "stage"
 
 
+# Baseline and end are both measured idle, this long after the last request: the server has closed
+# what the requests used and every stage process has handed its kept heap back (runtime setting
+# idle_trim_s, default 5 s: a stage trims within 1-2x that of its last step).
+SETTLE_S = 12.0
+
+
 def _rss_by_role(server_pid: int) -> collections.Counter:
     """RSS of the server tree by process role (bytes)."""
     out: collections.Counter = collections.Counter()
@@ -225,7 +231,7 @@ async def main_async(args: argparse.Namespace) -> int:
             await warm(c, rng)
         async with httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(600, connect=60),
                                      limits=limits) as client:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(SETTLE_S)
             base_rss = _rss(_tree(server.pid))
             base_fds, base_socks = _fds(_tree(server.pid))
             base_stages = len(_stage_pids(server.pid))
@@ -293,7 +299,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 print(f"  final reshape to {base_stages} stages: HTTP {r.status_code} {r.text[:200]}")
             await warm(client, rng)   # as before the baseline: every connection of the new shape opened once
             await client.aclose()
-            await asyncio.sleep(3.0)   # let the server close what the last requests used
+            await asyncio.sleep(SETTLE_S)   # let the server close what the last requests used
             pids = _tree(server.pid)
             print(f"stage processes: baseline {base_stages}, end {len(_stage_pids(server.pid))}")
             end_rss = _rss(pids)
