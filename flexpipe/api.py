@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,39 @@ class Settings:
     heartbeat_timeout: float = 3.0
     start_timeout: float = 120.0
     max_queued: int = 4096  # requests waiting beyond this are refused (back-pressure)
+
+    def check(self) -> "Settings":
+        """Raise ConfigError for the first setting out of range, saying what it accepts (before
+        anything starts: a zero block size divided by zero in a stage, a zero token budget left
+        every request waiting forever)."""
+        from flexpipe.runtime.gpu_stage import HOP_MODES
+        from flexpipe.runtime.stage import DTYPES
+
+        def bad(name: str, want: str) -> ConfigError:
+            return ConfigError(f"setting {name}={getattr(self, name)!r}: {want}")
+
+        for name, low in (("block_size", 1), ("num_blocks", 1), ("max_batch_tokens", 1), ("max_batch_seqs", 1),
+                          ("max_inflight", 0), ("seed", 0), ("torch_threads", 1), ("max_queued", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise bad(name, f"give an integer >= {low}" + (" (0: one per stage that can compute in parallel)"
+                                                               if name == "max_inflight" else ""))
+        for name, positive in (("heartbeat_interval", True), ("heartbeat_timeout", True), ("start_timeout", True),
+                               ("idle_trim_s", False)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (v > 0 if positive else v >= 0) \
+                    or v != v or v == float("inf"):
+                raise bad(name, "give a number of seconds " + ("> 0" if positive else ">= 0 (0: never)"))
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise bad("heartbeat_timeout", f"give more than heartbeat_interval={self.heartbeat_interval!r} "
+                      "(a stage that beats this rarely would count as dead)")
+        if self.dtype not in DTYPES:
+            raise bad("dtype", f"give one of {', '.join(DTYPES)}")
+        if not isinstance(self.device, str) or not re.fullmatch(r"(cpu|cuda)(:\d+)?", self.device):
+            raise bad("device", "give cpu, cuda or cuda:N")
+        if self.transport not in HOP_MODES:
+            raise bad("transport", f"give one of {', '.join(HOP_MODES)}")
+        return self
 
 
 @dataclass(slots=True)
@@ -209,6 +243,7 @@ class FlexPipe(EngineClient):
             if not hasattr(settings, k):
                 raise ConfigError(f"unknown setting {k!r}; settings: {', '.join(Settings.__slots__)}")
             setattr(settings, k, v)
+        settings.check()
         auto = AutoscaleConfig.of(autoscale)
         spec = ModelSpec.resolve(model, settings.seed)
         shape = plan_shape(spec.config, stages, boundaries, device=settings.device)

@@ -66,7 +66,7 @@ def test_stage_target_keeps_cpu_stages_plain_under_auto():
 async def test_an_unknown_transport_setting_fails_the_launch():
     from flexpipe.api import FlexPipe
 
-    with pytest.raises(ConfigError, match="transport 'bogus'"):
+    with pytest.raises(ConfigError, match="transport='bogus': give one of auto"):
         async with FlexPipe.launch("tiny", transport="bogus", in_process=True):
             pass
 

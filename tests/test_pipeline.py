@@ -6,6 +6,7 @@ checks the margin (seeded sampling is compared exactly).
 """
 
 import asyncio
+import re
 
 import pytest
 
@@ -93,4 +94,20 @@ async def test_bad_input_is_refused_before_scheduling():
             pass
     with pytest.raises(ConfigError, match="unknown setting"):
         async with FlexPipe.launch("tiny", bogus=1):
+            pass
+
+
+@pytest.mark.parametrize("setting, value, says", [
+    ("block_size", 0, "integer >= 1"), ("num_blocks", "10", "integer >= 1"), ("max_batch_tokens", 0, "integer >= 1"),
+    ("max_batch_seqs", 0, "integer >= 1"), ("max_inflight", -1, "integer >= 0"), ("torch_threads", 0, "integer >= 1"),
+    ("max_queued", 0, "integer >= 1"), ("seed", -1, "integer >= 0"), ("heartbeat_interval", 0, "seconds > 0"),
+    ("heartbeat_timeout", 0.2, "more than heartbeat_interval"), ("start_timeout", float("nan"), "seconds > 0"),
+    ("idle_trim_s", -1, "seconds >= 0"), ("dtype", "float8", "one of float32"), ("device", "tpu", "cpu, cuda"),
+    ("transport", "rdma", "one of auto"),
+])
+async def test_bad_settings_are_refused_before_anything_starts(setting, value, says):
+    # each of these used to fail late (ZeroDivisionError in a stage, KeyError, a request waiting forever
+    # on a zero token budget); now a ConfigError names the setting and what it accepts
+    with pytest.raises(ConfigError, match=f"setting {setting}=.*{re.escape(says)}"):
+        async with FlexPipe.launch("tiny", **{setting: value}):
             pass

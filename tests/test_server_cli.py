@@ -139,3 +139,11 @@ def test_serve_stops_cleanly_on_sigterm(served):
     assert proc.wait(timeout=30) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health", timeout=2)
+
+
+def test_serve_refuses_a_bad_setting_before_starting():
+    out = subprocess.run(_cmd("serve", "--num-blocks", "0", "--port", "0"), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0
+    assert "flexpipe: error: setting num_blocks=0: give an integer >= 1" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -29,7 +29,7 @@ from flexpipe.runtime.stage_core import StageCore, StepMeta
 
 log = logging.getLogger("flexpipe.stage")
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ---- pipeline messages (kinds 100-199) ----------------------------------------------------------
@@ -208,7 +208,7 @@ class StageActor:
         self.source_spec = source
         self.range = (start, end) if load else (start, start)
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.dtype, self.device = _DTYPES[dtype], device
+        self.dtype, self.device = DTYPES[dtype], device
         self.epoch, self.index = epoch, index
         self.torch_threads = torch_threads
         self.next: ActorRef | None = None

@@ -185,6 +185,10 @@ def serve_main(args: argparse.Namespace) -> int:
     # Only what was set anywhere goes to the runtime; the rest keeps the runtime's own defaults.
     options = {s.name: cfg[s.name] for s in RUNTIME_SETTINGS if cfg[s.name] != s.default}
     model, stages, in_process = cfg["model"], cfg["stages"], cfg["in_process"]
+    if not cfg["router"]:
+        from flexpipe.api import Settings
+
+        Settings(**options).check()   # "flexpipe: error: ..." now, not a traceback from the server's startup
 
     def launch() -> Any:
         if cfg["router"]:

@@ -216,7 +216,7 @@ class RouterDaemon:
             raise ConfigError(f"--min-workers must be at least 1 (got {min_workers}): stages run on workers")
         self.model, self.num_stages, self.boundaries = model, stages, boundaries
         self.min_workers, self.drain_timeout = min_workers, drain_timeout
-        self.settings = settings or Settings()
+        self.settings = (settings or Settings()).check()
         self.curve = dict(curve or {})  # CURVE key files of this host (ActorSettings.curve_* names)
         self.spec: Any = None
         self.system: Any = None
