@@ -544,6 +544,31 @@ def process_split(cfg: ModelConfig, cuts: list[int], rows: int, steps: int = 100
           f"byte round a pipe ring {apart:6.2f} ms ({apart / same:.2f}x; median forward() of {steps - 10} steps)")
 
 
+def weight_layouts(cfg: ModelConfig, reps: int = 400) -> None:
+    """Each matrix shape of a layer (and the head) multiplied as HF holds it (F.linear from [out, in])
+    and as CPU units hold it (x @ W from [in, out], model/units.py), at 1 and 32 rows."""
+    import torch.nn.functional as F
+
+    H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    shapes = {"q/o": (H, H), "k/v": (cfg.num_kv_heads * cfg.head_dim, H), "gate/up": (I, H), "down": (H, I),
+              "head": (V, H)}
+    cells = []
+    for rows in (1, 32):
+        for name, (out, inp) in shapes.items():
+            w = torch.randn(out, inp)
+            wt, x = w.t().contiguous(), torch.randn(rows, inp)
+            times = []
+            for fn in (lambda: F.linear(x, w), lambda: x @ wt):
+                for _ in range(20):
+                    fn()
+                t = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                times.append((time.perf_counter() - t) / reps * 1e6)
+            cells.append(f"{name} {rows}x{inp}->{out} {times[0]:.1f}/{times[1]:.1f} us ({times[0] / times[1]:.2f}x)")
+    print("matmul, F.linear from [out, in] / x @ W from [in, out]: " + "; ".join(cells))
+
+
 def profile_decode(args: argparse.Namespace, n: int = 32, steps: int = 20) -> None:
     """A stage's decode step alone (in-process StageCore, no messages): its time for the whole model
     and for the 4-stage split at 1, 16 and 32 rows, then where one step of n rows goes (cProfile)."""
@@ -571,6 +596,7 @@ def profile_decode(args: argparse.Namespace, n: int = 32, steps: int = 20) -> No
         print(f"  {rows:>2} rows: 1 stage {whole:6.2f} ms; 4 stages {' + '.join(f'{p:.2f}' for p in parts)} "
               f"= {sum(parts):6.2f} ms ({sum(parts) / whole:.2f}x)")
     mixed_step(cfg)
+    weight_layouts(cfg)
     if not args.preset and (args.hidden, args.layers) == (256, 8):   # the ring's processes build this model
         print("the 4-stage split in one process vs in 4 processes (no messages: one byte through a pipe):")
         for rows in (1, 32):

@@ -4,7 +4,8 @@ Every unit maps the residual stream x [T, hidden] to the next (Embedding takes t
 returns logits), so any contiguous range of units is a valid pipeline stage. Units are ordinary
 nn.Modules holding only their own tensors, named as in HF checkpoints. On the CPU a unit keeps its
 matrices transposed, [in, out] (`Unit.transposed`): there oneDNN/MKL's sgemm runs `x @ W^T` from that
-layout 1.1-2x faster than F.linear's from HF's [out, in] (more at a few rows than at many);
+layout 1.4-2x faster than F.linear's from HF's [out, in] (more at a few rows than at many; the
+"matmul" line of `benchmarks/bench_pipeline.py --profile`);
 `Unit.hf_tensors()` gives them back in HF's layout.
 """
 
