@@ -481,29 +481,26 @@ def mixed_step(cfg: ModelConfig, n: int = 31, chunk: int = 40, reps: int = 30) -
         for _ in range(reps):
             fn()
         times[name] = (time.perf_counter() - t) / reps * 1e3
+    apart = times["decodes"] + times["chunk"]
     print(f"  a step of {n} decodes + a {chunk}-token prefill chunk: {times['mixed']:.2f} ms; the decodes alone "
-          f"{times['decodes']:.2f} ms + the chunk alone {times['chunk']:.2f} ms = {times['decodes'] + times['chunk']:.2f} ms")
+          f"{times['decodes']:.2f} ms + the chunk alone {times['chunk']:.2f} ms = {apart:.2f} ms")
 
 
-def _ring_stage(i: int, cuts: list[int], rows: int, rx, tx, steps: int, q) -> None:
+def _ring_stage(i: int, config: dict, cuts: list[int], rows: int, rx, tx, steps: int, q) -> None:
     """One process of process_split's ring: a StageCore of units [cuts[i], cuts[i+1]) that runs a decode
     step each time a byte arrives from the previous process, then passes the byte on."""
     from flexpipe.runtime.memory import keep_freed_memory
-    from flexpipe.runtime.stage_core import StepMeta
 
     torch.set_num_threads(1)
     keep_freed_memory()   # as a stage process does
-    cfg = model_config(argparse.Namespace(preset=None, hidden=256, layers=8))
-    core, x_of = _prefilled_core(cfg, cuts[i], cuts[i + 1], rows)
-    prompts, ids = make_prompts(rows), [f"s{j}" for j in range(rows)]
+    step = _decoding_core(ModelConfig.from_dict(config), cuts[i], cuts[i + 1], rows)
     q.put(None)
     times = []
     for k in range(steps):
         if i or k:
             rx.recv_bytes()
         t = time.perf_counter()
-        core.forward(StepMeta(ids, [len(p) + k for p in prompts], [1] * rows, [True] * rows, [k + 1] * rows,
-                              [GREEDY] * rows), x_of([5] * rows))
+        step(k)
         times.append(time.perf_counter() - t)
         tx.send_bytes(b"x")
     q.put((i, float(np.median(times[10:]))))
@@ -515,23 +512,20 @@ def process_split(cfg: ModelConfig, cuts: list[int], rows: int, steps: int = 100
     of pipes (one step in flight, as with one stream), each timing its own forward()."""
     import multiprocessing as mp
 
-    from flexpipe.runtime.stage_core import StepMeta
-
-    cores = [_prefilled_core(cfg, a, b, rows) for a, b in zip(cuts, cuts[1:])]
-    prompts, ids = make_prompts(rows), [f"s{j}" for j in range(rows)]
-    one: list[list[float]] = [[] for _ in cores]
+    stages = [_decoding_core(cfg, a, b, rows) for a, b in zip(cuts, cuts[1:])]
+    one: list[list[float]] = [[] for _ in stages]
     for k in range(steps):
-        for i, (core, x_of) in enumerate(cores):
+        for i, step in enumerate(stages):
             t = time.perf_counter()
-            core.forward(StepMeta(ids, [len(p) + k for p in prompts], [1] * rows, [True] * rows, [k + 1] * rows,
-                                  [GREEDY] * rows), x_of([5] * rows))
+            step(k)
             one[i].append(time.perf_counter() - t)
-    del cores
+    del stages
     same = sum(float(np.median(t[10:])) for t in one) * 1e3
     ctx = mp.get_context("spawn")
     pipes = [ctx.Pipe(duplex=False) for _ in cuts[1:]]   # (receiving end, sending end)
     q = ctx.Queue()
-    procs = [ctx.Process(target=_ring_stage, args=(i, cuts, rows, pipes[i - 1][0], pipes[i][1], steps, q))
+    procs = [ctx.Process(target=_ring_stage,
+                         args=(i, cfg.to_dict(), cuts, rows, pipes[i - 1][0], pipes[i][1], steps, q))
              for i in range(len(pipes))]
     for p in procs:
         p.start()
@@ -597,10 +591,9 @@ def profile_decode(args: argparse.Namespace, n: int = 32, steps: int = 20) -> No
               f"= {sum(parts):6.2f} ms ({sum(parts) / whole:.2f}x)")
     mixed_step(cfg)
     weight_layouts(cfg)
-    if not args.preset and (args.hidden, args.layers) == (256, 8):   # the ring's processes build this model
-        print("the 4-stage split in one process vs in 4 processes (no messages: one byte through a pipe):")
-        for rows in (1, 32):
-            process_split(cfg, cuts, rows)
+    print("the 4-stage split in one process vs in 4 processes (no messages: one byte through a pipe):")
+    for rows in (1, 32):
+        process_split(cfg, cuts, rows)
     step = _decoding_core(cfg, 0, cfg.num_units, n)
     for k in range(3):
         step(k)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import threading
 from dataclasses import dataclass
@@ -67,8 +68,8 @@ class Settings:
         for name, positive in (("heartbeat_interval", True), ("heartbeat_timeout", True), ("start_timeout", True),
                                ("idle_trim_s", False)):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (v > 0 if positive else v >= 0) \
-                    or v != v or v == float("inf"):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) \
+                    or not (v > 0 if positive else v >= 0):
                 raise bad(name, "give a number of seconds " + ("> 0" if positive else ">= 0 (0: never)"))
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise bad("heartbeat_timeout", f"give more than heartbeat_interval={self.heartbeat_interval!r} "

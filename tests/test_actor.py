@@ -200,11 +200,16 @@ async def test_inline_compute_runs_on_the_loop_thread_only_while_the_compute_thr
     me = threading.get_ident()
     assert await actor.run_compute(threading.get_ident, inline=True) == me
     assert await actor.run_compute(threading.get_ident) != me
-    gate = threading.Event()
-    busy = asyncio.ensure_future(actor.run_compute(gate.wait, 5))
-    await asyncio.sleep(0.05)
+    started, gate = threading.Event(), threading.Event()
+
+    def hold() -> bool:
+        started.set()
+        return gate.wait(5)
+
+    busy = asyncio.ensure_future(actor.run_compute(hold))
+    assert await asyncio.to_thread(started.wait, 5)
     queued = asyncio.ensure_future(actor.run_compute(threading.get_ident, inline=True))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)   # one loop turn: an inline call would have finished in it
     assert not queued.done()   # behind the running job on the compute thread, not beside it
     gate.set()
     assert await busy is True and await queued != me

@@ -1,4 +1,5 @@
-"""keep_freed_memory: step-sized tensors come back from the heap instead of fresh, page-faulting mmaps."""
+"""keep_freed_memory: step-sized tensors come back from the heap instead of fresh, page-faulting mmaps;
+release_freed_memory and idle stage processes give that heap back."""
 
 from __future__ import annotations
 
@@ -44,7 +45,6 @@ def _faults(tuned: bool) -> int:
 def test_freed_step_tensors_are_reused_without_page_faults():
     default, tuned = _faults(False), _faults(True)
     assert tuned * 10 < default, f"minor page faults: {tuned} tuned vs {default} with malloc's defaults"
-
 
 
 RELEASE = textwrap.dedent("""

@@ -163,8 +163,9 @@ def test_cpu_units_hold_matrices_transposed_and_give_back_hf_layout(name):
         assert u.transposed and all(w.is_contiguous() for w in mats)
         assert sum(not t.is_contiguous() for t in got.values()) == len(mats)   # views of [in, out]
     # the same layer rebuilt from those tensors computes the same thing, bit for bit
-    again = build_units(cfg, 1, 3, type("Src", (), {"load": lambda self, names, dtype=None, device=None: {
-        n: t.contiguous() for u in units[1:3] for n, t in u.hf_tensors().items() if n in names}})())
+    from flexpipe.runtime.stage import _PeerTensors   # what a stage loads a peer's tensors through
+
+    again = build_units(cfg, 1, 3, _PeerTensors({n: t for u in units[1:3] for n, t in u.hf_tensors().items()}))
     torch.manual_seed(0)
     x = torch.randn(5, cfg.hidden_size)
     mlp, mlp2 = units[2], again[1]

@@ -219,7 +219,7 @@ class Unit(nn.Module):
         self.cfg, self.index = cfg, index
         self.name, self.layer = cfg.unit_name(index), cfg.unit_layer(index)
         roles = _roles(cfg, index)
-        self.transposed = all(tensors[roles[r][0]].device.type == "cpu" for r in self._matrices if r in roles)
+        self.transposed = tensors[next(iter(roles.values()))[0]].device.type == "cpu"
         for role, (hf_name, _) in roles.items():
             t = tensors[hf_name]
             if self.transposed and role in self._matrices:
