@@ -278,7 +278,8 @@ async def bench(args: argparse.Namespace) -> None:
         nparams = sum(p.numel() for p in hf.model.parameters())
         async with contextlib.AsyncExitStack() as stack:
             fps = {f"fp{s}": await stack.enter_async_context(
-                FlexPipe.launch(path, stages=s, max_inflight=args.max_inflight if s > 1 else 0)) for s in (1, 4)}
+                FlexPipe.launch(path, stages=s, max_inflight=args.max_inflight if s > 1 else 0,
+                                rt_priority=args.rt_priority)) for s in (1, 4)}
             pids = {k: [st["pid"] for st in fp.controller.stage_info()] for k, fp in fps.items()}
             pids["hf"] = []
             for fp in fps.values():  # warm-up: first steps pay for lazy initialisation
@@ -353,6 +354,8 @@ async def bench(args: argparse.Namespace) -> None:
     print(f"FlexPipe: stage subprocesses, 1 torch thread each; unit boundaries 1 stage {bounds['fp1']}, "
           f"4 stages {bounds['fp4']} ({inflight['fp4']} micro-batches in flight).  HF transformers {hf.transformers_version} generate, left-padded batch, "
           f"{args.hf_threads} torch thread(s)")
+    print("CPU scheduling: " + (f"SCHED_RR priority {args.rt_priority} for every thread of every process (--rt-priority)"
+                                if args.rt_priority else "the kernel's default (no --rt-priority)"))
     print()
     head = (f"{'system':<18}{'streams':>8}{'decode tok/s':>14}{'e2e tok/s':>11}{'TTFT p50/p99 ms':>19}"
             f"{'TPOT p50/p99 ms':>19}{'CPU ms/tok':>12}")
@@ -625,6 +628,9 @@ def main() -> None:
                     help="requests of the mixed-length closed-loop run (default 96, quick 64; 0 skips it)")
     ap.add_argument("--max-inflight", type=int, default=0,
                     help="micro-batches in flight of the 4-stage pipeline (default 0: one per parallel slot)")
+    ap.add_argument("--rt-priority", type=int, default=0,
+                    help="SCHED_RR priority of every process, HF's thread too (the rt_priority setting; default 0: "
+                         "the kernel's default scheduler)")
     ap.add_argument("--profile", action="store_true", help="only profile one stage's decode step (32 sequences)")
     args = ap.parse_args()
     args.tokens = args.tokens or (32 if args.quick else 64)
@@ -636,6 +642,10 @@ def main() -> None:
     if args.profile:
         profile_decode(args)
         return
+    if args.rt_priority:   # this process first: HF's thread and the routers' loop inherit it
+        from flexpipe.runtime.sched import use_realtime
+
+        use_realtime(args.rt_priority)
     asyncio.run(bench(args))
 
 

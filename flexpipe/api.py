@@ -48,6 +48,7 @@ class Settings:
     heartbeat_timeout: float = 3.0
     start_timeout: float = 120.0
     max_queued: int = 4096  # requests waiting beyond this are refused (back-pressure)
+    rt_priority: int = 0  # SCHED_RR priority of every pipeline process (runtime/sched.py); 0 = kernel default
 
     def check(self) -> "Settings":
         """Raise ConfigError for the first setting out of range, saying what it accepts (before
@@ -74,6 +75,9 @@ class Settings:
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise bad("heartbeat_timeout", f"give more than heartbeat_interval={self.heartbeat_interval!r} "
                       "(a stage that beats this rarely would count as dead)")
+        if not isinstance(self.rt_priority, int) or isinstance(self.rt_priority, bool) \
+                or not 0 <= self.rt_priority <= 99:
+            raise bad("rt_priority", "give an integer from 0 (the kernel's default scheduler) to 99")
         if self.dtype not in DTYPES:
             raise bad("dtype", f"give one of {', '.join(DTYPES)}")
         if not isinstance(self.device, str) or not re.fullmatch(r"(cpu|cuda)(:\d+)?", self.device):
@@ -238,6 +242,7 @@ class FlexPipe(EngineClient):
         from flexpipe.runtime.autoscale import AutoscaleConfig, Autoscaler, make_weight_cache
         from flexpipe.runtime.controller import Controller
         from flexpipe.runtime.launcher import ActorSystem
+        from flexpipe.runtime.sched import use_realtime
 
         settings = settings or Settings()
         for k, v in overrides.items():
@@ -251,21 +256,26 @@ class FlexPipe(EngineClient):
         actor_settings = ActorSettings(heartbeat_interval=settings.heartbeat_interval,
                                        heartbeat_timeout=settings.heartbeat_timeout,
                                        start_timeout=settings.start_timeout,
-                                       torch_threads=settings.torch_threads)
-        async with ActorSystem(actor_settings, name="flexpipe") as system:
-            controller = Controller(system, spec, settings, in_process=in_process,
-                                    weight_cache=make_weight_cache(auto))
-            router = await controller.start(shape)
-            fp = cls(spec, settings, system, router, controller)
-            try:
-                if auto is not None:
-                    fp.autoscaler = Autoscaler(controller, auto)
-                    await fp.autoscaler.start()
-                yield fp
-            finally:
-                if fp.autoscaler is not None:
-                    await fp.autoscaler.aclose()
-                await controller.aclose()
+                                       torch_threads=settings.torch_threads, rt_priority=settings.rt_priority)
+        restore = use_realtime(settings.rt_priority) if settings.rt_priority else None   # ConfigError if refused
+        try:
+            async with ActorSystem(actor_settings, name="flexpipe") as system:
+                controller = Controller(system, spec, settings, in_process=in_process,
+                                        weight_cache=make_weight_cache(auto))
+                router = await controller.start(shape)
+                fp = cls(spec, settings, system, router, controller)
+                try:
+                    if auto is not None:
+                        fp.autoscaler = Autoscaler(controller, auto)
+                        await fp.autoscaler.start()
+                    yield fp
+                finally:
+                    if fp.autoscaler is not None:
+                        await fp.autoscaler.aclose()
+                    await controller.aclose()
+        finally:
+            if restore is not None:
+                restore()
 
     async def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 64, temperature: float = 0.0,
                        top_k: int = 0, top_p: float = 1.0, seed: int | None = None,

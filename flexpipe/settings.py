@@ -54,4 +54,6 @@ RUNTIME_SETTINGS = [
     Setting("heartbeat_timeout", float, 3.0, "seconds without a heartbeat before a stage counts as dead", "S"),
     Setting("start_timeout", float, 120.0, "seconds a stage may take to start (load its weights)", "S"),
     Setting("max_queued", int, 4096, "requests waiting at most; beyond, new ones are refused", "N"),
+    Setting("rt_priority", int, 0, "SCHED_RR priority (1-99) of every process of the pipeline, for CPU stages that "
+            "outnumber the cores; needs CAP_SYS_NICE or ulimit -r; 0: the kernel's default scheduler", "N"),
 ]

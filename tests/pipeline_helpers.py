@@ -53,3 +53,27 @@ async def run_all(fp, reqs: list[dict]) -> list:
 
 
 __all__ = ["SamplingParams", "check_against_oracle", "oracle", "request_mix", "run_all"]
+
+
+def rt_allowed() -> bool:
+    """Whether this machine lets a process use SCHED_RR at priority 1 (root, CAP_SYS_NICE or ulimit -r),
+    tried in a child interpreter so that this one never becomes real-time."""
+    import subprocess
+    import sys
+
+    code = "import os; os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))"
+    return sys.platform.startswith("linux") and subprocess.run([sys.executable, "-c", code],
+                                                               capture_output=True, timeout=60).returncode == 0
+
+
+def thread_policies(pid: int) -> set[tuple[int, int]]:
+    """The (scheduling policy, priority) pairs of every thread of process `pid`."""
+    import os
+
+    out = set()
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out.add((os.sched_getscheduler(int(t)), os.sched_getparam(int(t)).sched_priority))
+        except ProcessLookupError:   # the thread ended meanwhile
+            pass
+    return out

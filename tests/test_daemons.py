@@ -24,7 +24,7 @@ import pytest
 from flexpipe.errors import ConfigError, PlacementError, RequestError
 from flexpipe.runtime.daemon import assign_devices
 from flexpipe.runtime.remote import RemoteFlexPipe, RouterUnavailable
-from tests.pipeline_helpers import check_against_oracle, request_mix, run_all
+from tests.pipeline_helpers import check_against_oracle, request_mix, rt_allowed, run_all, thread_policies
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -370,3 +370,27 @@ async def test_sigterm_drains_stops_stages_and_every_process_exits_0(cluster):
     t0 = time.monotonic()
     assert [w.stop(30) for w in cluster.workers] == [0, 0]
     assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.skipif(not rt_allowed(), reason="this machine refuses SCHED_RR (no CAP_SYS_NICE, ulimit -r 0)")
+async def test_rt_priority_reaches_the_router_and_the_stages_its_workers_start(tmp_path):
+    """`flexpipe router --rt-priority 2`: the router daemon and the stage process a worker starts for
+    it run SCHED_RR 2 (every thread); the worker, not asked, keeps the default; outputs equal the oracle."""
+    router = Daemon("rt-router", ["router", "--bind", f"ipc://{tmp_path}/rt-router", "--model", "tiny", "--stages", "1",
+                                  "--min-workers", "1", "--rt-priority", "2", "--heartbeat-timeout", "5"])
+    daemons = [router]
+    try:
+        url = router.wait_for("listening")["endpoint"]
+        daemons.append(Daemon("rt-worker", ["worker", "--router", url, "--name", "rtw", "--devices", "cpu:0",
+                                            "--memory", "1GB", "--heartbeat-timeout", "5"]))
+        router.wait_for("ready")
+        reqs = request_mix(3, seed=5, max_tokens=(4, 10))
+        async with RemoteFlexPipe.connect(url, ready_timeout=30, heartbeat_timeout=5) as fp:
+            outs = await run_all(fp, reqs)
+            await asyncio.to_thread(check_against_oracle, fp, reqs, outs)
+            (stage,) = (await fp.status())["stages"]
+        assert thread_policies(stage["pid"]) == {(os.SCHED_RR, 2)}
+        assert thread_policies(router.proc.pid) == {(os.SCHED_RR, 2)}
+        assert thread_policies(daemons[1].proc.pid) == {(os.SCHED_OTHER, 0)}
+    finally:
+        assert [d.stop(30) for d in reversed(daemons)] == [0] * len(daemons)

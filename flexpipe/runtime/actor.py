@@ -69,6 +69,7 @@ class ActorSettings:
     endpoint_dir: str = ""             # ipc dir; "" = a fresh temp dir per ActorSystem
     compute_threads: int = 1           # worker threads per actor for run_compute
     torch_threads: int = 0             # torch intra-op threads in launched processes; 0 = default
+    rt_priority: int = 0               # SCHED_RR priority of launched processes (runtime/sched.py); 0 = off
     start_timeout: float = 60.0        # how long launch() waits for Started
     # CURVE on tcp endpoints (see runtime/keys.py); all "" = plain tcp
     curve_server_secret: str = ""      # .key_secret file every tcp mailbox presents

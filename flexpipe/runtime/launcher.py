@@ -37,6 +37,7 @@ from flexpipe.errors import ActorClosed, ActorError, AskTimeout, ConfigError, Pe
 from flexpipe.runtime import codec, keys
 from flexpipe.runtime.actor import Actor, ActorSettings
 from flexpipe.runtime.memory import keep_freed_memory
+from flexpipe.runtime.sched import use_realtime
 from flexpipe.runtime.messages import ActorRef, Started, Stop, message
 
 __all__ = ["ActorSpec", "ActorHandle", "ActorSystem", "load_behaviour", "launch_spec"]
@@ -328,6 +329,8 @@ async def launch_spec(spec: ActorSpec, *, exit_with_parent: bool = True) -> None
     parent_pid = os.getppid()
     async with ActorSystem(spec.settings, name=f"{spec.name}-launcher") as system:
         try:
+            if spec.settings.rt_priority:   # every thread of this process, before the behaviour starts its own
+                use_realtime(spec.settings.rt_priority)
             cls = load_behaviour(spec.target)
             if spec.settings.torch_threads and "torch" in sys.modules:
                 sys.modules["torch"].set_num_threads(spec.settings.torch_threads)

@@ -239,12 +239,16 @@ class RouterDaemon:
         from flexpipe.api import ModelSpec
         from flexpipe.runtime.allocator import AllocatorBehaviour
         from flexpipe.runtime.launcher import ActorSystem
+        from flexpipe.runtime.sched import use_realtime
 
         s = self.settings
         self.spec = ModelSpec.resolve(self.model, s.seed)
         actor_settings = ActorSettings(bind=self.kind, host=self.host, heartbeat_interval=s.heartbeat_interval,
                                        heartbeat_timeout=s.heartbeat_timeout, start_timeout=s.start_timeout,
-                                       torch_threads=s.torch_threads, **(self.curve if self.kind == "tcp" else {}))
+                                       torch_threads=s.torch_threads, rt_priority=s.rt_priority,
+                                       **(self.curve if self.kind == "tcp" else {}))
+        if s.rt_priority:   # this process's threads (ConfigError if refused); its stages apply it themselves
+            use_realtime(s.rt_priority)
         code = 0
         async with await _started(ActorSystem(actor_settings, name="router"), self.host) as system:
             self.system = system
@@ -421,7 +425,8 @@ class RouterDaemon:
         stage_settings = ActorSettings(heartbeat_interval=self.settings.heartbeat_interval,  # bind: the worker's
                                        heartbeat_timeout=self.settings.heartbeat_timeout,
                                        start_timeout=self.settings.start_timeout,
-                                       torch_threads=self.settings.torch_threads)
+                                       torch_threads=self.settings.torch_threads,
+                                       rt_priority=self.settings.rt_priority)
         kwargs = dict(kwargs, device=w.devices[device])
         timeout = self.settings.start_timeout
         try:
