@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_pipeline.py            # 64 new tokens, best of 3 (about 1 minute)
     .venv/bin/python benchmarks/bench_pipeline.py --quick    # 32 new tokens, one repeat, 1 and 32 streams
+    .venv/bin/python benchmarks/bench_pipeline.py --rt-priority 1   # every process under SCHED_RR (rt_priority)
     .venv/bin/python benchmarks/bench_pipeline.py --preset tiny
     .venv/bin/python benchmarks/bench_pipeline.py --profile  # a stage's decode step alone: 1 vs 4 stages, where it goes
 
