@@ -319,6 +319,8 @@ def _child_main(blob: bytes) -> None:
     keep_freed_memory()   # before torch allocates: step tensors come back from the heap, not fresh mmaps
     if spec.settings.torch_threads:   # read by torch when (if) the behaviour imports it
         os.environ["OMP_NUM_THREADS"] = str(spec.settings.torch_threads)
+    if spec.settings.rt_priority:   # an OpenMP worker spinning at a real-time priority keeps the others off its core
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.WARNING,
                         format=f"%(levelname)s {spec.name}[%(process)d] %(name)s: %(message)s")
     asyncio.run(launch_spec(spec))

@@ -11,7 +11,11 @@ It is opt-in because a real-time thread that computes keeps lower-priority work 
 kernel keeps 5% of each second for normal threads by default), and because it needs CAP_SYS_NICE or
 an RLIMIT_RTPRIO of at least the priority.  Threads inherit the policy of the thread that creates
 them, and processes of the thread that spawns them, so setting it on a process's threads before its
-ZeroMQ context and pools start covers them.  Linux only.
+ZeroMQ context and pools start covers them.  Launched processes also default OMP_WAIT_POLICY to
+PASSIVE (with torch_threads > 1, an OpenMP worker that spins between ops at a real-time priority
+would keep the other stages off its core); a process that imported torch before cannot change
+that, so an embedding program that uses rt_priority with several torch threads should set it itself.
+Linux only.
 """
 
 from __future__ import annotations
