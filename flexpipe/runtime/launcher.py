@@ -37,8 +37,8 @@ from flexpipe.errors import ActorClosed, ActorError, AskTimeout, ConfigError, Pe
 from flexpipe.runtime import codec, keys
 from flexpipe.runtime.actor import Actor, ActorSettings
 from flexpipe.runtime.memory import keep_freed_memory
-from flexpipe.runtime.sched import use_realtime
 from flexpipe.runtime.messages import ActorRef, Started, Stop, message
+from flexpipe.runtime.sched import use_realtime
 
 __all__ = ["ActorSpec", "ActorHandle", "ActorSystem", "load_behaviour", "launch_spec"]
 
