@@ -9,6 +9,7 @@ import os
 import sys
 
 from flexpipe.errors import FlexPipeError
+from flexpipe.settings import RUNTIME_SETTINGS
 
 # (module, add-parser function) of subcommands owned by other layers, imported lazily so that a
 # missing optional extra (serve, sim, gpu) disables only its own subcommand.
@@ -37,7 +38,16 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--in-process", action="store_true", help="run stages in this process")
     p.add_argument("--check", action="store_true",
                    help="also run the single-process reference and fail if the tokens differ")
+    runtime = p.add_argument_group("runtime settings (flexpipe.api.Settings; default: the setting's)")
+    for s in _GENERATE_SETTINGS:
+        runtime.add_argument(s.flag, dest=s.name, type=s.type, default=None, metavar=s.metavar,
+                             help=f"{s.help} (default {s.default!r})".replace("%", "%%"))
     p.set_defaults(func=_generate_main)
+
+
+# The runtime settings `flexpipe generate` offers: all but the presets' weights seed, whose name the
+# sampling seed has here.
+_GENERATE_SETTINGS = [s for s in RUNTIME_SETTINGS if s.name != "seed"]
 
 
 def _generate_main(args: argparse.Namespace) -> int:
@@ -46,7 +56,9 @@ def _generate_main(args: argparse.Namespace) -> int:
     from flexpipe.api import FlexPipe
 
     async def go() -> int:
-        async with FlexPipe.launch(model=args.model, stages=args.stages, in_process=args.in_process) as fp:
+        settings = {s.name: getattr(args, s.name) for s in _GENERATE_SETTINGS if getattr(args, s.name) is not None}
+        async with FlexPipe.launch(model=args.model, stages=args.stages, in_process=args.in_process,
+                                   **settings) as fp:
             shape = fp.status()["shape"]
             print(f"# model {fp.model_name}: {len(shape['stages'])} stages "
                   f"{[(s['start'], s['end']) for s in shape['stages']]}", flush=True)
