@@ -80,6 +80,13 @@ async def test_stage_processes_1_4_2_3():
         moved = [s for s in stats if s.kv_bytes > 0 and s.requests_running > 0]
         assert moved, f"no reshape moved KV of running requests: {[s.to_dict() for s in stats]}"
         assert len({s["pid"] for s in fp.status()["stages"]}) == 3
+        # after three reshapes a stage holds sockets only to whom it talks to in this epoch: the
+        # controller, the router, its next stage (prune_peers closed those to the stages it fed or
+        # copied weights and KV to before); none to a stage of an earlier shape
+        refs = [s["actor"] for s in fp.controller.stage_info()]
+        allowed = {str(fp.system.client.ref), str(fp.router.ctx.self_ref)}
+        for i, st in enumerate(await fp.controller.stage_status()):
+            assert set(st["peers"]) <= allowed | set(refs[i + 1:i + 2]), (i, st["peers"], allowed, refs)
 
 
 async def test_reshape_during_long_prefill():

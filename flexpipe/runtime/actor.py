@@ -704,6 +704,10 @@ class Actor(ActorContext):
             reason = self._dead.get(ref, "closed")
             out.close(0, PeerDeadError(f"{ref} is dead: {reason}"))
 
+    def peers(self) -> list[ActorRef]:
+        """The actors this one holds a connection (DEALER) to."""
+        return list(self._dealers)
+
     def prune_peers(self, keep: Collection[ActorRef]) -> int:
         # A DEALER to a peer that is gone (a stage a reshape retired) keeps its ZeroMQ socket, its
         # eventfd and its reconnect timer for as long as this actor lives: close the ones nobody needs.

@@ -96,6 +96,10 @@ class ActorContext(abc.ABC):
         """Close the sockets to peers outside `keep` (a later send reopens one); returns how many."""
         return 0
 
+    def peers(self) -> list[ActorRef]:
+        """The actors this one holds an open socket to (none where there are no sockets)."""
+        return []
+
 
 async def _call(h: _Handler, behaviour: Any, ctx: ActorContext, msg: Any, tensors: Any) -> Any:
     result = h.fn(behaviour, ctx, msg, *tensors)

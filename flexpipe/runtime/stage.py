@@ -457,4 +457,5 @@ class StageActor:
         import os
 
         return {**self.core.status(), **self.stats, "epoch": self.epoch, "index": self.index,
-                "device": self.device, "pid": os.getpid(), "load_s": self.load_s}
+                "device": self.device, "pid": os.getpid(), "load_s": self.load_s,
+                "peers": sorted(map(str, ctx.peers()))}
