@@ -54,6 +54,14 @@ def test_every_thread_and_new_threads_then_put_back():
         restore()
         after = policies()
         assert set(after.values()) == {(os.SCHED_OTHER, 0)}, after
+        # two pipelines of one process: the highest priority while both hold it, the other's when
+        # one lets go, the threads' own when both have
+        first, second = use_realtime(2), use_realtime(5)
+        assert set(policies().values()) == {(os.SCHED_RR, 5)}
+        second(); second()   # (undoing twice is undoing once)
+        assert set(policies().values()) == {(os.SCHED_RR, 2)}
+        first()
+        assert set(policies().values()) == {(os.SCHED_OTHER, 0)}
         done.set(); old.join(); new.join()
         print("ok")
     """)

@@ -49,40 +49,70 @@ def _set(tid: int, policy: int, priority: int) -> None:
         pass
 
 
-def use_realtime(priority: int) -> Callable[[], None]:
-    """Put every thread of this process under SCHED_RR at `priority` (1-99); returns a function that
-    puts back the policy each had, and gives threads started meanwhile (which inherited SCHED_RR at
-    `priority`) the policy the calling thread had.  Raises ConfigError where that is not allowed."""
-    if not hasattr(os, "SCHED_RR") or not hasattr(os, "sched_setscheduler"):
-        raise ConfigError(f"rt_priority={priority}: real-time scheduling needs Linux; set rt_priority=0")
-    if not isinstance(priority, int) or isinstance(priority, bool) or not 1 <= priority <= MAX_PRIORITY:
-        raise ConfigError(f"rt_priority={priority!r}: give an integer from 1 to {MAX_PRIORITY} (0: the kernel's "
-                          "default scheduler)")
-    caller = _policy(0) or (os.SCHED_OTHER, 0)
-    before: dict[int, tuple[int, int]] = {}
+# Pipelines of this process that asked for real-time scheduling (their priorities), and what the
+# threads had before the first of them: the last one to close puts that back.
+_holders: list[int] = []
+_saved: dict[int, tuple[int, int]] = {}
+_caller: list[tuple[int, int]] = []
+
+
+def _apply(priority: int) -> None:
+    """SCHED_RR at `priority` for every thread (what each had first is kept in _saved while no
+    pipeline holds it yet); on refusal no thread is left changed, and ConfigError."""
+    done: list[tuple[int, tuple[int, int]]] = []
     try:
         for tid in _threads():
             old = _policy(tid)
             if old is None:
                 continue
             _set(tid, os.SCHED_RR, priority)
-            before[tid] = old
+            done.append((tid, old))
     except PermissionError:
-        for tid, (policy, prio) in before.items():
-            _set(tid, policy, prio)
+        for tid, old in done:
+            _set(tid, *old)
         raise ConfigError(
             f"rt_priority={priority}: this process may not use real-time scheduling; it needs CAP_SYS_NICE "
             f"(Docker: --cap-add SYS_NICE) or an RLIMIT_RTPRIO of at least {priority} (ulimit -r {priority}; "
             f"systemd: LimitRTPRIO={priority}); or set rt_priority=0 for the kernel's default scheduler") from None
+    if not _holders:
+        _saved.update(done)
+
+
+def use_realtime(priority: int) -> Callable[[], None]:
+    """Put every thread of this process under SCHED_RR at `priority` (1-99); returns a function that
+    undoes it.  Pipelines of one process share it: while several hold it, every thread runs at the
+    highest priority asked; when the last one undoes it, each thread gets back the policy it had
+    before the first, and threads started meanwhile (which inherited SCHED_RR) the policy of the
+    thread that asked first.  Raises ConfigError where real-time scheduling is not allowed."""
+    if not hasattr(os, "SCHED_RR") or not hasattr(os, "sched_setscheduler"):
+        raise ConfigError(f"rt_priority={priority}: real-time scheduling needs Linux; set rt_priority=0")
+    if not isinstance(priority, int) or isinstance(priority, bool) or not 1 <= priority <= MAX_PRIORITY:
+        raise ConfigError(f"rt_priority={priority!r}: give an integer from 1 to {MAX_PRIORITY} (0: the kernel's "
+                          "default scheduler)")
+    if not _holders:
+        _saved.clear()
+        _caller[:] = [_policy(0) or (os.SCHED_OTHER, 0)]
+    _apply(max(_holders + [priority]))
+    _holders.append(priority)
+    undone = False
 
     def restore() -> None:
+        nonlocal undone
+        if undone:
+            return
+        undone = True
+        _holders.remove(priority)
+        if _holders:
+            _apply(max(_holders))   # (lowering a priority is always allowed)
+            return
         for tid in _threads():
             now = _policy(tid)
             if now is None:
                 continue
-            if tid in before:
-                _set(tid, *before[tid])
-            elif now == (os.SCHED_RR, priority):   # started meanwhile, inherited it
-                _set(tid, *caller)
+            if tid in _saved:
+                _set(tid, *_saved[tid])
+            elif now[0] == os.SCHED_RR:   # started meanwhile, inherited it
+                _set(tid, *_caller[0])
+        _saved.clear()
 
     return restore
