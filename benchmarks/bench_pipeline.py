@@ -242,6 +242,27 @@ async def step_split(fp: FlexPipe) -> tuple[tuple[int, list[float]], list[tuple[
     return (fp.router.sched.stats.steps, list(fp.router.step_times)), [(st["steps"], st["compute_s"]) for st in stages]
 
 
+async def timeline(fp: FlexPipe, t0: float, t1: float) -> tuple[list[list[float]], list[list[float]]]:
+    """Where the steps launched in [t0, t1] spent their time, from the router's and the stages' step
+    logs (one perf_counter clock for all processes): per hop (router -> stage 0, ..., last stage ->
+    router) the wait from one side's result to the next side's handler start (sending, ZeroMQ,
+    receiving, waiting for a core or behind the other micro-batch), and per stage the handler's run."""
+    logs = [{s: (a, b) for s, a, b in log} for log in await fp.controller.step_logs()]
+    waits: list[list[float]] = [[] for _ in range(len(logs) + 1)]
+    runs: list[list[float]] = [[] for _ in logs]
+    for step, sent, done in list(fp.router.step_log):
+        if not t0 <= sent <= t1 or not all(step in log for log in logs):
+            continue
+        prev = sent
+        for i, log in enumerate(logs):
+            a, b = log[step]
+            waits[i].append(a - prev)
+            runs[i].append(b - a)
+            prev = b
+        waits[-1].append(done - prev)
+    return waits, runs
+
+
 def busy_rate(res: list) -> float:
     """Tokens/s of a closed loop while every client is busy: from the first request's start to the
     last request's start (after it the queue is empty and clients drop out one by one: the tail of
@@ -290,6 +311,7 @@ async def bench(args: argparse.Namespace) -> None:
             lat: dict[tuple[str, int], dict[str, list[float]]] = {}
             hf_same: dict[int, int] = {}
             split: dict[tuple[str, int], list[tuple[float, float]]] = {}
+            timelines: dict[tuple[str, int], tuple[list[list[float]], list[list[float]]]] = {}
 
             def keep(key: tuple, v: float, most: bool = False) -> None:
                 old = best.get(key, float("-inf") if most else float("inf"))
@@ -304,8 +326,13 @@ async def bench(args: argparse.Namespace) -> None:
                             dt, res = await hf.run(prompts[:n], m)
                         else:
                             before = await step_split(fps[name])
+                            t_run = time.perf_counter()
                             dt, res = await run_flexpipe(fps[name], prompts[:n], m)
                             after = await step_split(fps[name])
+                            w, r = await timeline(fps[name], t_run, time.perf_counter())
+                            tl = timelines.setdefault((name, n), ([[] for _ in w], [[] for _ in r]))
+                            for pooled, new in zip(tl[0] + tl[1], w + r):
+                                pooled += new
                             split.setdefault((name, n), []).append(
                                 (float(np.mean(after[0][1][-(after[0][0] - before[0][0]):])),   # this run's round trips
                                  sum((c1 - c0_) / max(1, s1 - s0) for (s0, c0_), (s1, c1) in zip(before[1], after[1]))))
@@ -392,6 +419,17 @@ async def bench(args: argparse.Namespace) -> None:
             hops = 2 if name == "fp1" else 5
             print(f"  {LABELS[name]:<18} {n:>2} streams: round trip {rt * 1e3:6.2f} ms = compute {comp * 1e3:6.2f} ms "
                   f"+ rest {(rt - comp) * 1e3:5.2f} ms ({(rt - comp) / hops * 1e3:.2f} ms per hop, {hops} hops)")
+    print("Step timelines (the router's and each stage's step logs, pooled over repeats): per hop, router -> stage 0 "
+          "... last stage -> router, the wait from one side's result to the other's handler start, median / mean / "
+          "p99 ms; a mean far above the median is steps kept waiting (for a core, or behind the other micro-batch)")
+    for n in streams:
+        for name in ("fp1", "fp4"):
+            waits, runs = timelines[(name, n)]
+            hops_txt = "  ".join(f"{pct(w, 50) * 1e3:.2f}/{float(np.mean(w)) * 1e3:.2f}/{pct(w, 99) * 1e3:.1f}"
+                                 for w in waits)
+            runs_txt = " ".join(f"{pct(r, 50) * 1e3:.2f}" for r in runs)
+            print(f"  {LABELS[name]:<18} {n:>2} streams, {len(waits[0])} steps: hops {hops_txt};  stage runs (median) "
+                  f"{runs_txt} ms")
     print("HF generate outputs equal to the reference (not a target): "
           + ", ".join(f"{hf_same[n]}/{n} at {n} streams" for n in streams))
     print(oracle.line())

@@ -27,6 +27,14 @@ async def test_concurrent_requests_equal_oracle(stages):
         outs = await run_all(fp, reqs)
         check_against_oracle(fp, reqs, outs)
         assert all(o.finish_reason == "length" for o in outs)
+        # the step logs (bench_pipeline.py's timelines): every step the router got back went through
+        # the stages in order, on the one clock of all processes
+        logs = [{s: (a, b) for s, a, b in log} for log in await fp.controller.step_logs()]
+        steps = list(fp.router.step_log)
+        assert steps and all(s in log for s, _, _ in steps for log in logs)
+        for s, sent, done in steps:
+            times = [sent, *(t for log in logs for t in log[s]), done]
+            assert times == sorted(times), (s, times)
         st = fp.status()["router"]
         assert st["running"] == st["waiting"] == st["inflight"] == 0
         assert all(p["used"] == 0 for p in st["kv"])

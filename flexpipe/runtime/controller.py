@@ -36,7 +36,7 @@ from flexpipe.runtime.messages import ActorRef
 from flexpipe.runtime.router import Pipeline, RouterActor
 from flexpipe.runtime.stage import (
     AbortPrepare, Activate, Configure, ExpectPeers, ExportKV, FreeSeqs, PrepareUnits, ResetKV, SendUnits,
-    StageStatus, StepFailed, StepOutput, UnitTensors,
+    StageStatus, StepFailed, StepLog, StepOutput, UnitTensors,
 )
 
 log = logging.getLogger("flexpipe.controller")
@@ -216,6 +216,10 @@ class Controller:
     async def stage_status(self) -> list[dict]:
         """Each stage's own status (asks every stage)."""
         return list(await asyncio.gather(*(self.system.ask(sl.ref, StageStatus()) for sl in self.slots)))
+
+    async def step_logs(self) -> list[list]:
+        """Each stage's log of its last steps, in pipeline order: [step, handler start, result ready]."""
+        return list(await asyncio.gather(*(self.system.ask(sl.ref, StepLog()) for sl in self.slots)))
 
     # ---- reshape ------------------------------------------------------------------------------------
     def _match(self, shape: PipelineShape) -> list[int | None]:

@@ -109,6 +109,9 @@ class RouterActor:
         self.listeners: list[Any] = []
         self.stats = collections.Counter()
         self.step_times: collections.deque = collections.deque(maxlen=1024)
+        # (step, launched, output received) of the last steps, perf_counter seconds: with the stages'
+        # step logs (StepLog), where a step's time went hop by hop (bench_pipeline.py's timeline)
+        self.step_log: collections.deque = collections.deque(maxlen=4096)
         self._sent_at: dict[int, float] = {}
 
     @property
@@ -209,7 +212,9 @@ class RouterActor:
             return
         t0 = self._sent_at.pop(msg.step, None)
         if t0 is not None:
-            self.step_times.append(time.perf_counter() - t0)
+            now = time.perf_counter()
+            self.step_times.append(now - t0)
+            self.step_log.append((msg.step, t0, now))
         events = self.sched.on_output(msg.step, msg.seq_ids, msg.tokens)
         self._wake.set()   # first: the pump launches the next step before the clients read these tokens
         self._emit(events)

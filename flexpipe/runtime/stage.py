@@ -15,6 +15,7 @@ different stages overlap on different micro-batches.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from typing import Any
@@ -153,6 +154,12 @@ class FreeSeqs:
     seq_ids: list
 
 
+@message(115)
+class StepLog:
+    """Ask for a stage's log of its last steps: [step, handler start, result ready] each, in
+    perf_counter seconds (one clock for every process of a machine)."""
+
+
 @message(114)
 class ExpectPeers:
     """The actors a stage may take weights (UnitTensors) and KV (ImportKV) from, for one reshape."""
@@ -222,6 +229,7 @@ class StageActor:
         self._s_per_token = float("inf")   # running estimate of compute seconds per token of a step
         self.stats = {"steps": 0, "stale_dropped": 0, "compute_s": 0.0, "kv_bytes_in": 0, "kv_bytes_out": 0,
                       "memory_trims": 0}
+        self.step_log: collections.deque = collections.deque(maxlen=4096)   # (step, start, done)
         # A stage process keeps freed heap mapped while it serves (runtime/memory.py: up to 256 MiB
         # that the next steps reuse); after idle_trim_s without a step it hands that back (0: never).
         self.idle_trim_s = idle_trim_s
@@ -349,7 +357,9 @@ class StageActor:
                 self.stats["steps_rejected"] = self.stats.get("steps_rejected", 0) + 1
                 raise   # the typed error is the reply when the step was asked
             return
-        dt = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        dt = t1 - t0
+        self.step_log.append((msg.step, t0, t1))
         est = self._s_per_token
         self._s_per_token = dt / tokens if est == float("inf") else est + 0.25 * (dt / tokens - est)
         self.stats["steps"] += 1
@@ -451,6 +461,10 @@ class StageActor:
         self.core.reset()
         self.epoch = msg.epoch
         return True
+
+    @handles(StepLog)
+    def step_log_(self, ctx: ActorContext, msg: StepLog) -> list:
+        return [list(e) for e in self.step_log]
 
     @handles(StageStatus)
     def status(self, ctx: ActorContext, msg: StageStatus) -> dict:
