@@ -80,13 +80,33 @@ async def test_stage_processes_1_4_2_3():
         moved = [s for s in stats if s.kv_bytes > 0 and s.requests_running > 0]
         assert moved, f"no reshape moved KV of running requests: {[s.to_dict() for s in stats]}"
         assert len({s["pid"] for s in fp.status()["stages"]}) == 3
-        # after three reshapes a stage holds sockets only to whom it talks to in this epoch: the
-        # controller, the router, its next stage (prune_peers closed those to the stages it fed or
-        # copied weights and KV to before); none to a stage of an earlier shape
-        refs = [s["actor"] for s in fp.controller.stage_info()]
-        allowed = {str(fp.system.client.ref), str(fp.router.ctx.self_ref)}
-        for i, st in enumerate(await fp.controller.stage_status()):
-            assert set(st["peers"]) <= allowed | set(refs[i + 1:i + 2]), (i, st["peers"], allowed, refs)
+        await assert_sockets_only_to_whom_stages_send(fp)
+
+
+async def assert_sockets_only_to_whom_stages_send(fp) -> None:
+    """A stage holds sockets only to whom it sends in this epoch: the controller, the router, its next
+    stage (prune_peers closed those to stages it fed, or answered while they copied weights and KV)."""
+    refs = [s["actor"] for s in fp.controller.stage_info()]
+    allowed = {str(fp.system.client.ref), str(fp.router.ctx.self_ref)}
+    for i, st in enumerate(await fp.controller.stage_status()):
+        assert set(st["peers"]) <= allowed | set(refs[i + 1:i + 2]), (i, st["peers"], allowed, refs)
+
+
+async def test_a_split_leaves_no_socket_to_the_stage_kv_came_from():
+    """The new second stage of a 1 -> 2 split takes the running requests' KV from the first, answering
+    its ImportKV asks through a socket to it; it never sends there again, so the switch closes it
+    (it used to stay: the first stage is its upstream, which pruning kept)."""
+    reqs = request_mix(6, seed=21, max_tokens=(500, 700))   # long enough to outlive the new stage's start
+    async with FlexPipe.launch("tiny", stages=1) as fp:
+        task = asyncio.ensure_future(run_all(fp, reqs))
+        for _ in range(2000):
+            if fp.status()["router"]["running"] == len(reqs):
+                break
+            await asyncio.sleep(0.005)
+        st = await fp.reshape(stages=2)
+        assert st.kv_bytes > 0 and st.requests_running > 0, st.to_dict()
+        await assert_sockets_only_to_whom_stages_send(fp)
+        check_against_oracle(fp, reqs, await task)
 
 
 async def test_reshape_during_long_prefill():

@@ -288,7 +288,9 @@ class StageActor:
         self.epoch, self.index, self.next, self.router = msg.epoch, msg.index, msg.next, msg.router
         self.upstream = msg.upstream
         self.peers = set()
-        ctx.prune_peers([r for r in (self.next, self.router, self.upstream, self.controller) if r is not None])
+        # Keep sockets only to whom this stage sends: not its upstream, which only sends to it (a
+        # socket there is left by answering its asks while KV or weights were copied in).
+        ctx.prune_peers([r for r in (self.next, self.router, self.controller) if r is not None])
 
     # ---- data path ----------------------------------------------------------------------------
     @handles(Configure)
