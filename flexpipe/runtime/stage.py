@@ -465,7 +465,7 @@ class StageActor:
         return True
 
     @handles(StepLog)
-    def step_log_(self, ctx: ActorContext, msg: StepLog) -> list:
+    def step_log_entries(self, ctx: ActorContext, msg: StepLog) -> list:
         return [list(e) for e in self.step_log]
 
     @handles(StageStatus)
