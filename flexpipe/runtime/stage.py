@@ -154,17 +154,17 @@ class FreeSeqs:
     seq_ids: list
 
 
-@message(115)
-class StepLog:
-    """Ask for a stage's log of its last steps: [step, handler start, result ready] each, in
-    perf_counter seconds (one clock for every process of a machine)."""
-
-
 @message(114)
 class ExpectPeers:
     """The actors a stage may take weights (UnitTensors) and KV (ImportKV) from, for one reshape."""
     epoch: int
     refs: list
+
+
+@message(115)
+class StepLog:
+    """Ask for a stage's log of its last steps: [step, handler start, result ready] each, in
+    perf_counter seconds (one clock for every process of a machine)."""
 
 
 def source_from_spec(cfg: Any, spec: dict) -> Any:
