@@ -215,8 +215,9 @@ async def test_load_ramp_scales_up_and_back_down_by_itself():
     assert cap < demand and up["load_rps"] > 3 * low, (up, low)
     assert burst_at <= up["t"] < down["t"], (burst_at, [(d["t"], d["summary"], d["reason"], d["inputs"]) for d in log])
     # why it shrank: after the burst the need held over the reclaim window fell below one replica
+    # (with the 15% margin; the reason shows the need to 2 decimals: 0.8696 reads 0.87)
     need = re.search(r"need over [\d.]+s peaks at ([\d.]+) replicas", down["reason"])
-    assert down["action"] == "scale_down" and need and float(need.group(1)) * 1.15 <= 1.0, down
+    assert down["action"] == "scale_down" and need and (float(need.group(1)) - 0.005) * 1.15 <= 1.0, down
     merge = down["reshape"]
     assert merge["weights_from"] == "cache", merge  # units retired by the split came back from RAM
     assert status["autoscale"]["decision_ms"]["p99"] < 50
