@@ -23,6 +23,11 @@ _EXTERNAL: list[tuple[str, str, str | None]] = [
 ]
 
 
+# The runtime settings `flexpipe generate` offers: all but the presets' weights seed, whose name the
+# sampling seed has here.
+_GENERATE_SETTINGS = [s for s in RUNTIME_SETTINGS if s.name != "seed"]
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a completion through a pipeline of stage processes",
                        description="Start the pipeline (router in this process, one process per stage), "
@@ -43,11 +48,6 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         runtime.add_argument(s.flag, dest=s.name, type=s.type, default=None, metavar=s.metavar,
                              help=f"{s.help} (default {s.default!r})".replace("%", "%%"))
     p.set_defaults(func=_generate_main)
-
-
-# The runtime settings `flexpipe generate` offers: all but the presets' weights seed, whose name the
-# sampling seed has here.
-_GENERATE_SETTINGS = [s for s in RUNTIME_SETTINGS if s.name != "seed"]
 
 
 def _generate_main(args: argparse.Namespace) -> int:

@@ -393,4 +393,5 @@ async def test_rt_priority_reaches_the_router_and_the_stages_its_workers_start(t
         assert thread_policies(router.proc.pid) == {(os.SCHED_RR, 2)}
         assert thread_policies(daemons[1].proc.pid) == {(os.SCHED_OTHER, 0)}
     finally:
-        assert [d.stop(30) for d in reversed(daemons)] == [0] * len(daemons)
+        codes = [d.stop(30) for d in reversed(daemons)]
+    assert codes == [0] * len(daemons)

@@ -43,7 +43,7 @@ def test_every_thread_and_new_threads_then_put_back():
         def policies():
             return {int(t): (os.sched_getscheduler(int(t)), os.sched_getparam(int(t)).sched_priority)
                     for t in os.listdir("/proc/self/task")}
-        go, done = threading.Event(), threading.Event()
+        done = threading.Event()
         old = threading.Thread(target=done.wait); old.start()
         before = policies()
         assert set(before.values()) == {(os.SCHED_OTHER, 0)}, before

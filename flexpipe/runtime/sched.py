@@ -20,6 +20,7 @@ Linux only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable
 
@@ -38,22 +39,20 @@ def _threads() -> list[int]:
 def _policy(tid: int) -> tuple[int, int] | None:
     try:
         return os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority
-    except (ProcessLookupError, PermissionError):   # the thread ended meanwhile
+    except ProcessLookupError:   # the thread ended meanwhile
         return None
 
 
 def _set(tid: int, policy: int, priority: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):   # the thread ended meanwhile
         os.sched_setscheduler(tid, policy, os.sched_param(priority))
-    except ProcessLookupError:
-        pass
 
 
 # Pipelines of this process that asked for real-time scheduling (their priorities), and what the
 # threads had before the first of them: the last one to close puts that back.
 _holders: list[int] = []
 _saved: dict[int, tuple[int, int]] = {}
-_caller: list[tuple[int, int]] = []
+_caller: tuple[int, int] = (0, 0)   # the policy of the thread that asked first (set by use_realtime)
 
 
 def _apply(priority: int) -> None:
@@ -89,9 +88,9 @@ def use_realtime(priority: int) -> Callable[[], None]:
     if not isinstance(priority, int) or isinstance(priority, bool) or not 1 <= priority <= MAX_PRIORITY:
         raise ConfigError(f"rt_priority={priority!r}: give an integer from 1 to {MAX_PRIORITY} (0: the kernel's "
                           "default scheduler)")
+    global _caller
     if not _holders:
-        _saved.clear()
-        _caller[:] = [_policy(0) or (os.SCHED_OTHER, 0)]
+        _caller = _policy(0) or (os.SCHED_OTHER, 0)
     _apply(max(_holders + [priority]))
     _holders.append(priority)
     undone = False
@@ -112,7 +111,7 @@ def use_realtime(priority: int) -> Callable[[], None]:
             if tid in _saved:
                 _set(tid, *_saved[tid])
             elif now[0] == os.SCHED_RR:   # started meanwhile, inherited it
-                _set(tid, *_caller[0])
+                _set(tid, *_caller)
         _saved.clear()
 
     return restore
