@@ -43,7 +43,9 @@ def _faults(tuned: bool) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
 def test_freed_step_tensors_are_reused_without_page_faults():
-    default, tuned = _faults(False), _faults(True)
+    # Other activity on a shared machine only adds faults (a busy CI runner once counted 16k, against ~3k
+    # alone): the best of three runs measures the allocator, not the neighbours.
+    default, tuned = _faults(False), min(_faults(True) for _ in range(3))
     assert tuned * 10 < default, f"minor page faults: {tuned} tuned vs {default} with malloc's defaults"
 
 
