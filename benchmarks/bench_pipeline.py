@@ -40,6 +40,7 @@ import contextlib
 import os
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 
@@ -528,30 +529,74 @@ def mixed_step(cfg: ModelConfig, n: int = 31, chunk: int = 40, reps: int = 30) -
           f"{times['decodes']:.2f} ms + the chunk alone {times['chunk']:.2f} ms = {apart:.2f} ms")
 
 
-def _ring_stage(i: int, config: dict, cuts: list[int], rows: int, rx, tx, steps: int, q) -> None:
+class _Ring:
+    """One process's two ends of process_split's ring: a pipe (multiprocessing.Connection) or ZeroMQ
+    PUSH -> PULL over ipc (ZeroMQ's I/O threads, no event loop, no codec: what a hop costs below the actors)."""
+
+    def __init__(self, kind: str, rx: Any, tx: Any):
+        self.kind = kind
+        if kind == "pipe":
+            self.rx, self.tx = rx, tx
+        else:   # rx, tx: ipc endpoints
+            import zmq
+
+            self.ctx = zmq.Context()
+            self.rx = self.ctx.socket(zmq.PULL)
+            self.rx.bind(rx)
+            self.tx = self.ctx.socket(zmq.PUSH)
+            self.tx.connect(tx)
+
+    def recv(self) -> bytes:
+        return self.rx.recv_bytes() if self.kind == "pipe" else self.rx.recv(copy=True)
+
+    def send(self, data: bytes) -> None:
+        if self.kind == "pipe":
+            self.tx.send_bytes(data)
+        else:
+            self.tx.send(data, copy=False)
+
+    def close(self) -> None:
+        if self.kind != "pipe":
+            self.rx.close(linger=0)
+            self.tx.close(linger=1000)
+            self.ctx.term()
+
+
+def _ring_stage(i: int, config: dict, cuts: list[int], rows: int, kind: str, rx, tx, steps: int, q) -> None:
     """One process of process_split's ring: a StageCore of units [cuts[i], cuts[i+1]) that runs a decode
-    step each time a byte arrives from the previous process, then passes the byte on."""
+    step each time the residual's bytes arrive from the previous process, then passes them on; the first
+    process also times each round."""
     from flexpipe.runtime.memory import keep_freed_memory
 
     torch.set_num_threads(1)
     keep_freed_memory()   # as a stage process does
-    step = _decoding_core(ModelConfig.from_dict(config), cuts[i], cuts[i + 1], rows)
+    cfg = ModelConfig.from_dict(config)
+    step = _decoding_core(cfg, cuts[i], cuts[i + 1], rows)
+    ring = _Ring(kind, rx, tx)
     q.put(None)
-    times = []
+    payload = torch.randn(rows, cfg.hidden_size).numpy().tobytes()   # what a hop carries
+    times, rounds, last = [], [], 0.0
     for k in range(steps):
         if i or k:
-            rx.recv_bytes()
+            ring.recv()
         t = time.perf_counter()
+        if i == 0 and k:
+            rounds.append(t - last)
+        last = t
         step(k)
         times.append(time.perf_counter() - t)
-        tx.send_bytes(b"x")
-    q.put((i, float(np.median(times[10:]))))
+        ring.send(payload)
+    if i == 0:
+        ring.recv()   # the last round's bytes
+    q.put((i, float(np.median(times[10:])), float(np.median(rounds[10:])) if rounds else 0.0))
+    ring.close()
 
 
 def process_split(cfg: ModelConfig, cuts: list[int], rows: int, steps: int = 100) -> None:
-    """What being in separate processes costs a stage's compute, without any messaging: the 4 stages'
-    StageCores stepped in turn in one process, then in 4 processes that pass one byte round a ring
-    of pipes (one step in flight, as with one stream), each timing its own forward()."""
+    """What being in separate processes costs a stage's compute, and what a bare hop costs: the 4 stages'
+    StageCores stepped in turn in one process, then in 4 processes that pass the residual's bytes round
+    a ring (one step in flight, as with one stream), over pipes and over ZeroMQ; each process times its
+    own forward(), the first one each round."""
     import multiprocessing as mp
 
     stages = [_decoding_core(cfg, a, b, rows) for a, b in zip(cuts, cuts[1:])]
@@ -563,21 +608,32 @@ def process_split(cfg: ModelConfig, cuts: list[int], rows: int, steps: int = 100
             one[i].append(time.perf_counter() - t)
     del stages
     same = sum(float(np.median(t[10:])) for t in one) * 1e3
+    n = len(cuts) - 1
     ctx = mp.get_context("spawn")
-    pipes = [ctx.Pipe(duplex=False) for _ in cuts[1:]]   # (receiving end, sending end)
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_ring_stage,
-                         args=(i, cfg.to_dict(), cuts, rows, pipes[i - 1][0], pipes[i][1], steps, q))
-             for i in range(len(pipes))]
-    for p in procs:
-        p.start()
-    for _ in procs:   # every process built and prefilled its core
-        q.get()
-    apart = sum(m for _, m in (q.get() for _ in procs)) * 1e3
-    for p in procs:
-        p.join()
-    print(f"  {rows:>2} rows, 4 stages' compute per step: in one process {same:6.2f} ms; in 4 processes passing a "
-          f"byte round a pipe ring {apart:6.2f} ms ({apart / same:.2f}x; median forward() of {steps - 10} steps)")
+    line = f"  {rows:>2} rows, 4 stages' compute per step: in one process {same:6.2f} ms"
+    with tempfile.TemporaryDirectory(prefix="fp-ring-") as tmp:
+        for kind in ("pipe", "zmq"):
+            if kind == "pipe":
+                pipes = [ctx.Pipe(duplex=False) for _ in range(n)]   # (receiving end, sending end)
+                ends = [(pipes[i - 1][0], pipes[i][1]) for i in range(n)]
+            else:
+                ep = [f"ipc://{tmp}/ring{i}" for i in range(n)]
+                ends = [(ep[i], ep[(i + 1) % n]) for i in range(n)]
+            q = ctx.Queue()
+            procs = [ctx.Process(target=_ring_stage, args=(i, cfg.to_dict(), cuts, rows, kind, *ends[i], steps, q))
+                     for i in range(n)]
+            for p in procs:
+                p.start()
+            for _ in procs:   # every process built and prefilled its core
+                q.get()
+            got = [q.get() for _ in procs]
+            for p in procs:
+                p.join()
+            apart = sum(m for _, m, _ in got) * 1e3
+            rnd = max(r for _, _, r in got) * 1e3
+            line += (f"; in 4 processes over {'pipes' if kind == 'pipe' else 'ZeroMQ'} {apart:6.2f} ms "
+                     f"({apart / same:.2f}x), a round {rnd:.2f} ms = {(rnd - apart) / n * 1e3:.0f} us per hop")
+    print(line + f" (medians of {steps - 10} steps)")
 
 
 def weight_layouts(cfg: ModelConfig, reps: int = 400) -> None:
@@ -633,7 +689,7 @@ def profile_decode(args: argparse.Namespace, n: int = 32, steps: int = 20) -> No
               f"= {sum(parts):6.2f} ms ({sum(parts) / whole:.2f}x)")
     mixed_step(cfg)
     weight_layouts(cfg)
-    print("the 4-stage split in one process vs in 4 processes (no messages: one byte through a pipe):")
+    print("the 4-stage split in one process vs in 4 processes passing the residual round a ring (no actors, no event loop):")
     for rows in (1, 32):
         process_split(cfg, cuts, rows)
     step = _decoding_core(cfg, 0, cfg.num_units, n)
