@@ -15,7 +15,7 @@ from flexpipe.errors import ActorClosed, AskTimeout, PeerDeadError, ProtocolErro
 from flexpipe.errors import ConfigError
 from flexpipe.runtime import ActorRef, ActorSystem, LocalContext, Ping, Pong, Stop, message
 from test_actor_helpers import (
-    FAST, BadReply, Compute, Deaths, Echo, Fail, Log, Quit, Say, Sleep, SlowConcurrent, WatchIt,
+    FAST, BadReply, Compute, Deaths, Echo, Fail, Log, Nap, Quit, Say, Sleep, SlowConcurrent, WatchIt,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -118,6 +118,33 @@ async def test_one_message_at_a_time_unless_concurrent(system):
     t = time.perf_counter()
     tags = await asyncio.gather(*(system.ask(echo.ref, SlowConcurrent(0.3, i)) for i in range(5)))
     assert tags == list(range(5)) and time.perf_counter() - t < 0.9
+
+
+async def test_async_handlers_start_at_once_yet_run_one_at_a_time_in_order(system):
+    # An async handler starts inside the mailbox's reader when the actor is idle (no loop turn through
+    # the worker task); one that suspends keeps the actor busy, and what arrives meanwhile waits its turn.
+    echo = await system.spawn(Echo(), "echo")
+    a = await system.spawn(Echo(), "a")
+    naps = [-1, 0, 0.02, -1, -1, 0.01, 0, -1] * 4
+    for i, s in enumerate(naps):
+        await a.tell(echo.ref, Nap(i, s))
+    assert await a.ask(echo.ref, Nap(len(naps), 0.01)) == len(naps)   # behind all the tells
+    assert echo.behaviour.seen == [(e, i) for i in range(len(naps) + 1) for e in ("start", "end")]
+    assert echo.stats["handled"] == len(naps) + 1 and echo.stats["internal_errors"] == 0
+    assert await system.ask(echo.ref, Nap(99, -1)) == 99   # idle again: started at once, answered
+
+
+async def test_closing_cancels_an_async_handler_suspended_after_an_eager_start():
+    async with ActorSystem(FAST) as system:
+        echo = await system.spawn(Echo(), "echo")
+        await system.tell(echo.ref, Nap(1, 30.0))
+        await system.tell(echo.ref, Nap(2, -1))   # queued behind the sleeping one
+        while ("start", 1) not in echo.behaviour.seen:
+            await asyncio.sleep(0.01)
+        t = time.perf_counter()
+        await echo.aclose()
+        assert time.perf_counter() - t < 2
+    assert echo.behaviour.seen == [("start", 1), ("end", 1)] and echo.behaviour.stopped
 
 
 async def test_pings_are_answered_while_a_handler_is_busy(system):

@@ -76,6 +76,14 @@ class BadReply:
     """Make the handler return something the wire cannot carry."""
 
 
+@message(60061)
+class Nap:
+    """An async handler that logs its start and end and, for seconds >= 0, awaits asyncio.sleep(seconds)
+    between them (sleep(0) yields to the loop once); for seconds < 0 it never suspends."""
+    n: int
+    seconds: float
+
+
 FAST = ActorSettings(heartbeat_interval=0.1, heartbeat_timeout=0.6, ask_timeout=5.0,
                      start_timeout=30.0, torch_threads=1, linger_ms=100)
 
@@ -123,6 +131,16 @@ class Echo:
     async def sleep(self, ctx, msg: Sleep):
         await asyncio.sleep(msg.seconds)
         return msg.seconds
+
+    @handles(Nap)
+    async def nap(self, ctx, msg: Nap):
+        self.seen.append(("start", msg.n))
+        try:
+            if msg.seconds >= 0:
+                await asyncio.sleep(msg.seconds)
+        finally:
+            self.seen.append(("end", msg.n))   # also when cancelled
+        return msg.n
 
     @handles(SlowConcurrent, concurrent=True)
     async def slow(self, ctx, msg: SlowConcurrent):

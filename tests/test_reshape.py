@@ -52,8 +52,9 @@ def test_random_reshapes_keep_outputs_identical(plan):
 
 
 async def test_stage_processes_1_4_2_3():
-    # Traffic keeps coming while the reshapes run (new stage processes take seconds to start), so
-    # every reshape finds requests in the middle of their generation.
+    # Traffic keeps coming while the reshapes run (new stage processes take seconds to start: 5 s
+    # where torch is a CUDA build), so every reshape finds requests in the middle of their generation;
+    # the pool's requests are sent again (up to 4 times) when the reshapes outlast it.
     pool = request_mix(48, seed=3, max_tokens=(40, 120))
     plan = [[0, 4, 9, 13, 18], [0, 9, 18], [0, 5, 11, 18]]
     async with FlexPipe.launch("tiny", stages=1) as fp:
@@ -61,9 +62,9 @@ async def test_stage_processes_1_4_2_3():
         sent: list[tuple[dict, asyncio.Task]] = []
 
         async def traffic():
-            while not done.is_set() and len(sent) < len(pool):
+            while not done.is_set() and len(sent) < 4 * len(pool):
                 if sum(not t.done() for _, t in sent) < 12:
-                    r = pool[len(sent)]
+                    r = pool[len(sent) % len(pool)]
                     sent.append((r, asyncio.ensure_future(
                         fp.complete(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"}))))
                 await asyncio.sleep(0.01)

@@ -35,6 +35,7 @@ import functools
 import itertools
 import logging
 import os
+import sys
 from typing import Any, Callable, Collection, NamedTuple
 
 import msgpack
@@ -93,6 +94,37 @@ def ident_of(ref: ActorRef) -> bytes:
 _COPY_BELOW = 128 << 10
 
 _SYSTEM_MESSAGES = frozenset({Ping, Terminated, Watch, Unwatch, Started, Stop})
+
+
+_EAGER_TASKS = sys.version_info >= (3, 12)
+
+
+class _Resumed:
+    """Python 3.11 has no eager tasks: awaiting this finishes a coroutine that was started by hand
+    (coro.send(None)) and suspended on `fut`.  The awaiting task waits for what the coroutine waits
+    for, then drives it on, and throws in what the task is thrown (its cancellation)."""
+    __slots__ = ("coro", "fut")
+
+    def __init__(self, coro: Any, fut: Any):
+        self.coro, self.fut = coro, fut
+
+    def __await__(self) -> Any:
+        coro, fut = self.coro, self.fut
+        while True:
+            try:
+                yield fut   # still marked blocking by the Future.__await__ that yielded it
+            except BaseException as e:   # noqa: B036 - the awaiting task's cancellation goes in
+                step = coro.throw
+                arg: Any = e
+            else:
+                step, arg = coro.send, None
+            try:
+                fut = step(arg)
+            except StopIteration as stop:
+                return stop.value
+
+    async def run(self) -> Any:
+        return await self
 
 
 class _Outbox:
@@ -509,8 +541,13 @@ class Actor(ActorContext):
         job = _Job(h, msg, env.tensors, env.flags, env.corr, ident, self._sender_of(ident))
         if h.concurrent:
             self._spawn(self._run(job))
-        elif not h.is_async and not self._busy and not self._mailbox and self._ready:
-            self._run_sync(job)  # nothing to wait for: skip the hop through the worker task
+        elif not self._busy and not self._mailbox and self._ready:
+            # nothing to wait for: skip the hop through the worker task (a loop iteration, ~35 us of
+            # a pipeline hop on a busy 2-vCPU host, README FP-3)
+            if h.is_async:
+                self._run_eager(job)
+            else:
+                self._run_sync(job)
         else:
             self._enqueue(job)
 
@@ -556,11 +593,44 @@ class Actor(ActorContext):
         if w is not None and not w.done():
             w.set_result(None)
 
+    def _run_eager(self, job: _Job) -> None:
+        """Run an async handler here, up to its first real suspension; most steps never suspend
+        (inline compute, a send the socket takes at once) and finish without a task's loop turn.  One
+        that does is finished by a task, and the actor stays busy (later messages queue, in order)
+        until then."""
+        self._busy = True
+        if _EAGER_TASKS:   # Python 3.12+: a real task, started at once (current_task() is set)
+            task = asyncio.Task(self._run(job), loop=self._loop, eager_start=True)
+            if task.done():
+                self._busy = False
+                task.result()   # (a BaseException that escaped _run, as below)
+                return
+            self._tasks.add(task)
+            task.add_done_callback(self._eager_done)
+            return
+        coro = self._run(job)
+        try:
+            fut = coro.send(None)
+        except StopIteration:
+            self._busy = False
+            return
+        except BaseException:
+            self._busy = False
+            raise
+        self._spawn(_Resumed(coro, fut).run()).add_done_callback(self._eager_done)
+
+    def _eager_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._busy = False
+        w = self._wakeup
+        if self._mailbox and w is not None and not w.done():
+            w.set_result(None)
+
     async def _worker(self) -> None:
         box = self._mailbox
         self._ready = True
         while True:
-            if not box:
+            if not box or self._busy:   # (busy: an eagerly started handler has not finished yet)
                 self._wakeup = self._loop.create_future()
                 await self._wakeup
                 continue
@@ -605,8 +675,8 @@ class Actor(ActorContext):
         try:
             result = await _call(job.handler, self.behaviour, self, job.msg, job.tensors)
         except asyncio.CancelledError as e:
-            task = asyncio.current_task()
-            if task is None or task.cancelling():
+            task = asyncio.current_task()   # (None while eagerly started from the mailbox's reader)
+            if task is not None and task.cancelling():
                 raise
             self._handler_failed(job, e)  # something the handler awaited was cancelled
             return
