@@ -661,6 +661,41 @@ def weight_layouts(cfg: ModelConfig, reps: int = 400) -> None:
     print("matmul, F.linear from [out, in] / x @ W from [in, out]: " + "; ".join(cells))
 
 
+def cold_codec(cfg: ModelConfig, cuts: list[int], steps: int = 300) -> None:
+    """What a stage's compute does to the Python work around it: encoding and decoding a 1-row step
+    message hot (in a loop) and right after a forward() of a middle stage (whose weights have just
+    streamed through the core's caches), as a stage does on every hop."""
+    from flexpipe.runtime import codec
+    from flexpipe.runtime.stage import StepInput
+
+    step = _decoding_core(cfg, cuts[1], cuts[2], 1)
+    x = torch.randn(1, cfg.hidden_size)
+    msg = StepInput(1, 5, ["s0"], [70], [1], [True], [3], [GREEDY], [])
+    frames = codec.encode(msg, [x])
+    frames = [frames[0], *(bytes(f) for f in frames[1:])]
+
+    def enc() -> None:
+        codec.encode(msg, [x])
+
+    def dec() -> None:
+        codec.decode_envelope(frames)
+
+    line = []
+    for name, fn in (("encode", enc), ("decode", dec)):
+        hot, cold = [], []
+        for k in range(steps):
+            step(k % 60)
+            t = time.perf_counter()
+            fn()
+            t1 = time.perf_counter()
+            fn()
+            cold.append(t1 - t)
+            hot.append(time.perf_counter() - t1)
+        line.append(f"{name} {np.median(cold) * 1e6:.0f} us right after a forward, {np.median(hot) * 1e6:.0f} us "
+                    f"again at once")
+    print(f"a 1-row step message through the codec, stage [{cuts[1]}, {cuts[2]}): " + "; ".join(line))
+
+
 def profile_decode(args: argparse.Namespace, n: int = 32, steps: int = 20) -> None:
     """A stage's decode step alone (in-process StageCore, no messages): its time for the whole model
     and for the 4-stage split at 1, 16 and 32 rows, then where one step of n rows goes (cProfile)."""
@@ -692,6 +727,7 @@ def profile_decode(args: argparse.Namespace, n: int = 32, steps: int = 20) -> No
     print("the 4-stage split in one process vs in 4 processes passing the residual round a ring (no actors, no event loop):")
     for rows in (1, 32):
         process_split(cfg, cuts, rows)
+    cold_codec(cfg, cuts)
     step = _decoding_core(cfg, 0, cfg.num_units, n)
     for k in range(3):
         step(k)
