@@ -15,7 +15,7 @@ from flexpipe.errors import ActorClosed, AskTimeout, PeerDeadError, ProtocolErro
 from flexpipe.errors import ConfigError
 from flexpipe.runtime import ActorRef, ActorSystem, LocalContext, Ping, Pong, Stop, message
 from test_actor_helpers import (
-    FAST, BadReply, Compute, Deaths, Echo, Fail, Log, Nap, Quit, Say, Sleep, SlowConcurrent, WatchIt,
+    FAST, BadReply, Compute, Deaths, Echo, Fail, Log, Nap, Quit, QuitAndNap, Say, Sleep, SlowConcurrent, WatchIt,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -145,6 +145,13 @@ async def test_closing_cancels_an_async_handler_suspended_after_an_eager_start()
         await echo.aclose()
         assert time.perf_counter() - t < 2
     assert echo.behaviour.seen == [("start", 1), ("end", 1)] and echo.behaviour.stopped
+
+
+async def test_an_async_handler_that_stops_its_actor_and_waits_on_is_cancelled_by_the_close(system):
+    echo = await system.spawn(Echo(), "echo")
+    await system.tell(echo.ref, QuitAndNap(30.0))
+    await asyncio.wait_for(echo.wait_closed(), 2)
+    assert echo.behaviour.seen == [("end", "quit")] and echo.behaviour.stopped
 
 
 async def test_pings_are_answered_while_a_handler_is_busy(system):

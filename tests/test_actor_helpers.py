@@ -84,6 +84,12 @@ class Nap:
     seconds: float
 
 
+@message(60062)
+class QuitAndNap:
+    """An async handler that calls ctx.stop() and then sleeps `seconds` (logging its end, as Nap does)."""
+    seconds: float
+
+
 FAST = ActorSettings(heartbeat_interval=0.1, heartbeat_timeout=0.6, ask_timeout=5.0,
                      start_timeout=30.0, torch_threads=1, linger_ms=100)
 
@@ -176,6 +182,14 @@ class Echo:
     def quit(self, ctx, msg: Quit):
         ctx.stop("asked to quit")
         return True
+
+    @handles(QuitAndNap)
+    async def quit_and_nap(self, ctx, msg: QuitAndNap):
+        ctx.stop("asked to quit")
+        try:
+            await asyncio.sleep(msg.seconds)
+        finally:
+            self.seen.append(("end", "quit"))
 
     @handles(BadReply)
     def bad_reply(self, ctx, msg: BadReply):
