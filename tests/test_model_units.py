@@ -6,6 +6,8 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flexpipe.model import (
     AttnMetadata, PagedKVCache, PresetWeights, ReferenceModel, build_units, make_kv_caches, preset, run_units,
@@ -226,6 +228,27 @@ def test_attn_metadata_build():
     assert meta.last_token_rows().tolist() == [1, 4]
     with pytest.raises(ValueError, match="holds 4 tokens"):
         AttnMetadata.build([3], [2], [[0]], 4)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.integers(1, 8).flatmap(lambda b: st.tuples(
+    st.lists(st.integers(1, 100), min_size=b, max_size=b),       # context lengths
+    st.lists(st.integers(0, 3), min_size=b, max_size=b),         # spare blocks in each table
+    st.sampled_from([1, 4, 16]))))
+def test_decode_layout_equals_the_general_one(case):
+    from flexpipe.model.attention import _any_layout, _decode_layout
+
+    ctx, spare, bs = case
+    rng = random.Random(sum(ctx))
+    tables = [rng.sample(range(500), -(-c // bs) + s) for c, s in zip(ctx, spare)]
+    fast = _decode_layout(ctx, tables, bs, torch.device("cpu"))
+    slow = _any_layout([1] * len(ctx), ctx, tables, bs, None, torch.device("cpu"))
+    assert fast.keys() == slow.keys()
+    for k, v in slow.items():
+        assert (torch.equal(fast[k], v) if isinstance(v, torch.Tensor) else fast[k] == v), k
+    assert fast["slots"].is_contiguous()
+    with pytest.raises(ValueError):   # a table too short for its context is refused, as by the general one
+        _decode_layout([bs + 1], [[0]], bs, torch.device("cpu"))
 
 
 def test_paged_cache_rejects_wrong_block_shapes():

