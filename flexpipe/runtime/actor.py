@@ -19,6 +19,11 @@ wire is its own ref, which is how the replier knows where to answer. Tests and t
 a behaviour with `LocalContext` (runtime/behaviour.py, with `handles` and `ActorContext`) instead:
 plain method calls, no sockets.
 
+Handlers run one at a time, in mailbox order (unless `@handles(..., concurrent=True)`). An idle
+actor runs a handler at once, inside the reader callback of its mailbox socket; an async one runs
+there up to its first real suspension (most pipeline steps never suspend), and while it is suspended
+the actor counts as busy, so later messages wait in the mailbox for the worker task.
+
 `check_sender(sender, msg)` runs just before a handler would (in mailbox order, so it sees the state
 earlier messages left): a string refuses the message with `SenderRefused` (counted, logged, an
 ErrorReply to an ask) and no handler runs. The sender is the ref the peer's DEALER announces: it tells
