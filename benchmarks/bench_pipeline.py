@@ -696,6 +696,28 @@ def cold_codec(cfg: ModelConfig, cuts: list[int], steps: int = 300) -> None:
     print(f"a 1-row step message through the codec, stage [{cuts[1]}, {cuts[2]}): " + "; ".join(line))
 
 
+def decode_layouts(reps: int = 3000) -> None:
+    """The attention layout of a decode group, built by the general path and by the decode one."""
+    from flexpipe.model.attention import _any_layout, _decode_layout
+
+    cpu = torch.device("cpu")
+    parts = []
+    for b in (1, 4, 16):
+        ctx = [60 + j for j in range(b)]
+        tables = [list(range(8 * j, 8 * j + 5)) for j in range(b)]
+        times = []
+        for fn in (lambda: _any_layout([1] * b, ctx, tables, 16, None, cpu),
+                   lambda: _decode_layout(ctx, tables, 16, cpu)):
+            for _ in range(100):
+                fn()
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            times.append((time.perf_counter() - t) / reps * 1e6)
+        parts.append(f"{b} sequences {times[0]:.1f} / {times[1]:.1f} us")
+    print("attention layout of a decode group (contexts of 60.. tokens), general / decode path: " + "; ".join(parts))
+
+
 def profile_decode(args: argparse.Namespace, n: int = 32, steps: int = 20) -> None:
     """A stage's decode step alone (in-process StageCore, no messages): its time for the whole model
     and for the 4-stage split at 1, 16 and 32 rows, then where one step of n rows goes (cProfile)."""
@@ -728,6 +750,7 @@ def profile_decode(args: argparse.Namespace, n: int = 32, steps: int = 20) -> No
     for rows in (1, 32):
         process_split(cfg, cuts, rows)
     cold_codec(cfg, cuts)
+    decode_layouts()
     step = _decoding_core(cfg, 0, cfg.num_units, n)
     for k in range(3):
         step(k)

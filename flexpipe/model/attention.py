@@ -185,8 +185,9 @@ _OFFSETS: dict[int, np.ndarray] = {}
 def _decode_layout(context_lens: list[int], block_tables: list[list[int]], block_size: int,
                    dev: torch.device) -> dict[str, Any]:
     """_layout of a group of decodes (one new token each, no window) in a third of the numpy calls:
-    the same slots and mask as _any_layout (tests/test_model_units.py compares the two), 9-24 us
-    instead of 25-39 us for 1-16 sequences on this project's CPU, paid by every stage on every step."""
+    the same slots and mask as _any_layout (tests/test_model_units.py compares the two), 7-25 us
+    instead of 20-39 us for 1-16 sequences on this project's CPU (`bench_pipeline.py --profile`), paid
+    by every stage on every step."""
     B, max_ctx = len(context_lens), max(context_lens)
     if min(context_lens) < 1 or any(len(bt) * block_size < c for bt, c in zip(block_tables, context_lens)):
         raise ValueError(f"context lens {context_lens} exceed the block tables or are empty")
