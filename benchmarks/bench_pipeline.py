@@ -495,6 +495,16 @@ def _decoding_core(cfg: ModelConfig, start: int, end: int, n: int):
     return step
 
 
+def mean_time(fn: Any, reps: int, warm: int = 1) -> float:
+    """Seconds per call of fn, the mean of `reps` calls after `warm` untimed ones."""
+    for _ in range(warm):
+        fn()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps
+
+
 def mixed_step(cfg: ModelConfig, n: int = 31, chunk: int = 40, reps: int = 30) -> None:
     """Time a step of n decodes plus one new prompt's `chunk`-token prefill, against the two apart."""
     from flexpipe.runtime.stage_core import StepMeta
@@ -519,11 +529,7 @@ def mixed_step(cfg: ModelConfig, n: int = 31, chunk: int = 40, reps: int = 30) -
 
     times = {}
     for name, fn in (("mixed", lambda: decode(True)), ("decodes", lambda: decode(False)), ("chunk", prefill)):
-        fn()
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        times[name] = (time.perf_counter() - t) / reps * 1e3
+        times[name] = mean_time(fn, reps) * 1e3
     apart = times["decodes"] + times["chunk"]
     print(f"  a step of {n} decodes + a {chunk}-token prefill chunk: {times['mixed']:.2f} ms; the decodes alone "
           f"{times['decodes']:.2f} ms + the chunk alone {times['chunk']:.2f} ms = {apart:.2f} ms")
@@ -649,14 +655,7 @@ def weight_layouts(cfg: ModelConfig, reps: int = 400) -> None:
         for name, (out, inp) in shapes.items():
             w = torch.randn(out, inp)
             wt, x = w.t().contiguous(), torch.randn(rows, inp)
-            times = []
-            for fn in (lambda: F.linear(x, w), lambda: x @ wt):
-                for _ in range(20):
-                    fn()
-                t = time.perf_counter()
-                for _ in range(reps):
-                    fn()
-                times.append((time.perf_counter() - t) / reps * 1e6)
+            times = [mean_time(fn, reps, warm=20) * 1e6 for fn in (lambda: F.linear(x, w), lambda: x @ wt)]
             cells.append(f"{name} {rows}x{inp}->{out} {times[0]:.1f}/{times[1]:.1f} us ({times[0] / times[1]:.2f}x)")
     print("matmul, F.linear from [out, in] / x @ W from [in, out]: " + "; ".join(cells))
 
@@ -705,15 +704,9 @@ def decode_layouts(reps: int = 3000) -> None:
     for b in (1, 4, 16):
         ctx = [60 + j for j in range(b)]
         tables = [list(range(8 * j, 8 * j + 5)) for j in range(b)]
-        times = []
-        for fn in (lambda: _any_layout([1] * b, ctx, tables, 16, None, cpu),
-                   lambda: _decode_layout(ctx, tables, 16, cpu)):
-            for _ in range(100):
-                fn()
-            t = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            times.append((time.perf_counter() - t) / reps * 1e6)
+        general = mean_time(lambda: _any_layout([1] * b, ctx, tables, 16, None, cpu), reps, warm=100)
+        decode = mean_time(lambda: _decode_layout(ctx, tables, 16, cpu), reps, warm=100)
+        times = [general * 1e6, decode * 1e6]
         parts.append(f"{b} sequences {times[0]:.1f} / {times[1]:.1f} us")
     print("attention layout of a decode group (contexts of 60.. tokens), general / decode path: " + "; ".join(parts))
 
