@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 
 from flexpipe.model.reference import ReferenceModel
@@ -72,8 +73,6 @@ def thread_policies(pid: int) -> set[tuple[int, int]]:
 
     out = set()
     for t in os.listdir(f"/proc/{pid}/task"):
-        try:
+        with contextlib.suppress(ProcessLookupError):   # the thread ended meanwhile
             out.add((os.sched_getscheduler(int(t)), os.sched_getparam(int(t)).sched_priority))
-        except ProcessLookupError:   # the thread ended meanwhile
-            pass
     return out

@@ -247,8 +247,15 @@ def test_decode_layout_equals_the_general_one(case):
     for k, v in slow.items():
         assert (torch.equal(fast[k], v) if isinstance(v, torch.Tensor) else fast[k] == v), k
     assert fast["slots"].is_contiguous()
-    with pytest.raises(ValueError):   # a table too short for its context is refused, as by the general one
-        _decode_layout([bs + 1], [[0]], bs, torch.device("cpu"))
+
+
+def test_decode_layout_refuses_a_table_too_short_for_its_context():
+    from flexpipe.model.attention import _any_layout, _decode_layout
+
+    for layout in (lambda: _decode_layout([17], [[0]], 16, torch.device("cpu")),
+                   lambda: _any_layout([1], [17], [[0]], 16, None, torch.device("cpu"))):
+        with pytest.raises(ValueError, match="exceed the block tables"):
+            layout()
 
 
 def test_paged_cache_rejects_wrong_block_shapes():
