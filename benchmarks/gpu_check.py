@@ -247,30 +247,57 @@ def nccl_version() -> int | None:
         return None
 
 
-def section_tests(args: argparse.Namespace) -> dict:
-    import xml.etree.ElementTree as ET
+TEST_TIMEOUT = 40   # seconds per GPU test: a hang is dumped (stacks of every thread) and ends the run
 
-    with tempfile.TemporaryDirectory(prefix="fp-gpu-tests-") as d:
-        xml = os.path.join(d, "junit.xml")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-rs",
-               f"--junitxml={xml}", "tests/test_gpu.py"]
-        print("  $ " + " ".join(cmd[2:]), flush=True)
-        rc = subprocess.call(cmd, cwd=ROOT)
-        if not os.path.exists(xml):
-            return {"ok": False, "rc": rc, "error": "pytest wrote no report"}
-        suite = ET.parse(xml).getroot()
-        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-        cases = []
-        for tc in suite.iter("testcase"):
-            state, why = "passed", ""
-            for tag in ("failure", "error", "skipped"):
-                el = tc.find(tag)
-                if el is not None:
-                    state, why = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag], \
-                        (el.get("message") or "")[:300]
-            cases.append({"name": tc.get("name"), "state": state, "seconds": float(tc.get("time", 0)), "why": why})
-    counts = {s: sum(c["state"] == s for c in cases) for s in ("passed", "failed", "error", "skipped")}
-    return {"ok": rc in (0, 5) and not counts["failed"] and not counts["error"], "rc": rc, **counts, "cases": cases}
+
+def section_tests(args: argparse.Namespace) -> dict:
+    """pytest -m gpu tests/test_gpu.py, its output shown as it runs and its verdicts read from it.
+
+    pytest-timeout's thread method: a test stuck inside a CUDA call (which a signal cannot
+    interrupt; seen on an H200) still has every thread's stack dumped, after which pytest exits:
+    the tests after it are reported as not run. The verdicts come from the -v lines, so they
+    survive that exit (and the section's own budget) where a JUnit report would not.
+    """
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "gpu", "-rfEs", "--tb=short",
+           f"--timeout={TEST_TIMEOUT}", "--timeout-method=thread", "tests/test_gpu.py"]
+    print("  $ " + " ".join(cmd[2:]), flush=True)
+    log: list[str] = []
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            print("  " + line, end="", flush=True)
+            log.append(line.rstrip("\n"))
+            Path(args.section_out + ".log").write_text("\n".join(log[-200:]))   # kept if the budget kills us
+        rc = proc.wait()
+    return {**read_verdicts(log), "rc": rc}
+
+
+_SUMMARY = re.compile(r"^(?:FAILED|ERROR) (tests/\S+::(\S+)) - (.*)")
+_VERDICT = re.compile(r"^(tests/\S+::(\S+)) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
+
+
+def read_verdicts(log: list[str]) -> dict:
+    """Per-test states from pytest -v output; tests it collected but never finished are "not run"."""
+    cases: dict[str, dict] = {}
+    collected = None
+    for line in log:
+        if (m := re.search(r"collected (\d+) items?", line)) and collected is None:
+            collected = int(m.group(1))
+        if m := _VERDICT.match(line):
+            state = {"PASSED": "passed", "FAILED": "failed", "ERROR": "error", "SKIPPED": "skipped",
+                     "XFAIL": "skipped", "XPASS": "failed"}[m.group(3)]
+            why = re.sub(r"\s*\[\s*\d+%\]$", "", line[m.end():]).strip(" ()")
+            cases[m.group(2)] = {"name": m.group(2), "state": state, "why": why[:300]}
+        elif (m := _SUMMARY.match(line)) and m.group(2) in cases:   # -r summary: a failure's message
+            cases[m.group(2)]["why"] = m.group(3)[:300]
+    skips = [m.group(1) for line in log if (m := re.match(r"^SKIPPED \[\d+\] (.*)", line))]
+    hung = next((line for line in log if "Timeout" in line and "+++" in line), "")
+    counts = {st: sum(c["state"] == st for c in cases.values()) for st in ("passed", "failed", "error", "skipped")}
+    not_run = max(0, (collected or 0) - len(cases))
+    ok = not counts["failed"] and not counts["error"] and not not_run and collected is not None
+    return {"ok": ok, **counts, "not_run": not_run, "collected": collected, "cases": list(cases.values()),
+            "skip_reasons": skips,
+            "timeout": hung, "log_tail": log[-120:] if not ok else []}
 
 
 async def _peer(system: Any) -> Any:
@@ -326,6 +353,7 @@ async def section_kv_bandwidth(args: argparse.Namespace) -> dict:
             pools = await system.ask(peer.ref, MakePools(units, num_blocks, block_shape, out["dtype"], device))
             opened = cuda_ipc.PeerPools()
             dst = opened.open(pools, 0)
+        local = {u: (torch.zeros_like(k), torch.zeros_like(v)) for u, (k, v) in src.items()}
         stream = torch.cuda.Stream(device) if not dry else None
         try:
             for name, (s_ids, d_ids) in patterns.items():
@@ -340,11 +368,21 @@ async def section_kv_bandwidth(args: argparse.Namespace) -> dict:
 
                 t = _time_it(move_all, device, reps)
                 gbs = nbytes / pct(t, 50) / 1e9
+
+                def move_local() -> None:   # the same calls between pools of this process: no IPC mapping
+                    for u in range(units):
+                        cuda_ipc.copy_runs(src[u][0], local[u][0], runs, stream)
+                        cuda_ipc.copy_runs(src[u][1], local[u][1], runs, stream)
+                    if stream is not None:
+                        stream.synchronize()
+
+                local_gbs = nbytes / pct(_time_it(move_local, device, reps), 50) / 1e9
                 want = blocks_digest(*src[units - 1], s_ids)
                 got = (digest(units - 1, d_ids) if dry else
                        await system.ask(peer.ref, PoolDigest(units - 1, d_ids)))
                 out[name] = {"runs_per_unit": len(runs), "gbs": gbs, "ratio_vs_d2d": gbs / out["d2d_gbs"],
-                             "p50_ms": pct(t, 50) * 1e3, "bytes_equal": want == got}
+                             "p50_ms": pct(t, 50) * 1e3, "bytes_equal": want == got,
+                             "local_gbs": local_gbs, "ratio_vs_local": gbs / local_gbs}
         finally:
             if not dry:
                 opened.close()
@@ -366,7 +404,9 @@ async def section_hop_latency(args: argparse.Namespace) -> dict:
     hidden, dtype = (128, torch.float32) if dry else (4096, torch.float16)
     tokens = [1, 64] if dry else [1, 64, 256]
     iters, warm = (30, 5) if dry else (300, 30)
-    kinds = [("shm", False)] if dry else [("cuda_ipc", False), ("shm", True)]
+    # on a GPU: the channel, and the residual staged through host memory over a shared-memory ring
+    # or a ZeroMQ socket (what the message path of a plain StageActor does)
+    kinds = [("shm", False), ("ipc", False)] if dry else [("cuda_ipc", False), ("shm", True), ("ipc", True)]
     out: dict[str, Any] = {"hidden": hidden, "dtype": str(dtype).removeprefix("torch."), "iters": iters, "rows": []}
     async with ActorSystem(ActorSettings(ask_timeout=120.0, start_timeout=120.0)) as system:
         for kind, staged in kinds:
@@ -390,7 +430,7 @@ async def section_hop_latency(args: argparse.Namespace) -> dict:
                             if i >= warm:
                                 times.append((time.perf_counter() - t0) / 2)
                             del y
-                        label = "host-staged (D2H + shm + H2D)" if staged else kind
+                        label = f"host-staged (D2H + {kind} + H2D)" if staged else kind
                         out["rows"].append({"transport": label, "tokens": n, "bytes": x.numel() * x.element_size(),
                                             "p50_us": pct(times, 50) * 1e6, "p99_us": pct(times, 99) * 1e6})
                 finally:
@@ -558,6 +598,127 @@ async def section_reshape(args: argparse.Namespace) -> dict:
     return out
 
 
+def _profile_calls(fn: Any, calls: int, device: str) -> dict:
+    """Wall time per call of `fn`, and where it goes (torch.profiler): the GPU's kernel time, the
+    host's launches, copies and synchronisations, and the host ops that take the most time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    out: dict[str, Any] = {"calls": calls, "wall_ms": (time.perf_counter() - t0) / calls * 1e3}
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    ev = prof.key_averages()
+
+    def self_dev(e: Any) -> float:
+        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0)
+
+    out["gpu_kernel_ms"] = sum(self_dev(e) for e in ev if e.device_type == DeviceType.CUDA) / calls / 1e3
+    out["host_per_call"] = {k: sum(e.count for e in ev if e.key == k) / calls for k in (
+        "cudaLaunchKernel", "cudaLaunchKernelExC", "cudaMemcpyAsync", "cudaStreamSynchronize",
+        "cudaDeviceSynchronize", "aten::_local_scalar_dense", "aten::copy_", "aten::to")}
+    host = sorted((e for e in ev if e.device_type == DeviceType.CPU), key=lambda e: -e.self_cpu_time_total)
+    out["top_host_ops"] = [[e.key, round(e.self_cpu_time_total / calls / 1e3, 3), e.count / calls] for e in host[:12]]
+    return out
+
+
+def _calibrate(device: str) -> dict:
+    """How fast this machine's host is at what a decode step is made of (compare with another host)."""
+    t0 = time.perf_counter()
+    acc = 0
+    for i in range(2_000_000):
+        acc += i
+    out = {"python_loop_ns_per_iter": (time.perf_counter() - t0) / 2e6 * 1e9}
+    a = torch.ones(8)
+    out["torch_cpu_add_us"] = mean_call(lambda: a.add_(1), 20000) * 1e6
+    if device.startswith("cuda"):
+        b = torch.ones(8, device=device)
+        sync(device)
+        out["cuda_launch_us"] = mean_call(lambda: b.add_(1), 20000) * 1e6   # queued, not waited for
+        sync(device)
+        out["cuda_sync_roundtrip_us"] = mean_call(lambda: (b.add_(1), sync(device)), 2000) * 1e6
+    return out
+
+
+def print_top(r: dict, n: int = 6) -> None:
+    for name, ms, count in r["top_host_ops"][:n]:
+        print(f"    {ms:8.3f} ms host  {count:7.1f} calls  {name}", flush=True)
+
+
+def mean_call(fn: Any, n: int) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def section_profile(args: argparse.Namespace) -> dict:
+    """Where a decode step's time goes, FlexPipe's StageCore (the whole model, in-process) and HF."""
+    from flexpipe.model.device_weights import DevicePresetWeights
+    from flexpipe.runtime.stage_core import StageCore, StepMeta
+
+    dry = args.dry_run
+    device = "cpu" if dry else "cuda:0"
+    cfg = make_config("tiny" if dry else "llama2-7b")
+    dtype = torch.float32 if dry else torch.float16
+    calls = 5 if dry else 20
+    out: dict[str, Any] = {"model": cfg.name, "dtype": str(dtype).removeprefix("torch."), "host": _calibrate(device),
+                           "flexpipe": {}, "hf": {}}
+    print(f"  host: {out['host']}", flush=True)
+    core = StageCore(cfg, DevicePresetWeights(cfg, seed=0), 0, cfg.num_units, num_blocks=512, block_size=16,
+                     dtype=dtype, device=device)
+    greedy = [0.0, 0, 1.0, 0]
+    for rows in (1, 32):
+        prompts = _prompts(rows, cfg.vocab_size)
+        ids = [f"p{rows}-{j}" for j in range(rows)]
+        for j, p in enumerate(prompts):
+            core.forward(StepMeta([ids[j]], [0], [len(p)], [True], [0], [greedy]), torch.tensor(p))
+        k = [0]
+
+        def step() -> None:
+            k[0] += 1
+            core.forward(StepMeta(ids, [len(p) + k[0] for p in prompts], [1] * rows, [True] * rows,
+                                  [k[0]] * rows, [greedy] * rows), torch.tensor([5] * rows))
+        r = out["flexpipe"][str(rows)] = _profile_calls(step, calls, device)
+        print(f"  FlexPipe StageCore decode, {rows:>2} rows: {r['wall_ms']:.1f} ms/step, GPU kernels "
+              f"{r['gpu_kernel_ms']:.1f} ms, per step {r['host_per_call']}", flush=True)
+        print_top(r)
+        core.free(ids)
+    del core
+    if not dry:
+        torch.cuda.empty_cache()
+    model = _hf_model(cfg, device, dtype)
+    for rows in (1, 8):   # generate under the profiler is slow: 32 rows ran past 90 s on an H200
+        prompts = _prompts(rows, cfg.vocab_size)
+        width = max(map(len, prompts))
+        ids_t = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        new = 8
+
+        def gen() -> None:
+            with torch.no_grad():
+                model.generate(ids_t, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        r = _profile_calls(gen, 2 if dry else 3, device)
+        r["per_token_ms"] = r["wall_ms"] / new
+        r["gpu_kernel_ms_per_token"] = r["gpu_kernel_ms"] / new
+        out["hf"][str(rows)] = r
+        print(f"  HF generate, {rows:>2} rows: {r['per_token_ms']:.1f} ms/token (prefill included), GPU kernels "
+              f"{r['gpu_kernel_ms_per_token']:.1f} ms/token, per call {r['host_per_call']}", flush=True)
+        print_top(r)
+    out["ok"] = True
+    return out
+
+
 SECTIONS: dict[str, tuple[Any, float]] = {   # name -> (function, budget in seconds)
     "env": (section_env, 45),
     "tests": (section_tests, 170),
@@ -565,6 +726,7 @@ SECTIONS: dict[str, tuple[Any, float]] = {   # name -> (function, budget in seco
     "hop_latency": (section_hop_latency, 60),
     "decode": (section_decode, 170),
     "reshape": (section_reshape, 120),
+    "profile": (section_profile, 150),
 }
 TOTAL_BUDGET = 465.0   # seconds for the whole run: under 8 minutes with the interpreter's start
 
@@ -597,8 +759,14 @@ def _spawn(name: str, args: argparse.Namespace, budget: float, out: Path) -> dic
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        return {"status": "timeout", "seconds": round(time.perf_counter() - t0, 1), "budget_s": budget,
-                "error": f"section ran past its budget of {budget:.0f} s and was killed"}
+        res = {"status": "timeout", "seconds": round(time.perf_counter() - t0, 1), "budget_s": budget,
+               "error": f"section ran past its budget of {budget:.0f} s and was killed"}
+        partial = Path(str(out) + ".log")
+        if partial.exists():   # what the section had written of its own log (the tests: pytest's output)
+            lines = partial.read_text().splitlines()
+            res.update({k: v for k, v in read_verdicts(lines).items() if k not in ("ok", "log_tail")},
+                       log_tail=lines[-120:])
+        return res
     with contextlib.suppress(ProcessLookupError):   # stage processes it left behind
         os.killpg(proc.pid, signal.SIGKILL)
     if not out.exists():
@@ -630,7 +798,8 @@ def report_lines(res: dict) -> list[str]:
         for p in ("coalesced", "block_by_block"):
             if p in kv:
                 lines.append(f"  {p:<15} {kv[p]['gbs']:8.1f} GB/s  {kv[p]['ratio_vs_d2d']:.2f}x of D2D  "
-                             f"({kv[p]['runs_per_unit']} runs/unit, bytes equal: {kv[p]['bytes_equal']})")
+                             f"({kv[p]['runs_per_unit']} runs/unit, bytes equal: {kv[p]['bytes_equal']}; the same "
+                             f"copies between pools of one process {_fmt(kv[p].get('local_gbs'))} GB/s)")
         t = kv.get("target", {})
         if t:
             verdict = {True: "met", False: "NOT met", None: "not evaluated (dry run)"}[t["met"]]
@@ -711,10 +880,15 @@ def drive(args: argparse.Namespace) -> int:
         print(line)
     if tests.get("cases") is not None:
         print(f"GPU tests: {tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, "
-              f"{tests.get('error', 0)} errors, {tests.get('skipped', 0)} skipped")
+              f"{tests.get('error', 0)} errors, {tests.get('skipped', 0)} skipped, "
+              f"{tests.get('not_run', 0)} not run (of {tests.get('collected')})")
+        if tests.get("timeout"):
+            print(f"  {tests['timeout'].strip('+ ')}")
         for c in tests["cases"]:
-            if c["state"] != "passed":
+            if c["state"] != "passed" and not (c["state"] == "skipped" and tests.get("skip_reasons")):
                 print(f"  {c['state']}: {c['name']}: {c['why'][:160]}")
+        for why in tests.get("skip_reasons", []):
+            print(f"  skip reason: {why[:200]}")
     path = _write(res, args)
     print(f"sections: {len(sections) - len(failed) - len(skipped)}/{len(sections)} ok"
           f"{' (failed: ' + ', '.join(failed) + ')' if failed else ''}"

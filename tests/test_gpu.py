@@ -96,38 +96,6 @@ class GpuSink:
 
 
 @needs_ipc
-@pytest.mark.parametrize("sync", ["event", "host"])
-async def test_cuda_ipc_exact_bytes_to_another_process(sync):
-    async with ActorSystem(SETTINGS) as system:
-        sink = await system.launch("test_gpu:GpuSink", name="sink")
-        tx = await open_sender(await system.ask(sink.ref, SinkOpen(sync, 1 << 20)), device="cuda:0")
-        try:
-            for seed in range(1, 4):   # new tensors
-                sent = payload(seed)
-                reply = asyncio.ensure_future(system.ask(sink.ref, SinkDigest()))
-                await tx.send(*sent)
-                assert await reply == digest(sent)
-            sent = payload(7)          # into preallocated tensors
-            specs = [[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in sent]
-            reply = asyncio.ensure_future(system.ask(sink.ref, SinkDigest(specs)))
-            await tx.send(*sent)
-            assert await reply == digest(sent)
-            g = torch.Generator(device="cuda").manual_seed(5)   # many sizes: the ring wraps many times
-            for i in range(60):
-                n = int(torch.randint(1, 300_000, (1,)))
-                x = torch.randint(0, 256, (n,), generator=g, device="cuda", dtype=torch.uint8)
-                reply = asyncio.ensure_future(system.ask(sink.ref, SinkDigest()))
-                await tx.send(x)
-                x.add_(1)              # modifying after send() returns is allowed (the fence)
-                assert (await reply)[0][0] == digest([x - 1])[0][0], f"send {i} of {n} bytes"
-            assert tx.stats["sends"] == 64 and tx.stats["waits"] > 0
-        finally:
-            await tx.aclose()
-            await sink.stop()
-    assert len(cuda_ipc.HANDLES) == 0   # the sender's mapping was released on close
-
-
-@needs_ipc
 async def test_cuda_ipc_received_views_hold_ring_space_until_dropped():
     rx = await open_receiver("cuda_ipc", device="cuda:0", ring_bytes=64 << 10)
     tx = await open_sender(rx.address)          # the same process: no handle to open, events shared
@@ -352,3 +320,37 @@ def test_inventory_reads_this_machine():
     finally:
         inv.close()
         del x
+
+
+# Last in the file: on an H200 (2026-11-28) both variants hung inside a CUDA call, which the per-test
+# timeout can only end by ending pytest (gpu_check's tests section): the tests above still report.
+@needs_ipc
+@pytest.mark.parametrize("sync", ["event", "host"])
+async def test_cuda_ipc_exact_bytes_to_another_process(sync):
+    async with ActorSystem(SETTINGS) as system:
+        sink = await system.launch("test_gpu:GpuSink", name="sink")
+        tx = await open_sender(await system.ask(sink.ref, SinkOpen(sync, 1 << 20)), device="cuda:0")
+        try:
+            for seed in range(1, 4):   # new tensors
+                sent = payload(seed)
+                reply = asyncio.ensure_future(system.ask(sink.ref, SinkDigest()))
+                await tx.send(*sent)
+                assert await reply == digest(sent)
+            sent = payload(7)          # into preallocated tensors
+            specs = [[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in sent]
+            reply = asyncio.ensure_future(system.ask(sink.ref, SinkDigest(specs)))
+            await tx.send(*sent)
+            assert await reply == digest(sent)
+            g = torch.Generator(device="cuda").manual_seed(5)   # many sizes: the ring wraps many times
+            for i in range(60):
+                n = int(torch.randint(1, 300_000, (1,)))
+                x = torch.randint(0, 256, (n,), generator=g, device="cuda", dtype=torch.uint8)
+                reply = asyncio.ensure_future(system.ask(sink.ref, SinkDigest()))
+                await tx.send(x)
+                x.add_(1)              # modifying after send() returns is allowed (the fence)
+                assert (await reply)[0][0] == digest([x - 1])[0][0], f"send {i} of {n} bytes"
+            assert tx.stats["sends"] == 64 and tx.stats["waits"] > 0
+        finally:
+            await tx.aclose()
+            await sink.stop()
+    assert len(cuda_ipc.HANDLES) == 0   # the sender's mapping was released on close

@@ -222,6 +222,25 @@ def test_copy_runs_moves_exactly_the_blocks_named():
         copy_runs(src, dst.float(), [(0, 0, 1)])
 
 
+def test_copy_runs_gathers_short_runs_in_bounded_chunks(monkeypatch):
+    """Block-by-block copies go by index, a bounded number of bytes at a time: every chunk size
+    moves exactly the blocks named, and nothing else."""
+    from flexpipe.transports import cuda_ipc
+
+    g = torch.Generator().manual_seed(1)
+    src = torch.randn(40, 4, 2, 8, generator=g)
+    perm = torch.randperm(40, generator=g).tolist()
+    src_ids, dst_ids = perm[:25], perm[15:40]
+    per_block = src[0].numel() * 4
+    for blocks_per_chunk in (1, 3, 25, 100):
+        monkeypatch.setattr(cuda_ipc, "_INDEX_CHUNK", blocks_per_chunk * per_block)
+        dst = torch.zeros_like(src)
+        assert copy_runs(src, dst, coalesce_runs(src_ids, dst_ids)) == 25 * per_block
+        want = torch.zeros_like(src)
+        want[dst_ids] = src[src_ids]
+        assert torch.equal(dst, want), blocks_per_chunk
+
+
 # --- CUDA IPC: the channel protocol, on host memory in one process -----------------------------------
 # listen(device="cpu") runs the very same ring protocol (notices, waiting for space, streaming through
 # the ring, views that hold space until dropped, `into`) with no CUDA call: what it tests is the
@@ -638,3 +657,29 @@ def test_gpu_check_dry_run_writes_its_json_and_an_honest_exit_code(tmp_path):
     if not cuda_ipc.available() and not __import__("torch").cuda.is_available():
         assert proc.returncode == 2 and "no CUDA device" in proc.stdout   # not a dry run, and no GPU here
         assert json.loads(out.read_text())["exit_code"] == 2
+
+
+def test_gpu_check_reads_test_verdicts_from_pytest_output_even_after_a_hang():
+    """The H200 run of 2026-11-28 lost every verdict: a test hung inside a CUDA call, pytest was
+    killed and wrote no report. The verdicts now come from pytest -v lines, and a test collected
+    but never finished counts as not run (the section fails)."""
+    from benchmarks.gpu_check import read_verdicts
+
+    log = ["collecting ... collected 4 items", "",
+           "tests/test_gpu.py::test_a PASSED                                   [ 25%]",
+           "tests/test_gpu.py::test_b[host] FAILED                             [ 50%]",
+           "tests/test_gpu.py::test_c SKIPPED (no CUDA device)                 [ 75%]",
+           "tests/test_gpu.py::test_d ",
+           "+++++++++++++++++++++++++++++++++++ Timeout ++++++++++++++++++++++++++++++++++++",
+           'File "flexpipe/transports/cuda_ipc.py", line 802, in aclose']
+    v = read_verdicts(log)
+    assert (v["passed"], v["failed"], v["skipped"], v["not_run"], v["collected"]) == (1, 1, 1, 1, 4)
+    assert not v["ok"] and "Timeout" in v["timeout"] and v["log_tail"][-1].endswith("in aclose")
+    assert {c["name"]: c["why"] for c in v["cases"]}["test_c"] == "no CUDA device"
+    v = read_verdicts(log[:5] + ["=== short test summary info ===",
+                                 "FAILED tests/test_gpu.py::test_b[host] - AssertionError: hop was message",
+                                 "SKIPPED [1] tests/test_gpu.py:12: no CUDA device"])
+    assert {c["name"]: c["why"] for c in v["cases"]}["test_b[host]"] == "AssertionError: hop was message"
+    assert v["skip_reasons"] == ["tests/test_gpu.py:12: no CUDA device"] and v["not_run"] == 1
+    assert read_verdicts(log[:3] + ["tests/test_gpu.py::test_b[host] PASSED", "tests/test_gpu.py::test_c PASSED",
+                                    "tests/test_gpu.py::test_d PASSED"])["ok"]

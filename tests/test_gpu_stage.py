@@ -17,7 +17,7 @@ from flexpipe.runtime.gpu_stage import (
     GPU_TARGET, PLAIN_TARGET, GpuStageActor, OpenHop, ReserveKV, choose_hop, hop_capacity, stage_target,
 )
 from flexpipe.runtime.messages import ActorRef
-from flexpipe.runtime.stage import Configure, StepInput
+from flexpipe.runtime.stage import Configure, FreeSeqs, StepInput
 from flexpipe.runtime import codec
 from flexpipe.transports import Endpoint
 
@@ -201,8 +201,9 @@ def test_source_spec_on_device_selects_device_weights():
 
 
 async def test_gpu_stage_takes_kv_reservations_and_hop_requests_only_from_its_pipeline():
-    """ReserveKV (it grows block tables) and OpenHop (it replaces the receiving channel) are refused
-    from a stranger once the stage knows its roles; before its first Configure, OpenHop is open."""
+    """ReserveKV (it grows block tables), FreeSeqs (an old owner giving reserved blocks back) and
+    OpenHop (it replaces the receiving channel) are refused from a stranger once the stage knows its
+    roles; before its first Configure, OpenHop is open."""
     from flexpipe.runtime.actor import LocalContext
     from flexpipe.runtime.stage import ExpectPeers, StageActor
 
@@ -210,6 +211,7 @@ async def test_gpu_stage_takes_kv_reservations_and_hop_requests_only_from_its_pi
     stage = GpuStageActor(ModelConfig.preset("tiny").to_dict(), {"kind": "preset", "seed": 0}, 2, 4,
                           num_blocks=16, block_size=4, transport="message", controller=[ctrl.name, ctrl.endpoint])
     hop, reserve = OpenHop(0, ["h", 1, "cpu"]), ReserveKV([["a", 0, 4]], ["h", 1, "cpu"])
+    free = FreeSeqs(1, ["a"])   # an old owner giving back blocks it reserved for a finished request
     assert stage.check_sender(stranger, hop) is None          # not configured yet: upstream unknown
     ctx = await LocalContext(stage, "stage2").start()
     StageActor.configure(stage, ctx, Configure(0, 1, nxt, ctrl, up))  # its roles, without opening a hop
@@ -218,6 +220,9 @@ async def test_gpu_stage_takes_kv_reservations_and_hop_requests_only_from_its_pi
     assert "upstream" in stage.check_sender(stranger, hop)
     assert stage.check_sender(ctrl, reserve) is None
     assert "neither" in stage.check_sender(stranger, reserve)
-    stage.expect_peers(None, ExpectPeers(1, [stranger]))      # named for a reshape: may send both
+    assert stage.check_sender(ctrl, free) is None
+    assert "neither" in stage.check_sender(stranger, free)
+    stage.expect_peers(None, ExpectPeers(1, [stranger]))      # named for a reshape: may send all three
     assert stage.check_sender(stranger, reserve) is None
+    assert stage.check_sender(stranger, free) is None
     assert stage.check_sender(stranger, hop) is None

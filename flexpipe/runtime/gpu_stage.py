@@ -146,8 +146,11 @@ class ReserveKV:
 class GpuStageActor(StageActor):
     """A StageActor with a channel hop to the next stage and KV copies through CUDA IPC (see above)."""
 
-    # ReserveKV grows block tables: only from the controller or the peers it named for a reshape
-    peer_messages: frozenset = StageActor.peer_messages | {ReserveKV}
+    # ReserveKV grows block tables: only from the controller or the peers it named for a reshape.
+    # FreeSeqs too: an old owner that reserved blocks here for a request which then finished gives
+    # them back (export_kv); on a plain StageActor only the controller frees sequences.
+    peer_messages: frozenset = StageActor.peer_messages | {ReserveKV, FreeSeqs}
+    control_messages: frozenset = StageActor.control_messages - {FreeSeqs}
 
     def check_sender(self, sender: ActorRef | None, msg: Any) -> str | None:
         """StageActor's rules, and: OpenHop (which replaces the receiving channel) only from this
