@@ -832,8 +832,9 @@ def copy_runs(src: torch.Tensor, dst: torch.Tensor, runs: Sequence[tuple[int, in
 
     Long runs are single memcpys. Short ones (block by block) are gathered and scattered by index:
     two kernels per _INDEX_CHUNK bytes, whatever the number of runs. (torch._foreach_copy_ was
-    tried first: on an H200 it ran one copy per block, 23.5 GB/s for 128 KiB blocks, a fiftieth of
-    a plain device copy; benchmarks/results/gpu_check-2026-11-28-nvidia-h200.json.)
+    tried first: on an H200 it moved 23.5 GB/s for 128 KiB blocks, ~5 us per block, as if each
+    were its own copy: an eightieth of a plain device copy; this gives 60.4 GB/s there;
+    benchmarks/results/gpu_check-2026-11-28-nvidia-h200*.json.)
     """
     if src.dtype != dst.dtype or src.shape[1:] != dst.shape[1:]:
         raise ValueError(f"pools differ: {src.dtype}{list(src.shape)} vs {dst.dtype}{list(dst.shape)}")
