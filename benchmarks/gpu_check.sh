@@ -2,7 +2,7 @@
 # FlexPipe GPU check: one command on a machine with one NVIDIA GPU, no network, under 8 minutes.
 # Runs the GPU tests and prints the GPU figures (docs/gpu.md); writes them to
 # benchmarks/results/gpu_check-<date>-<gpu>.json (or --out PATH). Installs nothing: it uses the project
-# venv (.venv) or $PYTHON, which needs torch with CUDA; CuPy (cupy-cuda12x) for the CUDA IPC / NCCL
+# venv (.venv) or $PYTHON, which needs torch with CUDA; CuPy (cupy-cuda13x; -cuda12x for CUDA 12) for the CUDA IPC / NCCL
 # parts; nvidia-ml-py for the NVML inventory; transformers for the HF baseline.
 #
 #   bash benchmarks/gpu_check.sh              # the real run
@@ -28,7 +28,7 @@ import importlib.util, torch
 cuda = torch.cuda.is_available()
 print(f"python {__import__('sys').version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
       f"GPU: {torch.cuda.get_device_name(0) if cuda else 'none visible'}")
-for mod, what in (("cupy", "CUDA IPC and NCCL transports (pip install cupy-cuda12x)"),
+for mod, what in (("cupy", "CUDA IPC and NCCL transports (pip install cupy-cuda13x, or cupy-cuda12x for a CUDA 12 torch)"),
                   ("pynvml", "the NVML inventory (pip install nvidia-ml-py)"),
                   ("transformers", "the HF decode baseline")):
     if importlib.util.find_spec(mod) is None:

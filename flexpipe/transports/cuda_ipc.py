@@ -67,7 +67,8 @@ def unavailable_reason() -> str:
     try:
         import cupy  # noqa: F401
     except ImportError:
-        return "CuPy is not installed (pip install cupy-cuda12x, or the flexpipe[gpu] extra)"
+        return ("CuPy is not installed (pip install cupy-cuda13x, or cupy-cuda12x for a CUDA 12 torch; "
+                "or the flexpipe[gpu] extra)")
     except Exception as e:   # a CuPy built for another CUDA major raises at import
         return f"CuPy cannot be imported: {type(e).__name__}: {e}"
     return ""

@@ -58,7 +58,8 @@ def unavailable_reason() -> str:
     try:
         from cupy.cuda import nccl
     except ImportError:
-        return "CuPy (with NCCL) is not installed (pip install cupy-cuda12x, or the flexpipe[gpu] extra)"
+        return ("CuPy (with NCCL) is not installed (pip install cupy-cuda13x, or cupy-cuda12x for a CUDA 12 "
+                "torch; or the flexpipe[gpu] extra)")
     except Exception as e:
         return f"CuPy cannot be imported: {type(e).__name__}: {e}"
     if not getattr(nccl, "available", False):
