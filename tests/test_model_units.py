@@ -285,13 +285,19 @@ def test_bfloat16_stays_close_to_float32():
 
 @pytest.mark.parametrize("hidden", [64, 256, 4096])
 def test_fused_rms_norm_equals_the_hf_steps(hidden):
-    """rms_norm takes torch's fused op in fp32: the very numbers of HF's steps (fp32 mean, rsqrt, weight)."""
+    """rms_norm takes torch's fused op: the very numbers of HF's steps (fp32 mean, rsqrt, then the
+    weight in fp32, or after the cast back in fp16/bf16)."""
     from flexpipe.model.units import rms_norm
 
     g = torch.Generator().manual_seed(hidden)
     x, w = torch.randn(7, hidden, generator=g) * 3, torch.randn(hidden, generator=g)
     xf = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
     assert torch.equal(rms_norm(x, w, 1e-6), w * xf)
+    for dtype in (torch.float16, torch.bfloat16):   # HF's steps for half weights: fp32 norm, cast, weight
+        xh, wh = x.to(dtype), w.to(dtype)
+        xf = xh.float()
+        steps = wh * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+        assert torch.equal(rms_norm(xh, wh, 1e-6), steps), dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -140,13 +140,16 @@ def attention_flops_per_token(cfg: ModelConfig, context_len: int) -> float:
 
 # --- numerics shared with HF transformers ---------------------------------------------------------
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama RMSNorm, computed in fp32 and cast back before the weight, as HF does."""
+    """Llama RMSNorm, computed in fp32 and cast back before the weight, as HF does:
+    `w * (xf * rsqrt(mean(xf^2) + eps)).to(x.dtype)` with xf = x.float().
+
+    torch's fused op gives the same numbers as those steps (tests/test_model_units.py checks it on
+    CPU): one op in fp32, four in fp16/bf16 instead of eight. A decode step on a GPU is bound by
+    its kernel launches (docs/gpu.md: ~1200 a step for Llama-2-7B, 65 norms of them).
+    """
     if x.dtype == torch.float32 and w.dtype == torch.float32:
-        # one fused op, the same numbers as the steps below (tests/test_model_units.py checks it)
         return F.rms_norm(x, (x.shape[-1],), w, eps)
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
+    return w * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
