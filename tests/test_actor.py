@@ -66,10 +66,9 @@ async def test_tell_waits_at_the_high_water_mark_and_keeps_order(system):
 
 async def test_ask_timeout_is_typed_and_the_actor_keeps_serving(system):
     echo = await system.spawn(Echo(), "echo")
-    t = time.perf_counter()
     with pytest.raises(AskTimeout, match="within 0.2s"):
         await system.ask(echo.ref, Sleep(1.0), timeout=0.2)
-    assert time.perf_counter() - t < 0.6
+    assert system.client.stats["late_replies"] == 0     # raised before the reply came, not after it
     assert await system.ask(echo.ref, Say("after")) == Say("after")   # waits for the sleep
     assert system.client.stats["late_replies"] == 1
 
@@ -115,9 +114,8 @@ async def test_one_message_at_a_time_unless_concurrent(system):
     t = time.perf_counter()
     await asyncio.gather(*(system.ask(echo.ref, Sleep(0.15)) for _ in range(3)))
     assert time.perf_counter() - t >= 0.45
-    t = time.perf_counter()
     tags = await asyncio.gather(*(system.ask(echo.ref, SlowConcurrent(0.3, i)) for i in range(5)))
-    assert tags == list(range(5)) and time.perf_counter() - t < 0.9
+    assert tags == list(range(5)) and echo.behaviour.peak == 5   # all five ran at once
 
 
 async def test_async_handlers_start_at_once_yet_run_one_at_a_time_in_order(system):
@@ -158,9 +156,8 @@ async def test_pings_are_answered_while_a_handler_is_busy(system):
     echo = await system.spawn(Echo(), "echo")
     busy = asyncio.ensure_future(system.ask(echo.ref, Sleep(0.5)))
     await asyncio.sleep(0.05)
-    t = time.perf_counter()
     assert await system.ask(echo.ref, Ping(7)) == Pong(7)
-    assert time.perf_counter() - t < 0.2 and not busy.done()
+    assert not busy.done()   # answered while the handler still sleeps
     await busy
 
 
@@ -183,12 +180,10 @@ async def test_watch_sees_a_clean_stop_at_once_and_a_crash_within_the_heartbeat_
     await asyncio.sleep(0.2)   # a few heartbeats go by: nobody is declared dead
     assert await system.ask(watcher.ref, Deaths()) == []
 
-    t = time.perf_counter()
     assert await system.ask(a.ref, Stop("done")) is True
     while not await system.ask(watcher.ref, Deaths()):
         await asyncio.sleep(0.01)
-    assert time.perf_counter() - t < 0.3   # told by the stopping actor, not by heartbeats
-    assert (await system.ask(watcher.ref, Deaths()))[0].reason == "done"
+    assert (await system.ask(watcher.ref, Deaths()))[0].reason == "done"   # told by the actor, not by heartbeats
     assert a.actor.behaviour.stopped
 
     b.abort()   # no goodbye, and the system is not told: only heartbeats can notice
@@ -219,13 +214,12 @@ async def test_heartbeats_flow_during_compute_in_a_worker_thread(system):
     watcher = await system.spawn(Echo(), "watcher")
     await system.ask(watcher.ref, WatchIt(echo.ref))
     work = asyncio.ensure_future(system.ask(echo.ref, Compute(1.0)))
-    worst = 0.0
+    answered = 0   # pings answered while the compute runs: one at most if it held the loop
     while not work.done():
-        t = time.perf_counter()
         await system.ask(echo.ref, Ping())
-        worst = max(worst, time.perf_counter() - t)
+        answered += not work.done()
         await asyncio.sleep(0.05)
-    assert await work > 0 and worst < 0.3
+    assert await work > 0 and answered >= 4, answered
     assert await system.ask(watcher.ref, Deaths()) == []
 
 

@@ -115,6 +115,7 @@ class Echo:
         self.deaths: list[Terminated] = []
         self.started = False
         self.stopped = False
+        self.running = self.peak = 0   # SlowConcurrent handlers running now, and at most
 
     async def on_start(self, ctx) -> None:
         self.started = True
@@ -150,7 +151,12 @@ class Echo:
 
     @handles(SlowConcurrent, concurrent=True)
     async def slow(self, ctx, msg: SlowConcurrent):
-        await asyncio.sleep(msg.seconds)
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await asyncio.sleep(msg.seconds)
+        finally:
+            self.running -= 1
         return msg.tag
 
     @handles(Log)

