@@ -532,6 +532,20 @@ async def section_decode(args: argparse.Namespace) -> dict:
             res = await _fp_run(fp, prompts[:n], m)
             out["flexpipe"][str(n)] = _rates(res, n, m)
             print(f"  FlexPipe {n:>3} streams: {out['flexpipe'][str(n)]['decode_tok_s']:.1f} tok/s", flush=True)
+    # FP-3's second target on a GPU: 4 stage processes on the same device, hops through CUDA IPC
+    out["flexpipe_4"] = {}
+    t0 = time.perf_counter()
+    async with ipc_pipeline(cfg, stages=4, device=device, dtype=dtype, num_blocks=1024,
+                            max_batch_tokens=1024) as fp:
+        out["flexpipe_4_start_s"] = time.perf_counter() - t0
+        await _fp_run(fp, prompts[:2], 4)
+        for n in streams:
+            res = await _fp_run(fp, prompts[:n], m)
+            r = out["flexpipe_4"][str(n)] = _rates(res, n, m)
+            print(f"  FlexPipe 4 stages {n:>3} streams: {r['decode_tok_s']:.1f} tok/s, TPOT p50 "
+                  f"{r['tpot_p50_ms']:.1f} ms", flush=True)
+    out["tpot_4_over_1"] = {str(n): out["flexpipe_4"][str(n)]["tpot_p50_ms"] / out["flexpipe"][str(n)]["tpot_p50_ms"]
+                            for n in streams}
     if not dry:
         torch.cuda.empty_cache()
     t0 = time.perf_counter()
@@ -819,6 +833,12 @@ def report_lines(res: dict) -> list[str]:
             r = dec.get("ratio", {}).get(str(n))
             lines.append(f"  {n:>7} {_fmt(f.get('decode_tok_s')):>15} {_fmt(h.get('decode_tok_s')):>10} "
                          f"{_fmt(r, '.2f'):>6} {_fmt(f.get('tpot_p50_ms')):>15} {_fmt(h.get('tpot_p50_ms')):>15}")
+        if dec.get("flexpipe_4"):
+            lines.append("  FlexPipe 4 stage processes on the same device (FP-3: TPOT p50 <= 1.25x of 1 stage):")
+            for n in dec["streams"]:
+                f4 = dec["flexpipe_4"].get(str(n), {})
+                lines.append(f"  {n:>7} {_fmt(f4.get('decode_tok_s')):>15} tok/s, TPOT p50 {_fmt(f4.get('tpot_p50_ms'))} ms"
+                             f" = {_fmt(dec.get('tpot_4_over_1', {}).get(str(n)), '.2f')}x of 1 stage")
     rs = s.get("reshape", {})
     if "pause_p50_ms" in rs:
         lines.append(f"reshape 1->2->1 ({rs['model']} {rs['dtype']}, {rs['streams']} streams, {rs['reshapes']} "
