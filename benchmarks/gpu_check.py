@@ -523,29 +523,34 @@ async def section_decode(args: argparse.Namespace) -> dict:
     prompts = _prompts(max(streams), cfg.vocab_size)
     out: dict[str, Any] = {"model": cfg.name, "dtype": dtype, "new_tokens": m, "prompt_tokens": [32, 64],
                            "streams": streams, "flexpipe": {}, "hf": {}}
-    t0 = time.perf_counter()
-    async with ipc_pipeline(cfg, stages=1, device=device, dtype=dtype, num_blocks=1024,
-                            max_batch_tokens=1024) as fp:
-        out["flexpipe_start_s"] = time.perf_counter() - t0
-        await _fp_run(fp, prompts[:2], 4)   # warm-up: first steps pay for lazy initialisation
-        for n in streams:
-            res = await _fp_run(fp, prompts[:n], m)
-            out["flexpipe"][str(n)] = _rates(res, n, m)
-            print(f"  FlexPipe {n:>3} streams: {out['flexpipe'][str(n)]['decode_tok_s']:.1f} tok/s", flush=True)
-    # FP-3's second target on a GPU: 4 stage processes on the same device, hops through CUDA IPC
-    out["flexpipe_4"] = {}
-    t0 = time.perf_counter()
-    async with ipc_pipeline(cfg, stages=4, device=device, dtype=dtype, num_blocks=1024,
-                            max_batch_tokens=1024) as fp:
-        out["flexpipe_4_start_s"] = time.perf_counter() - t0
-        await _fp_run(fp, prompts[:2], 4)
-        for n in streams:
-            res = await _fp_run(fp, prompts[:n], m)
-            r = out["flexpipe_4"][str(n)] = _rates(res, n, m)
-            print(f"  FlexPipe 4 stages {n:>3} streams: {r['decode_tok_s']:.1f} tok/s, TPOT p50 "
-                  f"{r['tpot_p50_ms']:.1f} ms", flush=True)
-    out["tpot_4_over_1"] = {str(n): out["flexpipe_4"][str(n)]["tpot_p50_ms"] / out["flexpipe"][str(n)]["tpot_p50_ms"]
-                            for n in streams}
+    graphs = "static" if dry else "graph"   # CUDA graphs of decode steps (model/static_decode.py)
+
+    async def pipeline(key: str, stages: int, decode: str) -> None:
+        """FlexPipe with `stages` stage processes on the device, decode steps `decode`, into out[key]."""
+        label = f"FlexPipe {stages} stage{'s' if stages > 1 else ''}{', ' + decode if decode != 'off' else ''}"
+        out[key] = {}
+        t0 = time.perf_counter()
+        try:
+            async with ipc_pipeline(cfg, stages=stages, device=device, dtype=dtype, num_blocks=1024,
+                                    max_batch_tokens=1024, decode_graphs=decode) as fp:
+                out[key + "_start_s"] = time.perf_counter() - t0
+                await _fp_run(fp, prompts[:2], 4)   # warm-up: first steps pay for lazy initialisation
+                for n in streams:
+                    r = out[key][str(n)] = _rates(await _fp_run(fp, prompts[:n], m), n, m)
+                    print(f"  {label} {n:>3} streams: {r['decode_tok_s']:.1f} tok/s, TPOT p50 "
+                          f"{r['tpot_p50_ms']:.1f} ms", flush=True)
+        except Exception as e:   # one configuration failing leaves the others' figures
+            out[key + "_error"] = f"{type(e).__name__}: {e}"[:500]
+            print(f"  {label}: failed: {out[key + '_error']}", flush=True)
+
+    await pipeline("flexpipe", 1, "off")
+    await pipeline("flexpipe_graph", 1, graphs)
+    # FP-3's second target on a GPU: 4 stage processes on the same device, hops through CUDA IPC,
+    # against 1 stage with the same decode steps
+    await pipeline("flexpipe_4", 4, graphs)
+    base = out["flexpipe_graph"] if out["flexpipe_graph"] else out["flexpipe"]
+    out["tpot_4_over_1"] = {str(n): out["flexpipe_4"][str(n)]["tpot_p50_ms"] / base[str(n)]["tpot_p50_ms"]
+                            for n in streams if str(n) in out["flexpipe_4"] and str(n) in base}
     if not dry:
         torch.cuda.empty_cache()
     t0 = time.perf_counter()
@@ -559,8 +564,10 @@ async def section_decode(args: argparse.Namespace) -> dict:
         out["hf"][str(n)] = _rates(res, n, m)
         print(f"  HF       {n:>3} streams: {out['hf'][str(n)]['decode_tok_s']:.1f} tok/s", flush=True)
     out["ratio"] = {str(n): out["flexpipe"][str(n)]["decode_tok_s"] / out["hf"][str(n)]["decode_tok_s"]
-                    for n in streams}
-    out["ok"] = True
+                    for n in streams if str(n) in out["flexpipe"]}
+    out["ratio_graph"] = {str(n): out["flexpipe_graph"][str(n)]["decode_tok_s"] / out["hf"][str(n)]["decode_tok_s"]
+                          for n in streams if str(n) in out["flexpipe_graph"]}
+    out["ok"] = not any(k.endswith("_error") for k in out)
     return out
 
 
@@ -638,7 +645,7 @@ def _profile_calls(fn: Any, calls: int, device: str) -> dict:
 
     out["gpu_kernel_ms"] = sum(self_dev(e) for e in ev if e.device_type == DeviceType.CUDA) / calls / 1e3
     out["host_per_call"] = {k: sum(e.count for e in ev if e.key == k) / calls for k in (
-        "cudaLaunchKernel", "cudaLaunchKernelExC", "cudaMemcpyAsync", "cudaStreamSynchronize",
+        "cudaLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch", "cudaMemcpyAsync", "cudaStreamSynchronize",
         "cudaDeviceSynchronize", "aten::_local_scalar_dense", "aten::copy_", "aten::to")}
     host = sorted((e for e in ev if e.device_type == DeviceType.CPU), key=lambda e: -e.self_cpu_time_total)
     out["top_host_ops"] = [[e.key, round(e.self_cpu_time_total / calls / 1e3, 3), e.count / calls] for e in host[:12]]
@@ -689,28 +696,36 @@ def section_profile(args: argparse.Namespace) -> dict:
     out: dict[str, Any] = {"model": cfg.name, "dtype": str(dtype).removeprefix("torch."), "host": _calibrate(device),
                            "flexpipe": {}, "hf": {}}
     print(f"  host: {out['host']}", flush=True)
-    core = StageCore(cfg, DevicePresetWeights(cfg, seed=0), 0, cfg.num_units, num_blocks=512, block_size=16,
-                     dtype=dtype, device=device)
     greedy = [0.0, 0, 1.0, 0]
-    for rows in (1, 32):
-        prompts = _prompts(rows, cfg.vocab_size)
-        ids = [f"p{rows}-{j}" for j in range(rows)]
-        for j, p in enumerate(prompts):
-            core.forward(StepMeta([ids[j]], [0], [len(p)], [True], [0], [greedy]), torch.tensor(p))
-        k = [0]
+    for decode in ("off", "static" if dry else "graph"):   # eager, then CUDA graphs (model/static_decode.py)
+        core = StageCore(cfg, DevicePresetWeights(cfg, seed=0), 0, cfg.num_units, num_blocks=512, block_size=16,
+                         dtype=dtype, device=device, decode=decode)
+        key = "flexpipe" if decode == "off" else "flexpipe_graph"
+        out[key] = {}
+        try:
+            for rows in (1, 32):
+                prompts = _prompts(rows, cfg.vocab_size)
+                ids = [f"p{rows}-{j}" for j in range(rows)]
+                for j, p in enumerate(prompts):
+                    core.forward(StepMeta([ids[j]], [0], [len(p)], [True], [0], [greedy]), torch.tensor(p))
+                k = [0]
 
-        def step() -> None:
-            k[0] += 1
-            core.forward(StepMeta(ids, [len(p) + k[0] for p in prompts], [1] * rows, [True] * rows,
-                                  [k[0]] * rows, [greedy] * rows), torch.tensor([5] * rows))
-        r = out["flexpipe"][str(rows)] = _profile_calls(step, calls, device)
-        print(f"  FlexPipe StageCore decode, {rows:>2} rows: {r['wall_ms']:.1f} ms/step, GPU kernels "
-              f"{r['gpu_kernel_ms']:.1f} ms, per step {r['host_per_call']}", flush=True)
-        print_top(r)
-        core.free(ids)
-    del core
-    if not dry:
-        torch.cuda.empty_cache()
+                def step() -> None:
+                    k[0] += 1
+                    core.forward(StepMeta(ids, [len(p) + k[0] for p in prompts], [1] * rows, [True] * rows,
+                                          [k[0]] * rows, [greedy] * rows), torch.tensor([5] * rows))
+                r = out[key][str(rows)] = _profile_calls(step, calls, device)
+                print(f"  FlexPipe StageCore decode ({decode}), {rows:>2} rows: {r['wall_ms']:.1f} ms/step, GPU kernels "
+                      f"{r['gpu_kernel_ms']:.1f} ms, per step {r['host_per_call']}", flush=True)
+                print_top(r)
+                core.free(ids)
+            out[key + "_stats"] = core.status()["decode_stats"]
+        except Exception as e:   # graphs failing leave the eager figures and HF's
+            out[key + "_error"] = f"{type(e).__name__}: {e}"[:500]
+            print(f"  FlexPipe StageCore decode ({decode}) failed: {out[key + '_error']}", flush=True)
+        del core
+        if not dry:
+            torch.cuda.empty_cache()
     model = _hf_model(cfg, device, dtype)
     for rows in (1, 8):   # generate under the profiler is slow: 32 rows ran past 90 s on an H200
         prompts = _prompts(rows, cfg.vocab_size)
@@ -729,7 +744,7 @@ def section_profile(args: argparse.Namespace) -> dict:
         print(f"  HF generate, {rows:>2} rows: {r['per_token_ms']:.1f} ms/token (prefill included), GPU kernels "
               f"{r['gpu_kernel_ms_per_token']:.1f} ms/token, per call {r['host_per_call']}", flush=True)
         print_top(r)
-    out["ok"] = True
+    out["ok"] = "flexpipe_error" not in out and "flexpipe_graph_error" not in out
     return out
 
 
@@ -833,12 +848,22 @@ def report_lines(res: dict) -> list[str]:
             r = dec.get("ratio", {}).get(str(n))
             lines.append(f"  {n:>7} {_fmt(f.get('decode_tok_s')):>15} {_fmt(h.get('decode_tok_s')):>10} "
                          f"{_fmt(r, '.2f'):>6} {_fmt(f.get('tpot_p50_ms')):>15} {_fmt(h.get('tpot_p50_ms')):>15}")
+        if dec.get("flexpipe_graph"):
+            lines.append("  FlexPipe 1 stage, decode steps in CUDA graphs (static buffers in a dry run):")
+            for n in dec["streams"]:
+                fg = dec["flexpipe_graph"].get(str(n), {})
+                lines.append(f"  {n:>7} {_fmt(fg.get('decode_tok_s')):>15} {'':>10} "
+                             f"{_fmt(dec.get('ratio_graph', {}).get(str(n)), '.2f'):>6} {_fmt(fg.get('tpot_p50_ms')):>15}")
         if dec.get("flexpipe_4"):
-            lines.append("  FlexPipe 4 stage processes on the same device (FP-3: TPOT p50 <= 1.25x of 1 stage):")
+            lines.append("  FlexPipe 4 stage processes on the same device, decode steps as above "
+                         "(FP-3: TPOT p50 <= 1.25x of 1 stage):")
             for n in dec["streams"]:
                 f4 = dec["flexpipe_4"].get(str(n), {})
                 lines.append(f"  {n:>7} {_fmt(f4.get('decode_tok_s')):>15} tok/s, TPOT p50 {_fmt(f4.get('tpot_p50_ms'))} ms"
                              f" = {_fmt(dec.get('tpot_4_over_1', {}).get(str(n)), '.2f')}x of 1 stage")
+        for key in ("flexpipe", "flexpipe_graph", "flexpipe_4"):
+            if dec.get(key + "_error"):
+                lines.append(f"  {key} failed: {dec[key + '_error'][:200]}")
     rs = s.get("reshape", {})
     if "pause_p50_ms" in rs:
         lines.append(f"reshape 1->2->1 ({rs['model']} {rs['dtype']}, {rs['streams']} streams, {rs['reshapes']} "

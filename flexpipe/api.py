@@ -41,6 +41,7 @@ class Settings:
     dtype: str = "float32"
     device: str = "cpu"
     transport: str = "auto"  # stage hop: auto (cuda_ipc between CUDA stages of a node), message, cuda_ipc, shm
+    decode_graphs: str = "off"  # CUDA stages' decode steps: off, graph (CUDA graphs), static (model/static_decode.py)
     seed: int = 0  # weights seed of presets
     torch_threads: int = 1  # per stage process
     idle_trim_s: float = 5.0  # a stage process idle this long returns its kept free heap (0: never)
@@ -84,6 +85,9 @@ class Settings:
             raise bad("device", "give cpu, cuda or cuda:N")
         if self.transport not in HOP_MODES:
             raise bad("transport", f"give one of {', '.join(HOP_MODES)}")
+        from flexpipe.model.static_decode import DECODE_MODES
+        if self.decode_graphs not in DECODE_MODES:
+            raise bad("decode_graphs", f"give one of {', '.join(DECODE_MODES)}")
         return self
 
 

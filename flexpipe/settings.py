@@ -46,6 +46,8 @@ RUNTIME_SETTINGS = [
     Setting("device", str, "cpu", "device of the stages (cpu, cuda, cuda:N)"),
     Setting("transport", str, "auto", "hop between stage processes: auto (cuda_ipc between CUDA stages of one node, "
             "else the actor message), message, cuda_ipc (or fail), shm"),
+    Setting("decode_graphs", str, "off", "decode steps of CUDA stages: off (eager), graph (one CUDA graph per batch "
+            "and context bucket, replayed), static (the same bucketed buffers without a graph, on any device)"),
     Setting("seed", int, 0, "weights seed of preset models"),
     Setting("torch_threads", int, 1, "torch threads per stage process", "N"),
     Setting("idle_trim_s", float, 5.0, "seconds a stage process goes without a step before it returns the free "

@@ -121,7 +121,7 @@ class Controller:
         kwargs = {"config": self.spec.config.to_dict(), "source": self.spec.source, "start": start, "end": end,
                   "num_blocks": s.num_blocks, "block_size": s.block_size, "dtype": s.dtype, "device": device,
                   "epoch": epoch, "index": index, "torch_threads": s.torch_threads, "load": load,
-                  "idle_trim_s": s.idle_trim_s,
+                  "idle_trim_s": s.idle_trim_s, "decode": s.decode_graphs,
                   "controller": [self.system.client.ref.name, self.system.client.ref.endpoint]}
         if self.fail_next_launch:
             self.fail_next_launch = False

@@ -208,7 +208,7 @@ class StageActor:
     def __init__(self, config: dict, source: dict, start: int, end: int, *, num_blocks: int = 1024,
                  block_size: int = 16, dtype: str = "float32", device: str = "cpu", epoch: int = 0,
                  index: int = 0, torch_threads: int = 0, load: bool = True, controller: list | None = None,
-                 idle_trim_s: float = 5.0):
+                 idle_trim_s: float = 5.0, decode: str = "off"):
         from flexpipe.model.config import ModelConfig
 
         self.cfg = ModelConfig.from_dict(config)
@@ -234,6 +234,7 @@ class StageActor:
         # that the next steps reuse); after idle_trim_s without a step it hands that back (0: never).
         self.idle_trim_s = idle_trim_s
         self._trimmer: asyncio.Task | None = None
+        self.decode = decode   # StageCore's decode mode (model/static_decode.py)
 
     async def on_start(self, ctx: ActorContext) -> None:
         if self.torch_threads:
@@ -241,7 +242,7 @@ class StageActor:
         t0 = time.perf_counter()
         source = source_from_spec(self.cfg, self.source_spec)
         self.core = StageCore(self.cfg, source, *self.range, num_blocks=self.num_blocks,
-                              block_size=self.block_size, dtype=self.dtype, device=self.device)
+                              block_size=self.block_size, dtype=self.dtype, device=self.device, decode=self.decode)
         self.load_s = time.perf_counter() - t0
         if self.idle_trim_s > 0:
             self._trimmer = asyncio.get_running_loop().create_task(self._trim_when_idle())

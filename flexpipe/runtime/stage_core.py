@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
+from flexpipe.errors import ConfigError
 from flexpipe.model.attention import AttnMetadata, PagedKVCache
 from flexpipe.model.config import ModelConfig
 from flexpipe.model.units import Unit, build_units, make_kv_caches, run_units
@@ -43,7 +44,11 @@ class StageCore:
     """Units [start, end) of one model on one device, with their paged KV."""
 
     def __init__(self, cfg: ModelConfig, source: Any, start: int, end: int, *, num_blocks: int,
-                 block_size: int, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+                 block_size: int, dtype: torch.dtype = torch.float32, device: str = "cpu", decode: str = "off"):
+        from flexpipe.model.static_decode import DECODE_MODES
+
+        if decode not in DECODE_MODES:
+            raise ConfigError(f"decode mode {decode!r}: give one of {', '.join(DECODE_MODES)}")
         self.cfg, self.source = cfg, source
         self.num_blocks, self.block_size = num_blocks, block_size
         self.dtype, self.device = dtype, torch_device(device)
@@ -55,6 +60,10 @@ class StageCore:
                                                           dtype, device)
         self.tables: dict[str, list[int]] = {}
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        # decode steps on bucketed buffers (model/static_decode.py); graphs only where there are CUDA
+        # graphs: a CPU stage of a pipeline launched with decode_graphs=graph runs eagerly
+        self.decode = "off" if decode == "graph" and self.device.type != "cuda" else decode
+        self._static: Any = None   # StaticDecode of the units served now, made on first use
 
     # ---- blocks ---------------------------------------------------------------------------------
     @property
@@ -98,6 +107,10 @@ class StageCore:
         """
         if self.has_kv:
             tables = [self.ensure(s, st + n) for s, st, n in zip(meta.seq_ids, meta.starts, meta.lens)]
+            if self.decode != "off" and max(meta.lens) == 1:
+                out = self._static_decode(meta, tables, x)
+                if out is not None:
+                    return out
         else:  # no attention here: positions are all the units need
             tables = [[i] * (-(-(st + n) // self.block_size)) for i, (st, n) in
                       enumerate(zip(meta.starts, meta.lens))]
@@ -115,6 +128,28 @@ class StageCore:
         out = run_units(self._unit_list(), x, am, self.kv, logit_rows=rows)
         if not is_last:
             return out
+        return self.sample(out, meta)
+
+    def _static_decode(self, meta: StepMeta, tables: list[list[int]], x: torch.Tensor) -> torch.Tensor | None:
+        """forward() of a pure decode step on StaticDecode's buffers; None where it cannot take it."""
+        from flexpipe.model.static_decode import StaticDecode
+
+        ctx = [st + 1 for st in meta.starts]
+        scratch = self._free[-1] if self._free else None   # a block nobody owns during this step
+        if self._static is None:
+            self._static = StaticDecode(self._unit_list(), self.kv, block_size=self.block_size, device=self.device,
+                                        dtype=self.dtype, hidden=self.cfg.hidden_size, first=self.start == 0,
+                                        mode=self.decode)
+        if not self._static.can_run(len(ctx), max(ctx), scratch):
+            self._static.stats["eager"] += 1
+            return None
+        assert scratch is not None
+        out = self._static.run(x, ctx, tables, scratch)
+        if self.end != self.cfg.num_units:
+            return out
+        pick = [i for i, s in enumerate(meta.sample) if s]
+        if len(pick) != len(ctx):
+            out = out.index_select(0, torch.tensor(pick, dtype=torch.int64, device=out.device))
         return self.sample(out, meta)
 
     def sample(self, logits: torch.Tensor, meta: StepMeta) -> torch.Tensor:
@@ -170,6 +205,7 @@ class StageCore:
                 self.kv[i] = PagedKVCache(self.num_blocks, self.block_size, self.cfg.num_kv_heads,
                                           self.cfg.head_dim, self.dtype, self.device)
         self._next = (start, end)
+        self._static = None   # its unit list and graphs are of the old range
         return missing
 
     def abort_prepare(self) -> None:
@@ -177,6 +213,7 @@ class StageCore:
         for i in [i for i in self.units if not self.start <= i < self.end]:
             del self.units[i]
             self.kv.pop(i, None)
+        self._static = None
 
     def activate(self, start: int, end: int) -> None:
         """Serve [start, end) from now on; drop units (and their KV) outside it."""
@@ -187,6 +224,7 @@ class StageCore:
             del self.units[i]
             self.kv.pop(i, None)
         self.start, self.end = start, end
+        self._static = None
         if not self.kv:
             self.reset()
 
@@ -197,4 +235,5 @@ class StageCore:
     def status(self) -> dict:
         return {"start": self.start, "end": self.end, "sequences": len(self.tables),
                 "free_blocks": self.free_blocks, "num_blocks": self.num_blocks,
-                "param_bytes": sum(u.param_bytes for u in self.units.values())}
+                "param_bytes": sum(u.param_bytes for u in self.units.values()), "decode": self.decode,
+                "decode_stats": dict(self._static.stats) if self._static is not None else {}}
