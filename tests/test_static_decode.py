@@ -139,3 +139,42 @@ async def test_pipeline_with_static_decode_equals_the_reference():
     for p, got in zip(prompts, outs):
         assert got == ref.generate(p, SamplingParams(max_tokens=24, ignore_eos=True))
     assert np.all([len(o) == 24 for o in outs])
+
+
+def test_the_captured_step_touches_no_host_tensor_and_reads_no_device_value():
+    """What a CUDA graph can capture, checked without a GPU: the step on the buffers runs on the meta
+    device (no data: any read of a tensor's value fails) with every op's tensors on that device (a
+    tensor made on the host inside the step, as the eager path's layout is, would be an upload the
+    graph cannot replay). The eager path fails the same check, so the check can fail."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from flexpipe.model.attention import AttnMetadata
+    from flexpipe.model.static_decode import StaticDecode
+    from flexpipe.model.units import build_units, make_kv_caches, run_units
+
+    class OnMeta(PresetWeights):
+        def load(self, names, dtype=None, device=None):
+            return {n: t.to("meta") for n, t in super().load(names, dtype, "cpu").items()}
+
+    class DeviceOnly(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for t in tree_flatten((args, kwargs or {}))[0]:
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    raise AssertionError(f"{func} inside the step touches a tensor on {t.device}")
+            return func(*args, **(kwargs or {}))
+
+    cfg, dev = small_config(), torch.device("meta")
+    for first, (a, b) in ((True, (0, 5)), (False, (5, cfg.num_units))):   # token ids in, and a residual in
+        units = build_units(cfg, a, b, OnMeta(cfg, 0), torch.float16, dev)
+        assert not units[-1].transposed   # the layout CUDA stages hold
+        kv = make_kv_caches(cfg, units, 64, 16, torch.float16, dev)
+        sd = StaticDecode(units, kv, block_size=16, device=dev, dtype=torch.float16, hidden=cfg.hidden_size,
+                          first=first, mode="static")
+        e = sd._entry(8, 2 * C_STEP)
+        with DeviceOnly():
+            out = sd._forward(e)
+        assert out.device == dev and out.shape[0] == 8
+    with pytest.raises(AssertionError, match="touches a tensor on cpu"), DeviceOnly():
+        meta = AttnMetadata.build([5, 6], [1, 1], [[1], [2]], 16, dev)
+        run_units(units, torch.zeros(2, cfg.hidden_size, dtype=torch.float16, device=dev), meta, kv)
