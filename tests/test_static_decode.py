@@ -178,3 +178,35 @@ def test_the_captured_step_touches_no_host_tensor_and_reads_no_device_value():
     with pytest.raises(AssertionError, match="touches a tensor on cpu"), DeviceOnly():
         meta = AttnMetadata.build([5, 6], [1, 1], [[1], [2]], 16, dev)
         run_units(units, torch.zeros(2, cfg.hidden_size, dtype=torch.float16, device=dev), meta, kv)
+
+
+def test_a_reshape_keeps_decoding_on_buffers_and_the_new_range_gets_its_own():
+    """prepare() loads units beside the served ones (the buffers of the served range stay); activate()
+    changes the range, and the next decode steps build buffers for the new one: the tokens after the
+    reshape are the eager path's."""
+    cfg = small_config()
+    prompts = [[3 + i for i in range(20)], [7 + i for i in range(33)]]
+
+    def run(mode):
+        toks, _, (first, last) = _decode(cfg, [0, 5, 10], mode, prompts, 4)
+        kept = first._static
+        first.prepare(0, 7)                   # grows to [0, 7); the next stage shrinks to [7, 10)
+        assert first._static is kept and 5 in first.units and 6 in first.units
+        first.activate(0, 7)
+        assert first._static is None
+        last.prepare(7, 10)
+        for j, p in enumerate(prompts):       # what a reshape's KV copy brings (unit 6 is an MLP: no KV)
+            k, v = last.export_kv(f"s{j}", [5], 0, len(p) + 4)
+            first.import_kv(f"s{j}", [5], 0, k, v)
+        last.activate(7, 10)
+        for k in range(4, 10):
+            meta = StepMeta(["s0", "s1"], [len(p) + k for p in prompts], [1, 1], [True, True], [k + 1] * 2,
+                            [GREEDY, GREEDY])
+            out = last.forward(meta, first.forward(meta, torch.tensor([toks[0][-1], toks[1][-1]])))
+            toks[0].append(int(out[0]))
+            toks[1].append(int(out[1]))
+        if mode != "off":
+            assert first._static.units[-1].index == 6 and first._static.stats["steps"] == 6
+        return toks
+
+    assert run("static") == run("off")

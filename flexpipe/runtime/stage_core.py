@@ -205,15 +205,13 @@ class StageCore:
                 self.kv[i] = PagedKVCache(self.num_blocks, self.block_size, self.cfg.num_kv_heads,
                                           self.cfg.head_dim, self.dtype, self.device)
         self._next = (start, end)
-        self._static = None   # its unit list and graphs are of the old range
-        return missing
+        return missing   # the range served (and so StaticDecode's graphs) changes only at activate()
 
     def abort_prepare(self) -> None:
         """Forget units loaded for a reshape that was aborted."""
         for i in [i for i in self.units if not self.start <= i < self.end]:
             del self.units[i]
             self.kv.pop(i, None)
-        self._static = None
 
     def activate(self, start: int, end: int) -> None:
         """Serve [start, end) from now on; drop units (and their KV) outside it."""
@@ -224,7 +222,7 @@ class StageCore:
             del self.units[i]
             self.kv.pop(i, None)
         self.start, self.end = start, end
-        self._static = None
+        self._static = None   # its graphs hold the old range's units and KV pools
         if not self.kv:
             self.reset()
 
