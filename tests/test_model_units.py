@@ -50,7 +50,16 @@ def _alone(cfg, units, ids_chunks):
     return out
 
 
-def test_batch_of_sequences_equals_each_alone(model):
+@pytest.mark.parametrize("fresh_together", [False, True])
+def test_batch_of_sequences_equals_each_alone(model, fresh_together, monkeypatch):
+    """... whichever way the fresh prompts of a step attend: each in its own call (CPU), or padded
+    into one call (CUDA's way; forced here), which step 1's three first chunks take."""
+    from flexpipe.model import attention
+
+    monkeypatch.setattr(attention, "FRESH_TOGETHER_ON_CPU", fresh_together)
+    calls = []
+    inner = attention._attend_fresh
+    monkeypatch.setattr(attention, "_attend_fresh", lambda *a: calls.append(1) or inner(*a))
     cfg, units = model
     rng = random.Random(0)
     lens = [5, 17, 11]
@@ -78,6 +87,7 @@ def test_batch_of_sequences_equals_each_alone(model):
     for got, step in ((got1, 0), (got2, 1), (got3, 2)):
         want = torch.cat([a[step] for a in alone])
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert bool(calls) == fresh_together   # once per attention unit of step 1
 
 
 def test_chunked_prefill_equals_one_shot(model):

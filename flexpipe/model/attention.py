@@ -228,10 +228,51 @@ def _groups(meta: AttnMetadata, block_size: int, window: int | None) -> list[dic
     for g in members:
         lay = _layout([lens[b] for b in g], [meta.context_lens[b] for b in g], [meta.block_tables[b] for b in g],
                       block_size, window, dev)
-        rows = np.concatenate([np.arange(starts[b], starts[b] + lens[b]) for b in g])
-        lay["rows"] = torch.from_numpy(rows.astype(np.int64)).to(dev)
+        rows = np.concatenate([np.arange(starts[b], starts[b] + lens[b]) for b in g]).astype(np.int64)
+        lay["rows"] = torch.from_numpy(rows).to(dev)
+        lay["rows_np"] = rows
         groups.append(lay)
     return groups
+
+
+# Fresh prompts (first chunks) attend in one padded call on CUDA, where a step is bound by its
+# kernel launches: one group per prompt cost ~60 ops per layer each, and ~20 prompts in a prefill step
+# made it ~10k ops (docs/gpu.md, "Time to first token"). On the CPU each prompt keeps its own call:
+# there the padded call's extra attention work costs more than the ops it saves, and outputs stay
+# bit-identical to the reference run one request at a time.
+FRESH_TOGETHER_ON_CPU = False
+
+
+def _fresh_batch(fresh: list[dict[str, Any]], window: int | None, dev: torch.device) -> dict[str, Any]:
+    """Layout of the fresh groups padded into one batch [G, L]: gather index, mask and output rows."""
+    lens = [len(g["rows_np"]) for g in fresh]
+    G, L = len(fresh), max(lens)
+    idx = np.empty((G, L), dtype=np.int64)
+    valid = np.zeros((G, L), dtype=bool)
+    for i, g in enumerate(fresh):
+        idx[i, :lens[i]] = g["rows_np"]
+        idx[i, lens[i]:] = g["rows_np"][0]   # padding repeats a row of its own prompt; dropped after
+        valid[i, :lens[i]] = True
+    j = np.arange(L)
+    allowed = (j[None, None, :] <= j[None, :, None]) & valid[:, None, :]   # [G, query, key]: causal, real keys
+    if window is not None:
+        allowed &= j[None, None, :] > j[None, :, None] - window
+    return {"G": G, "L": L, "idx": torch.from_numpy(idx.reshape(-1)).to(dev),
+            "mask": torch.from_numpy(allowed[:, None]).to(dev),                 # [G, 1, L, L]
+            "take": torch.from_numpy(np.flatnonzero(valid.reshape(-1))).to(dev),
+            "rows": torch.from_numpy(np.concatenate([g["rows_np"] for g in fresh])).to(dev)}
+
+
+def _attend_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fb: dict[str, Any],
+                  scale: float | None) -> torch.Tensor:
+    """The fresh prompts' attention over their own new tokens, in one call: [sum of lens, H, D]."""
+    G, L, idx = fb["G"], fb["L"], fb["idx"]
+    H, D, KVH = q.shape[1], q.shape[2], k.shape[1]
+    qb = q.index_select(0, idx).view(G, L, H, D).transpose(1, 2)
+    kb = k.index_select(0, idx).view(G, L, KVH, D).transpose(1, 2)
+    vb = v.index_select(0, idx).view(G, L, KVH, D).transpose(1, 2)
+    o = _sdpa(qb, kb, vb, fb["mask"], False, scale)                      # [G, H, L, D]
+    return o.transpose(1, 2).reshape(G * L, H, D).index_select(0, fb["take"])
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache | None,
@@ -257,6 +298,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Pa
     if len(groups) == 1:
         return _attend(q, cache, groups[0], scale)
     out = torch.empty_like(q)
+    fresh = [lay for lay in groups if lay["fresh"]]
+    if len(fresh) > 1 and (q.is_cuda or FRESH_TOGETHER_ON_CPU):
+        fb = meta.cached(("fresh", cache.block_size, window), lambda: _fresh_batch(fresh, window, q.device))
+        out.index_copy_(0, fb["rows"], _attend_fresh(q, k, v, fb, scale))
+        groups = [lay for lay in groups if not lay["fresh"]]
     for lay in groups:
         rows = lay["rows"]
         if lay["fresh"]:  # a first chunk: its new K/V are its whole context
