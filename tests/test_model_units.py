@@ -50,6 +50,16 @@ def _alone(cfg, units, ids_chunks):
     return out
 
 
+def test_fresh_prompts_are_padded_together_only_where_little_is_wasted():
+    from flexpipe.model.attention import _fresh_batches
+
+    assert _fresh_batches([5, 17, 11]) == [[1, 2, 0]]                 # 3 x 17^2 <= 2 x (17^2 + 11^2 + 5^2)
+    assert _fresh_batches([100, 1, 1, 1]) == [[0, 1], [2, 3]]         # the long one takes one short one
+    assert _fresh_batches([40, 33, 10, 9, 8]) == [[0, 1, 2], [3, 4]]
+    assert _fresh_batches([1000] + [1] * 20)[0] == [0, 1]             # not 21 x 1000^2 of work
+    assert sorted(i for b in _fresh_batches([3, 1, 4, 1, 5, 9, 2, 6]) for i in b) == list(range(8))
+
+
 @pytest.mark.parametrize("fresh_together", [False, True])
 def test_batch_of_sequences_equals_each_alone(model, fresh_together, monkeypatch):
     """... whichever way the fresh prompts of a step attend: each in its own call (CPU), or padded

@@ -243,6 +243,22 @@ def _groups(meta: AttnMetadata, block_size: int, window: int | None) -> list[dic
 FRESH_TOGETHER_ON_CPU = False
 
 
+def _fresh_batches(lens: Sequence[int], waste: float = 2.0) -> list[list[int]]:
+    """Indices of prompts of these lengths in padded batches, longest first, each doing at most `waste`
+    x the attention work of its prompts alone (G x L^2 against the sum of their n^2: one long prompt
+    beside many short ones would pad them all to its length)."""
+    order = sorted(range(len(lens)), key=lambda i: -lens[i])
+    batches: list[list[int]] = []
+    for i in order:
+        b = batches[-1] if batches else None
+        alone = sum(lens[j] ** 2 for j in b) + lens[i] ** 2 if b is not None else 0
+        if b is not None and (len(b) + 1) * lens[b[0]] ** 2 <= waste * alone:
+            b.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def _fresh_batch(fresh: list[dict[str, Any]], window: int | None, dev: torch.device) -> dict[str, Any]:
     """Layout of the fresh groups padded into one batch [G, L]: gather index, mask and output rows."""
     lens = [len(g["rows_np"]) for g in fresh]
@@ -300,8 +316,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Pa
     out = torch.empty_like(q)
     fresh = [lay for lay in groups if lay["fresh"]]
     if len(fresh) > 1 and (q.is_cuda or FRESH_TOGETHER_ON_CPU):
-        fb = meta.cached(("fresh", cache.block_size, window), lambda: _fresh_batch(fresh, window, q.device))
-        out.index_copy_(0, fb["rows"], _attend_fresh(q, k, v, fb, scale))
+        batches = meta.cached(("fresh", cache.block_size, window), lambda: [
+            _fresh_batch([fresh[i] for i in b], window, q.device)
+            for b in _fresh_batches([len(lay["rows_np"]) for lay in fresh])])
+        for fb in batches:
+            out.index_copy_(0, fb["rows"], _attend_fresh(q, k, v, fb, scale))
         groups = [lay for lay in groups if not lay["fresh"]]
     for lay in groups:
         rows = lay["rows"]
