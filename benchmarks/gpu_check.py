@@ -253,9 +253,9 @@ TEST_TIMEOUT = 90   # seconds per GPU test (tests/test_gpu.py's marker, which wi
 def section_tests(args: argparse.Namespace) -> dict:
     """pytest -m gpu tests/test_gpu.py, its output shown as it runs and its verdicts read from it.
 
-    pytest-timeout's thread method: a test stuck inside a CUDA call (which a signal cannot
-    interrupt; seen on an H200) still has every thread's stack dumped, after which pytest exits:
-    the tests after it are reported as not run. The verdicts come from the -v lines, so they
+    pytest-timeout's thread method: a stuck test, even one inside a C call (which a signal could
+    not interrupt), has every thread's stack dumped, after which pytest exits: the tests after it
+    are reported as not run. The verdicts come from the -v lines, so they
     survive that exit (and the section's own budget) where a JUnit report would not.
     """
     cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "gpu", "-rfEs", "--tb=short",

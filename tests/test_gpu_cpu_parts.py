@@ -660,8 +660,8 @@ def test_gpu_check_dry_run_writes_its_json_and_an_honest_exit_code(tmp_path):
 
 
 def test_gpu_check_reads_test_verdicts_from_pytest_output_even_after_a_hang():
-    """The H200 run of 2026-11-28 lost every verdict: a test hung inside a CUDA call, pytest was
-    killed and wrote no report. The verdicts now come from pytest -v lines, and a test collected
+    """The H200 run of 2026-11-28 lost every verdict: a test did not finish, pytest was killed and
+    wrote no report. The verdicts now come from pytest -v lines, and a test collected
     but never finished counts as not run (the section fails)."""
     from benchmarks.gpu_check import read_verdicts
 
