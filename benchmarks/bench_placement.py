@@ -171,11 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         vs = f"  ({ref} more on {wins} states, fewer on {loss})" if n != ref else ""
         print(f"{n:<15} {lt / args.states:>7.2f} ({100 * ls:>5.1f}%) {ot / args.states:>7.2f} ({100 * os_:>5.1f}%) "
               f"{lt + ot:>8}   x{(lt + ot) / tot_ref:.3f}{vs}")
-    print(f"\nC. mixed overflow: 60 requests (70/30), share placed")
+    print("\nC. mixed overflow: 60 requests (70/30), share placed")
     print(f"{'method':<15} {'by count':>9} {'by bytes':>9}")
     for n in names:
         print(f"{n:<15} {100 * statistics.mean(C[n]['count']):>8.1f}% {100 * statistics.mean(C[n]['bytes']):>8.1f}%")
-    print(f"\nDecision time (ms of CPU): median / p99 / max")
+    print("\nDecision time (ms of CPU): median / p99 / max")
     print(f"{'method':<15} {'82 GPUs':>22} {'1000 GPUs':>22}")
     for n in names:
         a, b = np.array(A[n]["dt"]) * 1e3, np.array(dt_big[n]) * 1e3

@@ -683,11 +683,41 @@ def mean_call(fn: Any, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def section_profile(args: argparse.Namespace) -> dict:
-    """Where a decode step's time goes, FlexPipe's StageCore (the whole model, in-process) and HF."""
+def _profile_stage_core(cfg: Any, decode: str, dtype: torch.dtype, device: str, calls: int) -> tuple[dict, dict]:
+    """Decode steps of the whole model in one in-process StageCore at 1 and 32 rows: {rows: profile},
+    and the core's decode stats."""
     from flexpipe.model.device_weights import DevicePresetWeights
     from flexpipe.runtime.stage_core import StageCore, StepMeta
 
+    core = StageCore(cfg, DevicePresetWeights(cfg, seed=0), 0, cfg.num_units, num_blocks=512, block_size=16,
+                     dtype=dtype, device=device, decode=decode)
+    greedy, res = [0.0, 0, 1.0, 0], {}
+    for rows in (1, 32):
+        prompts = _prompts(rows, cfg.vocab_size)
+        ids = [f"p{rows}-{j}" for j in range(rows)]
+        for j, p in enumerate(prompts):
+            core.forward(StepMeta([ids[j]], [0], [len(p)], [True], [0], [greedy]), torch.tensor(p))
+        k = [0]
+
+        def step(prompts: list = prompts, ids: list = ids, rows: int = rows) -> None:
+            k[0] += 1
+            core.forward(StepMeta(ids, [len(p) + k[0] for p in prompts], [1] * rows, [True] * rows,
+                                  [k[0]] * rows, [greedy] * rows), torch.tensor([5] * rows))
+        sync(device)
+        t0 = time.perf_counter()
+        step()   # the bucket's first step: with graphs, its warm-up and capture
+        sync(device)
+        first_ms = (time.perf_counter() - t0) * 1e3
+        r = res[str(rows)] = {"first_step_ms": first_ms, **_profile_calls(step, calls, device)}
+        print(f"  FlexPipe StageCore decode ({decode}), {rows:>2} rows: {r['wall_ms']:.1f} ms/step (first "
+              f"{first_ms:.0f} ms), GPU kernels {r['gpu_kernel_ms']:.1f} ms, per step {r['host_per_call']}", flush=True)
+        print_top(r)
+        core.free(ids)
+    return res, core.status()["decode_stats"]
+
+
+def section_profile(args: argparse.Namespace) -> dict:
+    """Where a decode step's time goes, FlexPipe's StageCore (the whole model, in-process) and HF."""
     dry = args.dry_run
     device = "cpu" if dry else "cuda:0"
     cfg = make_config("tiny" if dry else "llama2-7b")
@@ -696,40 +726,13 @@ def section_profile(args: argparse.Namespace) -> dict:
     out: dict[str, Any] = {"model": cfg.name, "dtype": str(dtype).removeprefix("torch."), "host": _calibrate(device),
                            "flexpipe": {}, "hf": {}}
     print(f"  host: {out['host']}", flush=True)
-    greedy = [0.0, 0, 1.0, 0]
     for decode in ("off", "static" if dry else "graph"):   # eager, then CUDA graphs (model/static_decode.py)
-        core = StageCore(cfg, DevicePresetWeights(cfg, seed=0), 0, cfg.num_units, num_blocks=512, block_size=16,
-                         dtype=dtype, device=device, decode=decode)
         key = "flexpipe" if decode == "off" else "flexpipe_graph"
-        out[key] = {}
         try:
-            for rows in (1, 32):
-                prompts = _prompts(rows, cfg.vocab_size)
-                ids = [f"p{rows}-{j}" for j in range(rows)]
-                for j, p in enumerate(prompts):
-                    core.forward(StepMeta([ids[j]], [0], [len(p)], [True], [0], [greedy]), torch.tensor(p))
-                k = [0]
-
-                def step() -> None:
-                    k[0] += 1
-                    core.forward(StepMeta(ids, [len(p) + k[0] for p in prompts], [1] * rows, [True] * rows,
-                                          [k[0]] * rows, [greedy] * rows), torch.tensor([5] * rows))
-                sync(device)
-                t0 = time.perf_counter()
-                step()   # the bucket's first step: with graphs, its warm-up and capture
-                sync(device)
-                first_ms = (time.perf_counter() - t0) * 1e3
-                r = out[key][str(rows)] = {"first_step_ms": first_ms, **_profile_calls(step, calls, device)}
-                print(f"  FlexPipe StageCore decode ({decode}), {rows:>2} rows: {r['wall_ms']:.1f} ms/step (first "
-                      f"{first_ms:.0f} ms), GPU kernels {r['gpu_kernel_ms']:.1f} ms, per step {r['host_per_call']}",
-                      flush=True)
-                print_top(r)
-                core.free(ids)
-            out[key + "_stats"] = core.status()["decode_stats"]
+            out[key], out[key + "_stats"] = _profile_stage_core(cfg, decode, dtype, device, calls)
         except Exception as e:   # graphs failing leave the eager figures and HF's
             out[key + "_error"] = f"{type(e).__name__}: {e}"[:500]
             print(f"  FlexPipe StageCore decode ({decode}) failed: {out[key + '_error']}", flush=True)
-        del core
         if not dry:
             torch.cuda.empty_cache()
     model = _hf_model(cfg, device, dtype)

@@ -89,8 +89,8 @@ async def assert_sockets_only_to_whom_stages_send(fp) -> None:
     stage (prune_peers closed those to stages it fed, or answered while they copied weights and KV)."""
     refs = [s["actor"] for s in fp.controller.stage_info()]
     allowed = {str(fp.system.client.ref), str(fp.router.ctx.self_ref)}
-    for i, st in enumerate(await fp.controller.stage_status()):
-        assert set(st["peers"]) <= allowed | set(refs[i + 1:i + 2]), (i, st["peers"], allowed, refs)
+    for i, status in enumerate(await fp.controller.stage_status()):
+        assert set(status["peers"]) <= allowed | set(refs[i + 1:i + 2]), (i, status["peers"], allowed, refs)
 
 
 async def test_a_split_leaves_no_socket_to_the_stage_kv_came_from():

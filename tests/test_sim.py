@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import replace
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 from flexpipe.sim import report
 from flexpipe.sim.baselines import POLICIES, make_policy
 from flexpipe.sim.cluster import Cluster
-from flexpipe.sim.engine import ModelSpec, Simulator
+from flexpipe.sim.engine import Simulator
 from flexpipe.sim.perf import GPUS, Measurement, ModelCosts, calibrate, stage_time, Batch
 from flexpipe.sim.scenarios import MODELS
 from flexpipe.sim.traces import Trace, default_lengths, synthetic

@@ -25,7 +25,7 @@ from flexpipe.errors import (
 
 from .chat_template import ChatTemplate
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .protocol import (APIError, ChatRequest, CompletionRequest, SamplingRequest, bad_request,
+from .protocol import (APIError, ChatRequest, SamplingRequest, bad_request,
                        parse_chat, parse_completion, parse_json_body)
 from .status import jsonable, pipeline_view, read_status
 from .streams import ClientGone, EventStreamResponse, Generation

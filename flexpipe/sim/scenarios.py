@@ -14,15 +14,14 @@ import csv
 import time
 from dataclasses import dataclass, replace
 from importlib import resources
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 from flexpipe.errors import ConfigError
 from flexpipe.sim.cluster import Cluster
 from flexpipe.sim.engine import ModelSpec, Simulator
-from flexpipe.sim.traces import (Lengths, Trace, default_lengths, diurnal_rate, envelope_rate, read_azure_llm,
-                                 synthetic)
+from flexpipe.sim.traces import (Lengths, Trace, default_lengths, diurnal_rate, envelope_rate, synthetic)
 
 # SLOs: the paper does not state its SLOs; ours are ~5x the unloaded TTFT of a p90 prompt on the
 # scenario's smallest fitting pipeline and ~4x its unloaded decode step (our choice).
