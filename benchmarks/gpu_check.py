@@ -525,8 +525,16 @@ async def section_decode(args: argparse.Namespace) -> dict:
                            "streams": streams, "flexpipe": {}, "hf": {}}
     graphs = "static" if dry else "graph"   # CUDA graphs of decode steps (model/static_decode.py)
 
-    async def pipeline(key: str, stages: int, decode: str) -> None:
-        """FlexPipe with `stages` stage processes on the device, decode steps `decode`, into out[key]."""
+    async def pipeline(key: str, stages: int, decode: str, budget: float) -> None:
+        """FlexPipe with `stages` stage processes on the device, decode steps `decode`, into out[key];
+        at most `budget` seconds (a configuration that hangs leaves the others their time)."""
+        try:
+            await asyncio.wait_for(run_pipeline(key, stages, decode), budget)
+        except asyncio.TimeoutError:
+            out[key + "_error"] = f"ran past its {budget:.0f} s"
+            print(f"  {key}: ran past its {budget:.0f} s and was stopped", flush=True)
+
+    async def run_pipeline(key: str, stages: int, decode: str) -> None:
         label = f"FlexPipe {stages} stage{'s' if stages > 1 else ''}{', ' + decode if decode != 'off' else ''}"
         out[key] = {}
         t0 = time.perf_counter()
@@ -543,11 +551,11 @@ async def section_decode(args: argparse.Namespace) -> dict:
             out[key + "_error"] = f"{type(e).__name__}: {e}"[:500]
             print(f"  {label}: failed: {out[key + '_error']}", flush=True)
 
-    await pipeline("flexpipe", 1, "off")
-    await pipeline("flexpipe_graph", 1, graphs)
+    await pipeline("flexpipe", 1, "off", 60)
+    await pipeline("flexpipe_graph", 1, graphs, 45)
     # FP-3's second target on a GPU: 4 stage processes on the same device, hops through CUDA IPC,
     # against 1 stage with the same decode steps
-    await pipeline("flexpipe_4", 4, graphs)
+    await pipeline("flexpipe_4", 4, graphs, 55)
     base = out["flexpipe_graph"] if out["flexpipe_graph"] else out["flexpipe"]
     out["tpot_4_over_1"] = {str(n): out["flexpipe_4"][str(n)]["tpot_p50_ms"] / base[str(n)]["tpot_p50_ms"]
                             for n in streams if str(n) in out["flexpipe_4"] and str(n) in base}
@@ -762,7 +770,7 @@ SECTIONS: dict[str, tuple[Any, float]] = {   # name -> (function, budget in seco
     "tests": (section_tests, 200),
     "kv_bandwidth": (section_kv_bandwidth, 60),
     "hop_latency": (section_hop_latency, 60),
-    "decode": (section_decode, 170),
+    "decode": (section_decode, 200),
     "reshape": (section_reshape, 120),
     "profile": (section_profile, 150),
 }
