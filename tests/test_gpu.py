@@ -186,42 +186,6 @@ async def test_single_stage_on_cuda_equals_the_reference_on_the_same_gpu():
     check_oracle(ref, PROMPTS, [o.token_ids for o in outs], 24)
 
 
-@needs_cuda
-async def test_decode_graphs_on_cuda_equal_the_reference_and_the_static_buffers():
-    """decode_graphs="graph": two stage processes on cuda:0 capture a CUDA graph per (rows, keys) bucket
-    and replay it; every output equals the reference (near-ties aside). In one process, replayed steps
-    give the logits of the same buffers run without the graph."""
-    from flexpipe.api import FlexPipe
-    from flexpipe.model.reference import ReferenceModel
-    from flexpipe.runtime.stage_core import StageCore, StepMeta
-
-    async with FlexPipe.launch("tiny", stages=2, device="cuda:0", dtype="float32", start_timeout=120.0,
-                               decode_graphs="graph") as fp:
-        outs = await asyncio.gather(*(fp.complete(p, max_tokens=24, ignore_eos=True) for p in PROMPTS))
-        status = await fp.controller.stage_status()
-        ref = ReferenceModel(fp.config, fp.spec.weights(), device="cuda:0")
-    assert all(s["decode_stats"]["captures"] > 0 and s["decode_stats"]["steps"] > 0 for s in status), status
-    check_oracle(ref, PROMPTS, [o.token_ids for o in outs], 24)
-
-    cfg, g = make_config("tiny"), [0.0, 0, 1.0, 0]
-    logits = {}
-    for mode in ("static", "graph"):
-        core = StageCore(cfg, DevicePresetWeights(cfg, 0), 0, cfg.num_units, num_blocks=64, block_size=16,
-                         device="cuda:0", decode=mode)
-        seen = []
-        core.sample = lambda lg, meta, seen=seen: seen.append(lg.clone()) or lg.argmax(-1).cpu()
-        for j, p in enumerate(PROMPTS[:3]):
-            core.forward(StepMeta([f"s{j}"], [0], [len(p)], [True], [0], [g]), torch.tensor(p))
-        for k in range(3):   # capture, then two replays
-            core.forward(StepMeta([f"s{j}" for j in range(3)], [len(p) + k for p in PROMPTS[:3]], [1] * 3,
-                                  [True] * 3, [k + 1] * 3, [g] * 3), torch.tensor([5, 6, 7]))
-        logits[mode] = seen[3:]
-    # the same kernels on the same buffers: equal up to cuBLAS choosing another algorithm under capture;
-    # a replay that read stale inputs would be off by far more
-    assert len(logits["graph"]) == 3 and all(torch.allclose(a, b, atol=1e-4, rtol=1e-4)
-                                             for a, b in zip(logits["static"], logits["graph"]))
-
-
 @needs_ipc
 async def test_ipc_stages_through_1_2_1_reshape_equal_the_reference():
     """Two GpuStageActor processes on one GPU (transport="cuda_ipc": the launch fails if the pair cannot
@@ -383,6 +347,43 @@ def test_inventory_reads_this_machine():
     finally:
         inv.close()
         del x
+
+
+# Second to last: never run on a GPU yet (a hang here ends pytest in gpu_check: the tests above report)
+@needs_cuda
+async def test_decode_graphs_on_cuda_equal_the_reference_and_the_static_buffers():
+    """decode_graphs="graph": two stage processes on cuda:0 capture a CUDA graph per (rows, keys) bucket
+    and replay it; every output equals the reference (near-ties aside). In one process, replayed steps
+    give the logits of the same buffers run without the graph."""
+    from flexpipe.api import FlexPipe
+    from flexpipe.model.reference import ReferenceModel
+    from flexpipe.runtime.stage_core import StageCore, StepMeta
+
+    async with FlexPipe.launch("tiny", stages=2, device="cuda:0", dtype="float32", start_timeout=120.0,
+                               decode_graphs="graph") as fp:
+        outs = await asyncio.gather(*(fp.complete(p, max_tokens=24, ignore_eos=True) for p in PROMPTS))
+        status = await fp.controller.stage_status()
+        ref = ReferenceModel(fp.config, fp.spec.weights(), device="cuda:0")
+    assert all(s["decode_stats"]["captures"] > 0 and s["decode_stats"]["steps"] > 0 for s in status), status
+    check_oracle(ref, PROMPTS, [o.token_ids for o in outs], 24)
+
+    cfg, g = make_config("tiny"), [0.0, 0, 1.0, 0]
+    logits = {}
+    for mode in ("static", "graph"):
+        core = StageCore(cfg, DevicePresetWeights(cfg, 0), 0, cfg.num_units, num_blocks=64, block_size=16,
+                         device="cuda:0", decode=mode)
+        seen = []
+        core.sample = lambda lg, meta, seen=seen: seen.append(lg.clone()) or lg.argmax(-1).cpu()
+        for j, p in enumerate(PROMPTS[:3]):
+            core.forward(StepMeta([f"s{j}"], [0], [len(p)], [True], [0], [g]), torch.tensor(p))
+        for k in range(3):   # capture, then two replays
+            core.forward(StepMeta([f"s{j}" for j in range(3)], [len(p) + k for p in PROMPTS[:3]], [1] * 3,
+                                  [True] * 3, [k + 1] * 3, [g] * 3), torch.tensor([5, 6, 7]))
+        logits[mode] = seen[3:]
+    # the same kernels on the same buffers: equal up to cuBLAS choosing another algorithm under capture;
+    # a replay that read stale inputs would be off by far more
+    assert len(logits["graph"]) == 3 and all(torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+                                             for a, b in zip(logits["static"], logits["graph"]))
 
 
 # Last in the file: on an H200 (2026-11-28) neither variant finished (where they wait is not known
