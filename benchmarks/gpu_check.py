@@ -262,12 +262,14 @@ def section_tests(args: argparse.Namespace) -> dict:
            f"--timeout={TEST_TIMEOUT}", "--timeout-method=thread", "tests/test_gpu.py"]
     print("  $ " + " ".join(cmd[2:]), flush=True)
     log: list[str] = []
-    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc, \
+            open(args.section_out + ".log", "w") as kept:   # read by the driver if the budget kills us
         assert proc.stdout is not None
         for line in proc.stdout:
             print("  " + line, end="", flush=True)
             log.append(line.rstrip("\n"))
-            Path(args.section_out + ".log").write_text("\n".join(log[-200:]))   # kept if the budget kills us
+            kept.write(line)
+            kept.flush()
         rc = proc.wait()
     return {**read_verdicts(log), "rc": rc}
 
@@ -662,33 +664,27 @@ def _profile_calls(fn: Any, calls: int, device: str) -> dict:
 
 def _calibrate(device: str) -> dict:
     """How fast this machine's host is at what a decode step is made of (compare with another host)."""
+    from benchmarks.bench_pipeline import mean_time
+
     t0 = time.perf_counter()
     acc = 0
     for i in range(2_000_000):
         acc += i
     out = {"python_loop_ns_per_iter": (time.perf_counter() - t0) / 2e6 * 1e9}
     a = torch.ones(8)
-    out["torch_cpu_add_us"] = mean_call(lambda: a.add_(1), 20000) * 1e6
+    out["torch_cpu_add_us"] = mean_time(lambda: a.add_(1), 20000) * 1e6
     if device.startswith("cuda"):
         b = torch.ones(8, device=device)
         sync(device)
-        out["cuda_launch_us"] = mean_call(lambda: b.add_(1), 20000) * 1e6   # queued, not waited for
+        out["cuda_launch_us"] = mean_time(lambda: b.add_(1), 20000) * 1e6   # queued, not waited for
         sync(device)
-        out["cuda_sync_roundtrip_us"] = mean_call(lambda: (b.add_(1), sync(device)), 2000) * 1e6
+        out["cuda_sync_roundtrip_us"] = mean_time(lambda: (b.add_(1), sync(device)), 2000) * 1e6
     return out
 
 
 def print_top(r: dict, n: int = 6) -> None:
     for name, ms, count in r["top_host_ops"][:n]:
         print(f"    {ms:8.3f} ms host  {count:7.1f} calls  {name}", flush=True)
-
-
-def mean_call(fn: Any, n: int) -> float:
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t0) / n
 
 
 def _profile_stage_core(cfg: Any, decode: str, dtype: torch.dtype, device: str, calls: int) -> tuple[dict, dict]:

@@ -200,21 +200,30 @@ async def test_ipc_stages_through_1_2_1_reshape_equal_the_reference():
     m = 40
     outs: dict[int, list[list[int]]] = {}
     async with ipc_pipeline(cfg, stages=1, device="cuda:0", dtype="float32", num_blocks=256) as fp:
-        stop = asyncio.Event()
+        stop, finished = asyncio.Event(), asyncio.Condition()
+        done = [0]
 
         async def load(j: int) -> None:
             while not stop.is_set():
                 out = await fp.complete(PROMPTS[j], max_tokens=m, ignore_eos=True)
                 outs.setdefault(j, []).append(out.token_ids)
+                async with finished:
+                    done[0] += 1
+                    finished.notify_all()
+
+        async def completed(n: int) -> None:   # until n more requests have finished, in the shape of now
+            target = done[0] + n
+            async with finished:
+                await finished.wait_for(lambda: done[0] >= target)
 
         tasks = [asyncio.create_task(load(j)) for j in range(len(PROMPTS))]
         try:
-            await asyncio.sleep(0.3)
+            await completed(len(PROMPTS))
             st2 = await fp.reshape(stages=2)
             status = await fp.controller.stage_status()
-            await asyncio.sleep(0.3)
+            await completed(len(PROMPTS))
             st1 = await fp.reshape(stages=1)
-            await asyncio.sleep(0.3)
+            await completed(len(PROMPTS))
         finally:
             stop.set()
             results = await asyncio.gather(*tasks, return_exceptions=True)

@@ -3,7 +3,8 @@ against the eager path (mode "static" runs the very code a graph captures, witho
 
 from __future__ import annotations
 
-import numpy as np
+import asyncio
+
 import pytest
 import torch
 
@@ -131,14 +132,13 @@ async def test_pipeline_with_static_decode_equals_the_reference():
 
     prompts = [[(11 * i + 5 * j) % 200 + 3 for i in range(4 + 7 * j)] for j in range(6)]
     async with FlexPipe.launch(model="tiny", stages=2, decode_graphs="static") as fp:
-        outs = [o.token_ids for o in await __import__("asyncio").gather(
+        outs = [o.token_ids for o in await asyncio.gather(
             *(fp.complete(p, max_tokens=24, ignore_eos=True) for p in prompts))]
         status = await fp.controller.stage_status()
         ref = ReferenceModel(fp.config, fp.spec.weights())
     assert all(s["decode"] == "static" and s["decode_stats"]["steps"] > 0 for s in status), status
     for p, got in zip(prompts, outs):
         assert got == ref.generate(p, SamplingParams(max_tokens=24, ignore_eos=True))
-    assert np.all([len(o) == 24 for o in outs])
 
 
 def test_the_captured_step_touches_no_host_tensor_and_reads_no_device_value():

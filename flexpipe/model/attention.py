@@ -315,8 +315,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Pa
     if len(groups) == 1:
         return _attend(q, cache, groups[0], scale)
     out = torch.empty_like(q)
-    fresh = [lay for lay in groups if lay["fresh"]]
-    if len(fresh) > 1 and (q.is_cuda or FRESH_TOGETHER_ON_CPU):
+    fresh = [lay for lay in groups if lay["fresh"]] if q.is_cuda or FRESH_TOGETHER_ON_CPU else []
+    if len(fresh) > 1:
         batches = meta.cached(("fresh", cache.block_size, window), lambda: [
             _fresh_batch([fresh[i] for i in b], window, q.device)
             for b in _fresh_batches([len(lay["rows_np"]) for lay in fresh])])

@@ -87,7 +87,6 @@ class _Entry:
     x: torch.Tensor                      # [rows] token ids, or [rows, hidden] residual
     out: torch.Tensor | None = None      # what the last unit returned (the graph's output)
     graph: Any = None
-    replays: int = 0
 
 
 class StaticDecode:
@@ -105,10 +104,9 @@ class StaticDecode:
         self.entries: dict[tuple[int, int], _Entry] = {}
         self.pool: Any = None            # the graphs' shared memory pool
         self.stats = {"steps": 0, "captures": 0, "eager": 0}
-        attn = [u for u in self.units if u.kind == "attention"]
         self.cfg = self.units[0].cfg
         self.max_keys = bucket_keys(self.cfg.max_position_embeddings)
-        if attn:   # the rope tables must not grow once a graph holds their addresses
+        if any(u.kind == "attention" for u in self.units):   # graphs hold the rope tables' addresses
             rope_tables(self.cfg, self.max_keys, dtype, device)
 
     def can_run(self, n: int, max_ctx: int, free_block: int | None) -> bool:
@@ -126,7 +124,7 @@ class StaticDecode:
         packed = pack_inputs(context_lens, block_tables, self.block_size, rows, keys, scratch_block)
         e.packed.copy_(torch.from_numpy(packed))
         e.x[n:].zero_()
-        e.x[:n].copy_(x.to(device=self.device, dtype=e.x.dtype) if x.dtype.is_floating_point else x.to(self.device))
+        e.x[:n].copy_(x)   # token ids, or the residual (copy_ moves and casts)
         self.stats["steps"] += 1
         if self.mode == "static":
             out = self._forward(e)
@@ -134,7 +132,6 @@ class StaticDecode:
             if e.graph is None:
                 self._capture(e)
             e.graph.replay()
-            e.replays += 1
             assert e.out is not None
             out = e.out
         return out[:n].clone()   # the buffers are overwritten by the next step
