@@ -658,6 +658,17 @@ def weight_layouts(cfg: ModelConfig, reps: int = 400) -> None:
             times = [mean_time(fn, reps, warm=20) * 1e6 for fn in (lambda: F.linear(x, w), lambda: x @ wt)]
             cells.append(f"{name} {rows}x{inp}->{out} {times[0]:.1f}/{times[1]:.1f} us ({times[0] / times[1]:.2f}x)")
     print("matmul, F.linear from [out, in] / x @ W from [in, out]: " + "; ".join(cells))
+    kv = cfg.num_kv_heads * cfg.head_dim
+    cells = []
+    for rows in (1, 32):
+        x = torch.randn(rows, H)
+        for name, outs in (("q,k,v", (H, kv, kv)), ("gate,up", (I, I))):
+            ws = [torch.randn(H, n) for n in outs]
+            fused = torch.cat(ws, 1)
+            apart = mean_time(lambda: [x @ w for w in ws], reps, warm=20) * 1e6
+            one = mean_time(lambda: (x @ fused).split(list(outs), 1), reps, warm=20) * 1e6
+            cells.append(f"{name} {rows} rows {apart:.1f} / {one:.1f} us")
+    print("matmuls of one input apart / fused into one (x @ [W1 | W2 ..], then split): " + "; ".join(cells))
 
 
 def cold_codec(cfg: ModelConfig, cuts: list[int], steps: int = 300) -> None:
