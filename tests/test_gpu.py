@@ -395,8 +395,10 @@ async def test_decode_graphs_on_cuda_equal_the_reference_and_the_static_buffers(
                                              for a, b in zip(logits["static"], logits["graph"]))
 
 
-# Last in the file: on an H200 (2026-11-28) neither variant finished (where they wait is not known
-# yet); a timeout there ends pytest in gpu_check's tests section, and the tests above still report.
+# Last in the file: on an H200 (2026-11-28) neither variant finished. The cause, found on CPU: the
+# receiver held the small tensors as ring views while the 3 MiB one streamed through the 1 MiB ring
+# behind them (transports/base.py: views_fit; tests/test_transports.py reproduces it on CPU). Fixed,
+# not yet rerun on a GPU; should it still hang, the timeout ends pytest and the tests above report.
 EXACT_BYTES_TIMEOUT = 45   # seconds; a few on a GPU when it works
 
 

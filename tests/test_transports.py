@@ -12,6 +12,7 @@ import torch
 from flexpipe.errors import ActorClosed, ConfigError, ProtocolError
 from flexpipe.runtime import ActorSystem, handles, message
 from flexpipe.transports import Endpoint, choose_transport, open_receiver, open_sender
+from flexpipe.transports.base import views_fit
 from test_actor_helpers import FAST
 from ring_helpers import fill_ring
 
@@ -90,6 +91,63 @@ async def test_shm_streams_tensors_larger_than_its_ring():
         got = await rx.recv()
         await send
         assert all(same(a, b) for a, b in zip(sent, got))
+    finally:
+        await tx.aclose()
+        await rx.aclose()
+
+
+def test_views_fit_the_ring_at_once_with_room_for_a_wrap():
+    assert views_fit([], 1024, 64) and views_fit([0, 0], 1024, 64)
+    assert views_fit([1024], 1024, 64) and not views_fit([1025], 1024, 64)   # one tensor: up to the ring
+    assert views_fit([300, 200], 1024, 64)          # 320 + 256, plus 320 for skipping the end: 896
+    assert not views_fit([400, 400], 1024, 64)      # 448 + 448 + 448 > 1024, though 896 would fit unwrapped
+
+
+RING_KINDS = {"shm": {}, "cuda_ipc": {"device": "cpu"}}   # cuda_ipc's host-memory channel: its protocol, no GPU
+
+
+@pytest.mark.parametrize("kind", list(RING_KINDS))
+async def test_ring_sends_whose_views_cannot_all_be_held_arrive_as_copies(kind):
+    """A small tensor sent before one larger than the ring, or tensors that fill the ring together:
+    were they handed out as views, held until recv() returns, the sender would wait for ring space
+    that only the receiver's copy of a later region frees (both ring transports hung so, and on an
+    H200 the cuda_ipc exact-bytes test never finished). They arrive as copies, which hold no ring
+    space; a send whose views fit the ring at once still arrives as views, holding it."""
+    ring = 64 << 10
+    tx, rx = await pair(kind, ring_bytes=ring, **RING_KINDS[kind])
+    g = torch.Generator().manual_seed(7)
+
+    def blob(n: int) -> torch.Tensor:
+        return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+
+    try:
+        for sent in ([torch.arange(10), blob(200_000)],              # small, then streamed
+                     [blob(30_000), blob(30_000), blob(30_000)],     # each fits, together they do not
+                     [blob(40_000), torch.ones(3)]):                # their sum and the largest: over the ring
+            send = asyncio.ensure_future(tx.send(*sent))
+            got = await asyncio.wait_for(rx.recv(), 10)
+            await asyncio.wait_for(send, 10)
+            equal = len(got) == len(sent) and all(same(a, b) for a, b in zip(sent, got))
+            assert equal
+            full = blob(ring)                                        # `got` still held: the whole ring is free
+            send = asyncio.ensure_future(tx.send(full))
+            equal = same((await asyncio.wait_for(rx.recv(), 10))[0], full)
+            assert equal
+            await asyncio.wait_for(send, 10)
+            del got
+        fits = [blob(1000), blob(2000)]
+        send = asyncio.ensure_future(tx.send(*fits))
+        got = await asyncio.wait_for(rx.recv(), 10)
+        await send
+        full = blob(ring)
+        blocked = asyncio.ensure_future(tx.send(full))
+        await asyncio.sleep(0.05)
+        held = not blocked.done()                                    # views: their regions are held
+        equal = all(same(a, b) for a, b in zip(fits, got))
+        del got
+        equal = equal and same((await asyncio.wait_for(rx.recv(), 10))[0], full)
+        await asyncio.wait_for(blocked, 10)
+        assert held and equal
     finally:
         await tx.aclose()
         await rx.aclose()

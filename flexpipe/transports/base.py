@@ -76,6 +76,22 @@ def check_into(into: Sequence[torch.Tensor], specs: Sequence[Any]) -> None:
                                 f"holds {t.dtype}{list(t.shape)} (contiguous={t.is_contiguous()})")
 
 
+def views_fit(nbytes: Sequence[int], ring_bytes: int, align: int) -> bool:
+    """Whether a ring receiver may hand out every tensor of one send (of these byte sizes) as a view.
+
+    A view holds its region until the caller drops it, after recv() returns, so all of a send's
+    regions must fit in the ring at once: otherwise the sender waits for space that only a copy of
+    a later region would free, while the receiver waits for that region (a deadlock both ring
+    transports had for a small tensor sent before one larger than the ring, or for several that
+    fill it together).  One tensor fits if it is at most the ring; several if their aligned sizes
+    plus the largest (the most that skipping the ring's end at a wrap can cost) do.
+    """
+    sizes = [-(-n // align) * align for n in nbytes if n]
+    if len(sizes) <= 1:
+        return not sizes or sizes[0] <= ring_bytes
+    return sum(sizes) + max(sizes) <= ring_bytes
+
+
 def choose_transport(src: Endpoint, dst: Endpoint) -> str:
     """The transport kind for sending from `src` to `dst`: local, shm, tcp (or cuda_ipc, nccl)."""
     gpu = src.device.startswith("cuda"), dst.device.startswith("cuda")

@@ -16,7 +16,9 @@ notice: slower, and the fallback if IPC events misbehave on a platform.
 Received tensors without `into` are views of the ring (no copy), given back when the last view is
 garbage-collected, as in shm.py: hold them briefly. The free event is recorded on the stream that
 was current when recv() ran, so GPU work queued there on the views is finished before the sender
-reuses the space. A tensor larger than the ring is streamed through it and arrives as a new tensor.
+reuses the space. A tensor larger than the ring is streamed through it and arrives as a new tensor,
+and so does every tensor of a send whose views could not all be held in the ring at once
+(`base.views_fit`: held views would keep the sender from the space the rest of the send needs).
 
 KV blocks move without the ring: the new owner exports its KV pools once (`export_tensor`), the old
 owner opens them (`PeerPools`) and copies blocks directly, coalescing runs of consecutive block ids
@@ -48,7 +50,7 @@ from flexpipe.errors import ActorClosed, ConfigError, ProtocolError
 from flexpipe.runtime import codec
 from flexpipe.runtime.codec import parse_tensor_header, tensor_header
 from flexpipe.runtime.messages import message
-from flexpipe.transports.base import Transport, check_into, register_transport
+from flexpipe.transports.base import Transport, check_into, register_transport, views_fit
 
 __all__ = ["CudaIpcTransport", "IpcBuffer", "IpcHello", "IpcRegions", "IpcFree", "KvPools", "HandleCache",
            "RingBooks", "InOrderReleases", "PeerPools", "HANDLES", "available", "unavailable_reason",
@@ -754,12 +756,13 @@ class CudaIpcTransport(Transport):
                 except ProtocolError as e:
                     bad = e   # read (and give back) this send so that the next one is intact
             out: list[torch.Tensor] = []
+            views = views_fit([s.nbytes for s in specs], self._size, ALIGN)
             for i, spec in enumerate(specs):
                 if spec.nbytes == 0:
                     if bad is None:
                         out.append(into[i] if into is not None else self._new_tensor(spec))
                     continue
-                if bad is not None or into is not None or spec.nbytes > self._size:
+                if bad is not None or into is not None or not views:
                     dst = None if bad is not None else (into[i] if into is not None else self._new_tensor(spec))
                     await self._copy_out(spec.nbytes, dst, stream)
                     if dst is not None:

@@ -7,7 +7,8 @@ the receiver either copies it out (`recv(into=...)`) or, without `into`, returns
 the ring regions (no copy): a region is given back to the sender when the last tensor viewing it is
 garbage-collected. Hold such tensors only briefly (clone what you keep): they hold ring space, and a
 sender that finds the ring full waits. A tensor larger than the ring is streamed through it in
-chunks and arrives as a new tensor (or in `into`).
+chunks and arrives as a new tensor (or in `into`), and so does every tensor of a send whose views
+could not all be held in the ring at once (`base.views_fit`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import zmq.asyncio
 
 from flexpipe.errors import ActorClosed, ProtocolError
 from flexpipe.runtime.codec import byte_view, parse_tensor_header, tensor_header
-from flexpipe.transports.base import Transport, check_into
+from flexpipe.transports.base import Transport, check_into, views_fit
 
 __all__ = ["ShmTransport"]
 
@@ -220,6 +221,7 @@ class ShmTransport(Transport):
                 except ProtocolError as e:
                     bad = e   # read (and drop) this send, so that the next one is intact
             out = []
+            views = views_fit([s.nbytes for s in specs], self._size, _ALIGN)
             for i, spec in enumerate(specs):
                 if bad is not None:
                     await self._copy_out(spec, None)
@@ -227,7 +229,7 @@ class ShmTransport(Transport):
                     out.append(await self._copy_out(spec, into[i]))
                 elif spec.nbytes == 0:
                     out.append(torch.empty(spec.shape, dtype=spec.dtype))
-                elif spec.nbytes > self._size:   # it was streamed through the ring
+                elif not views:   # streamed through the ring, or the send's views would not fit it at once
                     out.append(await self._copy_out(spec, torch.empty(spec.shape,
                                                                       dtype=spec.dtype)))
                 else:   # a view of the ring, given back when garbage-collected
