@@ -8,6 +8,7 @@ import hashlib
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from flexpipe.errors import ActorClosed, ConfigError, ProtocolError
 from flexpipe.runtime import ActorSystem, handles, message
@@ -151,6 +152,35 @@ async def test_ring_sends_whose_views_cannot_all_be_held_arrive_as_copies(kind):
     finally:
         await tx.aclose()
         await rx.aclose()
+
+
+async def _ring_sends(kind: str, ring: int, sends: list[list[int]], into: list[bool]) -> None:
+    tx, rx = await pair(kind, ring_bytes=ring, **RING_KINDS[kind])
+    try:
+        for k, (sizes, use_into) in enumerate(zip(sends, into)):
+            g = torch.Generator().manual_seed(k)
+            sent = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for n in sizes]
+            send = asyncio.ensure_future(tx.send(*sent))
+            dst = [torch.empty(n, dtype=torch.uint8) for n in sizes] if use_into else None
+            got = await asyncio.wait_for(rx.recv(into=dst), 10)
+            await asyncio.wait_for(send, 10)
+            equal = len(got) == len(sent) and all(torch.equal(a, b) for a, b in zip(sent, got))
+            del got   # the caller drops what it received before the next recv, as a stage does
+            assert equal, f"send {k} of sizes {sizes}"
+    finally:
+        await tx.aclose()
+        await rx.aclose()
+
+
+@pytest.mark.parametrize("kind", list(RING_KINDS))
+@settings(max_examples=25, deadline=None)
+@given(sends=st.lists(st.lists(st.integers(0, 40_000) | st.integers(40_000, 150_000), min_size=1, max_size=4),
+                      min_size=1, max_size=5),
+       into=st.lists(st.booleans(), min_size=5, max_size=5))
+def test_ring_transports_carry_any_sequence_of_sends(kind, sends, into):
+    """Sends of 1-4 tensors of 0 bytes to 2.3x a 64 KiB ring, as views, copies or into tensors:
+    every byte arrives, in order, and nothing waits forever (each recv and send has 10 s)."""
+    asyncio.run(_ring_sends(kind, 64 << 10, sends, into))
 
 
 async def test_shm_received_views_hold_ring_space_until_dropped():
