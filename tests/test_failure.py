@@ -75,3 +75,29 @@ async def test_a_stage_dying_during_a_reshape_aborts_it_at_once():
         assert ctl.history[-1].ok is False and "died" in ctl.history[-1].error
         check_against_oracle(fp, reqs, await asyncio.gather(*tasks))   # the old epoch served them all
         assert (await fp.reshape(stages=3)).ok
+
+
+async def test_a_stage_that_cannot_be_replaced_fails_its_requests_instead_of_hanging(tmp_path):
+    # the checkpoint is gone when a stage dies, so its replacement cannot load its weights: the
+    # requests end with an error at once (not paused for ever), and later ones are refused saying why
+    import shutil
+
+    from flexpipe.errors import ActorError
+    from flexpipe.model import PresetWeights, preset, save_checkpoint
+
+    path = tmp_path / "model"
+    save_checkpoint(preset("tiny"), PresetWeights(preset("tiny"), 0), path)
+    async with FlexPipe.launch(str(path), stages=2, heartbeat_interval=0.3,
+                               heartbeat_timeout=HEARTBEAT_TIMEOUT) as fp:
+        reqs = request_mix(4, seed=5, max_tokens=(200, 300))
+        tasks = [asyncio.ensure_future(fp.complete(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"}))
+                 for r in reqs]
+        while not any(r.output for r in fp.router.sched.requests.values()):
+            await asyncio.sleep(0.01)
+        shutil.rmtree(path)
+        os.kill(fp.status()["stages"][1]["pid"], signal.SIGKILL)
+        outs = await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+        assert {o.finish_reason for o in outs} == {"error"}
+        with pytest.raises(ActorError, match="pipeline is down: .*recovery failed"):
+            await fp.complete("later", max_tokens=2)
+        assert fp.router.status()["running"] == fp.router.status()["waiting"] == 0

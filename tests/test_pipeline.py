@@ -71,11 +71,51 @@ async def test_streaming_and_cancellation_free_blocks():
         assert all(p["used"] == 0 for p in fp.status()["router"]["kv"])
 
 
+async def test_frees_of_a_failed_step_reach_the_stages_it_never_reached():
+    # A step carries the frees of requests that ended; when stage 1 refuses it, stage 2 never sees it.
+    # Those frees must go out again, or stage 2 keeps the blocks while the router counts them free.
+    from flexpipe.runtime.stage import FreeSeqs
+
+    async with FlexPipe.launch("tiny", stages=3, in_process=True) as fp:
+        router, ctl = fp.router, fp.controller
+
+        async def consume(rid):
+            return [ev async for ev in fp.generate(f"request {rid}", max_tokens=400, ignore_eos=True, request_id=rid)]
+
+        tasks = {rid: asyncio.ensure_future(consume(rid)) for rid in ("A", "F")}
+        while not all(router.sched.requests.get(r) and router.sched.requests[r].output for r in tasks):
+            await asyncio.sleep(0.005)
+        await router.quiesce()
+        # stage 1 loses A's KV (as if a free had gone astray), so A's next step is refused there
+        await ctl.system.ask(ctl.slots[1].ref, FreeSeqs(router.epoch, ["A"]))
+        router.cancel("F")   # not in flight: it ends now, its frees ride on the next step (A's)
+        router.resume()
+        a, f = await asyncio.gather(*tasks.values())
+        assert a[-1].finish_reason == "error" and f[-1].finish_reason == "cancelled"
+        assert router.stats["step_failures"] == 1
+        c = await fp.complete("after", max_tokens=3)   # steps that carry what is pending
+        assert len(c.token_ids) == 3
+        # each stage holds only the last request's block: its own frees wait for a step to carry them
+        for st in await ctl.stage_status():
+            assert st["sequences"] == 1 and st["free_blocks"] == st["num_blocks"] - 1, st
+        assert all(p["used"] == 0 for p in fp.status()["router"]["kv"])
+
+
 async def test_stop_tokens_and_strings():
     async with FlexPipe.launch("tiny", stages=1, in_process=True) as fp:
         ref = fp.reference_tokens("abc", max_tokens=20, ignore_eos=True)
         c = await fp.complete("abc", max_tokens=20, stop_token_ids=[ref[5]], ignore_eos=True)
         assert c.token_ids == ref[:ref.index(ref[5]) + 1] and c.finish_reason == "stop"
+
+
+async def test_a_request_that_fills_the_context_stops_where_the_oracle_does():
+    # prompt + output may fill the model's positions (as HF's max_length and the server's check count
+    # them); the oracle stopped one token later until 2026-11-29
+    async with FlexPipe.launch("tiny", stages=2, in_process=True) as fp:
+        prompt = [(7 * i) % 200 + 3 for i in range(fp.max_context - 3)]
+        c = await fp.complete(prompt, max_tokens=10, ignore_eos=True)
+        assert len(c.token_ids) == 3 and c.finish_reason == "length"
+        assert c.token_ids == fp.reference_tokens(prompt, max_tokens=10, ignore_eos=True)
 
 
 async def test_bad_input_is_refused_before_scheduling():

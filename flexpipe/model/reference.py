@@ -71,7 +71,8 @@ class ReferenceModel:
         return self.prefill(ids)[len(prompt_ids) - 1:]
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
-        """Generated token ids; stops after max_tokens or on (and including) a stop token."""
+        """Generated token ids; stops after max_tokens, on (and including) a stop token, or when prompt
+        and output fill the model's positions."""
         params.validate(self.cfg.vocab_size)
         if params.temperature > 0 and params.seed is None:
             raise RequestError("sampling with temperature > 0 needs a seed for the oracle to be reproducible")
@@ -84,7 +85,10 @@ class ReferenceModel:
         while True:
             tok = int(sample(logits[None], [params], [len(out)])[0])
             out.append(tok)
-            if tok in stops or len(out) >= params.max_tokens or self.length >= self.cfg.max_position_embeddings:
+            # the context holds prompt + output (as HF's max_length and the server's check count it):
+            # the last token sampled is never fed, so the KV holds at most one position less
+            if tok in stops or len(out) >= params.max_tokens or \
+                    len(prompt_ids) + len(out) >= self.cfg.max_position_embeddings:
                 return out
             logits = self.decode(tok)
 

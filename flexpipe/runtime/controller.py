@@ -685,7 +685,11 @@ class Controller:
         async with self._lock:
             if all(sl.ref != ref for sl in self.slots):
                 return  # already replaced
-            await self._recover(ref, reason)
+            try:
+                await self._recover(ref, reason)
+            except Exception as e:  # noqa: BLE001 - whatever it was, clients must not wait for ever
+                log.error("recovery from the death of %s failed: %s: %s", ref, type(e).__name__, e)
+                self.router.fail_all(f"stage {ref} died ({reason}) and recovery failed: {type(e).__name__}: {e}")
 
     async def _recover(self, dead: ActorRef, reason: str) -> ReshapeStats:
         """Replace the dead stage with a new process and recompute every request from its record."""

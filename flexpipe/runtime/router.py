@@ -103,6 +103,7 @@ class RouterActor:
         self._drained.set()
         self._pump_task: asyncio.Task | None = None
         self._death_seen = False
+        self.down: str | None = None   # why the pipeline can serve no more (fail_all), else None
         self.on_stage_death = None  # set by the controller: async fn(ref, reason)
         # fn(event, now, request) with now on the scheduler's clock: "arrival" (the record), "finish"
         # (the record, `finished` set), "step" (None; after each step's output); called inline: keep it O(1)
@@ -137,6 +138,8 @@ class RouterActor:
     # ---- client side ------------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: Any, request_id: str | None = None) -> tuple[str, asyncio.Queue]:
         """Queue a validated request; returns its id and the queue its TokenEvents arrive on."""
+        if self.down is not None:
+            raise ActorError(f"the pipeline is down: {self.down}; restart it")
         if not prompt:
             raise RequestError("the prompt is empty: give at least one token")
         if len(prompt) >= self.max_context:
@@ -228,6 +231,10 @@ class RouterActor:
             return
         mb = self.sched.inflight[msg.step]
         self.stats["step_failures"] += 1
+        # The step carried frees that the stages after the failing one never applied (nor the failing
+        # one, when it refused the step): send them again with the next step.  Not those of a
+        # preempted request that is running again by now: freeing it would drop its new KV.
+        self.sched.pending_frees.extend(s for s in mb.frees if not self.sched.cache.holds(s))
         events = []
         for c in mb.chunks:
             req = self.sched.requests.get(c.seq_id)
@@ -235,6 +242,7 @@ class RouterActor:
                 req.in_flight = False
                 events.append(self.sched._finish(req, "error"))
         del self.sched.inflight[msg.step]
+        self._sent_at.pop(msg.step, None)
         log.error("router: step %d failed on stage %d: %s", msg.step, msg.stage, msg.error)
         self._emit(events)
         self._after_step()
@@ -266,9 +274,18 @@ class RouterActor:
         if self.on_stage_death is not None:
             await self.on_stage_death(msg.ref, msg.reason)
         else:  # nobody can rebuild the pipeline: fail what is running rather than hang
-            events = [self.sched._finish(r, "error") for r in list(self.sched.requests.values())]
-            self.sched.inflight.clear()
-            self._emit(events)
+            self.fail_all(f"stage {msg.ref} died ({msg.reason}) and nothing can replace it")
+
+    def fail_all(self, why: str) -> None:
+        """The pipeline cannot serve any more (a dead stage that could not be replaced): every request
+        ends with "error" now, and later ones are refused with `why`, instead of waiting for ever."""
+        self.down = why
+        self._paused = True
+        events = [self.sched._finish(r, "error") for r in list(self.sched.requests.values())]
+        self.sched.inflight.clear()
+        self._sent_at.clear()
+        self._drained.set()
+        self._emit(events)
 
     @handles(RouterStatus)
     def status_msg(self, ctx: ActorContext, msg: RouterStatus) -> dict:
@@ -300,6 +317,7 @@ class RouterActor:
             if ref not in self.pipeline.refs and self.ctx is not None:
                 self.ctx.watch(ref)
         self.pipeline = pipeline
+        self._sent_at.clear()   # (steps a recovery forgot: none is in flight now)
         if cache is not None:
             self.sched.cache = cache
         self.sched.max_inflight = self._inflight_for(pipeline)
