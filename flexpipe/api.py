@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator, Sequence
 from flexpipe.errors import ConfigError, QueueFullError, RequestError, UnknownModelError
 from flexpipe.model.config import ModelConfig
 from flexpipe.model.sampling import SamplingParams
-from flexpipe.model.tokenizer import load_tokenizer
+from flexpipe.model.tokenizer import StopTextStream, load_tokenizer
 from flexpipe.partition import CostModel, PipelineShape, UnitGraph, solve
 
 
@@ -292,25 +292,20 @@ class FlexPipe(EngineClient):
         if len(self.router.sched.waiting) >= self.settings.max_queued:
             raise QueueFullError(f"{self.settings.max_queued} requests are already queued: retry later")
         rid, queue = self.router.submit(ids, params, request_id)
-        dec = self.tokenizer.stream()
-        stops = [s for s in (stop or []) if s]
-        text = ""
+        text = StopTextStream(self.tokenizer.stream(), stop)
         done = False
         try:
             while True:
                 ev = await queue.get()
                 if ev.finish_reason is not None:
                     done = True
-                    yield GenerationEvent(None, dec.flush(), ev.index, ev.finish_reason)
+                    tail, hit = text.flush()
+                    yield GenerationEvent(None, tail, ev.index, "stop" if hit else ev.finish_reason)
                     return
-                piece = dec.feed(ev.token_id)
-                if stops:
-                    text += piece
-                    hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-                    if hit >= 0:
-                        cut = len(text) - len(piece)
-                        yield GenerationEvent(ev.token_id, text[cut:hit] if hit > cut else "", ev.index, "stop")
-                        return
+                piece, hit = text.feed(ev.token_id)
+                if hit:
+                    yield GenerationEvent(ev.token_id, piece, ev.index, "stop")
+                    return
                 yield GenerationEvent(ev.token_id, piece, ev.index)
         finally:
             if not done:
@@ -344,8 +339,12 @@ class SyncFlexPipe:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="flexpipe-loop", daemon=True)
         self._thread.start()
-        self._cm = FlexPipe.launch(model, stages, **kw)
-        self.fp: FlexPipe = self._run(self._cm.__aenter__())
+        try:
+            self._cm = FlexPipe.launch(model, stages, **kw)
+            self.fp: FlexPipe = self._run(self._cm.__aenter__())
+        except BaseException:   # (a bad setting, an unknown model): no loop thread left behind
+            self._stop_loop()
+            raise
 
     def _run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -361,10 +360,15 @@ class SyncFlexPipe:
 
     def close(self) -> None:
         if self._thread.is_alive():
-            self._run(self._cm.__aexit__(None, None, None))
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._loop.close()
+            try:
+                self._run(self._cm.__aexit__(None, None, None))
+            finally:
+                self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
     def __enter__(self) -> "SyncFlexPipe":
         return self

@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    levels = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+    if args.log_level.upper() not in levels:
+        parser.error(f"--log-level {args.log_level!r} (or FLEXPIPE_LOG_LEVEL): give one of {', '.join(levels)}")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if not getattr(args, "func", None):

@@ -24,3 +24,13 @@ def test_bad_runtime_settings_are_one_line_errors_before_anything_starts(capsys,
     assert main(["generate", *flags]) == 1
     err = capsys.readouterr().err
     assert err.startswith("flexpipe: error: ") and says in err, err
+
+
+def test_an_unknown_log_level_is_a_usage_error(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        main(["--log-level", "bogus", "generate"])
+    assert e.value.code == 2 and "give one of CRITICAL, ERROR, WARNING, INFO, DEBUG" in capsys.readouterr().err
+    monkeypatch.setenv("FLEXPIPE_LOG_LEVEL", "loud")
+    with pytest.raises(SystemExit):
+        main(["generate"])
+    assert "'loud' (or FLEXPIPE_LOG_LEVEL)" in capsys.readouterr().err

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flexpipe.errors import ConfigError
 from flexpipe.model import ByteTokenizer, HFTokenizer, ModelConfig, load_tokenizer, preset
@@ -61,6 +63,9 @@ def test_hf_tokenizer_with_config(hf_dir):
     tok = load_tokenizer(cfg, hf_dir)
     assert isinstance(tok, HFTokenizer)
     assert (tok.bos_token_id, tok.eos_token_id, tok.chat_template) == (0, 1, "{{ messages }}")
+    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "{{ 'D' }}"}]
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    assert load_tokenizer(cfg, hf_dir).chat_template == named   # the server's template picks "default"
     text = "hello world, 世界 🚀"
     ids = tok.encode(text)
     assert tok.decode(ids) == text
@@ -74,3 +79,45 @@ def test_bad_tokenizer_json(tmp_path):
     (tmp_path / "tokenizer.json").write_text("nope")
     with pytest.raises(ConfigError, match="tokenizer.json"):
         load_tokenizer(preset("tiny"), tmp_path)
+
+
+def _stream_with_stops(text: str, stops: list[str]) -> tuple[list[str], bool]:
+    """Feed text's bytes one token at a time; the pieces emitted (flush last) and whether a stop hit."""
+    from flexpipe.model.tokenizer import StopTextStream
+
+    tok = load_tokenizer(preset("tiny"))
+    st = StopTextStream(tok.stream(), stops)
+    pieces = []
+    for b in text.encode():
+        piece, hit = st.feed(b)
+        pieces.append(piece)
+        if hit:
+            return pieces, True
+    piece, hit = st.flush()
+    return pieces + [piece], hit
+
+
+def test_stop_strings_that_span_tokens_are_never_emitted():
+    pieces, hit = _stream_with_stops("one\ntwo\n\nthree", ["\n\n"])
+    assert hit and "".join(pieces) == "one\ntwo"
+    assert pieces[3] == "" and pieces[4] == "\nt"   # the newline is held until "t" shows it is text
+    pieces, hit = _stream_with_stops("abcab", ["abd", "bx"])
+    assert not hit and "".join(pieces) == "abcab" and pieces[-1] == "ab"   # held to the end, then given out
+    assert _stream_with_stops("héllo", ["é"]) == (["h", "", ""], True)   # a stop inside a 2-byte character
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab\né", max_size=12), st.lists(st.text(alphabet="ab\né", min_size=1, max_size=3),
+                                                         max_size=3))
+def test_stop_text_stream_emits_exactly_the_text_before_the_first_stop(text, stops):
+    pieces, hit = _stream_with_stops(text, stops)
+    # the output ends at the first stop string to be complete, cut where that one (or, of those
+    # complete by then, the one that starts first) begins
+    ends = [n for n in range(1, len(text) + 1) if any(s in text[:n] for s in stops)]
+    cut = min(text[:ends[0]].find(s) for s in stops if s in text[:ends[0]]) if ends else -1
+    assert hit == (cut >= 0)
+    assert "".join(pieces) == (text[:cut] if hit else text)
+    emitted = ""
+    for p in pieces:   # at no point was any part of a stop string out already
+        emitted += p
+        assert text.startswith(emitted) and (not hit or len(emitted) <= cut)

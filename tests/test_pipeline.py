@@ -106,6 +106,11 @@ async def test_stop_tokens_and_strings():
         ref = fp.reference_tokens("abc", max_tokens=20, ignore_eos=True)
         c = await fp.complete("abc", max_tokens=20, stop_token_ids=[ref[5]], ignore_eos=True)
         assert c.token_ids == ref[:ref.index(ref[5]) + 1] and c.finish_reason == "stop"
+        # a stop string of two tokens' text: no piece of it is streamed, and the output ends before it
+        text = fp.tokenizer.decode(ref)
+        stop = next(text[i:i + 2] for i in range(4, len(text) - 1) if text[i:i + 2] not in text[:i + 1])
+        pieces = [ev.text async for ev in fp.generate("abc", max_tokens=20, stop=[stop], ignore_eos=True)]
+        assert "".join(pieces) == text[:text.index(stop)]
 
 
 async def test_a_request_that_fills_the_context_stops_where_the_oracle_does():
@@ -159,3 +164,19 @@ async def test_bad_settings_are_refused_before_anything_starts(setting, value, s
     with pytest.raises(ConfigError, match=f"setting {setting}=.*{re.escape(says)}"):
         async with FlexPipe.launch("tiny", **{setting: value}):
             pass
+
+
+def test_the_synchronous_wrapper_serves_reshapes_and_closes_its_loop():
+    import threading
+
+    from flexpipe.api import SyncFlexPipe
+
+    before = {t.name for t in threading.enumerate()}
+    with SyncFlexPipe("tiny", stages=2, in_process=True) as fp:
+        c = fp.complete("sync", max_tokens=5, ignore_eos=True)
+        assert c.token_ids == fp.fp.reference_tokens("sync", max_tokens=5, ignore_eos=True)
+        assert fp.reshape(stages=1).ok and len(fp.status()["stages"]) == 1
+        assert fp.complete("sync", max_tokens=5, ignore_eos=True).token_ids == c.token_ids
+    with pytest.raises(ConfigError, match="unknown setting"):
+        SyncFlexPipe("tiny", bogus=1)
+    assert "flexpipe-loop" not in {t.name for t in threading.enumerate()} - before   # neither run left its thread

@@ -68,6 +68,8 @@ def test_chat_content_parts_and_max_completion_tokens():
     ({"model": "m", "prompt": "x", "presence_penalty": 0.5}, "presence_penalty", "send 0"),
     ({"model": "m", "prompt": "x", "logit_bias": {"1": 5}}, "logit_bias", "not supported"),
     ({"model": "m", "prompt": "x", "stream": "yes"}, "stream", "true or false"),
+    ({"model": "m", "prompt": "x", "temperature": 10 ** 400}, "temperature", "out of range"),   # no float holds it
+    ({"model": "m", "prompt": "x", "seed": 10 ** 4000}, "seed", "4001-digit number is out of range"),
     ({"model": "m", "prompt": "x", "stream_options": {"include_usage": True}}, "stream_options",
      "only allowed when 'stream' is true"),
 ])
@@ -101,7 +103,8 @@ def test_chat_rejections(body, param, words):
 
 
 @pytest.mark.parametrize("raw, words", [(b"", "empty"), (b"{nope", "not valid JSON"), (b"[1, 2]", "JSON object"),
-                                        (b"\xff\xfe", "not valid JSON")])
+                                        (b"\xff\xfe", "not valid JSON"),
+                                        (b'{"max_tokens": ' + b"9" * 5000 + b"}", "not valid JSON")])
 def test_json_body_rejections(raw, words):
     with pytest.raises(APIError) as e:
         parse_json_body(raw)

@@ -43,6 +43,46 @@ class StreamDecoder:
         return full[len(prev):]
 
 
+class StopTextStream:
+    """A request's text as its tokens arrive, cut before the first stop string (which is not part of
+    the output, as in OpenAI's API).  Text that could be the start of a stop string is held back
+    until the next tokens show whether it is one, so no part of a stop string that spans tokens is
+    ever emitted; what is held is given out at the end (`flush`)."""
+
+    def __init__(self, decoder: StreamDecoder, stops: str | Sequence[str] | None = None):
+        self.dec = decoder
+        if isinstance(stops, str):   # one stop string, not one per character
+            stops = [stops]
+        self.stops = [s for s in (stops or []) if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.text = ""
+        self.sent = 0   # text[:sent] has been emitted
+
+    def feed(self, token_id: int) -> tuple[str, bool]:
+        """The text this token releases, and whether a stop string ended the output here."""
+        return self._add(self.dec.feed(token_id), final=False)
+
+    def flush(self) -> tuple[str, bool]:
+        """At the end of the request: the held text and the decoder's tail, cut at a stop string."""
+        return self._add(self.dec.flush(), final=True)
+
+    def _add(self, piece: str, final: bool) -> tuple[str, bool]:
+        if not self.stops:
+            return piece, False
+        self.text += piece
+        t, sent = self.text, self.sent
+        hit = min((i for i in (t.find(s, sent) for s in self.stops) if i >= 0), default=-1)
+        if hit >= 0:
+            self.sent = len(t)
+            return t[sent:hit], True
+        end = len(t)
+        if not final:   # keep the longest end of the text that begins a stop string
+            end -= next((k for k in range(min(self.hold, end - sent), 0, -1)
+                         if any(s.startswith(t[-k:]) for s in self.stops)), 0)
+        self.sent = end
+        return t[sent:end], False
+
+
 class ByteTokenizer:
     """Bytes 0..255 are ids 0..255; BOS, EOS and PAD follow. No chat template."""
 
@@ -92,7 +132,8 @@ class HFTokenizer:
         template = tc.get("chat_template")
         if template is None and (d / "chat_template.jinja").is_file():
             template = (d / "chat_template.jinja").read_text()
-        self.chat_template: str | None = template if isinstance(template, str) else None
+        # a string, or the list of {name, template} some checkpoints ship (the server picks "default")
+        self.chat_template: str | list | None = template if isinstance(template, (str, list)) else None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_token_id = self._special(tc.get("bos_token"), cfg.bos_token_id if cfg else None)
         self.eos_token_id = self._special(tc.get("eos_token"), cfg.eos_token_id if cfg else None)

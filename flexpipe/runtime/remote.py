@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 from flexpipe import errors
 from flexpipe.api import EngineClient
 from flexpipe.errors import ActorClosed, ActorError, ConfigError, PeerDeadError, RemoteError, RequestError
+from flexpipe.model.tokenizer import StopTextStream
 from flexpipe.runtime.actor import ActorSettings, handles
 from flexpipe.runtime.messages import ActorRef, Terminated, message
 
@@ -306,24 +307,19 @@ class RemoteFlexPipe(EngineClient):
             done = True  # never admitted: nothing to cancel
             streams.pop(rid, None)
             raise
-        dec = self.tokenizer.stream()
-        stops = [s for s in (stop or []) if s]
-        text = ""
+        text = StopTextStream(self.tokenizer.stream(), stop)
         try:
             while True:
                 token, index, reason = await queue.get()
                 if reason is not None:
                     done = True
-                    yield GenerationEvent(None, dec.flush(), index, reason)
+                    tail, hit = text.flush()
+                    yield GenerationEvent(None, tail, index, "stop" if hit else reason)
                     return
-                piece = dec.feed(token)
-                if stops:
-                    text += piece
-                    hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-                    if hit >= 0:
-                        cut = len(text) - len(piece)
-                        yield GenerationEvent(token, text[cut:hit] if hit > cut else "", index, "stop")
-                        return
+                piece, hit = text.feed(token)
+                if hit:
+                    yield GenerationEvent(token, piece, index, "stop")
+                    return
                 yield GenerationEvent(token, piece, index)
         finally:
             streams.pop(rid, None)

@@ -81,8 +81,8 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
                           "(Content-Type: application/json).")
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad_request(f"The request body is not valid JSON ({e}); send a JSON object.",
+    except ValueError as e:   # JSONDecodeError, UnicodeDecodeError, and an integer of over 4300 digits
+        raise bad_request(f"The request body is not valid JSON ({str(e)[:200]}); send a JSON object.",
                           code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request(f"The request body must be a JSON object, not {_kind(body)}.",
@@ -261,7 +261,8 @@ def _int(body: dict[str, Any], name: str, *, lo: int | None = None, hi: int | No
     if not isinstance(value, int) or isinstance(value, bool):
         raise bad_request(f"'{name}' must be an integer, not {_kind(value)}.", name, "invalid_type")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise bad_request(f"'{name}' = {value} is out of range; send {_range(lo, hi)}.", name,
+        shown = str(value) if abs(value) < 10 ** 30 else f"{'-' if value < 0 else ''}{len(str(abs(value)))}-digit number"
+        raise bad_request(f"'{name}' = {shown} is out of range; send {_range(lo, hi)}.", name,
                           "invalid_value")
     return value
 
@@ -270,7 +271,10 @@ def _number(body: dict[str, Any], name: str, *, lo: float, hi: float, lo_open: b
     value = body[name]
     if not _is_number(value):
         raise bad_request(f"'{name}' must be a number, not {_kind(value)}.", name, "invalid_type")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:   # an integer too large for a float: out of range like one
+        value = math.inf if value > 0 else -math.inf
     if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
         lower = f"greater than {lo:g}" if lo_open else f"at least {lo:g}"
         raise bad_request(f"'{name}' = {value:g} is out of range; send a number {lower} and at most "

@@ -93,8 +93,8 @@ class EventStreamResponse:
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         raw = [(b"content-type", self.media_type.encode())]
         raw += [(k.encode(), v.encode()) for k, v in self.headers.items()]
-        await send({"type": "http.response.start", "status": 200, "headers": raw})
         try:
+            await send({"type": "http.response.start", "status": 200, "headers": raw})
             async for chunk in self.chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
