@@ -101,3 +101,39 @@ async def test_a_stage_that_cannot_be_replaced_fails_its_requests_instead_of_han
         with pytest.raises(ActorError, match="pipeline is down: .*recovery failed"):
             await fp.complete("later", max_tokens=2)
         assert fp.router.status()["running"] == fp.router.status()["waiting"] == 0
+
+
+async def test_a_switch_that_fails_half_way_is_rebuilt_without_loss():
+    # after the delta copy, the first stage forgets the units it prepared (as if its load had been
+    # lost), so it refuses Activate while the other kept stage takes the new epoch and drops its old
+    # units: neither shape can resume, so the controller rebuilds the new shape from fresh processes
+    # and every request is recomputed from its record, with the oracle's output
+    from flexpipe.runtime.stage import AbortPrepare
+
+    async with FlexPipe.launch("tiny", stages=3, heartbeat_interval=0.3,
+                               heartbeat_timeout=HEARTBEAT_TIMEOUT) as fp:
+        reqs = request_mix(6, seed=43, max_tokens=(60, 100))
+        tasks = [asyncio.ensure_future(fp.complete(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"}))
+                 for r in reqs]
+        while not any(r.computed > 0 for r in fp.controller.router.sched.requests.values()):
+            await asyncio.sleep(0.01)
+        ctl = fp.controller
+        copy_round = ctl._copy_round_once
+        first = ctl.slots[0]
+
+        async def forget_prepared_units_after_the_delta(moves, copied, st, delta):
+            out = await copy_round(moves, copied, st, delta)
+            if delta:
+                await ctl.system.ask(first.ref, AbortPrepare(ctl.shape.epoch + 1))
+            return out
+
+        ctl._copy_round_once = forget_prepared_units_after_the_delta
+        with pytest.raises(ReshapeError, match="rebuilt as"):
+            await fp.reshape(stages=2)
+        ctl._copy_round_once = copy_round
+        assert [h.kind for h in ctl.history[-2:]] == ["reshape", "rebuild"] and ctl.history[-2].ok is False
+        assert "not prepared" in ctl.history[-2].error
+        assert len(fp.status()["stages"]) == 2 and first.handle.pid not in {s["pid"] for s in fp.status()["stages"]}
+        check_against_oracle(fp, reqs, await asyncio.wait_for(asyncio.gather(*tasks), timeout=120))
+        assert (await fp.reshape(stages=3)).ok
+        assert all(p["used"] == 0 for p in fp.status()["router"]["kv"])

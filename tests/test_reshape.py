@@ -140,6 +140,23 @@ async def test_back_to_back_reshapes():
         check_against_oracle(fp, reqs, await tasks)
 
 
+@pytest.mark.parametrize("drain", [False, True])
+async def test_the_restart_baselines_rebuild_without_loss(drain):
+    # benchmarks/bench_reshape.py measures the in-flight reshape against these two
+    from flexpipe.api import plan_shape
+
+    reqs = request_mix(8, seed=6, max_tokens=(20, 50))
+    async with FlexPipe.launch("tiny", stages=2, in_process=True) as fp:
+        tasks = asyncio.ensure_future(run_all(fp, reqs))
+        while not any(r.output for r in fp.router.sched.requests.values()):
+            await asyncio.sleep(0.005)
+        st = await fp.controller.restart(plan_shape(fp.config, 3, None, 0, "cpu"), drain=drain)
+        assert st.kind == ("drain-restart" if drain else "restart-recompute") and st.to_epoch == 1
+        assert st.stages_retired == 2 and st.stages_started == 3 and len(fp.status()["stages"]) == 3
+        assert drain or st.requests_recomputed > 0   # (drained: only requests not yet admitted, if any)
+        check_against_oracle(fp, reqs, await tasks)
+
+
 async def test_reshape_with_kv_nearly_full():
     reqs = request_mix(12, seed=9, max_tokens=(40, 60))
     async with FlexPipe.launch("tiny", stages=2, in_process=True, num_blocks=48, block_size=8) as fp:

@@ -60,7 +60,7 @@ class Slot:
 class ReshapeStats:
     """What one reshape (or recovery) did and cost."""
 
-    kind: str  # "reshape" | "recovery" | "scale_to_zero" | "cold_start"
+    kind: str  # "reshape" | "recovery" | "rebuild" (after a failed switch) | "scale_to_zero" | "cold_start" | ...
     from_epoch: int
     to_epoch: int
     from_boundaries: list[int]
@@ -290,6 +290,7 @@ class Controller:
         started: list[Slot] = []
         prepared: list[Slot] = []
         paused = False
+        switching = False   # Activate sent: from here a failure cannot go back to the old epoch
         tier = self._tier(shape, new_slots, weights_from)
         peer = tier != "source"  # cache and peer tiers both send tensors to stages that start empty
         st.weights_from = tier
@@ -349,10 +350,11 @@ class Controller:
             gone = [s for s in copied if s not in live]
             rr = self.router_actor.ref
             slots = [s for s in new_slots]
-            await asyncio.gather(*(self.system.ask(sl.ref, Activate(shape.epoch, j, s.start, s.end,
-                                                                   self._next_ref(j, slots), rr,
-                                                                   self._upstream(j, slots)))
-                                   for j, (sl, s) in enumerate(zip(slots, shape.stages))))
+            switching = True
+            await self._unless_a_stage_dies(asyncio.gather(*(
+                self.system.ask(sl.ref, Activate(shape.epoch, j, s.start, s.end, self._next_ref(j, slots), rr,
+                                                 self._upstream(j, slots)))
+                for j, (sl, s) in enumerate(zip(slots, shape.stages)))))
             if gone:
                 await asyncio.gather(*(self.system.ask(sl.ref, FreeSeqs(shape.epoch, gone)) for sl in slots))
             retired = [sl for sl in self.slots if sl not in slots]
@@ -370,6 +372,26 @@ class Controller:
             st.requests_running = len(router.sched.running)
         except Exception as e:
             st.ok, st.error = False, f"{type(e).__name__}: {e}"
+            if switching:
+                # Some stages may serve the new epoch (their old units dropped) and others the old one:
+                # neither shape can resume as it is.  Go forward instead: the new shape from fresh
+                # processes, every request recomputed from its record (as a recovery does).
+                st.total_s = time.perf_counter() - t0
+                self.history.append(st)
+                log.error("reshape to %s failed while switching (%s): rebuilding it", shape.boundaries, st.error)
+                involved = list({id(sl): sl for sl in (*self.slots, *(sl for sl in new_slots if sl))}.values())
+                try:
+                    # (one epoch past the new one: no message of the half-switched stages is taken)
+                    await self._rebuild(shape.with_epoch(shape.epoch + 1), involved,
+                                        ReshapeStats("rebuild", old_epoch, 0, self.shape.boundaries, shape.boundaries,
+                                                     error=st.error))
+                except Exception as e2:  # noqa: BLE001 - nothing left to serve with
+                    router.fail_all(f"a reshape failed while switching ({st.error}) and the rebuild failed: "
+                                    f"{type(e2).__name__}: {e2}")
+                    raise ReshapeError(f"reshape failed while switching ({st.error}); the rebuild failed too: "
+                                       f"{type(e2).__name__}: {e2}") from e
+                raise ReshapeError(f"reshape failed while switching ({st.error}); the pipeline was rebuilt as "
+                                   f"{list(shape.boundaries)} and its requests recomputed") from e
             await self._abort(prepared, started, old_epoch)
             if paused:
                 router.resume()
@@ -665,20 +687,30 @@ class Controller:
                     await asyncio.sleep(0.005)
             await router.quiesce()
             router.sched.admit = True
-            st.requests_recomputed = len(router.sched.requeue_all())
-            await asyncio.gather(*(sl.handle.stop() for sl in self.slots), return_exceptions=True)
-            st.stages_retired = len(self.slots)
-            self.slots = list(await asyncio.gather(*(self._launch(s.start, s.end, s.device, shape.epoch, i)
-                                                     for i, s in enumerate(shape.stages))))
-            st.stages_started = len(self.slots)
-            st.weight_bytes = self._param_bytes_list(range(self.spec.config.num_units))
-            self.shape = shape
-            await self._configure(shape.epoch)
-            router.switch(self._pipeline(shape.epoch), CacheManager(self.settings.block_size, self._pools(shape)))
-            router.resume()
-            st.pause_s = st.total_s = time.perf_counter() - t0
-            self.history.append(st)
-            return st
+            return await self._rebuild(shape, self.slots, st, t0)
+
+    async def _rebuild(self, shape: PipelineShape, retire: list[Slot], st: ReshapeStats,
+                       t0: float | None = None) -> ReshapeStats:
+        """With the router quiesced: stop `retire`, start `shape` (in its epoch) in fresh processes, and
+        recompute every request from its record."""
+        router = self.router
+        t0 = time.perf_counter() if t0 is None else t0
+        st.to_epoch = shape.epoch
+        st.requests_recomputed = len(router.sched.requeue_all())
+        await asyncio.gather(*(sl.handle.stop() for sl in retire), return_exceptions=True)
+        st.stages_retired = len(retire)
+        self.slots = []
+        self.slots = list(await asyncio.gather(*(self._launch(s.start, s.end, s.device, shape.epoch, i)
+                                                 for i, s in enumerate(shape.stages))))
+        st.stages_started = len(self.slots)
+        st.weight_bytes = self._param_bytes_list(range(self.spec.config.num_units))
+        self.shape = shape
+        await self._configure(shape.epoch)
+        router.switch(self._pipeline(shape.epoch), CacheManager(self.settings.block_size, self._pools(shape)))
+        router.resume()
+        st.pause_s = st.total_s = time.perf_counter() - t0
+        self.history.append(st)
+        return st
 
     # ---- failure recovery ------------------------------------------------------------------------------
     async def _on_stage_death(self, ref: ActorRef, reason: str) -> None:
