@@ -288,7 +288,6 @@ class Controller:
         match = self._match(shape)
         new_slots: list[Slot | None] = [self.slots[i] if i is not None else None for i in match]
         started: list[Slot] = []
-        prepared: list[Slot] = []
         paused = False
         switching = False   # Activate sent: from here a failure cannot go back to the old epoch
         tier = self._tier(shape, new_slots, weights_from)
@@ -328,7 +327,6 @@ class Controller:
                     st.weight_bytes += self._param_bytes_list(missing)
                 await self.system.ask(sl.ref, PrepareUnits(s.start, s.end, from_peer=peer), timeout=600)
                 st.weights_s += time.perf_counter() - tw
-                prepared.append(sl)
             await self._evict_leaving(shape, new_slots)
             st.prepare_s = time.perf_counter() - t0
 
@@ -392,7 +390,8 @@ class Controller:
                                        f"{type(e2).__name__}: {e2}") from e
                 raise ReshapeError(f"reshape failed while switching ({st.error}); the pipeline was rebuilt as "
                                    f"{list(shape.boundaries)} and its requests recomputed") from e
-            await self._abort(prepared, started, old_epoch)
+            # (every kept stage: each took ExpectPeers, and AbortPrepare also ends its reshape's bookkeeping)
+            await self._abort([sl for sl in new_slots if sl is not None], started, old_epoch)
             if paused:
                 router.resume()
             st.total_s = time.perf_counter() - t0
@@ -657,13 +656,14 @@ class Controller:
         # tokens written since this round started (what the next round or the delta must copy)
         return sum(max(0, r.computed - copied.get(rid, (0, 0))[0]) for rid, r in sched.requests.items())
 
-    async def _abort(self, prepared: list[Slot], started: list[Slot], epoch: int) -> None:
-        for sl in prepared:
-            if sl not in started:
-                try:
-                    await self.system.ask(sl.ref, AbortPrepare(epoch), timeout=30)
-                except ActorError as e:
-                    log.warning("abort: %s did not drop its prepared units: %s", sl.ref, e)
+    async def _abort(self, kept: list[Slot], started: list[Slot], epoch: int) -> None:
+        async def drop(sl: Slot) -> None:
+            try:
+                await self.system.ask(sl.ref, AbortPrepare(epoch), timeout=30)
+            except ActorError as e:
+                log.warning("abort: %s did not drop its prepared units: %s", sl.ref, e)
+
+        await asyncio.gather(*(drop(sl) for sl in kept if sl not in started))
         await asyncio.gather(*(sl.handle.stop() for sl in started), return_exceptions=True)
 
     # ---- baselines the reshape protocol is measured against ------------------------------------------

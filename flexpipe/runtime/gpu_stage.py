@@ -314,8 +314,13 @@ class GpuStageActor(StageActor):
 
     def _reserve(self, items: list[tuple[str, int, int]]) -> dict:
         core, bs = self._core, self.block_size
-        tables = [core.ensure(seq, t1)[t0 // bs:-(-t1 // bs)] for seq, t0, t1 in items]
-        return {"tables": tables, "pools": cuda_ipc.export_pools(core.kv, self.num_blocks, bs)}
+        tables = []
+        for seq, t0, t1 in items:   # one freed here since the exporter read it: no blocks (StageCore.take_kv)
+            table = core.take_kv(seq, t1)
+            tables.append(table[t0 // bs:-(-t1 // bs)] if table is not None else [])
+        # the sequences held here only through copied KV: those the exporter may free again
+        created = [seq for seq, _, _ in items if core.only_imported(seq)]
+        return {"tables": tables, "pools": cuda_ipc.export_pools(core.kv, self.num_blocks, bs), "created": created}
 
     @handles(ExportKV, concurrent=True)
     async def export_kv(self, ctx: ActorContext, msg: ExportKV) -> int:
@@ -351,7 +356,10 @@ class GpuStageActor(StageActor):
             self.kv_stream = torch.cuda.Stream(core.device)
         dst = self.peer_pools.open(reply["pools"], core.device.index)
         nbytes, gone = await ctx.run_compute(self._copy_blocks, items, reply["tables"], dst, msg.strict)
-        if gone:   # freed between the check and the copy: the blocks reserved for them go back
+        # freed here between the check and the copy: the blocks reserved for them go back, unless the
+        # new owner runs the sequence itself (a preempted request that runs again there by now)
+        gone = [s for s in gone if s in set(reply.get("created", gone))]
+        if gone:
             await ctx.ask(msg.dest, FreeSeqs(self.epoch, gone))
         self.stats["kv_bytes_out"] += nbytes
         self.stats["kv_ipc_bytes"] += nbytes
@@ -362,6 +370,8 @@ class GpuStageActor(StageActor):
         stream.wait_stream(torch.cuda.current_stream(core.device))   # KV written so far is in place
         nbytes, gone = 0, []
         for (seq, units, t0, t1), dst_ids in zip(items, tables):
+            if not dst_ids:   # the new owner freed it since (StageCore.take_kv): nothing to copy
+                continue
             table = core.tables.get(seq)
             if table is None or -(-t1 // bs) > len(table):
                 if strict:

@@ -438,8 +438,10 @@ class StageActor:
     async def import_kv(self, ctx: ActorContext, msg: ImportKV, *tensors: torch.Tensor) -> bool:
         for j, (seq_id, units, t0) in enumerate(msg.items):
             k, v = tensors[2 * j], tensors[2 * j + 1]
-            await ctx.run_compute(self.core.import_kv, seq_id, units, t0, k, v)
-            self.stats["kv_bytes_in"] += k.numel() * k.element_size() * 2
+            if await ctx.run_compute(self.core.import_kv, seq_id, units, t0, k, v):
+                self.stats["kv_bytes_in"] += k.numel() * k.element_size() * 2
+            else:   # freed here since the peer exported it
+                self.stats["kv_import_skipped"] = self.stats.get("kv_import_skipped", 0) + 1
         return True
 
     @handles(Activate)
@@ -451,6 +453,7 @@ class StageActor:
     @handles(ExpectPeers)
     def expect_peers(self, ctx: ActorContext, msg: ExpectPeers) -> bool:
         self.peers = {r for r in msg.refs if isinstance(r, ActorRef)}
+        self.core.begin_reshape()
         return True
 
     @handles(AbortPrepare)

@@ -64,6 +64,13 @@ class StageCore:
         # graphs: a CPU stage of a pipeline launched with decode_graphs=graph runs eagerly
         self.decode = "off" if decode == "graph" and self.device.type != "cuda" else decode
         self._static: Any = None   # StaticDecode of the units served now, made on first use
+        # Sequences freed while a reshape is under way (begin_reshape).  A peer may have exported
+        # such a sequence's KV before the free reached it: that import must not bring back a table the
+        # router's ledger no longer counts (see import_kv).  A new first chunk of the sequence (a
+        # preempted request running again) takes it off the list.
+        self._preparing = False
+        self._dropped: set[str] = set()
+        self._imported: set[str] = set()   # sequences whose table here was made by KV from a peer
 
     # ---- blocks ---------------------------------------------------------------------------------
     @property
@@ -89,6 +96,28 @@ class StageCore:
         """Return the blocks of `seq_ids` to the pool (unknown ids are ignored)."""
         for s in seq_ids:
             self._free.extend(reversed(self.tables.pop(s, [])))
+            self._imported.discard(s)
+            if self._preparing:
+                self._dropped.add(s)
+
+    def begin_reshape(self) -> None:
+        """A reshape that may copy KV in has begun: remember what is freed until activate() or
+        abort_prepare() (see take_kv)."""
+        self._preparing = True
+
+    def take_kv(self, seq_id: str, tokens: int) -> list[int] | None:
+        """The block table of `seq_id` grown for `tokens` tokens of KV arriving from a peer, or None for
+        a sequence freed here during this reshape (its KV must not come back)."""
+        if seq_id in self._dropped:
+            return None
+        if seq_id not in self.tables:
+            self._imported.add(seq_id)
+        return self.ensure(seq_id, tokens)
+
+    def only_imported(self, seq_id: str) -> bool:
+        """Whether this stage holds `seq_id` only through KV a peer copied in during this reshape (no
+        step of it has run here since): what a peer that copied it may free again."""
+        return seq_id in self._imported
 
     def reset(self) -> None:
         """Drop every sequence's KV."""
@@ -105,6 +134,10 @@ class StageCore:
         Returns the residual stream [T, hidden] for the next stage, or, on the last stage, the
         sampled token ids [S] of the sequences whose `sample` flag is set (in order).
         """
+        if self._dropped:
+            self._dropped.difference_update(s for s, st in zip(meta.seq_ids, meta.starts) if st == 0)
+        if self._imported:
+            self._imported.difference_update(meta.seq_ids)
         if self.has_kv:
             tables = [self.ensure(s, st + n) for s, st, n in zip(meta.seq_ids, meta.starts, meta.lens)]
             if self.decode != "off" and max(meta.lens) == 1:
@@ -178,16 +211,20 @@ class StageCore:
         ks, vs = zip(*(self.kv[u].gather(slots) for u in units))
         return torch.stack(ks), torch.stack(vs)
 
-    def import_kv(self, seq_id: str, units: Sequence[int], t0: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write K/V [len(units), n, kv_heads, head_dim] of `units` at tokens [t0, t0 + n) of `seq_id`."""
+    def import_kv(self, seq_id: str, units: Sequence[int], t0: int, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Write K/V [len(units), n, kv_heads, head_dim] of `units` at tokens [t0, t0 + n) of `seq_id`;
+        False (nothing written) for a sequence freed here during this reshape (take_kv)."""
         n = k.shape[1]
-        table = self.ensure(seq_id, t0 + n)
+        table = self.take_kv(seq_id, t0 + n)
+        if table is None:
+            return False
         slots = self._slots(table, t0, t0 + n)
         for j, u in enumerate(units):
             cache = self.kv.get(u)
             if cache is None:
                 raise KeyError(f"stage [{self.start},{self.end}) has no KV cache for unit {u}: prepare it first")
             cache.write(slots, k[j], v[j])
+        return True
 
     # ---- reshaping ------------------------------------------------------------------------------
     def prepare(self, start: int, end: int, tensors_from: Any = None) -> list[int]:
@@ -205,6 +242,7 @@ class StageCore:
                 self.kv[i] = PagedKVCache(self.num_blocks, self.block_size, self.cfg.num_kv_heads,
                                           self.cfg.head_dim, self.dtype, self.device)
         self._next = (start, end)
+        self._preparing = True
         return missing   # the range served (and so StaticDecode's graphs) changes only at activate()
 
     def abort_prepare(self) -> None:
@@ -212,6 +250,9 @@ class StageCore:
         for i in [i for i in self.units if not self.start <= i < self.end]:
             del self.units[i]
             self.kv.pop(i, None)
+        self._preparing = False
+        self._dropped.clear()
+        self._imported.clear()
 
     def activate(self, start: int, end: int) -> None:
         """Serve [start, end) from now on; drop units (and their KV) outside it."""
@@ -222,6 +263,9 @@ class StageCore:
             del self.units[i]
             self.kv.pop(i, None)
         self.start, self.end = start, end
+        self._preparing = False
+        self._dropped.clear()
+        self._imported.clear()
         self._static = None   # its graphs hold the old range's units and KV pools
         if not self.kv:
             self.reset()

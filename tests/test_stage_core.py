@@ -1,0 +1,51 @@
+"""StageCore's KV bookkeeping during a reshape: KV a peer exported before a free reached this stage
+must not bring back a table the router's ledger no longer counts."""
+
+from __future__ import annotations
+
+import torch
+
+from flexpipe.model.checkpoint import PresetWeights
+from flexpipe.model.config import ModelConfig
+from flexpipe.runtime.stage_core import StageCore, StepMeta
+
+GREEDY = [0.0, 0, 1.0, 0]
+
+
+def _cores():
+    cfg = ModelConfig(name="sc-h128-l2", hidden_size=128, intermediate_size=352, num_layers=2, num_heads=2,
+                      num_kv_heads=1, bos_token_id=256, eos_token_ids=(257,), pad_token_id=258)
+    src = PresetWeights(cfg, 0)
+    # a merge 2 -> 1: the kept stage [0, 3) takes units [3, 6) (layer 1 and the head) from [3, 6)
+    return cfg, StageCore(cfg, src, 0, 3, num_blocks=16, block_size=4), StageCore(cfg, src, 3, 6, num_blocks=16,
+                                                                                     block_size=4)
+
+
+def _prefill(cfg, first, last, seq, n):
+    x = first.forward(StepMeta([seq], [0], [n], [False], [0], [GREEDY]), torch.arange(n) + 3)
+    last.forward(StepMeta([seq], [0], [n], [True], [0], [GREEDY]), x)
+
+
+def test_kv_of_a_sequence_freed_during_the_reshape_is_not_imported_back():
+    cfg, kept, source = _cores()
+    for seq in ("done", "live"):
+        _prefill(cfg, kept, source, seq, 10)
+    kept.begin_reshape()
+    kept.prepare(0, 6)
+    exported = {s: source.export_kv(s, [3], 0, 10) for s in ("done", "live")}   # before the free arrives
+    kept.free(["done"])   # the step carrying "done"'s free reached the kept stage first
+    assert kept.import_kv("done", [3], 0, *exported["done"]) is False
+    assert "done" not in kept.tables and kept.free_blocks == 16 - 3
+    assert kept.import_kv("live", [3], 0, *exported["live"]) is True
+    assert not kept.only_imported("live")   # it held "live" already: steps of it ran here
+    # a preempted request that runs again from its first token may take KV again
+    kept.free(["live"])
+    assert kept.take_kv("live", 10) is None
+    kept.forward(StepMeta(["live"], [0], [10], [False], [0], [GREEDY]), torch.arange(10) + 3)
+    assert kept.take_kv("live", 10) == kept.tables["live"]
+    # a sequence this stage holds only through copied KV is what an exporter may free again
+    assert kept.take_kv("new", 6) is not None and kept.only_imported("new")
+    kept.activate(0, 6)   # the reshape's bookkeeping ends with it
+    assert not kept.only_imported("new")
+    kept.free(["new"])
+    assert kept.take_kv("new", 4) is not None
