@@ -151,3 +151,42 @@ def test_router_inflight_is_fixed_or_one_per_parallel_slot(monkeypatch):
     fixed = router_mod.RouterActor(cache, router_mod.Pipeline(0, refs, ranges, ["cpu"] * 4), max_context=512,
                                    max_inflight=3)
     assert fixed.sched.max_inflight == 3
+
+
+async def test_requeue_after_a_stage_death_ends_requests_cancelled_meanwhile():
+    # a request cancelled while its step was in flight is not recomputed when that step is lost
+    from flexpipe.model.sampling import SamplingParams
+    from flexpipe.runtime import router as router_mod
+    from flexpipe.runtime.messages import ActorRef
+
+    refs = [ActorRef(f"s{i}", f"ipc:///tmp/s{i}") for i in range(2)]
+    cache = CacheManager(16, [StagePool(64, (0,))] * 2)
+    r = router_mod.RouterActor(cache, router_mod.Pipeline(0, refs, [(0, 1), (1, 2)], ["cpu"] * 2), max_context=512)
+    (a, qa), (b, qb) = (r.submit([1, 2, 3], SamplingParams(max_tokens=4)) for _ in range(2))
+    steps = [r.sched.schedule() for _ in range(2)]   # (one micro-batch per stage that computes at once)
+    assert {c.seq_id for mb in steps if mb for c in mb.chunks} == {a, b}
+    r.cancel(a)   # in flight: it ends when its step returns, which it never will
+    assert qa.empty()
+    assert r.requeue_all() == 1 and list(r.sched.waiting) == [b]
+    ev = qa.get_nowait()
+    assert ev.finish_reason == "cancelled" and qb.empty()
+
+
+async def test_quiesce_does_not_wait_for_steps_through_a_stage_already_dead():
+    # the router heard of the death before the reshape quiesced it: those steps never come back, and
+    # waiting for them would hold the controller's lock that the recovery needs
+    import asyncio
+
+    from flexpipe.errors import ActorError
+    from flexpipe.model.sampling import SamplingParams
+    from flexpipe.runtime import router as router_mod
+    from flexpipe.runtime.messages import ActorRef
+
+    refs = [ActorRef(f"s{i}", f"ipc:///tmp/s{i}") for i in range(2)]
+    r = router_mod.RouterActor(CacheManager(16, [StagePool(64, (0,))] * 2),
+                               router_mod.Pipeline(0, refs, [(0, 1), (1, 2)], ["cpu"] * 2), max_context=512)
+    r.submit([1, 2, 3], SamplingParams(max_tokens=4))
+    assert r.sched.schedule() is not None
+    r.ctx = SimpleNamespace(is_dead=lambda ref: ref == refs[1])   # what the actor knows of its peers
+    with pytest.raises(ActorError, match="died"):
+        await asyncio.wait_for(r.quiesce(), timeout=5)

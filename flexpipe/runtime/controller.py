@@ -696,7 +696,7 @@ class Controller:
         router = self.router
         t0 = time.perf_counter() if t0 is None else t0
         st.to_epoch = shape.epoch
-        st.requests_recomputed = len(router.sched.requeue_all())
+        st.requests_recomputed = router.requeue_all()
         await asyncio.gather(*(sl.handle.stop() for sl in retire), return_exceptions=True)
         st.stages_retired = len(retire)
         self.slots = []
@@ -731,8 +731,7 @@ class Controller:
         shape = old.with_epoch(old.epoch + 1)
         st = ReshapeStats("recovery", old.epoch, shape.epoch, old.boundaries, shape.boundaries, error=reason)
         router._paused = True
-        requeued = router.sched.requeue_all()
-        st.requests_recomputed = len(requeued)
+        st.requests_recomputed = router.requeue_all()
         for i, sl in enumerate(self.slots):
             if sl.ref == dead:
                 try:  # a stage declared dead by heartbeats may still be running, hung: make sure it is gone

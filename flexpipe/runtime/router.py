@@ -295,12 +295,23 @@ class RouterActor:
     async def quiesce(self) -> None:
         """Stop launching steps and wait until none is in flight."""
         self._paused = True
-        self._death_seen = False
-        if self.sched.inflight:
+        # a stage that died before this call (its steps will never come back) counts as well
+        is_dead = getattr(self.ctx, "is_dead", None)
+        self._death_seen = is_dead is not None and any(is_dead(r) for r in self.pipeline.refs)
+        if self.sched.inflight and not self._death_seen:
             self._drained.clear()
             await self._drained.wait()
         if self._death_seen:
             raise ActorError("a stage died while the pipeline was quiescing")
+
+    def requeue_all(self) -> int:
+        """Forget every step in flight and all KV (a recovery or a rebuild): each request is recomputed
+        from its record, except those cancelled meanwhile, which end now.  Returns how many requeue."""
+        cancelled = [r for r in self.sched.requests.values() if r.cancel_requested]
+        n = len(self.sched.requeue_all())
+        self._sent_at.clear()
+        self._emit([self.sched._finish(r, "cancelled") for r in cancelled])
+        return n - len(cancelled)
 
     def resume(self) -> None:
         """Launch steps again."""
