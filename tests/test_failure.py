@@ -17,9 +17,22 @@ pytestmark = pytest.mark.timeout(400)
 HEARTBEAT_TIMEOUT = 2.0
 
 
+def _launch(**kw):
+    return FlexPipe.launch(kw.pop("model", "tiny"), heartbeat_interval=0.3, heartbeat_timeout=HEARTBEAT_TIMEOUT, **kw)
+
+
+async def _requests_with_kv(fp, n: int, seed: int, max_tokens: tuple[int, int]) -> tuple[list, list]:
+    """n requests running (their tasks) once some of them has KV on the stages."""
+    reqs = request_mix(n, seed=seed, max_tokens=max_tokens)
+    tasks = [asyncio.ensure_future(fp.complete(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"}))
+             for r in reqs]
+    while not any(r.computed > 0 for r in fp.controller.router.sched.requests.values()):
+        await asyncio.sleep(0.01)
+    return reqs, tasks
+
+
 async def test_kill_each_stage_in_turn_mid_stream():
-    async with FlexPipe.launch("tiny", stages=3, heartbeat_interval=0.3,
-                               heartbeat_timeout=HEARTBEAT_TIMEOUT) as fp:
+    async with _launch(stages=3) as fp:
         for victim in range(3):
             reqs = request_mix(12, seed=20 + victim, max_tokens=(60, 120))
             streams: dict[int, list[int]] = {i: [] for i in range(len(reqs))}
@@ -51,13 +64,9 @@ async def test_kill_each_stage_in_turn_mid_stream():
 async def test_a_stage_dying_during_a_reshape_aborts_it_at_once():
     # the stage a reshape copies KV to dies before the copy: the exporting stage's ask to it would wait
     # for its timeout (it has no news of the death) while the reshape holds the lock the recovery needs
-    async with FlexPipe.launch("tiny", stages=2, heartbeat_interval=0.3,
-                               heartbeat_timeout=HEARTBEAT_TIMEOUT) as fp:
-        reqs = request_mix(6, seed=41, max_tokens=(60, 100))
-        tasks = [asyncio.ensure_future(fp.complete(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"}))
-                 for r in reqs]
-        while not any(r.computed > 0 for r in fp.controller.router.sched.requests.values()):
-            await asyncio.sleep(0.01)   # some KV to copy, so that a stage asks the dead one
+    async with _launch(stages=2) as fp:
+        # some KV to copy, so that a stage asks the dead one
+        reqs, tasks = await _requests_with_kv(fp, 6, seed=41, max_tokens=(60, 100))
         ctl = fp.controller
         copy_round = ctl._copy_round_once
 
@@ -87,13 +96,8 @@ async def test_a_stage_that_cannot_be_replaced_fails_its_requests_instead_of_han
 
     path = tmp_path / "model"
     save_checkpoint(preset("tiny"), PresetWeights(preset("tiny"), 0), path)
-    async with FlexPipe.launch(str(path), stages=2, heartbeat_interval=0.3,
-                               heartbeat_timeout=HEARTBEAT_TIMEOUT) as fp:
-        reqs = request_mix(4, seed=5, max_tokens=(200, 300))
-        tasks = [asyncio.ensure_future(fp.complete(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"}))
-                 for r in reqs]
-        while not any(r.output for r in fp.router.sched.requests.values()):
-            await asyncio.sleep(0.01)
+    async with _launch(model=str(path), stages=2) as fp:
+        _, tasks = await _requests_with_kv(fp, 4, seed=5, max_tokens=(200, 300))
         shutil.rmtree(path)
         os.kill(fp.status()["stages"][1]["pid"], signal.SIGKILL)
         outs = await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
@@ -110,13 +114,8 @@ async def test_a_switch_that_fails_half_way_is_rebuilt_without_loss():
     # and every request is recomputed from its record, with the oracle's output
     from flexpipe.runtime.stage import AbortPrepare
 
-    async with FlexPipe.launch("tiny", stages=3, heartbeat_interval=0.3,
-                               heartbeat_timeout=HEARTBEAT_TIMEOUT) as fp:
-        reqs = request_mix(6, seed=43, max_tokens=(60, 100))
-        tasks = [asyncio.ensure_future(fp.complete(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"}))
-                 for r in reqs]
-        while not any(r.computed > 0 for r in fp.controller.router.sched.requests.values()):
-            await asyncio.sleep(0.01)
+    async with _launch(stages=3) as fp:
+        reqs, tasks = await _requests_with_kv(fp, 6, seed=43, max_tokens=(60, 100))
         ctl = fp.controller
         copy_round = ctl._copy_round_once
         first = ctl.slots[0]
