@@ -301,6 +301,29 @@ async def test_a_client_without_the_keys_gets_no_answer(cluster):
     assert cluster.router.proc.poll() is None
 
 
+async def test_workers_start_stages_for_their_router_only(cluster, tmp_path):
+    # any peer inside the CURVE boundary could ask a worker to run any module:attr with any kwargs
+    from flexpipe.errors import RemoteError
+    from flexpipe.runtime.actor import ActorSettings
+    from flexpipe.runtime.daemon.messages import KillStage, StartStage
+    from flexpipe.runtime.daemon.worker import WorkerDaemon
+    from flexpipe.runtime.messages import ActorRef
+
+    flag = tmp_path / "ran"
+    evil = StartStage("evil", "subprocess:Popen", {"args": ["touch", str(flag)]}, ActorSettings(), 10.0)
+    async with connect(cluster) as fp:
+        w = (await fp.status())["workers"][0]
+        ref = ActorRef(*w["ref"].split("@", 1))
+        for msg in (evil, KillStage(f"{w['name']}-stage-0")):
+            with pytest.raises(RemoteError, match="SenderRefused|comes from the router"):
+                await fp.actor.ask(ref, msg, timeout=10)
+        assert (await fp.complete("still serving", max_tokens=3)).finish_reason == "length"
+    # and the router itself can start stage behaviours only
+    with pytest.raises(ConfigError, match="starts stages"):
+        await WorkerDaemon("tcp://127.0.0.1:1").start_stage(evil)
+    assert not flag.exists()
+
+
 async def test_bad_requests_raise_typed_errors_and_the_router_keeps_serving(cluster):
     async with connect(cluster) as fp:
         with pytest.raises(RequestError, match="context"):

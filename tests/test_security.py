@@ -142,6 +142,16 @@ async def test_curve_mailbox_without_a_server_secret_is_a_config_error(keyfiles)
             await system.spawn(Echo(), "echo")
 
 
+@pytest.mark.parametrize("given", [{"curve_client_secret": "client"}, {"curve_authorized": "authorized"}])
+async def test_client_or_authorized_keys_without_a_server_key_are_refused_not_plain(keyfiles, given):
+    # a mistyped FLEXPIPE_CURVE_SERVER_SECRET used to leave a daemon serving plain tcp, silently
+    files = {"client": keyfiles["client"][1], "authorized": keyfiles["authorized"]}
+    settings = dataclasses.replace(FAST, bind="tcp", **{k: files[v] for k, v in given.items()})
+    with pytest.raises(ConfigError, match="no server key: CURVE would be off"):
+        async with ActorSystem(settings) as system:
+            await system.spawn(Echo(), "echo")
+
+
 def test_keys_command_writes_a_keypair(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_keys_parser(parser.add_subparsers())

@@ -47,8 +47,13 @@ def create_keypair(directory: str, name: str, *, force: bool = False) -> tuple[s
     base = os.path.join(directory, name)
     if not force and (os.path.exists(base + ".key") or os.path.exists(base + ".key_secret")):
         raise ConfigError(f"{base}.key or {base}.key_secret exists; pass --force to replace it")
-    public, secret = zmq.auth.create_certificates(directory, name)
+    old = os.umask(0o077)   # the secret file is never readable by others, not even until a chmod
+    try:
+        public, secret = zmq.auth.create_certificates(directory, name)
+    finally:
+        os.umask(old)
     os.chmod(secret, 0o600)
+    os.chmod(public, 0o644)
     return public, secret
 
 
@@ -78,9 +83,15 @@ def _authorized(path: str) -> frozenset[bytes]:
 
 
 def curve_enabled(settings: Any) -> bool:
-    """True when the settings name a server key (CURVE on every tcp endpoint)."""
-    return bool(getattr(settings, "curve_server_secret", "") or
-                getattr(settings, "curve_server_public", ""))
+    """True when the settings name a server key (CURVE on every tcp endpoint).  Client keys or
+    authorized keys without a server key are a mistake (a mistyped variable): refused, not plain tcp."""
+    if getattr(settings, "curve_server_secret", "") or getattr(settings, "curve_server_public", ""):
+        return True
+    given = [f for f in ("curve_client_secret", "curve_authorized") if getattr(settings, f, "")]
+    if given:
+        raise ConfigError(f"{' and '.join(given)} set but no server key: CURVE would be off and tcp plain; give "
+                          "curve_server_secret (a process that binds tcp) or curve_server_public (a client), or none")
+    return False
 
 
 def _is_tcp(endpoint: str) -> bool:

@@ -24,6 +24,7 @@ class JoinReply:
     router_pid: int
     model: str
     device_ids: list
+    frontend: ActorRef | None = None   # the router's own ref: the one sender of StartStage, StopStage, KillStage
 
 
 @message(302)

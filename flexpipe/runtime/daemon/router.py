@@ -81,6 +81,17 @@ class RouterFrontend:
         self.forwards: dict[str, asyncio.Task] = {}
         self.clients: dict[ActorRef, set[str]] = {}
 
+    def check_sender(self, sender: ActorRef | None, msg: Any) -> str | None:
+        """A worker speaks for itself only; a client cancels only its own requests (docs/security.md)."""
+        if isinstance(msg, (LeaveCluster, StageExited)):
+            w = self.d.workers.get(msg.worker)
+            if w is not None and sender != w.ref:
+                return f"{type(msg).__name__} of worker {msg.worker} comes from {w.ref}, not {sender}"
+        elif isinstance(msg, Cancel) and msg.rid in self.forwards:
+            if sender is None or msg.rid not in self.clients.get(sender, ()):
+                return f"request {msg.rid!r} is not one {sender} submitted"
+        return None
+
     async def on_stop(self, ctx: Any) -> None:
         for t in list(self.forwards.values()):
             t.cancel()
@@ -162,7 +173,7 @@ class RouterFrontend:
     async def join(self, ctx: Any, msg: JoinCluster) -> JoinReply:
         ids = await self.d.add_worker(msg)
         ctx.watch(msg.ref)
-        return JoinReply(os.getpid(), self.d.spec.name, ids)
+        return JoinReply(os.getpid(), self.d.spec.name, ids, ctx.ref)
 
     @handles(LeaveCluster)
     def leave(self, ctx: Any, msg: LeaveCluster) -> None:

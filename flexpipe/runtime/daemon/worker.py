@@ -27,6 +27,16 @@ class WorkerBehaviour:
     def __init__(self, daemon: "WorkerDaemon"):
         self.d = daemon
 
+    def check_sender(self, sender: Any, msg: Any) -> str | None:
+        """Stages are started, stopped and killed only by the router this worker joined (docs/security.md)."""
+        if type(msg) in (StartStage, StopStage, KillStage):
+            router = self.d.router_actual
+            if router is None:
+                return f"worker {self.d.name} has not joined a router: it takes {type(msg).__name__} from nobody"
+            if sender != router:
+                return f"{type(msg).__name__} comes from the router {router}, not {sender}"
+        return None
+
     @handles(StartStage, concurrent=True)
     async def start_stage(self, ctx: Any, msg: StartStage) -> StageStarted:
         return await self.d.start_stage(msg)
@@ -73,6 +83,7 @@ class WorkerDaemon:
         self.stages: dict[str, Any] = {}  # name -> ActorHandle
         self.stopping: set[str] = set()
         self.joined = False
+        self.router_actual: Any = None   # the router's ref as it gave it when this worker joined
         self.closing = False
         self._joiner: asyncio.Task | None = None
         self._watchers: set[asyncio.Task] = set()
@@ -120,6 +131,7 @@ class WorkerDaemon:
                     event("join_retry", worker=self.name, router=self.router_url, attempt=attempt, error=str(e))
             else:
                 self.joined = True
+                self.router_actual = reply.frontend if reply.frontend is not None else self.router_ref
                 event("joined", worker=self.name, router=self.router_url, router_pid=reply.router_pid,
                       model=reply.model, devices=reply.device_ids)
                 return
@@ -140,8 +152,12 @@ class WorkerDaemon:
 
         from flexpipe.runtime.launcher import ActorSystem
 
+        from flexpipe.runtime.gpu_stage import GPU_TARGET, PLAIN_TARGET
+
         if self.closing:
             raise ActorClosed(f"worker {self.name} is stopping")
+        if msg.target not in (PLAIN_TARGET, GPU_TARGET):   # nothing else may run here from the network
+            raise ConfigError(f"worker {self.name} starts stages ({PLAIN_TARGET} or {GPU_TARGET}), not {msg.target!r}")
         if msg.name in self.stages:
             raise ConfigError(f"worker {self.name} already runs a stage named {msg.name}")
         if self.stage_system is None:
