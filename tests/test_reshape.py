@@ -197,3 +197,17 @@ async def test_stale_epoch_messages_are_dropped_and_counted():
         assert status["stale_dropped"] == 1
         c = await fp.complete("ok", max_tokens=3)
         assert len(c.token_ids) == 3
+
+
+async def test_a_reshape_whose_new_stage_fails_to_start_leaves_no_other_new_stage_running():
+    import multiprocessing
+
+    async with FlexPipe.launch("tiny", stages=1) as fp:
+        before = {p.pid for p in multiprocessing.active_children()}
+        # two new stages: the first, on a CUDA device this machine lacks, fails; the one after it starts
+        with pytest.raises(ReshapeError, match="failed to start"):
+            await fp.reshape(boundaries=[0, 6, 12, 18], devices=["cpu", "cuda:7", "cpu"])
+        alive = {p.pid for p in multiprocessing.active_children()}
+        assert alive == before, f"new stage processes left running: {alive - before}"
+        assert fp.controller.history[-1].ok is False
+        assert (await fp.complete("still serving", max_tokens=3)).finish_reason == "length"

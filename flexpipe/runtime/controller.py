@@ -143,10 +143,26 @@ class Controller:
                           tuple(cfg.unit_layer(u) for u in range(st.start, st.end) if cfg.unit_kind(u) == "attention"))
                 for st in shape.stages]
 
+    async def _launch_all(self, launches: dict[int, Any], what: str, wrap: bool = True) -> dict[int, Slot]:
+        """Await stage launches together: their slots by key, or, when any fails, its error (as a
+        ReshapeError saying `what` when `wrap`) after the ones that did start are stopped again: no
+        process, and no device memory, is left behind."""
+        res = await asyncio.gather(*launches.values(), return_exceptions=True)
+        slots = {j: r for j, r in zip(launches, res) if isinstance(r, Slot)}
+        bad = next(((j, r) for j, r in zip(launches, res) if not isinstance(r, Slot)), None)
+        if bad is None:
+            return slots
+        await asyncio.gather(*(sl.handle.stop() for sl in slots.values()), return_exceptions=True)
+        j, e = bad
+        if not wrap or not isinstance(e, Exception):   # (a cancellation is not a failed launch)
+            raise e
+        raise ReshapeError(f"{what}: stage {j} failed to start: {type(e).__name__}: {e}") from e
+
     async def start(self, shape: PipelineShape) -> RouterActor:
         """Launch the stages of `shape` and the router; returns the router behaviour."""
-        self.slots = list(await asyncio.gather(*(self._launch(st.start, st.end, st.device, shape.epoch, i)
-                                                 for i, st in enumerate(shape.stages))))
+        slots = await self._launch_all({i: self._launch(st.start, st.end, st.device, shape.epoch, i)
+                                        for i, st in enumerate(shape.stages)}, "start", wrap=False)
+        self.slots = [slots[i] for i in range(len(shape.stages))]
         self.shape = shape
         cfg, s = self.spec.config, self.settings
         eos = cfg.eos_token_id
@@ -298,11 +314,7 @@ class Controller:
             launches = {j: self._launch(s.start, s.end, s.device, old_epoch, j, load=not peer)
                         for j, s in enumerate(shape.stages) if new_slots[j] is None}
             if launches:
-                res = await asyncio.gather(*launches.values(), return_exceptions=True)
-                for j, r in zip(launches, res):
-                    if isinstance(r, BaseException):
-                        raise ReshapeError(f"new stage for units [{shape.stages[j].start},{shape.stages[j].end}) "
-                                           f"failed to start: {type(r).__name__}: {r}")
+                for j, r in (await self._launch_all(launches, "reshape")).items():
                     new_slots[j] = r
                     started.append(r)
                     if not peer:
@@ -516,13 +528,12 @@ class Controller:
         units = range(self.spec.config.num_units)
         cached = self.weight_cache is not None and self.weight_cache.holds(self.model_key, units)
         st.weights_from = "cache" if cached else "source"
-        res = await asyncio.gather(*(self._launch(s.start, s.end, s.device, shape.epoch, j, load=not cached)
-                                     for j, s in enumerate(shape.stages)), return_exceptions=True)
-        slots = [r for r in res if isinstance(r, Slot)]
+        slots: list[Slot] = []
         try:
-            bad = next((r for r in res if isinstance(r, BaseException)), None)
-            if bad is not None:
-                raise ReshapeError(f"cold start: a stage failed to start: {type(bad).__name__}: {bad}")
+            launched = await self._launch_all({j: self._launch(s.start, s.end, s.device, shape.epoch, j,
+                                                               load=not cached)
+                                               for j, s in enumerate(shape.stages)}, "cold start")
+            slots = [launched[j] for j in range(len(shape.stages))]
             st.prepare_s = time.perf_counter() - t0
             tw = time.perf_counter()
             if cached:
@@ -700,8 +711,9 @@ class Controller:
         await asyncio.gather(*(sl.handle.stop() for sl in retire), return_exceptions=True)
         st.stages_retired = len(retire)
         self.slots = []
-        self.slots = list(await asyncio.gather(*(self._launch(s.start, s.end, s.device, shape.epoch, i)
-                                                 for i, s in enumerate(shape.stages))))
+        slots = await self._launch_all({i: self._launch(s.start, s.end, s.device, shape.epoch, i)
+                                        for i, s in enumerate(shape.stages)}, "rebuild")
+        self.slots = [slots[i] for i in range(len(shape.stages))]
         st.stages_started = len(self.slots)
         st.weight_bytes = self._param_bytes_list(range(self.spec.config.num_units))
         self.shape = shape
