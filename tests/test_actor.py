@@ -15,7 +15,8 @@ from flexpipe.errors import ActorClosed, AskTimeout, PeerDeadError, ProtocolErro
 from flexpipe.errors import ConfigError
 from flexpipe.runtime import ActorRef, ActorSystem, LocalContext, Ping, Pong, Stop, message
 from test_actor_helpers import (
-    FAST, BadReply, Compute, Deaths, Echo, Fail, Log, Nap, Quit, QuitAndNap, Say, Sleep, SlowConcurrent, WatchIt,
+    FAST, BadReply, Compute, Deaths, Echo, Fail, Log, Nap, Quit, QuitAndNap, Say, Sleep, SlowConcurrent, SlowStop,
+    WatchIt,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -171,6 +172,18 @@ async def test_oversize_message_gets_an_error_reply():
         assert await system.ask(echo.ref, Say("small")) == Say("small")
 
 
+async def test_an_oversize_reply_fails_the_ask_at_once(system):
+    # the asker refuses a reply larger than its max_message_bytes: it says so now, not at ask_timeout
+    echo = await system.spawn(Echo(), "echo")
+    async with ActorSystem(dataclasses.replace(FAST, max_message_bytes=2_000, ask_timeout=20.0)) as small:
+        asker = await small.spawn(Echo(), "asker")
+        for _ in range(5):
+            await asker.tell(echo.ref, Say("y" * 500))
+        with pytest.raises(ProtocolError, match="reply from .* was refused: message of .* bytes exceeds"):
+            await asker.ask(echo.ref, Log())   # (an AskTimeout, after 20 s, before)
+        assert asker.stats["oversize"] == 1
+
+
 async def test_watch_sees_a_clean_stop_at_once_and_a_crash_within_the_heartbeat_timeout(system):
     watcher = await system.spawn(Echo(), "watcher")
     a = await system.launch(Echo, name="a", in_process=True)
@@ -253,6 +266,18 @@ async def test_clean_shutdown_runs_on_stop_and_closes_everything():
     with pytest.raises(ActorClosed):
         await echo.ask(other.ref, Say("too late"))
     # (the autouse fixture fails this test if any socket or context is still open)
+
+
+async def test_no_handler_starts_while_the_actor_closes(system):
+    slow = await system.spawn(SlowStop(), "slow")
+    sender = await system.spawn(Echo(), "sender")
+    assert await sender.ask(slow.ref, Say("before")) == Say("before")
+    closing = asyncio.ensure_future(slow.aclose())
+    await asyncio.sleep(0.05)   # on_stop is running
+    await sender.tell(slow.ref, Say("during"))
+    await closing
+    assert slow.behaviour.events == ["handled before", "on_stop begins", "on_stop ends"]
+    assert slow.stats["dropped_closing"] == 1
 
 
 async def test_stop_from_inside_a_handler(system):

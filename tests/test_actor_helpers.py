@@ -106,6 +106,23 @@ def burn(seconds: float) -> int:
     return n
 
 
+class SlowStop:
+    """Echo's Say, with an on_stop that takes a while (as a GPU stage closing its channels does)."""
+
+    def __init__(self):
+        self.events: list[str] = []
+
+    async def on_stop(self, ctx) -> None:
+        self.events.append("on_stop begins")
+        await asyncio.sleep(0.3)
+        self.events.append("on_stop ends")
+
+    @handles(Say)
+    def say(self, ctx, msg: Say):
+        self.events.append(f"handled {msg.text}")
+        return msg
+
+
 class Echo:
     """Answers Say with Say, records every message, and can fail, sleep or compute on request."""
 

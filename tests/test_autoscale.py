@@ -168,6 +168,16 @@ async def test_scale_to_zero_then_cold_start_from_the_ram_cache():
     assert all(d["summary"] and d["reason"] for d in log)
 
 
+async def test_a_policy_given_with_its_defaults_plans_only_what_the_runtime_can_run():
+    # PolicyConfig() offers 1..32 stages and 1024 GPUs; the runtime runs one pipeline of <= max_stages
+    perf = MeasuredPerfModel(unit_costs(ModelConfig.preset("tiny"), 4), fixed_s=2e-3, per_token_s=5e-5, hop_s=2e-4,
+                             kv_tokens=16384)
+    auto = AutoscaleConfig(policy=PolicyConfig(), tick_s=60.0, perf=perf, max_stages=2)
+    async with FlexPipe.launch("tiny", stages=1, in_process=True, autoscale=auto) as fp:
+        cfg = fp.autoscaler.policy.config
+        assert (cfg.max_gpus, cfg.stage_counts) == (2, (1, 2))
+
+
 # ---- the end-to-end ramp --------------------------------------------------------------------------
 async def test_load_ramp_scales_up_and_back_down_by_itself():
     """Low -> burst -> low on stage processes: 1 -> 2 stages during the burst, back to 1 after."""

@@ -249,3 +249,14 @@ def test_a_received_tensor_sent_on_unchanged_reuses_its_frame():
     assert encode(None, [z])[1] is not frames[1]
     _, (w,) = decode([bytes(memoryview(f)) for f in encode(None, [x])])   # bytes were copied
     assert encode(None, [w])[1] is not frames[1] and not hasattr(w, "_fp_frame")
+
+
+def test_zero_d_arrays_keep_their_shape_and_huge_dims_are_refused():
+    from flexpipe.runtime.codec import parse_tensor_header, tensor_header
+
+    msg, tensors = decode(encode(None, [np.array(3.5, dtype=np.float32), torch.tensor(2.0)]))
+    assert tensors[0].shape == () and float(tensors[0]) == 3.5 and tensors[1].shape == ()
+    head = bytearray(tensor_header([torch.zeros(0, 2)]))
+    forged = bytes(head).replace(msgpack.packb([["float32", [0, 2]]])[1:], msgpack.packb([["float32", [0, 1 << 63]]])[1:])
+    with pytest.raises(ProtocolError, match="bad tensor shape"):
+        parse_tensor_header(forged)

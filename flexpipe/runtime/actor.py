@@ -48,7 +48,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from flexpipe.errors import ActorClosed, AskTimeout, PeerDeadError, ProtocolError, RemoteError
+from flexpipe.errors import ActorClosed, AskTimeout, ConfigError, PeerDeadError, ProtocolError, RemoteError
 from flexpipe.runtime import codec, keys
 from flexpipe.runtime.behaviour import ActorContext, LocalContext, _call, _error_text, _Handler, handlers_of, handles
 from flexpipe.runtime.codec import ASK, ERROR, REPLY
@@ -82,6 +82,13 @@ class ActorSettings:
     curve_server_public: str = ""      # .key file DEALERs expect ("" = from curve_server_secret)
     curve_client_secret: str = ""      # .key_secret file DEALERs present ("" = the server's)
     curve_authorized: str = ""         # .key file or directory of client public keys admitted
+
+    def __post_init__(self) -> None:
+        # a Pong has heartbeat_timeout - heartbeat_interval to come back: none at all would declare every
+        # watched peer dead at its first ping
+        if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
+            raise ConfigError(f"heartbeat_interval={self.heartbeat_interval!r}, heartbeat_timeout="
+                              f"{self.heartbeat_timeout!r}: give an interval above 0 and below the timeout")
 
 
 def _is_ref(x: Any) -> bool:
@@ -406,6 +413,7 @@ class Actor(ActorContext):
         self._pending[corr] = (fut, ref)
         timeout = self.settings.ask_timeout if timeout is None else timeout
         timer = self._loop.call_later(timeout, self._expire, corr, type(msg).__name__, timeout)
+        sent = None
         try:
             sent = self._send_now(ref, frames)
             if sent is not None:
@@ -414,6 +422,8 @@ class Actor(ActorContext):
         finally:
             timer.cancel()
             del self._pending[corr]
+            if sent is not None and not sent.done():   # still queued (high-water mark): an ask that timed
+                sent.cancel()                          # out or was cancelled is not sent after all
 
     def _send_failed(self, fut: asyncio.Future, ref: ActorRef, sent: asyncio.Future) -> None:
         if not fut.done() and not sent.cancelled() and sent.exception() is not None:
@@ -513,7 +523,12 @@ class Actor(ActorContext):
             head = codec.read_header(frames[0]) if frames else None
         except ProtocolError:
             return
-        if head is not None and head.flags & ASK and not head.flags & REPLY:
+        if head is not None and head.flags & REPLY:   # the asker learns now, not at its timeout
+            entry = self._pending.get(head.corr)
+            if entry is not None and not entry[0].done():
+                entry[0].set_exception(ProtocolError(f"the reply from {entry[1]} was refused: {reason}"))
+            return
+        if head is not None and head.flags & ASK:
             self._reply(ident, sender, head.corr, ErrorReply("ProtocolError", reason), error=True)
 
     def _dispatch(self, frames: list) -> None:
@@ -532,6 +547,9 @@ class Actor(ActorContext):
             return
         if env.flags & REPLY:
             self._on_reply(env)
+            return
+        if self._closing:   # on_stop may be running: no handler starts on a half torn-down behaviour
+            self.stats["dropped_closing"] += 1
             return
         msg = env.msg
         cls = type(msg)

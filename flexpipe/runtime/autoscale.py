@@ -255,6 +255,11 @@ class Autoscaler:
         self.max_stages = min(cfg.max_stages or default_max_stages(ctl.settings), ctl.spec.config.num_units)
         pc = cfg.policy or default_policy(ctl.settings, self.max_stages)
         self.max_stages = min(self.max_stages, pc.max_gpus)
+        # The policy plans only what this runtime can run: one pipeline of at most max_stages stages
+        # (replicas fold into stages, pipeline_stages).  A policy told of more (a PolicyConfig given
+        # with its defaults: 32 stages, 1024 GPUs) would count capacity that never runs.
+        pc = replace(pc, max_gpus=min(pc.max_gpus, self.max_stages),
+                     stage_counts=tuple(n for n in pc.stage_counts if n <= self.max_stages) or (1,))
         self.perf = cfg.perf if cfg.perf is not None else await calibrate(ctl)
         self.policy = GranularityPolicy(pc, self.perf)
         self.analyzer = TrafficAnalyzer(**{"slo_ttft_s": pc.slo_ttft_s, "slo_tpot_s": pc.slo_tpot_s, **cfg.analyzer})
@@ -405,7 +410,9 @@ class Autoscaler:
                     entry["reshape"] = st.to_dict()
                 else:
                     entry["applied"] = f"pipeline already has {n} stages{budget_note or '; nothing to change'}"
-                self._applied, self._logical = n, d.target
+                # (what runs: the target, unless pipeline_stages had to fold it into fewer stages)
+                folded = n != d.target.stages * d.target.replicas
+                self._applied, self._logical = n, (replace(d.target, stages=n, replicas=1) if folded else d.target)
         except ReshapeError as e:
             entry["applied"], entry["ok"] = f"failed: {e}", False
             self._backoff_until = self.clock() + self.config.retry_s

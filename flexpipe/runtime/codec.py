@@ -50,6 +50,7 @@ _HEADER = struct.Struct("<2sBBHQ")
 HEADER_SIZE = _HEADER.size
 _EXT_MSG, _EXT_TORCH, _EXT_NUMPY = 1, 2, 3
 _MAX_DIMS = 32
+_MAX_DIM = 1 << 48
 
 _TORCH_DTYPE_NAMES = ("bool", "uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16",
                       "float32", "float64", "complex64", "complex128")
@@ -72,6 +73,12 @@ def _is_tensor(obj: Any) -> bool:
 _NUMPY_DTYPES = {np.dtype(n).str: np.dtype(n) for n in (
     "bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
     "float16", "float32", "float64", "complex64", "complex128")}
+
+
+def _valid_shape(shape: Any) -> bool:
+    """A list of at most _MAX_DIMS ints, each below 2**48 (a 0 elsewhere must not let a dim of 2**63 by)."""
+    return (isinstance(shape, list) and len(shape) <= _MAX_DIMS
+            and all(type(d) is int and 0 <= d < _MAX_DIM for d in shape))
 
 
 class Header(NamedTuple):
@@ -149,7 +156,8 @@ class _Encoder:
         dt = _NUMPY_DTYPES.get(a.dtype.str)
         if dt is None:
             raise TypeError(f"numpy dtype {a.dtype} is not supported on the wire")
-        a = np.ascontiguousarray(a)
+        if not a.flags.c_contiguous:   # (np.ascontiguousarray would also make a 0-d array 1-d)
+            a = np.ascontiguousarray(a)
         flat = a.reshape(-1).view(np.uint8)
         return msgpack.ExtType(_EXT_NUMPY, msgpack.packb([dt.str, list(a.shape), self._data(flat)]))
 
@@ -218,8 +226,7 @@ class _Decoder:
             else None
         if dtype is None:
             raise ProtocolError(f"unsupported tensor dtype {name!r}")
-        if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS
-                and all(type(d) is int and d >= 0 for d in shape)):
+        if not _valid_shape(shape):
             raise ProtocolError(f"bad tensor shape {shape!r}")
         itemsize = dtype.itemsize
         nbytes = math.prod(shape) * itemsize
@@ -343,8 +350,7 @@ def parse_tensor_header(data: Any) -> list[TensorSpec]:
         dtype = _TORCH_DTYPES.get(name) if isinstance(name, str) else None
         if dtype is None:
             raise ProtocolError(f"unsupported tensor dtype {name!r}")
-        if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS
-                and all(type(d) is int and d >= 0 for d in shape)):
+        if not _valid_shape(shape):
             raise ProtocolError(f"bad tensor shape {shape!r}")
         out.append(TensorSpec(dtype, shape, math.prod(shape) * dtype.itemsize))
     return out
