@@ -324,6 +324,24 @@ async def test_workers_start_stages_for_their_router_only(cluster, tmp_path):
     assert not flag.exists()
 
 
+async def test_a_request_cancelled_while_it_is_submitted_does_not_run_on(cluster):
+    # the client gives up (an HTTP client gone) while its Submit is in flight: the router may have
+    # admitted it, so it is cancelled there too, not generated to max_tokens for nobody
+    async with connect(cluster) as fp:
+        for delay in (0.0, 0.0005, 0.002):
+            task = asyncio.ensure_future(fp.complete("abandoned", max_tokens=2000, ignore_eos=True))
+            await asyncio.sleep(delay)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        for _ in range(200):
+            st = (await fp.status())["router"]
+            if st["running"] == st["waiting"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert st["running"] == st["waiting"] == 0, st
+
+
 async def test_bad_requests_raise_typed_errors_and_the_router_keeps_serving(cluster):
     async with connect(cluster) as fp:
         with pytest.raises(RequestError, match="context"):
@@ -369,6 +387,22 @@ async def test_a_dead_workers_stages_restart_elsewhere_and_a_new_worker_is_used(
         c = await fp.complete("after the move", max_tokens=6, seed=5, temperature=0.8)
         assert c.token_ids == await asyncio.to_thread(fp.reference_tokens, "after the move", max_tokens=6,
                                                       seed=5, temperature=0.8)
+        # a worker stopped politely (SIGTERM) leaves first, then stops its stages: the router moves them
+        # to the other worker, where a worker that stopped its stages first was asked to restart them
+        # (and refused: it was stopping), which took the whole pipeline down
+        reqs = request_mix(4, seed=23, max_tokens=(60, 90))
+        tasks = asyncio.ensure_future(run_all(fp, reqs))
+        mark = cluster.router.mark()
+        new.proc.send_signal(signal.SIGTERM)
+        assert new.proc.wait(30) == 0
+        outs = await tasks
+        await asyncio.to_thread(check_against_oracle, fp, reqs, outs)
+        st = await fp.status()
+        assert {s["worker"] for s in st["stages"]} == {"wb"} and st["reshapes"][-1]["kind"] == "recovery"
+        assert cluster.router.wait_for("worker_lost", 1, mark, worker="wa")
+        cluster.workers[0] = worker("wa", cluster.url)   # the next test wants both workers
+        cluster.all.append(cluster.workers[0])
+        await asyncio.to_thread(cluster.router.wait_for, "worker_joined", START_S, mark, worker="wa")
 
 
 async def test_sigterm_drains_stops_stages_and_every_process_exits_0(cluster):

@@ -30,7 +30,9 @@ from urllib.parse import urlsplit
 
 from flexpipe import errors
 from flexpipe.api import EngineClient
-from flexpipe.errors import ActorClosed, ActorError, ConfigError, PeerDeadError, RemoteError, RequestError
+from flexpipe.errors import (
+    ActorClosed, ActorError, AskTimeout, ConfigError, PeerDeadError, RemoteError, RequestError,
+)
 from flexpipe.model.tokenizer import StopTextStream
 from flexpipe.runtime.actor import ActorSettings, handles
 from flexpipe.runtime.messages import ActorRef, Terminated, message
@@ -224,7 +226,6 @@ class RemoteFlexPipe(EngineClient):
         names; default: curve_from_env()); a client without authorized keys gets no answer.
         Raises RouterUnavailable when the router does not answer or its pipeline is not ready in time.
         """
-        from flexpipe.errors import AskTimeout
         from flexpipe.runtime.launcher import ActorSystem
 
         settings = client_settings(url, host, curve_from_env() if curve is None else curve,
@@ -303,8 +304,13 @@ class RemoteFlexPipe(EngineClient):
         done = False
         try:
             await self._ask(Submit(rid, ids, dataclasses.asdict(params), self.actor.ref))
-        except BaseException:
-            done = True  # never admitted: nothing to cancel
+        except (asyncio.CancelledError, AskTimeout):   # while asking: the router may have admitted it
+            done = True
+            streams.pop(rid, None)
+            self._spawn(self._cancel(rid))   # (a Cancel of a request it never took is a no-op)
+            raise
+        except BaseException:   # refused (a typed error) or the router is gone: never admitted
+            done = True
             streams.pop(rid, None)
             raise
         text = StopTextStream(self.tokenizer.stream(), stop)

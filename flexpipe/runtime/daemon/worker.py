@@ -105,12 +105,15 @@ class WorkerDaemon:
             self.closing = True
             event("stopping", worker=self.name, stages=sorted(self.stages))
             self._joiner.cancel()
-            await self._stop_all()
+            # Leave first: the router then places the stages it recovers on other workers.  Stopped
+            # first, each stage's end made it restart that stage here, which this stopping worker
+            # refused, three times at once: the recovery failed and the pipeline with it.
             if self.joined:
                 try:
-                    await self.actor.tell(self.router_ref, LeaveCluster(self.name, "worker stopped"))
+                    await self.actor.ask(self.router_ref, LeaveCluster(self.name, "worker stopped"), timeout=5.0)
                 except ActorError:
-                    pass  # the router is gone already
+                    pass  # the router is gone already (or silent: the stages' ends still tell it)
+            await self._stop_all()
         event("stopped", worker=self.name)
         return 0
 
