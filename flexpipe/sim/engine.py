@@ -668,6 +668,9 @@ class Simulator:
             return False
         ms = self.models[r.m]
         old = r.placement
+        if new.kv_tokens < r.kv_cap:   # from now on admit only what the new placement can hold: the
+            r.kv_cap = new.kv_tokens   # switch keeps every sequence (the runtime moves all their KV)
+            self._push_room(r)
         # units already on each GPU: kept in place, no load needed
         present: dict[int, set[int]] = {}
         for s in old.stages:
