@@ -150,7 +150,7 @@ async def test_an_async_handler_that_stops_its_actor_and_waits_on_is_cancelled_b
     echo = await system.spawn(Echo(), "echo")
     await system.tell(echo.ref, QuitAndNap(30.0))
     await asyncio.wait_for(echo.wait_closed(), 2)
-    assert echo.behaviour.seen == [("end", "quit")] and echo.behaviour.stopped
+    assert echo.behaviour.seen == [("interrupted", "CancelledError"), ("end", "quit")] and echo.behaviour.stopped
 
 
 async def test_pings_are_answered_while_a_handler_is_busy(system):

@@ -211,6 +211,9 @@ class Echo:
         ctx.stop("asked to quit")
         try:
             await asyncio.sleep(msg.seconds)
+        except BaseException as e:   # what interrupted it (CancelledError, not GeneratorExit at GC)
+            self.seen.append(("interrupted", type(e).__name__))
+            raise
         finally:
             self.seen.append(("end", "quit"))
 

@@ -115,12 +115,14 @@ class _Resumed:
     """Python 3.11 has no eager tasks: awaiting this finishes a coroutine that was started by hand
     (coro.send(None)) and suspended on `fut`.  The awaiting task waits for what the coroutine waits
     for, then drives it on, and throws in what the task is thrown (its cancellation)."""
-    __slots__ = ("coro", "fut")
+    __slots__ = ("coro", "fut", "started")
 
     def __init__(self, coro: Any, fut: Any):
         self.coro, self.fut = coro, fut
+        self.started = False   # a task cancelled before its first step never runs __await__
 
     def __await__(self) -> Any:
+        self.started = True
         coro, fut = self.coro, self.fut
         while True:
             try:
@@ -642,10 +644,27 @@ class Actor(ActorContext):
         except BaseException:
             self._busy = False
             raise
-        task = self._spawn(_Resumed(coro, fut).run())
-        task.add_done_callback(self._eager_done)
+        self._resume(_Resumed(coro, fut))
+
+    def _resume(self, res: _Resumed) -> None:
+        task = self._spawn(res.run())
+        task.add_done_callback(functools.partial(self._resumed_done, res))
         if self._closing:   # (as above)
             task.cancel()
+
+    def _resumed_done(self, res: _Resumed, task: asyncio.Task) -> None:
+        self._eager_done(task)
+        if res.started or not task.cancelled():
+            return
+        # Cancelled before its first step: the handler is still suspended where it was.  It gets its
+        # CancelledError now (else garbage collection would close it with GeneratorExit, skipping
+        # its async cleanup); cleanup that awaits goes on in a task of its own.
+        try:
+            fut = res.coro.throw(asyncio.CancelledError())
+        except BaseException:   # noqa: B036 - it ended (re-raised the cancellation, or returned)
+            return
+        self._busy = True
+        self._resume(_Resumed(res.coro, fut))
 
     def _eager_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
