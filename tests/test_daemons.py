@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -403,6 +404,27 @@ async def test_a_dead_workers_stages_restart_elsewhere_and_a_new_worker_is_used(
         cluster.workers[0] = worker("wa", cluster.url)   # the next test wants both workers
         cluster.all.append(cluster.workers[0])
         await asyncio.to_thread(cluster.router.wait_for, "worker_joined", START_S, mark, worker="wa")
+
+
+async def test_a_hung_stage_is_replaced_and_its_memory_released(cluster):
+    # SIGSTOP: the stage answers no heartbeat; the recovery kills it through its worker, which reports
+    # no exit for a stage it was asked to end: the router itself must give its reservation back
+    async with connect(cluster) as fp:
+        st = await fp.status()
+        assert st["allocator"]["reservations"] == len(st["stages"]) == 2
+        hung = st["stages"][1]["pid"]
+        mark = cluster.router.mark()
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            await asyncio.to_thread(cluster.router.wait_for, "stage_killed", 30, mark)
+            c = await fp.complete("after the hang", max_tokens=4)   # served once recovered
+            assert len(c.token_ids) == 4
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung, signal.SIGCONT)
+        st = await fp.status()
+        assert hung not in {s["pid"] for s in st["stages"]} and st["reshapes"][-1]["kind"] == "recovery"
+        assert st["allocator"]["reservations"] == len(st["stages"]) == 2, st["allocator"]
 
 
 async def test_sigterm_drains_stops_stages_and_every_process_exits_0(cluster):

@@ -64,10 +64,26 @@ class RemoteStage:
         event("stage_stopped", stage=self.name, worker=self.worker, device=self.device)
 
     def kill(self) -> None:
-        """Ask its worker to SIGKILL it (fire and forget)."""
-        w = self.daemon.workers.get(self.worker)
-        if w is not None and not self.daemon.frontend.closed:
-            asyncio.get_running_loop().create_task(self.daemon.frontend.tell(w.ref, KillStage(self.name)))
+        """Ask its worker to SIGKILL it, then release its memory (fire and forget).  The worker reports
+        no StageExited for a stage it was asked to end, so the bookkeeping is done here: a hung stage
+        killed by a recovery left its reservation booked, and the device it held counted twice."""
+        if self.stopped:
+            return
+        self.stopped = True
+        d = self.daemon
+        d.stages.pop(self.name, None)
+        d._spawn(self._kill_and_release())
+
+    async def _kill_and_release(self) -> None:
+        d = self.daemon
+        w = d.workers.get(self.worker)
+        if w is not None and not d.frontend.closed:
+            try:
+                await d.frontend.ask(w.ref, KillStage(self.name), timeout=10.0)
+            except ActorError as e:
+                event("stage_kill_failed", logging.WARNING, stage=self.name, worker=self.worker, error=str(e))
+        await d.release(self.reservation)
+        event("stage_killed", stage=self.name, worker=self.worker, device=self.device)
 
     def __repr__(self) -> str:
         return f"<RemoteStage {self.name} on {self.worker} {self.device} pid={self.pid}>"
