@@ -15,8 +15,8 @@ from flexpipe.errors import ActorClosed, AskTimeout, PeerDeadError, ProtocolErro
 from flexpipe.errors import ConfigError
 from flexpipe.runtime import ActorRef, ActorSystem, LocalContext, Ping, Pong, Stop, message
 from test_actor_helpers import (
-    FAST, BadReply, Compute, Deaths, Echo, Fail, Log, Nap, Quit, QuitAndNap, Say, Sleep, SlowConcurrent, SlowStop,
-    WatchIt,
+    FAST, BadReply, Compute, Deaths, Echo, Fail, JobThenStop, Log, Nap, Quit, QuitAndNap, Say, Sleep, SlowConcurrent,
+    SlowStop, WatchIt,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -278,6 +278,15 @@ async def test_no_handler_starts_while_the_actor_closes(system):
     await closing
     assert slow.behaviour.events == ["handled before", "on_stop begins", "on_stop ends"]
     assert slow.stats["dropped_closing"] == 1
+
+
+async def test_on_stop_runs_after_the_compute_job_of_a_cancelled_handler(system):
+    busy = await system.spawn(JobThenStop(), "busy")
+    ask = asyncio.ensure_future(system.ask(busy.ref, Say("work")))
+    await asyncio.sleep(0.1)   # the job runs in the compute thread
+    await busy.aclose()
+    assert busy.behaviour.done_at_stop is True
+    ask.cancel()   # (its reply never comes: the handler was cancelled)
 
 
 async def test_stop_from_inside_a_handler(system):

@@ -106,6 +106,26 @@ def burn(seconds: float) -> int:
     return n
 
 
+class JobThenStop:
+    """A Say that runs a 0.4-s compute job; on_stop notes whether that job had finished."""
+
+    def __init__(self):
+        self.job_done = False
+        self.done_at_stop: bool | None = None
+
+    def _job(self) -> None:
+        time.sleep(0.4)
+        self.job_done = True
+
+    async def on_stop(self, ctx) -> None:
+        self.done_at_stop = self.job_done
+
+    @handles(Say)
+    async def say(self, ctx, msg: Say):
+        await ctx.run_compute(self._job)
+        return msg
+
+
 class SlowStop:
     """Echo's Say, with an on_stop that takes a while (as a GPU stage closing its channels does)."""
 

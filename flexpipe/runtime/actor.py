@@ -303,6 +303,17 @@ class Actor(ActorContext):
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._executor is not None:
+            # a cancelled handler's run_compute job keeps running in its thread: on_stop must not tear
+            # down what it uses (a GPU stage's peer KV pools) under it; queued jobs are dropped
+            ex = self._executor
+            wait = asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(ex.shutdown, wait=True, cancel_futures=True))
+            try:
+                await asyncio.wait_for(asyncio.shield(wait), self.settings.ask_timeout)
+            except asyncio.TimeoutError:
+                log.warning("%s: a compute job still runs after %.0f s; closing anyway", self.name,
+                            self.settings.ask_timeout)
         if notify and self._router is not None and hasattr(self.behaviour, "on_stop"):
             try:
                 await self.behaviour.on_stop(self)
