@@ -190,6 +190,19 @@ def test_assign_devices_spreads_and_keeps_running_stages():
         assign_devices([(0, 18)], [1000], order, free)
 
 
+def test_cuda_visible_devices_renumber_the_gpus_torch_sees():
+    from flexpipe.runtime.daemon.devices import cuda_ordinals
+
+    gpus = [0, 1, 2, 3]
+    assert cuda_ordinals(gpus, None) == {0: 0, 1: 1, 2: 2, 3: 3}
+    assert cuda_ordinals(gpus, "2,3") == {2: 0, 3: 1}   # NVML GPU 2 is torch's cuda:0
+    assert cuda_ordinals(gpus, "3, 1") == {3: 0, 1: 1}
+    assert cuda_ordinals(gpus, "1,7,2") == {1: 0}       # CUDA stops at an index it does not have
+    assert cuda_ordinals(gpus, "") == {}
+    with pytest.raises(ConfigError, match="write indices"):
+        cuda_ordinals(gpus, "GPU-5b6a2c7e-0000")
+
+
 def test_router_flags_are_runtime_settings():
     import dataclasses
 

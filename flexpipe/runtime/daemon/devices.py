@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 import socket
 from typing import Any, Sequence
 
@@ -12,6 +13,30 @@ from flexpipe.errors import ConfigError, NoDriverError, PlacementError
 
 # --- devices ---------------------------------------------------------------------------------------------
 CPU_MEMORY_DEFAULT = 2 * 2**30
+
+
+def cuda_ordinals(nvml_indices: Sequence[int], visible: str | None) -> dict[int, int]:
+    """The CUDA device number (what torch's cuda:N means) of each NVML GPU index this process can use.
+
+    NVML numbers every GPU of the machine; CUDA numbers only those in CUDA_VISIBLE_DEVICES, in its
+    order.  With the variable unset every GPU is visible and the numbers agree (NVML's PCI bus order;
+    set CUDA_DEVICE_ORDER=PCI_BUS_ID where GPUs of different models would otherwise be reordered).
+    Indices only: a GPU UUID or MIG name in the variable is refused with what to write instead.
+    """
+    if visible is None:
+        return {i: i for i in nvml_indices}
+    out: dict[int, int] = {}
+    for pos, item in enumerate(x.strip() for x in visible.split(",")):
+        if not item:
+            break   # CUDA stops at the first empty entry
+        if not item.lstrip("-").isdigit():
+            raise ConfigError(f"CUDA_VISIBLE_DEVICES={visible!r}: a worker maps GPUs by index; write indices "
+                              "(e.g. 0,2), not UUIDs or MIG names")
+        i = int(item)
+        if i < 0 or i not in nvml_indices:
+            break   # CUDA ignores this entry and every one after it
+        out.setdefault(i, len(out))
+    return out
 
 
 def local_devices(devices: str = "auto", node: str = "", memory: int | None = None) -> tuple[Any, dict[int, str]]:
@@ -37,17 +62,22 @@ def local_devices(devices: str = "auto", node: str = "", memory: int | None = No
                 raise
             topo = None
         if topo is not None and len(topo.gpus):
-            want = {int(d.partition(":")[2]) for d in items if d.partition(":")[2]} or {g.index for g in topo.gpus}
+            ordinal = cuda_ordinals([g.index for g in topo.gpus], os.environ.get("CUDA_VISIBLE_DEVICES"))
+            want = {int(d.partition(":")[2]) for d in items if d.partition(":")[2]} or set(ordinal)
             missing = want - {g.index for g in topo.gpus}
             if missing:
                 raise ConfigError(f"--devices {devices!r}: this machine has no GPU {sorted(missing)}")
+            hidden = want - set(ordinal)
+            if hidden:
+                raise ConfigError(f"--devices {devices!r}: GPU {sorted(hidden)} (NVML index) is not in "
+                                  f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}")
             keep = [i for i, g in enumerate(topo.gpus) if g.index in want]
             nd = topo.nodes[0]
             gpus = [topo.gpus[i] for i in keep]
             free = [min(int(topo.free[i]), memory) if memory else int(topo.free[i]) for i in keep]
             links = {k: v for k, v in nd.links.items() if k[0] in want and k[1] in want}
             t = Topology([Node(node, nd.rack, gpus, links)], name=node, free=free)
-            return t, {g.index: f"cuda:{g.index}" for g in gpus}
+            return t, {g.index: f"cuda:{ordinal[g.index]}" for g in gpus}
         if kind == "cuda":
             raise NoDriverError("--devices cuda: no GPU found on this machine")
         items = ["cpu:0"]
