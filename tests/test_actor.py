@@ -289,6 +289,16 @@ async def test_on_stop_runs_after_the_compute_job_of_a_cancelled_handler(system)
     ask.cancel()   # (its reply never comes: the handler was cancelled)
 
 
+async def test_a_peer_declared_dead_by_mistake_still_gets_its_replies(system):
+    # late heartbeats made b declare a dead; a is alive and asks b: the reply must reach it
+    a = await system.spawn(Echo(), "a")
+    b = await system.spawn(Echo(), "b")
+    b._declare_dead(a.ref, "heartbeats late (a test)")
+    for i in range(3):
+        assert await a.ask(b.ref, Say("still here", i), timeout=5.0) == Say("still here", i)
+    assert b.stats["replies_to_dead"] == 3 and a.ref not in b.peers()
+
+
 async def test_stop_from_inside_a_handler(system):
     echo = await system.spawn(Echo(), "echo")
     assert await system.ask(echo.ref, Quit()) is True

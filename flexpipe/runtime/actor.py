@@ -462,12 +462,21 @@ class Actor(ActorContext):
                                   (), REPLY | ERROR, corr)
         if self._closing:
             return
-        if sender is not None and sender not in self._dead:
+        if sender is not None:
             try:
                 fut = self._send_now(sender, frames)
             except PeerDeadError as e:   # an identity naming an endpoint that cannot be
                 self.stats["reply_errors"] += 1   # reached: nobody to answer
                 log.warning("%s: %s", self.name, e)
+                return
+            if sender in self._dead:
+                # Declared dead (its heartbeats were late) yet it asks: it is answered all the same
+                # (its DEALER reads nothing, so an answer through the ROUTER was lost and the ask timed
+                # out), and the socket opened for it goes again once the reply has left.
+                self.stats["replies_to_dead"] += 1
+                out = self._dealers.pop(sender, None)
+                if out is not None:
+                    out.close(self.settings.linger_ms, PeerDeadError(f"{sender} is dead: {self._dead[sender]}"))
                 return
         else:  # an anonymous peer (a plain DEALER): answer through the ROUTER
             try:
