@@ -273,8 +273,13 @@ async def test_no_handler_starts_while_the_actor_closes(system):
     sender = await system.spawn(Echo(), "sender")
     assert await sender.ask(slow.ref, Say("before")) == Say("before")
     closing = asyncio.ensure_future(slow.aclose())
-    await asyncio.sleep(0.05)   # on_stop is running
+    await asyncio.wait_for(slow.behaviour.stopping.wait(), 10)   # on_stop is running
     await sender.tell(slow.ref, Say("during"))
+    for _ in range(500):   # until the message was read (dropped, or handled before the fix)
+        if slow.stats["dropped_closing"] or "handled during" in slow.behaviour.events:
+            break
+        await asyncio.sleep(0.01)
+    slow.behaviour.release.set()
     await closing
     assert slow.behaviour.events == ["handled before", "on_stop begins", "on_stop ends"]
     assert slow.stats["dropped_closing"] == 1
@@ -283,7 +288,7 @@ async def test_no_handler_starts_while_the_actor_closes(system):
 async def test_on_stop_runs_after_the_compute_job_of_a_cancelled_handler(system):
     busy = await system.spawn(JobThenStop(), "busy")
     ask = asyncio.ensure_future(system.ask(busy.ref, Say("work")))
-    await asyncio.sleep(0.1)   # the job runs in the compute thread
+    assert await asyncio.to_thread(busy.behaviour.job_started.wait, 10)   # the job runs in the compute thread
     await busy.aclose()
     assert busy.behaviour.done_at_stop is True
     ask.cancel()   # (its reply never comes: the handler was cancelled)

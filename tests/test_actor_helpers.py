@@ -4,7 +4,9 @@ so that launched subprocesses can load them. Holds no tests itself."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import threading
 import time
 
 from flexpipe.runtime import ActorSettings, Terminated, handles, message
@@ -110,10 +112,12 @@ class JobThenStop:
     """A Say that runs a 0.4-s compute job; on_stop notes whether that job had finished."""
 
     def __init__(self):
+        self.job_started = threading.Event()
         self.job_done = False
         self.done_at_stop: bool | None = None
 
     def _job(self) -> None:
+        self.job_started.set()
         time.sleep(0.4)
         self.job_done = True
 
@@ -131,10 +135,14 @@ class SlowStop:
 
     def __init__(self):
         self.events: list[str] = []
+        self.stopping = asyncio.Event()   # set when on_stop begins
+        self.release = asyncio.Event()    # on_stop ends once this is set (or after 10 s)
 
     async def on_stop(self, ctx) -> None:
         self.events.append("on_stop begins")
-        await asyncio.sleep(0.3)
+        self.stopping.set()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.release.wait(), 10)
         self.events.append("on_stop ends")
 
     @handles(Say)
