@@ -145,6 +145,8 @@ class ModelSpec:
 def plan_shape(cfg: ModelConfig, stages: int | None = None, boundaries: Sequence[int] | None = None,
                epoch: int = 0, device: str = "cpu") -> PipelineShape:
     """A pipeline shape from explicit boundaries, or the solver's balanced cut for `stages`."""
+    if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or stages < 1):
+        raise ConfigError(f"stages must be a whole number >= 1 (got {stages!r})")
     if boundaries is not None:
         shape = PipelineShape.from_boundaries(list(boundaries), epoch, [device] * (len(boundaries) - 1))
     else:
@@ -181,6 +183,12 @@ class EngineClient:
     @property
     def max_context(self) -> int:
         return self.spec.config.max_position_embeddings
+
+    @property
+    def max_sequence_tokens(self) -> int:
+        """Most tokens (prompt + output) one request can hold: the model's context, or less where the
+        pipeline's KV memory per stage holds less (what vLLM calls max_model_len)."""
+        return self.max_context
 
     # ---- requests ------------------------------------------------------------------------------------
     def _params(self, **kw: Any) -> SamplingParams:
@@ -310,6 +318,10 @@ class FlexPipe(EngineClient):
         finally:
             if not done:
                 self.router.cancel(rid)
+
+    @property
+    def max_sequence_tokens(self) -> int:
+        return min(self.max_context, self.router.cache.max_tokens())
 
     # ---- pipeline -------------------------------------------------------------------------------------
     def status(self) -> dict:

@@ -98,6 +98,10 @@ class ActorClosed(ActorError):
     """The actor or its mailbox is closed."""
 
 
+class PipelineDown(ActorError):
+    """The pipeline can serve no more (a stage died and could not be replaced): restart it."""
+
+
 # --- reshaping ----------------------------------------------------------------------------------
 class ReshapeError(FlexPipeError):
     """A reshape failed and was aborted; the old epoch keeps serving."""

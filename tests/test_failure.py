@@ -91,7 +91,7 @@ async def test_a_stage_that_cannot_be_replaced_fails_its_requests_instead_of_han
     # requests end with an error at once (not paused for ever), and later ones are refused saying why
     import shutil
 
-    from flexpipe.errors import ActorError
+    from flexpipe.errors import PipelineDown
     from flexpipe.model import PresetWeights, preset, save_checkpoint
 
     path = tmp_path / "model"
@@ -102,9 +102,10 @@ async def test_a_stage_that_cannot_be_replaced_fails_its_requests_instead_of_han
         os.kill(fp.status()["stages"][1]["pid"], signal.SIGKILL)
         outs = await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
         assert {o.finish_reason for o in outs} == {"error"}
-        with pytest.raises(ActorError, match="pipeline is down: .*recovery failed"):
+        with pytest.raises(PipelineDown, match="pipeline is down: .*recovery failed"):
             await fp.complete("later", max_tokens=2)
-        assert fp.router.status()["running"] == fp.router.status()["waiting"] == 0
+        st = fp.router.status()
+        assert st["running"] == st["waiting"] == 0 and "recovery failed" in st["down"]
 
 
 async def test_a_switch_that_fails_half_way_is_rebuilt_without_loss():

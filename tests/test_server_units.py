@@ -34,6 +34,12 @@ def test_completion_defaults_and_fields():
     assert parse_completion({"model": "m", "prompt": ["only one"]}).prompt == "only one"
 
 
+def test_top_p_zero_is_greedy():
+    """OpenAI takes top_p in [0, 1]; a nucleus of mass 0 keeps only the most likely token."""
+    req = parse_completion({"model": "m", "prompt": "x", "temperature": 0.8, "top_p": 0, "seed": 3})
+    assert req.sampling_kwargs()["temperature"] == 0.0 and req.sampling_kwargs()["top_p"] == 1.0
+
+
 def test_chat_content_parts_and_max_completion_tokens():
     req = parse_chat({"model": "m", "max_completion_tokens": 9, "messages": [
         {"role": "system", "content": "be brief"},
@@ -54,12 +60,14 @@ def test_chat_content_parts_and_max_completion_tokens():
     ({"model": "m", "prompt": "x", "max_tokens": True}, "max_tokens", "must be an integer"),
     ({"model": "m", "prompt": "x", "temperature": 2.5}, "temperature", "at most 2"),
     ({"model": "m", "prompt": "x", "temperature": "hot"}, "temperature", "must be a number"),
-    ({"model": "m", "prompt": "x", "top_p": 0}, "top_p", "greater than 0"),
+    ({"model": "m", "prompt": "x", "top_p": -0.1}, "top_p", "at least 0"),
     ({"model": "m", "prompt": "x", "top_k": -5}, "top_k", "integer >= -1"),
     ({"model": "m", "prompt": "x", "seed": -1}, "seed", "from 0"),
     ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
     ({"model": "m", "prompt": "x", "stop": [1]}, "stop", "array of strings"),
     ({"model": "m", "prompt": "x", "n": 2}, "n", "n=1"),
+    ({"model": "m", "prompt": "x", "n": True}, "n", "n=1"),   # True == 1 in Python, not in JSON
+    ({"model": "m", "prompt": "x", "best_of": True}, "best_of", "not supported"),
     ({"model": "m", "prompt": "x", "best_of": 3}, "best_of", "not supported"),
     ({"model": "m", "prompt": "x", "logprobs": 2}, "logprobs", "not supported"),
     ({"model": "m", "prompt": "x", "logprobs": 0}, "logprobs", "not supported"),
@@ -104,7 +112,10 @@ def test_chat_rejections(body, param, words):
 
 @pytest.mark.parametrize("raw, words", [(b"", "empty"), (b"{nope", "not valid JSON"), (b"[1, 2]", "JSON object"),
                                         (b"\xff\xfe", "not valid JSON"),
-                                        (b'{"max_tokens": ' + b"9" * 5000 + b"}", "not valid JSON")])
+                                        (b'{"max_tokens": ' + b"9" * 5000 + b"}", "not valid JSON"),
+                                        (b"[" * 100_000 + b"]" * 100_000, "too deeply"),
+                                        (b'{"model": "m", "prompt": "a\\ud800b"}', "surrogate"),
+                                        (b'{"messages": [{"content": "\\udc00"}]}', "surrogate")])
 def test_json_body_rejections(raw, words):
     with pytest.raises(APIError) as e:
         parse_json_body(raw)

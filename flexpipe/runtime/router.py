@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from flexpipe.errors import ActorError, RequestError
+from flexpipe.errors import ActorError, PipelineDown, RequestError
 from flexpipe.runtime.actor import ActorContext, handles
 from flexpipe.runtime.cache import CacheManager
 from flexpipe.runtime.messages import ActorRef, Terminated, message
@@ -139,7 +139,7 @@ class RouterActor:
     def submit(self, prompt: list[int], params: Any, request_id: str | None = None) -> tuple[str, asyncio.Queue]:
         """Queue a validated request; returns its id and the queue its TokenEvents arrive on."""
         if self.down is not None:
-            raise ActorError(f"the pipeline is down: {self.down}; restart it")
+            raise PipelineDown(f"the pipeline is down: {self.down}; restart it")
         if not prompt:
             raise RequestError("the prompt is empty: give at least one token")
         if len(prompt) >= self.max_context:
@@ -349,6 +349,6 @@ class RouterActor:
             "running": len(s.running), "waiting": len(s.waiting), "inflight": len(s.inflight),
             "max_inflight": s.max_inflight,
             "kv": self.cache.usage(), "block_size": self.cache.block_size,
-            "preemptions": s.stats.preemptions, "steps": s.stats.steps, "paused": self._paused,
+            "preemptions": s.stats.preemptions, "steps": s.stats.steps, "paused": self._paused, "down": self.down,
             **{k: v for k, v in self.stats.items()},
         }

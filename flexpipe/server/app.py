@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -20,7 +21,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from flexpipe.errors import (
-    ActorError, CapacityError, FlexPipeError, PartitionError, QueueFullError, RequestError, ReshapeError,
+    ActorError, CapacityError, ConfigError, FlexPipeError, PartitionError, PipelineDown, QueueFullError,
+    RequestError, ReshapeError,
 )
 
 from .chat_template import ChatTemplate
@@ -28,20 +30,22 @@ from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (APIError, ChatRequest, SamplingRequest, bad_request,
                        parse_chat, parse_completion, parse_json_body)
 from .status import jsonable, pipeline_view, read_status
-from .streams import ClientGone, EventStreamResponse, Generation
+from .streams import ClientGone, EventStreamResponse, Generation, ServerStopping
 
 log = logging.getLogger("flexpipe.server")
 
 STATIC_DIR = Path(__file__).parent / "static"
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CLIENT_GONE = 499  # status recorded (never sent) for requests whose client disconnected
+OFF_LOOP_CHARS = 16384  # prompts of more characters are tokenized (and templated) in a worker thread
+HEALTH_TIMEOUT_S = 5.0   # a remote router slower than this to tell its status is reported unavailable
 
 EngineFactory = Callable[[], AsyncContextManager[Any]]
 
 
 def create_app(engine: Any, *, model_name: str | None = None, api_key: str | None = None,
                chat_template: str | None = None, default_max_tokens: int | None = None,
-               max_request_bytes: int = 4 << 20) -> Starlette:
+               max_request_bytes: int = 4 << 20, allowed_origins: list[str] | None = None) -> Starlette:
     """The server's ASGI app.
 
     `engine` is a running engine with the FlexPipe interface (embedded FlexPipe, or a router
@@ -51,8 +55,11 @@ def create_app(engine: Any, *, model_name: str | None = None, api_key: str | Non
     the engine's).  With `api_key`, every /v1 route wants `Authorization: Bearer <api_key>`.
     `chat_template` (jinja2 text or a file) overrides the tokenizer's.  `default_max_tokens` caps
     generations whose request names no max_tokens (default: 16 for completions, the rest of the
-    context for chat).
+    context for chat).  `allowed_origins` (e.g. ["https://app.example"], or ["*"]) lets web pages of
+    other origins call the API from a browser (CORS); the chat page is served from the same origin.
     """
+    if api_key is not None and not api_key.strip():
+        raise ConfigError("api_key is empty: give a key, or None to serve without one")
     server = _Server(model_name=model_name, api_key=api_key, template_override=chat_template,
                      default_max_tokens=default_max_tokens, max_request_bytes=max_request_bytes)
     factory: EngineFactory | None = None
@@ -85,7 +92,15 @@ def create_app(engine: Any, *, model_name: str | None = None, api_key: str | Non
         Route("/v1/flexpipe/reshape", server.reshape, methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+    middleware = []
+    if allowed_origins:
+        from starlette.middleware import Middleware
+        from starlette.middleware.cors import CORSMiddleware
+
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                                     allow_headers=["authorization", "content-type"], expose_headers=["x-request-id"],
+                                     max_age=600))
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware, exception_handlers={
         HTTPException: server.http_error, APIError: server.api_error, Exception: server.internal_error})
     app.state.server = server
     return app
@@ -98,33 +113,58 @@ class _Server:
                  default_max_tokens: int | None, max_request_bytes: int):
         self.engine: Any = None
         self.model_name = model_name
-        self.api_key = api_key or None
+        self.api_key = api_key
         self.template_override = template_override
         self.default_max_tokens = default_max_tokens
         self.max_request_bytes = max_request_bytes
         self.template: ChatTemplate | None = None
         self.metrics: ServerMetrics | None = None
         self.created = int(time.time())
-        self.max_context = 0
+        self.stopping = asyncio.Event()   # set when the graceful-shutdown window is about to close
         self.vocab_size: int | None = None
 
     def attach(self, engine: Any) -> None:
         """Serve `engine` from now on."""
         self.engine = engine
         self.model_name = self.model_name or engine.model_name
-        self.max_context = int(engine.max_context)
         self.vocab_size = getattr(getattr(engine, "config", None), "vocab_size", None)
         self.template = ChatTemplate.for_tokenizer(engine.tokenizer, self.template_override)
         if self.metrics is None:
             self.metrics = ServerMetrics(self.model_name)
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """The HTTP server stopped taking connections and gives running requests `grace_s` seconds:
+        shortly before that ends, streams still running are ended with a 'server_shutdown' error
+        event and [DONE] (and non-streamed requests answered 503), not cut mid-body."""
+        margin = min(1.0, grace_s / 2)
+        asyncio.get_running_loop().call_later(max(0.0, grace_s - margin), self.stopping.set)
+
+    @property
+    def max_context(self) -> int:
+        """Most tokens a request may hold: the model's context, or less where the KV memory of a
+        stage holds less (read per request: a reshape can change it)."""
+        if self.engine is None:
+            return 0
+        return int(getattr(self.engine, "max_sequence_tokens", self.engine.max_context))
 
     # --- plain routes ------------------------------------------------------------------------------
     async def page(self, request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", headers={"cache-control": "no-cache"})
 
     async def health(self, request: Request) -> Response:
+        """200 while the engine can serve; 503 while it starts, once its pipeline is down (a stage died
+        and could not be replaced: restart the server) or when a remote router does not answer."""
         if self.engine is None:
             return JSONResponse({"status": "starting"}, status_code=503)
+        try:
+            status = await asyncio.wait_for(read_status(self.engine), HEALTH_TIMEOUT_S)
+        except Exception as e:   # a remote router that is gone or slow: not healthy, and say why
+            return JSONResponse({"status": "unavailable", "model": self.model_name,
+                                 "reason": f"{type(e).__name__}: {e}"[:500]}, status_code=503)
+        down = (status.get("router") or {}).get("down")
+        if down:
+            return JSONResponse({"status": "down", "model": self.model_name, "reason": str(down)},
+                                status_code=503)
         return JSONResponse({"status": "ok", "model": self.model_name})
 
     async def metrics_endpoint(self, request: Request) -> Response:
@@ -174,14 +214,15 @@ class _Server:
         self._authorize(request, "completions")
         req = parse_completion(await self._body(request))
         self._check_model(req.model)
-        prompt = self._prompt_ids(req.prompt)
+        prompt = await _off_loop(len(req.prompt), self._prompt_ids, req.prompt)
         return await self._generate(request, "completions", req, prompt)
 
     async def chat_completions(self, request: Request) -> Response:
         self._authorize(request, "chat")
         req = parse_chat(await self._body(request))
         self._check_model(req.model)
-        prompt = self.template.encode(self.engine.tokenizer, req.messages)
+        chars = sum(len(m["content"]) for m in req.messages)
+        prompt = await _off_loop(chars, self.template.encode, self.engine.tokenizer, req.messages)
         return await self._generate(request, "chat", req, prompt)
 
     async def _generate(self, request: Request, endpoint: str, req: SamplingRequest,
@@ -195,7 +236,7 @@ class _Server:
         except Exception as e:
             track.fail()
             raise _api_error(e) from e
-        gen = Generation(events, request.receive)
+        gen = Generation(events, request.receive, self.stopping)
         try:
             first = await gen.next()
         except ClientGone:
@@ -225,7 +266,7 @@ class _Server:
         except ClientGone:
             track.finish(CLIENT_GONE)
             return Response(status_code=CLIENT_GONE)
-        except Exception as e:
+        except Exception as e:   # ServerStopping included
             track.fail()
             raise _api_error(e) from e
         finally:
@@ -482,6 +523,14 @@ def _finish_reason(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
 
 
+async def _off_loop(size: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), in a worker thread when `size` (characters of text to tokenize) is large enough to
+    hold up the event loop, and every stream on it, for more than a moment."""
+    if size < OFF_LOOP_CHARS:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
 def _too_long(max_context: int, prompt_len: int, max_tokens: int) -> APIError:
     return bad_request(
         f"This model's maximum context length is {max_context} tokens. However, you requested "
@@ -502,6 +551,13 @@ def _api_error(e: BaseException) -> APIError:
         return bad_request(str(e))
     if isinstance(e, ReshapeError):
         return APIError(409, f"{e}", type="invalid_request_error", code="reshape_aborted")
+    if isinstance(e, ServerStopping):
+        return APIError(503, "The server is shutting down and ended this request before it finished; send it "
+                        "again once the server is back.", type="server_error", code="server_shutdown")
+    if isinstance(e, PipelineDown):
+        log.error("pipeline down: %s", e)
+        return APIError(503, f"The pipeline is down and serves no more ({e}); the server must be restarted "
+                        "(GET /health says 503 until then).", type="server_error", code="pipeline_down")
     if isinstance(e, ActorError):
         log.error("engine unavailable: %s", e)
         return APIError(503, f"The engine is unavailable ({type(e).__name__}: {e}); retry later.",

@@ -42,6 +42,10 @@ SERVE_SETTINGS = [
             "CURVE key files from FLEXPIPE_CURVE_*", "URL"),
     Setting("autoscale", bool, False, "let the control loop reshape and scale the pipeline by itself from the "
             "traffic it sees (runtime/autoscale.py; its decisions show in /v1/flexpipe/status)"),
+    Setting("graceful_shutdown_s", float, 10.0, "on SIGTERM/SIGINT, seconds running requests get to finish; "
+            "streams still running then end with a 'server_shutdown' error event and [DONE]", "S"),
+    Setting("allowed_origins", str, None, "comma-separated origins (or *) whose web pages may call the API "
+            "from a browser (CORS); default: none but the server's own chat page", "ORIGINS"),
 ]
 
 # The URL and key are shared with `flexpipe serve` (FLEXPIPE_URL, FLEXPIPE_API_KEY); the rest read
@@ -185,10 +189,14 @@ def serve_main(args: argparse.Namespace) -> int:
     # Only what was set anywhere goes to the runtime; the rest keeps the runtime's own defaults.
     options = {s.name: cfg[s.name] for s in RUNTIME_SETTINGS if cfg[s.name] != s.default}
     model, stages, in_process = cfg["model"], cfg["stages"], cfg["in_process"]
+    _check_serve_settings(cfg)
     if not cfg["router"]:
-        from flexpipe.api import Settings
+        from flexpipe.api import ModelSpec, Settings, plan_shape
 
-        Settings(**options).check()   # "flexpipe: error: ..." now, not a traceback from the server's startup
+        # "flexpipe: error: ..." now, not a traceback from the server's startup after the engine loads
+        settings = Settings(**options)
+        settings.check()
+        plan_shape(ModelSpec.resolve(model, settings.seed).config, stages)
 
     def launch() -> Any:
         if cfg["router"]:
@@ -198,8 +206,10 @@ def serve_main(args: argparse.Namespace) -> int:
         return FlexPipe.launch(model=model, stages=stages, in_process=in_process,
                                autoscale=True if cfg["autoscale"] else None, **options)
 
+    origins = [o.strip() for o in (cfg["allowed_origins"] or "").split(",") if o.strip()]
     app = create_app(launch, model_name=cfg["served_model_name"], api_key=cfg["api_key"],
-                     chat_template=cfg["chat_template"], default_max_tokens=cfg["default_max_tokens"])
+                     chat_template=cfg["chat_template"], default_max_tokens=cfg["default_max_tokens"],
+                     allowed_origins=origins)
     if cfg["router"]:
         print(f"flexpipe serve: connecting to the router at {cfg['router']}...", file=sys.stderr, flush=True)
     else:
@@ -215,8 +225,24 @@ def serve_main(args: argparse.Namespace) -> int:
     if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
         log_level = "info"
     started = serve_forever(app, host=cfg["host"], port=cfg["port"], on_ready=ready, log_level=log_level,
-                            access_log=cfg["access_log"])
+                            access_log=cfg["access_log"], graceful_s=cfg["graceful_shutdown_s"])
     return 0 if started else 1
+
+
+def _check_serve_settings(cfg: dict[str, Any]) -> None:
+    """Refuse values `flexpipe serve` would only trip over later (or silently misread), saying which."""
+    if not 0 <= cfg["port"] <= 65535:
+        raise ConfigError(f"port must be 0..65535 (0: any free port), not {cfg['port']}")
+    if cfg["stages"] is not None and cfg["stages"] < 1:
+        raise ConfigError(f"stages must be >= 1, not {cfg['stages']}")
+    if cfg["default_max_tokens"] is not None and cfg["default_max_tokens"] < 1:
+        raise ConfigError(f"default_max_tokens must be >= 1 (leave it unset for the default), "
+                          f"not {cfg['default_max_tokens']}")
+    if cfg["api_key"] is not None and not cfg["api_key"].strip():
+        raise ConfigError("api_key is empty (a flag, FLEXPIPE_API_KEY or the config file set it to ''): give a "
+                          "key, or leave it unset to serve without one")
+    if not cfg["graceful_shutdown_s"] >= 0:
+        raise ConfigError(f"graceful_shutdown_s must be >= 0 seconds, not {cfg['graceful_shutdown_s']}")
 
 
 # --- flexpipe chat -------------------------------------------------------------------------------

@@ -84,9 +84,17 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     except ValueError as e:   # JSONDecodeError, UnicodeDecodeError, and an integer of over 4300 digits
         raise bad_request(f"The request body is not valid JSON ({str(e)[:200]}); send a JSON object.",
                           code="invalid_json") from None
+    except RecursionError:    # arrays or objects nested thousands deep
+        raise bad_request("The request body nests arrays or objects too deeply; send a flat JSON object.",
+                          code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request(f"The request body must be a JSON object, not {_kind(body)}.",
                           code="invalid_json")
+    try:   # JSON may escape lone UTF-16 surrogates (\ud800) that no text can hold
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError as e:
+        raise bad_request(f"The request body holds a lone UTF-16 surrogate escape ({e.object[e.start:e.end]!a}); "
+                          "send valid Unicode text.", code="invalid_json") from None
     return body
 
 
@@ -124,7 +132,9 @@ def _sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
     if body.get("temperature") is not None:
         out["temperature"] = _number(body, "temperature", lo=0.0, hi=2.0)
     if body.get("top_p") is not None:
-        out["top_p"] = _number(body, "top_p", lo=0.0, hi=1.0, lo_open=True)
+        out["top_p"] = _number(body, "top_p", lo=0.0, hi=1.0)
+        if out["top_p"] == 0.0:   # OpenAI accepts 0: the nucleus shrinks to the most likely token
+            out["top_p"], out["temperature"] = 1.0, 0.0
     if body.get("top_k") is not None:
         out["top_k"] = _int(body, "top_k", lo=-1)
     if body.get("seed") is not None:
@@ -153,12 +163,12 @@ def _sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
 def _reject_unsupported(body: dict[str, Any], *, chat: bool) -> None:
     """Refuse options this server does not implement rather than silently ignoring them."""
     n = body.get("n")
-    if n is not None and n != 1:
+    if n is not None and (n != 1 or isinstance(n, bool)):
         raise bad_request(f"'n' = {n!r} is not supported: this server returns one choice per request. "
                           "Send n=1 (or omit it) and repeat the request for more samples.", "n",
                           "unsupported_value")
     best_of = body.get("best_of")
-    if best_of is not None and best_of != 1:
+    if best_of is not None and (best_of != 1 or isinstance(best_of, bool)):
         raise bad_request(f"'best_of' = {best_of!r} is not supported; omit it or send 1.", "best_of",
                           "unsupported_value")
     logprobs = body.get("logprobs")
@@ -267,7 +277,7 @@ def _int(body: dict[str, Any], name: str, *, lo: int | None = None, hi: int | No
     return value
 
 
-def _number(body: dict[str, Any], name: str, *, lo: float, hi: float, lo_open: bool = False) -> float:
+def _number(body: dict[str, Any], name: str, *, lo: float, hi: float) -> float:
     value = body[name]
     if not _is_number(value):
         raise bad_request(f"'{name}' must be a number, not {_kind(value)}.", name, "invalid_type")
@@ -275,9 +285,8 @@ def _number(body: dict[str, Any], name: str, *, lo: float, hi: float, lo_open: b
         value = float(value)
     except OverflowError:   # an integer too large for a float: out of range like one
         value = math.inf if value > 0 else -math.inf
-    if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
-        lower = f"greater than {lo:g}" if lo_open else f"at least {lo:g}"
-        raise bad_request(f"'{name}' = {value:g} is out of range; send a number {lower} and at most "
+    if not math.isfinite(value) or value > hi or value < lo:
+        raise bad_request(f"'{name}' = {value:g} is out of range; send a number at least {lo:g} and at most "
                           f"{hi:g}.", name, "invalid_value")
     return value
 

@@ -19,6 +19,15 @@ class _Server(uvicorn.Server):
         self.ready = threading.Event()
         self.url: str | None = None
         self._on_ready = on_ready
+        # the app's hook for the graceful-shutdown window (app.py: streams end with an error event
+        # and [DONE] before uvicorn would cancel them mid-body)
+        app_server = getattr(getattr(config.app, "state", None), "server", None)
+        self._begin_shutdown: Callable[[float], None] | None = getattr(app_server, "begin_shutdown", None)
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        if self._begin_shutdown is not None and self.config.timeout_graceful_shutdown is not None:
+            self._begin_shutdown(float(self.config.timeout_graceful_shutdown))
+        await super().shutdown(sockets=sockets)
 
     async def startup(self, sockets: Any = None) -> None:
         try:
@@ -65,9 +74,9 @@ class ServerThread:
     """
 
     def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 start_timeout_s: float = 120.0):
+                 start_timeout_s: float = 120.0, graceful_s: float = 5.0):
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                                timeout_graceful_shutdown=5)
+                                timeout_graceful_shutdown=graceful_s)
         self.server = _Server(config)
         self.start_timeout_s = start_timeout_s
         self._thread = threading.Thread(target=self._run, name="flexpipe-http", daemon=True)

@@ -16,6 +16,10 @@ class ClientGone(Exception):
     """The HTTP client disconnected before the generation finished."""
 
 
+class ServerStopping(Exception):
+    """The server's graceful-shutdown window closed before the generation finished."""
+
+
 class _Failed:
     def __init__(self, error: BaseException):
         self.error = error
@@ -29,10 +33,12 @@ class Generation:
     request's KV blocks) run to completion instead of being cancelled again by a cancel scope.
     """
 
-    def __init__(self, events: AsyncIterator[Any], receive: Receive | None = None):
+    def __init__(self, events: AsyncIterator[Any], receive: Receive | None = None,
+                 stopping: asyncio.Event | None = None):
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._pump = asyncio.create_task(self._run(events), name="flexpipe-generation")
         self._watch = asyncio.create_task(self._watch_client(receive)) if receive is not None else None
+        self._stop = asyncio.create_task(self._watch_stopping(stopping)) if stopping is not None else None
         self.client_gone = False
 
     async def _run(self, events: AsyncIterator[Any]) -> None:
@@ -55,8 +61,14 @@ class Generation:
         self._pump.cancel()
         self._queue.put_nowait(_Failed(ClientGone()))
 
+    async def _watch_stopping(self, stopping: asyncio.Event) -> None:
+        await stopping.wait()
+        if not self._pump.done():
+            self._pump.cancel()
+            self._queue.put_nowait(_Failed(ServerStopping()))
+
     async def next(self) -> Any | None:
-        """The next engine event; None at the end.  Raises the engine's error, or ClientGone."""
+        """The next engine event; None at the end.  Raises the engine's error, ClientGone or ServerStopping."""
         item = await self._queue.get()
         if item is _END:
             self._queue.put_nowait(_END)
@@ -68,7 +80,7 @@ class Generation:
 
     async def close(self) -> None:
         """Stop watching the client; cancel the generation if it is still running and wait for it."""
-        tasks = [t for t in (self._pump, self._watch) if t is not None]
+        tasks = [t for t in (self._pump, self._watch, self._stop) if t is not None]
         for task in tasks:
             if not task.done():
                 task.cancel()
