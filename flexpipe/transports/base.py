@@ -17,14 +17,16 @@ import abc
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence, cast
 
 import torch
+import zmq
+import zmq.asyncio
 
-from flexpipe.errors import ConfigError, ProtocolError
+from flexpipe.errors import ActorClosed, ConfigError, ProtocolError
 
 __all__ = ["Endpoint", "Transport", "choose_transport", "register_transport", "open_receiver",
-           "open_sender", "check_into"]
+           "open_sender", "check_into", "PeerWatch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +50,8 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def send(self, *tensors: torch.Tensor) -> None:
-        """Send tensors to the peer, in order with earlier sends. Raises ActorClosed when closed."""
+        """Send tensors to the peer, in order with earlier sends. Raises ActorClosed when this side is
+        closed, and (local, shm, cuda_ipc) once the receiver has closed, also while waiting for room."""
 
     @abc.abstractmethod
     async def recv(self, into: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -90,6 +93,56 @@ def views_fit(nbytes: Sequence[int], ring_bytes: int, align: int) -> bool:
     if len(sizes) <= 1:
         return not sizes or sizes[0] <= ring_bytes
     return sum(sizes) + max(sizes) <= ring_bytes
+
+
+def _readable(sock: zmq.Socket) -> bool:
+    return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+
+
+class PeerWatch:
+    """Tells a ring sender that its receiver is gone (closed, or its process died).
+
+    The sender's control socket connects, and a connecting ZeroMQ socket hears nothing when its peer
+    goes: it reconnects quietly, and a sender waiting for ring space waited for ever. The socket's
+    monitor does report it: DISCONNECTED, or CONNECT_RETRIED when the endpoint was gone before the
+    first connection. A receiver binds before its address is handed out, so either means it closed.
+    Create the watch before connecting the socket; close it before closing the socket.
+    """
+
+    _EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+
+    def __init__(self, sock: zmq.asyncio.Socket, what: str):
+        self._sock = sock
+        self._what = what   # names the channel in the error
+        self._mon = sock.get_monitor_socket(self._EVENTS)
+        self._poller = zmq.asyncio.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._mon, zmq.POLLIN)
+        self.gone = False
+
+    def check(self) -> None:
+        """Raise ActorClosed if the receiver is known to be gone (does not wait)."""
+        if not self.gone and _readable(self._mon):
+            self.gone = True   # only the events that mean "gone" are monitored
+        if self.gone:
+            raise ActorClosed(f"the receiver of {self._what} has closed")
+
+    async def recv(self) -> bytes:
+        """The receiver's next control message; ActorClosed once the receiver is gone."""
+        try:
+            while True:
+                if _readable(self._sock):   # what it sent before going comes first
+                    return await self._sock.recv()
+                self.check()
+                await self._poller.poll()
+        except zmq.ZMQError as e:   # this side was closed meanwhile
+            raise ActorClosed(f"{self._what} closed: {e}") from None
+
+    def close(self) -> None:
+        """Stop watching (before the socket closes: closing it is no news of the receiver)."""
+        if not self._mon.closed:
+            self._sock.disable_monitor()
+            self._mon.close(linger=0)
 
 
 def choose_transport(src: Endpoint, dst: Endpoint) -> str:

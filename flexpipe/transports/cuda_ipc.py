@@ -20,6 +20,11 @@ reuses the space. A tensor larger than the ring is streamed through it and arriv
 and so does every tensor of a send whose views could not all be held in the ring at once
 (`base.views_fit`: held views would keep the sender from the space the rest of the send needs).
 
+Closing: a sender learns that its receiver closed or died from its control socket's monitor
+(`base.PeerWatch`), and its sends raise ActorClosed, one waiting for ring space included. A closed
+receiver's ring is parked, not given back to torch's allocator, while its sender may still write
+into it: the sender holds the channel's lock file until its copies are done (see _PARKED).
+
 KV blocks move without the ring: the new owner exports its KV pools once (`export_tensor`), the old
 owner opens them (`PeerPools`) and copies blocks directly, coalescing runs of consecutive block ids
 (`coalesce_runs`, `copy_runs`); the completion signal is the reply to the ask, sent after the copy
@@ -35,6 +40,7 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import fcntl
 import os
 import tempfile
 import threading
@@ -50,11 +56,11 @@ from flexpipe.errors import ActorClosed, ConfigError, ProtocolError
 from flexpipe.runtime import codec
 from flexpipe.runtime.codec import parse_tensor_header, tensor_header
 from flexpipe.runtime.messages import message
-from flexpipe.transports.base import Transport, check_into, register_transport, views_fit
+from flexpipe.transports.base import PeerWatch, Transport, check_into, register_transport, views_fit
 
 __all__ = ["CudaIpcTransport", "IpcBuffer", "IpcHello", "IpcRegions", "IpcFree", "KvPools", "HandleCache",
            "RingBooks", "InOrderReleases", "PeerPools", "HANDLES", "available", "unavailable_reason",
-           "export_tensor", "coalesce_runs", "copy_runs", "wrap_device_memory"]
+           "export_tensor", "coalesce_runs", "copy_runs", "wrap_device_memory", "sweep_parked"]
 
 IPC_HANDLE_BYTES = 64        # sizeof(cudaIpcMemHandle_t) and of cudaIpcEventHandle_t
 ALIGN = 256                  # ring regions start on this boundary (any dtype's alignment)
@@ -401,6 +407,50 @@ class InOrderReleases:
 
 _LOCAL: dict[str, "CudaIpcTransport"] = {}   # receivers of this process, for same-process senders
 
+# A closed receiver's ring goes back to torch's caching allocator, which hands it to the next
+# allocation of this process; a sender in another process maps it and may still be writing there (a
+# send under way, or copies its stream has not run yet). So a sender holds a shared flock on the
+# channel's lock file from before its first write until its copies are done (aclose, after its stream
+# has synchronized; or the end of its process). A closing receiver unlinks that file, then tries the
+# lock: free, no sender holds it or can take it again (connect checks the link count once locked);
+# held, the ring waits here until it is free (`sweep_parked`, run whenever a channel opens or closes).
+_PARKED: list[tuple[int, tuple]] = []   # (lock fd, what a sender may still use: ring, "free" event)
+_PARKED_LOCK = threading.Lock()
+
+
+def _sender_done(fd: int) -> bool:
+    """Whether no sender holds the channel's lock (`fd`, the receiver's); closes `fd` when so."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _hold_lock(path: str, tag: str) -> int:
+    """The sender's side: hold the channel's lock while it may write into the ring (ActorClosed once
+    the receiver has closed)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        raise ActorClosed(f"the receiver of cuda_ipc channel {tag} has closed") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)   # only a closing receiver locks it exclusively
+        if os.fstat(fd).st_nlink:
+            return fd
+    except BlockingIOError:
+        pass
+    os.close(fd)
+    raise ActorClosed(f"the receiver of cuda_ipc channel {tag} has closed")
+
+
+def sweep_parked() -> int:
+    """Give closed receivers' rings back once their senders are done; returns how many still wait."""
+    with _PARKED_LOCK:
+        _PARKED[:] = [p for p in _PARKED if not _sender_done(p[0])]
+        return len(_PARKED)
+
 
 async def _until_done(ev: torch.cuda.Event) -> None:
     """Wait (without blocking the loop) until the GPU has passed `ev`."""
@@ -442,6 +492,8 @@ class CudaIpcTransport(Transport):
         self._peer_event: Any = None       # the other side's event (IPC-opened, or the object itself)
         self._event: Any = None            # ours: "copied" (sender) or "free" (receiver)
         self._buffer: IpcBuffer | None = None   # sender: the mapping it holds
+        self._flock = -1                   # the channel's lock file: receiver's, or held by the sender
+        self._watch: PeerWatch | None = None   # sender: learns that the receiver closed
         self._books_ = RingBooks(size) if not receiving else None
         self._releases_ = InOrderReleases() if receiving else None
         self._regions: collections.deque = collections.deque()   # receiver: announced, not yet taken
@@ -508,6 +560,7 @@ class CudaIpcTransport(Transport):
                     event = torch.cuda.Event(interprocess=True)
                     event_handle = bytes(event.ipc_handle())
             ring_desc = export_tensor(ring).to_list()
+        sweep_parked()
         tag = uuid.uuid4().hex[:12]
         path = os.path.join(tempfile.gettempdir(), f"fp-cipc-{tag}.ctl")
         owns = zctx is None
@@ -516,11 +569,15 @@ class CudaIpcTransport(Transport):
         ctrl.setsockopt(zmq.LINGER, 0)
         ctrl.setsockopt(zmq.SNDHWM, 0)   # free notices: at most one per ring region, never dropped
         ctrl.bind(f"ipc://{path}")
+        lock = os.path.join(tempfile.gettempdir(), f"fp-cipc-{tag}.lock")   # see _PARKED
+        flock = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         address = {"kind": "cuda_ipc", "channel": tag, "pid": os.getpid(), "device": -1 if host else dev,
-                   "ring": ring_desc, "event": event_handle, "ctrl": f"ipc://{path}", "sync": sync}
+                   "ring": ring_desc, "event": event_handle, "ctrl": f"ipc://{path}", "sync": sync,
+                   "lock": lock}
         self = cls(receiving=True, device=dev, ring=ring, size=size, ctrl=ctrl, zctx=zctx, owns_ctx=owns,
                    address=address, sync=sync, path=path)
         self._event = event
+        self._flock = flock
         _LOCAL[tag] = self
         return self
 
@@ -538,42 +595,50 @@ class CudaIpcTransport(Transport):
                                              address["ctrl"], address["sync"])
             buf = None if address["ring"] is None else IpcBuffer.parse(address["ring"])
             event_handle = bytes(address["event"])
+            lock = str(address["lock"])
         except (KeyError, TypeError, ValueError) as e:
             raise ProtocolError(f"bad cuda_ipc address {address!r:.160}: {e}") from e
         if buf is None and pid != os.getpid():
             raise ConfigError("a host-memory cuda_ipc channel (device='cpu') works within one process only")
-        dev = None if buf is None else (rdev if device is None else device_index(device))
-        held = None
-        if pid == os.getpid():   # CUDA cannot open a handle in the process that exported it
-            rx = _LOCAL.get(tag)
-            if rx is None:
-                raise ConfigError(f"cuda_ipc channel {tag} is not open in this process")
-            ring, size, peer_event = rx._ring, rx._size, rx._event
-        else:
-            _require()
-            assert buf is not None   # a host-memory channel (no ring handle) was refused above
-            ring_ptr = HANDLES.acquire(buf, dev)
-            held, size = buf, buf.nbytes
-            try:
-                ring, _ = wrap_device_memory(ring_ptr, buf.nbytes, rdev)
-                peer_event = torch.cuda.Event.from_ipc_handle(rdev, event_handle) if sync == "event" else None
-            except BaseException:
-                HANDLES.release(buf)
-                raise
-        stream = event = None
-        if dev is not None:
-            with torch.cuda.device(dev):
-                stream = torch.cuda.Stream(dev)
-                event = torch.cuda.Event(interprocess=True) if sync == "event" else None
-        hello = IpcHello(os.getpid(), bytes(event.ipc_handle()) if event is not None and held is not None else b"")
-        owns = zctx is None
-        zctx = zctx or zmq.asyncio.Context()
-        ctrl = zctx.socket(zmq.PAIR)
-        ctrl.setsockopt(zmq.LINGER, 1000)
-        ctrl.setsockopt(zmq.RCVHWM, 0)
-        ctrl.connect(ctrl_ep)
-        self = cls(receiving=False, device=dev, ring=ring, size=size, ctrl=ctrl, zctx=zctx, owns_ctx=owns,
-                   address=dict(address), sync=sync)
+        flock = _hold_lock(lock, tag)   # before anything is written into the ring (see _PARKED)
+        try:
+            dev = None if buf is None else (rdev if device is None else device_index(device))
+            held = None
+            if pid == os.getpid():   # CUDA cannot open a handle in the process that exported it
+                rx = _LOCAL.get(tag)
+                if rx is None:
+                    raise ConfigError(f"cuda_ipc channel {tag} is not open in this process")
+                ring, size, peer_event = rx._ring, rx._size, rx._event
+            else:
+                _require()
+                assert buf is not None   # a host-memory channel (no ring handle) was refused above
+                ring_ptr = HANDLES.acquire(buf, dev)
+                held, size = buf, buf.nbytes
+                try:
+                    ring, _ = wrap_device_memory(ring_ptr, buf.nbytes, rdev)
+                    peer_event = torch.cuda.Event.from_ipc_handle(rdev, event_handle) if sync == "event" else None
+                except BaseException:
+                    HANDLES.release(buf)
+                    raise
+            stream = event = None
+            if dev is not None:
+                with torch.cuda.device(dev):
+                    stream = torch.cuda.Stream(dev)
+                    event = torch.cuda.Event(interprocess=True) if sync == "event" else None
+            hello = IpcHello(os.getpid(), bytes(event.ipc_handle()) if event is not None and held is not None else b"")
+            owns = zctx is None
+            zctx = zctx or zmq.asyncio.Context()
+            ctrl = zctx.socket(zmq.PAIR)
+            ctrl.setsockopt(zmq.LINGER, 1000)
+            ctrl.setsockopt(zmq.RCVHWM, 0)
+            watch = PeerWatch(ctrl, f"cuda_ipc channel {tag}")
+            ctrl.connect(ctrl_ep)
+            self = cls(receiving=False, device=dev, ring=ring, size=size, ctrl=ctrl, zctx=zctx, owns_ctx=owns,
+                       address=dict(address), sync=sync)
+        except BaseException:
+            os.close(flock)
+            raise
+        self._flock, self._watch = flock, watch
         self._buffer, self._stream, self._event, self._peer_event = held, stream, event, peer_event
         self._fence = fence
         if held is None:   # same process: each side uses the other's event object directly
@@ -610,7 +675,8 @@ class CudaIpcTransport(Transport):
             got = self._books.alloc(nbytes)
             if got is not None:
                 return got
-            self._freed(_read_control(await self._ctrl.recv()))
+            assert self._watch is not None   # a sender's
+            self._freed(_read_control(await self._watch.recv()))   # ActorClosed once the receiver closed
             self.stats["waits"] += 1
 
     def _check_tensor(self, t: torch.Tensor) -> None:
@@ -622,6 +688,8 @@ class CudaIpcTransport(Transport):
     async def send(self, *tensors: torch.Tensor) -> None:
         if self._closed:
             raise ActorClosed("cuda_ipc transport is closed")
+        if self._watch is not None:
+            self._watch.check()
         ts = []
         for t in tensors:
             self._check_tensor(t)
@@ -802,12 +870,22 @@ class CudaIpcTransport(Transport):
                     os.unlink(self._path)
                 except FileNotFoundError:
                     pass
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.address["lock"])   # no sender can take the lock from here on
+            if not _sender_done(self._flock):   # a sender may still write into the ring
+                with _PARKED_LOCK:
+                    _PARKED.append((self._flock, (self._ring, self._event)))
         else:
             if self._stream is not None:
                 await asyncio.to_thread(self._stream.synchronize)   # no copy may still target the ring
             if self._buffer is not None:
                 HANDLES.release(self._buffer)
                 self._buffer = None
+            os.close(self._flock)   # done with the ring: its receiver may give it back
+            if self._watch is not None:
+                self._watch.close()
+        self._flock = -1
+        sweep_parked()
         # received views keep the ring (and so the mapping's memory) alive until they are dropped
         self._ring = torch.empty(0, dtype=torch.uint8)   # drops our reference to the ring
         self._ctrl.close()

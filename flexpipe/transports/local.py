@@ -16,8 +16,18 @@ from flexpipe.transports.base import Transport, check_into
 
 __all__ = ["LocalTransport"]
 
-_CHANNELS: dict[str, asyncio.Queue] = {}
 _CLOSED = object()
+
+
+class _Channel:
+    """The queue of sends, and whether its receiver closed (which wakes senders waiting for room)."""
+
+    def __init__(self, depth: int):
+        self.queue: asyncio.Queue = asyncio.Queue(depth)
+        self.closed = asyncio.Event()
+
+
+_CHANNELS: dict[str, _Channel] = {}
 
 
 class LocalTransport(Transport):
@@ -25,9 +35,10 @@ class LocalTransport(Transport):
 
     kind = "local"
 
-    def __init__(self, channel: str, queue: asyncio.Queue, receiving: bool):
+    def __init__(self, channel: str, ch: _Channel, receiving: bool):
         self.channel = channel
-        self._queue = queue
+        self._ch = ch
+        self._queue = ch.queue
         self._receiving = receiving
         self._closed = False
         self.address = {"kind": "local", "channel": channel, "pid": os.getpid()}
@@ -36,21 +47,36 @@ class LocalTransport(Transport):
     async def listen(cls, depth: int = 8) -> "LocalTransport":
         """Create a channel and return its receiving side."""
         channel = uuid.uuid4().hex
-        _CHANNELS[channel] = asyncio.Queue(depth)
+        _CHANNELS[channel] = _Channel(depth)
         return cls(channel, _CHANNELS[channel], receiving=True)
 
     @classmethod
     async def connect(cls, address: dict) -> "LocalTransport":
         """The sending side of a channel of this process."""
-        queue = _CHANNELS.get(address.get("channel", ""))
-        if address.get("pid") != os.getpid() or queue is None:
+        ch = _CHANNELS.get(address.get("channel", ""))
+        if address.get("pid") != os.getpid() or ch is None:
             raise ConfigError(f"local channel {address!r:.100} is not open in this process")
-        return cls(address["channel"], queue, receiving=False)
+        return cls(address["channel"], ch, receiving=False)
 
     async def send(self, *tensors: torch.Tensor) -> None:
-        if self._closed or _CHANNELS.get(self.channel) is not self._queue:
+        if self._closed or self._ch.closed.is_set():
             raise ActorClosed(f"local channel {self.channel} is closed")
-        await self._queue.put(tensors)
+        try:
+            self._queue.put_nowait(tensors)
+            return
+        except asyncio.QueueFull:
+            pass
+        put = asyncio.ensure_future(self._queue.put(tensors))
+        closed = asyncio.ensure_future(self._ch.closed.wait())
+        try:   # a full queue that its receiver closed would never make room
+            await asyncio.wait((put, closed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            if not put.done():
+                put.cancel()
+        if not put.done() or put.cancelled():
+            raise ActorClosed(f"local channel {self.channel} was closed while a send waited for room")
+        put.result()
 
     async def recv(self, into: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         if self._closed:
@@ -73,6 +99,7 @@ class LocalTransport(Transport):
             return
         self._closed = True
         if self._receiving and _CHANNELS.pop(self.channel, None) is not None:
+            self._ch.closed.set()
             try:
                 self._queue.put_nowait(_CLOSED)   # wakes a pending recv
             except asyncio.QueueFull:

@@ -9,6 +9,10 @@ garbage-collected. Hold such tensors only briefly (clone what you keep): they ho
 sender that finds the ring full waits. A tensor larger than the ring is streamed through it in
 chunks and arrives as a new tensor (or in `into`), and so does every tensor of a send whose views
 could not all be held in the ring at once (`base.views_fit`).
+
+A sender learns from its control socket's monitor (`base.PeerWatch`) that the receiver closed or
+died: its sends raise ActorClosed, one waiting for ring space included. (The sender's mapping keeps
+the ring's pages alive, so a closed receiver's ring is never reused under a sender.)
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import zmq.asyncio
 
 from flexpipe.errors import ActorClosed, ProtocolError
 from flexpipe.runtime.codec import byte_view, parse_tensor_header, tensor_header
-from flexpipe.transports.base import Transport, check_into, views_fit
+from flexpipe.transports.base import PeerWatch, Transport, check_into, views_fit
 
 __all__ = ["ShmTransport"]
 
@@ -70,6 +74,7 @@ class ShmTransport(Transport):
         self._owns_ctx = owns_ctx
         self._receiving = receiving
         self._closed = False
+        self._watch: PeerWatch | None = None   # sender: learns that the receiver closed
         self._lock = asyncio.Lock()   # one send (or recv) at a time: their messages interleave
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
@@ -121,9 +126,12 @@ class ShmTransport(Transport):
         zctx = zctx or zmq.asyncio.Context()
         ctrl = zctx.socket(zmq.PAIR)
         ctrl.setsockopt(zmq.LINGER, 1000)
+        watch = PeerWatch(ctrl, f"shm channel {path}")
         ctrl.connect(ctrl_ep)
         await ctrl.send(_HELLO)
-        return cls(mm, path, size, ctrl, zctx, owns, False, dict(address))
+        self = cls(mm, path, size, ctrl, zctx, owns, False, dict(address))
+        self._watch = watch
+        return self
 
     # --- sending ---------------------------------------------------------------------------
 
@@ -134,7 +142,8 @@ class ShmTransport(Transport):
         used = n + (self._size - pos if pos + n > self._size else 0)   # skip the end: wrap
         # free when nothing is held, or when what is held is at least one lap behind the region
         while self._tail != self._head and self._head + used - self._tail > self._size:
-            msg = await self._ctrl.recv()
+            assert self._watch is not None   # a sender's
+            msg = await self._watch.recv()   # ActorClosed once the receiver has closed
             if msg[:1] != _FREE:
                 raise ProtocolError(f"shm sender got control message {msg[:1]!r}")
             self._tail = max(self._tail, _FREE_FMT.unpack_from(msg, 1)[0])
@@ -145,6 +154,8 @@ class ShmTransport(Transport):
     async def send(self, *tensors: torch.Tensor) -> None:
         if self._closed:
             raise ActorClosed("shm transport is closed")
+        if self._watch is not None:
+            self._watch.check()
         tensors = tuple(t if t.is_contiguous() else t.contiguous() for t in tensors)
         header = _HEAD + tensor_header(tensors)
         async with self._lock:
@@ -275,6 +286,8 @@ class ShmTransport(Transport):
         # received tensors may still view the ring: the mapping goes when the last of them does
         self._ring = None
         self._mm = None
+        if self._watch is not None:
+            self._watch.close()
         self._ctrl.close()
         if self._owns_ctx:
             self._zctx.term()

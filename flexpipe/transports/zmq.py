@@ -1,8 +1,11 @@
 """Tensors as ZeroMQ frames (kinds "ipc" and "tcp"): a header frame, then each tensor's raw bytes.
 
-The sender's frames share memory with its tensors (copy=False). Without `into`, received tensors
-are views of the received frames (no copy); with `into`, frames are received straight into the
-given tensors (recv_into, no intermediate buffer).
+The sender's frames share memory with its tensors (copy=False; pyzmq copies those under
+`zmq.COPY_THRESHOLD`, 64 KiB): ZeroMQ's I/O thread reads them after send_multipart has returned, so
+send() waits (polling the frames' MessageTrackers, as cuda_ipc waits for its events) until ZeroMQ is
+done with them, and a caller may then reuse the tensors, as the Transport contract says. Without
+`into`, received tensors are views of the received frames (no copy); with `into`, frames are
+received straight into the given tensors (recv_into, no intermediate buffer).
 """
 
 from __future__ import annotations
@@ -84,9 +87,18 @@ class ZmqTransport(Transport):
         if self._closed:
             raise ActorClosed(f"{self.kind} transport is closed")
         tensors = tuple(t if t.is_contiguous() else t.contiguous() for t in tensors)
-        frames: list[Any] = [tensor_header(tensors)]
-        frames += [byte_view(t) for t in tensors]
+        # tracked frames (send_multipart's own tracker follows the last frame only); a Frame holds its
+        # memory as ZeroMQ's copies do, so the tracker is done once both are gone: keep no Frame here
+        frames: list[Any] = [zmq.Frame(byte_view(t), track=True, copy_threshold=self._sock.copy_threshold)
+                             for t in tensors]
+        tracker = zmq.MessageTracker(*frames)
+        frames.insert(0, tensor_header(tensors))
         await self._sock.send_multipart(frames, copy=False)
+        del frames
+        spins = 0
+        while not tracker.done:   # ZeroMQ still reads the tensors (until sent, or dropped by a close)
+            spins += 1
+            await asyncio.sleep(0 if spins < 50 else 1e-4)
 
     async def recv(self, into: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         if self._closed:
