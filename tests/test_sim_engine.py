@@ -1,4 +1,4 @@
-"""Simulator engine internals that make it fast: the scalar round, shared pipes, the kick's indexes."""
+"""Simulator engine internals: the scalar round, shared pipes, the kick's indexes; reshape accounting, utilisation."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 
 from flexpipe.sim import report
 from flexpipe.sim.baselines import make_policy
-from flexpipe.sim.cluster import Cluster
-from flexpipe.sim.engine import _KICK_BOUNDARY, _KICK_CUT, _KICK_NONE, _KICK_WAIT, Simulator
+from flexpipe.sim.cluster import Cluster, Placement, StagePlace
+from flexpipe.sim.engine import _KICK_BOUNDARY, _KICK_CUT, _KICK_NONE, _KICK_WAIT, SWITCH_OVERHEAD_S, Simulator
 from flexpipe.sim.perf import LINKS, GPUS, Batch, FastPipe, ModelCosts, PipelineSpec, _np_sum, round_time
 from flexpipe.sim.scenarios import MODELS
-from flexpipe.sim.traces import default_lengths, synthetic
+from flexpipe.sim.traces import Trace, default_lengths, synthetic
 
 
 def _pipe(model: str, stages: int, tp: int = 1) -> PipelineSpec:
@@ -108,3 +108,152 @@ def test_kick_indexes_choose_what_a_scan_of_every_replica_chooses(policy):
                       duration_s=300.0).run()
     assert np.array_equal(sim.finish_t, plain.finish_t, equal_nan=True)
     assert report.summarise(sim)["goodput_rps"] == report.summarise(plain)["goodput_rps"]
+
+
+# ---------------------------------------------------------------------------------------------
+# reshape accounting and utilisation, on scripted replicas
+class _Scripted:
+    """A policy that runs `script(now, sim)` at every tick and nothing else."""
+
+    name = "scripted"
+
+    def __init__(self, script):
+        self.script = script
+
+    def attach(self, sim):
+        pass
+
+    def on_arrival(self, now, m, rid):
+        pass
+
+    def on_finish(self, now, m, rid):
+        pass
+
+    def tick(self, now, sim):
+        self.script(now, sim)
+
+
+def _stage(start, end, gpu, gb, kv=20000):
+    return StagePlace(start, end, (gpu,), gb * 1e9, kv)
+
+
+def _reshape_run(old, new, trace=None, duration=20.0):
+    """One replica on `old` from t=0, reshaped to `new` at t=1; GPU memory used at every tick."""
+    seen = []
+
+    def script(now, sim):
+        if now == 0.0:
+            sim.add_replica(0, old, instant=True)
+        r = next(iter(sim.replicas.values()))
+        if now == 1.0:
+            assert sim.reshape_replica(r, new)
+        seen.append((now, r.pending is not None, [g.used for g in sim.cluster.gpus], sim.res_eq))
+
+    sim = Simulator(Cluster.uniform(1, 4, "A100-80", "none"), [MODELS["llama2-7b"]],
+                    trace if trace is not None else Trace.empty(), _Scripted(script), duration_s=duration,
+                    drain_s=0.0)
+    return sim.run(), seen
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_reshape_holds_the_union_of_old_and_new_placements_until_the_switch(kept):
+    n = ModelCosts.for_model("llama2-7b").num_units
+    h = n // 2
+    old = Placement((_stage(0, h, 0, 25), _stage(h, n, 2, 25)))
+    # new stage 0 on GPU 0 beside old stage 0 (a different unit range: a new stage), or the same range
+    # there (the old stage kept in place, growing to 28 GB); new stage 1 on GPU 1; GPU 2 only in the old
+    first = _stage(0, h, 0, 28) if kept else _stage(0, h - 3, 0, 20)
+    new = Placement((first, _stage(first.end, n, 1, 30)))
+    sim, seen = _reshape_run(old, new)
+    during = [u for t, pend, u, _ in seen if pend]
+    after = [u for t, pend, u, _ in seen if t > 1.0 and not pend]
+    assert during and after, "the switch happened inside the run"
+    gpu0 = 28e9 if kept else 25e9 + 20e9
+    for u in during:
+        assert u[:3] == [gpu0, 30e9, 25e9]
+    for u in after:
+        assert u[:3] == [first.bytes_per_gpu, 30e9, 0.0]
+    for _, _, u, eq in seen:
+        assert eq == pytest.approx(sum(u) / 80e9)
+    assert len(sim.reshapes) == 1 and sim.reshapes[0].switched
+
+
+def test_reshape_refused_when_the_union_does_not_fit():
+    n = ModelCosts.for_model("llama2-7b").num_units
+    old = Placement((_stage(0, n, 0, 60),))
+    new = Placement((_stage(0, 10, 0, 30), _stage(10, n, 1, 30)))  # GPU 0 would need 90 of its 80 GB
+    got = []
+
+    def script(now, sim):
+        if now == 0.0:
+            r = sim.add_replica(0, old, instant=True)
+            got.append(sim.reshape_replica(r, new))
+            got.append((dict(r.hold), r.pending, r.kv_cap, [g.used for g in sim.cluster.gpus]))
+
+    Simulator(Cluster.uniform(1, 4, "A100-80", "none"), [MODELS["llama2-7b"]], Trace.empty(), _Scripted(script),
+              duration_s=2.0, drain_s=0.0).run()
+    assert got[0] is False
+    assert got[1] == ({0: 60e9}, None, 20000, [60e9, 0.0, 0.0, 0.0])
+
+
+def test_reshape_copies_the_kv_of_requests_that_arrive_or_grow_after_it_started():
+    # the replica is idle when the reshape starts at t=1; requests arrive every 50 ms from then on, so
+    # the pre-copy (after the new stages load, ~1 s) and the delta at the switch must move their KV
+    costs = ModelCosts.for_model("llama2-7b")
+    n = costs.num_units
+    arr = 1.05 + 0.05 * np.arange(140)
+    k = len(arr)
+    trace = Trace(arr, np.full(k, 300), np.full(k, 400), np.zeros(k, dtype=np.int64))
+    old = Placement((_stage(0, n, 0, 40, kv=32768),))
+    new = Placement((_stage(0, n // 2, 1, 30, kv=32768), _stage(n // 2, n, 2, 30, kv=32768)))  # every unit moves
+    sim, _ = _reshape_run(old, new, trace)
+    rec = sim.reshapes[0]
+    assert rec.kv_bytes > 0, "KV of the requests admitted after the reshape began is moved"
+    assert rec.switched
+    kv_tok, bw = costs.kv_bytes_per_token, sim.cluster.inter.bandwidth
+    T = rec.switch_t
+    P = rec.t + rec.prep_s - rec.precopy_bytes / bw  # when the pre-copy began
+    assert rec.t == 1.0 and 1.0 < P < T
+    # requests prefilled by a moment and finishing after it hold at least their prompt's KV then
+    def held_at(t, since=-np.inf):
+        sel = (sim.admit_t > since) & (sim.first_t < t) & (sim.finish_t > t)
+        return int(sel.sum()), float(sim.prompt[sel].sum())
+    n_pre, tok_pre = held_at(P)
+    n_sw, tok_sw = held_at(T)
+    n_new, tok_new = held_at(T, since=P)  # admitted during the pre-copy: all of their KV is delta
+    assert n_pre > 0 and n_sw > 0 and n_new > 0
+    assert rec.precopy_bytes >= kv_tok * tok_pre
+    assert rec.kv_bytes >= kv_tok * tok_sw
+    assert rec.delta_bytes >= kv_tok * tok_new
+    assert rec.kv_bytes == pytest.approx(rec.precopy_bytes + rec.delta_bytes)
+    assert rec.pause_s >= SWITCH_OVERHEAD_S + rec.delta_bytes / bw
+    # every request running at the switch saw the pause
+    running = (sim.admit_t < T) & (sim.finish_t > T)
+    assert np.all(sim.stall_s[running] == rec.pause_s)
+
+
+def test_utilisation_is_a_fraction_when_replicas_share_a_gpu():
+    # two busy replicas on one GPU: per-replica busy time over GPUs touched counted that GPU twice
+    n = ModelCosts.for_model("llama2-7b").num_units
+
+    def script(now, sim):
+        if now == 0.0:
+            for _ in range(2):
+                sim.add_replica(0, Placement((_stage(0, n, 0, 30, kv=16384),)), instant=True)
+
+    trace = synthetic(60.0, 8.0, 1.0, default_lengths(), 0, max_total=2048)
+    sim = Simulator(Cluster.uniform(1, 1, "A100-80", "none"), [MODELS["llama2-7b"]], trace, _Scripted(script),
+                    duration_s=60.0, drain_s=0.0).run()
+    s = report.summarise(sim)
+    assert 0.5 < s["utilisation"] <= 1.0
+    assert sim.res_slots_int == pytest.approx(2 * sim.now)
+
+
+@pytest.mark.parametrize("policy", ["flexpipe", "alpaserve", "muxserve"])
+def test_utilisation_within_0_and_1_on_a_busy_run(policy):
+    cluster = Cluster.uniform(2, 4, "A100-80", "fragmented", 0)
+    trace = synthetic(240.0, 10.0, 4.0, default_lengths(), 3, max_total=4096)
+    sim = Simulator(cluster, [replace(MODELS["llama2-7b"], kv_want_tokens=8192)], trace, make_policy(policy),
+                    duration_s=240.0).run()
+    u = report.summarise(sim)["utilisation"]
+    assert 0.0 < u <= 1.0

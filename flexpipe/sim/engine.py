@@ -68,7 +68,7 @@ class Replica:
                  "dec", "n_dec", "sum_p", "sum_first", "prefill", "prefill_tokens", "iters", "seg_t0",
                  "seg_i0", "seg_k", "seg_dt", "seg_comm", "seg_busy", "seg_chunk", "in_seg", "gen", "cut",
                  "pause_until", "cum_comm", "cum_busy", "token_budget", "max_seqs", "hold", "pending",
-                 "switch_due", "tier", "mode", "rver", "room_pushed", "pmemo")
+                 "switch_due", "tier", "mode", "rver", "room_pushed", "pmemo", "slots")
 
     def __init__(self, rid: int, m: int, placement: Placement, pipe: FastPipe, now: float, spec: ModelSpec):
         self.id, self.m, self.placement, self.pipe = rid, m, placement, pipe
@@ -95,13 +95,14 @@ class Replica:
         self.token_budget = spec.token_budget
         self.max_seqs = spec.max_seqs
         self.hold: dict[int, float] = {}
-        self.pending: tuple[Placement, FastPipe, float] | None = None  # reshape target, pause
+        self.pending: _Pending | None = None  # the reshape under way
         self.switch_due = False
         self.tier = ""
         self.mode = "pipeline"
         self.rver = 0  # version of this replica's entry in its model's room heap
         self.room_pushed = -1  # KV room that entry holds
         self.pmemo: dict = {}  # this replica's memo of rounds with prefill on its current pipeline
+        self.slots = 0  # stage-GPU slots it reserves (a GPU per stage and TP rank; utilisation's denominator)
 
     @property
     def stages(self) -> int:
@@ -137,7 +138,11 @@ class ModelState:
 
 @dataclass
 class Reshape:
-    """One reshape: when, of what, from/to stage counts, its preparation, pause and bytes moved."""
+    """One reshape: when, of what, from/to stage counts, its preparation, pause and bytes moved.
+
+    `prep_s` (weight load + KV pre-copy) is known once the pre-copy starts; `pause_s` and the delta
+    bytes at the switch, when `switched` becomes True (a replica released before its switch never
+    pauses)."""
 
     t: float
     model: str
@@ -147,10 +152,25 @@ class Reshape:
     prep_s: float
     pause_s: float
     weight_bytes: float
-    kv_bytes: float
+    kv_bytes: float  # KV moved in all: the pre-copy and the delta
+    precopy_bytes: float = 0.0
+    delta_bytes: float = 0.0
+    switched: bool = False
+    switch_t: float = math.nan  # when the pause began
 
 
-_SEG, _READY, _SWITCH, _TICK, _SAMPLE = 0, 1, 2, 3, 4
+@dataclass
+class _Pending:
+    """A reshape between its start and its switch."""
+
+    new: Placement
+    pipe: FastPipe
+    rec: Reshape
+    kv_tok: float  # KV bytes per token of the attention units that change GPU
+    copied: dict[int, int] | None = None  # request -> KV tokens the pre-copy took (None: not started)
+
+
+_SEG, _READY, _SWITCH, _TICK, _SAMPLE, _PRECOPY = 0, 1, 2, 3, 4, 5
 _KICK_NONE, _KICK_WAIT, _KICK_BOUNDARY, _KICK_CUT = 0, 1, 2, 3  # what a kick does (see _kick_choice)
 
 
@@ -199,6 +219,8 @@ class Simulator:
         self._res_t = 0.0
         self.res_eq_int = 0.0
         self.res_gpus_int = 0.0
+        self.res_slots = 0  # stage-GPU slots reserved, summed over replicas (see Replica.slots)
+        self.res_slots_int = 0.0
         self.res_eq_peak = 0.0
         self.res_gpus_peak = 0
         self.busy_gpu_s = 0.0
@@ -267,6 +289,9 @@ class Simulator:
                     obj.state = "active"
                     self._push_room(obj)
                     self._kick(obj.m)
+            elif kind == _PRECOPY:
+                if obj.pending is not None and obj.state in ("active", "draining"):
+                    self._precopy(obj)
             elif kind == _SWITCH:
                 if obj.pending is not None and obj.state in ("active", "draining"):
                     obj.switch_due = True
@@ -539,10 +564,13 @@ class Simulator:
         if dt > 0:
             self.res_eq_int += self.res_eq * dt
             self.res_gpus_int += self.res_gpus * dt
+            self.res_slots_int += self.res_slots * dt
             self._res_t = self.now
 
-    def _set_hold(self, r: Replica, hold: dict[int, float]) -> None:
+    def _set_hold(self, r: Replica, hold: dict[int, float], slots: int) -> None:
         self._account_res()
+        self.res_slots += slots - r.slots
+        r.slots = slots
         gpus = self.cluster.gpus
         for g in sorted(set(r.hold) | set(hold)):
             d = hold.get(g, 0.0) - r.hold.get(g, 0.0)
@@ -567,6 +595,35 @@ class Simulator:
             for g in s.gpus:
                 h[g] = h.get(g, 0.0) + s.bytes_per_gpu
         return h
+
+    @staticmethod
+    def _slots_of(p: Placement) -> int:
+        return sum(len(s.gpus) for s in p.stages)
+
+    @staticmethod
+    def _union_hold(old: Placement, new: Placement) -> tuple[dict[int, float], int]:
+        """(bytes per GPU, stage-GPU slots) held between a reshape's start and its switch.
+
+        The old stages serve until the switch while the new ones load weights and take KV, so a GPU
+        holds both: old stage A and new stage B on one GPU need A + B.  Only a new stage with the same
+        unit range on the same GPU(s) as an old one is the old stage kept in place (DESIGN.md,
+        reconfiguration step 2): it holds the larger of its two sizes.
+        """
+        h: dict[int, float] = {}
+        slots = 0
+        kept = {(s.start, s.end, s.gpus): s.bytes_per_gpu for s in old.stages}
+        for s in old.stages:
+            slots += len(s.gpus)
+            for g in s.gpus:
+                h[g] = h.get(g, 0.0) + s.bytes_per_gpu
+        for s in new.stages:
+            have = kept.pop((s.start, s.end, s.gpus), None)
+            extra = s.bytes_per_gpu if have is None else max(0.0, s.bytes_per_gpu - have)
+            if have is None:
+                slots += len(s.gpus)
+            for g in s.gpus:
+                h[g] = h.get(g, 0.0) + extra
+        return h, slots
 
     # ------------------------------------------------------------------------------------------
     # actions (the policy's interface)
@@ -622,7 +679,7 @@ class Simulator:
         if token_budget:
             r.token_budget = token_budget
         r.mode = "server-tp" if len(placement.stages[0].gpus) > 1 else "pipeline"
-        self._set_hold(r, self._hold_of(placement))
+        self._set_hold(r, self._hold_of(placement), self._slots_of(placement))
         self.replicas[r.id] = r
         ms.replicas.append(r)
         ms.flagged[r.id] = r  # not inside a segment
@@ -654,7 +711,7 @@ class Simulator:
         ms = self.models[r.m]
         for g in r.hold:
             self.host_cache[(self.cluster.gpus[g].server, r.m)] = self.now
-        self._set_hold(r, {})
+        self._set_hold(r, {}, 0)
         r.state = "released"
         r.gen += 1
         ms.replicas.remove(r)
@@ -663,11 +720,22 @@ class Simulator:
         self._kick(r.m)
 
     def reshape_replica(self, r: Replica, new: Placement, token_budget: int | None = None) -> bool:
-        """Start an in-flight reshape of `r` into placement `new`; old config serves until the switch."""
+        """Start an in-flight reshape of `r` into placement `new`; old config serves until the switch.
+
+        The protocol (DESIGN.md, reconfiguration): the new stages load their weights while the old
+        ones serve; then the KV of every running request is pre-copied up to the position reached
+        then, still serving; at the switch a pause quiesces, copies the delta (KV written since the
+        pre-copy, including requests admitted meanwhile) and switches.  Both placements hold memory
+        until the switch (`_union_hold`); False, and nothing changes, when that union does not fit.
+        """
         if r.state != "active" or r.pending is not None or new.kv_tokens < r.kv_used:
             return False
         ms = self.models[r.m]
         old = r.placement
+        hold, slots = self._union_hold(old, new)
+        gpus = self.cluster.gpus
+        if any(b - r.hold.get(g, 0.0) > gpus[g].free + 1.0 for g, b in hold.items()):
+            return False
         if new.kv_tokens < r.kv_cap:   # from now on admit only what the new placement can hold: the
             r.kv_cap = new.kv_tokens   # switch keeps every sequence (the runtime moves all their KV)
             self._push_room(r)
@@ -688,39 +756,71 @@ class Simulator:
                 link = self.cluster.link(owner[miss[0]], s.gpus[0])
                 peer = max(peer, (0.0 if s.gpus[0] in present else INIT_S) + b / link.bandwidth)
         prep = min(prep, peer) if peer > 0 else prep
-        # KV of attention units that change GPU: pre-copied while the old epoch serves
+        # KV of attention units that change GPU moves: pre-copied while the old epoch serves, the rest
+        # at the switch (sized then, from the state then: `_precopy`, `_apply_switch`)
         new_owner = {u: s.gpus[0] for s in new.stages for u in range(s.start, s.end)}
         moved = [u for u in owner if new_owner.get(u) != owner[u]]
-        kv_tok = sum(ms.costs.units[u].kv_bytes_per_token for u in moved)
-        ctx = r.sum_p + r.n_dec * r.iters - r.sum_first
-        kv_bytes = kv_tok * ctx
-        bw = self.cluster.inter.bandwidth
-        precopy = kv_bytes / bw
-        dt_round = r.seg_dt if r.in_seg and r.seg_dt > 0 else 0.0
-        delta_tokens = r.n_dec * (precopy / dt_round if dt_round > 0 else 0.0)
-        pause = SWITCH_OVERHEAD_S + dt_round + kv_tok * min(delta_tokens, ctx) / bw
-        hold = dict(r.hold)
-        for g, b in self._hold_of(new).items():
-            hold[g] = max(hold.get(g, 0.0), b)
-        self._set_hold(r, hold)
-        r.pending = (new, self.pipe_for(r.m, new), pause)
+        kv_tok = float(sum(ms.costs.units[u].kv_bytes_per_token for u in moved))
+        self._set_hold(r, hold, slots)
+        rec = Reshape(self.now, ms.spec.name, r.id, old.num_stages, new.num_stages, prep, 0.0, wbytes, 0.0)
+        r.pending = _Pending(new, self.pipe_for(r.m, new), rec, kv_tok)
         if token_budget:
             r.token_budget = token_budget
-        self.reshapes.append(Reshape(self.now, ms.spec.name, r.id, old.num_stages, new.num_stages,
-                                     prep + precopy, pause, wbytes, kv_bytes))
+        self.reshapes.append(rec)
         ms.reshapes += 1
         self.events.append((self.now, ms.spec.name, f"reshape r{r.id} {old.num_stages}->{new.num_stages}"))
-        self._push(self.now + prep + precopy, _SWITCH, r)
+        if prep > 0:
+            self._push(self.now + prep, _PRECOPY, r)
+        else:
+            self._precopy(r)
         return True
 
+    def _kv_held(self, r: Replica) -> dict[int, int]:
+        """KV tokens each running request of `r` has written by now (a running segment included)."""
+        it = r.iters
+        if r.in_seg and r.seg_dt > 0 and r.seg_k > 0:
+            it = r.seg_i0 + min(r.seg_k, int((self.now - r.seg_t0) / r.seg_dt + 1e-9))
+        prompt_l = self._prompt_l
+        held = {rid: prompt_l[rid] + max(0, it - first) for _, rid, first in r.dec}
+        for rid, left in r.prefill:
+            held[rid] = prompt_l[rid] - left
+        return held
+
+    def _precopy(self, r: Replica) -> None:
+        """The new stages are loaded: copy the KV written so far while the old epoch keeps serving."""
+        pend = r.pending
+        assert pend is not None
+        pend.copied = self._kv_held(r) if pend.kv_tok > 0 else {}
+        nbytes = pend.kv_tok * sum(pend.copied.values())
+        t = nbytes / self.cluster.inter.bandwidth
+        pend.rec.precopy_bytes = nbytes
+        pend.rec.prep_s += t
+        self._push(self.now + t, _SWITCH, r)
+
     def _apply_switch(self, r: Replica) -> None:
-        new, pipe, pause = r.pending  # type: ignore[misc]
+        pend = r.pending
+        assert pend is not None and pend.copied is not None
+        # the delta: KV written since the pre-copy by the requests running now (whole KV of those
+        # admitted since; nothing of those finished since), copied while every request waits
+        delta = 0
+        if pend.kv_tok > 0:
+            copied = pend.copied
+            for rid, tok in self._kv_held(r).items():
+                delta += max(0, tok - copied.get(rid, 0))
+        delta_bytes = pend.kv_tok * delta
+        # quiesce: the steps in flight drain (one round of the batch running now; none when idle)
+        dt_round = r.seg_dt if r.n_dec or r.prefill else 0.0
+        pause = SWITCH_OVERHEAD_S + dt_round + delta_bytes / self.cluster.inter.bandwidth
+        rec = pend.rec
+        rec.pause_s, rec.delta_bytes, rec.switched, rec.switch_t = pause, delta_bytes, True, self.now
+        rec.kv_bytes = rec.precopy_bytes + delta_bytes
         r.pending = None
         r.switch_due = False
-        r.placement, r.pipe = new, pipe
+        new = pend.new
+        r.placement, r.pipe = new, pend.pipe
         r.pmemo = {}
         r.kv_cap = new.kv_tokens
-        self._set_hold(r, self._hold_of(new))
+        self._set_hold(r, self._hold_of(new), self._slots_of(new))
         r.pause_until = self.now + pause
         # every request in flight sees the pause
         for ent in r.dec:

@@ -482,7 +482,9 @@ class FlexPipePolicy:
                 key = (m, -r.id)
                 if sim.now - self.failed.get(key, -math.inf) < self.BACKOFF_S:
                     continue
-                p = self._sim_place(sim, m, d.stages, dict(r.hold), max(r.kv_used, self._kv_planned(m, d.stages)))
+                # no credit for the memory `r` holds: its old stages serve until the switch, so the new
+                # ones must fit beside them (the engine reserves the union and refuses what does not fit)
+                p = self._sim_place(sim, m, d.stages, None, max(r.kv_used, self._kv_planned(m, d.stages)))
                 if p is not None and sim.reshape_replica(r, p, d.token_budget):
                     done += 1
                 else:

@@ -12,7 +12,13 @@ Definitions (per run; a request "finishes" when its last token is produced):
   memory (a stage that holds 20 GB of an 80 GB GPU holds 0.25).  `reservation_share_of_peak` is the
   time average divided by the run's own peak (the paper's "reservation as a share of peak"); a static
   policy scores 100%.  `gpus_touched` counts GPUs with any memory held.
-- utilisation: busy GPU-seconds (stage compute, per the performance model) / GPU-seconds of GPUs touched.
+- utilisation: busy GPU-seconds / reserved GPU-seconds, both counted per stage slot (a stage's GPU, each
+  GPU of a tensor-parallel stage): busy is each stage's compute per the performance model (M
+  micro-batches per round, never longer than the round), reserved is every slot of every replica while
+  the replica holds it (loading, serving, both placements during a reshape).  A fraction by
+  construction: a slot is busy only while reserved.  Co-located stages each count their own slot,
+  because the engine runs each stage as if alone on its GPU (no compute sharing is modelled), so a
+  per-GPU figure would count one GPU busy twice at once.
   resource efficiency: goodput per reserved GPU-equivalent (req/s/GPU).
 - stall: a request whose TTFT exceeds 1.5x the run's P25 TTFT; a stall episode starts at the arrival of
   the first such request and recovers at the arrival of the next request whose TTFT is back within
@@ -97,7 +103,7 @@ def summarise(sim: Simulator, policy_name: str | None = None) -> dict[str, Any]:
         res_mean, gpus_mean = float(samp[:, 1].mean()), float(samp[:, 2].mean())
         res_peak, gpus_peak = float(samp[:, 1].max()), int(samp[:, 2].max())
     goodput = float(ok.sum()) / dur
-    pauses = np.array([r.pause_s for r in sim.reshapes])
+    pauses = np.array([r.pause_s for r in sim.reshapes if r.switched])  # a replica released first never paused
     preps = np.array([r.prep_s for r in sim.reshapes])
     per_model = {}
     for ms in sim.models:
@@ -135,7 +141,7 @@ def summarise(sim: Simulator, policy_name: str | None = None) -> dict[str, Any]:
         "reservation_share_of_peak": res_mean / res_peak if res_peak > 0 else 0.0,
         "reservation_share_of_cluster": res_mean / sim.cluster.capacity_eq,
         "gpus_touched_mean": gpus_mean, "gpus_touched_peak": gpus_peak,
-        "utilisation": sim.busy_gpu_s / max(sim.res_gpus_int, 1e-9),
+        "utilisation": sim.busy_gpu_s / sim.res_slots_int if sim.res_slots_int > 0 else 0.0,
         "efficiency_rps_per_gpu": goodput / res_mean if res_mean > 0 else 0.0,
         "reshapes": len(sim.reshapes),
         "reshape_pause_p50_s": _pct(pauses, 50) if len(pauses) else 0.0,
