@@ -53,7 +53,24 @@ async def run_all(fp, reqs: list[dict]) -> list:
                                   for r in reqs))
 
 
-__all__ = ["SamplingParams", "check_against_oracle", "oracle", "request_mix", "run_all"]
+async def until(router, cond, timeout: float = 120) -> None:
+    """Wait until cond() holds: checked now and at each of the router's events (an arrival, a step's
+    output, a finish), so a handshake with the data path rather than a sleep; bounded by `timeout`."""
+    seen = asyncio.Event()
+
+    def check(*_):
+        if cond():
+            seen.set()
+
+    router.listeners.append(check)
+    try:
+        check()
+        await asyncio.wait_for(seen.wait(), timeout)
+    finally:
+        router.listeners.remove(check)
+
+
+__all__ = ["SamplingParams", "check_against_oracle", "oracle", "request_mix", "run_all", "until"]
 
 
 def rt_allowed() -> bool:

@@ -137,3 +137,58 @@ async def test_a_switch_that_fails_half_way_is_rebuilt_without_loss():
         check_against_oracle(fp, reqs, await asyncio.wait_for(asyncio.gather(*tasks), timeout=120))
         assert (await fp.reshape(stages=3)).ok
         assert all(p["used"] == 0 for p in fp.status()["router"]["kv"])
+
+
+async def test_two_stages_dying_together_are_both_replaced():
+    # the recovery of the first death used to replace only that stage, then fail resetting the other
+    # dead one: every request ended with an error and the pipeline stayed down
+    async with FlexPipe.launch("tiny", stages=3, in_process=True) as fp:
+        reqs, tasks = await _requests_with_kv(fp, 6, seed=51, max_tokens=(40, 80))
+        ctl = fp.controller
+        dead = [ctl.slots[1].handle, ctl.slots[2].handle]
+        for h in dead:
+            h.kill()
+        outs = await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+        assert [o.finish_reason for o in outs] == ["length"] * len(reqs)
+        check_against_oracle(fp, reqs, outs)
+        rec = [h for h in ctl.history if h.kind == "recovery"]
+        assert len(rec) == 1 and rec[0].ok and rec[0].stages_started == 2, [h.to_dict() for h in rec]
+        assert not {h.ref for h in dead} & {sl.ref for sl in ctl.slots}
+        assert fp.router.down is None
+        assert (await fp.complete("after", max_tokens=3)).finish_reason == "length"
+
+
+async def test_a_recovery_that_succeeds_after_one_that_failed_brings_the_pipeline_back():
+    # the first stage's replacement cannot start, so the pipeline goes down; when the other stage
+    # dies too, its recovery replaces both (the first is still dead) and the pipeline serves again
+    from flexpipe.errors import ActorError, PipelineDown
+
+    async with FlexPipe.launch("tiny", stages=2, in_process=True) as fp:
+        ctl, router = fp.controller, fp.router
+        _, tasks = await _requests_with_kv(fp, 4, seed=53, max_tokens=(200, 300))
+        recovered = asyncio.Event()
+        on_death = router.on_stage_death
+
+        async def then_signal(ref, reason):
+            await on_death(ref, reason)
+            recovered.set()
+
+        async def no_launch(*a, **kw):
+            raise ActorError("no device to start it on")
+
+        router.on_stage_death = then_signal
+        ctl._launch = no_launch
+        first, second = ctl.slots[1].handle, ctl.slots[0].handle
+        first.kill()
+        await asyncio.wait_for(recovered.wait(), timeout=60)
+        outs = await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
+        assert {o.finish_reason for o in outs} == {"error"}
+        with pytest.raises(PipelineDown, match="recovery failed"):
+            await fp.complete("while down", max_tokens=2)
+        del ctl._launch
+        recovered.clear()
+        second.kill()
+        await asyncio.wait_for(recovered.wait(), timeout=60)
+        assert router.down is None and ctl.history[-1].kind == "recovery" and ctl.history[-1].stages_started == 2
+        assert not {first.ref, second.ref} & {sl.ref for sl in ctl.slots}
+        assert (await fp.complete("back", max_tokens=3)).finish_reason == "length"

@@ -49,3 +49,18 @@ def test_kv_of_a_sequence_freed_during_the_reshape_is_not_imported_back():
     assert not kept.only_imported("new")
     kept.free(["new"])
     assert kept.take_kv("new", 4) is not None
+
+
+def test_a_settled_free_lets_a_later_copy_in():
+    # a new stage of a reshape runs no step before the switch, so nothing takes a freed sequence off
+    # the dropped list there: the controller's frees between copy rounds (nothing in flight) are settled
+    cfg, kept, source = _cores()
+    _prefill(cfg, kept, source, "s", 10)
+    fresh = StageCore(cfg, PresetWeights(cfg, 0), 3, 6, num_blocks=16, block_size=4)
+    fresh.begin_reshape()
+    assert fresh.import_kv("s", [3], 0, *source.export_kv("s", [3], 0, 10)) is True
+    fresh.free(["s"])   # an exporter's free (a copy of "s" may still be on its way): refused after
+    assert fresh.take_kv("s", 10) is None
+    fresh.free(["s"], settled=True)   # preempted, recomputed, and copied again from token 0
+    assert fresh.import_kv("s", [3], 0, *source.export_kv("s", [3], 0, 10)) is True
+    assert fresh.free_blocks == 16 - 3 and fresh.only_imported("s")

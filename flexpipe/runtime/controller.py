@@ -42,6 +42,24 @@ from flexpipe.runtime.stage import (
 log = logging.getLogger("flexpipe.controller")
 
 
+async def _to_the_end(aw: Any) -> Any:
+    """Await `aw` to its end even when the caller is cancelled meanwhile, and raise the cancellation
+    after: for clean-ups that must not stop half way (stopping processes, resuming the router)."""
+    task = asyncio.ensure_future(aw)
+    interrupted = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():   # the clean-up itself was cancelled, not its caller
+                raise
+            interrupted = True
+    if interrupted:
+        raise asyncio.CancelledError()
+    return result
+
+
 @dataclass(slots=True)
 class Slot:
     """A running stage actor and the range it serves."""
@@ -285,6 +303,9 @@ class Controller:
         self._death_waiters.add(died)
         try:
             await asyncio.wait({task, died}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:   # cancelled (the reshape is): so is what it waited for
+            task.cancel()
+            raise
         finally:
             self._death_waiters.discard(died)
         if task.done() and not died.done():
@@ -344,7 +365,7 @@ class Controller:
 
             # 3. pre-copy rounds while the old epoch serves
             moves = self._moves(shape, new_slots)
-            copied: dict[str, tuple[int, int]] = {}  # seq -> (tokens copied, preemptions when copied)
+            copied: dict[str, tuple[int, int, Any]] = {}  # seq -> (tokens copied, preemptions, record) then
             for rnd in range(self.max_precopy_rounds):
                 left = await self._unless_a_stage_dies(self._copy_round(moves, copied, st, delta=False))
                 st.precopy_rounds = rnd + 1
@@ -380,8 +401,11 @@ class Controller:
             paused = False
             st.pause_s = time.perf_counter() - tq
             st.requests_running = len(router.sched.running)
-        except Exception as e:
-            st.ok, st.error = False, f"{type(e).__name__}: {e}"
+        except BaseException as e:
+            # A cancellation too (asyncio.wait_for's timeout, the autoscaler closing): it is raised again
+            # once the old epoch serves again (or the new shape is rebuilt), never with the router paused.
+            cancelled = not isinstance(e, Exception)
+            st.ok, st.error = False, "cancelled" if cancelled else f"{type(e).__name__}: {e}"
             if switching:
                 # Some stages may serve the new epoch (their old units dropped) and others the old one:
                 # neither shape can resume as it is.  Go forward instead: the new shape from fresh
@@ -392,31 +416,41 @@ class Controller:
                 involved = list({id(sl): sl for sl in (*self.slots, *(sl for sl in new_slots if sl))}.values())
                 try:
                     # (one epoch past the new one: no message of the half-switched stages is taken)
-                    await self._rebuild(shape.with_epoch(shape.epoch + 1), involved,
-                                        ReshapeStats("rebuild", old_epoch, 0, self.shape.boundaries, shape.boundaries,
-                                                     error=st.error))
+                    await _to_the_end(self._rebuild(shape.with_epoch(shape.epoch + 1), involved,
+                                                    ReshapeStats("rebuild", old_epoch, 0, self.shape.boundaries,
+                                                                 shape.boundaries, error=st.error)))
                 except Exception as e2:  # noqa: BLE001 - nothing left to serve with
                     router.fail_all(f"a reshape failed while switching ({st.error}) and the rebuild failed: "
                                     f"{type(e2).__name__}: {e2}")
+                    if cancelled:
+                        raise e from e2
                     raise ReshapeError(f"reshape failed while switching ({st.error}); the rebuild failed too: "
                                        f"{type(e2).__name__}: {e2}") from e
+                if cancelled:
+                    raise
                 raise ReshapeError(f"reshape failed while switching ({st.error}); the pipeline was rebuilt as "
                                    f"{list(shape.boundaries)} and its requests recomputed") from e
-            # (every kept stage: each took ExpectPeers, and AbortPrepare also ends its reshape's bookkeeping)
-            await self._abort([sl for sl in new_slots if sl is not None], started, old_epoch)
-            if paused:
-                router.resume()
-            st.total_s = time.perf_counter() - t0
-            self.history.append(st)
-            log.warning("reshape to %s aborted: %s", shape.boundaries, st.error)
+            try:
+                # (every kept stage: each took ExpectPeers, and AbortPrepare also ends its reshape's bookkeeping)
+                await _to_the_end(self._abort([sl for sl in new_slots if sl is not None], started, old_epoch))
+            finally:
+                if paused:
+                    router.resume()
+                st.total_s = time.perf_counter() - t0
+                self.history.append(st)
+                log.warning("reshape to %s aborted: %s", shape.boundaries, st.error)
+            if cancelled:
+                raise
             raise e if isinstance(e, ReshapeError) else ReshapeError(f"reshape aborted, epoch {old_epoch} keeps "
                                                                      f"serving: {st.error}") from e
         st.stages_kept = sum(1 for m in match if m is not None)
         st.stages_started = len(started)
         st.stages_retired = len(retired)
-        await asyncio.gather(*(sl.handle.stop() for sl in retired), return_exceptions=True)
-        st.total_s = time.perf_counter() - t0
-        self.history.append(st)
+        try:
+            await _to_the_end(asyncio.gather(*(sl.handle.stop() for sl in retired), return_exceptions=True))
+        finally:
+            st.total_s = time.perf_counter() - t0
+            self.history.append(st)
         log.info("reshape %s -> %s: pause %.1f ms, total %.2f s, KV %d B, weights %d B", st.from_boundaries,
                  st.to_boundaries, st.pause_s * 1e3, st.total_s, st.kv_bytes, st.weight_bytes)
         return st
@@ -495,19 +529,25 @@ class Controller:
             old = self.shape
             st = ReshapeStats("scale_to_zero", old.epoch, old.epoch + 1, old.boundaries, [])
             t0 = time.perf_counter()
-            await router.quiesce()
-            if router.sched.requests:  # arrived meanwhile: keep serving
+            try:
+                await router.quiesce()
+                if router.sched.requests:  # arrived meanwhile: keep serving
+                    router.resume()
+                    return None
+                await self._evict_leaving(None, [])
+            except BaseException:  # a failure or a cancellation before the switch: keep serving
                 router.resume()
-                return None
-            await self._evict_leaving(None, [])
+                raise
             st.weights_from = "cache" if self.cache_actor is not None else "none"
             retired, self.slots = self.slots, []
             self.shape = old.with_epoch(old.epoch + 1)
             router.switch(Pipeline(self.shape.epoch, [], []))  # stays paused: requests wait for wake()
-            await asyncio.gather(*(sl.handle.stop() for sl in retired), return_exceptions=True)
             st.stages_retired = len(retired)
-            st.total_s = time.perf_counter() - t0
-            self.history.append(st)
+            try:
+                await _to_the_end(asyncio.gather(*(sl.handle.stop() for sl in retired), return_exceptions=True))
+            finally:
+                st.total_s = time.perf_counter() - t0
+                self.history.append(st)
             log.info("scaled to zero: %d stages retired in %.2f s", len(retired), st.total_s)
             return st
 
@@ -609,7 +649,7 @@ class Controller:
                 return await self._copy_round_once(moves, copied, st, delta)
             except ActorError:
                 live = self.router.sched.requests
-                gone = {rid: v for rid, v in copied.items() if v != before.get(rid) and rid not in live}
+                gone = {rid: v for rid, v in copied.items() if v is not before.get(rid) and rid not in live}
                 if not gone or attempt == 7:
                     raise
                 copied.clear()
@@ -624,31 +664,37 @@ class Controller:
         been preempted since: with KV nearly full the old epoch reuses those blocks at once, and the
         stale copies would otherwise hold them on the new owners until the switch, which then runs
         out.  (A kept stage needs no such help: the router's frees reach it with the old epoch's.)
+        These frees are settled (FreeSeqs): the copies of the last round have all been imported, so
+        none of them is on its way, and the new stage must take them again when copied from 0.
+
+        `copied` maps a sequence id to (tokens copied, preemptions then, the request record then): an
+        id can be taken again by a new request once the one it named has ended (the router checks
+        only running ids), and what was copied of the old one is no part of the new one's KV.
         """
         sched = self.router.sched
         stale, finished = [], []
-        for rid, (t_done, gen) in copied.items():
+        for rid, entry in copied.items():
             req = sched.requests.get(rid)
             if req is None:
                 if rid not in self._freed_early:
                     finished.append(rid)
-            elif gen != req.preemptions or t_done > req.computed:
+            elif self._copied_upto(entry, req) == 0:
                 stale.append(rid)
         fresh = {j for (_, j) in moves if self._new_slots[j] not in self.slots}
         if (stale or finished) and fresh:
             await asyncio.gather(*(self.system.ask(self._new_slots[j].ref,
-                                                   FreeSeqs(self._next_epoch, stale + finished)) for j in fresh))
+                                                   FreeSeqs(self._next_epoch, stale + finished, settled=True))
+                                   for j in fresh))
         self._freed_early.update(finished)
         items: list[tuple[str, int, int]] = []
         for rid, req in list(sched.requests.items()):
             if req.computed <= 0:
                 continue
-            t_done, gen = copied.get(rid, (0, req.preemptions))
-            if gen != req.preemptions or t_done > req.computed:
-                t_done = 0  # preempted since: its KV was recomputed, copy it again
+            t_done = self._copied_upto(copied.get(rid), req)
             if req.computed > t_done:
                 items.append((rid, t_done, req.computed))
-                copied[rid] = (req.computed, req.preemptions)
+                copied[rid] = (req.computed, req.preemptions, req)
+                self._freed_early.discard(rid)   # (a new request under the id of one that finished)
         if not items:
             return 0
         reqs = []
@@ -665,7 +711,19 @@ class Controller:
         if delta:
             st.kv_bytes_delta += nbytes
         # tokens written since this round started (what the next round or the delta must copy)
-        return sum(max(0, r.computed - copied.get(rid, (0, 0))[0]) for rid, r in sched.requests.items())
+        return sum(r.computed - self._copied_upto(copied.get(rid), r) for rid, r in sched.requests.items())
+
+    @staticmethod
+    def _copied_upto(entry: tuple | None, req: Any) -> int:
+        """Tokens of `req` whose KV the new owners hold from an earlier round (its `copied` entry): 0
+        for none, for another request that had the same id, or when preempted since (its KV was
+        recomputed: copy it again)."""
+        if entry is None:
+            return 0
+        t_done, gen, rec = entry
+        if rec is not req or gen != req.preemptions or t_done > req.computed:
+            return 0
+        return t_done
 
     async def _abort(self, kept: list[Slot], started: list[Slot], epoch: int) -> None:
         async def drop(sl: Slot) -> None:
@@ -691,14 +749,27 @@ class Controller:
             st = ReshapeStats("drain-restart" if drain else "restart-recompute", old.epoch, shape.epoch,
                               old.boundaries, shape.boundaries)
             t0 = time.perf_counter()
-            if drain:
-                router.sched.admit = False
-                router._wake.set()
-                while router.sched.running or router.sched.inflight:
-                    await asyncio.sleep(0.005)
-            await router.quiesce()
-            router.sched.admit = True
-            return await self._rebuild(shape, self.slots, st, t0)
+            try:
+                if drain:
+                    router.sched.admit = False
+                    router._wake.set()
+                    while router.sched.running or router.sched.inflight:
+                        await asyncio.sleep(0.005)
+                await router.quiesce()
+            except BaseException:  # (a stage that died meanwhile: its recovery pauses the router again)
+                router.resume()
+                raise
+            finally:
+                router.sched.admit = True
+            try:
+                return await _to_the_end(self._rebuild(shape, self.slots, st, t0))
+            except Exception as e:  # noqa: BLE001 - the old stages are gone: nothing left to serve with
+                st.ok, st.error = False, f"{type(e).__name__}: {e}"
+                st.total_s = time.perf_counter() - t0
+                self.history.append(st)
+                router.fail_all(f"the restart as {list(shape.boundaries)} failed: {st.error}")
+                raise e if isinstance(e, ReshapeError) else ReshapeError(
+                    f"restart as {list(shape.boundaries)} failed, the pipeline is down: {st.error}") from e
 
     async def _rebuild(self, shape: PipelineShape, retire: list[Slot], st: ReshapeStats,
                        t0: float | None = None) -> ReshapeStats:
@@ -735,8 +806,29 @@ class Controller:
                 log.error("recovery from the death of %s failed: %s: %s", ref, type(e).__name__, e)
                 self.router.fail_all(f"stage {ref} died ({reason}) and recovery failed: {type(e).__name__}: {e}")
 
+    def _is_dead(self, ref: ActorRef) -> bool:
+        """Whether `ref` is known dead: to this process's client (its process exited) or to the router
+        (it missed its heartbeats)."""
+        router_dead = getattr(self.router.ctx, "is_dead", None) if self.router is not None else None
+        return self.system.client.is_dead(ref) or (router_dead is not None and router_dead(ref))
+
+    async def _replace(self, i: int, epoch: int, reason: str) -> None:
+        """Start a new process for slot i, whose stage died (3 attempts)."""
+        sl = self.slots[i]
+        try:  # a stage declared dead by heartbeats may still be running, hung: make sure it is gone
+            sl.handle.kill()
+        except Exception as e:  # already gone, or its worker is
+            log.debug("recovery: kill of %s: %s", sl.ref, e)
+        for attempt in range(3):
+            try:
+                self.slots[i] = await self._launch(sl.start, sl.end, sl.device, epoch, i)
+                return
+            except ActorError as e:
+                log.error("recovery: relaunch of stage %d failed (attempt %d): %s", i, attempt + 1, e)
+        raise ReshapeError(f"stage {i} could not be restarted after it died ({reason})")
+
     async def _recover(self, dead: ActorRef, reason: str) -> ReshapeStats:
-        """Replace the dead stage with a new process and recompute every request from its record."""
+        """Replace the dead stages with new processes and recompute every request from its record."""
         t0 = time.perf_counter()
         router = self.router
         old = self.shape
@@ -744,29 +836,32 @@ class Controller:
         st = ReshapeStats("recovery", old.epoch, shape.epoch, old.boundaries, shape.boundaries, error=reason)
         router._paused = True
         st.requests_recomputed = router.requeue_all()
-        for i, sl in enumerate(self.slots):
-            if sl.ref == dead:
-                try:  # a stage declared dead by heartbeats may still be running, hung: make sure it is gone
-                    sl.handle.kill()
-                except Exception as e:  # already gone, or its worker is
-                    log.debug("recovery: kill of %s: %s", dead, e)
-                for attempt in range(3):
-                    try:
-                        self.slots[i] = await self._launch(sl.start, sl.end, sl.device, shape.epoch, i)
-                        st.stages_started += 1
-                        break
-                    except ActorError as e:
-                        log.error("recovery: relaunch of stage %d failed (attempt %d): %s", i, attempt + 1, e)
-                else:
-                    raise ReshapeError(f"stage {i} could not be restarted after it died ({reason})")
-        await asyncio.gather(*(self.system.ask(sl.ref, ResetKV(shape.epoch)) for sl in self.slots))
         rr = self.router_actor.ref
-        await asyncio.gather(*(self.system.ask(sl.ref, Activate(shape.epoch, j, sl.start, sl.end,
-                                                               self._next_ref(j), rr, self._upstream(j)))
-                               for j, sl in enumerate(self.slots)))
+        # Every stage that is dead by now, not only `dead`: stages die together (a node, a signal to
+        # a process group), and one left in place fails the reset of the others.  Another may die
+        # while they are reset: it is replaced in the next pass.
+        for attempt in range(3):
+            for i, sl in enumerate(self.slots):
+                if sl.ref == dead or self._is_dead(sl.ref):
+                    await self._replace(i, shape.epoch, reason)
+                    st.stages_started += 1
+            res = await asyncio.gather(*(self.system.ask(sl.ref, ResetKV(shape.epoch)) for sl in self.slots),
+                                       return_exceptions=True)
+            if not any(isinstance(r, BaseException) for r in res):
+                res = await asyncio.gather(*(self.system.ask(sl.ref, Activate(shape.epoch, j, sl.start, sl.end,
+                                                                             self._next_ref(j), rr,
+                                                                             self._upstream(j)))
+                                             for j, sl in enumerate(self.slots)), return_exceptions=True)
+            err = next((r for r in res if isinstance(r, BaseException)), None)
+            if err is None:
+                break
+            if attempt == 2 or not any(self._is_dead(sl.ref) for sl in self.slots):
+                raise err
+            log.warning("recovery: a stage died while the pipeline was reset (%s): replacing it too", err)
         self.shape = shape
         cache = CacheManager(self.settings.block_size, self._pools(shape))
         router.switch(self._pipeline(shape.epoch), cache)
+        router.down = None   # (it went down when an earlier recovery failed: it serves again)
         router.resume()
         st.pause_s = st.total_s = time.perf_counter() - t0
         self.history.append(st)

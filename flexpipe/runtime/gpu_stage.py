@@ -156,7 +156,10 @@ class GpuStageActor(StageActor):
         """StageActor's rules, and: OpenHop (which replaces the receiving channel) only from this
         stage's upstream, a peer named for the running reshape or the controller.  Before the first
         Configure the upstream is not known yet (the upstream's Configure may run first), so then
-        any sender may open it (a channel opened that way is replaced by the upstream's request)."""
+        any sender may open it (a channel opened that way is replaced by the upstream's request).
+        A settled FreeSeqs (one that also forgets the frees, StageCore.free) only from the controller."""
+        if type(msg) is FreeSeqs and msg.settled and self.controller is not None and sender != self.controller:
+            return "a settled FreeSeqs comes from the controller (only it knows that no copy is under way)"
         if type(msg) is OpenHop and self.upstream is not None:
             if sender not in (self.upstream, self.controller) and sender not in self.peers:
                 return f"OpenHop comes from the upstream {self.upstream} or a named peer, not {sender}"

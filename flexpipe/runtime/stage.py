@@ -149,9 +149,14 @@ class StageStatus:
 
 @message(113)
 class FreeSeqs:
-    """Drop the KV of these sequences (used when no step is going to carry the frees)."""
+    """Drop the KV of these sequences (used when no step is going to carry the frees).
+
+    settled: sent by the controller between two copy rounds, when no KV of these sequences is on its
+    way to the stage: a later copy of them (a preempted request copied again from token 0, or a new
+    request under a finished one's id) is taken, not refused as freed during the reshape."""
     epoch: int
     seq_ids: list
+    settled: bool = False
 
 
 @message(114)
@@ -386,7 +391,7 @@ class StageActor:
 
     @handles(FreeSeqs)
     def free_seqs(self, ctx: ActorContext, msg: FreeSeqs) -> bool:
-        self.core.free(msg.seq_ids)
+        self.core.free(msg.seq_ids, settled=bool(msg.settled))
         return True
 
     # ---- reshaping ---------------------------------------------------------------------------------

@@ -92,13 +92,19 @@ class StageCore:
             table.append(self._free.pop())
         return table
 
-    def free(self, seq_ids: Sequence[str]) -> None:
-        """Return the blocks of `seq_ids` to the pool (unknown ids are ignored)."""
+    def free(self, seq_ids: Sequence[str], *, settled: bool = False) -> None:
+        """Return the blocks of `seq_ids` to the pool (unknown ids are ignored).
+
+        settled: no KV of them is on its way here (the controller's frees between two copy rounds,
+        each of which it awaited), so a later copy of them is taken: nothing is remembered as dropped
+        (a new stage runs no step that would take it off the list before the switch)."""
         for s in seq_ids:
             self._free.extend(reversed(self.tables.pop(s, [])))
             self._imported.discard(s)
-            if self._preparing:
-                self._dropped.add(s)
+        if settled:
+            self._dropped.difference_update(seq_ids)
+        elif self._preparing:
+            self._dropped.update(seq_ids)
 
     def begin_reshape(self) -> None:
         """A reshape that may copy KV in has begun: remember what is freed until activate() or
