@@ -64,3 +64,24 @@ def test_a_settled_free_lets_a_later_copy_in():
     fresh.free(["s"], settled=True)   # preempted, recomputed, and copied again from token 0
     assert fresh.import_kv("s", [3], 0, *source.export_kv("s", [3], 0, 10)) is True
     assert fresh.free_blocks == 16 - 3 and fresh.only_imported("s")
+
+
+def test_kv_arriving_after_an_aborted_reshape_takes_no_blocks():
+    # a kept stage dropped the units it had prepared (AbortPrepare); an ImportKV still on its way for
+    # them is refused before any block is taken, so the stage holds nothing the router's ledger lacks
+    cfg, kept, source = _cores()
+    _prefill(cfg, kept, source, "s", 10)
+    kept.begin_reshape()
+    kept.prepare(0, 6)
+    late = source.export_kv("s", [3], 0, 10)
+    kept.abort_prepare()
+    before = (dict((s, list(t)) for s, t in kept.tables.items()), kept.free_blocks)
+    for seq in ("s", "other"):
+        try:
+            kept.import_kv(seq, [3], 0, *late)
+        except KeyError as e:
+            assert "no KV cache for unit 3" in str(e)
+        else:
+            raise AssertionError("KV of a unit this stage does not hold was imported")
+    assert (kept.tables, kept.free_blocks) == before
+    assert not kept.only_imported("other")

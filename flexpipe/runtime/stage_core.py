@@ -221,14 +221,17 @@ class StageCore:
         """Write K/V [len(units), n, kv_heads, head_dim] of `units` at tokens [t0, t0 + n) of `seq_id`;
         False (nothing written) for a sequence freed here during this reshape (take_kv)."""
         n = k.shape[1]
+        caches = []
+        for u in units:   # before any block is taken: KV of units not held here (an aborted reshape's)
+            cache = self.kv.get(u)
+            if cache is None:
+                raise KeyError(f"stage [{self.start},{self.end}) has no KV cache for unit {u}: prepare it first")
+            caches.append(cache)
         table = self.take_kv(seq_id, t0 + n)
         if table is None:
             return False
         slots = self._slots(table, t0, t0 + n)
-        for j, u in enumerate(units):
-            cache = self.kv.get(u)
-            if cache is None:
-                raise KeyError(f"stage [{self.start},{self.end}) has no KV cache for unit {u}: prepare it first")
+        for j, cache in enumerate(caches):
             cache.write(slots, k[j], v[j])
         return True
 
