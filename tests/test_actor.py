@@ -13,7 +13,7 @@ import torch
 
 from flexpipe.errors import ActorClosed, AskTimeout, PeerDeadError, ProtocolError, RemoteError
 from flexpipe.errors import ConfigError
-from flexpipe.runtime import ActorRef, ActorSystem, LocalContext, Ping, Pong, Stop, message
+from flexpipe.runtime import ActorRef, ActorSystem, LocalContext, Ping, Pong, Stop, Terminated, handles, message
 from test_actor_helpers import (
     FAST, BadReply, Compute, Deaths, Echo, Fail, JobThenStop, Log, Nap, Quit, QuitAndNap, Say, Sleep, SlowConcurrent,
     SlowStop, WatchIt,
@@ -345,3 +345,72 @@ async def test_settings_validation():
     with pytest.raises(ConfigError, match="bind must be"):
         async with ActorSystem(dataclasses.replace(FAST, bind="udp")) as system:
             await system.spawn(Echo(), "x")
+
+
+class Mourner(Echo):
+    """Echo that sets an event on each Terminated (a handshake for the tests below)."""
+
+    def __init__(self):
+        super().__init__()
+        self.died = asyncio.Event()
+
+    @handles(Terminated)
+    def terminated(self, ctx, msg: Terminated):
+        self.deaths.append(msg)
+        self.died.set()
+
+
+async def _first_death(watcher, bound: float = 10 * FAST.heartbeat_timeout) -> Terminated:
+    await asyncio.wait_for(watcher.behaviour.died.wait(), bound)
+    return watcher.behaviour.deaths[0]
+
+
+async def test_a_watched_actor_restarted_at_its_endpoint_is_a_death():
+    # a peer that crashed and came back at the same endpoint within the heartbeat timeout answers
+    # pings, but it knows nothing of what its old self did: it holds no watch from us.  (A heartbeat
+    # timeout far beyond the wait below: only the answer to a ping can tell; pings every 0.5 s, so that
+    # none is on its way to the old actor when it goes.)
+    slow = dataclasses.replace(FAST, heartbeat_interval=0.5, heartbeat_timeout=60.0)
+    async with ActorSystem(slow) as system:
+        watcher = await system.spawn(Mourner(), "watcher")
+        victim = await system.spawn(Echo(), "victim")
+        assert await system.ask(watcher.ref, WatchIt(victim.ref)) is True
+        # (after its Watch and first ping, on the same socket: the ping has been answered)
+        assert await watcher.ask(victim.ref, Say("first life")) == Say("first life")
+        victim.abort()   # no goodbye
+        again = await system.spawn(Echo(), "victim", endpoint=victim.ref.endpoint)
+        assert again.ref == victim.ref
+        death = await _first_death(watcher, 20.0)
+        assert death.ref == victim.ref and "lost our watch" in death.reason, death
+        watcher.watch(again.ref)   # watching again works: the new incarnation holds the new watch
+        assert await watcher.ask(again.ref, Say("second life")) == Say("second life")
+        assert watcher.is_dead(again.ref) is False
+
+
+async def test_a_watcher_its_peer_declared_dead_hears_of_it(system):
+    # b declared a dead (its heartbeats were late: a's loop stalled) while a watches b: a must learn
+    # it, not go on waiting for messages b will never send it
+    a = await system.spawn(Mourner(), "a")
+    b = await system.spawn(Echo(), "b")
+    assert await system.ask(a.ref, WatchIt(b.ref)) is True
+    assert await system.ask(b.ref, WatchIt(a.ref)) is True
+    assert await a.ask(b.ref, Say("hello")) == Say("hello")   # b holds a's watch by now
+    b._declare_dead(a.ref, "heartbeats late (a test)")
+    death = await _first_death(a)
+    assert death.ref == b.ref and "lost our watch" in death.reason, death
+    with pytest.raises(PeerDeadError):
+        await b.tell(a.ref, Say("?"))
+    # a watches b again (as a client does when it reconnects): b takes it as a sign of life
+    a.watch(b.ref)
+    assert await a.ask(b.ref, Say("back")) == Say("back")   # (after the Watch, on the same socket)
+    assert not b.is_dead(a.ref)
+    await b.tell(a.ref, Say("welcome back"))
+
+
+async def test_watching_an_endpoint_that_cannot_be_connected_is_a_death(system):
+    watcher = await system.spawn(Mourner(), "watcher")
+    bad = ActorRef("x", "not an endpoint")
+    assert await system.ask(watcher.ref, WatchIt(bad)) is True   # watch() does not raise: a verdict comes
+    death = await _first_death(watcher)
+    assert death.ref == bad and "cannot connect" in death.reason, death
+    assert watcher.is_dead(bad)

@@ -24,7 +24,7 @@ import pytest
 
 from flexpipe.errors import ConfigError, PlacementError, RequestError
 from flexpipe.runtime.daemon import assign_devices
-from flexpipe.runtime.remote import RemoteFlexPipe, RouterUnavailable
+from flexpipe.runtime.remote import RemoteFlexPipe, RouterLost, RouterUnavailable
 from tests.pipeline_helpers import check_against_oracle, request_mix, rt_allowed, run_all, thread_policies
 
 pytestmark = pytest.mark.timeout(120)
@@ -231,6 +231,45 @@ def test_cpu_devices_each_have_their_memory_budget():
 
 
 # --- the daemons ------------------------------------------------------------------------------------------
+async def test_a_worker_joining_again_keeps_what_it_runs_and_loses_what_it_does_not(tmp_path):
+    """The router's membership logic on its own actors (no worker processes): a join again from the
+    worker's ref keeps the reservations of the stages it lists, and recovers the ones it does not list
+    (it stopped them when it lost the router, or it is a new process at the same endpoint)."""
+    from flexpipe.runtime.actor import ActorSettings
+    from flexpipe.runtime.allocator import AllocatorBehaviour, InventoryQuery, ReserveMemory
+    from flexpipe.runtime.daemon import local_devices
+    from flexpipe.runtime.daemon.messages import JoinCluster
+    from flexpipe.runtime.daemon.router import RemoteStage, RouterDaemon, RouterFrontend
+    from flexpipe.runtime.launcher import ActorSystem
+    from flexpipe.runtime.messages import ActorRef
+
+    d = RouterDaemon(f"ipc://{tmp_path}/router", min_workers=9)
+    async with ActorSystem(ActorSettings(endpoint_dir=str(tmp_path))) as system:
+        d.system = system
+        d.allocator = await system.spawn(AllocatorBehaviour(), "allocator")
+        d.frontend = await system.spawn(RouterFrontend(d), "frontend")
+        topo, _ = local_devices("cpu:0", "wx", 1 << 30)
+        ref = ActorRef("wx", f"ipc://{tmp_path}/wx")
+
+        async def join(*stages: str) -> None:
+            await d.add_worker(JoinCluster("wx", ref, "host", 1, topo.to_dict(), {"0": "cpu"}, list(stages)))
+
+        async def reservations() -> int:
+            return (await d.frontend.ask(d.allocator.ref, InventoryQuery()))["reservations"]
+
+        await join()
+        for name in ("s0", "s1"):
+            g = await d.frontend.ask(d.allocator.ref, ReserveMemory({"wx/0": 1 << 20}, name))
+            d.stages[name] = RemoteStage(d, "wx", name, ActorRef(name, f"ipc://{tmp_path}/{name}"), 2, "wx/0",
+                                         (0, 1), g.rid)
+        await join("s0", "s1")
+        assert await reservations() == 2 and set(d.stages) == {"s0", "s1"}
+        await join("s1")   # s0 stopped there meanwhile: the router forgets it and gives its memory back
+        await asyncio.wait(set(d._tasks), timeout=10)
+        assert set(d.stages) == {"s1"} and await reservations() == 1
+        assert d.frontend.is_dead(ActorRef("s0", f"ipc://{tmp_path}/s0"))   # its recovery starts now
+
+
 async def test_requests_through_the_router_equal_the_oracle(cluster):
     reqs = request_mix(8, seed=3, max_tokens=(8, 24))  # greedy and seeded, different lengths, all at once
     async with connect(cluster) as fp:
@@ -373,6 +412,57 @@ async def test_bad_requests_raise_typed_errors_and_the_router_keeps_serving(clus
         assert len(c.token_ids) == 3
 
 
+async def _drain(agen) -> list:
+    return [ev async for ev in agen]
+
+
+async def test_a_client_whose_loop_stalls_past_the_heartbeat_timeout_hears_its_requests_were_cancelled(cluster):
+    # the router declares the stalled client dead and cancels its requests; the client, its loop
+    # running again, must hear of it (its streams raise RouterLost) rather than wait for ever
+    async with connect(cluster) as fp:
+        streams = [fp.generate(f"stalled {i}", max_tokens=2000, ignore_eos=True) for i in range(4)]
+        for agen in streams:
+            assert (await agen.__anext__()).token_id is not None
+        mark = cluster.router.mark()
+        # block this event loop (on purpose) until the router has given up on this client
+        lost = cluster.router.wait_for("client_lost", 60, mark)
+        assert lost["requests"] == len(streams), lost
+        for agen in streams:
+            with pytest.raises(RouterLost, match="declared this client dead"):
+                await asyncio.wait_for(_drain(agen), 30)
+        c = await fp.complete("after the stall", max_tokens=3)   # the next call finds the router again
+        assert len(c.token_ids) == 3 and c.finish_reason == "length"
+        st = (await fp.status())["router"]
+        assert st["running"] == st["waiting"] == 0, st
+
+
+async def test_a_worker_joining_again_keeps_the_reservations_of_the_stages_it_runs(cluster):
+    # the same worker process joins again (as after a network blip), listing the stages it runs:
+    # their memory stays booked, and they keep serving
+    from flexpipe.partition import parse_bytes
+    from flexpipe.runtime.daemon import local_devices
+    from flexpipe.runtime.daemon.messages import JoinCluster, JoinReply
+    from flexpipe.runtime.messages import ActorRef
+
+    async with connect(cluster) as fp:
+        st = await fp.status()
+        assert st["allocator"]["reservations"] == len(st["stages"]) == 2
+        w = next(w for w in st["workers"] if w["name"] == "wa")
+        topo, torch_devices = local_devices("cpu:0", "wa", parse_bytes("1GB"))   # as `worker("wa", ...)` has it
+        runs = [s["name"] for s in st["stages"] if s["worker"] == "wa"]
+        assert runs
+        join = JoinCluster("wa", ActorRef(*w["ref"].split("@", 1)), w["host"], w["pid"], topo.to_dict(),
+                           {str(i): d for i, d in torch_devices.items()}, runs)
+        mark = cluster.router.mark()
+        assert isinstance(await fp.actor.ask(fp.frontend, join, timeout=30), JoinReply)
+        joined = cluster.router.wait_for("worker_joined", 10, mark, worker="wa")
+        after = await fp.status()
+        assert after["allocator"]["reservations"] == 2, after["allocator"]
+        assert joined.get("rejoined") is True, joined
+        assert [s["pid"] for s in after["stages"]] == [s["pid"] for s in st["stages"]]
+        assert (await fp.complete("after the join", max_tokens=4)).finish_reason == "length"
+
+
 async def test_a_dead_workers_stages_restart_elsewhere_and_a_new_worker_is_used(cluster):
     wa = cluster.workers[0]
     async with connect(cluster) as fp:
@@ -487,3 +577,40 @@ async def test_rt_priority_reaches_the_router_and_the_stages_its_workers_start(t
     finally:
         codes = [d.stop(30) for d in reversed(daemons)]
     assert codes == [0] * len(daemons)
+
+
+@pytest.mark.timeout(300)
+async def test_a_router_restarted_at_its_address_is_noticed_by_its_worker_and_client(tmp_path):
+    """systemd restarts the router within the heartbeat timeout (600 s here, so that heartbeats cannot be
+    what notices): the new process has none of the old one's state.  The worker must join it again,
+    and the client's open stream must end (RouterLost), not wait for ever; then the client goes on."""
+    url = f"ipc://{tmp_path}/router"
+    args = ["router", "--bind", url, "--model", "tiny", "--stages", "1", "--min-workers", "1",
+            "--heartbeat-timeout", "600"]
+    first = Daemon("router-1", args)
+    daemons = [first]
+    try:
+        first.wait_for("listening")
+        w = Daemon("rw", ["worker", "--router", url, "--name", "rw", "--devices", "cpu:0", "--memory", "1GB",
+                          "--heartbeat-timeout", "600"])
+        daemons.append(w)
+        first.wait_for("ready")
+        async with RemoteFlexPipe.connect(url, ready_timeout=30, heartbeat_timeout=600) as fp:
+            agen = fp.generate("across a restart", max_tokens=2000, ignore_eos=True)
+            assert (await agen.__anext__()).token_id is not None
+            mark = w.mark()
+            first.proc.kill()
+            first.proc.wait(10)
+            second = Daemon("router-2", args)
+            daemons.append(second)
+            with pytest.raises(RouterLost):
+                await asyncio.wait_for(_drain(agen), START_S)
+            await asyncio.to_thread(w.wait_for, "router_lost", START_S, mark)
+            await asyncio.to_thread(w.wait_for, "joined", START_S, mark)
+            await asyncio.to_thread(second.wait_for, "ready", START_S)
+            c = await fp.complete("after the restart", max_tokens=4)
+            assert c.token_ids == await asyncio.to_thread(fp.reference_tokens, "after the restart", max_tokens=4)
+    finally:
+        for d in reversed(daemons):
+            if d.proc.poll() is None:
+                d.stop(30)

@@ -29,6 +29,13 @@ earlier messages left): a string refuses the message with `SenderRefused` (count
 ErrorReply to an ask) and no handler runs. The sender is the ref the peer's DEALER announces: it tells
 a confused or foreign peer from the expected one, but a peer that can connect (inside the CURVE
 boundary, runtime/keys.py) can announce any ref.
+
+`watch(ref)` sends `Watch` and pings `ref` every heartbeat_interval.  A watcher's ping carries a
+negative seq, and the watched actor answers it with `ErrorReply(WATCH_LOST)` when it holds no watch
+from that sender: it restarted at the same endpoint (a new process knows no watcher), or it declared
+the watcher dead (late heartbeats) and dropped it.  The watcher treats that answer as the peer's
+death, so both sides agree again instead of one of them waiting for messages the other will never
+send.  A plain `Ping` (seq >= 0) is always answered with `Pong`.
 """
 
 from __future__ import annotations
@@ -106,6 +113,9 @@ def ident_of(ref: ActorRef) -> bytes:
 _COPY_BELOW = 128 << 10
 
 _SYSTEM_MESSAGES = frozenset({Ping, Terminated, Watch, Unwatch, Started, Stop})
+
+# ErrorReply kind of a watcher's ping that the watched actor holds no Watch from (module docstring)
+WATCH_LOST = "WatchLost"
 
 
 _EAGER_TASKS = sys.version_info >= (3, 12)
@@ -236,6 +246,8 @@ class Actor(ActorContext):
         self._monitors: dict[ActorRef, asyncio.Task] = {}
         self._watched: set[ActorRef] = set()
         self._watchers: set[ActorRef] = set()
+        self._watch_sent: dict[ActorRef, int] = {}   # ref -> stamp of the last Watch sent to it
+        self._stamps = itertools.count(1)
         self._dead: dict[ActorRef, str] = {}
         self._started_waiters: dict[str, asyncio.Future] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -602,13 +614,22 @@ class Actor(ActorContext):
         asked = env.flags & ASK
         if cls is Ping:
             if asked:
-                self._reply(ident, self._sender_of(ident), env.corr, Pong(msg.seq))
+                sender = self._sender_of(ident)
+                if isinstance(msg.seq, int) and msg.seq < 0 and sender not in self._watchers:
+                    self._reply(ident, sender, env.corr, ErrorReply(
+                        WATCH_LOST, f"{self.self_ref} holds no watch from {sender}: it restarted, or it "
+                        f"declared that actor dead"), error=True)
+                else:
+                    self._reply(ident, sender, env.corr, Pong(msg.seq))
         elif cls is Terminated:
             if self._sender_of(ident) == msg.ref:  # only an actor may announce its own end
                 self._declare_dead(msg.ref, str(msg.reason))
         elif cls is Watch:
             if self._sender_of(ident) == msg.watcher:  # and only watch for itself
                 self._watchers.add(msg.watcher)
+                # a peer declared dead that watches us (again) is alive: it gets a socket of its own
+                # again, not one per reply (a reply whose socket is closed before it connected is lost)
+                self._dead.pop(msg.watcher, None)
         elif cls is Unwatch:
             if self._sender_of(ident) == msg.watcher:
                 self._watchers.discard(msg.watcher)
@@ -772,12 +793,18 @@ class Actor(ActorContext):
             self._close_dealer(ref)
         if ref not in self._monitors:
             self._monitors[ref] = self._loop.create_task(self._monitor(ref))
+        # (again) when watching already: the peer may have dropped our watch (it declared us dead)
+        self._watch_sent[ref] = next(self._stamps)
+        try:
             fut = self._send_now(ref, self._encode(Watch(self.self_ref), ()))
-            if fut is not None:
-                fut.add_done_callback(self._log_send_error)
+        except PeerDeadError:   # its socket cannot be opened: the monitor's first ping gives the verdict
+            return
+        if fut is not None:
+            fut.add_done_callback(self._log_send_error)
 
     def unwatch(self, ref: ActorRef) -> None:
         self._watched.discard(ref)
+        self._watch_sent.pop(ref, None)
         task = self._monitors.pop(ref, None)
         if task is not None:
             task.cancel()
@@ -800,14 +827,16 @@ class Actor(ActorContext):
         forgiven = 0
         seq = 0
         last = loop.time()
+        verdict = f"no heartbeat answer for {timeout:g}s"
         while True:
             remaining = last + timeout - loop.time()
             if remaining <= 0:
                 break
             seq += 1
             due = loop.time() + remaining
+            stamp = self._watch_sent.get(ref)
             try:
-                await self.ask(ref, Ping(seq), timeout=remaining)
+                await self.ask(ref, Ping(-seq), timeout=remaining)   # negative: a watcher's ping
             except AskTimeout:
                 if loop.time() - due > slack and forgiven < max_forgiven:
                     forgiven += 1
@@ -815,10 +844,22 @@ class Actor(ActorContext):
                     last = loop.time()
                     continue
                 break
-            except (PeerDeadError, ActorClosed):
+            except ActorClosed:
                 return
-            except RemoteError:
-                pass  # it answered: alive, if confused
+            except PeerDeadError as e:
+                if ref in self._dead or self._closing:   # judged meanwhile (this task is being cancelled)
+                    return
+                verdict = str(e)   # e.g. its endpoint cannot be connected to: it never will be
+                break
+            except (zmq.ZMQError, ConfigError) as e:   # a queued ping failed; its socket cannot be made
+                verdict = f"cannot send to it: {_error_text(e)}"
+                break
+            except RemoteError as e:
+                # a ping sent before our latest Watch may have found the watch missing: not a verdict
+                if e.kind == WATCH_LOST and self._watch_sent.get(ref) == stamp:
+                    verdict = f"it lost our watch: {e.message}"
+                    break
+                # else it answered: alive, if confused
             forgiven = 0
             last = loop.time()
             await asyncio.sleep(interval)
@@ -828,7 +869,7 @@ class Actor(ActorContext):
                 self._loop_stalled(ref, late)
                 last = loop.time()
         self._monitors.pop(ref, None)
-        self._declare_dead(ref, f"no heartbeat answer for {timeout:g}s")
+        self._declare_dead(ref, verdict)
 
     def _loop_stalled(self, ref: ActorRef, late: float) -> None:
         self.stats["loop_stalls"] += 1
@@ -861,6 +902,7 @@ class Actor(ActorContext):
             return
         self._dead[ref] = reason
         self.stats["peers_dead"] += 1
+        self._watch_sent.pop(ref, None)
         task = self._monitors.pop(ref, None)
         if task is not None and task is not asyncio.current_task():
             task.cancel()

@@ -7,10 +7,12 @@
 
 The client is an actor of its own (bound on tcp, reachable from the router): it asks the router's
 frontend actor to Submit a request and receives the request's tokens as Tokens messages, in order,
-the last one carrying the finish reason.  It watches the frontend, so a router that goes away ends
-every open stream with finish_reason "error"; the next call tries the router once more (a missed
-heartbeat may have been a stalled loop) and raises RouterUnavailable when it does not answer.  The
-router watches the client, so a client that goes away has its requests cancelled.
+the last one carrying the finish reason.  The router watches the client, so a client that goes away
+has its requests cancelled.  The client watches the frontend: when the router goes away, restarts
+(a new process at the same address has none of its requests), or declared this client dead (its
+event loop stalled past the router's heartbeat timeout, and the router cancelled its requests),
+every open stream raises RouterLost.  The next call tries the router once more (a missed heartbeat
+may have been a stalled loop) and raises RouterUnavailable when it does not answer.
 
 This module holds the client protocol (kinds 330-349); the daemons are in runtime/daemon/.
 """
@@ -37,7 +39,7 @@ from flexpipe.model.tokenizer import StopTextStream
 from flexpipe.runtime.actor import ActorSettings, handles
 from flexpipe.runtime.messages import ActorRef, Terminated, message
 
-__all__ = ["RemoteFlexPipe", "RouterUnavailable", "connect", "Hello", "ModelInfo", "WaitReady", "Submit",
+__all__ = ["RemoteFlexPipe", "RouterUnavailable", "RouterLost", "connect", "Hello", "ModelInfo", "WaitReady", "Submit",
            "Tokens", "Cancel", "StatusQuery", "Reshape", "PROTOCOL_VERSION", "CURVE_FIELDS", "client_settings",
            "curve_from_env", "frontend_ref",
            "local_address_towards", "parse_endpoint"]
@@ -47,6 +49,10 @@ PROTOCOL_VERSION = 1
 
 class RouterUnavailable(PeerDeadError):
     """The router daemon is gone, not ready yet, or shutting down: it takes no requests now."""
+
+
+class RouterLost(RouterUnavailable):
+    """An open stream's router went away, restarted, or declared this client dead: the request is lost."""
 
 
 # --- the client protocol (kinds 330-349) ----------------------------------------------------------
@@ -190,8 +196,10 @@ class _ClientBehaviour:
             return
         self.lost = str(msg.reason)
         self.orphans.update(self.streams)
-        for q in self.streams.values():
-            q.put_nowait((None, -1, "error"))
+        for rid, q in self.streams.items():
+            q.put_nowait((None, -1, RouterLost(
+                f"request {rid!r} is lost: the router {msg.ref} went away, restarted, or declared this client "
+                f"dead (its event loop stalled past the router's heartbeat timeout): {msg.reason}; retry it")))
 
 
 def _typed(e: RemoteError) -> Exception:
@@ -290,7 +298,10 @@ class RemoteFlexPipe(EngineClient):
                        top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                        stop: Sequence[str] | None = None, stop_token_ids: Sequence[int] | None = None,
                        ignore_eos: bool = False, request_id: str | None = None) -> AsyncIterator[Any]:
-        """Stream the new tokens of one request; closing the iterator early cancels the request."""
+        """Stream the new tokens of one request; closing the iterator early cancels the request.
+
+        Raises RouterLost mid-stream when the router went away, restarted, or declared this client dead.
+        """
         from flexpipe.api import GenerationEvent
 
         ids = self.encode(prompt)
@@ -317,6 +328,9 @@ class RemoteFlexPipe(EngineClient):
         try:
             while True:
                 token, index, reason = await queue.get()
+                if isinstance(reason, RouterLost):
+                    done = True   # (cancelled there when the router answers again: see _reconnect)
+                    raise reason
                 if reason is not None:
                     done = True
                     tail, hit = text.flush()

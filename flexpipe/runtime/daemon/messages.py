@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import field
+
 from flexpipe.runtime.actor import ActorSettings
 from flexpipe.runtime.messages import ActorRef, message
 
@@ -16,6 +18,7 @@ class JoinCluster:
     pid: int
     cluster: dict
     torch_devices: dict  # local device index (as str) -> "cpu" | "cuda:N"
+    stages: list = field(default_factory=list)   # names of the stages it runs now (when it joins again)
 
 
 @message(301)

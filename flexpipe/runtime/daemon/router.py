@@ -347,14 +347,25 @@ class RouterDaemon:
         # cannot withdraw the devices its restarted process has announced under the same name.
         from flexpipe.runtime.allocator import AnnounceGpus, WithdrawWorker
 
+        # What runs there as far as the router knows, taken before any await: a stage whose start the
+        # router learns of later was started after the worker listed its stages (the reply follows).
+        known = [h for h in self.stages.values() if h.worker == msg.worker]
         old = self.workers.get(msg.worker)
+        if old is not None and old.ref == msg.ref and self.frontend.is_dead(old.ref):
+            self.worker_lost(msg.worker, "joined again")   # (its Terminated has not been handled yet)
+            old = None
         if old is not None and old.ref != msg.ref:
             if not self.frontend.is_dead(old.ref):  # a restarted worker is let in once its old self is dead
                 raise ConfigError(f"a worker named {msg.worker!r} has joined already (host {old.host}, pid "
                                   f"{old.pid}): give each worker its own --name")
             self.worker_lost(msg.worker, "joined again")
+            old = None
+        # The same worker joins again (it lost the router for a while; or a new process at the same
+        # endpoint, which runs none of the old one's stages): it keeps the reservations of what it runs.
+        rejoined = old is not None
         async with self._membership:
-            await self.frontend.ask(self.allocator.ref, WithdrawWorker(msg.worker))  # what a past self held
+            if not rejoined:   # what a past self held; a live worker's reservations are its stages'
+                await self.frontend.ask(self.allocator.ref, WithdrawWorker(msg.worker))
             try:
                 ids = await self.frontend.ask(self.allocator.ref, AnnounceGpus(msg.worker, msg.cluster))
             except RemoteError as e:
@@ -363,8 +374,15 @@ class RouterDaemon:
             node = msg.cluster["nodes"][0]["name"]
             self.workers[msg.worker] = WorkerInfo(msg.worker, msg.ref, msg.host, msg.pid, {
                 f"{node}/{i}": dev for i, dev in msg.torch_devices.items()})
+        if rejoined:   # the stages it does not run (stopped when it lost the router) are gone: recover them
+            running = set(msg.stages)
+            for h in known:
+                if h.name not in running and self.stages.get(h.name) is h and not h.stopped:
+                    event("stage_exited", logging.WARNING, stage=h.name, worker=msg.worker,
+                          reason="not running on its worker, which joined again")
+                    self.stage_gone(h, f"not running on worker {msg.worker}, which joined again")
         event("worker_joined", worker=msg.worker, host=msg.host, worker_pid=msg.pid, devices=ids,
-              workers=len(self.workers))
+              workers=len(self.workers), rejoined=rejoined)
         if not self.ready.is_set():
             self.state = f"waiting for workers ({len(self.workers)} of {self.min_workers})"
         if len(self.workers) >= self.min_workers:

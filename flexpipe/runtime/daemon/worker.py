@@ -123,9 +123,12 @@ class WorkerDaemon:
             attempt += 1
             self.actor.watch(self.router_ref)  # (again) after a death: heartbeats say when it is gone
             try:
+                # the stages it runs (a recovery may have started some here before this join again):
+                # the router keeps their reservations and recovers the stages it thought ran here
+                running = sorted(n for n in self.stages if n not in self.stopping)
                 reply = await self.actor.ask(self.router_ref, JoinCluster(
-                    self.name, self.actor.ref, self.host, os.getpid(), self.cluster, self.torch_devices),
-                    timeout=self.join_timeout)
+                    self.name, self.actor.ref, self.host, os.getpid(), self.cluster, self.torch_devices,
+                    running), timeout=self.join_timeout)
             except RemoteError as e:  # refused (e.g. its name is taken): say so, and try again later
                 event("join_refused", logging.ERROR, worker=self.name, router=self.router_url, error=e.message)
                 delay = 5.0
