@@ -140,8 +140,9 @@ def cluster(tmp_path_factory):
     (keys / "authorized").mkdir()
     (keys / "authorized" / "client.key").write_bytes(Path(public).read_bytes())
     KEYS.update(curve_server_secret=server, curve_client_secret=client, curve_authorized=str(keys / "authorized"))
+    # (100 KV blocks of 16 tokens per stage: a request holds at most 1,600 tokens, below tiny's context)
     router = Daemon("router", ["router", "--bind", "tcp://127.0.0.1:0", "--model", "tiny", "--stages", "2",
-                               "--min-workers", "2", "--drain-timeout", "1.5", "--heartbeat-timeout", "5",
+                               "--num-blocks", "100", "--min-workers", "2", "--drain-timeout", "1.5", "--heartbeat-timeout", "5",
                                *_curve_flags()])
     daemons = [router]
     try:
@@ -274,6 +275,7 @@ async def test_requests_through_the_router_equal_the_oracle(cluster):
     reqs = request_mix(8, seed=3, max_tokens=(8, 24))  # greedy and seeded, different lengths, all at once
     async with connect(cluster) as fp:
         assert fp.model_name == "tiny" and fp.max_context == fp.config.max_position_embeddings
+        assert fp.max_sequence_tokens == 1600   # what the stages' KV holds, which the HTTP server offers
         outs = await run_all(fp, reqs)
         await asyncio.to_thread(check_against_oracle, fp, reqs, outs)
         assert all(o.finish_reason == "length" for o in outs)
@@ -343,7 +345,7 @@ def test_http_server_serves_through_the_router(cluster):
             st = http.get(f"{url}/v1/flexpipe/status").json()
             metrics = {f.name: f.samples for f in text_string_to_metric_families(http.get(f"{url}/metrics").text)}
     assert {s["device"] for s in st["pipeline"]["stages"]} == {"wa/0", "wb/0"}  # each worker's device
-    assert st["max_context"] == engine.max_context
+    assert st["max_context"] == engine.max_sequence_tokens == 1600
     assert metrics["flexpipe_pipeline_stages"][0].value == 2
 
 
@@ -382,7 +384,7 @@ async def test_a_request_cancelled_while_it_is_submitted_does_not_run_on(cluster
     # admitted it, so it is cancelled there too, not generated to max_tokens for nobody
     async with connect(cluster) as fp:
         for delay in (0.0, 0.0005, 0.002):
-            task = asyncio.ensure_future(fp.complete("abandoned", max_tokens=2000, ignore_eos=True))
+            task = asyncio.ensure_future(fp.complete("abandoned", max_tokens=1500, ignore_eos=True))
             await asyncio.sleep(delay)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -420,7 +422,7 @@ async def test_a_client_whose_loop_stalls_past_the_heartbeat_timeout_hears_its_r
     # the router declares the stalled client dead and cancels its requests; the client, its loop
     # running again, must hear of it (its streams raise RouterLost) rather than wait for ever
     async with connect(cluster) as fp:
-        streams = [fp.generate(f"stalled {i}", max_tokens=2000, ignore_eos=True) for i in range(4)]
+        streams = [fp.generate(f"stalled {i}", max_tokens=1500, ignore_eos=True) for i in range(4)]
         for agen in streams:
             assert (await agen.__anext__()).token_id is not None
         mark = cluster.router.mark()
@@ -596,7 +598,7 @@ async def test_a_router_restarted_at_its_address_is_noticed_by_its_worker_and_cl
         daemons.append(w)
         first.wait_for("ready")
         async with RemoteFlexPipe.connect(url, ready_timeout=30, heartbeat_timeout=600) as fp:
-            agen = fp.generate("across a restart", max_tokens=2000, ignore_eos=True)
+            agen = fp.generate("across a restart", max_tokens=1500, ignore_eos=True)
             assert (await agen.__anext__()).token_id is not None
             mark = w.mark()
             first.proc.kill()

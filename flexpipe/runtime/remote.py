@@ -72,6 +72,7 @@ class ModelInfo:
     max_context: int
     ready: bool
     version: int = PROTOCOL_VERSION
+    max_sequence: int = 0   # most tokens one request can hold (KV per stage may hold less); 0: max_context
 
 
 @message(332)
@@ -267,6 +268,10 @@ class RemoteFlexPipe(EngineClient):
     @property
     def max_context(self) -> int:
         return int(self.info.max_context)
+
+    @property
+    def max_sequence_tokens(self) -> int:
+        return min(self.max_context, int(self.info.max_sequence) or self.max_context)
 
     async def _reconnect(self) -> None:
         """After the router was declared dead: is it back (or was it only a stalled loop)?"""

@@ -115,9 +115,14 @@ class RouterFrontend:
     # ---- clients ------------------------------------------------------------------------------------
     @handles(Hello)
     def hello(self, ctx: Any, msg: Hello) -> ModelInfo:
-        spec = self.d.spec
+        d = self.d
+        spec, ctx_len = d.spec, d.spec.config.max_position_embeddings
+        if getattr(d.controller, "router", None) is not None:
+            kv = d.controller.router.cache.max_tokens()
+        else:   # not up yet: what every stage's pool will hold
+            kv = d.settings.num_blocks * d.settings.block_size
         return ModelInfo(spec.name, spec.config.to_dict(), dict(spec.source), _tokenizer_files(spec),
-                         spec.config.max_position_embeddings, self.d.ready.is_set())
+                         ctx_len, d.ready.is_set(), max_sequence=min(ctx_len, kv))
 
     @handles(WaitReady, concurrent=True)
     async def wait_ready(self, ctx: Any, msg: WaitReady) -> bool:
