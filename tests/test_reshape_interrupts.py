@@ -212,3 +212,62 @@ async def test_only_the_controller_sends_a_settled_free():
         stage.peers = {peer}
         assert stage.check_sender(ctrl, FreeSeqs(1, ["a"], settled=True)) is None
         assert stage.check_sender(peer, FreeSeqs(1, ["a"], settled=True)) is not None
+
+
+async def test_a_reshape_cancelled_while_its_new_stage_process_starts_leaves_no_process():
+    # cancelled while the new stage's process is starting (before its Started): the launch used to
+    # let the process run on, owned by nothing until the whole system closed
+    async with FlexPipe.launch("tiny", stages=1) as fp:   # stage processes
+        ctl, system = fp.controller, fp.controller.system
+        launch, launching = system.launch, asyncio.Event()
+
+        async def launch_and_tell(*args, **kw):
+            launching.set()   # (launch starts the process before its first await)
+            return await launch(*args, **kw)
+
+        system.launch = launch_and_tell
+        before = {sl.handle.pid for sl in ctl.slots}
+        reshape = asyncio.ensure_future(fp.reshape(**SPLIT))
+        await asyncio.wait_for(launching.wait(), 60)
+        started = [h for h in system.handles if h.pid not in before]
+        assert started and not started[0]._exited.is_set()
+        reshape.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reshape
+        system.launch = launch
+        for h in started:
+            await asyncio.wait_for(h.wait(), 30)   # killed, not left running
+        assert {sl.handle.pid for sl in ctl.slots} == before and not fp.router.status()["paused"]
+        assert (await fp.complete("still serving", max_tokens=4)).finish_reason == "length"
+
+
+async def test_a_cancelled_cold_start_leaves_no_stage_running():
+    # scaled to zero, then woken; the wake is cancelled while its new stages activate: they used to
+    # run on (only an Exception stopped them), and a later wake would start a second set
+    from flexpipe.runtime.stage import Activate
+
+    async with FlexPipe.launch("tiny", stages=2, in_process=True) as fp:
+        ctl, system = fp.controller, fp.controller.system
+        assert (await ctl.suspend()) is not None and ctl.suspended
+        ask, activating = system.ask, asyncio.Event()
+
+        async def hang_on_activate(ref, msg, *tensors, **kw):
+            if isinstance(msg, Activate):
+                activating.set()
+                await asyncio.Event().wait()
+            return await ask(ref, msg, *tensors, **kw)
+
+        system.ask = hang_on_activate
+        before = set(map(id, system.handles))
+        wake = asyncio.ensure_future(ctl.wake(plan_shape(fp.config, 2, None, 0, "cpu")))
+        await asyncio.wait_for(activating.wait(), 60)
+        woken = [h for h in system.handles if id(h) not in before]
+        wake.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await wake
+        system.ask = ask
+        assert len(woken) == 2 and not any(h.alive for h in woken)
+        assert ctl.suspended and ctl.history[-1].error == "cancelled"
+        await ctl.wake(plan_shape(fp.config, 2, None, 0, "cpu"))   # and a later wake works
+        c = await asyncio.wait_for(fp.complete("awake", max_tokens=3), 60)
+        assert c.finish_reason == "length"

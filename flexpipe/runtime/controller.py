@@ -165,7 +165,15 @@ class Controller:
         """Await stage launches together: their slots by key, or, when any fails, its error (as a
         ReshapeError saying `what` when `wrap`) after the ones that did start are stopped again: no
         process, and no device memory, is left behind."""
-        res = await asyncio.gather(*launches.values(), return_exceptions=True)
+        tasks = [asyncio.ensure_future(aw) for aw in launches.values()]
+        try:
+            res = await asyncio.gather(*tasks, return_exceptions=True)
+        except asyncio.CancelledError:   # the caller was cancelled, and so are the launches: stop
+            # those that had started already (one cancelled while its process starts kills it)
+            res = await _to_the_end(asyncio.gather(*tasks, return_exceptions=True))
+            await _to_the_end(asyncio.gather(*(r.handle.stop() for r in res if isinstance(r, Slot)),
+                                             return_exceptions=True))
+            raise
         slots = {j: r for j, r in zip(launches, res) if isinstance(r, Slot)}
         bad = next(((j, r) for j, r in zip(launches, res) if not isinstance(r, Slot)), None)
         if bad is None:
@@ -588,11 +596,14 @@ class Controller:
                                                                    self._next_ref(j, slots), rr,
                                                                    self._upstream(j, slots)))
                                    for j, (sl, s) in enumerate(zip(slots, shape.stages))))
-        except Exception as e:
-            await asyncio.gather(*(sl.handle.stop() for sl in slots), return_exceptions=True)
-            st.ok, st.error = False, f"{type(e).__name__}: {e}"
+        except BaseException as e:   # a cancellation too: no stage of the cold start runs on
+            await _to_the_end(asyncio.gather(*(sl.handle.stop() for sl in slots), return_exceptions=True))
+            st.ok = False
+            st.error = f"{type(e).__name__}: {e}" if isinstance(e, Exception) else "cancelled"
             st.total_s = time.perf_counter() - t0
             self.history.append(st)
+            if not isinstance(e, Exception):
+                raise
             raise e if isinstance(e, ReshapeError) else ReshapeError(f"cold start failed, still at zero: "
                                                                      f"{st.error}") from e
         self.slots, self.shape = slots, shape

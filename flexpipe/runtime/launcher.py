@@ -276,6 +276,10 @@ class ActorSystem:
         try:
             done, _ = await asyncio.wait({started, exited}, timeout=wait,
                                          return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:   # cancelled while the child starts: nobody would own it once started
+            started.cancel()
+            handle.kill()
+            raise
         finally:
             exited.cancel()
         if started not in done:
