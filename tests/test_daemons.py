@@ -379,6 +379,23 @@ async def test_workers_start_stages_for_their_router_only(cluster, tmp_path):
     assert not flag.exists()
 
 
+def test_a_worker_that_lost_its_router_starts_no_stage_until_it_joins_again():
+    from flexpipe.runtime.daemon.messages import StartStage, StopStage
+    from flexpipe.runtime.actor import ActorSettings
+    from flexpipe.runtime.daemon.worker import WorkerBehaviour, WorkerDaemon
+    from flexpipe.runtime.gpu_stage import PLAIN_TARGET
+    from flexpipe.runtime.messages import ActorRef
+
+    w = WorkerDaemon("tcp://127.0.0.1:1", name="wz")
+    router = ActorRef("frontend", "tcp://127.0.0.1:1")
+    start = StartStage("wz-stage-0", PLAIN_TARGET, {}, ActorSettings(), 10.0)
+    w.router_actual, w.joined = router, True
+    assert WorkerBehaviour(w).check_sender(router, start) is None
+    w.joined = False   # as router_lost leaves it, until the join loop gets a reply
+    assert "lost its router" in WorkerBehaviour(w).check_sender(router, start)
+    assert WorkerBehaviour(w).check_sender(router, StopStage("wz-stage-0", 1.0)) is None
+
+
 async def test_a_request_cancelled_while_it_is_submitted_does_not_run_on(cluster):
     # the client gives up (an HTTP client gone) while its Submit is in flight: the router may have
     # admitted it, so it is cancelled there too, not generated to max_tokens for nobody

@@ -35,6 +35,10 @@ class WorkerBehaviour:
                 return f"worker {self.d.name} has not joined a router: it takes {type(msg).__name__} from nobody"
             if sender != router:
                 return f"{type(msg).__name__} comes from the router {router}, not {sender}"
+            if type(msg) is StartStage and not self.d.joined:
+                # it lost that router (and stopped its stages): a stage started now would be owned by
+                # no router that knows of it; the router places it elsewhere, or again once joined
+                return f"worker {self.d.name} lost its router ({router}) and has not joined it again"
         return None
 
     @handles(StartStage, concurrent=True)
