@@ -191,6 +191,23 @@ def test_assign_devices_spreads_and_keeps_running_stages():
         assign_devices([(0, 18)], [1000], order, free)
 
 
+def test_a_stage_stays_on_its_device_only_if_the_device_holds_what_it_grows_by():
+    # 2 -> 1: the merged stage would hold the other half's 4 GiB beside its own until the switch
+    G = 1 << 30
+    prev = [(0, 4, "d0"), (4, 8, "d1")]
+    with pytest.raises(PlacementError, match="needs"):   # neither device has 4 GiB to spare
+        assign_devices([(0, 8)], [8 * G], ["d0", "d1"], {"d0": G, "d1": G}, prev)
+    assert assign_devices([(0, 8)], [8 * G], ["d0", "d1"], {"d0": 5 * G, "d1": G}, prev) == ["d0"]
+    # with the stages' own sizes: units [0, 2) are small, so keeping [0, 4) -> [0, 6) on d0 needs 2
+    size = lambda a, b: sum(1 if u < 2 else 10 for u in range(a, b))   # noqa: E731
+    assert assign_devices([(0, 6), (6, 8)], [size(0, 6), size(6, 8)], ["d0", "d1"], {"d0": 20, "d1": 0},
+                          prev, size) == ["d0", "d1"]
+    # and what a kept stage grows by is no longer free for the next stage on that device
+    with pytest.raises(PlacementError, match="stage 1"):
+        assign_devices([(0, 6), (6, 8)], [size(0, 6), size(6, 8)], ["d0", "d1"], {"d0": 25, "d1": 0},
+                       [(0, 4, "d0")], size)
+
+
 def test_cuda_visible_devices_renumber_the_gpus_torch_sees():
     from flexpipe.runtime.daemon.devices import cuda_ordinals
 

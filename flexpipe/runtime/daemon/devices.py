@@ -6,7 +6,7 @@ import collections
 import math
 import os
 import socket
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from flexpipe.errors import ConfigError, NoDriverError, PlacementError
 
@@ -99,13 +99,17 @@ def stage_bytes(cfg: Any, settings: Any, start: int, end: int) -> int:
 
 
 def assign_devices(ranges: Sequence[tuple[int, int]], needs: Sequence[int], order: Sequence[str],
-                   free: dict[str, int], previous: Sequence[tuple[int, int, str]] = ()) -> list[str]:
+                   free: dict[str, int], previous: Sequence[tuple[int, int, str]] = (),
+                   size: Callable[[int, int], int] | None = None) -> list[str]:
     """The device of each stage of a new shape.
 
     A stage that overlaps a running stage stays on that stage's device (largest overlap first; a
     running stage keeps one new stage at most, a device at most its fair share) so that the
-    controller keeps it in place; every other stage goes to the device with the fewest stages that
-    has the memory, in `order` (devices interleaved across workers, so stages spread over them).
+    controller keeps it in place, if the device has the memory the stage grows by there: the units
+    it does not hold yet (`size(start, end)`: bytes of units [start, end), parameters and KV; by
+    default `needs` pro rata of units), which it holds beside its old ones until the switch. Every
+    other stage goes to the device with the fewest stages that has the memory, in `order` (devices
+    interleaved across workers, so stages spread over them). `free` excludes what running stages hold.
     """
     n = len(ranges)
     if not order:
@@ -117,11 +121,19 @@ def assign_devices(ranges: Sequence[tuple[int, int]], needs: Sequence[int], orde
     pairs = sorted(((min(e, pe) - max(s, ps), j, i) for j, (s, e) in enumerate(ranges)
                     for i, (ps, pe, pd) in enumerate(previous) if pd in free and min(e, pe) > max(s, ps)),
                    reverse=True)
+    def growth(j: int, i: int) -> int:
+        (s, e), (ps, pe, _) = ranges[j], previous[i]
+        lo, hi = max(s, ps), min(e, pe)
+        if size is not None:
+            return size(s, e) - size(lo, hi)
+        return needs[j] * ((e - s) - (hi - lo)) // (e - s)
+
     kept: set[int] = set()
     for _, j, i in pairs:
         d = previous[i][2]
-        if out[j] is None and i not in kept and count[d] < fair:
+        if out[j] is None and i not in kept and count[d] < fair and free[d] >= growth(j, i):
             out[j], count[d] = d, count[d] + 1
+            free[d] -= growth(j, i)
             kept.add(i)
     for j in range(n):
         if out[j] is not None:

@@ -444,8 +444,11 @@ class RouterDaemon:
 
     async def _place(self, shape: Any, previous: list[tuple[int, int, str]]) -> list[str]:
         ranges = [(st.start, st.end) for st in shape.stages]
-        needs = [stage_bytes(self.spec.config, self.settings, a, b) for a, b in ranges]
-        return assign_devices(ranges, needs, self._device_order(), await self._free(), previous)
+        def size(a: int, b: int) -> int:
+            return stage_bytes(self.spec.config, self.settings, a, b) if b > a else 0
+
+        needs = [size(a, b) for a, b in ranges]
+        return assign_devices(ranges, needs, self._device_order(), await self._free(), previous, size)
 
     # ---- stages -------------------------------------------------------------------------------------
     async def launch_stage(self, target: str, kwargs: dict, name: str, device: str) -> RemoteStage:
