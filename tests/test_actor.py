@@ -407,6 +407,29 @@ async def test_a_watcher_its_peer_declared_dead_hears_of_it(system):
     await b.tell(a.ref, Say("welcome back"))
 
 
+async def test_a_watcher_that_declared_its_watcher_dead_and_watches_it_again_is_not_declared_dead(system):
+    # a and b watch each other; a declares b dead (b's heartbeats were late) and watches it again at
+    # once (as a worker's join loop or a reconnecting client does). b's monitor never stopped: its next
+    # ping found no watch at a, b declared a dead, a's next ping found none at b, and so on for ever
+    a = await system.spawn(Mourner(), "a")
+    b = await system.spawn(Mourner(), "b")
+    assert await system.ask(a.ref, WatchIt(b.ref)) is True
+    assert await system.ask(b.ref, WatchIt(a.ref)) is True
+    assert await a.ask(b.ref, Say("hello")) == Say("hello") and await b.ask(a.ref, Say("hi")) == Say("hi")
+    a._declare_dead(b.ref, "heartbeats late (a test)")
+    a.watch(b.ref)
+    assert await a.ask(b.ref, Say("back")) == Say("back")
+    assert await b.ask(a.ref, Ping(-1)) == Pong(-1)   # a watcher's ping: a holds b's watch again
+    assert not a.is_dead(b.ref) and not b.is_dead(a.ref) and not b.behaviour.died.is_set()
+
+
+async def test_ask_ids_start_at_random(system):
+    # replies are matched by corr alone: a reply still on its way to an earlier actor at the same
+    # endpoint (restarted meanwhile) must not complete an ask of the new one with the same number
+    firsts = {next((await system.spawn(Echo(), f"x{i}"))._corr) for i in range(4)}
+    assert len(firsts) == 4 and 1 not in firsts
+
+
 async def test_watching_an_endpoint_that_cannot_be_connected_is_a_death(system):
     watcher = await system.spawn(Mourner(), "watcher")
     bad = ActorRef("x", "not an endpoint")

@@ -286,6 +286,23 @@ async def test_a_worker_joining_again_keeps_what_it_runs_and_loses_what_it_does_
         await asyncio.wait(set(d._tasks), timeout=10)
         assert set(d.stages) == {"s1"} and await reservations() == 1
         assert d.frontend.is_dead(ActorRef("s0", f"ipc://{tmp_path}/s0"))   # its recovery starts now
+        # declared lost while its join again waits on the allocator (the router's heartbeat verdict
+        # racing the worker's JoinCluster): s1 was dropped with its reservation still booked; the
+        # join then counts as a first one, so nothing stays booked for stages that no longer exist
+        from flexpipe.runtime.allocator import AnnounceGpus
+
+        ask = d.frontend.ask
+
+        async def lost_during_the_announce(target, msg, *a, **kw):
+            if isinstance(msg, AnnounceGpus):
+                d.frontend.ask = ask
+                d.worker_lost("wx", "no heartbeat answer (a test)")
+            return await ask(target, msg, *a, **kw)
+
+        d.frontend.ask = lost_during_the_announce
+        await join("s1")
+        await asyncio.wait(set(d._tasks), timeout=10)
+        assert not d.stages and await reservations() == 0 and "wx" in d.workers
 
 
 async def test_requests_through_the_router_equal_the_oracle(cluster):

@@ -45,6 +45,7 @@ import collections
 import concurrent.futures
 import functools
 import itertools
+import secrets
 import logging
 import os
 import sys
@@ -239,13 +240,16 @@ class Actor(ActorContext):
         self._dealers: dict[ActorRef, _Outbox] = {}
         self._senders: dict[bytes, ActorRef | None] = {}
         self._pending: dict[int, tuple[asyncio.Future, ActorRef]] = {}
-        self._corr = itertools.count(1)
+        # asks are told apart by corr alone: a random start keeps a late reply meant for an earlier
+        # actor at this endpoint (restarted meanwhile) from completing one of this actor's asks
+        self._corr = itertools.count(secrets.randbits(62) + 1)
         self._mailbox: collections.deque[_Job] = collections.deque()
         self._wakeup: asyncio.Future | None = None
         self._tasks: set[asyncio.Task] = set()
         self._monitors: dict[ActorRef, asyncio.Task] = {}
         self._watched: set[ActorRef] = set()
         self._watchers: set[ActorRef] = set()
+        self._dropped_watchers: set[ActorRef] = set()   # watchers we declared dead (_declare_dead)
         self._watch_sent: dict[ActorRef, int] = {}   # ref -> stamp of the last Watch sent to it
         self._stamps = itertools.count(1)
         self._dead: dict[ActorRef, str] = {}
@@ -633,6 +637,7 @@ class Actor(ActorContext):
         elif cls is Unwatch:
             if self._sender_of(ident) == msg.watcher:
                 self._watchers.discard(msg.watcher)
+                self._dropped_watchers.discard(msg.watcher)
         elif cls is Started:
             waiter = self._started_waiters.get(msg.token) if isinstance(msg.token, str) else None
             if waiter is not None and not waiter.done() and _is_ref(msg.ref):
@@ -791,14 +796,19 @@ class Actor(ActorContext):
         self._watched.add(ref)
         if self._dead.pop(ref, None) is not None:
             self._close_dealer(ref)
+        if ref in self._dropped_watchers:
+            # we declared it dead and dropped its watch of us; it never unwatched: with both sides
+            # watching again, its next ping would find no watch, it would declare us dead, and so on
+            self._dropped_watchers.discard(ref)
+            self._watchers.add(ref)
         if ref not in self._monitors:
             self._monitors[ref] = self._loop.create_task(self._monitor(ref))
         # (again) when watching already: the peer may have dropped our watch (it declared us dead)
         self._watch_sent[ref] = next(self._stamps)
         try:
             fut = self._send_now(ref, self._encode(Watch(self.self_ref), ()))
-        except PeerDeadError:   # its socket cannot be opened: the monitor's first ping gives the verdict
-            return
+        except (PeerDeadError, ConfigError):   # no socket to it (e.g. CURVE keys unreadable): the
+            return                             # monitor's first ping gives the verdict
         if fut is not None:
             fut.add_done_callback(self._log_send_error)
 
@@ -910,7 +920,9 @@ class Actor(ActorContext):
             if target == ref and not fut.done():
                 fut.set_exception(PeerDeadError(f"{ref} is dead: {reason}"))
         self._close_dealer(ref)
-        self._watchers.discard(ref)
+        if ref in self._watchers:   # its watch of us goes, until we watch it again (watch())
+            self._watchers.discard(ref)
+            self._dropped_watchers.add(ref)
         if ref in self._watched:
             self._watched.discard(ref)
             log.info("%s: watched actor %s terminated: %s", self.name, ref, reason)

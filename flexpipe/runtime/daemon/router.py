@@ -373,6 +373,12 @@ class RouterDaemon:
                 await self.frontend.ask(self.allocator.ref, WithdrawWorker(msg.worker))
             try:
                 ids = await self.frontend.ask(self.allocator.ref, AnnounceGpus(msg.worker, msg.cluster))
+                if rejoined and self.workers.get(msg.worker) is not old:
+                    # declared lost during that ask: its stages were dropped with their reservations
+                    # unreleased (the withdrawal waits on this lock, then sees the worker back): join afresh
+                    rejoined = False
+                    await self.frontend.ask(self.allocator.ref, WithdrawWorker(msg.worker))
+                    ids = await self.frontend.ask(self.allocator.ref, AnnounceGpus(msg.worker, msg.cluster))
             except RemoteError as e:
                 event("join_refused", logging.WARNING, worker=msg.worker, error=str(e))
                 raise
