@@ -58,6 +58,23 @@ def test_gamma_cv4_rate_and_cv():
     assert 3.2 <= s.cv <= 4.8
 
 
+def test_a_long_silence_is_not_an_inter_arrival_gap_of_the_window():
+    # 1 req/s, 600 s of silence, 1 req/s again: the gaps in the window are all 1 s, CV 0 (the
+    # silence used to count as one 600-s gap: CV 4.8, and demand inflated after every wake)
+    an = TrafficAnalyzer()
+    an.advance(0.0)
+    t = 0.0
+    for _ in range(60):
+        an.on_arrival(t, 100)
+        t += 1.0
+    t += 600.0
+    for _ in range(25):
+        an.on_arrival(t, 100)
+        t += 1.0
+    s = an.snapshot(t)
+    assert s.gaps == 24 and s.cv == pytest.approx(0.0, abs=1e-6), (s.gaps, s.cv)
+
+
 def test_rates_over_short_and_long_windows_and_forecast_follow_a_ramp():
     an = TrafficAnalyzer()
     # 10 req/s for 120 s, then a linear ramp to 50 req/s over 120 s (deterministic spacing)

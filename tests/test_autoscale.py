@@ -10,18 +10,21 @@ test asks the same question on a fast or a busy host (see docs/autoscale.md).
 import asyncio
 import dataclasses
 import random
+import contextlib
 import re
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from flexpipe.api import FlexPipe
+from flexpipe.errors import ActorError, ReshapeError
 from flexpipe.model.checkpoint import PresetWeights
 from flexpipe.model.config import ModelConfig
 from flexpipe.model.units import unit_costs
-from flexpipe.planning import PipelineConfig, PolicyConfig
-from flexpipe.runtime.autoscale import AutoscaleConfig, MeasuredPerfModel, pipeline_stages
+from flexpipe.planning import Action, Decision, PipelineConfig, PolicyConfig
+from flexpipe.runtime.autoscale import AutoscaleConfig, Autoscaler, MeasuredPerfModel, pipeline_stages
 from flexpipe.runtime.stage import UnitTensors, _PeerTensors
 from flexpipe.runtime.stage_core import StageCore
 from flexpipe.runtime.weight_cache import WeightCache, WeightCacheActor, unit_names
@@ -110,6 +113,191 @@ def test_autoscale_option_forms():
     assert AutoscaleConfig.of(pc).policy is pc
     with pytest.raises(Exception, match="autoscale="):
         AutoscaleConfig.of("yes")
+
+
+# ---- the loop against a controller that is busy or failing (a stand-in: no stages, no timing) -----
+class _Controller:
+    """What the Autoscaler uses of a Controller; each action holds the lock and can be held at `gate`."""
+
+    def __init__(self, stages: int, budget: int = 64):
+        self.router = SimpleNamespace(sched=SimpleNamespace(requests={}, waiting=[], max_batch_tokens=budget),
+                                      listeners=[])
+        self.slots = [object() for _ in range(stages)]
+        self.spec = SimpleNamespace(config=ModelConfig.preset("tiny"))
+        self.settings = SimpleNamespace(device="cpu", torch_threads=1, max_batch_tokens=budget)
+        self.weight_cache, self.history = None, []
+        self._lock = asyncio.Lock()
+        self.gate: asyncio.Event | None = None  # set: actions in progress go on
+        self.entered = asyncio.Event()  # an action holds the lock
+        self.queued = asyncio.Event()  # an action was called (it may wait for the lock)
+        self.calls: list[tuple[str, int]] = []
+        self.fail: Exception | None = None
+
+    @property
+    def suspended(self) -> bool:
+        return not self.slots
+
+    async def _act(self, kind: str, n: int):
+        self.queued.set()
+        async with self._lock:
+            self.calls.append((kind, n))
+            self.entered.set()
+            if self.gate is not None:
+                await self.gate.wait()
+            if self.fail is not None:
+                raise self.fail
+            if kind == "wake" and self.slots:
+                raise ReshapeError("wake() needs a pipeline scaled to zero; use reshape() on a running one")
+            retired, self.slots = len(self.slots), [object() for _ in range(n)]
+            return SimpleNamespace(total_s=0.0, pause_s=0.0, weights_from="source", weights_s=0.0,
+                                   stages_retired=retired, to_dict=dict)
+
+    async def reshape(self, n: int):
+        return await self._act("reshape", n)
+
+    async def wake(self, n: int):
+        return await self._act("wake", n)
+
+    async def suspend(self):
+        return await self._act("suspend", 0)
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@contextlib.asynccontextmanager
+async def _loop(ctl: _Controller, clock=None):
+    """An Autoscaler on `ctl` whose own loop never ticks (the test calls tick())."""
+    perf = MeasuredPerfModel(unit_costs(ModelConfig.preset("tiny"), 4), fixed_s=2e-3, per_token_s=5e-5, hop_s=2e-4,
+                             kv_tokens=16384)
+    policy = PolicyConfig(stage_counts=(1, 2, 3), token_budgets=(32, 64), max_gpus=3)
+    auto = Autoscaler(ctl, AutoscaleConfig(policy=policy, tick_s=3600.0, perf=perf, max_stages=3, retry_s=5.0),
+                      plan=lambda n: n, clock=clock or _Clock())
+    await auto.start()
+    try:
+        yield auto
+    finally:
+        await auto.aclose()
+
+
+def _decide(auto: Autoscaler, action: Action, target: PipelineConfig) -> asyncio.Event:
+    """Make every decision `action` to `target`; the event is set once one was made."""
+    made = asyncio.Event()
+
+    def decide(now=None):
+        made.set()
+        return Decision(auto.clock() if now is None else now, action, target, auto.current(), "test"), 0.0
+
+    auto.decide = decide
+    return made
+
+
+async def _first(task: asyncio.Future, event: asyncio.Event) -> None:
+    """Wait (bounded) until `task` is done or `event` is set."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait([task, waiter], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        assert task.done() or event.is_set(), "nothing happened within 30 s"
+    finally:
+        waiter.cancel()
+
+
+async def test_a_reshape_by_hand_in_progress_is_not_undone_by_the_loop():
+    ctl = _Controller(stages=1)
+    async with _loop(ctl) as auto:
+        ctl.gate = asyncio.Event()
+        manual = asyncio.ensure_future(ctl.reshape(3))  # fp.reshape(3), holding the controller
+        await asyncio.wait_for(ctl.entered.wait(), 30)
+        # the loop, planning from the 1 stage that runs, wants 2
+        made = _decide(auto, Action.SCALE_UP, PipelineConfig(1, 64, 2))
+        tick = asyncio.ensure_future(auto.tick())
+        await _first(tick, made)  # it skipped the tick, or decided and waits for the lock
+        ctl.gate.set()
+        await asyncio.wait_for(manual, 30)
+        assert await asyncio.wait_for(tick, 30) is None
+        assert ctl.calls == [("reshape", 3)] and len(ctl.slots) == 3
+        assert auto.current().stages == 3  # and the policy is told what runs
+
+
+async def test_a_wake_queued_behind_another_wake_is_not_a_failure():
+    ctl = _Controller(stages=0)
+    async with _loop(ctl) as auto:
+        ctl.gate = asyncio.Event()
+        other = asyncio.ensure_future(ctl.wake(2))  # e.g. fp.reshape(2) at zero
+        await asyncio.wait_for(ctl.entered.wait(), 30)
+        ctl.queued.clear()
+        d = Decision(0.0, Action.SCALE_UP, PipelineConfig(1, 64, 1), PipelineConfig(1, 64, 0), "cold start")
+        applied = asyncio.ensure_future(auto._apply(d, 0.0))
+        await asyncio.wait_for(ctl.queued.wait(), 30)  # the loop's wake waits for the lock
+        ctl.gate.set()
+        await asyncio.wait_for(other, 30)
+        entry = await asyncio.wait_for(applied, 30)
+        assert entry["ok"] and "started meanwhile" in entry["applied"], entry
+        assert auto._backoff_until == float("-inf") and auto.errors == 0
+        assert len(ctl.slots) == 2
+
+
+async def test_a_failed_reshape_leaves_the_token_budget_as_it_was():
+    ctl = _Controller(stages=1, budget=64)
+    ctl.fail = ReshapeError("no device for the new stage")
+    async with _loop(ctl) as auto:
+        _decide(auto, Action.RESHAPE, PipelineConfig(2, 32, 1))
+        entry = await auto.tick()
+        assert not entry["ok"] and "failed" in entry["applied"], entry
+        assert ctl.router.sched.max_batch_tokens == 64  # the budget of the shape that still runs
+        ctl.fail = None
+        auto._backoff_until = float("-inf")
+        entry = await auto.tick()
+        assert entry["ok"] and ctl.router.sched.max_batch_tokens == 32 and len(ctl.slots) == 2
+
+
+async def test_any_failed_action_waits_retry_s_before_the_next():
+    clock = _Clock()
+    ctl = _Controller(stages=1)
+    ctl.fail = ActorError("a stage died while the pipeline was quiescing")
+    async with _loop(ctl, clock) as auto:
+        _decide(auto, Action.SCALE_TO_ZERO, PipelineConfig(1, 64, 0))
+        entry = await auto.tick()
+        assert not entry["ok"] and "ActorError" in entry["applied"], entry
+        clock.t = 4.9  # within retry_s (5 s): no new attempt
+        assert await auto.tick() is None and ctl.calls == [("suspend", 0)]
+        clock.t = 5.1
+        await auto.tick()
+        assert ctl.calls == [("suspend", 0)] * 2
+        assert len(ctl.slots) == 1 and auto.errors == 0  # a failed action, not a bug of the loop
+
+
+async def test_a_request_arriving_during_the_scale_to_zero_keeps_the_pipeline_serving():
+    async with FlexPipe.launch("tiny", stages=1, in_process=True) as fp:
+        ctl = fp.controller
+        evicting, release, arrived = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        evict = ctl._evict_leaving
+
+        async def slow_eviction(*a, **kw):  # a large model's weights take a while to reach the cache
+            evicting.set()
+            await release.wait()
+            return await evict(*a, **kw)
+
+        ctl._evict_leaving = slow_eviction
+        fp.router.listeners.append(lambda event, now, req: arrived.set() if event == "arrival" else None)
+        suspend = asyncio.ensure_future(ctl.suspend())
+        await asyncio.wait_for(evicting.wait(), 30)
+        req = asyncio.ensure_future(fp.complete("hello", max_tokens=2, ignore_eos=True))
+        try:
+            await asyncio.wait_for(arrived.wait(), 30)
+            release.set()
+            assert await asyncio.wait_for(suspend, 30) is None  # it kept serving
+            assert not ctl.suspended
+            out = await asyncio.wait_for(req, 60)
+            assert out.completion_tokens == 2
+        finally:
+            req.cancel()
+            await asyncio.gather(req, return_exceptions=True)
 
 
 # ---- scale to zero and back, from the RAM cache ---------------------------------------------------

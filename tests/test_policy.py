@@ -195,6 +195,45 @@ def test_never_scales_to_zero_when_disabled_or_with_a_queue():
     assert d.action is not Action.SCALE_TO_ZERO
 
 
+def test_min_replicas_zero_without_traffic_neither_drops_to_zero_nor_cold_starts():
+    # min_replicas=0 with scale to zero off: scale to zero is the only way below one replica, so nothing
+    # happens (it used to scale down to 0 at once, then "cold start" at demand 0, every 65 s)
+    cfg = PolicyConfig(min_replicas=0, reserve_floor=0.0, scale_to_zero_idle_s=None, stage_counts=(1, 2),
+                       token_budgets=(256,))
+    policy = GranularityPolicy(cfg, LLAMA7B)
+    an = TrafficAnalyzer()
+    an.advance(0.0)
+    current = PipelineConfig(1, 256, 1)
+    acts = []
+    for now in range(0, 600, 5):
+        d = policy.decide(float(now), an.snapshot(float(now)), current)
+        if d.action is not Action.KEEP:
+            acts.append((now, d.action, d.target, d.reason))
+            current = d.target
+    assert acts == [] and current.replicas == 1
+
+
+def test_cold_start_only_for_a_request_that_waits_or_arrived_recently():
+    for idle in (None, 60.0):
+        policy = GranularityPolicy(PolicyConfig(reserve_floor=0.0, scale_to_zero_idle_s=idle, stage_counts=(1, 2),
+                                                token_budgets=(256,)), LLAMA7B)
+        an = TrafficAnalyzer()
+        an.advance(0.0)
+        zero = PipelineConfig(1, 256, 0)
+        for now in (5.0, 30.0):  # at zero, nothing arrived and nothing waits: stay there
+            d = policy.decide(now, an.snapshot(now), zero)
+            assert d.action is Action.KEEP and d.target.replicas == 0, d.reason
+        an.on_queue(31.0, 1)  # a request waits
+        d = policy.decide(31.0, an.snapshot(31.0), zero)
+        assert d.action is Action.SCALE_UP and d.target.replicas >= 1 and d.urgent, d.reason
+        an.on_queue(32.0, 0)
+        an.on_arrival(40.0, 300)  # one arrived (and was not queued where this policy sees it)
+        d = policy.decide(41.0, an.snapshot(41.0), zero)
+        assert d.action is Action.SCALE_UP, d.reason
+        d = policy.decide(500.0, an.snapshot(500.0), zero)  # long ago
+        assert d.action is Action.KEEP and d.target.replicas == 0, d.reason
+
+
 @PROP
 @given(model=st.sampled_from(sorted(MODELS)), peak=st.floats(0.0, 300.0), share=st.floats(0.0, 1.0),
        floor=st.floats(0.0, 1.0), cv=st.floats(0.3, 8.0), replicas=st.integers(0, 30))

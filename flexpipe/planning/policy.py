@@ -55,7 +55,9 @@ Against the running config:
   ceil(max * (1 + scale_down_margin)) replicas, and a new shape is sized the same way.  Scaling up goes
   straight there; scaling down waits `min_dwell_s` and must free at least `scale_down_min_step` of the
   replicas, so steady traffic settles on one count.
-- Scale to zero after `scale_to_zero_idle_s` without arrivals (and an empty queue); it overrides the floor.
+- Scale to zero after `scale_to_zero_idle_s` without arrivals (and an empty queue); it overrides the floor,
+  and it is the only way below one replica (`min_replicas=0` acts as 1).  From zero, a cold start only
+  when a request waits or arrived recently, never for a demand figure alone.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ class PolicyConfig:
     stage_counts: tuple[int, ...] = tuple(range(1, 33))  # capped by the model's unit count
     token_budgets: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
     max_gpus: int = 1024  # GPUs this model may hold in all
-    min_replicas: int = 1  # while serving (scale to zero is the only way below)
+    min_replicas: int = 1  # while serving; 0 acts as 1 (scale to zero is the only way below)
     headroom: float = 0.1  # spare capacity at any cv (on top of the burst term)
     headroom_cap: float = 1.0  # most burst headroom (demand <= load * (1 + cap))
     burst_z: float = 2.0  # standard deviations of arrival-count noise the capacity absorbs
@@ -356,7 +358,9 @@ class GranularityPolicy:
             # a new shape inherits the held demand, so that it keeps what it was sized for
             self._hold(self._need, now, demand / rps)
         need = self._hold(self._need, now, demand_now / rps if rps > 0 else INF)
-        wanted = max(cfg.min_replicas, _ceil(need * margin)) if need < INF else INF
+        # never below one replica while serving, whatever min_replicas says: scale to zero (idle for
+        # scale_to_zero_idle_s) is the only way down to zero
+        wanted = max(cfg.min_replicas, 1, _ceil(need * margin)) if need < INF else INF
         keep = min(limit, wanted) if wanted < INF else max(current.replicas, 1)
 
         def done(action: Action, target: PipelineConfig, reason: str, **kw: Any) -> Decision:
@@ -377,8 +381,16 @@ class GranularityPolicy:
             return done(Action.SCALE_TO_ZERO, target,
                         f"no arrivals for {stats.idle_s:.0f}s >= {cfg.scale_to_zero_idle_s:.0f}s")
         if current.replicas == 0:
+            # wake for a request, not for a demand figure: only when one waits or arrived recently
+            # (within the idle time that leads to zero, or the analyzer's window when that is off)
+            arrived = stats.arrivals > 0 or stats.idle_s < stats.elapsed_s  # idle_s counts from the first event
+            recent = stats.idle_s < (cfg.scale_to_zero_idle_s or stats.window_s)
+            if stats.queue_len == 0 and not (arrived and recent):
+                return done(Action.KEEP, current, "nothing running, nothing waiting and no recent arrival: "
+                                                  "stay at zero")
             return done(Action.SCALE_UP, winner.config,
-                        f"cold start: demand {demand:.2f} req/s with nothing running", urgent=True)
+                        f"cold start: demand {demand:.2f} req/s with nothing running "
+                        f"({stats.queue_len} waiting)", urgent=True)
 
         cap = current.replicas * rps
         short = cap < demand_now * (1.0 - 1e-9)

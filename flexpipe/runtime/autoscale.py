@@ -22,8 +22,9 @@ maps a `Decision` onto what this runtime can do:
   when the router holds no request at all; otherwise the decision is deferred to a later tick.
 - every other change -> `Controller.reshape()` to the solver's balanced cut for the stage count.
 
-While an action runs the loop does not decide (events keep feeding the analyzer); a failed action
-is logged with its error and the loop waits `retry_s` before acting again.  Every decision that is
+While an action runs, the loop's own or another's (a reshape by hand, a recovery), the loop does not
+decide (events keep feeding the analyzer); a failed action, whatever the error, is logged with it and
+the loop waits `retry_s` before acting again.  Every decision that is
 not KEEP goes into the decision log (`status()["decisions"]`): a summary line, the policy's reason
 and what held a better config back, load/demand/capacity, what was done and what it cost, and the
 policy's own explanation of the best candidates.
@@ -49,7 +50,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
-from flexpipe.errors import ConfigError, ReshapeError
+from flexpipe.errors import ActorError, ConfigError, ReshapeError
 from flexpipe.planning import (Action, AnalyticPerfModel, Decision, GpuSpec, GranularityPolicy, LinkSpec,
                                PipelineConfig, PolicyConfig, TrafficAnalyzer, TrafficStats)
 from flexpipe.runtime.router import cpu_stage_slots
@@ -362,10 +363,19 @@ class Autoscaler:
         now = self.clock()
         if now < self._backoff_until:
             return None
+        if self.config.act and self._controller_busy():
+            # a reshape, wake or recovery not started by this loop holds the controller: the shape is
+            # in flux, and an action planned from the one running now would queue behind it and undo it
+            return None
         d, ms = self.decide(now)
         if d.action is Action.KEEP or d.target == d.current:
             return None
         return await self._apply(d, ms)
+
+    def _controller_busy(self) -> bool:
+        """Whether an action of the controller (anyone's) is in progress."""
+        lock = getattr(self.controller, "_lock", None)
+        return lock is not None and lock.locked()
 
     async def _apply(self, d: Decision, ms: float) -> dict:
         ctl, router = self.controller, self.router
@@ -396,11 +406,12 @@ class Autoscaler:
                                             "the next request starts them again")
                         entry["reshape"] = st.to_dict()
                         self._applied, self._logical = 0, d.target
+                        if router.sched.requests:  # one arrived while the stages stopped: wake now
+                            self._urgent.set()
             else:
                 budget_note = ""
                 if d.target.token_budget != router.sched.max_batch_tokens:
                     budget_note = f"; token budget {router.sched.max_batch_tokens} -> {d.target.token_budget}"
-                    router.sched.max_batch_tokens = d.target.token_budget
                 if n != running:
                     st = await (ctl.wake(self.plan(n)) if running == 0 else ctl.reshape(self.plan(n)))
                     verb = "cold start of" if running == 0 else f"reshaped {running} ->"
@@ -410,13 +421,25 @@ class Autoscaler:
                     entry["reshape"] = st.to_dict()
                 else:
                     entry["applied"] = f"pipeline already has {n} stages{budget_note or '; nothing to change'}"
+                # the budget goes with the shape it was chosen for: only once that runs
+                router.sched.max_batch_tokens = d.target.token_budget
                 # (what runs: the target, unless pipeline_stages had to fold it into fewer stages)
                 folded = n != d.target.stages * d.target.replicas
                 self._applied, self._logical = n, (replace(d.target, stages=n, replicas=1) if folded else d.target)
-        except ReshapeError as e:
-            entry["applied"], entry["ok"] = f"failed: {e}", False
-            self._backoff_until = self.clock() + self.config.retry_s
-            log.warning("autoscaler: %s failed: %s", d.action.value, e)
+        except Exception as e:  # any failed action waits retry_s (an ActorError too: not again every tick)
+            if isinstance(e, ReshapeError) and running == 0 and n > 0 and ctl.slots:
+                # another caller started the pipeline while this wake waited for the controller: what
+                # it was for is done, and current() takes the shape that runs
+                entry["applied"] = f"nothing to do: the pipeline was started meanwhile ({len(ctl.slots)} stages)"
+            else:
+                what = str(e) if isinstance(e, ReshapeError) else f"{type(e).__name__}: {e}"
+                entry["applied"], entry["ok"] = f"failed: {what}", False
+                self._backoff_until = self.clock() + self.config.retry_s
+                if isinstance(e, (ReshapeError, ActorError)):
+                    log.warning("autoscaler: %s failed: %s", d.action.value, e)
+                else:  # not an expected failure of an action: a bug, counted in status()["errors"]
+                    self.errors += 1
+                    log.exception("autoscaler: %s failed", d.action.value)
         finally:
             self._busy = False
         self._record(entry)

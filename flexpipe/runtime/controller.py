@@ -527,8 +527,9 @@ class Controller:
     async def suspend(self) -> ReshapeStats | None:
         """Scale to zero: retire every stage (its units to the weight cache) and hold new requests.
 
-        Only when the router has no request at all (none waiting, running or in flight); returns None
-        and changes nothing otherwise.  The router stays quiesced until `wake` (or `reshape`).
+        Only when the router has no request at all (none waiting, running or in flight), before and
+        after the eviction; returns None and keeps serving otherwise.  The router stays quiesced until
+        `wake` (or `reshape`).
         """
         async with self._lock:
             router = self.router
@@ -543,6 +544,11 @@ class Controller:
                     router.resume()
                     return None
                 await self._evict_leaving(None, [])
+                # the eviction takes a while (every unit to the cache): a request that arrived meanwhile
+                # would otherwise wait for a cold start that nothing has asked for yet
+                if router.sched.requests:
+                    router.resume()
+                    return None
             except BaseException:  # a failure or a cancellation before the switch: keep serving
                 router.resume()
                 raise
