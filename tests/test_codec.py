@@ -260,3 +260,20 @@ def test_zero_d_arrays_keep_their_shape_and_huge_dims_are_refused():
     forged = bytes(head).replace(msgpack.packb([["float32", [0, 2]]])[1:], msgpack.packb([["float32", [0, 1 << 63]]])[1:])
     with pytest.raises(ProtocolError, match="bad tensor shape"):
         parse_tensor_header(forged)
+
+
+def test_a_message_from_a_peer_built_before_trailing_fields_were_added_takes_their_defaults():
+    # JoinCluster gained `stages` (a worker's running stages, default none): a worker built before
+    # sends 7 fields, which a newer router takes (stages empty) rather than refusing every join
+    import dataclasses
+
+    from flexpipe.runtime.codec import build
+    from flexpipe.runtime.daemon.messages import JoinCluster
+    from flexpipe.runtime.messages import ActorRef, kind_of
+
+    new = JoinCluster("w", ActorRef("w", "tcp://h:1"), "h", 7, {}, {}, ["w-stage-0"])
+    old_fields = [getattr(new, f.name) for f in dataclasses.fields(JoinCluster)][:-1]
+    got = build(kind_of(JoinCluster), old_fields)
+    assert got == dataclasses.replace(new, stages=[])
+    with pytest.raises(ProtocolError, match="has 6 to 7 fields, got 5"):
+        build(kind_of(JoinCluster), old_fields[:5])

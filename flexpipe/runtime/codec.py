@@ -26,7 +26,7 @@ import msgpack
 import numpy as np
 
 from flexpipe.errors import ProtocolError
-from flexpipe.runtime.messages import _BY_KIND, _FIELDS_OF, _KIND_OF, _NFIELDS
+from flexpipe.runtime.messages import _BY_KIND, _FIELDS_OF, _KIND_OF, _NFIELDS, _NREQUIRED
 
 if TYPE_CHECKING:
     import torch
@@ -264,9 +264,13 @@ def build(kind: Any, fields: Any) -> Any:
     cls = _BY_KIND.get(kind) if type(kind) is int else None
     if cls is None:
         raise ProtocolError(f"unknown message kind {kind!r}")
-    if not isinstance(fields, list) or len(fields) != _NFIELDS[cls]:
+    # fewer fields than the class has: a peer built before trailing fields with defaults were added
+    # (they take their defaults); more, or fewer than the required ones: not this message
+    if not isinstance(fields, list) or not _NREQUIRED[cls] <= len(fields) <= _NFIELDS[cls]:
         got = len(fields) if isinstance(fields, list) else type(fields).__name__
-        raise ProtocolError(f"{cls.__name__} (kind {kind}) has {_NFIELDS[cls]} fields, got {got}")
+        want = (f"{_NFIELDS[cls]}" if _NREQUIRED[cls] == _NFIELDS[cls]
+                else f"{_NREQUIRED[cls]} to {_NFIELDS[cls]}")
+        raise ProtocolError(f"{cls.__name__} (kind {kind}) has {want} fields, got {got}")
     return cls(*fields)
 
 

@@ -58,6 +58,7 @@ _KIND_OF: dict[type, int] = {}
 # cls -> function returning the field values of an instance as a list, in declaration order
 _FIELDS_OF: dict[type, Callable[[Any], list]] = {}
 _NFIELDS: dict[type, int] = {}
+_NREQUIRED: dict[type, int] = {}   # fields without a default: a peer built before later ones sends these
 
 
 def _field_getter(names: tuple[str, ...]) -> Callable[[Any], list]:
@@ -89,6 +90,8 @@ def message(kind: int, *, frozen: bool = False) -> Callable[[type[_T]], type[_T]
         _KIND_OF[cls] = kind
         _FIELDS_OF[cls] = _field_getter(names)
         _NFIELDS[cls] = len(names)
+        _NREQUIRED[cls] = sum(1 for f in dataclasses.fields(cls)
+                              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
         return cls
 
     return register
