@@ -129,7 +129,7 @@ class ModelSpec:
             reader = CheckpointReader(p)
             cfg = reader.config
             return cls(p.name, cfg, {"kind": "checkpoint", "path": str(p.resolve())},
-                       load_tokenizer(cfg, reader.tokenizer_path))
+                       load_tokenizer(cfg, reader.path))
         try:
             cfg = ModelConfig.preset(model)
         except UnknownModelError as e:

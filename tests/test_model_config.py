@@ -136,3 +136,82 @@ def test_missing_or_broken_config_file(tmp_path):
         ModelConfig.from_hf(tmp_path)
     with pytest.raises(ConfigError, match="unknown model config fields"):
         ModelConfig.from_dict({"hiden_size": 3})
+
+
+@pytest.mark.parametrize("rope", [
+    # transformers-5 rope_parameters without rope_theta: the theta is the top-level key's
+    dict(rope_theta=1e6, rope_parameters={"rope_type": "linear", "factor": 4.0}),
+    dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 64}),
+    # a 5.x save with a 4.x rope_scaling added: transformers applies the rope_scaling
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rope_scaling={"type": "linear",
+                                                                                     "factor": 4.0}),
+    dict(rope_theta=5e5, rope_parameters={"rope_type": "linear", "rope_theta": 5e5, "factor": 2.0},
+         rope_scaling={"rope_type": "linear", "factor": 2.0}),
+])
+def test_rope_parameters_and_rope_scaling_read_as_transformers_does(rope):
+    transformers = pytest.importorskip("transformers")
+    raw = dict(LLAMA, **rope)
+    hf = transformers.LlamaConfig.from_dict(json.loads(json.dumps(raw))).rope_parameters
+    cfg = ModelConfig.from_hf(raw)
+    assert cfg.rope_theta == hf["rope_theta"]
+    assert cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == hf["rope_type"]
+    assert all(cfg.rope_scaling[k] == hf[k] for k in cfg.rope_scaling)
+
+
+@pytest.mark.parametrize("rope, error, words", [
+    (dict(rope_theta=1e6, rope_parameters={"rope_type": "yarn", "factor": 4.0}), UnsupportedArchitectureError,
+     "yarn"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+          rope_scaling={"type": "dynamic", "factor": 2.0}), UnsupportedArchitectureError, "dynamic"),
+    # transformers would drop rope_parameters' theta for rope_scaling's default: refused, not guessed
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+          rope_scaling={"type": "linear", "factor": 4.0}), ConfigError, "disagree on rope_theta"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+          rope_scaling={"type": "linear", "factor": 4.0}), ConfigError, "disagree on factor"),
+])
+def test_rope_scaling_that_cannot_be_reproduced_is_refused(rope, error, words):
+    with pytest.raises(error) as e:
+        ModelConfig.from_hf(dict(LLAMA, **rope))
+    assert words in str(e.value)
+
+
+@pytest.mark.parametrize("max_window_layers", [0, 1, 2])
+def test_qwen2_sliding_layers_of_a_4x_config_are_refused(max_window_layers):
+    transformers = pytest.importorskip("transformers")
+    # transformers-4.x configs have no layer_types: Qwen2Config derives them from max_window_layers
+    raw = dict(LLAMA, architectures=["Qwen2ForCausalLM"], use_sliding_window=True, sliding_window=8,
+               max_window_layers=max_window_layers)
+    assert "sliding_attention" in transformers.Qwen2Config.from_dict(dict(raw)).layer_types
+    with pytest.raises(UnsupportedArchitectureError, match="use_sliding_window"):
+        ModelConfig.from_hf(raw)
+    full = dict(raw, max_window_layers=LLAMA["num_hidden_layers"])  # no layer slides: plain attention
+    assert set(transformers.Qwen2Config.from_dict(dict(full)).layer_types) == {"full_attention"}
+    assert ModelConfig.from_hf(full).sliding_window is None
+
+
+def test_special_ids_outside_the_vocabulary_are_dropped_as_transformers_accepts_them(caplog):
+    transformers = pytest.importorskip("transformers")
+    raw = dict(LLAMA, pad_token_id=-1, bos_token_id=1000, eos_token_id=[2, 1000, 3])
+    transformers.LlamaConfig.from_dict(dict(raw))   # accepted there
+    with caplog.at_level("WARNING", logger="flexpipe.model"):
+        cfg = ModelConfig.from_hf(raw)
+    assert (cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_ids) == (None, None, (2, 3))
+    assert "[1000]" in caplog.text and "bos_token_id 1000" in caplog.text
+    # none left: no EOS (an id the model cannot produce never stopped generation anyway)
+    assert ModelConfig.from_hf(dict(LLAMA, eos_token_id=-1)).eos_token_ids == ()
+    with pytest.raises(ConfigError, match="outside the vocabulary"):   # a config built in code is still checked
+        ModelConfig(eos_token_ids=(999,))
+
+
+def test_generation_config_eos_ids_stop_generation_too(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))   # eos_token_id [2, 3]
+    assert ModelConfig.from_hf(tmp_path).eos_token_ids == (2, 3)
+    # as Llama-3-Instruct: <|eot_id|> is an EOS only in generation_config.json
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 7, 5000]}))
+    cfg = ModelConfig.from_hf(tmp_path)
+    assert cfg.eos_token_ids == (2, 3, 7)   # 5000 is outside the vocabulary
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg and ModelConfig.from_hf(cfg.to_hf()) == cfg
+    (tmp_path / "generation_config.json").write_text("{oops")
+    with pytest.raises(ConfigError, match="generation_config.json"):
+        ModelConfig.from_hf(tmp_path)

@@ -121,3 +121,28 @@ def test_stop_text_stream_emits_exactly_the_text_before_the_first_stop(text, sto
     for p in pieces:   # at no point was any part of a stop string out already
         emitted += p
         assert text.startswith(emitted) and (not hit or len(emitted) <= cut)
+
+
+def test_a_checkpoint_without_tokenizer_json_is_refused_unless_flexpipe_wrote_it(tmp_path):
+    from flexpipe.api import ModelSpec
+    from flexpipe.model import PresetWeights, save_checkpoint
+
+    cfg = ModelConfig(name="small", num_layers=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                      bos_token_id=256, eos_token_ids=(257,))
+    ours = save_checkpoint(cfg, PresetWeights(cfg, 0), tmp_path / "ours")
+    # save_checkpoint's models use the byte vocabulary of the presets
+    assert isinstance(load_tokenizer(cfg, ours), ByteTokenizer)
+    assert isinstance(ModelSpec.resolve(str(ours)).tokenizer, ByteTokenizer)
+    # an HF checkpoint with only SentencePiece's tokenizer.model: bytes would be garbage for its vocabulary
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "model.safetensors").write_bytes((ours / "model.safetensors").read_bytes())
+    raw = json.loads((ours / "config.json").read_text())
+    del raw["flexpipe_name"]
+    (theirs / "config.json").write_text(json.dumps(raw))
+    (theirs / "tokenizer.model").write_bytes(b"sentencepiece")
+    for call in (lambda: load_tokenizer(cfg, theirs), lambda: ModelSpec.resolve(str(theirs))):
+        with pytest.raises(ConfigError) as e:
+            call()
+        msg = str(e.value)
+        assert "no tokenizer.json" in msg and "tokenizer.model" in msg and "save_pretrained" in msg

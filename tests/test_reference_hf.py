@@ -73,3 +73,54 @@ def test_generate_stops_at_eos_like_hf(tmp_path):
     got = generate(cfg, reader, PROMPT, SamplingParams(max_tokens=8))
     assert got == want == free[: free.index(eos) + 1]
     assert got[-1] == eos
+
+
+def _first_new(tokens: list[int], start: int) -> int:
+    """Index of the first token at or after `start` that did not occur before it."""
+    return next(i for i in range(start, len(tokens)) if tokens[i] not in tokens[:i])
+
+
+@torch.no_grad()
+def test_generation_config_eos_ids_stop_like_hf(tmp_path):
+    import json
+
+    make_hf_model("llama-mha", tmp_path, seed=0)
+    free = ReferenceModel(CheckpointReader(tmp_path).config, CheckpointReader(tmp_path)).generate(
+        PROMPT, SamplingParams(max_tokens=12, ignore_eos=True))
+    # config.json's EOS (2) first, then one greedy picks only later, in generation_config.json alone
+    late, early = _first_new(free, 6), _first_new(free, 2)
+    assert early < late and 2 not in free[:late + 1]
+    (tmp_path / "config.json").write_text(json.dumps(
+        json.loads((tmp_path / "config.json").read_text()) | {"eos_token_id": [2, free[late]]}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, free[early]]}))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").float().eval()
+    hf.generation_config.pad_token_id = 0
+    want = hf.generate(torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
+                       max_new_tokens=12, do_sample=False)[0, len(PROMPT):].tolist()
+    reader = CheckpointReader(tmp_path)
+    got = ReferenceModel(reader.config, reader).generate(PROMPT, SamplingParams(max_tokens=12))
+    assert got == want == free[:early + 1]
+
+
+@torch.no_grad()
+def test_opt_checkpoint_of_the_bare_model_loads_like_hf(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    hf = make_hf_model("opt", tmp_path)
+    f = tmp_path / "model.safetensors"
+    # OPTModel's names (decoder.*, no "model." prefix), as facebook/opt-* ship
+    bare = {k.removeprefix("model."): v for k, v in load_file(str(f)).items() if k != "lm_head.weight"}
+    assert all(k.startswith("decoder.") for k in bare)
+    save_file(bare, str(f), metadata={"format": "pt"})
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").float().eval()
+    want = hf(torch.tensor([PROMPT])).logits[0]
+    assert (again(torch.tensor([PROMPT])).logits[0] - want).abs().max().item() == 0
+    reader = CheckpointReader(tmp_path)
+    assert (ReferenceModel(reader.config, reader).prefill(PROMPT) - want).abs().max().item() <= TOL
+    # and through a sharded index of those names
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "model.safetensors" for k in bare}}))
+    reader = CheckpointReader(tmp_path)
+    assert (ReferenceModel(reader.config, reader).prefill(PROMPT) - want).abs().max().item() <= TOL

@@ -131,3 +131,36 @@ def test_seeded_generation_is_reproducible_and_stops():
     with pytest.raises(RequestError, match="empty"):
         ref.generate([], SamplingParams())
     assert math.isfinite(float(ref.prefill(prompt).sum()))
+
+
+def _kept(monkeypatch, logits: torch.Tensor, top_k: int, top_p: float, temp: float) -> set[int]:
+    """The tokens sample() may draw: noise that is 0 except a huge bonus on one token picks that
+    token exactly when the filters left it finite."""
+    import flexpipe.model.sampling as sampling
+
+    V = logits.shape[-1]
+    kept = set()
+    for i in range(V):
+        monkeypatch.setattr(sampling, "gumbel_noise", lambda seed, n, v, i=i: torch.nn.functional.one_hot(
+            torch.tensor(i), v).float() * 1e9)
+        params = [SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, seed=1)]
+        if int(sample(logits[None], params, [0])[0]) == i:
+            kept.add(i)
+    return kept
+
+
+@pytest.mark.parametrize("top_k, top_p", [(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 1.0), (2, 0.9), (6, 1.0)])
+def test_top_k_keeps_every_token_tied_with_the_kth_like_hf(monkeypatch, top_k, top_p):
+    warpers = pytest.importorskip("transformers.generation.logits_process")
+    logits = torch.tensor([5.0, 4.0, 4.0, 4.0, 1.0, 1.0, 0.0, 5.0])
+    scores = logits[None] / 0.7
+    scores = warpers.TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = warpers.TopPLogitsWarper(top_p)(None, scores)
+    want = set(torch.nonzero(torch.isfinite(scores[0])).flatten().tolist())
+    assert _kept(monkeypatch, logits, top_k, top_p, 0.7) == want
+    monkeypatch.undo()
+    # and the draws stay a function of (seed, index) alone
+    p = [SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p, seed=3)]
+    assert [int(sample(logits[None], p, [n])[0]) for n in range(20)] == \
+        [int(sample(logits[None], p, [n])[0]) for n in range(20)]

@@ -78,7 +78,7 @@ class CheckpointReader:
                 with self._open(f) as h:
                     for k in h.keys():
                         self._weight_map.setdefault(k, f)
-        shard = self._weight_map.get(name)
+        shard = self._weight_map.get(name) or self._weight_map.get(_bare(name))
         if shard is None:
             where = self.path / INDEX_FILE if (self.path / INDEX_FILE).is_file() else self.path
             raise CheckpointError(f"{where}: tensor {name!r} missing; {self._expect(name)}")
@@ -111,19 +111,27 @@ class CheckpointReader:
             with self._open(shard) as f:
                 keys = set(f.keys())
                 for n in shard_names:
-                    if n not in keys:
+                    stored = n if n in keys else _bare(n)
+                    if stored not in keys:
                         raise CheckpointError(f"{fpath}: tensor {n!r} missing; {self._expect(n)}")
-                    shape = tuple(f.get_slice(n).get_shape())
+                    shape = tuple(f.get_slice(stored).get_shape())
                     if shape != self._specs[n]:
-                        raise CheckpointError(f"{fpath}: tensor {n!r} has shape {list(shape)}; "
+                        raise CheckpointError(f"{fpath}: tensor {stored!r} has shape {list(shape)}; "
                                               f"{self._expect(n)}")
                     try:
-                        t = f.get_tensor(n)
+                        t = f.get_tensor(stored)
                     except Exception as e:
                         raise CheckpointError(f"{fpath}: tensor {n!r} could not be read ({e}); the file "
                                               "is truncated or corrupt") from None
                     out[n] = _convert(t, dtype, device)
         return out
+
+
+def _bare(name: str) -> str:
+    """`name` as a checkpoint of the bare base model stores it (OPTModel's decoder.*, as facebook/opt-*
+    ship; LlamaModel's layers.*): transformers loads those into *ForCausalLM by adding the "model."
+    prefix, and so do we."""
+    return name.removeprefix("model.")
 
 
 def _convert(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device | str | None) -> torch.Tensor:

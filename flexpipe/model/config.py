@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 from flexpipe.errors import ConfigError, UnknownModelError, UnsupportedArchitectureError
 
+log = logging.getLogger("flexpipe.model")
 ARCHS = ("llama", "opt")
 # HF architecture name -> our arch.  Mistral and Qwen2 are Llama with a sliding window / qkv bias.
 HF_ARCHITECTURES = {
@@ -27,6 +29,7 @@ _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_p
 # Byte-level vocabulary of the built-in tiny models: ids 0..255 are bytes, then the specials.
 BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_VOCAB = 256, 257, 258, 320
 OPT_POSITION_OFFSET = 2  # OPT's learned positions are looked up at position + 2 (a fairseq legacy)
+GENERATION_CONFIG = "generation_config.json"
 
 
 @dataclass(slots=True)
@@ -51,6 +54,9 @@ class ModelConfig:
     o_proj_bias: bool = False  # bias on the attention output projection (Llama ties it to attention_bias)
     mlp_bias: bool = False
     bos_token_id: int | None = None
+    # Every id that ends generation (unless a request sets ignore_eos): the oracle and the router both
+    # stop on exactly these. From a checkpoint: config.json's eos_token_id plus generation_config.json's
+    # (what HF's generate stops on); not the tokenizer's eos_token, which HF's generate ignores too.
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     name: str = "custom"
@@ -105,6 +111,7 @@ class ModelConfig:
 
     @property
     def eos_token_id(self) -> int | None:
+        """The first EOS id: a tokenizer's fallback EOS only; generation stops on all of eos_token_ids."""
         return self.eos_token_ids[0] if self.eos_token_ids else None
 
     def unit_kind(self, i: int) -> str:
@@ -149,7 +156,9 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, path_or_dict: str | Path | dict[str, Any], name: str | None = None) -> "ModelConfig":
-        """Read an HF config.json (a checkpoint directory, the file itself, or its parsed dict)."""
+        """Read an HF config.json (a checkpoint directory, the file itself, or its parsed dict); from a
+        file, the EOS ids of generation_config.json beside it stop generation too."""
+        gen_eos: tuple = ()
         if isinstance(path_or_dict, dict):
             raw, where = path_or_dict, "<config dict>"
         else:
@@ -165,7 +174,8 @@ class ModelConfig:
                 raise ConfigError(f"{where}: not a readable JSON config ({e})") from None
             if name is None:
                 name = raw.get("flexpipe_name") or p.parent.name
-        return _from_hf_dict(raw, where, name or raw.get("flexpipe_name") or raw.get("model_type", "hf"))
+            gen_eos = _generation_eos(p.parent / GENERATION_CONFIG)
+        return _from_hf_dict(raw, where, name or raw.get("flexpipe_name") or raw.get("model_type", "hf"), gen_eos)
 
     @staticmethod
     def preset(name: str) -> "ModelConfig":
@@ -199,7 +209,73 @@ def _check_rope_scaling(rs: dict | None, name: str) -> dict | None:
     return out
 
 
-def _from_hf_dict(raw: dict[str, Any], where: str, name: str) -> ModelConfig:
+def _hf_rope(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """The RoPE parameters transformers 5 uses: `rope_scaling` (4.x) if set replaces `rope_parameters`
+    (5.x) whole; rope_theta falls back to the top-level key, then 10000. Both set and disagreeing
+    (where transformers silently drops rope_parameters) is refused."""
+    params, legacy = raw.get("rope_parameters") or {}, raw.get("rope_scaling") or {}
+    for key, v in (("rope_parameters", params), ("rope_scaling", legacy)):
+        if not isinstance(v, dict):
+            raise ConfigError(f"{where}: {key} must be an object (got {v!r})")
+    eff = dict(legacy or params)
+    eff["rope_type"] = eff.get("rope_type") or eff.pop("type", None) or "default"
+    eff.pop("type", None)
+    eff.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+    if legacy and params:
+        for k, v in params.items():
+            k = "rope_type" if k == "type" else k
+            if (k, v) != ("rope_type", "default") and eff.get(k) != v:
+                raise ConfigError(
+                    f"{where}: rope_parameters and rope_scaling disagree on {k} ({v!r} and {eff.get(k)!r}); "
+                    "transformers would use rope_scaling and ignore rope_parameters; keep only the one "
+                    "the model was trained with")
+    return eff
+
+
+def _token_ids(v: Any, what: str) -> tuple[int, ...]:
+    ids = () if v is None else tuple(v) if isinstance(v, (list, tuple)) else (v,)
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        raise ConfigError(f"{what} must be a token id or a list of them (got {v!r})")
+    return ids
+
+
+def _generation_eos(p: Path) -> tuple[int, ...]:
+    """eos_token_id of a generation_config.json (HF's generate stops on these: Llama-3-Instruct's
+    <|eot_id|> is only there); () when there is no such file."""
+    if not p.is_file():
+        return ()
+    try:
+        raw = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{p}: not a readable JSON generation config ({e})") from None
+    return _token_ids(raw.get("eos_token_id") if isinstance(raw, dict) else None, f"{p}: eos_token_id")
+
+
+def _special_ids(raw: dict[str, Any], where: str, gen_eos: tuple[int, ...]) -> dict[str, Any]:
+    """bos/eos/pad ids for ModelConfig. transformers accepts ids outside the vocabulary (pad -1, a
+    generation config's id the embedding lacks): such an id can never be produced, so dropping it
+    changes nothing; a warning says so for bos/eos."""
+    eos = tuple(dict.fromkeys(_token_ids(raw.get("eos_token_id"), f"{where}: eos_token_id") + gen_eos))
+    bos, pad = raw.get("bos_token_id"), raw.get("pad_token_id")
+    vocab = raw.get("vocab_size")
+    if isinstance(vocab, int) and not isinstance(vocab, bool):
+        def valid(t: Any) -> bool:
+            return not isinstance(t, int) or 0 <= t < vocab  # a non-integer is ModelConfig's to refuse
+
+        if [e for e in eos if not valid(e)]:
+            log.warning("%s: eos ids %s are outside the vocabulary [0, %d) and can never be generated; "
+                        "ignored%s", where, [e for e in eos if not valid(e)], vocab,
+                        "" if any(map(valid, eos)) else " (no EOS is left: generation stops only at max_tokens "
+                        "or a request's stop ids, as in transformers)")
+            eos = tuple(e for e in eos if valid(e))
+        if not valid(bos):
+            log.warning("%s: bos_token_id %s is outside the vocabulary [0, %d); ignored", where, bos, vocab)
+            bos = None
+        pad = pad if valid(pad) else None  # pad -1 is a common "none"; FlexPipe never pads
+    return dict(bos_token_id=bos, eos_token_ids=eos, pad_token_id=pad)
+
+
+def _from_hf_dict(raw: dict[str, Any], where: str, name: str, gen_eos: tuple[int, ...] = ()) -> ModelConfig:
     supported = sorted(HF_ARCHITECTURES)
     archs = raw.get("architectures") or ([_MODEL_TYPES[raw["model_type"]]]
                                          if raw.get("model_type") in _MODEL_TYPES else [])
@@ -219,14 +295,11 @@ def _from_hf_dict(raw: dict[str, Any], where: str, name: str) -> ModelConfig:
             raise ConfigError(f"{where}: missing {key!r}, which {hf_arch} requires")
         return raw[key]
 
-    eos = raw.get("eos_token_id")
-    eos = () if eos is None else (tuple(eos) if isinstance(eos, list) else (eos,))
     common = dict(
         vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
         num_layers=need("num_hidden_layers"), num_heads=need("num_attention_heads"),
         max_position_embeddings=raw.get("max_position_embeddings", 2048),
-        bos_token_id=raw.get("bos_token_id"), eos_token_ids=eos, pad_token_id=raw.get("pad_token_id"),
-        name=name,
+        **_special_ids(raw, where, gen_eos), name=name,
     )
     if HF_ARCHITECTURES[hf_arch] == "opt":
         if not raw.get("do_layer_norm_before", True):
@@ -248,19 +321,25 @@ def _from_hf_dict(raw: dict[str, Any], where: str, name: str) -> ModelConfig:
 
     if raw.get("hidden_act", "silu") != "silu":
         raise unsupported(f"hidden_act={raw['hidden_act']!r} (only silu)")
-    rope = raw.get("rope_parameters")
-    if isinstance(rope, dict) and "rope_theta" in rope:  # transformers >= 5
-        theta, scaling = rope["rope_theta"], rope
-    else:  # transformers 4.x: rope_theta + rope_scaling
-        theta, scaling = raw.get("rope_theta", 10000.0), raw.get("rope_scaling")
-    if raw.get("partial_rotary_factor", 1.0) != 1.0:
+    scaling = _hf_rope(raw, where)
+    theta = scaling["rope_theta"]
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise ConfigError(f"{where}: rope_theta must be a number (got {theta!r})")
+    if scaling.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)) != 1.0:
         raise unsupported("partial_rotary_factor != 1")
     window = None
     if hf_arch == "Qwen2ForCausalLM":
         qkv_bias, o_bias, mlp_bias = True, False, False
-        types = raw.get("layer_types") or []
-        if raw.get("use_sliding_window") and "sliding_attention" in types:
-            raise unsupported("use_sliding_window=true (per-layer sliding windows)")
+        # as Qwen2Config: layers from max_window_layers on slide when use_sliding_window (4.x configs
+        # have no layer_types); without use_sliding_window the window is None and every layer is full
+        if raw.get("use_sliding_window") and raw.get("sliding_window", 4096) is not None:
+            first, n = raw.get("max_window_layers", 28), common["num_layers"]
+            types = raw.get("layer_types") or ["sliding_attention" if isinstance(first, int) and i >= first
+                                               else "full_attention" for i in range(n if isinstance(n, int) else 0)]
+            if "sliding_attention" in types:
+                raise unsupported(f"use_sliding_window=true and sliding layers "
+                                  f"{[i for i, t in enumerate(types) if t == 'sliding_attention']} (per-layer "
+                                  "sliding windows; only Mistral's window on every layer is supported)")
     elif hf_arch == "MistralForCausalLM":
         qkv_bias = o_bias = mlp_bias = False
         window = raw.get("sliding_window")
@@ -269,8 +348,8 @@ def _from_hf_dict(raw: dict[str, Any], where: str, name: str) -> ModelConfig:
         mlp_bias = bool(raw.get("mlp_bias", False))
     try:
         scaling = _check_rope_scaling(scaling, name)
-    except UnsupportedArchitectureError as e:
-        raise unsupported(str(e).split(": ", 1)[1]) from None
+    except UnsupportedArchitectureError:
+        raise unsupported(f"rope scaling {scaling['rope_type']!r} (supported: {list(ROPE_TYPES)})") from None
     return _make(where, arch="llama", intermediate_size=need("intermediate_size"),
                  num_kv_heads=raw.get("num_key_value_heads"), head_dim=raw.get("head_dim"),
                  norm_eps=raw.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,

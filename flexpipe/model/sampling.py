@@ -111,8 +111,9 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], out_index: Se
     ps = [float(params[i].top_p) for i in rows]
     if min(ks) < V or min(ps) < 1.0:
         sx, order = x.sort(dim=-1, descending=True)  # [R, V]
-        rank = torch.arange(V, device=dev)[None, :]
-        drop = rank >= torch.tensor(ks, device=dev)[:, None]
+        # as HF's TopKLogitsWarper: every token tied with the k-th value stays
+        kth = sx.gather(1, torch.tensor(ks, device=dev)[:, None] - 1)  # [R, 1]
+        drop = sx < kth
         if min(ps) < 1.0:
             probs = torch.softmax(sx.masked_fill(drop, -math.inf), dim=-1)
             before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens

@@ -159,12 +159,22 @@ class HFTokenizer:
 
 
 def load_tokenizer(cfg: ModelConfig, path: str | Path | None = None) -> ByteTokenizer | HFTokenizer:
-    """The checkpoint's tokenizer.json if `path` has one, else a byte-level tokenizer fitted to `cfg`."""
+    """The tokenizer of a checkpoint directory (or its tokenizer.json): its tokenizer.json, or the
+    byte-level tokenizer for a checkpoint FlexPipe wrote without one (save_checkpoint of a preset's
+    byte vocabulary); any other checkpoint without tokenizer.json is refused (ConfigError), as bytes
+    would be garbage for its vocabulary. `path` None (a preset): the byte-level tokenizer."""
     if path is not None:
         p = Path(path)
-        tj = p if p.name == "tokenizer.json" else p / "tokenizer.json"
-        if tj.is_file():
-            return HFTokenizer(tj, cfg)
+        d = p.parent if p.name == "tokenizer.json" else p
+        if (d / "tokenizer.json").is_file():
+            return HFTokenizer(d / "tokenizer.json", cfg)
+        if not _written_by_flexpipe(d):
+            others = [n for n in ("tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json")
+                      if (d / n).is_file()]
+            raise ConfigError(
+                f"{d}: no tokenizer.json (FlexPipe reads only that fast-tokenizer file"
+                + (f"; this checkpoint has {', '.join(others)}" if others else "") + "). Write one with "
+                f"transformers: AutoTokenizer.from_pretrained({str(d)!r}).save_pretrained({str(d)!r})")
     def pick(tid: int | None, default: int) -> int:
         return tid if tid is not None and 256 <= tid < cfg.vocab_size else default
     if cfg.vocab_size < 259:
@@ -172,3 +182,12 @@ def load_tokenizer(cfg: ModelConfig, path: str | Path | None = None) -> ByteToke
                           "ids, too small for the byte-level tokenizer; add tokenizer.json to the checkpoint")
     return ByteTokenizer(cfg.vocab_size, pick(cfg.bos_token_id, BYTE_BOS), pick(cfg.eos_token_id, BYTE_EOS),
                          pick(cfg.pad_token_id, BYTE_PAD))
+
+
+def _written_by_flexpipe(d: Path) -> bool:
+    """Whether config.json in `d` is save_checkpoint's (it records the config's flexpipe_name)."""
+    try:
+        raw = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and "flexpipe_name" in raw

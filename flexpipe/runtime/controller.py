@@ -191,11 +191,7 @@ class Controller:
         self.slots = [slots[i] for i in range(len(shape.stages))]
         self.shape = shape
         cfg, s = self.spec.config, self.settings
-        eos = cfg.eos_token_id
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-        tok_eos = getattr(self.spec.tokenizer, "eos_token_id", None)
-        if tok_eos is not None and tok_eos not in eos_ids:
-            eos_ids += (tok_eos,)
+        eos_ids = cfg.eos_token_ids   # the oracle's stop ids (ModelConfig.eos_token_ids), no others
         cache = CacheManager(s.block_size, self._pools(shape))
         self.router = RouterActor(cache, self._pipeline(shape.epoch), max_context=cfg.max_position_embeddings,
                                   eos_ids=eos_ids, max_batch_tokens=s.max_batch_tokens,
