@@ -48,6 +48,8 @@ def test_kv_of_a_sequence_freed_during_the_reshape_is_not_imported_back():
     kept.activate(0, 6)   # the reshape's bookkeeping ends with it
     assert not kept.only_imported("new")
     kept.free(["new"])
+    assert kept.take_kv("new", 4) is None   # no reshape under way: KV arriving now is a late one
+    kept.begin_reshape()   # the next reshape starts with nothing remembered as dropped
     assert kept.take_kv("new", 4) is not None
 
 
@@ -85,3 +87,4 @@ def test_kv_arriving_after_an_aborted_reshape_takes_no_blocks():
             raise AssertionError("KV of a unit this stage does not hold was imported")
     assert (kept.tables, kept.free_blocks) == before
     assert not kept.only_imported("other")
+    assert kept.take_kv("other", 4) is None and "other" not in kept.tables   # (GpuStageActor._reserve's path)

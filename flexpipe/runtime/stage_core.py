@@ -113,8 +113,9 @@ class StageCore:
 
     def take_kv(self, seq_id: str, tokens: int) -> list[int] | None:
         """The block table of `seq_id` grown for `tokens` tokens of KV arriving from a peer, or None for
-        a sequence freed here during this reshape (its KV must not come back)."""
-        if seq_id in self._dropped:
+        a sequence freed here during this reshape (its KV must not come back), or when no reshape is
+        under way here (KV of one aborted or switched since: no block may be taken outside the ledger)."""
+        if seq_id in self._dropped or not self._preparing:
             return None
         if seq_id not in self.tables:
             self._imported.add(seq_id)
