@@ -423,6 +423,25 @@ async def test_a_watcher_that_declared_its_watcher_dead_and_watches_it_again_is_
     assert not a.is_dead(b.ref) and not b.is_dead(a.ref) and not b.behaviour.died.is_set()
 
 
+async def test_a_clean_stop_of_a_peer_bound_to_a_wildcard_is_heard_under_the_address_dialled():
+    # a router daemon binds tcp://0.0.0.0:P and calls itself so; its workers and clients dial
+    # tcp://host:P and watch that ref: its Terminated named the other, so they heard of a clean stop
+    # only at the heartbeat timeout (60 s here: the test's bound is far shorter)
+    from flexpipe.runtime.actor import ActorSettings
+
+    slow = ActorSettings(heartbeat_interval=5.0, heartbeat_timeout=60.0)
+    async with ActorSystem(slow) as system:
+        server = await system.spawn(Echo(), "server", endpoint="tcp://0.0.0.0:0")
+        port = server.self_ref.endpoint.rsplit(":", 1)[1]
+        dialled = ActorRef("server", f"tcp://127.0.0.1:{port}")
+        watcher = await system.spawn(Mourner(), "watcher")
+        assert await system.ask(watcher.ref, WatchIt(dialled)) is True
+        assert await watcher.ask(dialled, Say("hi")) == Say("hi")   # (its reply says how it calls itself)
+        await server.aclose("stopped by its operator")
+        death = await asyncio.wait_for(_first_death(watcher, 60.0), 10)
+        assert death.ref == dialled and "stopped by its operator" in death.reason, death
+
+
 async def test_ask_ids_start_at_random(system):
     # replies are matched by corr alone: a reply still on its way to an earlier actor at the same
     # endpoint (restarted meanwhile) must not complete an ask of the new one with the same number

@@ -250,6 +250,7 @@ class Actor(ActorContext):
         self._watched: set[ActorRef] = set()
         self._watchers: set[ActorRef] = set()
         self._dropped_watchers: set[ActorRef] = set()   # watchers we declared dead (_declare_dead)
+        self._aliases: dict[ActorRef, set[ActorRef]] = {}   # how a peer calls itself -> refs we ask it at
         self._watch_sent: dict[ActorRef, int] = {}   # ref -> stamp of the last Watch sent to it
         self._stamps = itertools.count(1)
         self._dead: dict[ActorRef, str] = {}
@@ -584,7 +585,7 @@ class Actor(ActorContext):
             self._refuse(ident, frames, str(e), "bad_frames")
             return
         if env.flags & REPLY:
-            self._on_reply(env)
+            self._on_reply(env, ident)
             return
         if self._closing:   # on_stop may be running: no handler starts on a half torn-down behaviour
             self.stats["dropped_closing"] += 1
@@ -628,6 +629,8 @@ class Actor(ActorContext):
         elif cls is Terminated:
             if self._sender_of(ident) == msg.ref:  # only an actor may announce its own end
                 self._declare_dead(msg.ref, str(msg.reason))
+                for ref in self._aliases.pop(msg.ref, ()):   # and under the address we reach it at
+                    self._declare_dead(ref, str(msg.reason))
         elif cls is Watch:
             if self._sender_of(ident) == msg.watcher:  # and only watch for itself
                 self._watchers.add(msg.watcher)
@@ -648,11 +651,16 @@ class Actor(ActorContext):
                 self._reply(ident, self._sender_of(ident), env.corr, True)
             self.stop(msg.reason)
 
-    def _on_reply(self, env: codec.Envelope) -> None:
+    def _on_reply(self, env: codec.Envelope, ident: bytes) -> None:
         entry = self._pending.get(env.corr)
         if entry is None or entry[0].done():
             self.stats["late_replies"] += 1
             return
+        sender = self._sender_of(ident)
+        if sender is not None and sender != entry[1] and entry[1] is not None:
+            # it calls itself by another address than the one we reach it at (it bound a wildcard,
+            # tcp://0.0.0.0:P, and we dialled tcp://host:P): its Terminated names that one
+            self._aliases.setdefault(sender, set()).add(entry[1])
         if env.flags & ERROR and isinstance(env.msg, ErrorReply):
             entry[0].set_exception(RemoteError(env.msg.kind, env.msg.message))
         else:
