@@ -311,7 +311,9 @@ class FlexPipe(EngineClient):
                     yield GenerationEvent(None, tail, ev.index, "stop" if hit else ev.finish_reason)
                     return
                 piece, hit = text.feed(ev.token_id)
-                if hit:
+                if hit:   # the request ends here, as stopped (not as cancelled: stats, autoscaler)
+                    done = True
+                    self.router.cancel(rid, reason="stop")
                     yield GenerationEvent(ev.token_id, piece, ev.index, "stop")
                     return
                 yield GenerationEvent(ev.token_id, piece, ev.index)

@@ -12,7 +12,7 @@ import pytest
 
 from flexpipe.api import FlexPipe
 from flexpipe.errors import CapacityError, ConfigError, RequestError, UnknownModelError
-from tests.pipeline_helpers import check_against_oracle, request_mix, run_all
+from tests.pipeline_helpers import check_against_oracle, request_mix, run_all, until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -109,8 +109,13 @@ async def test_stop_tokens_and_strings():
         # a stop string of two tokens' text: no piece of it is streamed, and the output ends before it
         text = fp.tokenizer.decode(ref)
         stop = next(text[i:i + 2] for i in range(4, len(text) - 1) if text[i:i + 2] not in text[:i + 1])
+        seen = []
+        fp.router.listeners.append(lambda event, t, req: seen.append(req.finished) if event == "finish" else None)
         pieces = [ev.text async for ev in fp.generate("abc", max_tokens=20, stop=[stop], ignore_eos=True)]
         assert "".join(pieces) == text[:text.index(stop)]
+        # the router records it as stopped, as the client sees it (the autoscaler counts only those)
+        await until(fp.router, lambda: seen, timeout=30)   # (when its step in flight comes back)
+        assert seen == ["stop"] and fp.router.stats["finish_stop"] == 2 and not fp.router.stats["finish_cancelled"]
 
 
 async def test_a_request_that_fills_the_context_stops_where_the_oracle_does():
@@ -139,6 +144,14 @@ async def test_bad_input_is_refused_before_scheduling():
             await fp.complete([1] * (fp.max_context + 5))
         with pytest.raises(CapacityError, match="needs .* tokens of KV"):
             await fp.complete("x" * 100, max_tokens=200)  # 8 blocks x 16 = 128 tokens per stage
+        # values no step can carry (msgpack's ints are 64-bit; ids must be text): refused here, not
+        # left to kill the router's pump when the step is encoded
+        with pytest.raises(RequestError, match="top_k"):
+            await fp.complete("x", temperature=0.5, top_k=2**64)
+        with pytest.raises(RequestError, match="seed"):
+            await fp.complete("x", temperature=0.5, seed=2**64 + 3)
+        with pytest.raises(RequestError, match="request_id"):
+            await fp.complete("x", request_id="\ud800")
         assert fp.router.stats["requests"] == 0
         c = await fp.complete("still serving", max_tokens=4)
         assert len(c.token_ids) == 4
@@ -148,6 +161,23 @@ async def test_bad_input_is_refused_before_scheduling():
     with pytest.raises(ConfigError, match="unknown setting"):
         async with FlexPipe.launch("tiny", bogus=1):
             pass
+
+
+async def test_a_step_that_cannot_be_sent_fails_its_requests_and_the_pump_goes_on():
+    # any error sending a step (not only a dead stage) used to end the router's pump silently: that
+    # step stayed in flight for ever and no step was launched again, for any request
+    async with FlexPipe.launch("tiny", stages=1, in_process=True) as fp:
+        actor, tell = fp.router.ctx, fp.router.ctx.tell
+
+        async def refuse_once(*a, **kw):
+            actor.tell = tell
+            raise ValueError("cannot encode this step (a test)")
+
+        actor.tell = refuse_once
+        failed = await asyncio.wait_for(fp.complete("doomed", max_tokens=3), 30)
+        assert failed.finish_reason == "error" and fp.router.stats["step_failures"] == 1
+        ok = await asyncio.wait_for(fp.complete("still serving", max_tokens=3), 30)
+        assert ok.finish_reason == "length" and not fp.router.sched.inflight
 
 
 @pytest.mark.parametrize("setting, value, says", [

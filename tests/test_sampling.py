@@ -17,11 +17,13 @@ from flexpipe.model.sampling import MAX_TOKENS_LIMIT
     (dict(temperature=float("nan")), "temperature must be"),
     (dict(top_p=0.0), "top_p must be in (0, 1]"),
     (dict(top_p=1.5), "top_p must be in (0, 1]"),
-    (dict(top_k=-1), "top_k must be an integer >= 0"),
+    (dict(top_k=-1), "top_k must be an integer from 0"),
     (dict(max_tokens=0), "max_tokens must be an integer from 1"),
     (dict(max_tokens=MAX_TOKENS_LIMIT + 1), "max_tokens must be an integer from 1"),
     (dict(max_tokens=2.5), "max_tokens must be"),
-    (dict(seed="x"), "seed must be an integer"),
+    (dict(seed="x"), "seed must be a 64-bit integer"),
+    (dict(seed=2**63), "seed must be a 64-bit integer"),   # (steps carry it as a 64-bit integer)
+    (dict(top_k=2**31), "top_k must be an integer from 0"),
     (dict(stop_token_ids=[-3]), "stop_token_ids"),
 ])
 def test_validation_says_what_to_change(kw, words):

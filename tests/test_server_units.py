@@ -61,7 +61,7 @@ def test_chat_content_parts_and_max_completion_tokens():
     ({"model": "m", "prompt": "x", "temperature": 2.5}, "temperature", "at most 2"),
     ({"model": "m", "prompt": "x", "temperature": "hot"}, "temperature", "must be a number"),
     ({"model": "m", "prompt": "x", "top_p": -0.1}, "top_p", "at least 0"),
-    ({"model": "m", "prompt": "x", "top_k": -5}, "top_k", "integer >= -1"),
+    ({"model": "m", "prompt": "x", "top_k": -5}, "top_k", "integer from -1"),
     ({"model": "m", "prompt": "x", "seed": -1}, "seed", "from 0"),
     ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
     ({"model": "m", "prompt": "x", "stop": [1]}, "stop", "array of strings"),

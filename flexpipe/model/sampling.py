@@ -18,6 +18,13 @@ import torch
 from flexpipe.errors import RequestError
 
 MAX_TOKENS_LIMIT = 1_000_000
+MAX_TOP_K = 2**31 - 1        # (any top_k >= the vocabulary keeps every token)
+MAX_SEED = 2**63 - 1         # seeds travel in every step as 64-bit integers
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 @dataclass(slots=True)
@@ -44,13 +51,15 @@ class SamplingParams:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise RequestError(f"temperature must be a finite number >= 0, 0 for greedy (got {t!r})")
         k = self.top_k
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise RequestError(f"top_k must be an integer >= 0, 0 to disable (got {k!r})")
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_K:
+            raise RequestError(f"top_k must be an integer from 0 to {MAX_TOP_K}, 0 to disable (got {_short(k)})")
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
             raise RequestError(f"top_p must be in (0, 1], 1 to disable (got {p!r})")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise RequestError(f"seed must be an integer or None (got {self.seed!r})")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -MAX_SEED - 1 <= self.seed <= MAX_SEED):
+            raise RequestError(f"seed must be a 64-bit integer (-2**63 to 2**63 - 1) or None (got "
+                               f"{_short(self.seed)})")
         for s in self.stop_token_ids:
             if isinstance(s, bool) or not isinstance(s, int) or s < 0 or (vocab_size is not None and s >= vocab_size):
                 limit = f" below the vocabulary size {vocab_size}" if vocab_size is not None else ""

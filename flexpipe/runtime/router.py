@@ -31,6 +31,17 @@ from flexpipe.runtime.scheduler import Request, Scheduler, TokenEvent
 from flexpipe.runtime.stage import StepFailed, StepInput, StepOutput
 
 log = logging.getLogger("flexpipe.router")
+MAX_ID_CHARS = 128   # a request id a client picks: it rides on every step of the request
+
+
+def _good_id(rid: Any) -> bool:
+    if not isinstance(rid, str) or not 1 <= len(rid) <= MAX_ID_CHARS:
+        return False
+    try:
+        rid.encode()   # (a lone surrogate cannot go on the wire)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(slots=True)
@@ -146,6 +157,9 @@ class RouterActor:
             raise RequestError(f"the prompt has {len(prompt)} tokens but the context holds {self.max_context}: "
                                f"shorten it to at most {self.max_context - 1}")
         self.cache.check_fits_ever(min(len(prompt) + params.max_tokens, self.max_context))
+        if request_id is not None and not _good_id(request_id):
+            raise RequestError(f"request_id must be 1 to {MAX_ID_CHARS} characters of valid text "
+                               f"(got {str(request_id)[:40]!a})")
         rid = request_id or uuid.uuid4().hex[:16]
         if rid in self.streams:
             raise RequestError(f"request id {rid!r} is already in use")
@@ -159,9 +173,9 @@ class RouterActor:
         self._wake.set()
         return rid, st.queue
 
-    def cancel(self, rid: str) -> None:
-        """Cancel a request (frees its KV now or when its step returns)."""
-        self._emit(self.sched.cancel(rid))
+    def cancel(self, rid: str, reason: str = "cancelled") -> None:
+        """End a request (frees its KV now or when its step returns); `reason`: see Scheduler.cancel."""
+        self._emit(self.sched.cancel(rid, reason))
         self._wake.set()
 
     def _emit(self, events: list[TokenEvent]) -> None:
@@ -206,6 +220,11 @@ class RouterActor:
             await self.ctx.tell(self.pipeline.refs[0], msg, torch.tensor(tokens, dtype=torch.int64))
         except ActorError as e:  # stage 0 is gone: recovery will requeue everything
             log.warning("router: cannot launch step %d: %s", mb.step, e)
+        except Exception as e:  # noqa: BLE001 - e.g. a field msgpack cannot encode: that step's
+            # requests fail, and the pump (the only sender of steps) goes on with the others
+            log.error("router: cannot launch step %d: %s: %s", mb.step, type(e).__name__, e)
+            self.stats["step_failures"] += 1
+            self._fail_step(mb.step)
 
     # ---- stage side -----------------------------------------------------------------------------------
     @handles(StepOutput)
@@ -229,8 +248,14 @@ class RouterActor:
         if msg.epoch != self.epoch or msg.step not in self.sched.inflight:
             self.stats["stale_outputs"] += 1
             return
-        mb = self.sched.inflight[msg.step]
         self.stats["step_failures"] += 1
+        log.error("router: step %d failed on stage %d: %s", msg.step, msg.stage, msg.error)
+        self._fail_step(msg.step)
+
+    def _fail_step(self, step: int) -> None:
+        """End the requests of in-flight step `step` with "error" (a stage refused it, or it could not
+        be sent); the others go on."""
+        mb = self.sched.inflight[step]
         # The step carried frees that the stages after the failing one never applied (nor the failing
         # one, when it refused the step): send them again with the next step.  Not those of a
         # preempted request that is running again by now: freeing it would drop its new KV.
@@ -241,9 +266,8 @@ class RouterActor:
             if req is not None:
                 req.in_flight = False
                 events.append(self.sched._finish(req, "error"))
-        del self.sched.inflight[msg.step]
-        self._sent_at.pop(msg.step, None)
-        log.error("router: step %d failed on stage %d: %s", msg.step, msg.stage, msg.error)
+        del self.sched.inflight[step]
+        self._sent_at.pop(step, None)
         self._emit(events)
         self._after_step()
 

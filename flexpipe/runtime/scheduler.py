@@ -35,6 +35,7 @@ class Request:
     in_flight: bool = False
     finished: str | None = None  # finish reason once done: "stop" | "length" | "cancelled" | "error"
     cancel_requested: bool = False
+    cancel_reason: str = "cancelled"   # or "stop": the client found a stop string in the text
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     preemptions: int = 0
@@ -116,15 +117,16 @@ class Scheduler:
         self.requests[req.id] = req
         self.waiting.append(req.id)
 
-    def cancel(self, req_id: str) -> list[TokenEvent]:
-        """Cancel a request; frees its KV now, or when its in-flight step returns."""
+    def cancel(self, req_id: str, reason: str = "cancelled") -> list[TokenEvent]:
+        """End a request the client is done with; frees its KV now, or when its in-flight step returns.
+        `reason` is what it finishes with: "cancelled", or "stop" when its text reached a stop string."""
         req = self.requests.get(req_id)
         if req is None or req.finished:
             return []
-        req.cancel_requested = True
+        req.cancel_requested, req.cancel_reason = True, reason
         if req.in_flight:
             return []
-        return [self._finish(req, "cancelled")]
+        return [self._finish(req, reason)]
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -220,7 +222,7 @@ class Scheduler:
             req.in_flight = False
             req.computed = c.start + len(c.tokens)
             if req.cancel_requested:
-                events.append(self._finish(req, "cancelled"))
+                events.append(self._finish(req, req.cancel_reason))
                 continue
             if not c.sample:
                 continue

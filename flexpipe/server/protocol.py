@@ -136,7 +136,7 @@ def _sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
         if out["top_p"] == 0.0:   # OpenAI accepts 0: the nucleus shrinks to the most likely token
             out["top_p"], out["temperature"] = 1.0, 0.0
     if body.get("top_k") is not None:
-        out["top_k"] = _int(body, "top_k", lo=-1)
+        out["top_k"] = _int(body, "top_k", lo=-1, hi=2**31 - 1)
     if body.get("seed") is not None:
         out["seed"] = _int(body, "seed", lo=0, hi=MAX_SEED)
     if body.get("stop") is not None:
