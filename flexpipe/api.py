@@ -297,7 +297,7 @@ class FlexPipe(EngineClient):
         ids = self.encode(prompt)
         params = self._params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                               stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
-        if len(self.router.sched.waiting) >= self.settings.max_queued:
+        if self.router.sched.queued_new() >= self.settings.max_queued:
             raise QueueFullError(f"{self.settings.max_queued} requests are already queued: retry later")
         rid, queue = self.router.submit(ids, params, request_id)
         text = StopTextStream(self.tokenizer.stream(), stop)

@@ -105,6 +105,29 @@ def test_cancel_frees_blocks_and_tells_stages():
     assert "r0" in sched.schedule().frees
 
 
+def test_requests_queued_again_are_not_new_ones():
+    # max_queued bounds the requests never admitted; a preempted (or recovered) request waiting again
+    # for KV it once had filled that bound, and new requests were refused with QueueFullError
+    t = [100.0]
+    sched = make(clock=lambda: t[0])
+    for i in range(3):
+        sched.add(req(i, [1, 2, 3], 50))
+    assert sched.queued_new() == 3
+    sched.schedule()   # all three admitted
+    assert sched.queued_new() == 0 and not sched.waiting
+    sched.inflight.clear()
+    for r in sched.requests.values():
+        r.in_flight = False
+    t[0] = 110.0
+    sched._preempt("r2")
+    assert list(sched.waiting) == ["r2"] and sched.queued_new() == 0
+    assert sched.requests["r2"].queued_at == 110.0   # how long it has waited again: since now
+    sched.add(req(3, [4], 2))
+    assert sched.queued_new() == 1
+    sched.requeue_all()   # a recovery queues every running request again: still none of them new
+    assert sched.queued_new() == 1
+
+
 def test_capacity_error_says_what_is_needed():
     cache = CacheManager(16, [StagePool(4, (0,))])
     with pytest.raises(CapacityError, match="needs 100 tokens of KV"):

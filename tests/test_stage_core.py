@@ -88,3 +88,15 @@ def test_kv_arriving_after_an_aborted_reshape_takes_no_blocks():
     assert (kept.tables, kept.free_blocks) == before
     assert not kept.only_imported("other")
     assert kept.take_kv("other", 4) is None and "other" not in kept.tables   # (GpuStageActor._reserve's path)
+
+
+def test_a_sequence_computed_again_from_its_first_token_gets_fresh_blocks():
+    # preempted, its free on a step that failed before this stage; then recomputed from token 0: the
+    # blocks it held are stale, and keeping them put the stage above the router's ledger
+    cfg, first, last = _cores()
+    _prefill(cfg, first, last, "v", 10)   # 3 blocks of 4 on each stage
+    assert first.free_blocks == 16 - 3
+    x = first.forward(StepMeta(["v"], [0], [4], [False], [0], [GREEDY]), torch.arange(4) + 3)
+    last.forward(StepMeta(["v"], [0], [4], [False], [0], [GREEDY]), x)
+    assert len(first.tables["v"]) == len(last.tables["v"]) == 1
+    assert first.free_blocks == last.free_blocks == 16 - 1

@@ -325,7 +325,8 @@ class Autoscaler:
 
     def _queue(self, now: float) -> bool:
         s = self.router.sched
-        oldest = now - s.requests[s.waiting[0]].arrival if s.waiting else 0.0
+        head = s.requests[s.waiting[0]] if s.waiting else None   # (a preempted one waits since its preemption)
+        oldest = now - (head.queued_at if head.queued_at is not None else head.arrival) if head is not None else 0.0
         return self.analyzer.on_queue(now, len(s.waiting), max(0.0, oldest))
 
     # ---- one decision ------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ class Request:
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     preemptions: int = 0
+    queued_at: float | None = None   # when it last went back to the queue (preempted); else arrival
+    admitted: bool = False   # scheduled at least once (a preemption or a recovery queues it again)
 
     @property
     def tokens(self) -> list[int]:
@@ -128,6 +130,11 @@ class Scheduler:
             return []
         return [self._finish(req, reason)]
 
+    def queued_new(self) -> int:
+        """Requests waiting that were never admitted (the max_queued bound): not those preempted or
+        requeued by a recovery, which wait again at the front of the queue for KV they once had."""
+        return sum(1 for rid in self.waiting if not self.requests[rid].admitted)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -174,6 +181,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.running.append(req.id)
+            req.admitted = True
             chunks.append(self._chunk(req, n))
             budget -= n
 
@@ -204,6 +212,7 @@ class Scheduler:
         self.pending_frees.append(rid)
         req.computed = 0
         req.preemptions += 1
+        req.queued_at = self.clock()
         self.running.remove(rid)
         self.waiting.appendleft(rid)
         self.stats.preemptions += 1

@@ -146,6 +146,11 @@ class StageCore:
         if self._imported:
             self._imported.difference_update(meta.seq_ids)
         if self.has_kv:
+            if 0 in meta.starts:   # computed again from its first token: blocks held from before are
+                # stale (a preempted sequence whose free rode on a step that failed before it got here)
+                for s, st in zip(meta.seq_ids, meta.starts):
+                    if st == 0 and s in self.tables:
+                        self._free.extend(reversed(self.tables.pop(s)))
             tables = [self.ensure(s, st + n) for s, st, n in zip(meta.seq_ids, meta.starts, meta.lens)]
             if self.decode != "off" and max(meta.lens) == 1:
                 out = self._static_decode(meta, tables, x)

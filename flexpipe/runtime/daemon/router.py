@@ -140,7 +140,7 @@ class RouterFrontend:
         if not d.admitting:
             raise RouterUnavailable(f"the router takes no requests now ({d.state})")
         router = d.controller.router
-        if len(router.sched.waiting) >= d.settings.max_queued:
+        if router.sched.queued_new() >= d.settings.max_queued:
             raise QueueFullError(f"{d.settings.max_queued} requests are already queued: retry later")
         vocab = d.spec.config.vocab_size
         params = SamplingParams(**msg.params).validate(vocab).resolve_seed()
