@@ -171,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     except FlexPipeError as e:
         print(f"flexpipe: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        if e.filename is None:   # not about a file the user named: a bug or the system's, with its traceback
+            raise
+        # a file or folder given on the command line that is missing, unreadable or unwritable
+        logging.getLogger("flexpipe").debug("%s", e, exc_info=True)
+        names = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        print(f"flexpipe: error: {names}: {e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -46,17 +46,23 @@ def url():
 
 
 @pytest.fixture(scope="module")
-def page(url):
+def browser():
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        ctx = browser.new_context(viewport={"width": 1200, "height": 720})
-        pg = ctx.new_page()
-        errors: list[str] = []
-        pg.on("pageerror", lambda e: errors.append(str(e)))
-        pg.goto(url + "/")
-        yield pg
-        browser.close()
-        assert not errors, f"JavaScript errors on the page: {errors}"
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def page(url, browser):
+    ctx = browser.new_context(viewport={"width": 1200, "height": 720})
+    pg = ctx.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(url + "/")
+    yield pg
+    ctx.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def test_page_streams_an_answer(page):
@@ -93,3 +99,32 @@ def test_pipeline_panel_shows_the_shape_and_the_last_reshape(page, tmp_path):
     shot = SCREENSHOT if os.environ.get("FLEXPIPE_UPDATE_SCREENSHOT") == "1" else tmp_path / "chat.png"
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000
+
+
+def test_on_a_keyed_server_the_status_poll_leaves_the_typed_message_alone(browser):
+    # The status poll gets 401 every second on a server with an API key.  It used to answer each with
+    # the focus in the key field: what the user typed went into the password field (Enter saved it).
+    from flexpipe.api import FlexPipe
+
+    app = create_app(lambda: FlexPipe.launch(model="tiny", stages=1, in_process=True), api_key="sk-page")
+    with ServerThread(app) as base:
+        ctx = browser.new_context()
+        try:
+            pg = ctx.new_page()
+            pg.goto(base + "/")
+            conn, key = pg.locator("#conn"), pg.locator("#api-key")
+            sync_api.expect(conn).to_have_text("API key needed", timeout=10000)
+            sync_api.expect(key).to_be_focused()   # the page's first model load asks for the key
+            pg.click("#prompt")
+            parts = ["Hello ", "from ", "a keyed ", "server"]
+            for part in parts:
+                # typed while polls answer: the label is cleared here and set again by the next poll's
+                # 401, only after that poll has done all it does with the focus
+                pg.evaluate("document.getElementById('conn').textContent = ''")
+                pg.keyboard.type(part)
+                sync_api.expect(conn).to_have_text("API key needed", timeout=10000)
+            assert pg.input_value("#prompt") == "".join(parts)
+            assert pg.input_value("#api-key") == ""
+            sync_api.expect(pg.locator("#prompt")).to_be_focused()
+        finally:
+            ctx.close()

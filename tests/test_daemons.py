@@ -238,6 +238,26 @@ def test_router_flags_are_runtime_settings():
     assert args.devices == "cpu:0,cpu:1" and args.memory == "1GB"
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--stages", "0"], "stages must be a whole number >= 1"),
+    (["--stages", "99"], "99 stages asked but the model has only"),
+    (["--boundaries", "0,a,18"], "--boundaries '0,a,18': give unit indices"),
+    (["--boundaries", "0,4"], "stages end at unit 4"),
+    (["--block-size", "0"], "block_size"),
+])
+def test_router_refuses_a_shape_it_cannot_start_before_binding(args, words, monkeypatch, capsys):
+    # it used to bind, wait for workers and fail only when the first one joined
+    import flexpipe.runtime.daemon.cli as daemon_cli
+    from flexpipe.cli import main
+
+    served = []
+    monkeypatch.setattr(daemon_cli, "_serve", lambda daemon: served.append(daemon) or 0)
+    assert main(["router", "--bind", "ipc:///tmp/flexpipe-never-bound", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("flexpipe: error: ") and words in err and "Traceback" not in err
+    assert not served and not os.path.exists("/tmp/flexpipe-never-bound")
+
+
 def test_cpu_devices_each_have_their_memory_budget():
     from flexpipe.runtime.daemon import local_devices
 

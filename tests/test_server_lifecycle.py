@@ -118,6 +118,47 @@ async def test_cors_preflight_only_for_allowed_origins():
             assert "access-control-allow-origin" not in r.headers
 
 
+def _samples(text: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+
+
+@pytest.mark.timeout(120)
+async def test_metrics_keep_the_servers_own_counters_while_the_engine_does_not_answer(monkeypatch):
+    # A remote router that is gone (its status() raises) or hangs: Prometheus still gets the server's
+    # own counters, flexpipe_engine_up says 0 and the runtime's gauges are left out rather than stale.
+    import flexpipe.server.app as app_module
+    from flexpipe.runtime.remote import RouterUnavailable
+
+    monkeypatch.setattr(app_module, "HEALTH_TIMEOUT_S", 0.2)
+    async with FlexPipe.launch(model="tiny", stages=1, in_process=True) as fp:
+        async with serving(create_app(fp)) as (_, http):
+            r = await http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+            assert r.status_code == 200, r.text
+            r = await http.get("/metrics")
+            assert r.status_code == 200
+            up = _samples(r.text)
+            assert up["flexpipe_engine_up"] == 1 and up["flexpipe_pipeline_stages"] == 1
+
+            def gone():
+                raise RouterUnavailable("the router at tcp://127.0.0.1:1 is gone")
+
+            async def hangs():
+                await asyncio.Event().wait()
+
+            for status in (gone, hangs):
+                monkeypatch.setattr(fp, "status", status)
+                r = await http.get("/metrics")
+                assert r.status_code == 200, r.text
+                down = _samples(r.text)
+                assert down["flexpipe_engine_up"] == 0, status
+                assert "flexpipe_pipeline_stages" not in down and "flexpipe_reshapes_total" not in down
+                assert down["flexpipe_generation_tokens_total"] == up["flexpipe_generation_tokens_total"] == 2
+            monkeypatch.undo()
+            assert _samples((await http.get("/metrics")).text)["flexpipe_engine_up"] == 1
+
+
 def test_an_empty_api_key_is_refused_not_taken_as_no_key():
     with pytest.raises(ConfigError, match="api_key is empty"):
         create_app(lambda: None, api_key="")
@@ -134,5 +175,31 @@ def test_an_empty_api_key_is_refused_not_taken_as_no_key():
 ])
 def test_serve_refuses_bad_settings_before_loading_anything(args, words, capsys):
     assert cli_main(["serve", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("flexpipe: error: ") and words in err and "Traceback" not in err
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args, words", [
+    (["--chat-template", "/nonexistent.jinja"], "chat template '/nonexistent.jinja' is neither a file"),
+    (["--router", "nonsense"], "router 'nonsense' is not of the form tcp://HOST:PORT"),
+    (["--router", "tcp://127.0.0.1:port"], "router 'tcp://127.0.0.1:port' is not of the form"),
+    (["--router", "tcp://127.0.0.1:5555", "--autoscale"], "the router daemon has no control loop yet"),
+    pytest.param(["--device", "cuda"], "sees no CUDA GPU",
+                 marks=pytest.mark.skipif("_cuda_available()", reason="this torch has CUDA")),
+])
+def test_serve_refuses_what_it_would_trip_over_once_started(args, words, capsys, monkeypatch):
+    # these used to start the server (and the engine) and end in a traceback, or (autoscale) be ignored
+    def started(*a, **kw):
+        raise AssertionError("flexpipe serve started a server")
+
+    monkeypatch.setattr("flexpipe.server.runner.serve_forever", started)
+    assert cli_main(["serve", "--port", "0", *args]) == 1
     err = capsys.readouterr().err
     assert err.startswith("flexpipe: error: ") and words in err and "Traceback" not in err

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from flexpipe.errors import FlexPipeError, NoDriverError
+from flexpipe.errors import ConfigError, FlexPipeError, NoDriverError
 
 
 def add_topology_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +48,8 @@ def topology_main(args: argparse.Namespace) -> int:
         print(f"flexpipe topology: {e}", file=sys.stderr)
         return 1
     if args.fragment is not None:
+        if args.fragment < 0:
+            raise ConfigError(f"--fragment {args.fragment}: the seed is an integer >= 0")
         topo = fragment(topo, args.fragment)
     if args.write:
         topo.save(args.write, state=not args.no_state)

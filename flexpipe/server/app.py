@@ -168,7 +168,17 @@ class _Server:
         return JSONResponse({"status": "ok", "model": self.model_name})
 
     async def metrics_endpoint(self, request: Request) -> Response:
-        self.metrics.observe_status(pipeline_view(await read_status(self.engine)))
+        """Always 200 with the server's own metrics: during an outage of the engine (a remote router
+        gone or slow) they matter most.  The runtime's gauges come along while it answers, and
+        flexpipe_engine_up says whether it did."""
+        try:
+            status = await asyncio.wait_for(read_status(self.engine), HEALTH_TIMEOUT_S)
+        except Exception as e:   # noqa: BLE001 - reported as flexpipe_engine_up 0 and logged
+            log.warning("/metrics without the runtime's numbers: engine status failed: %s: %s",
+                        type(e).__name__, e)
+            self.metrics.engine_unavailable()
+        else:
+            self.metrics.observe_status(pipeline_view(status))
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     async def models(self, request: Request) -> Response:

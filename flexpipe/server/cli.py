@@ -196,6 +196,7 @@ def serve_main(args: argparse.Namespace) -> int:
         # "flexpipe: error: ..." now, not a traceback from the server's startup after the engine loads
         settings = Settings(**options)
         settings.check()
+        _check_device(settings.device)
         plan_shape(ModelSpec.resolve(model, settings.seed).config, stages)
 
     def launch() -> Any:
@@ -243,6 +244,43 @@ def _check_serve_settings(cfg: dict[str, Any]) -> None:
                           "key, or leave it unset to serve without one")
     if not cfg["graceful_shutdown_s"] >= 0:
         raise ConfigError(f"graceful_shutdown_s must be >= 0 seconds, not {cfg['graceful_shutdown_s']}")
+    if cfg["chat_template"] is not None:
+        from .chat_template import load_template_source
+
+        try:
+            load_template_source(cfg["chat_template"])
+        except ConfigError:
+            raise
+        except (OSError, ValueError) as e:   # unreadable, not UTF-8, or a tokenizer_config that is no JSON
+            raise ConfigError(f"chat_template {cfg['chat_template']!r}: {e}") from None
+    if cfg["router"]:
+        from flexpipe.runtime.remote import parse_endpoint
+
+        try:
+            parse_endpoint(cfg["router"], "router")
+        except ConfigError:
+            raise
+        except ValueError:   # urlsplit's, for a port that is no number or out of range
+            raise ConfigError(f"router {cfg['router']!r} is not of the form tcp://HOST:PORT or "
+                              "ipc:///PATH") from None
+        if cfg["autoscale"]:
+            raise ConfigError("autoscale cannot be used with router: the router daemon has no control loop yet "
+                              "(docs/autoscale.md); reshape it through POST /v1/flexpipe/reshape, or serve an "
+                              "embedded pipeline (no router) to autoscale")
+
+
+def _check_device(device: str) -> None:
+    """A cuda device that this machine's torch can use (the stages would fail on it only once started)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA GPU; use cpu")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 # --- flexpipe chat -------------------------------------------------------------------------------

@@ -18,6 +18,10 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 PAUSE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Reshape records remembered as already in the pause histogram.  Engines report their last 16: a
+# record that left that window never comes back, and a few hundred also cover snapshots that arrive
+# out of order (a status poll and a scrape of a remote router at once).
+PAUSES_REMEMBERED = 256
 
 
 class ServerMetrics:
@@ -48,7 +52,7 @@ class ServerMetrics:
         info.labels(model=model_name).set(1)
         self._runtime = _RuntimeCollector()
         r.register(self._runtime)
-        self._pauses_seen: set[Any] = set()
+        self._pauses_seen: dict[Any, None] = {}  # keys of the records observed, oldest first
         self.active = 0
 
     def begin(self) -> None:
@@ -63,14 +67,20 @@ class ServerMetrics:
 
     def observe_status(self, view: PipelineView) -> None:
         """Take the runtime's current numbers; reshapes not seen before go into the pause histogram."""
-        self._runtime.view = view
+        self._runtime.view, self._runtime.up = view, True
         for reshape in view.reshapes:
             key = (reshape.get("kind"), reshape.get("to_epoch"), reshape.get("at"))
             pause = reshape.get("pause_s")
             if pause is None or key in self._pauses_seen or reshape.get("ok") is False:
                 continue
-            self._pauses_seen.add(key)
+            self._pauses_seen[key] = None
+            if len(self._pauses_seen) > PAUSES_REMEMBERED:
+                del self._pauses_seen[next(iter(self._pauses_seen))]
             self.pause.observe(float(pause))
+
+    def engine_unavailable(self) -> None:
+        """The engine did not tell its status: no runtime numbers (rather than stale ones) until it does."""
+        self._runtime.view, self._runtime.up = None, False
 
     def render(self) -> bytes:
         """Prometheus text exposition of everything."""
@@ -82,11 +92,15 @@ class _RuntimeCollector(Collector):
 
     def __init__(self) -> None:
         self.view: PipelineView | None = None
+        self.up: bool | None = None  # whether the engine answered the last status read (None: none yet)
 
     def describe(self) -> list[Metric]:
         return []  # values come and go with the snapshot; nothing to describe up front
 
     def collect(self) -> Iterator[Metric]:
+        if self.up is not None:
+            yield _gauge("flexpipe_engine_up", "1 when the engine (embedded, or the remote router) answered "
+                         "the last status read, else 0 and the runtime's metrics are left out", int(self.up))
         v = self.view
         if v is None:
             return
@@ -100,8 +114,8 @@ class _RuntimeCollector(Collector):
         yield _gauge("flexpipe_kv_cache_usage_ratio", "Fraction of KV blocks in use (0..1)", v.kv_usage)
         yield _gauge("flexpipe_kv_cache_blocks_used", "KV blocks in use", v.kv_blocks_used)
         yield _gauge("flexpipe_kv_cache_blocks_total", "KV blocks in the pool", v.kv_blocks_total)
-        yield _counter("flexpipe_reshapes", "Pipeline reconfigurations (reshapes and recoveries) since start",
-                       v.reshapes_total)
+        yield _counter("flexpipe_reshapes", "Successful pipeline reconfigurations (reshapes, recoveries, "
+                       "scale to zero and back) since start", v.reshapes_total)
         if v.last_pause_s is not None:
             yield _gauge("flexpipe_last_reshape_pause_seconds", "Pause of the most recent reshape",
                          v.last_pause_s)

@@ -66,9 +66,7 @@ def pipeline_view(status: dict[str, Any]) -> PipelineView:
     view.kv_usage = used / total if total else 0.0
 
     view.reshapes = [_reshape(r) for r in _first(status.get("reshapes"), []) if isinstance(r, dict)]
-    # Every reshape or recovery moves the epoch on by one, so the epoch counts them all, even those
-    # older than the engine's recent list.
-    view.reshapes_total = int(_first(status.get("reshapes_total"), view.epoch))
+    view.reshapes_total = _successful_reshapes(status.get("reshapes_total"), view.epoch, view.reshapes)
     view.pause_total_s = float(_first(status.get("pause_total_s"),
                                       sum(r["pause_s"] or 0.0 for r in view.reshapes)))
     if view.reshapes:
@@ -76,6 +74,20 @@ def pipeline_view(status: dict[str, Any]) -> PipelineView:
     view.decisions = [d for d in _first(status.get("decisions"), router.get("decisions"), [])
                       if isinstance(d, dict)]
     return view
+
+
+def _successful_reshapes(reported: Any, epoch: int, recent: list[dict[str, Any]]) -> int:
+    """Reshapes, recoveries and the like that succeeded since the engine started.
+
+    Each moves the epoch on by one (a rebuild after a failed switch by two; an aborted reshape not at
+    all), so the epoch counts them, even those older than the engine's recent list.  A router daemon
+    also reports how many records it holds, failed ones included: less the failures in its recent
+    list, that is exact while older failures are none.  Both only ever grow, so the smaller does too.
+    """
+    if reported is None:
+        return epoch
+    failed = sum(1 for r in recent if r.get("ok") is False)
+    return max(0, min(int(reported) - failed, epoch))
 
 
 def _kv_totals(kv: Any, stages: list[dict[str, Any]]) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -56,7 +57,11 @@ def _calibrate(args: argparse.Namespace) -> int:
         return main_measure(args.measurements, repeats=args.repeats, quick=args.quick)
     if not args.measurements:
         raise ConfigError("calibrate needs --measurements FILE.json (or --measure-cpu)")
-    model, gpu, dtype_bytes, ms = load_measurements(args.measurements)
+    try:
+        model, gpu, dtype_bytes, ms = load_measurements(args.measurements)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--measurements {args.measurements}: not a JSON file ({e}); see docs/sim.md "
+                          "for the format") from None
     gpu = args.gpu or gpu
     if gpu not in GPUS:
         raise ConfigError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}")
@@ -139,8 +144,10 @@ def simulate_main(args: argparse.Namespace) -> int:
     from flexpipe.sim import report
     from flexpipe.sim.baselines import POLICIES
 
-    cvs = [float(x) for x in str(args.cv).split(",") if x.strip()]
+    cvs = _cvs(args.cv)
     pols = list(POLICIES) if args.policies == "all" else [x.strip() for x in args.policies.split(",") if x.strip()]
+    if not pols:
+        raise ConfigError(f"--policies {args.policies!r} names no policy; known: {', '.join(POLICIES)} (or all)")
     for p in pols:
         if p not in POLICIES:
             raise ConfigError(f"unknown policy {p!r}; known: {', '.join(POLICIES)}")
@@ -154,6 +161,25 @@ def simulate_main(args: argparse.Namespace) -> int:
         paths = report.write(res, args.out, plots=not args.no_plots)
         print(f"wrote {len(paths)} files into {args.out}", file=sys.stderr)
     return 0
+
+
+def _cvs(text: str) -> list[float]:
+    """The CVs of --cv: numbers >= 0 (0: evenly spaced arrivals, 1: Poisson), at least one."""
+    out = []
+    for x in str(text).split(","):
+        if not x.strip():
+            continue
+        try:
+            cv = float(x)
+        except ValueError:
+            raise ConfigError(f"--cv {text!r}: {x.strip()!r} is not a number") from None
+        if not math.isfinite(cv) or cv < 0:
+            raise ConfigError(f"--cv {text!r}: a CV is a number >= 0 (0: evenly spaced arrivals, 1: Poisson), "
+                              f"not {x.strip()}")
+        out.append(cv)
+    if not out:
+        raise ConfigError(f"--cv {text!r} names no CV; give e.g. 1,2,4,8")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ import signal
 import sys
 from typing import Any
 
-from flexpipe.errors import FlexPipeError
+from flexpipe.errors import ConfigError, FlexPipeError
 from flexpipe.runtime.daemon.events import configure_logging
 from flexpipe.runtime.daemon.router import RouterDaemon
 from flexpipe.runtime.daemon.worker import WorkerDaemon
@@ -116,11 +116,18 @@ def _serve(daemon: Any) -> int:
 
 def router_main(args: argparse.Namespace) -> int:
     """`flexpipe router`."""
-    from flexpipe.api import Settings
+    from flexpipe.api import ModelSpec, Settings, plan_shape
 
     configure_logging(args.log_format)
     settings = Settings(**{n: getattr(args, n) for n, _, _ in _RUNTIME_FLAGS if getattr(args, n) is not None})
-    bounds = [int(b) for b in args.boundaries.split(",")] if args.boundaries else None
+    try:
+        bounds = [int(b) for b in args.boundaries.split(",")] if args.boundaries else None
+    except ValueError:
+        raise ConfigError(f"--boundaries {args.boundaries!r}: give unit indices separated by commas, "
+                          "e.g. 0,12,24") from None
+    # "flexpipe: error: ..." now, not once the first worker joins: the shape the router will start
+    settings.check()
+    plan_shape(ModelSpec.resolve(args.model, settings.seed).config, args.stages, bounds)
     return _serve(RouterDaemon(args.bind, args.model, args.stages, boundaries=bounds, min_workers=args.min_workers,
                                drain_timeout=args.drain_timeout, advertise=args.advertise, settings=settings,
                                curve=_curve(args)))

@@ -10,13 +10,16 @@ function authHeaders() {
   return key ? { Authorization: "Bearer " + key } : {};
 }
 
-async function api(path, options = {}) {
+// `askKey`: on a 401, open the settings and put the cursor in the key field.  Only for what the user
+// just did (send, reshape) and the page's first model load: a background poll that did it would take
+// the focus away from the message being typed, every second, and Enter would save the text as the key.
+async function api(path, options = {}, askKey = false) {
   const headers = { "Content-Type": "application/json", ...authHeaders(), ...(options.headers || {}) };
   const response = await fetch(path, { ...options, headers });
   if (!response.ok) {
     let message = response.status + " " + response.statusText;
     try { message = (await response.json()).error.message || message; } catch (_) { /* not JSON */ }
-    if (response.status === 401) {
+    if (response.status === 401 && askKey) {
       $("settings").open = true;
       $("api-key").focus();
     }
@@ -87,7 +90,7 @@ async function send(text) {
   try {
     const response = await api("/v1/chat/completions", {
       method: "POST", body: JSON.stringify(body), signal: state.controller.signal,
-    });
+    }, true);
     answer.dataset.state = "streaming";
     for await (const event of sseEvents(response)) {
       if (event.error) throw new Error(event.error.message);
@@ -197,9 +200,10 @@ async function pollStatus() {
   }
 }
 
-async function loadModel() {
+// `first`: the page's own first load, which may ask for the key (retries and key changes do not).
+async function loadModel(first = false) {
   try {
-    const response = await api("/v1/models");
+    const response = await api("/v1/models", {}, first);
     const models = (await response.json()).data || [];
     state.model = models.length ? models[0].id : null;
     $("model").textContent = state.model ? state.model + " · " + models[0].max_model_len + " ctx" : "no model";
@@ -238,7 +242,7 @@ $("reshape-form").addEventListener("submit", async (e) => {
   const stages = Number($("reshape-stages").value);
   $("reshape-result").textContent = "reshaping…";
   try {
-    const response = await api("/v1/flexpipe/reshape", { method: "POST", body: JSON.stringify({ stages }) });
+    const response = await api("/v1/flexpipe/reshape", { method: "POST", body: JSON.stringify({ stages }) }, true);
     const stats = (await response.json()).stats || {};
     const pause = stats.pause_s ?? (stats.pause_ms !== undefined ? stats.pause_ms / 1000 : null);
     $("reshape-result").textContent = "done, pause " + fmtMs(pause);
@@ -247,5 +251,5 @@ $("reshape-form").addEventListener("submit", async (e) => {
   }
 });
 
-loadModel();
+loadModel(true);
 pollStatus();
