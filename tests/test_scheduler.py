@@ -105,6 +105,18 @@ def test_cancel_frees_blocks_and_tells_stages():
     assert "r0" in sched.schedule().frees
 
 
+def test_admission_counts_the_rest_of_a_prompt_still_being_prefilled():
+    # A's 36-token prompt goes in 8-token chunks; B was admitted into the KV A's later chunks needed,
+    # then preempted by them and prefilled again: 71 tokens computed for 58
+    sched = make(n_blocks=10, block_size=4, max_batch_tokens=8, max_inflight=2)
+    a, b = req(0, list(range(36)), 2), req(1, list(range(12)), 10)
+    for r in (a, b):
+        sched.add(r)
+    outs = run(sched, [a, b], random.Random(0))
+    assert outs == {"r0": expected(a.prompt, 2, ()), "r1": expected(b.prompt, 10, ())}
+    assert sched.stats.preemptions == 0 and sched.stats.tokens_scheduled == 36 + 1 + 12 + 9
+
+
 def test_requests_queued_again_are_not_new_ones():
     # max_queued bounds the requests never admitted; a preempted (or recovered) request waiting again
     # for KV it once had filled that bound, and new requests were refused with QueueFullError

@@ -177,7 +177,10 @@ class Scheduler:
             if not self.cache.can_admit(req.total):
                 break  # FCFS: a large request at the head is not overtaken forever
             n = min(req.total - req.computed, budget)
-            if not self.cache.grow(req.id, req.computed + n):
+            # the whole known prefix now, not only this chunk: the rest of a prompt prefilled in chunks
+            # over later steps is not free memory for the next admission (which would be preempted
+            # again, its prefill wasted, once this one's later chunks claim it)
+            if not self.cache.grow(req.id, req.total):
                 break
             self.waiting.popleft()
             self.running.append(req.id)
