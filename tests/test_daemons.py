@@ -468,6 +468,25 @@ async def test_a_request_cancelled_while_it_is_submitted_does_not_run_on(cluster
         assert st["running"] == st["waiting"] == 0, st
 
 
+async def test_a_request_ended_by_a_stop_string_is_recorded_as_stopped_by_the_router(cluster):
+    # the client finds the stop string in the text and ends the request: the router counted it as
+    # cancelled (its stats, and the autoscaler, which learns only from "stop" and "length")
+    async with connect(cluster) as fp:
+        before = (await fp.status())["router"]
+        ref = await asyncio.to_thread(fp.reference_tokens, "abc", max_tokens=20, ignore_eos=True)
+        text = fp.tokenizer.decode(ref)
+        stop = next(text[i:i + 2] for i in range(4, len(text) - 1) if text[i:i + 2] not in text[:i + 1])
+        c = await fp.complete("abc", max_tokens=20, stop=[stop], ignore_eos=True)
+        assert c.finish_reason == "stop" and c.text == text[:text.index(stop)]
+        for _ in range(200):   # (the Cancel is told: polled, bounded)
+            st = (await fp.status())["router"]
+            if st["running"] == st["waiting"] == st["inflight"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert st.get("finish_stop", 0) == before.get("finish_stop", 0) + 1
+        assert st.get("finish_cancelled", 0) == before.get("finish_cancelled", 0)
+
+
 async def test_bad_requests_raise_typed_errors_and_the_router_keeps_serving(cluster):
     async with connect(cluster) as fp:
         with pytest.raises(RequestError, match="context"):

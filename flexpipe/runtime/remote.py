@@ -101,8 +101,9 @@ class Tokens:
 
 @message(335)
 class Cancel:
-    """Cancel request `rid` (its stream ends with finish_reason "cancelled")."""
+    """End request `rid`: "cancelled", or "stop" when the client found a stop string in its text."""
     rid: str
+    reason: str = "cancelled"
 
 
 @message(336)
@@ -342,7 +343,9 @@ class RemoteFlexPipe(EngineClient):
                     yield GenerationEvent(None, tail, index, "stop" if hit else reason)
                     return
                 piece, hit = text.feed(token)
-                if hit:
+                if hit:   # it ends here as stopped, there too (the router's stats, its autoscaler)
+                    done = True
+                    self._spawn(self._cancel(rid, "stop"))
                     yield GenerationEvent(token, piece, index, "stop")
                     return
                 yield GenerationEvent(token, piece, index)
@@ -351,10 +354,10 @@ class RemoteFlexPipe(EngineClient):
             if not done:
                 self._spawn(self._cancel(rid))
 
-    async def _cancel(self, rid: str) -> None:
+    async def _cancel(self, rid: str, reason: str = "cancelled") -> None:
         if self._behaviour.lost is None and not self.actor.closed:
             with contextlib.suppress(ActorClosed, PeerDeadError):
-                await self.actor.tell(self.frontend, Cancel(rid))
+                await self.actor.tell(self.frontend, Cancel(rid, reason))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -178,7 +178,7 @@ class RouterFrontend:
     @handles(Cancel)
     def cancel(self, ctx: Any, msg: Cancel) -> None:
         if msg.rid in self.forwards:
-            self.d.cancel(msg.rid)
+            self.d.cancel(msg.rid, "stop" if msg.reason == "stop" else "cancelled")
 
     @handles(StatusQuery, concurrent=True)
     async def status(self, ctx: Any, msg: StatusQuery) -> dict:
@@ -542,9 +542,9 @@ class RouterDaemon:
             except RemoteError as e:
                 event("reservation_short", logging.WARNING, stage=h.name, device=h.device, error=e.message)
 
-    def cancel(self, rid: str) -> None:
+    def cancel(self, rid: str, reason: str = "cancelled") -> None:
         if self.controller is not None and self.controller.router is not None:
-            self.controller.router.cancel(rid)
+            self.controller.router.cancel(rid, reason)
 
     # ---- control --------------------------------------------------------------------------------------
     async def reshape(self, stages: int | None, boundaries: list | None, devices: list | None,
