@@ -149,6 +149,8 @@ async def test_metrics_keep_the_servers_own_counters_while_the_engine_does_not_a
 
             for status in (gone, hangs):
                 monkeypatch.setattr(fp, "status", status)
+                r = await http.get("/v1/flexpipe/status")   # an error saying so, not a hang
+                assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable", r.text
                 r = await http.get("/metrics")
                 assert r.status_code == 200, r.text
                 down = _samples(r.text)

@@ -192,7 +192,12 @@ class _Server:
 
     async def status(self, request: Request) -> Response:
         self._authorize(request, "status")
-        view = pipeline_view(await read_status(self.engine))
+        try:
+            status = await asyncio.wait_for(read_status(self.engine), HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError:   # (a remote router that hangs: say so, do not hang the client)
+            raise APIError(503, f"The engine did not tell its status within {HEALTH_TIMEOUT_S:g} s; retry later.",
+                           type="server_error", code="engine_unavailable") from None
+        view = pipeline_view(status)
         self.metrics.observe_status(view)
         return self._json("status", {"model": self.model_name, "max_context": self.max_context,
                                      "uptime_s": round(time.time() - self.created, 3),
