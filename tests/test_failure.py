@@ -11,7 +11,7 @@ import pytest
 
 from flexpipe.api import FlexPipe
 from flexpipe.errors import ReshapeError
-from tests.pipeline_helpers import check_against_oracle, request_mix
+from tests.pipeline_helpers import check_against_oracle, request_mix, until
 
 pytestmark = pytest.mark.timeout(400)
 HEARTBEAT_TIMEOUT = 2.0
@@ -26,8 +26,8 @@ async def _requests_with_kv(fp, n: int, seed: int, max_tokens: tuple[int, int]) 
     reqs = request_mix(n, seed=seed, max_tokens=max_tokens)
     tasks = [asyncio.ensure_future(fp.complete(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"}))
              for r in reqs]
-    while not any(r.computed > 0 for r in fp.controller.router.sched.requests.values()):
-        await asyncio.sleep(0.01)
+    router = fp.controller.router
+    await until(router, lambda: any(r.computed > 0 for r in router.sched.requests.values()))
     return reqs, tasks
 
 

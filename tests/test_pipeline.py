@@ -61,10 +61,8 @@ async def test_streaming_and_cancellation_free_blocks():
                 break
         await agen.aclose()
         assert [e.index for e in events] == list(range(5))
-        for _ in range(200):  # the cancelled request's step returns, then its blocks are freed
-            if not fp.router.sched.requests:
-                break
-            await asyncio.sleep(0.01)
+        # the cancelled request's step returns, then its blocks are freed
+        await until(fp.router, lambda: not fp.router.sched.requests, timeout=30)
         c = await fp.complete("after", max_tokens=3)
         assert len(c.token_ids) == 3
         assert fp.router.sched.stats.cancelled == 1
@@ -83,8 +81,8 @@ async def test_frees_of_a_failed_step_reach_the_stages_it_never_reached():
             return [ev async for ev in fp.generate(f"request {rid}", max_tokens=400, ignore_eos=True, request_id=rid)]
 
         tasks = {rid: asyncio.ensure_future(consume(rid)) for rid in ("A", "F")}
-        while not all(router.sched.requests.get(r) and router.sched.requests[r].output for r in tasks):
-            await asyncio.sleep(0.005)
+        await until(router, lambda: all(router.sched.requests.get(r) and router.sched.requests[r].output
+                                        for r in tasks))
         await router.quiesce()
         # stage 1 loses A's KV (as if a free had gone astray), so A's next step is refused there
         await ctl.system.ask(ctl.slots[1].ref, FreeSeqs(router.epoch, ["A"]))

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from flexpipe.api import FlexPipe
 from flexpipe.errors import ReshapeError
 from flexpipe.runtime.stage import StageStatus, StepInput
-from tests.pipeline_helpers import check_against_oracle, request_mix, run_all
+from tests.pipeline_helpers import check_against_oracle, request_mix, run_all, until
 
 pytestmark = pytest.mark.timeout(300)
 NUM_UNITS = 18  # the tiny preset: 8 layers -> 2 * 8 + 2 units
@@ -100,10 +100,7 @@ async def test_a_split_leaves_no_socket_to_the_stage_kv_came_from():
     reqs = request_mix(6, seed=21, max_tokens=(500, 700))   # long enough to outlive the new stage's start
     async with FlexPipe.launch("tiny", stages=1) as fp:
         task = asyncio.ensure_future(run_all(fp, reqs))
-        for _ in range(2000):
-            if fp.status()["router"]["running"] == len(reqs):
-                break
-            await asyncio.sleep(0.005)
+        await until(fp.router, lambda: fp.status()["router"]["running"] == len(reqs))
         st = await fp.reshape(stages=2)
         assert st.kv_bytes > 0 and st.requests_running > 0, st.to_dict()
         await assert_sockets_only_to_whom_stages_send(fp)
@@ -116,13 +113,11 @@ async def test_reshape_during_long_prefill():
     reqs = [long_prompt] + request_mix(4, seed=11)
     async with FlexPipe.launch("tiny", stages=2, in_process=True, max_batch_tokens=32) as fp:
         task = asyncio.ensure_future(run_all(fp, reqs))
-        for _ in range(500):  # reshape while the long prompt is part way through its chunked prefill
+        def mid_prefill():   # reshape while the long prompt is part way through its chunked prefill
             req = next(iter(fp.router.sched.requests.values()), None)
-            if req is not None and 100 < req.computed < 1000:
-                break
-            await asyncio.sleep(0.005)
-        else:
-            pytest.fail("never saw the long prefill in flight")
+            return req is not None and 100 < req.computed < 1000
+
+        await until(fp.router, mid_prefill)
         st = await fp.reshape(boundaries=[0, 3, 12, 18])
         assert st.kv_bytes > 0
         outs = await task
@@ -148,8 +143,7 @@ async def test_the_restart_baselines_rebuild_without_loss(drain):
     reqs = request_mix(8, seed=6, max_tokens=(20, 50))
     async with FlexPipe.launch("tiny", stages=2, in_process=True) as fp:
         tasks = asyncio.ensure_future(run_all(fp, reqs))
-        while not any(r.output for r in fp.router.sched.requests.values()):
-            await asyncio.sleep(0.005)
+        await until(fp.router, lambda: any(r.output for r in fp.router.sched.requests.values()))
         st = await fp.controller.restart(plan_shape(fp.config, 3, None, 0, "cpu"), drain=drain)
         assert st.kind == ("drain-restart" if drain else "restart-recompute") and st.to_epoch == 1
         assert st.stages_retired == 2 and st.stages_started == 3 and len(fp.status()["stages"]) == 3
@@ -161,11 +155,7 @@ async def test_reshape_with_kv_nearly_full():
     reqs = request_mix(12, seed=9, max_tokens=(40, 60))
     async with FlexPipe.launch("tiny", stages=2, in_process=True, num_blocks=48, block_size=8) as fp:
         task = asyncio.ensure_future(run_all(fp, reqs))
-        for _ in range(1000):
-            kv = fp.status()["router"]["kv"]
-            if max(p["used"] / p["capacity"] for p in kv) > 0.8:
-                break
-            await asyncio.sleep(0.002)
+        await until(fp.router, lambda: max(p["used"] / p["capacity"] for p in fp.status()["router"]["kv"]) > 0.8)
         st = await fp.reshape(boundaries=[0, 6, 12, 18])
         assert st.ok
         check_against_oracle(fp, reqs, await task)
@@ -176,7 +166,7 @@ async def test_aborted_reshape_keeps_old_epoch_serving():
     reqs = request_mix(16, seed=13, max_tokens=(40, 80))
     async with FlexPipe.launch("tiny", stages=2, in_process=True) as fp:
         task = asyncio.ensure_future(run_all(fp, reqs))
-        await asyncio.sleep(0.05)
+        await until(fp.router, lambda: any(r.computed > 0 for r in fp.router.sched.requests.values()))
         before = fp.status()["shape"]
         fp.controller.fail_next_launch = True
         with pytest.raises(ReshapeError, match="failed to start"):
