@@ -139,6 +139,11 @@ class _Server:
         margin = min(1.0, grace_s / 2)
         asyncio.get_running_loop().call_later(max(0.0, grace_s - margin), self.stopping.set)
 
+    async def _engine_status(self) -> dict[str, Any]:
+        """The engine's status, or asyncio.TimeoutError after HEALTH_TIMEOUT_S (a remote router that
+        hangs must not hang /health, /metrics or the status route)."""
+        return await asyncio.wait_for(read_status(self.engine), HEALTH_TIMEOUT_S)
+
     @property
     def max_context(self) -> int:
         """Most tokens a request may hold: the model's context, or less where the KV memory of a
@@ -157,7 +162,7 @@ class _Server:
         if self.engine is None:
             return JSONResponse({"status": "starting"}, status_code=503)
         try:
-            status = await asyncio.wait_for(read_status(self.engine), HEALTH_TIMEOUT_S)
+            status = await self._engine_status()
         except Exception as e:   # a remote router that is gone or slow: not healthy, and say why
             return JSONResponse({"status": "unavailable", "model": self.model_name,
                                  "reason": f"{type(e).__name__}: {e}"[:500]}, status_code=503)
@@ -172,7 +177,7 @@ class _Server:
         gone or slow) they matter most.  The runtime's gauges come along while it answers, and
         flexpipe_engine_up says whether it did."""
         try:
-            status = await asyncio.wait_for(read_status(self.engine), HEALTH_TIMEOUT_S)
+            status = await self._engine_status()
         except Exception as e:   # noqa: BLE001 - reported as flexpipe_engine_up 0 and logged
             log.warning("/metrics without the runtime's numbers: engine status failed: %s: %s",
                         type(e).__name__, e)
@@ -193,7 +198,7 @@ class _Server:
     async def status(self, request: Request) -> Response:
         self._authorize(request, "status")
         try:
-            status = await asyncio.wait_for(read_status(self.engine), HEALTH_TIMEOUT_S)
+            status = await self._engine_status()
         except asyncio.TimeoutError:   # (a remote router that hangs: say so, do not hang the client)
             raise APIError(503, f"The engine did not tell its status within {HEALTH_TIMEOUT_S:g} s; retry later.",
                            type="server_error", code="engine_unavailable") from None
