@@ -137,6 +137,10 @@ class _Controller:
     def suspended(self) -> bool:
         return not self.slots
 
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
     async def _act(self, kind: str, n: int):
         self.queued.set()
         async with self._lock:

@@ -364,7 +364,7 @@ class Autoscaler:
         now = self.clock()
         if now < self._backoff_until:
             return None
-        if self.config.act and self._controller_busy():
+        if self.config.act and self.controller.busy:
             # a reshape, wake or recovery not started by this loop holds the controller: the shape is
             # in flux, and an action planned from the one running now would queue behind it and undo it
             return None
@@ -372,11 +372,6 @@ class Autoscaler:
         if d.action is Action.KEEP or d.target == d.current:
             return None
         return await self._apply(d, ms)
-
-    def _controller_busy(self) -> bool:
-        """Whether an action of the controller (anyone's) is in progress."""
-        lock = getattr(self.controller, "_lock", None)
-        return lock is not None and lock.locked()
 
     async def _apply(self, d: Decision, ms: float) -> dict:
         ctl, router = self.controller, self.router

@@ -514,6 +514,11 @@ class Controller:
                 except ActorError as e:  # the cache is an optimisation: the reshape goes on without it
                     log.warning("units %s of %s not cached: %s", fresh, sl.ref, e)
 
+    @property
+    def busy(self) -> bool:
+        """A reshape, restart, recovery, scale to zero or wake is in progress (the shape is in flux)."""
+        return self._lock.locked()
+
     # ---- scale to zero and back ------------------------------------------------------------------------
     @property
     def suspended(self) -> bool:
