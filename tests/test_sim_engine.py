@@ -257,3 +257,39 @@ def test_utilisation_within_0_and_1_on_a_busy_run(policy):
                     duration_s=240.0).run()
     u = report.summarise(sim)["utilisation"]
     assert 0.0 < u <= 1.0
+
+
+def test_reshape_pause_is_quiesce_then_switch_without_a_second_round():
+    # One request decoding on one stage; at t=1 a reshape that moves nothing (the same units on the same
+    # GPU, more memory): no weights to load and no KV to copy, so the switch is due at once.  The router
+    # stops launching steps at t=1 (quiesce); the round in flight ends at the next iteration boundary b;
+    # the switch then takes SWITCH_OVERHEAD_S and the replica steps again.  The pause is 1 -> b + overhead,
+    # and the round in flight is not waited for a second time after b.
+    n = ModelCosts.for_model("llama2-7b").num_units
+    old, new = Placement((_stage(0, n, 0, 30),)), Placement((_stage(0, n, 0, 35),))
+    trace = Trace(np.array([0.5]), np.array([100]), np.array([4000]), np.zeros(1, dtype=np.int64))
+    seen = {}
+
+    def script(now, sim):
+        if now == 0.0:
+            sim.add_replica(0, old, instant=True)
+        r = next(iter(sim.replicas.values()))
+        if now in (1.0, 2.0):
+            seen[now] = (r.in_seg, r.seg_k, r.seg_t0, r.seg_dt)
+        if now == 1.0:
+            assert sim.reshape_replica(r, new)
+
+    sim = Simulator(Cluster.uniform(1, 4, "A100-80", "none"), [MODELS["llama2-7b"]], trace, _Scripted(script),
+                    duration_s=3.0, drain_s=0.0).run()
+    in_seg, k, t0, dt = seen[1.0]
+    assert in_seg and k > 1000 and dt > 0, "decoding in one long segment at t=1"
+    b = t0 + math.ceil((1.0 - t0) / dt) * dt  # the boundary that ends the round in flight at t=1
+    assert b > 1.0
+    rec = sim.reshapes[0]
+    assert rec.switched and rec.kv_bytes == 0
+    assert rec.pause_s == pytest.approx(b - 1.0 + SWITCH_OVERHEAD_S, rel=1e-9)
+    assert rec.switch_t == 1.0  # the pause begins when the quiesce does
+    assert sim.stall_s[0] == pytest.approx(rec.pause_s, rel=1e-9)
+    in_seg, k, t0, _ = seen[2.0]
+    assert in_seg and k > 0
+    assert t0 == pytest.approx(b + SWITCH_OVERHEAD_S, rel=1e-9)  # stepping again right after the switch

@@ -142,7 +142,8 @@ class Reshape:
 
     `prep_s` (weight load + KV pre-copy) is known once the pre-copy starts; `pause_s` and the delta
     bytes at the switch, when `switched` becomes True (a replica released before its switch never
-    pauses)."""
+    pauses).  The pause is what the runtime measures (controller.py): from the quiesce (no step
+    launched after it) through the end of the round in flight, the delta copy and the switch."""
 
     t: float
     model: str
@@ -156,7 +157,7 @@ class Reshape:
     precopy_bytes: float = 0.0
     delta_bytes: float = 0.0
     switched: bool = False
-    switch_t: float = math.nan  # when the pause began
+    switch_t: float = math.nan  # when the pause began (the quiesce)
 
 
 @dataclass
@@ -168,6 +169,7 @@ class _Pending:
     rec: Reshape
     kv_tok: float  # KV bytes per token of the attention units that change GPU
     copied: dict[int, int] | None = None  # request -> KV tokens the pre-copy took (None: not started)
+    quiesce_t: float = math.nan  # when the switch fell due: no step launched since (nan: not yet)
 
 
 _SEG, _READY, _SWITCH, _TICK, _SAMPLE, _PRECOPY = 0, 1, 2, 3, 4, 5
@@ -295,6 +297,7 @@ class Simulator:
             elif kind == _SWITCH:
                 if obj.pending is not None and obj.state in ("active", "draining"):
                     obj.switch_due = True
+                    obj.pending.quiesce_t = t
                     if obj.in_seg:
                         self._cut(obj)
                     else:
@@ -808,11 +811,14 @@ class Simulator:
             for rid, tok in self._kv_held(r).items():
                 delta += max(0, tok - copied.get(rid, 0))
         delta_bytes = pend.kv_tok * delta
-        # quiesce: the steps in flight drain (one round of the batch running now; none when idle)
-        dt_round = r.seg_dt if r.n_dec or r.prefill else 0.0
-        pause = SWITCH_OVERHEAD_S + dt_round + delta_bytes / self.cluster.inter.bandwidth
+        # the quiesce began when the switch fell due and ended here, at the boundary where the round
+        # then in flight returned (its tokens counted as served): only the delta copy and the switch
+        # are left, during which nothing runs.  (Waiting another round here counted the quiesce twice.)
+        t_q = self.now if math.isnan(pend.quiesce_t) else pend.quiesce_t
+        rest = SWITCH_OVERHEAD_S + delta_bytes / self.cluster.inter.bandwidth
+        pause = (self.now - t_q) + rest
         rec = pend.rec
-        rec.pause_s, rec.delta_bytes, rec.switched, rec.switch_t = pause, delta_bytes, True, self.now
+        rec.pause_s, rec.delta_bytes, rec.switched, rec.switch_t = pause, delta_bytes, True, t_q
         rec.kv_bytes = rec.precopy_bytes + delta_bytes
         r.pending = None
         r.switch_due = False
@@ -821,8 +827,8 @@ class Simulator:
         r.pmemo = {}
         r.kv_cap = new.kv_tokens
         self._set_hold(r, self._hold_of(new), self._slots_of(new))
-        r.pause_until = self.now + pause
-        # every request in flight sees the pause
+        r.pause_until = self.now + rest
+        # every request in flight sees the pause (as the runtime measures it: from the quiesce)
         for ent in r.dec:
             self.stall_s[ent[1]] += pause
         for ent in r.prefill:
