@@ -13,9 +13,10 @@ from flexpipe.placement.placer import ReplicaRequest, UnitDemand, check_placemen
 from flexpipe.placement.topology import GiB, MiB, fragment, load_cluster, paper_testbed
 from flexpipe.runtime import codec
 from flexpipe.runtime.actor import LocalContext
-from flexpipe.runtime.allocator import (AllocatorBehaviour, AllocatorCore, AnnounceGpus, Conflict, Granted,
-                                        InventoryQuery, MergeStages, PlaceReplica, ReleaseReservation,
-                                        ReportUsage, ReserveMemory, SplitStage, WithdrawWorker)
+from flexpipe.runtime.allocator import (AbortReshape, AllocatorBehaviour, AllocatorCore, AnnounceGpus,
+                                        CommitReshape, Conflict, Granted, InventoryQuery, MergeStages,
+                                        PlaceReplica, ReleaseReservation, ReportUsage, ReserveMemory,
+                                        SplitStage, WithdrawWorker)
 from flexpipe.runtime.messages import ActorRef, Terminated
 
 
@@ -94,10 +95,72 @@ def test_split_and_merge_through_the_core():
     r = core.place(req)
     total = sum(core.reserved.values())
     r = core.split(r.id, 0, req)
-    assert r.placement.n_gpus == 3 and r.amounts == r.placement.reservations()
+    r, freed = core.commit_reshape(r.id)
+    assert r.placement.n_gpus == 3 and r.amounts == r.placement.reservations() and freed == []
     r, freed = core.merge(r.id, req)
+    r, freed_now = core.commit_reshape(r.id)
+    assert freed_now == freed
     assert r.placement.n_gpus == 2 and len(freed) == 1 and core.reserved.get(freed[0], 0) == 0
     assert sum(core.reserved.values()) == pytest.approx(total, rel=0.01)  # overheads may differ by one stage
+    core.check()
+
+
+def _free(core: AllocatorCore) -> dict[str, int]:
+    return {g.id: int(f) for g, f in zip(core.topo.gpus, core.topo.free)}
+
+
+def test_split_and_merge_hold_old_and_new_stages_until_the_commit():
+    # The runtime keeps the old stages serving until the switch (a kept stage holds its old units
+    # beside the ones it gains; a retiring one holds all of its memory): until commit_reshape, nobody
+    # else may book that memory.
+    core = AllocatorCore(fragment(paper_testbed(), 3))
+    req = request(n=40, stages=2, max_stages=2)
+    r = core.place(req)
+    old = r.placement
+    before, free0 = dict(core.reserved), _free(core)
+
+    r = core.split(r.id, 0, req)
+    new = r.placement
+    g, (h,) = old.stages[0].gpu, set(new.gpus) - set(old.gpus)
+    assert new.n_gpus == 3 and new.reservations()[g] < old.reservations()[g], "half of stage 0 stays on g"
+    assert core.reserved[g] == before[g]  # the old stage 0 holds all its units until the switch
+    assert core.reserved[h] == new.reservations()[h]
+    assert _free(core)[g] == free0[g]
+    with pytest.raises(Conflict, match=g):   # what the split gives up on g is not free before the switch
+        core.reserve({g: free0[g] + 1})
+    with pytest.raises(PlacementError, match="commit_reshape"):
+        core.merge(r.id, req)
+    core.check()
+    r, freed = core.commit_reshape(r.id)
+    assert freed == [] and r.amounts == new.reservations() and r.old_placement is None
+    assert {k: v for k, v in core.reserved.items() if v} == new.reservations()
+    core.check()
+
+    r, freed = core.merge(r.id, req)
+    merged = r.placement
+    (f,) = freed
+    unchanged = {(t.start, t.end, t.gpu) for t in new.stages}
+    (keep,) = [s.gpu for s in merged.stages if (s.start, s.end, s.gpu) not in unchanged]
+    assert core.reserved[f] == new.reservations()[f]  # the merged-away stage serves until the switch
+    assert core.reserved[keep] == merged.reservations()[keep]  # the kept one grew by the units it took
+    core.check()
+    r, freed_now = core.commit_reshape(r.id)
+    assert freed_now == [f] and core.reserved.get(f, 0) == 0 and r.amounts == merged.reservations()
+    core.check()
+
+
+def test_an_aborted_split_gives_back_the_new_side_only():
+    core = AllocatorCore(fragment(paper_testbed(), 3))
+    req = request(n=40, stages=2, max_stages=2)
+    r = core.place(req)
+    old, before, free0 = r.placement, dict(r.amounts), _free(core)
+    r = core.split(r.id, 1, req)
+    assert r.old_placement == old and sum(r.amounts.values()) > sum(before.values())
+    r = core.abort_reshape(r.id)
+    assert r.placement == old and r.old_placement is None and r.amounts == before
+    assert _free(core) == free0
+    with pytest.raises(PlacementError, match="no reshape"):
+        core.commit_reshape(r.id)
     core.check()
 
 
@@ -111,9 +174,18 @@ async def test_behaviour_handles_its_messages():
     g = await ctx.deliver(PlaceReplica(req.to_dict(), "rep"))
     assert isinstance(g, Granted) and g.owner == "rep" and g.to_placement().reservations() == g.amounts
     g = await ctx.deliver(SplitStage(g.rid, 0, req.to_dict()))
-    assert g.to_placement().n_gpus == 3
+    assert g.to_placement().n_gpus == 3 and g.old_placement is not None
+    assert sum(g.amounts.values()) > sum(g.to_placement().reservations().values())  # old and new, until...
+    g = await ctx.deliver(CommitReshape(g.rid))
+    assert g.amounts == g.to_placement().reservations() and g.old_placement is None and g.freed == []
     g = await ctx.deliver(MergeStages(g.rid, req.to_dict()))
     assert g.to_placement().n_gpus == 2 and len(g.freed) == 1
+    freed = g.freed
+    g = await ctx.deliver(AbortReshape(g.rid))   # the merge did not happen: three stages serve on
+    assert g.to_placement().n_gpus == 3 and freed[0] in g.amounts
+    g = await ctx.deliver(MergeStages(g.rid, req.to_dict()))
+    g = await ctx.deliver(CommitReshape(g.rid))
+    assert g.to_placement().n_gpus == 2 and g.freed == freed and freed[0] not in g.amounts
     m = await ctx.deliver(ReserveMemory({"a/3": GiB}, "m"))
     await ctx.deliver(ReportUsage({"a/2": 50 * GiB}))
     status = await ctx.deliver(InventoryQuery(full=True))
@@ -130,8 +202,8 @@ def test_messages_survive_the_codec():
     req = request()
     core = AllocatorCore(load_cluster("dgx-a100"))
     r = core.place(req, "o")
-    granted = Granted(r.id, r.owner, r.amounts, r.placement.to_dict(), ["dgx0/7"])
-    for msg in (PlaceReplica(req.to_dict(), "o"), granted,
+    granted = Granted(r.id, r.owner, r.amounts, r.placement.to_dict(), ["dgx0/7"], r.placement.to_dict())
+    for msg in (PlaceReplica(req.to_dict(), "o"), granted, CommitReshape(r.id), AbortReshape(r.id),
                 AnnounceGpus("w", load_cluster("mixed-lab").to_dict(), ActorRef("w", "ipc:///tmp/x"))):
         got, tensors = codec.decode(codec.encode(msg))
         assert got == msg and tensors == []

@@ -12,6 +12,11 @@ Concurrency: a placement decision takes milliseconds, so the actor makes it off 
 the plan against the current free memory under a lock and re-plans when another request took the
 memory meanwhile.  Every change to the books goes through `_take`/`_give` under that lock, so two
 requests can never book the same bytes.
+
+Reshapes: the runtime keeps the old stages serving until the switch (DESIGN.md, reconfiguration), so
+a split or merge books the union of the old and the new placement (`union_amounts`) and the owner
+ends it with `commit_reshape` once the switch is done (the old side is given back) or `abort_reshape`
+when the old shape serves on (the new side is given back).
 """
 
 from __future__ import annotations
@@ -24,14 +29,15 @@ from typing import Any, Mapping
 import numpy as np
 
 from flexpipe.errors import PlacementError, TopologyError
-from flexpipe.placement.placer import FlexPlacer, Placement, ReplicaRequest, reservation_delta
+from flexpipe.placement.placer import FlexPlacer, Placement, ReplicaRequest
 from flexpipe.placement.topology import GiB, Node, Topology
 from flexpipe.runtime.actor import handles
 from flexpipe.runtime.messages import ActorRef, Terminated, message
 
 __all__ = ["AllocatorCore", "AllocatorBehaviour", "Reservation", "Plan", "Conflict", "AnnounceGpus",
            "WithdrawWorker", "ReportUsage", "PlaceReplica", "ReserveMemory", "ReleaseReservation",
-           "SplitStage", "MergeStages", "InventoryQuery", "Granted"]
+           "SplitStage", "MergeStages", "CommitReshape", "AbortReshape", "InventoryQuery", "Granted",
+           "union_amounts"]
 
 
 class Conflict(PlacementError):
@@ -40,12 +46,39 @@ class Conflict(PlacementError):
 
 @dataclass
 class Reservation:
-    """Memory held for one owner (a replica, usually), per GPU id, and the placement it implements."""
+    """Memory held for one owner (a replica, usually), per GPU id, and the placement it implements.
+
+    During a split or merge, `placement` is the new shape being prepared, `old_placement` the one still
+    serving, and `amounts` holds both (`union_amounts`) until `commit_reshape` or `abort_reshape`.
+    """
 
     id: str
     owner: str
     amounts: dict[str, int]
     placement: Placement | None = None
+    old_placement: Placement | None = None  # the shape serving until the reshape ends (None: no reshape)
+    old_amounts: dict[str, int] = field(default_factory=dict)  # what it held before the reshape began
+
+
+def union_amounts(old: Placement, new: Placement, req: ReplicaRequest) -> dict[str, int]:
+    """Bytes per GPU id while a replica goes from `old` to `new`: both serve or load until the switch.
+
+    A new stage on a GPU where an old stage with units in common runs is that stage actor kept in place
+    (controller.py matches them so): it loads the units it lacks beside the ones it holds and drops the
+    others only at the switch, so it holds its old bytes plus those of the units it gains.  Any other new
+    stage is a new process beside whatever runs on its GPU.  Each GPU holds at least what `old` and `new`
+    each book there, so committing or aborting only ever gives memory back.
+    """
+    out = dict(old.reservations())
+    held = {s.gpu: s for s in old.stages}
+    for s in new.stages:
+        o = held.get(s.gpu)
+        if o is not None and min(o.end, s.end) > max(o.start, s.start):
+            gained = req.stage_bytes(min(o.start, s.start), max(o.end, s.end)) - req.stage_bytes(o.start, o.end)
+            out[s.gpu] = max(o.mem_bytes + gained, s.mem_bytes)
+        else:
+            out[s.gpu] = out.get(s.gpu, 0) + s.mem_bytes
+    return out
 
 
 @dataclass
@@ -201,35 +234,70 @@ class AllocatorCore:
             return self.commit(self.plan(req), owner)
 
     def split(self, rid: str, stage: int, req: ReplicaRequest) -> Reservation:
-        """Split one stage of a reserved replica; the reservation is updated in place."""
+        """Split one stage of a reserved replica: books the new shape beside the old one (updated in
+        place; `placement` is the new shape) until `commit_reshape` or `abort_reshape`."""
         with self._lock:
-            r = self._placed(rid)
+            r = self._placed(rid, reshaping=False)
+            assert r.placement is not None
             new = self.placer.split(r.placement, stage, req, self.topo)
-            return self._reshape(r, new)
+            return self._reshape(r, new, req)
 
     def merge(self, rid: str, req: ReplicaRequest, stages: int | None = None) -> tuple[Reservation, list[str]]:
-        """Merge stages of a reserved replica; returns the updated reservation and the GPUs freed."""
+        """Merge stages of a reserved replica, booked as `split` is; returns the reservation and the GPUs
+        that `commit_reshape` will free (they serve until the switch)."""
         with self._lock:
-            r = self._placed(rid)
+            r = self._placed(rid, reshaping=False)
+            assert r.placement is not None
             new, freed = self.placer.merge(r.placement, req, self.topo, stages)
-            return self._reshape(r, new), freed
+            return self._reshape(r, new, req), freed
 
-    def _placed(self, rid: str) -> Reservation:
+    def commit_reshape(self, rid: str) -> tuple[Reservation, list[str]]:
+        """The switch to the new shape is done: give back what only the old one held; returns the
+        reservation and the GPUs it no longer holds anything on."""
+        with self._lock:
+            r = self._placed(rid, reshaping=True)
+            assert r.placement is not None
+            freed = self._shrink(r, r.placement.reservations())
+            r.old_placement, r.old_amounts = None, {}
+            return r, freed
+
+    def abort_reshape(self, rid: str) -> Reservation:
+        """The reshape was abandoned and the old shape serves on: give back what only the new one held."""
+        with self._lock:
+            r = self._placed(rid, reshaping=True)
+            self._shrink(r, r.old_amounts)
+            r.placement, r.old_placement, r.old_amounts = r.old_placement, None, {}
+            return r
+
+    def _placed(self, rid: str, reshaping: bool) -> Reservation:
+        """The placed reservation `rid`, with a reshape under way or not as `reshaping` says."""
         r = self.reservations.get(rid)
         if r is None or r.placement is None:
             raise PlacementError(f"no placed replica under reservation {rid!r}")
+        if reshaping and r.old_placement is None:
+            raise PlacementError(f"no reshape under way for reservation {rid!r} (split or merge starts one)")
+        if not reshaping and r.old_placement is not None:
+            raise PlacementError(f"reservation {rid!r} is being reshaped: commit_reshape (after the switch) or "
+                                 f"abort_reshape it before reshaping it again")
         return r
 
-    def _reshape(self, r: Reservation, new: Placement) -> Reservation:
-        delta = reservation_delta(r.placement, new)
-        self._give({g: -b for g, b in delta.items() if b < 0})
-        try:
-            self._take({g: b for g, b in delta.items() if b > 0})
-        except Conflict:
-            self._take({g: -b for g, b in delta.items() if b < 0})  # put the books back as they were
-            raise
-        r.amounts, r.placement = new.reservations(), new
+    def _reshape(self, r: Reservation, new: Placement, req: ReplicaRequest) -> Reservation:
+        """Book the union of r's placement and `new` (Conflict, and the books unchanged, if it does not fit)."""
+        assert r.placement is not None
+        hold = union_amounts(r.placement, new, req)
+        hold = {g: max(b, r.amounts.get(g, 0)) for g, b in {**r.amounts, **hold}.items()}
+        self._take({g: b - r.amounts.get(g, 0) for g, b in hold.items() if b > r.amounts.get(g, 0)})
+        r.old_amounts, r.amounts = r.amounts, hold
+        r.old_placement, r.placement = r.placement, new
         return r
+
+    def _shrink(self, r: Reservation, keep: Mapping[str, int]) -> list[str]:
+        """Give back what `r` holds beyond `keep` (bytes per GPU, never more than it holds); returns the
+        GPUs it no longer holds anything on."""
+        self._give({g: b - keep.get(g, 0) for g, b in r.amounts.items() if b > keep.get(g, 0)})
+        gone = [g for g in r.amounts if not keep.get(g, 0)]
+        r.amounts = {g: b for g, b in keep.items() if b > 0}
+        return gone
 
     def check(self) -> None:
         """Assert the books balance: free + reserved + external = total, nothing negative (tests)."""
@@ -297,7 +365,8 @@ class ReleaseReservation:
 
 @message(256)
 class SplitStage:
-    """Split one stage of a placed replica; the reply is Granted with the new placement."""
+    """Split one stage of a placed replica; the reply is Granted with the new placement, holding the old
+    one beside it until CommitReshape or AbortReshape."""
     rid: str
     stage: int
     request: dict
@@ -305,10 +374,25 @@ class SplitStage:
 
 @message(257)
 class MergeStages:
-    """Merge a placed replica's stages down to `stages` (0: one fewer); Granted lists the GPUs freed."""
+    """Merge a placed replica's stages down to `stages` (0: one fewer); booked as SplitStage is, and
+    Granted lists the GPUs that CommitReshape will free."""
     rid: str
     request: dict
     stages: int = 0
+
+
+@message(260)
+class CommitReshape:
+    """The switch of a split or merge is done: give back what only the old shape held; the reply is
+    Granted, listing the GPUs the reservation no longer holds anything on."""
+    rid: str
+
+
+@message(261)
+class AbortReshape:
+    """A split or merge was abandoned and the old shape serves on: give back what only the new shape
+    held; the reply is Granted with the old placement."""
+    rid: str
 
 
 @message(258)
@@ -325,13 +409,15 @@ class Granted:
     amounts: dict
     placement: dict | None = None
     freed: list = field(default_factory=list)
+    old_placement: dict | None = None  # during a split or merge: the shape serving until it ends
 
     def to_placement(self) -> Placement | None:
         return None if self.placement is None else Placement.from_dict(self.placement)
 
 
 def _granted(r: Reservation, freed: list[str] | None = None) -> Granted:
-    return Granted(r.id, r.owner, dict(r.amounts), r.placement.to_dict() if r.placement else None, list(freed or []))
+    return Granted(r.id, r.owner, dict(r.amounts), r.placement.to_dict() if r.placement else None, list(freed or []),
+                   r.old_placement.to_dict() if r.old_placement else None)
 
 
 class AllocatorBehaviour:
@@ -402,6 +488,14 @@ class AllocatorBehaviour:
     def merge(self, ctx: Any, msg: MergeStages) -> Granted:
         r, freed = self.core.merge(msg.rid, ReplicaRequest.from_dict(msg.request), msg.stages or None)
         return _granted(r, freed)
+
+    @handles(CommitReshape)
+    def commit_reshape(self, ctx: Any, msg: CommitReshape) -> Granted:
+        return _granted(*self.core.commit_reshape(msg.rid))
+
+    @handles(AbortReshape)
+    def abort_reshape(self, ctx: Any, msg: AbortReshape) -> Granted:
+        return _granted(self.core.abort_reshape(msg.rid))
 
     @handles(InventoryQuery)
     def query(self, ctx: Any, msg: InventoryQuery) -> dict:
