@@ -143,6 +143,10 @@ def test_missing_or_broken_config_file(tmp_path):
     dict(rope_theta=1e6, rope_parameters={"rope_type": "linear", "factor": 4.0}),
     dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                           "original_max_position_embeddings": 64}),
+    # llama3 without original_max_position_embeddings: transformers takes max_position_embeddings
+    dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
+    dict(rope_theta=5e5, rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0}, original_max_position_embeddings=64),
     # a 5.x save with a 4.x rope_scaling added: transformers applies the rope_scaling
     dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rope_scaling={"type": "linear",
                                                                                      "factor": 4.0}),
@@ -157,6 +161,24 @@ def test_rope_parameters_and_rope_scaling_read_as_transformers_does(rope):
     assert cfg.rope_theta == hf["rope_theta"]
     assert cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == hf["rope_type"]
     assert all(cfg.rope_scaling[k] == hf[k] for k in cfg.rope_scaling)
+
+
+def test_llama3_rope_without_original_max_positions_takes_max_position_embeddings():
+    transformers = pytest.importorskip("transformers")
+    rs = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    cfg = ModelConfig(rope_scaling=rs, max_position_embeddings=300)
+    assert cfg.rope_scaling == dict(rs, original_max_position_embeddings=300)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg and ModelConfig.from_hf(cfg.to_hf()) == cfg
+    # as transformers: an explicit value is kept (even one >= max_position_embeddings, which it only
+    # warns about); an explicit null is refused (transformers fails comparing it), as is a missing factor
+    assert ModelConfig(rope_scaling=dict(rs, original_max_position_embeddings=4096),
+                       max_position_embeddings=300).rope_scaling["original_max_position_embeddings"] == 4096
+    with pytest.raises(ConfigError, match="original_max_position_embeddings"):
+        ModelConfig(rope_scaling=dict(rs, original_max_position_embeddings=None))
+    with pytest.raises(Exception, match="NoneType"):
+        transformers.LlamaConfig.from_dict(dict(LLAMA, rope_scaling=dict(rs, original_max_position_embeddings=None)))
+    with pytest.raises(ConfigError, match="factor"):
+        ModelConfig.from_hf(dict(LLAMA, rope_scaling={k: v for k, v in rs.items() if k != "factor"}))
 
 
 @pytest.mark.parametrize("rope, error, words", [

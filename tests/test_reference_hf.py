@@ -124,3 +124,32 @@ def test_opt_checkpoint_of_the_bare_model_loads_like_hf(tmp_path):
         {"metadata": {}, "weight_map": {k: "model.safetensors" for k in bare}}))
     reader = CheckpointReader(tmp_path)
     assert (ReferenceModel(reader.config, reader).prefill(PROMPT) - want).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("key", ["rope_parameters", "rope_scaling"])
+@torch.no_grad()
+def test_llama3_rope_without_original_max_positions_matches_hf(tmp_path, key):
+    """A llama3 rope scaling that leaves out original_max_position_embeddings (5.x rope_parameters or
+    4.x rope_scaling): transformers takes max_position_embeddings (256 here, not the 64 it was made
+    with), and so do we; logits agree over prefill and decode."""
+    import json
+
+    make_hf_model("llama-gqa4-llama3rope", tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    rope = raw.pop("rope_parameters")
+    assert rope.pop("original_max_position_embeddings") == 64
+    raw[key] = rope
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").float().eval()
+    assert hf.config.rope_parameters["original_max_position_embeddings"] == raw["max_position_embeddings"]
+    reader = CheckpointReader(tmp_path)
+    assert reader.config.rope_scaling["original_max_position_embeddings"] == raw["max_position_embeddings"]
+    ref = ReferenceModel(reader.config, reader)
+    hl, cache = _hf_step(hf, PROMPT, None)
+    worst = (hl - ref.prefill(PROMPT)).abs().max().item()
+    tok = int(hl[-1].argmax())
+    for _ in range(DECODE_STEPS):
+        hl, cache = _hf_step(hf, [tok], cache)
+        worst = max(worst, (hl[-1] - ref.decode(tok)).abs().max().item())
+        tok = int(hl[-1].argmax())
+    assert worst <= TOL, f"max |logit diff| {worst:.2e} > {TOL}"

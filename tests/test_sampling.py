@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flexpipe.errors import RequestError
 from flexpipe.model import PresetWeights, ReferenceModel, SamplingParams, preset, sample
-from flexpipe.model.sampling import MAX_TOKENS_LIMIT
+from flexpipe.model.sampling import MAX_TOKENS_LIMIT, warp_logits
 
 
 @pytest.mark.parametrize("kw, words", [
@@ -166,3 +169,63 @@ def test_top_k_keeps_every_token_tied_with_the_kth_like_hf(monkeypatch, top_k, t
     p = [SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p, seed=3)]
     assert [int(sample(logits[None], p, [n])[0]) for n in range(20)] == \
         [int(sample(logits[None], p, [n])[0]) for n in range(20)]
+
+
+def _hf_warped(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """One row [V] through HF's sampling warpers, as generate() chains them (do_sample, one beam)."""
+    warpers = pytest.importorskip("transformers.generation.logits_process")
+    scores = logits[None].float()
+    if temperature != 1.0:
+        scores = warpers.TemperatureLogitsWarper(float(temperature))(None, scores)
+    if top_k != 0:
+        scores = warpers.TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = warpers.TopPLogitsWarper(top_p)(None, scores)
+    return scores[0]
+
+
+def _finite(row: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(torch.isfinite(row)).flatten().tolist())
+
+
+# V 6: HF's ascending sort keeps the later tied id, where a descending sort kept the earlier; V 64:
+# torch.sort's default order is not stable there (torch 2.x on CPU keeps ids 1, 2, a stable ascending
+# sort 4, 5): only HF's very call keeps HF's set.
+@pytest.mark.parametrize("V, tied", [(6, 2), (64, 5)])
+def test_top_p_keeps_hfs_set_at_a_tie_across_the_nucleus_boundary(V, tied):
+    # token 0 first, then `tied` equal tokens, then the rest; the nucleus ends inside the tied group
+    logits = torch.cat([torch.tensor([4.0]), torch.full((tied,), 2.0), torch.zeros(V - 1 - tied)])
+    probs = torch.softmax(logits, -1)
+    top_p = float(probs[0] + (tied // 2 - 0.5) * probs[1])
+    want = _hf_warped(logits, 1.0, 0, top_p)
+    in_nucleus = _finite(want) & set(range(1, tied + 1))
+    assert 0 < len(in_nucleus) < tied   # the boundary cuts the tie: which tied tokens stay is the point
+    p = SamplingParams(temperature=1.0, top_p=top_p, seed=0)
+    assert torch.equal(warp_logits(logits[None], [p])[0], want)
+    if V == 6:
+        assert in_nucleus == {2}
+    # and the sampler, which the oracle and the pipeline's last stage both call, draws from that set
+    drawn = {int(sample(logits[None], [dataclasses.replace(p, seed=s)], [0])[0]) for s in range(400)}
+    assert drawn == _finite(want)
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.data())
+def test_warpers_keep_what_hfs_keep_on_any_logits(data):
+    """Temperature, top-k and top-p leave each row exactly as HF's warper chain does (values and kept
+    set), ties included, whatever rows it is batched with."""
+    V = data.draw(st.integers(2, 80), label="V")
+    rows = data.draw(st.integers(1, 4), label="rows")
+    # few distinct values so that ties (at the k-th value and across the nucleus' edge) are common
+    grid = data.draw(st.sampled_from([0.25, 1.0, 0.1 + 1 / 3]), label="grid")
+    logits = torch.tensor(data.draw(st.lists(st.lists(st.integers(-12, 12), min_size=V, max_size=V),
+                                             min_size=rows, max_size=rows), label="logits"),
+                          dtype=torch.float32) * grid
+    params = [SamplingParams(temperature=data.draw(st.one_of(st.just(1.0), st.floats(0.05, 4.0))),
+                             top_k=data.draw(st.sampled_from([0, 1, 2, 3, V - 1, V, V + 5])),
+                             top_p=data.draw(st.one_of(st.just(1.0), st.floats(1e-3, 1.0))), seed=1)
+              for _ in range(rows)]
+    got = warp_logits(logits, params)
+    for i, p in enumerate(params):
+        want = _hf_warped(logits[i], p.temperature, p.top_k, p.top_p)
+        assert torch.equal(got[i], want), (i, p, got[i], want)

@@ -102,7 +102,7 @@ class ModelConfig:
         else:
             if not self.rope_theta > 0:
                 raise bad(f"rope_theta must be positive (got {self.rope_theta})")
-            self.rope_scaling = _check_rope_scaling(self.rope_scaling, self.name)
+            self.rope_scaling = _check_rope_scaling(self.rope_scaling, self.name, self.max_position_embeddings)
 
     # --- units (docs/CONTRACTS.md): 0 = Embedding, 1+2i = Attention(i), 2+2i = MLP(i), 2L+1 = Head
     @property
@@ -187,7 +187,10 @@ class ModelConfig:
         return _to_hf_dict(self)
 
 
-def _check_rope_scaling(rs: dict | None, name: str) -> dict | None:
+def _check_rope_scaling(rs: dict | None, name: str, max_positions: int) -> dict | None:
+    """The normalised scaling dict, or None for plain RoPE. A llama3 scaling without
+    original_max_position_embeddings takes max_position_embeddings, as transformers' config does
+    (standardize_rope_params: setdefault, so an explicit value, even null, is kept and checked)."""
     if not rs:
         return None
     rs = dict(rs)
@@ -200,9 +203,17 @@ def _check_rope_scaling(rs: dict | None, name: str) -> dict | None:
         raise UnsupportedArchitectureError(
             f"model config {name!r}: rope scaling {rtype!r} is not supported; supported: {list(ROPE_TYPES)}")
     needed = ("factor",) if rtype == "linear" else _LLAMA3_KEYS
+    if rtype == "llama3":
+        rs.setdefault("original_max_position_embeddings", max_positions)
     missing = [k for k in needed if k not in rs]
     if missing:
         raise ConfigError(f"model config {name!r}: {rtype} rope scaling needs {missing}")
+    bad = [k for k in needed if isinstance(rs[k], bool) or not isinstance(rs[k], (int, float))]
+    if bad:
+        hint = ("; leave original_max_position_embeddings out to use max_position_embeddings, as transformers "
+                "does" if "original_max_position_embeddings" in bad else "")
+        raise ConfigError(f"model config {name!r}: {rtype} rope scaling's {bad} must be numbers "
+                          f"(got {[rs[k] for k in bad]}){hint}")
     out = {"rope_type": rtype}
     for k in needed:
         out[k] = float(rs[k]) if k != "original_max_position_embeddings" else int(rs[k])
@@ -347,7 +358,7 @@ def _from_hf_dict(raw: dict[str, Any], where: str, name: str, gen_eos: tuple[int
         qkv_bias = o_bias = bool(raw.get("attention_bias", False))
         mlp_bias = bool(raw.get("mlp_bias", False))
     try:
-        scaling = _check_rope_scaling(scaling, name)
+        scaling = _check_rope_scaling(scaling, name, common["max_position_embeddings"])
     except UnsupportedArchitectureError:
         raise unsupported(f"rope scaling {scaling['rope_type']!r} (supported: {list(ROPE_TYPES)})") from None
     return _make(where, arch="llama", intermediate_size=need("intermediate_size"),

@@ -2,6 +2,7 @@
 
 The draw for output token n of a request is a Gumbel-max over noise generated from (seed, n) alone,
 so a request's tokens never depend on what it was batched with, on preemption, or on reshapes.
+Temperature, top-k and top-p are HF's warpers, in HF's order (warp_logits): the same tokens stay.
 """
 
 from __future__ import annotations
@@ -103,8 +104,45 @@ def gumbel_noise(seed: int, n: int, vocab_size: int) -> torch.Tensor:
     return -torch.log(-torch.log(u))  # u == 0 gives -inf: that token is never drawn
 
 
+def warp_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """fp32 [N, V]: each row as HF's sampling warpers leave it, in HF's order: divided by the temperature
+    (TemperatureLogitsWarper), then top-k (TopKLogitsWarper), then top-p (TopPLogitsWarper); removed
+    tokens are -inf. Every row needs temperature > 0.
+
+    The filters repeat HF's operations, not just their maths, so that the kept set is HF's bit for bit:
+    top-k keeps every token tied with the k-th value; top-p sorts the top-k survivors *ascending* with
+    torch.sort's default (unstable) order, as TopPLogitsWarper does, and removes the tokens whose
+    cumulative probability is <= 1 - top_p (compared in fp32), always keeping the last (most likely).
+    At a tie across the nucleus' boundary the order of the tied tokens in that sort decides which stay,
+    so a descending sort, or a stable one, keeps a different set. Each row depends on its own values
+    only (torch.sort, softmax and cumsum work row by row), so batching cannot change what a row keeps."""
+    N, V = logits.shape
+    if len(params) != N or any(p.temperature <= 0 for p in params):
+        raise ValueError(f"warp_logits: {N} logit rows need as many params, each with temperature > 0")
+    dev = logits.device
+    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+    x = logits.float() / temps[:, None]  # (the same fp32 quotient as HF's scores / temperature)
+    ks = [p.top_k if 0 < p.top_k < V else 0 for p in params]  # 0: no top-k on this row
+    if any(ks):
+        # the k-th largest value (a value: no order of ties enters), as HF's torch.topk(scores, k)[0][-1]
+        at = torch.tensor([max(k, 1) - 1 for k in ks], device=dev)[:, None]
+        kth = x.topk(max(ks), dim=-1).values.gather(1, at)  # [N, 1]
+        x = x.masked_fill((x < kth) & torch.tensor([k > 0 for k in ks], device=dev)[:, None], -math.inf)
+    ps = [float(p.top_p) for p in params]
+    if min(ps) < 1.0:
+        sx, order = torch.sort(x, descending=False)
+        cum = sx.softmax(dim=-1).cumsum(dim=-1)
+        # HF compares with the Python float 1 - top_p, which torch rounds to fp32; top_p 1 is no filter
+        drop = (cum <= torch.tensor([1.0 - p for p in ps], dtype=torch.float32, device=dev)[:, None]) & \
+            torch.tensor([p < 1.0 for p in ps], device=dev)[:, None]
+        drop[:, -1] = False
+        x = x.masked_fill(drop.scatter(1, order, drop), -math.inf)
+    return x
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], out_index: Sequence[int]) -> torch.Tensor:
-    """Next token [N] int64 for logits [N, V]; row i is output token out_index[i] of its request."""
+    """Next token [N] int64 for logits [N, V]; row i is output token out_index[i] of its request.
+    Greedy rows take the argmax; the others a Gumbel-max draw over warp_logits (HF's warpers)."""
     N, V = logits.shape
     if len(params) != N or len(out_index) != N:
         raise ValueError(f"sample: {N} logit rows but {len(params)} params and {len(out_index)} indices")
@@ -112,26 +150,11 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], out_index: Se
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if not rows:
         return out
-    dev = logits.device
-    idx = torch.tensor(rows, dtype=torch.int64, device=dev)
-    temps = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32, device=dev)
-    x = logits.index_select(0, idx).float() / temps[:, None]  # [R, V]
-    ks = [params[i].top_k if 0 < params[i].top_k < V else V for i in rows]
-    ps = [float(params[i].top_p) for i in rows]
-    if min(ks) < V or min(ps) < 1.0:
-        sx, order = x.sort(dim=-1, descending=True)  # [R, V]
-        # as HF's TopKLogitsWarper: every token tied with the k-th value stays
-        kth = sx.gather(1, torch.tensor(ks, device=dev)[:, None] - 1)  # [R, 1]
-        drop = sx < kth
-        if min(ps) < 1.0:
-            probs = torch.softmax(sx.masked_fill(drop, -math.inf), dim=-1)
-            before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens
-            p = torch.tensor(ps, dtype=torch.float32, device=dev)[:, None]
-            drop |= (before >= p) & (p < 1.0)
-        sx = sx.masked_fill(drop, -math.inf)
-        x = torch.empty_like(x).scatter_(1, order, sx)
     if any(params[i].seed is None for i in rows):
         raise ValueError("sampling with temperature > 0 needs a seed: call SamplingParams.resolve_seed()")
+    dev = logits.device
+    idx = torch.tensor(rows, dtype=torch.int64, device=dev)
+    x = warp_logits(logits.index_select(0, idx), [params[i] for i in rows])
     noise = torch.stack([gumbel_noise(params[i].seed, out_index[i], V) for i in rows]).to(dev)
     out[idx] = (x + noise).argmax(dim=-1)
     return out
