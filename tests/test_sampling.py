@@ -60,6 +60,15 @@ def test_greedy_is_argmax_and_ignores_seed():
     assert torch.equal(sample(logits, params, [0, 1, 2, 3, 4]), logits.argmax(-1))
 
 
+@pytest.mark.parametrize("t", [1e-40, 1e-30, 1e-6])
+def test_a_vanishing_temperature_is_greedy_not_token_0(t):
+    # logits / 1e-40 overflow to +-inf: the draw over them was token 0 whatever the logits
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
+    for kw in ({}, {"top_p": 0.5}, {"top_k": 3}):
+        params = [SamplingParams(temperature=t, seed=s, **kw).validate() for s in range(4)]
+        assert torch.equal(sample(logits, params, [0, 1, 2, 3]), logits.argmax(-1))
+
+
 def _row_batches(logits, params, idx):
     alone = [int(sample(logits[i:i + 1], [params[i]], [idx[i]])[0]) for i in range(len(params))]
     batched = sample(logits, params, idx).tolist()

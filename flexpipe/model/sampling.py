@@ -30,7 +30,7 @@ def _short(v: Any) -> str:
 
 @dataclass(slots=True)
 class SamplingParams:
-    """How to pick each next token; temperature 0 is greedy. top_k 0 and top_p 1 disable those filters."""
+    """How to pick each next token; temperature 0 (or below GREEDY_BELOW) is greedy. top_k 0 and top_p 1 disable those filters."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -140,14 +140,20 @@ def warp_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch
     return x
 
 
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS does the same): logits / 1e-40 overflow fp32 to
+# infinities, and the draw over them was token 0 whatever the logits (HF's sampling does the same).
+GREEDY_BELOW = 1e-5
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], out_index: Sequence[int]) -> torch.Tensor:
     """Next token [N] int64 for logits [N, V]; row i is output token out_index[i] of its request.
-    Greedy rows take the argmax; the others a Gumbel-max draw over warp_logits (HF's warpers)."""
+    Greedy rows (temperature < GREEDY_BELOW) take the argmax; the others a Gumbel-max draw over
+    warp_logits (HF's warpers)."""
     N, V = logits.shape
     if len(params) != N or len(out_index) != N:
         raise ValueError(f"sample: {N} logit rows but {len(params)} params and {len(out_index)} indices")
     out = logits.argmax(dim=-1)  # greedy rows keep this
-    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    rows = [i for i, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
     if not rows:
         return out
     if any(params[i].seed is None for i in rows):
