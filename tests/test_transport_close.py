@@ -1,10 +1,12 @@
 """Closing one end of a channel: a ring (or local) sender learns that its receiver closed instead of
-waiting for ever, a closed cuda_ipc receiver keeps its ring while its sender may still write there,
-and a zmq send() returns only once ZeroMQ no longer reads the sent tensors."""
+waiting for ever, a receiver of any kind learns that its sender closed or died (after receiving what
+was completely sent), a closed cuda_ipc receiver keeps its ring while its sender may still write
+there, and a zmq send() returns only once ZeroMQ no longer reads the sent tensors."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import weakref
 
@@ -13,6 +15,7 @@ import torch
 import zmq
 
 from flexpipe.errors import ActorClosed
+from flexpipe.runtime.codec import tensor_header
 from flexpipe.transports import open_receiver, open_sender
 from flexpipe.transports import cuda_ipc
 
@@ -176,4 +179,249 @@ async def test_zmq_send_returns_once_the_tensor_may_be_reused(kind):
             assert equal, f"{nbytes} bytes: the receiver got the overwritten buffer"
     finally:
         await tx.aclose()
+        await rx.aclose()
+
+
+# --- the other direction: a receiver learns that its sender closed or died ---------------------------
+
+ALL_KINDS = {"local": {}, "shm": {"ring_bytes": 1 << 20}, "cuda_ipc": {"device": "cpu", "ring_bytes": 1 << 20},
+             "ipc": {}, "tcp": {}}
+
+
+async def _pair(kind: str):
+    rx = await open_receiver(kind, **ALL_KINDS[kind])
+    tx = await open_sender(rx.address)
+    return tx, rx
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", list(ALL_KINDS))
+async def test_recv_waiting_for_a_send_raises_when_the_sender_closes(kind):
+    """A receiver waits for the next send and its sender closes instead: recv() raises ActorClosed,
+    and so does every later recv() (both waited for ever)."""
+    tx, rx = await _pair(kind)
+    try:
+        await asyncio.wait_for(tx.send(torch.arange(10)), 10)
+        (first,) = await asyncio.wait_for(rx.recv(), 10)           # the sender is connected
+        intact = torch.equal(first, torch.arange(10))
+        del first
+        waiting = asyncio.ensure_future(rx.recv())
+        await asyncio.sleep(0)                      # one turn of the loop (no timing): it starts and waits
+        was_waiting = not waiting.done()
+        await tx.aclose()
+        with pytest.raises(ActorClosed, match="sender .* closed"):
+            await asyncio.wait_for(waiting, 10)
+        with pytest.raises(ActorClosed, match="sender .* closed"):
+            await asyncio.wait_for(rx.recv(), 10)
+        assert intact and was_waiting
+    finally:
+        await tx.aclose()
+        await rx.aclose()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", list(ALL_KINDS))
+async def test_sends_completed_before_the_sender_closed_are_received_then_recv_raises(kind):
+    """Sends completed before the sender closed are all received, in order, after the close; only
+    then does recv() raise ActorClosed (into= or not)."""
+    tx, rx = await _pair(kind)
+    try:
+        sent = [torch.arange(1000, dtype=torch.int32) * i for i in range(4)]
+        for x in sent:
+            await asyncio.wait_for(tx.send(x), 10)
+        await tx.aclose()
+        same = []
+        for x in sent[:2]:
+            (got,) = await asyncio.wait_for(rx.recv(), 10)
+            same.append(torch.equal(got, x))
+            del got
+        for x in sent[2:]:
+            into = torch.empty_like(x)
+            await asyncio.wait_for(rx.recv(into=[into]), 10)
+            same.append(torch.equal(into, x))
+        with pytest.raises(ActorClosed, match="sender .* closed"):
+            await asyncio.wait_for(rx.recv(), 10)
+        assert same == [True] * len(sent)
+    finally:
+        await tx.aclose()
+        await rx.aclose()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", list(RING_KINDS))
+async def test_ring_recv_raises_when_the_sender_closes_in_the_middle_of_a_send(kind):
+    """The ring is full (a received view holds it), so a send has announced itself and waits for space;
+    the sender gives up on it and closes: the receiver reads the announcement, then raises ActorClosed
+    instead of waiting for data that will never come."""
+    ring = 64 << 10
+    tx, rx = await _ring_pair(kind, ring)
+    try:
+        x = torch.arange(ring // 4, dtype=torch.int32)                 # exactly the ring
+        send = asyncio.ensure_future(tx.send(x))
+        (held,) = await asyncio.wait_for(rx.recv(), 10)
+        await asyncio.wait_for(send, 10)
+        blocked = asyncio.ensure_future(tx.send(x + 1))
+        await asyncio.wait_for(rx._ctrl.poll(zmq.POLLIN), 10)         # its announcement is here
+        was_waiting = not blocked.done()
+        blocked.cancel()
+        await tx.aclose()
+        with pytest.raises(ActorClosed, match="sender .* closed"):
+            await asyncio.wait_for(rx.recv(), 10)
+        intact = torch.equal(held, x)
+        del held
+        assert was_waiting and intact
+    finally:
+        await tx.aclose()
+        await rx.aclose()
+
+
+async def _start_child(script: str, *args: str):
+    return await asyncio.create_subprocess_exec(sys.executable, "-c", script, *args,
+                                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+
+
+async def _kill(child) -> None:
+    if child is not None and child.returncode is None:
+        child.kill()
+        await child.wait()
+
+
+_SENDER_PROCESS = """
+import asyncio, json, sys
+import torch
+from flexpipe.transports import open_sender
+
+async def main():
+    tx = await open_sender(json.loads(sys.argv[1]))
+    first, then = (torch.arange(n, dtype=torch.int32) for n in json.loads(sys.argv[2]))
+    await tx.send(first)
+    send = asyncio.ensure_future(tx.send(then))   # the receiver makes it wait: killed meanwhile
+    await asyncio.sleep(0)
+    print("sending", flush=True)
+    await send
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(90)   # the child imports torch
+async def test_shm_recv_raises_when_the_sender_process_is_killed_in_the_middle_of_a_send():
+    """A sender in another process fills the ring (the receiver holds its first send as a view), has
+    announced its second send and waits for space; it is killed (SIGKILL): recv() raises ActorClosed."""
+    ring = 64 << 10
+    rx = await open_receiver("shm", ring_bytes=ring)
+    child = None
+    try:
+        child = await _start_child(_SENDER_PROCESS, json.dumps(rx.address), json.dumps([ring // 4, 10]))
+        (held,) = await asyncio.wait_for(rx.recv(), 60)               # the whole ring, held
+        await asyncio.wait_for(rx._ctrl.poll(zmq.POLLIN), 30)         # the second send's announcement
+        await _kill(child)
+        with pytest.raises(ActorClosed, match="sender .* closed"):
+            await asyncio.wait_for(rx.recv(), 10)
+        intact = torch.equal(held, torch.arange(ring // 4, dtype=torch.int32))
+        del held
+        assert intact
+    finally:
+        await _kill(child)
+        await rx.aclose()
+
+
+@pytest.mark.timeout(90)   # the child imports torch
+@pytest.mark.parametrize("kind", ["ipc", "tcp"])
+async def test_zmq_recv_raises_when_the_sender_process_is_killed_in_the_middle_of_a_send(kind):
+    """A sender in another process sends a message, then a large one that cannot go through (the
+    receiver's queue holds one message, the first, unread), and is killed (SIGKILL) meanwhile: the
+    first is still received, then recv() raises ActorClosed (the cut-short message is never seen)."""
+    rx = await open_receiver(kind, hwm=1)
+    child = None
+    try:
+        child = await _start_child(_SENDER_PROCESS, json.dumps(rx.address), json.dumps([10, 16 << 20]))
+        assert child.stdout is not None
+        assert await asyncio.wait_for(child.stdout.readline(), 60) == b"sending\n"
+        await asyncio.wait_for(rx._sock.poll(zmq.POLLIN), 30)         # the first message is here
+        await _kill(child)
+        (first,) = await asyncio.wait_for(rx.recv(), 10)
+        with pytest.raises(ActorClosed, match="sender .* closed"):
+            await asyncio.wait_for(rx.recv(), 10)
+        assert torch.equal(first, torch.arange(10, dtype=torch.int32))
+    finally:
+        await _kill(child)
+        await rx.aclose()
+
+
+_CUDA_IPC_SENDER = """
+import sys, zmq
+ctrl = zmq.Context().socket(zmq.PAIR)
+ctrl.connect(sys.argv[1])
+for notice in sys.argv[2:]:     # what a sender sends: its hello, a send's header and first region
+    ctrl.send(bytes.fromhex(notice))
+ctrl.recv()                     # the receiver gives the region back: it has read the notices
+print("waiting", flush=True)    # for the rest of the send, which never comes: the test kills us
+sys.stdin.read()
+"""
+
+
+@pytest.mark.timeout(60)
+async def test_cuda_ipc_recv_raises_when_the_sender_process_is_killed_in_the_middle_of_a_send():
+    """A sender process (speaking the control protocol: the host-memory ring cannot be shared) has
+    announced a send larger than the ring and its first chunk; the receiver copies that chunk out and
+    waits for the next; the sender is killed (SIGKILL): recv() raises ActorClosed."""
+    ring = 64 << 10
+    rx = await open_receiver("cuda_ipc", device="cpu", ring_bytes=ring)
+    child = None
+    try:
+        chunk = ring // 4
+        notices = [cuda_ipc._control(cuda_ipc.IpcHello(0, b"")),
+                   cuda_ipc._control(cuda_ipc.IpcRegions(tensor_header([torch.empty(2 * ring, dtype=torch.uint8)]),
+                                                         [[0, chunk, chunk]]))]
+        child = await _start_child(_CUDA_IPC_SENDER, rx.address["ctrl"], *(n.hex() for n in notices))
+        receiving = asyncio.ensure_future(rx.recv())
+        assert child.stdout is not None
+        assert await asyncio.wait_for(child.stdout.readline(), 30) == b"waiting\n"
+        was_waiting = not receiving.done()
+        await _kill(child)
+        with pytest.raises(ActorClosed, match="sender .* closed"):
+            await asyncio.wait_for(receiving, 10)
+        assert was_waiting
+    finally:
+        await _kill(child)
+        await rx.aclose()
+
+
+# a ZMTP 3.0 greeting with a mechanism no ZeroMQ socket knows: the receiver drops the connection at once
+_NOT_A_PEER = b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"BOGUS".ljust(20, b"\x00") + bytes(32)
+
+
+@pytest.mark.timeout(30)
+async def test_tcp_receiver_does_not_take_a_stray_connection_for_its_sender():
+    """Connections that are not ZeroMQ peers (a port scan, a health check) come and go on a tcp
+    receiver's port, before its sender connects and while it is connected: the receiver does not take
+    either for its sender going (recv() goes on), and still learns when the sender does close."""
+    rx = await open_receiver("tcp")
+    tx = None
+    host, port = rx.address["endpoint"][len("tcp://"):].rsplit(":", 1)
+
+    async def stray() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(_NOT_A_PEER)
+        await reader.read()           # until the receiver drops it: its monitor has reported that
+        writer.close()
+        await writer.wait_closed()
+
+    try:
+        await asyncio.wait_for(stray(), 10)
+        tx = await open_sender(rx.address)
+        await asyncio.wait_for(tx.send(torch.arange(3)), 10)
+        (first,) = await asyncio.wait_for(rx.recv(), 10)
+        waiting = asyncio.ensure_future(rx.recv())
+        await asyncio.wait_for(stray(), 10)
+        await asyncio.wait_for(tx.send(torch.arange(4)), 10)
+        (second,) = await asyncio.wait_for(waiting, 10)
+        await tx.aclose()
+        with pytest.raises(ActorClosed, match="sender .* closed"):
+            await asyncio.wait_for(rx.recv(), 10)
+        assert torch.equal(first, torch.arange(3)) and torch.equal(second, torch.arange(4))
+    finally:
+        if tx is not None:
+            await tx.aclose()
         await rx.aclose()

@@ -17,11 +17,12 @@ import abc
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence, cast
+from typing import Any, Awaitable, Callable, Literal, Sequence, cast
 
 import torch
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from flexpipe.errors import ActorClosed, ConfigError, ProtocolError
 
@@ -56,7 +57,9 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def recv(self, into: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Receive the next send's tensors: new tensors, or copied into `into` (same dtypes and
-        shapes, contiguous) which is then returned. Raises ProtocolError on a mismatch."""
+        shapes, contiguous) which is then returned. Raises ProtocolError on a mismatch, and
+        ActorClosed once the sender has closed or its process ended and every send it completed
+        has been received (one it left unfinished included, and while waiting for the next)."""
 
     @abc.abstractmethod
     async def aclose(self) -> None:
@@ -100,46 +103,91 @@ def _readable(sock: zmq.Socket) -> bool:
 
 
 class PeerWatch:
-    """Tells a ring sender that its receiver is gone (closed, or its process died).
+    """Tells one end of a channel that the other end is gone (closed, or its process died).
 
-    The sender's control socket connects, and a connecting ZeroMQ socket hears nothing when its peer
-    goes: it reconnects quietly, and a sender waiting for ring space waited for ever. The socket's
-    monitor does report it: DISCONNECTED, or CONNECT_RETRIED when the endpoint was gone before the
-    first connection. A receiver binds before its address is handed out, so either means it closed.
-    Create the watch before connecting the socket; close it before closing the socket.
+    Neither end of a ZeroMQ connection hears from the socket itself that its peer went: a connecting
+    socket reconnects quietly, a binding one waits for the next peer, and a ring sender waiting for
+    space, or a receiver waiting for the next send, waited for ever. The socket's monitor reports it:
+
+    - `peer="receiver"`, on the sender's connecting socket: DISCONNECTED, or CONNECT_RETRIED when the
+      endpoint was gone before the first connection. A receiver binds before its address is handed
+      out, so either means it closed.
+    - `peer="sender"`, on the receiver's binding socket: the sender is gone once a connection has
+      completed its ZeroMQ handshake (a stray one, such as a port scan, does not) and none of those
+      accepted is left. This stays so if the sender reconnects: what was in flight when the
+      connection dropped may have been lost, so the channel's in-order stream is broken.
+
+    What the peer sent before it went is read first: a message reaches the socket before the monitor
+    hears of the disconnect (ZeroMQ drops only a message that was not complete). Create the watch
+    before binding or connecting the socket; close it before closing the socket.
     """
 
     _EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+    _SENDER_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 
-    def __init__(self, sock: zmq.asyncio.Socket, what: str):
+    def __init__(self, sock: zmq.asyncio.Socket, what: str,
+                 peer: Literal["receiver", "sender"] = "receiver"):
         self._sock = sock
-        self._what = what   # names the channel in the error
-        self._mon = sock.get_monitor_socket(self._EVENTS)
+        self.what = what   # names the channel in the error
+        self.peer = peer
+        self._mon = sock.get_monitor_socket(self._EVENTS if peer == "receiver" else self._SENDER_EVENTS)
+        self._events: zmq.Socket[bytes] = zmq.Socket.shadow(self._mon.underlying)   # read without waiting
+        self._open: set[int] = set()   # sender watch: accepted connections (their fds)
+        self._greeted = False          # sender watch: a connection completed its handshake
         self._poller = zmq.asyncio.Poller()
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._mon, zmq.POLLIN)
         self.gone = False
 
-    def check(self) -> None:
-        """Raise ActorClosed if the receiver is known to be gone (does not wait)."""
-        if not self.gone and _readable(self._mon):
+    def _update(self) -> bool:
+        """Take in the monitor's events; whether the peer is gone."""
+        if self.gone or not _readable(self._mon):
+            return self.gone
+        if self.peer == "receiver":
             self.gone = True   # only the events that mean "gone" are monitored
-        if self.gone:
-            raise ActorClosed(f"the receiver of {self._what} has closed")
+            return True
+        while _readable(self._mon):
+            event = parse_monitor_message(self._events.recv_multipart())
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self._open.add(int(event["value"]))
+            elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._greeted = True
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self._open.discard(int(event["value"]))
+        self.gone = self._greeted and not self._open
+        return self.gone
 
-    async def recv(self) -> bytes:
-        """The receiver's next control message; ActorClosed once the receiver is gone."""
+    def check(self) -> None:
+        """Raise ActorClosed if the peer is known to be gone (does not wait)."""
+        if self._update():
+            raise self._closed()
+
+    def _closed(self) -> ActorClosed:
+        return ActorClosed(f"the {self.peer} of {self.what} has closed (or its process ended)")
+
+    async def wait(self) -> None:
+        """Until the socket has a message to read; ActorClosed once the peer is gone and none is left."""
         try:
             while True:
-                if _readable(self._sock):   # what it sent before going comes first
-                    return await self._sock.recv()
-                self.check()
+                gone = self._update()      # first: what the peer sent before going is there by now
+                if _readable(self._sock):
+                    return
+                if gone:
+                    raise self._closed()
                 await self._poller.poll()
         except zmq.ZMQError as e:   # this side was closed meanwhile
-            raise ActorClosed(f"{self._what} closed: {e}") from None
+            raise ActorClosed(f"{self.what} closed: {e}") from None
+
+    async def recv(self) -> bytes:
+        """The peer's next message; ActorClosed once the peer is gone and none is left."""
+        await self.wait()
+        try:
+            return await self._sock.recv()
+        except zmq.ZMQError as e:
+            raise ActorClosed(f"{self.what} closed: {e}") from None
 
     def close(self) -> None:
-        """Stop watching (before the socket closes: closing it is no news of the receiver)."""
+        """Stop watching (before the socket closes: closing it is no news of the peer)."""
         if not self._mon.closed:
             self._sock.disable_monitor()
             self._mon.close(linger=0)

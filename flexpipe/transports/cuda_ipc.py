@@ -20,8 +20,10 @@ reuses the space. A tensor larger than the ring is streamed through it and arriv
 and so does every tensor of a send whose views could not all be held in the ring at once
 (`base.views_fit`: held views would keep the sender from the space the rest of the send needs).
 
-Closing: a sender learns that its receiver closed or died from its control socket's monitor
-(`base.PeerWatch`), and its sends raise ActorClosed, one waiting for ring space included. A closed
+Closing: each side learns that the other closed or died from its control socket's monitor
+(`base.PeerWatch`). A sender's sends raise ActorClosed, one waiting for ring space included; the
+receiver's recv() raises ActorClosed once it has received every send completed before that, also in
+the middle of a send that the sender did not finish, and while it waits for the next one. A closed
 receiver's ring is parked, not given back to torch's allocator, while its sender may still write
 into it: the sender holds the channel's lock file until its copies are done (see _PARKED).
 
@@ -493,7 +495,7 @@ class CudaIpcTransport(Transport):
         self._event: Any = None            # ours: "copied" (sender) or "free" (receiver)
         self._buffer: IpcBuffer | None = None   # sender: the mapping it holds
         self._flock = -1                   # the channel's lock file: receiver's, or held by the sender
-        self._watch: PeerWatch | None = None   # sender: learns that the receiver closed
+        self._watch: PeerWatch | None = None   # learns that the other side closed
         self._books_ = RingBooks(size) if not receiving else None
         self._releases_ = InOrderReleases() if receiving else None
         self._regions: collections.deque = collections.deque()   # receiver: announced, not yet taken
@@ -568,6 +570,7 @@ class CudaIpcTransport(Transport):
         ctrl = zctx.socket(zmq.PAIR)
         ctrl.setsockopt(zmq.LINGER, 0)
         ctrl.setsockopt(zmq.SNDHWM, 0)   # free notices: at most one per ring region, never dropped
+        watch = PeerWatch(ctrl, f"cuda_ipc channel {tag}", peer="sender")
         ctrl.bind(f"ipc://{path}")
         lock = os.path.join(tempfile.gettempdir(), f"fp-cipc-{tag}.lock")   # see _PARKED
         flock = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -578,6 +581,7 @@ class CudaIpcTransport(Transport):
                    address=address, sync=sync, path=path)
         self._event = event
         self._flock = flock
+        self._watch = watch
         _LOCAL[tag] = self
         return self
 
@@ -732,12 +736,9 @@ class CudaIpcTransport(Transport):
 
     # --- receiving --------------------------------------------------------------------------------
     async def _next(self) -> IpcRegions:
+        assert self._watch is not None
         while True:
-            try:
-                frame = await self._ctrl.recv()
-            except zmq.ZMQError as e:
-                raise ActorClosed(f"cuda_ipc transport closed: {e}") from None
-            msg = _read_control(frame)
+            msg = _read_control(await self._watch.recv())   # ActorClosed once the sender has gone and sent all
             if isinstance(msg, IpcHello):
                 if msg.event and msg.pid != os.getpid():
                     if len(msg.event) != IPC_HANDLE_BYTES:
@@ -882,8 +883,8 @@ class CudaIpcTransport(Transport):
                 HANDLES.release(self._buffer)
                 self._buffer = None
             os.close(self._flock)   # done with the ring: its receiver may give it back
-            if self._watch is not None:
-                self._watch.close()
+        if self._watch is not None:
+            self._watch.close()
         self._flock = -1
         sweep_parked()
         # received views keep the ring (and so the mapping's memory) alive until they are dropped

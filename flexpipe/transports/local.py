@@ -16,15 +16,19 @@ from flexpipe.transports.base import Transport, check_into
 
 __all__ = ["LocalTransport"]
 
-_CLOSED = object()
+_CLOSED = object()           # in the queue: the receiver closed
+_SENDERS_CLOSED = object()   # in the queue: every sender closed (it was empty)
 
 
 class _Channel:
-    """The queue of sends, and whether its receiver closed (which wakes senders waiting for room)."""
+    """The queue of sends, whether its receiver closed (which wakes senders waiting for room), and
+    whether its senders did (which wakes a receiver waiting for a send, once the queue is empty)."""
 
     def __init__(self, depth: int):
         self.queue: asyncio.Queue = asyncio.Queue(depth)
         self.closed = asyncio.Event()
+        self.senders = 0                         # open sending sides
+        self.senders_closed = False              # the last of them closed
 
 
 _CHANNELS: dict[str, _Channel] = {}
@@ -56,6 +60,7 @@ class LocalTransport(Transport):
         ch = _CHANNELS.get(address.get("channel", ""))
         if address.get("pid") != os.getpid() or ch is None:
             raise ConfigError(f"local channel {address!r:.100} is not open in this process")
+        ch.senders += 1
         return cls(address["channel"], ch, receiving=False)
 
     async def send(self, *tensors: torch.Tensor) -> None:
@@ -81,9 +86,13 @@ class LocalTransport(Transport):
     async def recv(self, into: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         if self._closed:
             raise ActorClosed(f"local channel {self.channel} is closed")
+        if self._queue.empty() and self._ch.senders_closed:
+            raise ActorClosed(f"the sender of local channel {self.channel} has closed")
         item = await self._queue.get()
         if item is _CLOSED:
             raise ActorClosed(f"local channel {self.channel} was closed")
+        if item is _SENDERS_CLOSED:   # the queue stays empty: later calls raise above
+            raise ActorClosed(f"the sender of local channel {self.channel} has closed")
         if into is None:
             return list(item)
         check_into(into, [TensorSpec(t.dtype, list(t.shape), 0) for t in item])
@@ -98,6 +107,12 @@ class LocalTransport(Transport):
         if self._closed:
             return
         self._closed = True
+        if not self._receiving:
+            self._ch.senders -= 1
+            if not self._ch.senders:
+                self._ch.senders_closed = True
+                if self._queue.empty():   # a recv may be waiting (with sends queued, none is)
+                    self._queue.put_nowait(_SENDERS_CLOSED)
         if self._receiving and _CHANNELS.pop(self.channel, None) is not None:
             self._ch.closed.set()
             try:

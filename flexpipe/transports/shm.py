@@ -10,9 +10,11 @@ sender that finds the ring full waits. A tensor larger than the ring is streamed
 chunks and arrives as a new tensor (or in `into`), and so does every tensor of a send whose views
 could not all be held in the ring at once (`base.views_fit`).
 
-A sender learns from its control socket's monitor (`base.PeerWatch`) that the receiver closed or
-died: its sends raise ActorClosed, one waiting for ring space included. (The sender's mapping keeps
-the ring's pages alive, so a closed receiver's ring is never reused under a sender.)
+Each side learns from its control socket's monitor (`base.PeerWatch`) that the other closed or
+died: a sender's sends raise ActorClosed, one waiting for ring space included (the sender's mapping
+keeps the ring's pages alive, so a closed receiver's ring is never reused under a sender); the
+receiver's recv() raises ActorClosed once it has received every send completed before that, also
+in the middle of a send that the sender did not finish, and while it waits for the next one.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class ShmTransport(Transport):
         self._owns_ctx = owns_ctx
         self._receiving = receiving
         self._closed = False
-        self._watch: PeerWatch | None = None   # sender: learns that the receiver closed
+        self._watch: PeerWatch | None = None   # learns that the other side closed
         self._lock = asyncio.Lock()   # one send (or recv) at a time: their messages interleave
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
@@ -104,10 +106,13 @@ class ShmTransport(Transport):
         zctx = zctx or zmq.asyncio.Context()
         ctrl = zctx.socket(zmq.PAIR)
         ctrl.setsockopt(zmq.LINGER, 0)
+        watch = PeerWatch(ctrl, f"shm channel {path}", peer="sender")
         ctrl_ep = f"ipc://{os.path.join(tempfile.gettempdir(), f'fp-shm-{tag}.ctl')}"
         ctrl.bind(ctrl_ep)
         address = {"kind": "shm", "path": path, "ring_bytes": ring_bytes, "ctrl": ctrl_ep}
-        return cls(mm, path, ring_bytes, ctrl, zctx, owns, True, address)
+        self = cls(mm, path, ring_bytes, ctrl, zctx, owns, True, address)
+        self._watch = watch
+        return self
 
     @classmethod
     async def connect(cls, address: dict, *,
@@ -175,8 +180,9 @@ class ShmTransport(Transport):
     # --- receiving -------------------------------------------------------------------------
 
     async def _next(self) -> bytes:
+        assert self._watch is not None
         while True:
-            msg = await self._ctrl.recv()
+            msg = await self._watch.recv()   # ActorClosed once the sender has gone and sent all
             if msg != _HELLO:
                 return msg
             self._unlink()   # the sender has mapped the ring: the name is no longer needed

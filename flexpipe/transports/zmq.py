@@ -6,6 +6,12 @@ send() waits (polling the frames' MessageTrackers, as cuda_ipc waits for its eve
 done with them, and a caller may then reuse the tensors, as the Transport contract says. Without
 `into`, received tensors are views of the received frames (no copy); with `into`, frames are
 received straight into the given tensors (recv_into, no intermediate buffer).
+
+The receiver learns from its socket's monitor (`base.PeerWatch`) that its sender closed or its
+process ended: recv() then raises ActorClosed once every message the sender completed is received
+(ZeroMQ delivers a message whole or not at all, so a send cut short is never seen). A sender that
+closes before its connection is made (at once, having sent nothing: its linger waits for unsent
+messages only) is, to the receiver, one that has not connected yet (ring senders say hello first).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import zmq.asyncio
 
 from flexpipe.errors import ActorClosed, ConfigError, ProtocolError
 from flexpipe.runtime.codec import byte_view, parse_tensor_header, tensor_header
-from flexpipe.transports.base import Transport, check_into
+from flexpipe.transports.base import PeerWatch, Transport, check_into
 
 __all__ = ["ZmqTransport"]
 
@@ -31,10 +37,11 @@ class ZmqTransport(Transport):
     """One PUSH -> PULL ZeroMQ channel; the receiver binds, the sender connects."""
 
     def __init__(self, kind: str, sock: zmq.asyncio.Socket, zctx: zmq.asyncio.Context,
-                 owns_ctx: bool, address: dict, path: str = ""):
+                 owns_ctx: bool, address: dict, path: str = "", watch: PeerWatch | None = None):
         self.kind = kind
         self.address = address
         self._sock = sock
+        self._watch = watch   # receiver: learns that the sender closed
         self._zctx = zctx
         self._owns_ctx = owns_ctx
         self._path = path
@@ -58,15 +65,18 @@ class ZmqTransport(Transport):
             endpoint = f"tcp://{host}:*"
         else:
             raise ConfigError(f"ZmqTransport kind must be 'ipc' or 'tcp', got {kind!r}")
+        watch = PeerWatch(sock, f"{kind} channel", peer="sender")
         try:
             sock.bind(endpoint)
         except zmq.ZMQError:
+            watch.close()
             sock.close(0)
             if owns:
                 zctx.term()
             raise
         endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        return cls(kind, sock, zctx, owns, {"kind": kind, "endpoint": endpoint}, path)
+        watch.what = f"{kind} channel {endpoint}"
+        return cls(kind, sock, zctx, owns, {"kind": kind, "endpoint": endpoint}, path, watch)
 
     @classmethod
     async def connect(cls, address: dict, *, zctx: zmq.asyncio.Context | None = None,
@@ -104,6 +114,8 @@ class ZmqTransport(Transport):
         if self._closed:
             raise ActorClosed(f"{self.kind} transport is closed")
         async with self._recv_lock:   # recv(into=) reads one message in several calls
+            if self._watch is not None:
+                await self._watch.wait()   # ActorClosed once the sender has gone and sent all
             if into is None:
                 return self._tensors(await self._sock.recv_multipart(copy=False))
             return await self._recv_into(self._sock, into)
@@ -146,6 +158,8 @@ class ZmqTransport(Transport):
         if self._closed:
             return
         self._closed = True
+        if self._watch is not None:
+            self._watch.close()
         self._sock.close()
         if self._owns_ctx:
             self._zctx.term()
