@@ -425,3 +425,25 @@ async def test_tcp_receiver_does_not_take_a_stray_connection_for_its_sender():
         if tx is not None:
             await tx.aclose()
         await rx.aclose()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", list(ALL_KINDS))
+async def test_recv_waiting_when_its_own_receiver_closes_raises_actor_closed(kind):
+    """The receiver itself is closed (e.g. a stage replacing its inbound hop) while one of its recv()
+    calls waits: that recv() raises ActorClosed, as Transport.aclose promises (it raised CancelledError,
+    which a caller takes for its own task being cancelled); the task itself is not cancelled."""
+    tx, rx = await _pair(kind)
+    try:
+        await asyncio.wait_for(tx.send(torch.arange(4)), 10)
+        await asyncio.wait_for(rx.recv(), 10)
+        waiting = asyncio.ensure_future(rx.recv())
+        await asyncio.sleep(0)                      # one turn of the loop (no timing): it starts and waits
+        assert not waiting.done()
+        await rx.aclose()
+        with pytest.raises(ActorClosed):
+            await asyncio.wait_for(waiting, 10)
+        assert not waiting.cancelled()
+    finally:
+        await tx.aclose()
+        await rx.aclose()

@@ -14,6 +14,7 @@ Sends are delivered in order. Tensors handed to send() must not be modified unti
 from __future__ import annotations
 
 import abc
+import asyncio
 import os
 import socket
 from dataclasses import dataclass
@@ -177,6 +178,9 @@ class PeerWatch:
                 await self._poller.poll()
         except zmq.ZMQError as e:   # this side was closed meanwhile
             raise ActorClosed(f"{self.what} closed: {e}") from None
+        except asyncio.CancelledError:
+            self._closed_here()
+            raise
 
     async def recv(self) -> bytes:
         """The peer's next message; ActorClosed once the peer is gone and none is left."""
@@ -185,6 +189,17 @@ class PeerWatch:
             return await self._sock.recv()
         except zmq.ZMQError as e:
             raise ActorClosed(f"{self.what} closed: {e}") from None
+        except asyncio.CancelledError:
+            self._closed_here()
+            raise
+
+    def _closed_here(self) -> None:
+        """On a CancelledError: pyzmq cancels the futures of a socket closed while they wait; when this
+        side closed and the task itself is not being cancelled, raise ActorClosed as Transport.aclose
+        promises (a CancelledError would read as the caller's own task being cancelled)."""
+        task = asyncio.current_task()
+        if self._sock.closed and (task is None or not task.cancelling()):
+            raise ActorClosed(f"{self.what} closed on this side") from None
 
     def close(self) -> None:
         """Stop watching (before the socket closes: closing it is no news of the peer)."""
