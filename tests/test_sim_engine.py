@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import replace
 
@@ -11,8 +12,10 @@ import pytest
 from flexpipe.sim import report
 from flexpipe.sim.baselines import make_policy
 from flexpipe.sim.cluster import Cluster, Placement, StagePlace
-from flexpipe.sim.engine import _KICK_BOUNDARY, _KICK_CUT, _KICK_NONE, _KICK_WAIT, SWITCH_OVERHEAD_S, Simulator
-from flexpipe.sim.perf import LINKS, GPUS, Batch, FastPipe, ModelCosts, PipelineSpec, _np_sum, round_time
+from flexpipe.sim.engine import (_KICK_BOUNDARY, _KICK_CUT, _KICK_NONE, _KICK_WAIT, PRECOPY_DELTA_TOKENS,
+                                 PRECOPY_MAX_ROUNDS, SWITCH_OVERHEAD_S, Simulator)
+from flexpipe.sim.perf import (INIT_S, LINKS, LOAD_TIERS, GPUS, Batch, FastPipe, ModelCosts, PipelineSpec, _np_sum,
+                               round_time)
 from flexpipe.sim.scenarios import MODELS
 from flexpipe.sim.traces import Trace, default_lengths, synthetic
 
@@ -220,11 +223,13 @@ def test_reshape_copies_the_kv_of_requests_that_arrive_or_grow_after_it_started(
         return int(sel.sum()), float(sim.prompt[sel].sum())
     n_pre, tok_pre = held_at(P)
     n_sw, tok_sw = held_at(T)
-    n_new, tok_new = held_at(T, since=P)  # admitted during the pre-copy: all of their KV is delta
+    # admitted during the pre-copy: all of their KV moves, in a later pre-copy round or in the delta
+    n_new, tok_new = held_at(T, since=P)
     assert n_pre > 0 and n_sw > 0 and n_new > 0
     assert rec.precopy_bytes >= kv_tok * tok_pre
     assert rec.kv_bytes >= kv_tok * tok_sw
-    assert rec.delta_bytes >= kv_tok * tok_new
+    assert rec.kv_bytes >= kv_tok * (tok_pre + tok_new)
+    assert rec.delta_bytes > 0
     assert rec.kv_bytes == pytest.approx(rec.precopy_bytes + rec.delta_bytes)
     assert rec.pause_s >= SWITCH_OVERHEAD_S + rec.delta_bytes / bw
     # every request running at the switch saw the pause
@@ -293,3 +298,85 @@ def test_reshape_pause_is_quiesce_then_switch_without_a_second_round():
     in_seg, k, t0, _ = seen[2.0]
     assert in_seg and k > 0
     assert t0 == pytest.approx(b + SWITCH_OVERHEAD_S, rel=1e-9)  # stepping again right after the switch
+
+
+def test_precopy_rule_is_the_runtimes():
+    # the simulator repeats the live controller's rule; its keyword defaults are where the rule lives
+    from flexpipe.runtime.controller import Controller
+
+    params = inspect.signature(Controller.__init__).parameters
+    assert PRECOPY_MAX_ROUNDS == params["max_precopy_rounds"].default
+    assert PRECOPY_DELTA_TOKENS == params["delta_tokens_target"].default
+
+
+@pytest.mark.parametrize("n_req,reshape_at,rounds,converged", [(32, 1.0, 2, True), (128, 3.0, 3, False)])
+def test_precopy_repeats_rounds_until_little_is_left_as_the_runtime_does(n_req, reshape_at, rounds, converged):
+    # n_req requests (prompt 100, output 600) decode together in one long segment; at `reshape_at` the
+    # replica moves whole from GPU 0 to GPU 1, so every attention unit's KV moves.  Worked by hand from
+    # the segment seen then (start t0, first iteration i0, iteration time dt, each request's first
+    # iteration f): a request's KV at time t is its prompt plus one token per iteration since f,
+    # it(t) = i0 + floor((t - t0) / dt).  The new stage loads its weights from the old one over the
+    # GPUs' link; then pre-copy rounds run while the old stage serves: each copies what was written
+    # since the previous one began, and another follows while more than PRECOPY_DELTA_TOKENS tokens
+    # were written during it, at most PRECOPY_MAX_ROUNDS rounds (the runtime's rule).  Then the quiesce:
+    # the round in flight ends at the next iteration boundary b, and the pause copies what was written
+    # since the last round began, up to b.  With 32 requests the second round leaves <= 64 tokens; with
+    # 128 more than 64 are still left after the third, which ends the pre-copy all the same.  (One round
+    # alone left everything written while it ran to the pause.)
+    costs = ModelCosts.for_model("llama2-7b")
+    n = costs.num_units
+    prompt, out = 100, 600
+    old, new = Placement((_stage(0, n, 0, 30, kv=100_000),)), Placement((_stage(0, n, 1, 30, kv=100_000),))
+    trace = Trace(np.full(n_req, 0.1), np.full(n_req, prompt), np.full(n_req, out), np.zeros(n_req, dtype=np.int64))
+    seen = {}
+
+    def script(now, sim):
+        if now == 0.0:
+            sim.add_replica(0, old, instant=True, token_budget=8192)  # prefill everyone at once
+        r = next(iter(sim.replicas.values()))
+        if now == reshape_at:
+            seen["seg"] = (r.in_seg, r.prefill, r.n_dec, r.seg_t0, r.seg_i0, r.seg_k, r.seg_dt,
+                           [first for _, _, first in r.dec])
+            assert sim.reshape_replica(r, new)
+
+    sim = Simulator(Cluster.uniform(1, 4, "A100-80", "none"), [MODELS["llama2-7b"]], trace, _Scripted(script),
+                    duration_s=reshape_at + 4.0, drain_s=0.0).run()
+    in_seg, prefill, n_dec, t0, i0, k, dt, firsts = seen["seg"]
+    assert in_seg and not prefill and n_dec == n_req and dt > 0
+
+    def it(t):
+        return i0 + int((t - t0) / dt + 1e-9)
+
+    def held(i):  # tokens of KV all the requests hold after iteration i
+        return sum(prompt + i - f for f in firsts)
+
+    bw, kv_tok = sim.cluster.inter.bandwidth, costs.kv_bytes_per_token
+    params = sum(u.param_bytes for u in costs.units)
+    t = reshape_at + INIT_S + params / max(LOAD_TIERS["remote"], sim.cluster.link(0, 1).bandwidth)
+    copied, n_rounds, precopy_bytes = 0, 0, 0.0
+    while True:
+        tokens = held(it(t)) - copied
+        copied += tokens
+        n_rounds += 1
+        precopy_bytes += kv_tok * tokens
+        t += kv_tok * tokens / bw
+        left = held(it(t)) - copied
+        if left <= PRECOPY_DELTA_TOKENS or n_rounds == PRECOPY_MAX_ROUNDS:
+            break
+    assert (n_rounds, left <= PRECOPY_DELTA_TOKENS) == (rounds, converged)
+    quiesce = t
+    j = math.ceil((quiesce - t0) / dt - 1e-9)
+    assert 0 < j < k, "the segment seen runs through the switch"
+    b = t0 + j * dt
+    delta = held(i0 + j) - copied
+    pause = (b - quiesce) + SWITCH_OVERHEAD_S + kv_tok * delta / bw
+
+    rec = sim.reshapes[0]
+    assert rec.switched
+    assert rec.delta_bytes == pytest.approx(kv_tok * delta, rel=1e-12)
+    assert rec.pause_s == pytest.approx(pause, rel=1e-9)
+    assert rec.switch_t == pytest.approx(quiesce, rel=1e-12)
+    assert rec.precopy_rounds == n_rounds
+    assert rec.precopy_bytes == pytest.approx(precopy_bytes, rel=1e-12)
+    assert rec.kv_bytes == pytest.approx(kv_tok * held(i0 + j), rel=1e-12)  # every token once
+    assert np.all(sim.stall_s == rec.pause_s)  # every request was running at the switch

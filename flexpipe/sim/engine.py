@@ -26,6 +26,13 @@ from flexpipe.sim.perf import INIT_S, LOAD_TIERS, FastPipe, ModelCosts, Pipeline
 from flexpipe.sim.traces import Trace
 
 SWITCH_OVERHEAD_S = 2e-3  # routing switch + epoch bump at the router: an assumption (paper gives none)
+# The runtime's pre-copy rule (runtime/controller.py, `Controller.reshape`): copy rounds while the old
+# epoch serves, at most PRECOPY_MAX_ROUNDS of them, until at most PRECOPY_DELTA_TOKENS tokens are left
+# to copy; then the quiesce and the delta.  The same values as the Controller's keyword defaults
+# `max_precopy_rounds` and `delta_tokens_target` (tests/test_sim_engine.py checks that they agree):
+# repeated here because importing the controller would pull torch into the simulator.
+PRECOPY_MAX_ROUNDS = 3
+PRECOPY_DELTA_TOKENS = 64
 HOST_CACHE_TTL_S = 1800.0  # host-memory parameter cache keeps a model this long after eviction
 
 
@@ -140,10 +147,10 @@ class ModelState:
 class Reshape:
     """One reshape: when, of what, from/to stage counts, its preparation, pause and bytes moved.
 
-    `prep_s` (weight load + KV pre-copy) is known once the pre-copy starts; `pause_s` and the delta
-    bytes at the switch, when `switched` becomes True (a replica released before its switch never
-    pauses).  The pause is what the runtime measures (controller.py): from the quiesce (no step
-    launched after it) through the end of the round in flight, the delta copy and the switch."""
+    `prep_s` (weight load + every KV pre-copy round) is complete once the last round ends; `pause_s`
+    and the delta bytes at the switch, when `switched` becomes True (a replica released before its
+    switch never pauses).  The pause is what the runtime measures (controller.py): from the quiesce
+    (no step launched after it) through the end of the round in flight, the delta copy and the switch."""
 
     t: float
     model: str
@@ -154,8 +161,9 @@ class Reshape:
     pause_s: float
     weight_bytes: float
     kv_bytes: float  # KV moved in all: the pre-copy and the delta
-    precopy_bytes: float = 0.0
+    precopy_bytes: float = 0.0  # every pre-copy round together
     delta_bytes: float = 0.0
+    precopy_rounds: int = 0
     switched: bool = False
     switch_t: float = math.nan  # when the pause began (the quiesce)
 
@@ -168,11 +176,11 @@ class _Pending:
     pipe: FastPipe
     rec: Reshape
     kv_tok: float  # KV bytes per token of the attention units that change GPU
-    copied: dict[int, int] | None = None  # request -> KV tokens the pre-copy took (None: not started)
+    copied: dict[int, int] | None = None  # request -> KV tokens the pre-copy rounds took (None: not started)
     quiesce_t: float = math.nan  # when the switch fell due: no step launched since (nan: not yet)
 
 
-_SEG, _READY, _SWITCH, _TICK, _SAMPLE, _PRECOPY = 0, 1, 2, 3, 4, 5
+_SEG, _READY, _TICK, _SAMPLE, _PRECOPY = 0, 1, 2, 3, 4
 _KICK_NONE, _KICK_WAIT, _KICK_BOUNDARY, _KICK_CUT = 0, 1, 2, 3  # what a kick does (see _kick_choice)
 
 
@@ -294,14 +302,6 @@ class Simulator:
             elif kind == _PRECOPY:
                 if obj.pending is not None and obj.state in ("active", "draining"):
                     self._precopy(obj)
-            elif kind == _SWITCH:
-                if obj.pending is not None and obj.state in ("active", "draining"):
-                    obj.switch_due = True
-                    obj.pending.quiesce_t = t
-                    if obj.in_seg:
-                        self._cut(obj)
-                    else:
-                        self._boundary(obj)
         self.now = max(self.now, self.duration)
         self._account_res()
         # whatever did not finish by the horizon is counted as dropped
@@ -727,8 +727,9 @@ class Simulator:
 
         The protocol (DESIGN.md, reconfiguration): the new stages load their weights while the old
         ones serve; then the KV of every running request is pre-copied up to the position reached
-        then, still serving; at the switch a pause quiesces, copies the delta (KV written since the
-        pre-copy, including requests admitted meanwhile) and switches.  Both placements hold memory
+        then, still serving, in rounds as the runtime does (`_precopy`); at the switch a pause
+        quiesces, copies the delta (KV written since the last round began, including requests admitted
+        meanwhile) and switches.  Both placements hold memory
         until the switch (`_union_hold`); False, and nothing changes, when that union does not fit.
         """
         if r.state != "active" or r.pending is not None or new.kv_tokens < r.kv_used:
@@ -790,21 +791,57 @@ class Simulator:
         return held
 
     def _precopy(self, r: Replica) -> None:
-        """The new stages are loaded: copy the KV written so far while the old epoch keeps serving."""
+        """A pre-copy step: the new stages are loaded (first call) or a copy round has just ended.
+
+        As the runtime does (controller.py): a round copies what each running request wrote beyond
+        what earlier rounds took ([copied, held): all of it for a request admitted since), while the
+        old epoch keeps serving; when it ends, the tokens written meanwhile are what is left.  Another
+        round follows while more than PRECOPY_DELTA_TOKENS are left and fewer than PRECOPY_MAX_ROUNDS
+        have run; otherwise the switch falls due (the quiesce) and the pause copies the rest.  One round
+        alone left the delta of a long pre-copy (every token written while it ran) to the pause.
+        """
         pend = r.pending
         assert pend is not None
-        pend.copied = self._kv_held(r) if pend.kv_tok > 0 else {}
-        nbytes = pend.kv_tok * sum(pend.copied.values())
+        rec = pend.rec
+        held = self._kv_held(r) if pend.kv_tok > 0 else {}
+        if pend.copied is not None:   # a round ended: what was written since it began is left
+            copied = pend.copied
+            left = sum(tok - copied.get(rid, 0) for rid, tok in held.items() if tok > copied.get(rid, 0))
+            if left <= PRECOPY_DELTA_TOKENS or rec.precopy_rounds >= PRECOPY_MAX_ROUNDS:
+                self._quiesce(r)
+                return
+        else:
+            pend.copied = {}
+        copied = pend.copied
+        tokens = 0
+        for rid, tok in held.items():
+            d = tok - copied.get(rid, 0)
+            if d > 0:
+                tokens += d
+                copied[rid] = tok
+        nbytes = pend.kv_tok * tokens
         t = nbytes / self.cluster.inter.bandwidth
-        pend.rec.precopy_bytes = nbytes
-        pend.rec.prep_s += t
-        self._push(self.now + t, _SWITCH, r)
+        rec.precopy_bytes += nbytes
+        rec.prep_s += t
+        rec.precopy_rounds += 1
+        self._push(self.now + t, _PRECOPY, r)
+
+    def _quiesce(self, r: Replica) -> None:
+        """The pre-copy is over: the router launches no more steps; the switch waits for the round in
+        flight (the next iteration boundary), then copies the delta and switches (`_apply_switch`)."""
+        assert r.pending is not None
+        r.switch_due = True
+        r.pending.quiesce_t = self.now
+        if r.in_seg:
+            self._cut(r)
+        else:
+            self._boundary(r)
 
     def _apply_switch(self, r: Replica) -> None:
         pend = r.pending
         assert pend is not None and pend.copied is not None
-        # the delta: KV written since the pre-copy by the requests running now (whole KV of those
-        # admitted since; nothing of those finished since), copied while every request waits
+        # the delta: KV written since the last pre-copy round began by the requests running now (whole
+        # KV of those admitted since; nothing of those finished since), copied while every request waits
         delta = 0
         if pend.kv_tok > 0:
             copied = pend.copied
