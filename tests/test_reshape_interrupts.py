@@ -96,6 +96,55 @@ async def test_a_request_id_taken_again_during_the_copies_is_copied_from_its_fir
         assert second.token_ids == fp.reference_tokens(p2, max_tokens=30, ignore_eos=True)
 
 
+async def test_a_copy_round_redone_after_an_error_copies_a_request_its_new_owner_freed_in_the_failed_one():
+    # In the failed attempt of a copy round, "victim" is copied to the new stage for the first time,
+    # then preempted: a GPU exporter that reserved blocks there for it and finds it gone on its own
+    # side gives them back with an unsettled FreeSeqs, which marks it as dropped there for the rest
+    # of the reshape.  Another export of the attempt fails while a request finishes, so the round is
+    # redone, and "victim", recomputed meanwhile, is copied again from token 0.  The redo once sent
+    # it no settled free (it had no entry before the failed attempt), so the new stage refused the
+    # copy and "victim" (with its micro-batch) ended in "error" after the switch.  Here the
+    # exporter's free comes from the controller's client with the same flag, on CPU stages.
+    from flexpipe.runtime.stage import FreeSeqs
+
+    reqs = request_mix(4, seed=37, max_tokens=(40, 60))
+    async with FlexPipe.launch("tiny", stages=1, in_process=True) as fp:
+        router, ctl = fp.router, fp.controller
+        copy_round = ctl._copy_round_once
+        box: dict = {}
+
+        async def fail_after_freeing_one_on_the_new_stage(moves, copied, st, delta):
+            left = await copy_round(moves, copied, st, delta)
+            if box:
+                return left
+            new = next(sl for sl in ctl._new_slots if sl not in ctl.slots)
+            victim, done = [r for r in copied if r in router.sched.running][:2]
+            box["victim"] = router.sched.requests[victim]
+            router.sched._preempt(victim)
+            await ctl.system.ask(new.ref, FreeSeqs(ctl._next_epoch, [victim]))   # as the GPU exporter's
+            router.cancel(done)   # (not in flight: it ends now)
+            box["done"] = done
+            router.resume()
+            await until(router, lambda: box["victim"].computed > 0)   # run again from its first token
+            await router.quiesce()   # and held: it still runs at the switch
+            raise ActorError("an export of this round failed")
+
+        tasks = [asyncio.ensure_future(fp.complete(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"}))
+                 for r in reqs]
+        await until(router, _computing(router, 2))
+        await router.quiesce()   # nothing finishes before the copies (the reshape resumes it)
+        ctl._copy_round_once = fail_after_freeing_one_on_the_new_stage
+        st = await fp.reshape(**SPLIT)
+        ctl._copy_round_once = copy_round
+        assert st.ok and box["victim"].preemptions == 1
+        outs = await asyncio.wait_for(asyncio.gather(*tasks), 120)
+        kept = [(r, o) for r, o in zip(reqs, outs) if o.finish_reason != "cancelled"]
+        assert len(kept) == len(reqs) - 1, [o.finish_reason for o in outs]
+        assert [o.finish_reason for _, o in kept] == ["length"] * len(kept)
+        check_against_oracle(fp, [r for r, _ in kept], [o for _, o in kept])
+        assert all(p["used"] == 0 for p in fp.status()["router"]["kv"])
+
+
 async def test_a_cancelled_reshape_aborts_and_resumes_the_router():
     # cancelled in the delta copy, with the router quiesced: the reshape used to catch only
     # Exception, so the router stayed paused for ever, the new stage kept running and the kept one

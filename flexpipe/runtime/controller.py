@@ -1,4 +1,4 @@
-"""The reconfiguration protocol: reshape a running pipeline, and rebuild it when a stage dies.
+"""The reconfiguration protocol: reshape a running pipeline (stage failure and restarts: recovery.py).
 
 From epoch e to e+1 (DESIGN.md):
   1. plan     match new stages to running stage actors (largest unit overlap on the same device);
@@ -35,14 +35,17 @@ from flexpipe.runtime.cache import CacheManager, StagePool, blocks_for
 from flexpipe.runtime.messages import ActorRef
 from flexpipe.runtime.router import Pipeline, RouterActor
 from flexpipe.runtime.stage import (
-    AbortPrepare, Activate, Configure, ExpectPeers, ExportKV, FreeSeqs, PrepareUnits, ResetKV, SendUnits,
+    AbortPrepare, Activate, Configure, ExpectPeers, ExportKV, FreeSeqs, PrepareUnits, SendUnits,
     StageStatus, StepFailed, StepLog, StepOutput, UnitTensors,
 )
 
 log = logging.getLogger("flexpipe.controller")
+# A `copied` entry (tokens, preemptions, record) that matches no request: whatever reached the new
+# owners is stale, and the next copy round frees it there (settled) before copying from token 0.
+_UNKNOWN_COPY: tuple = (0, -1, None)
 
 
-async def _to_the_end(aw: Any) -> Any:
+async def to_the_end(aw: Any) -> Any:
     """Await `aw` to its end even when the caller is cancelled meanwhile, and raise the cancellation
     after: for clean-ups that must not stop half way (stopping processes, resuming the router)."""
     task = asyncio.ensure_future(aw)
@@ -126,9 +129,9 @@ class Controller:
         self.router_actor: Any = None
         self.history: list[ReshapeStats] = []
         self._lock = asyncio.Lock()
-        # the stages a running reshape depends on, and the futures its waits resolve when one dies
-        self._involved: set[ActorRef] = set()
-        self._death_waiters: set[asyncio.Future] = set()
+        from flexpipe.runtime.recovery import Recovery   # (it imports this module)
+
+        self.recovery = Recovery(self)   # stages that die, and restarts
         self._names = 0
         self.fail_next_launch = False  # test hook: make the next stage launch fail (aborted reshape)
 
@@ -170,8 +173,8 @@ class Controller:
             res = await asyncio.gather(*tasks, return_exceptions=True)
         except asyncio.CancelledError:   # the caller was cancelled, and so are the launches: stop
             # those that had started already (one cancelled while its process starts kills it)
-            res = await _to_the_end(asyncio.gather(*tasks, return_exceptions=True))
-            await _to_the_end(asyncio.gather(*(r.handle.stop() for r in res if isinstance(r, Slot)),
+            res = await to_the_end(asyncio.gather(*tasks, return_exceptions=True))
+            await to_the_end(asyncio.gather(*(r.handle.stop() for r in res if isinstance(r, Slot)),
                                              return_exceptions=True))
             raise
         slots = {j: r for j, r in zip(launches, res) if isinstance(r, Slot)}
@@ -197,9 +200,9 @@ class Controller:
                                   eos_ids=eos_ids, max_batch_tokens=s.max_batch_tokens,
                                   max_batch_seqs=s.max_batch_seqs, max_inflight=s.max_inflight or None,
                                   cpu_threads=s.torch_threads)
-        self.router.on_stage_death = self._on_stage_death
+        self.router.on_stage_death = self.recovery.on_stage_death
         if hasattr(self.system, "death_listeners"):
-            self.system.death_listeners.append(self._actor_died)
+            self.system.death_listeners.append(self.recovery.actor_died)
         self.router_actor = await self.system.spawn(self.router, "router")
         self.router_actor.check_sender = self._router_sender_check
         if self.weight_cache is not None:
@@ -286,36 +289,7 @@ class Controller:
             try:
                 return await self._reshape(shape, weights_from)
             finally:
-                self._involved = set()
-
-    def _actor_died(self, ref: ActorRef, reason: str) -> None:
-        if ref in self._involved:
-            for fut in self._death_waiters:
-                if not fut.done():
-                    fut.set_result(f"{ref} died: {reason}")
-
-    async def _unless_a_stage_dies(self, aw: Any) -> Any:
-        """Await `aw`, or raise ReshapeError as soon as a stage of the reshape dies.
-
-        A stage's copy to a peer that died would wait for its ask's timeout (30 s by default), holding
-        the lock that the recovery of that very death waits for."""
-        task = asyncio.ensure_future(aw)
-        died = asyncio.get_running_loop().create_future()
-        gone = next((r for r in self._involved if self.system.client.is_dead(r)), None)
-        if gone is not None:   # before this wait began
-            died.set_result(f"{gone} is dead")
-        self._death_waiters.add(died)
-        try:
-            await asyncio.wait({task, died}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:   # cancelled (the reshape is): so is what it waited for
-            task.cancel()
-            raise
-        finally:
-            self._death_waiters.discard(died)
-        if task.done() and not died.done():
-            return task.result()
-        task.cancel()
-        raise ReshapeError(f"a stage died during the reshape: {died.result()}")
+                self.recovery.involved = set()
 
     async def _reshape(self, shape: PipelineShape, weights_from: str) -> ReshapeStats:
         cfg = self.spec.config
@@ -346,7 +320,7 @@ class Controller:
                         st.weight_bytes += self._param_bytes_list(range(r.start, r.end))
             # the stages that may send weights and KV to one another during this reshape
             peers = [sl.ref for sl in {id(sl): sl for sl in (*self.slots, *new_slots)}.values()]
-            self._involved = set(peers)
+            self.recovery.involved = set(peers)
             await asyncio.gather(*(self.system.ask(sl.ref, ExpectPeers(shape.epoch, peers)) for sl in new_slots))
             for j, s in enumerate(shape.stages):
                 sl = new_slots[j]
@@ -358,7 +332,7 @@ class Controller:
                     continue
                 tw = time.perf_counter()
                 if peer:
-                    st.weight_bytes += await self._unless_a_stage_dies(
+                    st.weight_bytes += await self.recovery.unless_a_stage_dies(
                         self._deliver(missing, sl, from_cache=tier == "cache"))
                 else:
                     st.weight_bytes += self._param_bytes_list(missing)
@@ -371,7 +345,7 @@ class Controller:
             moves = self._moves(shape, new_slots)
             copied: dict[str, tuple[int, int, Any]] = {}  # seq -> (tokens copied, preemptions, record) then
             for rnd in range(self.max_precopy_rounds):
-                left = await self._unless_a_stage_dies(self._copy_round(moves, copied, st, delta=False))
+                left = await self.recovery.unless_a_stage_dies(self._copy_round(moves, copied, st, delta=False))
                 st.precopy_rounds = rnd + 1
                 if left <= self.delta_tokens_target:
                     break
@@ -380,13 +354,13 @@ class Controller:
             tq = time.perf_counter()
             paused = True
             await router.quiesce()
-            await self._unless_a_stage_dies(self._copy_round(moves, copied, st, delta=True))
+            await self.recovery.unless_a_stage_dies(self._copy_round(moves, copied, st, delta=True))
             live = set(router.sched.requests)
             gone = [s for s in copied if s not in live]
             rr = self.router_actor.ref
             slots = [s for s in new_slots]
             switching = True
-            await self._unless_a_stage_dies(asyncio.gather(*(
+            await self.recovery.unless_a_stage_dies(asyncio.gather(*(
                 self.system.ask(sl.ref, Activate(shape.epoch, j, s.start, s.end, self._next_ref(j, slots), rr,
                                                  self._upstream(j, slots)))
                 for j, (sl, s) in enumerate(zip(slots, shape.stages)))))
@@ -420,7 +394,7 @@ class Controller:
                 involved = list({id(sl): sl for sl in (*self.slots, *(sl for sl in new_slots if sl))}.values())
                 try:
                     # (one epoch past the new one: no message of the half-switched stages is taken)
-                    await _to_the_end(self._rebuild(shape.with_epoch(shape.epoch + 1), involved,
+                    await to_the_end(self.recovery.rebuild(shape.with_epoch(shape.epoch + 1), involved,
                                                     ReshapeStats("rebuild", old_epoch, 0, self.shape.boundaries,
                                                                  shape.boundaries, error=st.error)))
                 except Exception as e2:  # noqa: BLE001 - nothing left to serve with
@@ -436,7 +410,7 @@ class Controller:
                                    f"{list(shape.boundaries)} and its requests recomputed") from e
             try:
                 # (every kept stage: each took ExpectPeers, and AbortPrepare also ends its reshape's bookkeeping)
-                await _to_the_end(self._abort([sl for sl in new_slots if sl is not None], started, old_epoch))
+                await to_the_end(self._abort([sl for sl in new_slots if sl is not None], started, old_epoch))
             finally:
                 if paused:
                     router.resume()
@@ -451,7 +425,7 @@ class Controller:
         st.stages_started = len(started)
         st.stages_retired = len(retired)
         try:
-            await _to_the_end(asyncio.gather(*(sl.handle.stop() for sl in retired), return_exceptions=True))
+            await to_the_end(asyncio.gather(*(sl.handle.stop() for sl in retired), return_exceptions=True))
         finally:
             st.total_s = time.perf_counter() - t0
             self.history.append(st)
@@ -559,7 +533,7 @@ class Controller:
             router.switch(Pipeline(self.shape.epoch, [], []))  # stays paused: requests wait for wake()
             st.stages_retired = len(retired)
             try:
-                await _to_the_end(asyncio.gather(*(sl.handle.stop() for sl in retired), return_exceptions=True))
+                await to_the_end(asyncio.gather(*(sl.handle.stop() for sl in retired), return_exceptions=True))
             finally:
                 st.total_s = time.perf_counter() - t0
                 self.history.append(st)
@@ -604,7 +578,7 @@ class Controller:
                                                                    self._upstream(j, slots)))
                                    for j, (sl, s) in enumerate(zip(slots, shape.stages))))
         except BaseException as e:   # a cancellation too: no stage of the cold start runs on
-            await _to_the_end(asyncio.gather(*(sl.handle.stop() for sl in slots), return_exceptions=True))
+            await to_the_end(asyncio.gather(*(sl.handle.stop() for sl in slots), return_exceptions=True))
             st.ok = False
             st.error = f"{type(e).__name__}: {e}" if isinstance(e, Exception) else "cancelled"
             st.total_s = time.perf_counter() - t0
@@ -660,6 +634,13 @@ class Controller:
         (the frees ride on the next step) before the ExportKV arrives, which fails that export.
         Finished requests need no copy: the round is redone without them; they stay listed in
         `copied` so that whatever did reach a new owner is freed at the switch.
+
+        A live request first listed in the failed attempt is copied again from token 0, and a new
+        owner may refuse that copy: a GPU exporter that reserved blocks there for it and then found
+        it freed on its own side (preempted) gave them back with a FreeSeqs that is not settled, so
+        the new owner counts it as dropped for the rest of the reshape.  It is listed as copied by
+        no known record (`_UNKNOWN_COPY`), so that the redo frees it there settled first (every
+        export of the failed attempt has settled by then).
         """
         for attempt in range(8):
             before = dict(copied)
@@ -667,12 +648,15 @@ class Controller:
                 return await self._copy_round_once(moves, copied, st, delta)
             except ActorError:
                 live = self.router.sched.requests
-                gone = {rid: v for rid, v in copied.items() if v is not before.get(rid) and rid not in live}
+                changed = [rid for rid, v in copied.items() if v is not before.get(rid)]
+                gone = {rid: copied[rid] for rid in changed if rid not in live}
                 if not gone or attempt == 7:
                     raise
+                first = [rid for rid in changed if rid in live and rid not in before]
                 copied.clear()
                 copied.update(before)
                 copied.update(gone)
+                copied.update(dict.fromkeys(first, _UNKNOWN_COPY))
         raise AssertionError("unreachable")
 
     async def _copy_round_once(self, moves: dict, copied: dict, st: ReshapeStats, delta: bool) -> int:
@@ -753,139 +737,10 @@ class Controller:
         await asyncio.gather(*(drop(sl) for sl in kept if sl not in started))
         await asyncio.gather(*(sl.handle.stop() for sl in started), return_exceptions=True)
 
-    # ---- baselines the reshape protocol is measured against ------------------------------------------
+    # ---- stage failure and restarts (runtime/recovery.py) -----------------------------------------------
     async def restart(self, shape: PipelineShape, *, drain: bool) -> ReshapeStats:
-        """Rebuild the pipeline from scratch: the baselines of benchmarks/bench_reshape.py.
-
-        drain=True  (drain-and-restart): stop admitting, let running requests finish, rebuild.
-        drain=False (restart-and-recompute): stop at once, rebuild, re-prefill every running request.
-        """
-        async with self._lock:
-            router = self.router
-            old = self.shape
-            shape = shape.with_epoch(old.epoch + 1)
-            st = ReshapeStats("drain-restart" if drain else "restart-recompute", old.epoch, shape.epoch,
-                              old.boundaries, shape.boundaries)
-            t0 = time.perf_counter()
-            try:
-                if drain:
-                    router.sched.admit = False
-                    router._wake.set()
-                    while router.sched.running or router.sched.inflight:
-                        await asyncio.sleep(0.005)
-                await router.quiesce()
-            except BaseException:  # (a stage that died meanwhile: its recovery pauses the router again)
-                router.resume()
-                raise
-            finally:
-                router.sched.admit = True
-            try:
-                return await _to_the_end(self._rebuild(shape, self.slots, st, t0))
-            except Exception as e:  # noqa: BLE001 - the old stages are gone: nothing left to serve with
-                st.ok, st.error = False, f"{type(e).__name__}: {e}"
-                st.total_s = time.perf_counter() - t0
-                self.history.append(st)
-                router.fail_all(f"the restart as {list(shape.boundaries)} failed: {st.error}")
-                raise e if isinstance(e, ReshapeError) else ReshapeError(
-                    f"restart as {list(shape.boundaries)} failed, the pipeline is down: {st.error}") from e
-
-    async def _rebuild(self, shape: PipelineShape, retire: list[Slot], st: ReshapeStats,
-                       t0: float | None = None) -> ReshapeStats:
-        """With the router quiesced: stop `retire`, start `shape` (in its epoch) in fresh processes, and
-        recompute every request from its record."""
-        router = self.router
-        t0 = time.perf_counter() if t0 is None else t0
-        st.to_epoch = shape.epoch
-        st.requests_recomputed = router.requeue_all()
-        await asyncio.gather(*(sl.handle.stop() for sl in retire), return_exceptions=True)
-        st.stages_retired = len(retire)
-        self.slots = []
-        slots = await self._launch_all({i: self._launch(s.start, s.end, s.device, shape.epoch, i)
-                                        for i, s in enumerate(shape.stages)}, "rebuild")
-        self.slots = [slots[i] for i in range(len(shape.stages))]
-        st.stages_started = len(self.slots)
-        st.weight_bytes = self._param_bytes_list(range(self.spec.config.num_units))
-        self.shape = shape
-        await self._configure(shape.epoch)
-        router.switch(self._pipeline(shape.epoch), CacheManager(self.settings.block_size, self._pools(shape)))
-        router.resume()
-        st.pause_s = st.total_s = time.perf_counter() - t0
-        self.history.append(st)
-        return st
-
-    # ---- failure recovery ------------------------------------------------------------------------------
-    async def _on_stage_death(self, ref: ActorRef, reason: str) -> None:
-        async with self._lock:
-            if all(sl.ref != ref for sl in self.slots):
-                return  # already replaced
-            try:
-                await self._recover(ref, reason)
-            except Exception as e:  # noqa: BLE001 - whatever it was, clients must not wait for ever
-                log.error("recovery from the death of %s failed: %s: %s", ref, type(e).__name__, e)
-                self.router.fail_all(f"stage {ref} died ({reason}) and recovery failed: {type(e).__name__}: {e}")
-
-    def _is_dead(self, ref: ActorRef) -> bool:
-        """Whether `ref` is known dead: to this process's client (its process exited) or to the router
-        (it missed its heartbeats)."""
-        router_dead = getattr(self.router.ctx, "is_dead", None) if self.router is not None else None
-        return self.system.client.is_dead(ref) or (router_dead is not None and router_dead(ref))
-
-    async def _replace(self, i: int, epoch: int, reason: str) -> None:
-        """Start a new process for slot i, whose stage died (3 attempts)."""
-        sl = self.slots[i]
-        try:  # a stage declared dead by heartbeats may still be running, hung: make sure it is gone
-            sl.handle.kill()
-        except Exception as e:  # already gone, or its worker is
-            log.debug("recovery: kill of %s: %s", sl.ref, e)
-        for attempt in range(3):
-            try:
-                self.slots[i] = await self._launch(sl.start, sl.end, sl.device, epoch, i)
-                return
-            except ActorError as e:
-                log.error("recovery: relaunch of stage %d failed (attempt %d): %s", i, attempt + 1, e)
-        raise ReshapeError(f"stage {i} could not be restarted after it died ({reason})")
-
-    async def _recover(self, dead: ActorRef, reason: str) -> ReshapeStats:
-        """Replace the dead stages with new processes and recompute every request from its record."""
-        t0 = time.perf_counter()
-        router = self.router
-        old = self.shape
-        shape = old.with_epoch(old.epoch + 1)
-        st = ReshapeStats("recovery", old.epoch, shape.epoch, old.boundaries, shape.boundaries, error=reason)
-        router._paused = True
-        st.requests_recomputed = router.requeue_all()
-        rr = self.router_actor.ref
-        # Every stage that is dead by now, not only `dead`: stages die together (a node, a signal to
-        # a process group), and one left in place fails the reset of the others.  Another may die
-        # while they are reset: it is replaced in the next pass.
-        for attempt in range(3):
-            for i, sl in enumerate(self.slots):
-                if sl.ref == dead or self._is_dead(sl.ref):
-                    await self._replace(i, shape.epoch, reason)
-                    st.stages_started += 1
-            res = await asyncio.gather(*(self.system.ask(sl.ref, ResetKV(shape.epoch)) for sl in self.slots),
-                                       return_exceptions=True)
-            if not any(isinstance(r, BaseException) for r in res):
-                res = await asyncio.gather(*(self.system.ask(sl.ref, Activate(shape.epoch, j, sl.start, sl.end,
-                                                                             self._next_ref(j), rr,
-                                                                             self._upstream(j)))
-                                             for j, sl in enumerate(self.slots)), return_exceptions=True)
-            err = next((r for r in res if isinstance(r, BaseException)), None)
-            if err is None:
-                break
-            if attempt == 2 or not any(self._is_dead(sl.ref) for sl in self.slots):
-                raise err
-            log.warning("recovery: a stage died while the pipeline was reset (%s): replacing it too", err)
-        self.shape = shape
-        cache = CacheManager(self.settings.block_size, self._pools(shape))
-        router.switch(self._pipeline(shape.epoch), cache)
-        router.down = None   # (it went down when an earlier recovery failed: it serves again)
-        router.resume()
-        st.pause_s = st.total_s = time.perf_counter() - t0
-        self.history.append(st)
-        log.warning("recovered from the death of %s in %.2f s; %d requests recomputed", dead, st.total_s,
-                    st.requests_recomputed)
-        return st
+        """Rebuild the pipeline from scratch (Recovery.restart): the baselines of benchmarks/bench_reshape.py."""
+        return await self.recovery.restart(shape, drain=drain)
 
 
 __all__ = ["Controller", "ReshapeStats", "Slot", "blocks_for"]
