@@ -25,7 +25,7 @@ from flexpipe.runtime import codec
 from flexpipe.runtime.codec import ASK
 from flexpipe.runtime.stage import FreeSeqs, StageStatus, StepFailed, StepInput, StepOutput
 from flexpipe.runtime.router import RouterStatus
-from tests.pipeline_helpers import check_against_oracle, request_mix, run_all
+from tests.pipeline_helpers import check_against_oracle, request_mix, run_all, until
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -151,6 +151,7 @@ def test_hostile_messages_leave_every_actor_answering(live):
     epoch = fp.controller.router.epoch
     n = len(fp.controller.slots)
     refs = [sl.ref for sl in fp.controller.slots]
+    live.run(until(fp.router, fp.router.sched.idle, timeout=30))   # the last frees reached every stage
     free_before = [live.run(fp.system.ask(r, StageStatus()))["free_blocks"] for r in refs]
     router_ref = fp.controller.router_actor.ref
     zctx = zmq.Context()

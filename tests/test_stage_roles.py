@@ -22,6 +22,7 @@ from flexpipe.runtime.stage import (
     Activate, Configure, ExpectPeers, ExportKV, FreeSeqs, ImportKV, ResetKV, StageActor, StageStatus, StepFailed,
     StepInput, StepOutput, UnitTensors,
 )
+from tests.pipeline_helpers import until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -109,6 +110,7 @@ async def test_forged_steps_get_a_typed_error_and_allocate_nothing():
 async def test_forged_messages_are_refused_on_a_live_pipeline():
     async with FlexPipe.launch("tiny", stages=2, in_process=True) as fp:
         await fp.complete("warm", max_tokens=2)
+        await until(fp.router, fp.router.sched.idle, timeout=30)   # its frees reached every stage
         refs = [sl.ref for sl in fp.controller.slots]
         before = [await fp.system.ask(r, StageStatus()) for r in refs]
         async with ActorSystem(fp.system.settings, name="intruder") as intruder:

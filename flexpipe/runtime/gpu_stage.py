@@ -277,9 +277,10 @@ class GpuStageActor(StageActor):
 
     async def _send_next(self, ctx: ActorContext, msg: StepInput, out: torch.Tensor) -> None:
         tx = self.tx
-        if tx is None or out.numel() * out.element_size() > hop_capacity(tx):
-            if tx is not None:
-                self.stats["hop_beside"] += 1
+        if tx is None or not msg.seq_ids:   # (a step of frees only: its empty tensor goes beside)
+            return await StageActor._send_next(self, ctx, msg, out)
+        if out.numel() * out.element_size() > hop_capacity(tx):
+            self.stats["hop_beside"] += 1
             return await StageActor._send_next(self, ctx, msg, out)
         try:
             await tx.send(out if self.hop_kind == "cuda_ipc" or out.device.type == "cpu" else out.cpu())

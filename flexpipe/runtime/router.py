@@ -3,7 +3,9 @@
 The router owns the scheduler (runtime/scheduler.py) and the KV ledger (runtime/cache.py) and
 launches micro-batches into stage 0 of the current epoch.  One pump task is the only sender of
 steps, so steps leave in order; outputs come back as StepOutput messages from the last stage.
-Outputs of another epoch are dropped and counted (epoch fencing).
+Outputs of another epoch are dropped and counted (epoch fencing).  The KV frees of requests that
+ended travel on steps too: on the next one, or, when the pipeline goes idle, on a step of frees
+only (no sequences) that every stage applies and passes on, and that returns like any other.
 
 The reshape controller (runtime/controller.py) acts through `quiesce()` / `resume()` and swaps the
 pipeline (stage refs, ledger pools, epoch) while nothing is in flight.  `listeners` see arrivals,
@@ -215,7 +217,8 @@ class RouterActor:
                         [len(c.tokens) for c in mb.chunks], [c.sample for c in mb.chunks],
                         [c.out_index for c in mb.chunks], sampling, mb.frees)
         self._drained.clear()
-        self._sent_at[mb.step] = time.perf_counter()
+        if mb.chunks:   # (a step of frees only is no step of the step times and logs)
+            self._sent_at[mb.step] = time.perf_counter()
         try:
             await self.ctx.tell(self.pipeline.refs[0], msg, torch.tensor(tokens, dtype=torch.int64))
         except ActorError as e:  # stage 0 is gone: recovery will requeue everything
@@ -256,10 +259,7 @@ class RouterActor:
         """End the requests of in-flight step `step` with "error" (a stage refused it, or it could not
         be sent); the others go on."""
         mb = self.sched.inflight[step]
-        # The step carried frees that the stages after the failing one never applied (nor the failing
-        # one, when it refused the step): send them again with the next step.  Not those of a
-        # preempted request that is running again by now: freeing it would drop its new KV.
-        self.sched.pending_frees.extend(s for s in mb.frees if not self.sched.cache.holds(s))
+        self.sched.resend_frees(mb)
         events = []
         for c in mb.chunks:
             req = self.sched.requests.get(c.seq_id)
@@ -370,9 +370,11 @@ class RouterActor:
             "epoch": self.epoch,
             "stages": [{"index": i, "start": a, "end": b, "actor": str(r)}
                        for i, (r, (a, b)) in enumerate(zip(self.pipeline.refs, self.pipeline.ranges))],
-            "running": len(s.running), "waiting": len(s.waiting), "inflight": len(s.inflight),
-            "max_inflight": s.max_inflight,
+            "running": len(s.running), "waiting": len(s.waiting),
+            "inflight": sum(1 for mb in s.inflight.values() if mb.chunks), "max_inflight": s.max_inflight,
             "kv": self.cache.usage(), "block_size": self.cache.block_size,
             "preemptions": s.stats.preemptions, "steps": s.stats.steps, "paused": self._paused, "down": self.down,
+            "free_steps": s.stats.free_steps, "frees_pending": len(s.pending_frees),
+            "frees_inflight": sum(1 for mb in s.inflight.values() if not mb.chunks),   # steps of frees only
             **{k: v for k, v in self.stats.items()},
         }

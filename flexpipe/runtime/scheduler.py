@@ -7,6 +7,12 @@ prefill is a chunk of up to the remaining budget (chunked prefill).  Up to `max_
 micro-batches are in flight (one per stage keeps every stage busy); a request is in at most one.
 When KV runs out a running request is preempted: its blocks are freed and it is recomputed later
 from its record (vLLM's recompute preemption), which cannot change its output.
+
+Frees (the KV of requests that ended or were preempted) ride on the next micro-batch, down the same
+path as steps, so that every stage applies them after each step launched before and before each
+step launched after.  When no micro-batch is in flight and none can go, the frees go in a
+micro-batch of their own (no chunks): else an idle pipeline's stages would hold the blocks that the
+ledger counts free until the next request came (a reshape meanwhile would copy and count them).
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ class Chunk:
 
 @dataclass(slots=True)
 class MicroBatch:
-    """What the router launches into the pipeline in one step."""
+    """What the router launches into the pipeline in one step (no chunks: it carries frees only)."""
 
     step: int
     chunks: list[Chunk]
@@ -92,6 +98,7 @@ class SchedulerStats:
     preemptions: int = 0
     finished: int = 0
     cancelled: int = 0
+    free_steps: int = 0   # micro-batches of frees only (not in `steps`)
 
 
 class Scheduler:
@@ -109,6 +116,9 @@ class Scheduler:
         self.running: list[str] = []  # admitted, in admission order (latest is preempted first)
         self.inflight: dict[int, MicroBatch] = {}
         self.pending_frees: list[str] = []
+        # False once a micro-batch of frees only failed: its frees wait for one with requests (as all
+        # frees once did) instead of going out alone again and again to a stage that refuses them
+        self._frees_alone = True
         self._steps = itertools.count()
         self.stats = SchedulerStats()
         self.admit = True  # False: only requests already running are scheduled (draining)
@@ -139,16 +149,43 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def idle(self) -> bool:
-        return not self.inflight and not self.has_work()
+        """Nothing in flight, nothing to run, and every free delivered to the stages."""
+        return not self.inflight and not self.has_work() and not self.pending_frees
 
     # ---- scheduling -----------------------------------------------------------------------------
     def schedule(self) -> MicroBatch | None:
-        """Build the next micro-batch from requests not in flight, or None if nothing can go."""
-        if len(self.inflight) >= self.max_inflight:
+        """Build the next micro-batch from requests not in flight, or None if nothing can go.
+
+        With no request to run, frees that wait while no micro-batch is in flight (one would take them
+        when it returns and the next goes) go in a micro-batch of their own (see the module doc)."""
+        if sum(1 for mb in self.inflight.values() if mb.chunks) >= self.max_inflight:
+            return None   # (one of frees only computes nothing: it takes no stage's turn)
+        chunks = self._pick()
+        if not chunks:
+            return self._frees_only()
+        mb = MicroBatch(next(self._steps), chunks, self.pending_frees)
+        self.pending_frees = []
+        self._frees_alone = True   # those of a failed micro-batch of frees only go with this one
+        self.inflight[mb.step] = mb
+        self.stats.steps += 1
+        self.stats.tokens_scheduled += mb.num_tokens
+        return mb
+
+    def _frees_only(self) -> MicroBatch | None:
+        """A micro-batch of the pending frees alone, when there are some and nothing is in flight."""
+        if not self.pending_frees or self.inflight or not self._frees_alone:
             return None
+        mb = MicroBatch(next(self._steps), [], self.pending_frees)
+        self.pending_frees = []
+        self.inflight[mb.step] = mb
+        self.stats.free_steps += 1
+        return mb
+
+    def _pick(self) -> list[Chunk]:
+        """The chunks of the next micro-batch: running requests first, then admissions (FCFS)."""
         active = len(self.running) + len(self.waiting)
         if active == 0:
-            return None
+            return []
         # spread requests over the micro-batches in flight so every stage has work
         seq_cap = min(self.max_batch_seqs, max(1, math.ceil(active / self.max_inflight)))
         budget = self.max_batch_tokens
@@ -187,15 +224,7 @@ class Scheduler:
             req.admitted = True
             chunks.append(self._chunk(req, n))
             budget -= n
-
-        if not chunks:
-            return None
-        mb = MicroBatch(next(self._steps), chunks, self.pending_frees)
-        self.pending_frees = []
-        self.inflight[mb.step] = mb
-        self.stats.steps += 1
-        self.stats.tokens_scheduled += mb.num_tokens
-        return mb
+        return chunks
 
     def _chunk(self, req: Request, n: int) -> Chunk:
         req.in_flight = True  # at once, so a later pick in this same batch cannot preempt it
@@ -252,6 +281,14 @@ class Scheduler:
                 events.append(self._finish(req, reason))
         return events
 
+    def resend_frees(self, mb: MicroBatch) -> None:
+        """Send the frees of in-flight micro-batch `mb`, which failed, again with a later one: the stages
+        after the failing one never applied them (nor the failing one, when it refused the step).  Not
+        those of a preempted request that is running again by now: freeing it would drop its new KV."""
+        self.pending_frees.extend(s for s in mb.frees if not self.cache.holds(s))
+        if not mb.chunks:
+            self._frees_alone = False
+
     def _finish(self, req: Request, reason: str) -> TokenEvent:
         req.finished = reason
         req.in_flight = False
@@ -279,6 +316,7 @@ class Scheduler:
         """
         self.inflight.clear()
         self.pending_frees.clear()
+        self._frees_alone = True
         for rid in list(self.running):
             self.cache.release(rid)
         for rid in reversed(self.running):

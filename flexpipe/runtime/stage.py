@@ -10,6 +10,11 @@ of starts at token 0): anything else is refused with a typed error and allocates
 Compute runs in a worker thread so heartbeats and control messages are answered during a long
 prefill.  Steps of one stage run one at a time in arrival order (the mailbox is sequential), while
 different stages overlap on different micro-batches.
+
+KV is dropped where steps flow: a step's `frees` before it runs (a step of frees only computes
+nothing and is passed on as it came), so a free never overtakes a step launched before it that
+still uses those blocks, nor lags behind one launched after it.  (FreeSeqs drops KV that no step
+has the frees of: what a reshape copied to a stage that no step has reached yet.)
 """
 
 from __future__ import annotations
@@ -36,7 +41,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # ---- pipeline messages (kinds 100-199) ----------------------------------------------------------
 @message(100)
 class StepInput:
-    """One micro-batch entering a stage; the tensor beside it is token ids [T] or the residual [T, H]."""
+    """One micro-batch entering a stage; the tensor beside it is token ids [T] or the residual [T, H].
+
+    With no sequences it carries frees only (the router's step when the pipeline goes idle): each
+    stage drops that KV and passes it on, the last one answers an empty StepOutput."""
     epoch: int
     step: int
     seq_ids: list
@@ -233,7 +241,7 @@ class StageActor:
         self.peer_tensors: dict[str, torch.Tensor] = {}
         self._s_per_token = float("inf")   # running estimate of compute seconds per token of a step
         self.stats = {"steps": 0, "stale_dropped": 0, "compute_s": 0.0, "kv_bytes_in": 0, "kv_bytes_out": 0,
-                      "memory_trims": 0}
+                      "memory_trims": 0, "free_steps": 0}
         self.step_log: collections.deque = collections.deque(maxlen=4096)   # (step, start, done)
         # A stage process keeps freed heap mapped while it serves (runtime/memory.py: up to 256 MiB
         # that the next steps reuse); after idle_trim_s without a step it hands that back (0: never).
@@ -356,7 +364,11 @@ class StageActor:
             if msg.frees:
                 core.free(msg.frees)
             tokens = max(1, x.shape[0])
-            out = await ctx.run_compute(self._forward, meta, x, inline=tokens * self._s_per_token < self.INLINE_S)
+            if msg.seq_ids:
+                out = await ctx.run_compute(self._forward, meta, x,
+                                            inline=tokens * self._s_per_token < self.INLINE_S)
+            else:   # frees only: nothing to compute, the empty tensor goes on as it came
+                out = x
         except Exception as e:  # a step that cannot run must not hang the router
             log.warning("stage %d: step %d failed: %s: %s", self.index, msg.step, type(e).__name__, e)
             if self.router is not None:
@@ -367,11 +379,14 @@ class StageActor:
             return
         t1 = time.perf_counter()
         dt = t1 - t0
-        self.step_log.append((msg.step, t0, t1))
-        est = self._s_per_token
-        self._s_per_token = dt / tokens if est == float("inf") else est + 0.25 * (dt / tokens - est)
-        self.stats["steps"] += 1
-        self.stats["compute_s"] += dt
+        if msg.seq_ids:
+            self.step_log.append((msg.step, t0, t1))
+            est = self._s_per_token
+            self._s_per_token = dt / tokens if est == float("inf") else est + 0.25 * (dt / tokens - est)
+            self.stats["steps"] += 1
+            self.stats["compute_s"] += dt
+        else:   # (not a step of the step log, the idle trimmer or the per-token estimate)
+            self.stats["free_steps"] += 1
         if msg.epoch != self.epoch:  # a switch happened while computing: the result is stale
             self.stats["stale_dropped"] += 1
             return
