@@ -59,3 +59,19 @@ RUNTIME_SETTINGS = [
     Setting("rt_priority", int, 0, "SCHED_RR priority (1-99) of every process of the pipeline, for CPU stages that "
             "outnumber the cores; needs CAP_SYS_NICE or ulimit -r; 0: the kernel's default scheduler", "N"),
 ]
+
+
+# Settings of the daemons only (not of flexpipe.api.Settings, which a pipeline in one process takes
+# too): what the router books for each stage beside its weights and KV, and how often a worker tells
+# the router what other tenants use on its devices.  runtime/daemon/cli.py offers them as flags.
+ROUTER_SETTINGS = [
+    Setting("stage_overhead", str, "auto", "memory booked for each stage beside its weights and KV: its process's "
+            "fixed cost on the device (CUDA context and kernels, cuBLAS and activation workspace). auto: 512MiB "
+            "on GPUs (an estimate, not a measurement: read a stage process's memory in nvidia-smi and set it), 0 "
+            "on CPU devices; or a size, e.g. 1GiB", "BYTES"),
+]
+WORKER_SETTINGS = [
+    Setting("usage_interval", float, 2.0, "seconds between reports to the router of the memory other tenants use "
+            "on this worker's GPUs, which placement avoids (0: never; the router then knows only what they used "
+            "when this worker joined)", "S"),
+]

@@ -35,6 +35,12 @@ from flexpipe.placement.topology import GiB, MiB, Topology
 
 INF = math.inf
 
+# What a stage's process holds on a GPU beside its parameters and KV: CUDA context and kernels (some
+# 300-500 MiB for a torch process with CUDA's lazy module loading), cuBLAS workspace, a micro-batch's
+# activations.  An estimate, not a measurement of this code: a decode step's gather of long contexts
+# can take more for a moment.  The router daemon books it for GPU stages too (--stage-overhead).
+STAGE_OVERHEAD_BYTES = 512 * MiB
+
 
 @dataclass(frozen=True, slots=True)
 class UnitDemand:
@@ -57,7 +63,7 @@ class ReplicaRequest:
     """
 
     def __init__(self, units: Sequence[Any], stages: int = 1, max_stages: int | None = None,
-                 kv_tokens: int = 0, batch_tokens: int = 256, stage_overhead_bytes: int = 512 * MiB,
+                 kv_tokens: int = 0, batch_tokens: int = 256, stage_overhead_bytes: int = STAGE_OVERHEAD_BYTES,
                  target_time: float | None = None, model: str = ""):
         self.units = list(units)
         self.n = len(self.units)

@@ -4,7 +4,9 @@ A worker announces its GPUs once (`Inventory.cluster()` -> `AllocatorCore.announ
 `AnnounceGpus` message) and then reports, every interval, how much memory other tenants use
 (`Inventory.report()` -> `AllocatorCore.report` or `ReportUsage`). "Other tenants" is every process
 on the GPU except this worker's own (its stage processes, `own_pids`): the allocator books our
-memory through reservations, not through NVML.
+memory through reservations, not through NVML.  The worker daemon samples (`Inventory.sample`, with
+every process under it as its own: `process_tree`) and sends what it saw to the router daemon,
+which knows the reservations and books `others_use` of each GPU (runtime/daemon).
 
 Everything that reads NVML takes the module as an argument (`nvml`), so tests drive these functions
 with a fake module object; by default it is `pynvml` (the nvidia-ml-py package), imported lazily.
@@ -25,7 +27,7 @@ from flexpipe.placement.topology import (
 )
 
 __all__ = ["GpuSample", "Inventory", "sample_gpus", "nvlink_wiring", "local_topology", "external_used",
-           "load_nvml"]
+           "others_use", "process_tree", "load_nvml"]
 
 log = logging.getLogger("flexpipe.inventory")
 
@@ -174,8 +176,36 @@ def external_used(samples: list[GpuSample], node: str, reserved: Mapping[str, in
     out = {}
     for s in samples:
         gid = f"{node}/{s.index}"
-        ours = s.used_by_us if s.used_by_us is not None else int((reserved or {}).get(gid, 0))
-        out[gid] = max(0, s.used - ours)
+        out[gid] = others_use(s.used, s.used_by_us, int((reserved or {}).get(gid, 0)))
+    return out
+
+
+def others_use(used: int, ours: int | None, reserved: int) -> int:
+    """Bytes other tenants use on one GPU: what every process uses less what ours do, or, where NVML
+    cannot attribute memory to processes (`ours` None), less what the allocator reserved for us there."""
+    return max(0, int(used) - (int(ours) if ours is not None else int(reserved)))
+
+
+def process_tree(pid: int) -> set[int]:
+    """`pid` and every process descended from it (Linux /proc; only `pid` where /proc cannot tell).
+
+    A worker's own processes on a GPU: its stage processes, including one that is still starting and
+    already holds a CUDA context, which is ours, not another tenant's."""
+    out, todo = {pid}, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:   # not Linux, or the process ended meanwhile
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    kids = {int(c) for c in f.read().split()}
+            except (OSError, ValueError):   # a thread that ended, or a kernel without the file
+                continue
+            todo.extend(kids - out)
+            out |= kids
     return out
 
 
@@ -215,9 +245,10 @@ class Inventory:
         """This node's description (Topology.to_dict), what AnnounceGpus carries."""
         return local_topology(self.nvml, self.node, self.rack, self.own_pids()).to_dict()
 
-    def sample(self) -> list[GpuSample]:
-        """A fresh sample of every GPU (kept in `last`)."""
-        self.last = sample_gpus(self.nvml, self.own_pids())
+    def sample(self, own_pids: Iterable[int] | None = None) -> list[GpuSample]:
+        """A fresh sample of every GPU (kept in `last`); `own_pids`: our processes this time, instead of
+        the inventory's own (a caller off the event loop passes what it read on the loop)."""
+        self.last = sample_gpus(self.nvml, self.own_pids() if own_pids is None else own_pids)
         return self.last
 
     def report(self, reserved: Mapping[str, int] | None = None) -> dict[str, int]:

@@ -13,8 +13,12 @@ device), and each holds an allocator reservation for its weights and KV while it
 A worker announces its devices (GPUs via pynvml, or CPU "devices" with a memory budget), starts
 each stage as a process of its own (an ActorSystem.launch, so the stage's ref is a tcp endpoint
 every peer can reach), stops or kills it when asked, and tells the router at once when one exits
-unasked.  The router and each worker watch each other with heartbeats; a worker whose router goes
-away stops its stages and joins again when the router is back.
+unasked.  Every --usage-interval seconds it tells the router what uses its GPUs' memory
+(DeviceUsage), and the router books other tenants' share in the allocator, so that placement works
+from live free memory.  Each stage books its weights, its KV pool and its process's overhead on the
+device (--stage-overhead).  The router and each worker watch each other with heartbeats; a worker
+whose router goes away stops its stages and joins again when the router is back, listing the stages
+it still runs: it stops those the router does not know (JoinReply.stop).
 
 Logs are one line per event, key=value (or JSON with --log-format json).  On SIGTERM the router
 stops admitting, gives running requests --drain-timeout seconds to finish and ends the rest with

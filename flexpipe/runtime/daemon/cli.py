@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
 from typing import Any
 
-from flexpipe.errors import ConfigError, FlexPipeError
+from flexpipe.errors import ConfigError
 from flexpipe.runtime.daemon.events import configure_logging
 from flexpipe.runtime.daemon.router import RouterDaemon
 from flexpipe.runtime.daemon.worker import WorkerDaemon
 from flexpipe.runtime.remote import CURVE_FIELDS, curve_from_env
-from flexpipe.settings import RUNTIME_SETTINGS
+from flexpipe.settings import ROUTER_SETTINGS, RUNTIME_SETTINGS, WORKER_SETTINGS, Setting
 
 
 # --- command line ------------------------------------------------------------------------------------------
@@ -27,6 +26,13 @@ _RUNTIME_FLAGS: list[tuple[str, Any, str]] = [(s.name, s.type, s.help) for s in 
 
 def _env(name: str, default: Any) -> Any:
     return os.environ.get(name, default)
+
+
+def _add_settings(p: argparse.ArgumentParser, settings: list[Setting]) -> None:
+    """--flags of daemon-only settings (flexpipe/settings.py), each also read from its environment variable."""
+    for s in settings:
+        p.add_argument(s.flag, dest=s.name, type=s.type, default=_env(s.env, s.default), metavar=s.metavar,
+                       help=f"{s.help} (env {s.env}; default %(default)s)")
 
 
 def add_daemon_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -54,6 +60,7 @@ def add_daemon_parsers(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running requests may take to finish before they end with "
                         "finish_reason 'shutdown' (default: 30)")
+    _add_settings(r, ROUTER_SETTINGS)
     r.add_argument("--log-format", **fmt)
     _add_curve_flags(r)
     g = r.add_argument_group("runtime settings (flexpipe.api.Settings; default: the runtime's own)")
@@ -79,6 +86,7 @@ def add_daemon_parsers(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("--heartbeat-interval", type=float, default=0.5, help="seconds between heartbeats (default 0.5)")
     w.add_argument("--heartbeat-timeout", type=float, default=3.0,
                    help="seconds without a heartbeat before the router counts as gone (default 3)")
+    _add_settings(w, WORKER_SETTINGS)
     w.add_argument("--log-format", **fmt)
     _add_curve_flags(w)
     w.set_defaults(func=worker_main)
@@ -130,7 +138,7 @@ def router_main(args: argparse.Namespace) -> int:
     plan_shape(ModelSpec.resolve(args.model, settings.seed).config, args.stages, bounds)
     return _serve(RouterDaemon(args.bind, args.model, args.stages, boundaries=bounds, min_workers=args.min_workers,
                                drain_timeout=args.drain_timeout, advertise=args.advertise, settings=settings,
-                               curve=_curve(args)))
+                               curve=_curve(args), stage_overhead=args.stage_overhead))
 
 
 def worker_main(args: argparse.Namespace) -> int:
@@ -141,18 +149,20 @@ def worker_main(args: argparse.Namespace) -> int:
     memory = parse_bytes(args.memory) if args.memory else None
     return _serve(WorkerDaemon(args.router, name=args.name, host=args.host, devices=args.devices, memory=memory,
                                heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
-                               curve=_curve(args)))
+                               curve=_curve(args), usage_interval=args.usage_interval))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m flexpipe.runtime.daemon router|worker ...` (the same as `flexpipe router|worker`)."""
+    """`python -m flexpipe.runtime.daemon router|worker ...`: `flexpipe router|worker ...`, run by flexpipe's
+    own main (its --log-level check, and one 'flexpipe: error:' line for a bad value or a missing file
+    rather than a traceback).  This parser only keeps the entry point to the two daemons: its usage
+    and --help name them alone."""
+    from flexpipe.cli import main as flexpipe_main
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="flexpipe-daemon")
-    parser.add_argument("--log-level", default=os.environ.get("FLEXPIPE_LOG_LEVEL", "WARNING"))
+    parser.add_argument("--log-level", default=os.environ.get("FLEXPIPE_LOG_LEVEL", "WARNING"),
+                        help="logging level (env FLEXPIPE_LOG_LEVEL; default WARNING)")
     add_daemon_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper())
-    try:
-        return int(args.func(args) or 0)
-    except FlexPipeError as e:
-        print(f"flexpipe: error: {e}", file=sys.stderr)
-        return 1
+    parser.parse_args(argv)
+    return flexpipe_main(argv)

@@ -88,14 +88,43 @@ def local_devices(devices: str = "auto", node: str = "", memory: int | None = No
     return Topology([Node(node, "r0", gpus)], name=node), {i: "cpu" for i in idx}
 
 
-def stage_bytes(cfg: Any, settings: Any, start: int, end: int) -> int:
-    """Memory a stage of units [start, end) holds: its parameters and its KV pool."""
-    from flexpipe.model.units import unit_costs
+def parse_stage_overhead(text: str | int | None) -> int | None:
+    """--stage-overhead: None for "auto" (the device's default: `stage_overhead`), else bytes >= 0."""
+    from flexpipe.errors import PartitionError
+    from flexpipe.partition import parse_bytes
+
+    if text is None or (isinstance(text, str) and text.strip().lower() == "auto"):
+        return None
+    try:
+        n = -1 if isinstance(text, bool) else parse_bytes(text)
+    except PartitionError:
+        n = -1
+    if n < 0:
+        raise ConfigError(f"--stage-overhead {text!r}: give auto, or the memory each stage's process holds beside "
+                          "its weights and KV, e.g. 512MiB, 1GiB or 0")
+    return n
+
+
+def stage_overhead(setting: int | None, device_kind: str) -> int:
+    """Bytes booked per stage beside its weights and KV: `setting` when given; else, on GPUs, the placer's
+    estimate of a process's CUDA context and workspace (STAGE_OVERHEAD_BYTES), and nothing on CPU
+    devices (their --memory is a budget for what stages book, not a process's whole footprint)."""
+    from flexpipe.placement.placer import STAGE_OVERHEAD_BYTES
+
+    if setting is not None:
+        return setting
+    return STAGE_OVERHEAD_BYTES if device_kind == "cuda" else 0
+
+
+def stage_request(cfg: Any, settings: Any, overhead: int) -> Any:
+    """The placer's ReplicaRequest for the stages of a pipeline: its `stage_bytes(start, end)` is the memory a
+    stage of units [start, end) holds (parameters, its KV pool, `overhead`), the one figure the placer,
+    the router's placement and its reservations use."""
+    from flexpipe.placement.placer import request_for_model
 
     dtype_bytes = {"float32": 4}.get(settings.dtype, 2)
-    kv_tokens = settings.num_blocks * settings.block_size
-    costs = unit_costs(cfg, dtype_bytes=dtype_bytes)[start:end]
-    return sum(c.param_bytes + c.kv_bytes_per_token * kv_tokens for c in costs)
+    return request_for_model(cfg, dtype_bytes, kv_tokens=settings.num_blocks * settings.block_size,
+                             batch_tokens=settings.max_batch_tokens, stage_overhead_bytes=overhead)
 
 
 def assign_devices(ranges: Sequence[tuple[int, int]], needs: Sequence[int], order: Sequence[str],

@@ -28,6 +28,7 @@ class JoinReply:
     model: str
     device_ids: list
     frontend: ActorRef | None = None   # the router's own ref: the one sender of StartStage, StopStage, KillStage
+    stop: list = field(default_factory=list)   # stages it listed that the router does not know: stop them
 
 
 @message(302)
@@ -75,3 +76,18 @@ class StageExited:
     name: str
     ref: ActorRef
     reason: str
+
+
+@message(308)
+class DeviceUsage:
+    """What the memory of a worker's devices is used by, every --usage-interval seconds (worker -> router).
+
+    Per device id: `used`, bytes every process uses; `ours`, bytes this worker's own processes use
+    (None where NVML cannot attribute memory to processes: the router counts what it reserved there);
+    `withheld`, bytes this worker does not offer (a GPU's memory beyond --memory).  The router books
+    max(used - ours, withheld) as other tenants' (`ReportUsage`), so placement sees their memory change.
+    """
+    worker: str
+    used: dict
+    ours: dict
+    withheld: dict = field(default_factory=dict)

@@ -15,10 +15,10 @@ from flexpipe.errors import (
     ActorError, ConfigError, FlexPipeError, PlacementError, QueueFullError, RemoteError, RequestError,
 )
 from flexpipe.runtime.actor import ActorSettings, handles
-from flexpipe.runtime.daemon.devices import assign_devices, stage_bytes
+from flexpipe.runtime.daemon.devices import assign_devices, parse_stage_overhead, stage_overhead, stage_request
 from flexpipe.runtime.daemon.events import event
 from flexpipe.runtime.daemon.messages import (
-    JoinCluster, JoinReply, KillStage, LeaveCluster, StageExited, StartStage, StopStage,
+    DeviceUsage, JoinCluster, JoinReply, KillStage, LeaveCluster, StageExited, StartStage, StopStage,
 )
 from flexpipe.runtime.messages import ActorRef, Ping, Terminated
 from flexpipe.runtime.remote import (
@@ -36,15 +36,17 @@ class WorkerInfo:
     host: str
     pid: int
     devices: dict[str, str]
+    usage_reports: int = 0   # DeviceUsage reports applied
 
 
 class RemoteStage:
     """A stage process started by a worker: the handle the Controller holds (.ref .pid .stop() .kill())."""
 
     def __init__(self, daemon: "RouterDaemon", worker: str, name: str, ref: ActorRef, pid: int, device: str,
-                 units: tuple[int, int], reservation: str | None):
+                 units: tuple[int, int], reservation: str | None, booked: int = 0):
         self.daemon, self.worker, self.name, self.ref, self.pid = daemon, worker, name, ref, pid
         self.device, self.units, self.reservation = device, units, reservation
+        self.booked = booked   # bytes `reservation` holds on `device`
         self.stopped = False
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -99,7 +101,7 @@ class RouterFrontend:
 
     def check_sender(self, sender: ActorRef | None, msg: Any) -> str | None:
         """A worker speaks for itself only; a client cancels only its own requests (docs/security.md)."""
-        if isinstance(msg, (LeaveCluster, StageExited)):
+        if isinstance(msg, (LeaveCluster, StageExited, DeviceUsage)):
             w = self.d.workers.get(msg.worker)
             if w is not None and sender != w.ref:
                 return f"{type(msg).__name__} of worker {msg.worker} comes from {w.ref}, not {sender}"
@@ -194,7 +196,11 @@ class RouterFrontend:
     async def join(self, ctx: Any, msg: JoinCluster) -> JoinReply:
         ids = await self.d.add_worker(msg)
         ctx.watch(msg.ref)
-        return JoinReply(os.getpid(), self.d.spec.name, ids, ctx.ref)
+        return JoinReply(os.getpid(), self.d.spec.name, ids, ctx.ref, self.d.orphans(msg))
+
+    @handles(DeviceUsage, concurrent=True)
+    async def usage(self, ctx: Any, msg: DeviceUsage) -> None:
+        await self.d.apply_usage(msg)
 
     @handles(LeaveCluster)
     def leave(self, ctx: Any, msg: LeaveCluster) -> None:
@@ -237,7 +243,7 @@ class RouterDaemon:
 
     def __init__(self, bind: str, model: str = "tiny", stages: int = 2, *, boundaries: Sequence[int] | None = None,
                  min_workers: int = 1, drain_timeout: float = 30.0, advertise: str | None = None,
-                 settings: Any = None, curve: dict[str, str] | None = None):
+                 settings: Any = None, curve: dict[str, str] | None = None, stage_overhead: str | int = "auto"):
         from flexpipe.api import Settings
 
         self.kind, host, port = parse_endpoint(bind, "--bind")
@@ -249,6 +255,8 @@ class RouterDaemon:
         self.model, self.num_stages, self.boundaries = model, stages, boundaries
         self.min_workers, self.drain_timeout = min_workers, drain_timeout
         self.settings = (settings or Settings()).check()
+        self.stage_overhead = parse_stage_overhead(stage_overhead)   # None: auto (by device kind)
+        self._request: Any = None   # the placer's ReplicaRequest whose stage_bytes the router books
         self.curve = dict(curve or {})  # CURVE key files of this host (ActorSettings.curve_* names)
         self.spec: Any = None
         self.system: Any = None
@@ -257,6 +265,7 @@ class RouterDaemon:
         self.controller: Any = None
         self.workers: dict[str, WorkerInfo] = {}
         self.stages: dict[str, RemoteStage] = {}
+        self._starting: dict[str, tuple[str, str, int]] = {}   # stage asked to start -> (worker, device, bytes)
         self.ready = asyncio.Event()
         self.enough_workers = asyncio.Event()
         self.admitting = False
@@ -400,6 +409,56 @@ class RouterDaemon:
             self.enough_workers.set()
         return ids
 
+    def orphans(self, msg: JoinCluster) -> list[str]:
+        """The stages a worker joining (again) lists that the router does not know it runs: the router
+        dropped them (it declared the worker lost, or restarted), or gave up on their start.  Nothing
+        would ever stop them, and they hold their device's memory outside any reservation: the
+        worker stops them (JoinReply.stop)."""
+        def known(name: str) -> bool:
+            h = self.stages.get(name)
+            if h is not None and h.worker == msg.worker and not h.stopped:
+                return True
+            return name in self._starting and self._starting[name][0] == msg.worker   # its reply is on its way
+
+        out = [n for n in msg.stages if isinstance(n, str) and not known(n)]
+        for n in out:
+            event("stage_orphaned", logging.WARNING, stage=n, worker=msg.worker,
+                  reason="the router does not know it runs there: its worker stops it")
+        return out
+
+    async def apply_usage(self, msg: DeviceUsage) -> None:
+        """Book what other tenants use on a worker's devices (a DeviceUsage report) in the allocator.
+
+        A report of a worker the router does not know (any more) is dropped: its devices left the
+        allocator with it, which would refuse them.  So are figures of devices that are not the
+        worker's, and figures that are not byte counts."""
+        from flexpipe.runtime.allocator import ReportUsage
+        from flexpipe.runtime.inventory import others_use
+
+        w = self.workers.get(msg.worker)
+        if w is None or self.allocator is None:
+            event("usage_ignored", logging.DEBUG, worker=msg.worker, reason="not a worker of this router")
+            return
+        used, ours, withheld = (x if isinstance(x, dict) else {} for x in (msg.used, msg.ours, msg.withheld))
+        reserved: collections.Counter[str] = collections.Counter()   # stands in for `ours` NVML cannot tell
+        for h in self.stages.values():
+            if h.worker == w.name and h.reservation is not None:
+                reserved[h.device] += h.booked
+        for worker, device, need in self._starting.values():
+            if worker == w.name:
+                reserved[device] += need
+        external = {g: max(others_use(b, ours.get(g) if _bytes(ours.get(g)) else None, reserved[g]),
+                           withheld.get(g, 0) if _bytes(withheld.get(g, 0)) else 0)
+                    for g, b in used.items() if g in w.devices and _bytes(b)}
+        if external:   # sent before any await: ahead of a withdrawal of this worker's devices
+            try:
+                await self.frontend.ask(self.allocator.ref, ReportUsage(external))
+            except ActorError as e:
+                event("usage_failed", logging.WARNING, worker=w.name, error=str(e))
+                return
+        w.usage_reports += 1
+        event("usage_applied", logging.DEBUG, worker=w.name, external=external)
+
     def worker_lost(self, name: str, reason: str) -> None:
         w = self.workers.pop(name, None)
         if w is None:
@@ -448,10 +507,18 @@ class RouterDaemon:
         topo = Topology.from_dict(inv["cluster"])
         return {g.id: int(f) for g, f in zip(topo.gpus, topo.free)}
 
+    def _stage_bytes(self, start: int, end: int) -> int:
+        """What a stage of units [start, end) books: parameters, KV pool, and its process's overhead on
+        the pipeline's kind of device (--stage-overhead), as the placer counts it."""
+        overhead = stage_overhead(self.stage_overhead, self._device_kind())
+        if self._request is None or self._request.stage_overhead_bytes != overhead:
+            self._request = stage_request(self.spec.config, self.settings, overhead)
+        return int(self._request.stage_bytes(start, end))
+
     async def _place(self, shape: Any, previous: list[tuple[int, int, str]]) -> list[str]:
         ranges = [(st.start, st.end) for st in shape.stages]
         def size(a: int, b: int) -> int:
-            return stage_bytes(self.spec.config, self.settings, a, b) if b > a else 0
+            return self._stage_bytes(a, b) if b > a else 0
 
         needs = [size(a, b) for a, b in ranges]
         return assign_devices(ranges, needs, self._device_order(), await self._free(), previous, size)
@@ -462,7 +529,7 @@ class RouterDaemon:
         from flexpipe.runtime.allocator import ReserveMemory
 
         units = (kwargs["start"], kwargs["end"])
-        need = stage_bytes(self.spec.config, self.settings, *units)
+        need = self._stage_bytes(*units)
         w, silent = self._owner(device), set()
         while w is None or not await self._answers(w):  # its worker is gone: take another device
             if w is not None:
@@ -488,13 +555,16 @@ class RouterDaemon:
                                        rt_priority=self.settings.rt_priority)
         kwargs = dict(kwargs, device=w.devices[device])
         timeout = self.settings.start_timeout
+        self._starting[name] = (w.name, device, need)
         try:
             r = await self.frontend.ask(w.ref, StartStage(name, target, kwargs, stage_settings, timeout),
                                         timeout=timeout + 10.0)
         except BaseException:
             await self.release(granted.rid)
             raise
-        h = RemoteStage(self, w.name, name, r.ref, r.pid, device, units, granted.rid)
+        finally:
+            self._starting.pop(name, None)
+        h = RemoteStage(self, w.name, name, r.ref, r.pid, device, units, granted.rid, need)
         self.stages[name] = h
         event("stage_started", stage=name, worker=w.name, device=device, units=list(units), stage_pid=r.pid,
               endpoint=r.ref.endpoint)
@@ -535,10 +605,11 @@ class RouterDaemon:
                 continue
             await self.release(h.reservation)
             h.units, h.reservation = (sl.start, sl.end), None
-            need = stage_bytes(self.spec.config, self.settings, sl.start, sl.end)
+            need = self._stage_bytes(sl.start, sl.end)
             try:
                 h.reservation = (await self.frontend.ask(self.allocator.ref,
                                                          ReserveMemory({h.device: need}, h.name))).rid
+                h.booked = need
             except RemoteError as e:
                 event("reservation_short", logging.WARNING, stage=h.name, device=h.device, error=e.message)
 
@@ -579,8 +650,10 @@ class RouterDaemon:
 
         out: dict[str, Any] = {"model": self.spec.name, "state": self.state, "endpoint": self.frontend.ref.endpoint,
                                "workers": [{"name": w.name, "host": w.host, "pid": w.pid, "ref": str(w.ref),
-                                            "devices": w.devices} for w in self.workers.values()],
-                               "allocator": await self.frontend.ask(self.allocator.ref, InventoryQuery())}
+                                            "devices": w.devices, "usage_reports": w.usage_reports}
+                                           for w in self.workers.values()],
+                               "allocator": await self.frontend.ask(self.allocator.ref, InventoryQuery()),
+                               "stage_overhead": stage_overhead(self.stage_overhead, self._device_kind())}
         c = self.controller
         if c is not None and c.shape is not None:
             stages = c.stage_info()
@@ -589,6 +662,11 @@ class RouterDaemon:
             out.update(shape=c.shape.to_dict(), router=c.router.status(), stages=stages,
                        reshapes=[r.to_dict() for r in c.history[-16:]], reshapes_total=len(c.history))
         return out
+
+
+def _bytes(x: Any) -> bool:
+    """Is `x` a byte count (an int >= 0; a report off the wire may carry anything)?"""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 async def _started(system: Any, host: str) -> Any:

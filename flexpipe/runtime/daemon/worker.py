@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 from typing import Any
@@ -13,11 +14,14 @@ from flexpipe.runtime.actor import handles
 from flexpipe.runtime.daemon.devices import local_devices
 from flexpipe.runtime.daemon.events import event
 from flexpipe.runtime.daemon.messages import (
-    JoinCluster, KillStage, LeaveCluster, StageExited, StageStarted, StartStage, StopStage,
+    DeviceUsage, JoinCluster, KillStage, LeaveCluster, StageExited, StageStarted, StartStage, StopStage,
 )
 from flexpipe.runtime.daemon.router import _started
 from flexpipe.runtime.messages import Terminated
 from flexpipe.runtime.remote import CURVE_FIELDS
+from flexpipe.settings import WORKER_SETTINGS
+
+USAGE_INTERVAL_DEFAULT: float = next(s.default for s in WORKER_SETTINGS if s.name == "usage_interval")
 
 
 # --- the worker side ------------------------------------------------------------------------------------
@@ -68,9 +72,15 @@ class WorkerDaemon:
 
     def __init__(self, router: str, *, name: str | None = None, host: str | None = None, devices: str = "auto",
                  memory: int | None = None, heartbeat_interval: float = 0.5, heartbeat_timeout: float = 3.0,
-                 join_timeout: float = 5.0, curve: dict[str, str] | None = None):
+                 join_timeout: float = 5.0, curve: dict[str, str] | None = None,
+                 usage_interval: float = USAGE_INTERVAL_DEFAULT):
         from flexpipe.runtime.remote import client_settings, frontend_ref
 
+        if isinstance(usage_interval, bool) or not isinstance(usage_interval, (int, float)) \
+                or not math.isfinite(usage_interval) or usage_interval < 0:
+            raise ConfigError(f"--usage-interval {usage_interval!r}: give a number of seconds >= 0 between usage "
+                              "reports (0: never report)")
+        self.usage_interval = float(usage_interval)
         self.router_url = router
         self.router_ref = frontend_ref(router)
         self.settings = client_settings(router, host, curve, heartbeat_interval=heartbeat_interval,
@@ -90,7 +100,11 @@ class WorkerDaemon:
         self.router_actual: Any = None   # the router's ref as it gave it when this worker joined
         self.closing = False
         self._joiner: asyncio.Task | None = None
+        self._reporter: asyncio.Task | None = None
         self._watchers: set[asyncio.Task] = set()
+        self.withheld: dict[str, int] = {}   # device id -> bytes of a GPU this worker does not offer (--memory)
+        self._inventory: Any = None          # NVML, for this worker's GPUs (runtime/inventory.py)
+        self._usage_error = ""
 
     async def run(self, stop: asyncio.Event) -> int:
         """Serve until `stop` is set; then stop every stage and leave.  Returns the exit code."""
@@ -99,16 +113,21 @@ class WorkerDaemon:
         topo, torch_devices = local_devices(self.devices, self.name, self.memory)
         self.cluster = topo.to_dict()
         self.torch_devices = {str(i): d for i, d in torch_devices.items()}
+        self.withheld = {g.id: max(0, g.memory_bytes - self.memory) if self.memory else 0 for g in topo.gpus}
         async with await _started(ActorSystem(self.settings, name=self.name), self.host) as system:
             self.actor = await system.spawn(WorkerBehaviour(self), self.name)
             event("started", worker=self.name, endpoint=self.actor.ref.endpoint, router=self.router_url,
                   devices={f"{self.name}/{i}": d for i, d in self.torch_devices.items()},
                   memory=[g.memory_bytes for g in topo.gpus])
             self._joiner = asyncio.get_running_loop().create_task(self._join_loop())
+            if self.usage_interval > 0:
+                self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
             await stop.wait()
             self.closing = True
             event("stopping", worker=self.name, stages=sorted(self.stages))
             self._joiner.cancel()
+            if self._reporter is not None:
+                self._reporter.cancel()
             # Leave first: the router then places the stages it recovers on other workers.  Stopped
             # first, each stage's end made it restart that stage here, which this stopping worker
             # refused, three times at once: the recovery failed and the pipeline with it.
@@ -118,6 +137,8 @@ class WorkerDaemon:
                 except ActorError:
                     pass  # the router is gone already (or silent: the stages' ends still tell it)
             await self._stop_all()
+        if self._inventory is not None:
+            self._inventory.close()
         event("stopped", worker=self.name)
         return 0
 
@@ -144,9 +165,51 @@ class WorkerDaemon:
                 self.router_actual = reply.frontend if reply.frontend is not None else self.router_ref
                 event("joined", worker=self.name, router=self.router_url, router_pid=reply.router_pid,
                       model=reply.model, devices=reply.device_ids)
+                orphans = [n for n in reply.stop if n in self.stages]
+                if orphans:   # the router does not know them: nothing else would ever stop them
+                    event("stopping_orphans", logging.WARNING, worker=self.name, stages=orphans)
+                    await asyncio.gather(*(self.stop_stage(n, 5.0) for n in orphans), return_exceptions=True)
                 return
             await asyncio.sleep(delay)  # back-off between attempts, not a readiness wait
             delay = min(delay * 2, 5.0)
+
+    async def _report_loop(self) -> None:
+        """Every --usage-interval seconds, while joined, tell the router what uses its devices' memory
+        (DeviceUsage): the router books other tenants' share, so that placement sees it change."""
+        while True:
+            await asyncio.sleep(self.usage_interval)   # the period of the reports, not a readiness wait
+            if not self.joined:
+                continue
+            own = {os.getpid(), *(h.pid for h in self.stages.values())}   # read on the loop, not in the thread
+            try:
+                used, ours = await asyncio.to_thread(self.sample_usage, own)
+            except Exception as e:   # NVML failing now (a driver reset...): say so once, and try again
+                if str(e) != self._usage_error:
+                    event("usage_unavailable", logging.WARNING, worker=self.name, error=f"{type(e).__name__}: {e}")
+                self._usage_error = str(e)
+                continue
+            self._usage_error = ""
+            try:
+                await self.actor.tell(self.router_ref, DeviceUsage(self.name, used, ours, self.withheld))
+            except ActorError:
+                pass   # the router is gone: the join loop finds it again, and the next report goes then
+
+    def sample_usage(self, own: set[int]) -> tuple[dict[str, int], dict[str, int | None]]:
+        """Per device id: bytes every process uses, and bytes this worker's own processes (it and every
+        process under it: its stages, one still starting too) use, None where NVML cannot tell.  A CPU
+        device is a budget set aside by --memory: no other tenant uses any of it."""
+        from flexpipe.runtime.inventory import Inventory, process_tree
+
+        used = {g: 0 for g in self.withheld}
+        ours: dict[str, int | None] = {g: 0 for g in self.withheld}
+        if any(d.startswith("cuda") for d in self.torch_devices.values()):
+            if self._inventory is None:
+                self._inventory = Inventory(node=self.name, worker=self.name)
+            for s in self._inventory.sample(own | process_tree(os.getpid())):
+                gid = f"{self.name}/{s.index}"
+                if gid in used:
+                    used[gid], ours[gid] = s.used, s.used_by_us
+        return used, ours
 
     async def router_lost(self, reason: str) -> None:
         if not self.joined or self.closing:
@@ -176,13 +239,17 @@ class WorkerDaemon:
                                            **{f: getattr(self.settings, f) for f in CURVE_FIELDS})
             self.stage_system = await ActorSystem(settings, name=f"{self.name}-stages").start()
         h = await self.stage_system.launch(msg.target, msg.kwargs, name=msg.name, timeout=msg.timeout)
-        self.stages[msg.name] = h
-        task = asyncio.get_running_loop().create_task(self._watch_stage(msg.name, h))
-        self._watchers.add(task)
-        task.add_done_callback(self._watchers.discard)
+        self._track(msg.name, h)
         event("stage_started", worker=self.name, stage=msg.name, stage_pid=h.pid, endpoint=h.ref.endpoint,
               device=msg.kwargs.get("device"), units=[msg.kwargs.get("start"), msg.kwargs.get("end")])
         return StageStarted(msg.name, h.ref, h.pid)
+
+    def _track(self, name: str, h: Any) -> None:
+        """Run stage `name` (an ActorHandle) here: listed when joining, reported when it exits unasked."""
+        self.stages[name] = h
+        task = asyncio.get_running_loop().create_task(self._watch_stage(name, h))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
 
     async def _watch_stage(self, name: str, h: Any) -> None:
         code = await h.wait()

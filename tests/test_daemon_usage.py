@@ -1,0 +1,315 @@
+"""The router daemon and worker daemons in this process, on real actors (no pipeline is built: the
+router waits for more workers than join): workers' usage reports, orphan stages, the memory a stage
+books, and the daemons' command line errors.
+
+Every wait is a handshake on a daemon's structured log event (a logging handler collects them), or
+on a process's exit, with a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import Any
+
+import pytest
+
+from flexpipe.errors import ConfigError, PlacementError, RemoteError
+from flexpipe.runtime.actor import ActorSettings
+from flexpipe.runtime.daemon.messages import DeviceUsage, JoinCluster
+from flexpipe.runtime.daemon.router import RemoteStage, RouterDaemon
+from flexpipe.runtime.daemon.worker import WorkerDaemon
+from flexpipe.runtime.launcher import ActorSystem
+from flexpipe.runtime.remote import frontend_ref
+
+pytestmark = pytest.mark.timeout(60)
+
+MiB = 2**20
+WAIT_S = 20.0   # bound on each handshake (a loaded two-core machine)
+
+
+class Events(logging.Handler):
+    """The daemons' structured log events in this process, for `wait`."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[dict[str, Any]] = []
+        self.loop = asyncio.get_running_loop()
+        self.changed = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        name = getattr(record, "event", None)
+        if name is not None:
+            self.records.append({"event": name, **getattr(record, "fields", {})})
+            self.loop.call_soon_threadsafe(self.changed.set)
+
+    def hits(self, name: str, **fields: Any) -> list[dict[str, Any]]:
+        return [r for r in list(self.records) if r["event"] == name and all(r.get(k) == v for k, v in fields.items())]
+
+    async def wait(self, name: str, n: int = 1, timeout: float = WAIT_S, **fields: Any) -> list[dict[str, Any]]:
+        """The first `n` events named `name` (with these field values); fails after `timeout`."""
+        async def until() -> list[dict[str, Any]]:
+            while len(self.hits(name, **fields)) < n:
+                self.changed.clear()
+                if len(self.hits(name, **fields)) >= n:
+                    break
+                await self.changed.wait()
+            return self.hits(name, **fields)[:n]
+
+        try:
+            return await asyncio.wait_for(until(), timeout)
+        except asyncio.TimeoutError:
+            pytest.fail(f"no {n} '{name}' events {fields} within {timeout:g}s; events: {self.records[-20:]}")
+
+
+@contextlib.asynccontextmanager
+async def events():
+    log = logging.getLogger("flexpipe.daemon")
+    h, level = Events(), log.level
+    log.addHandler(h)
+    log.setLevel(logging.DEBUG)
+    try:
+        yield h
+    finally:
+        log.removeHandler(h)
+        log.setLevel(level)
+
+
+@contextlib.asynccontextmanager
+async def running(daemon: Any):
+    """`daemon.run(stop)` as a task; stopped (and its exit code checked) on the way out."""
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(daemon.run(stop))
+    try:
+        yield task
+    finally:
+        stop.set()
+        code = await asyncio.wait_for(task, WAIT_S)
+    assert code == 0
+
+
+@contextlib.asynccontextmanager
+async def router(tmp_path, ev: Events, **kw: Any):
+    """A RouterDaemon serving at ipc://TMP/router that waits for more workers than will join."""
+    url = f"ipc://{tmp_path}/router"
+    d = RouterDaemon(url, min_workers=99, **kw)
+    async with running(d):
+        await ev.wait("listening")
+        yield d, url
+
+
+async def join(actor: Any, url: str, name: str, memory: list[int], torch_device: str = "cpu",
+               stages: list[str] | None = None) -> Any:
+    """`actor` joins the router at `url` as worker `name` with a device of each `memory` size."""
+    from flexpipe.placement.topology import Node, Topology, make_gpu
+
+    gpus = [make_gpu(name, i, "cpu", memory_bytes=m, peak_flops=5e10, mem_bw=2e10, compute_class="cpu")
+            for i, m in enumerate(memory)]
+    topo = Topology([Node(name, "r0", gpus)], name=name)
+    return await actor.ask(frontend_ref(url), JoinCluster(name, actor.ref, "host", os.getpid(), topo.to_dict(),
+                                                          {str(i): torch_device for i in range(len(memory))},
+                                                          stages or []), timeout=WAIT_S)
+
+
+async def free(d: RouterDaemon) -> dict[str, int]:
+    return await d._free()
+
+
+# --- usage reports ------------------------------------------------------------------------------------
+async def test_a_worker_reports_its_devices_usage_every_interval_and_the_router_applies_it(tmp_path):
+    async with events() as ev, router(tmp_path, ev) as (d, url):
+        w = WorkerDaemon(url, name="wu", devices="cpu:0,cpu:1", memory=256 * MiB, usage_interval=0.05)
+        async with running(w):
+            await ev.wait("joined", worker="wu")
+            applied = await ev.wait("usage_applied", 3, worker="wu")
+            # a CPU device is a budget set aside for this worker: other tenants use none of it
+            assert applied[-1]["external"] == {"wu/0": 0, "wu/1": 0}
+            assert await free(d) == {"wu/0": 256 * MiB, "wu/1": 256 * MiB}
+            st = await d.status()
+            assert next(x for x in st["workers"] if x["name"] == "wu")["usage_reports"] >= 3
+
+
+async def test_the_router_books_other_tenants_usage_and_drops_reports_it_cannot_place(tmp_path):
+    async with events() as ev, router(tmp_path, ev) as (d, url), \
+            ActorSystem(ActorSettings(endpoint_dir=str(tmp_path))) as system:
+        wx = await system.spawn(None, "wx")
+        await join(wx, url, "wx", [1024 * MiB, 1024 * MiB])
+
+        async def report(sender: Any, worker: str, used: dict, ours: dict | None = None, withheld: dict | None = None):
+            await sender.ask(d.frontend.ref, DeviceUsage(worker, used, ours or {g: 0 for g in used}, withheld or {}),
+                             timeout=WAIT_S)   # (the worker tells; an ask returns once it is applied)
+
+        # another tenant takes 900 MiB of wx/0: a 200 MiB stage no longer fits there
+        await report(wx, "wx", {"wx/0": 900 * MiB, "wx/1": 0})
+        assert await free(d) == {"wx/0": 124 * MiB, "wx/1": 1024 * MiB}
+        assert d._device_order() == ["wx/0", "wx/1"]
+        from flexpipe.runtime.daemon.devices import assign_devices
+        assert assign_devices([(0, 1)], [200 * MiB], d._device_order(), await free(d)) == ["wx/1"]
+        # it is gone again: live, not the snapshot of the join
+        await report(wx, "wx", {"wx/0": 0, "wx/1": 0})
+        assert await free(d) == {"wx/0": 1024 * MiB, "wx/1": 1024 * MiB}
+        # where NVML cannot attribute memory to processes, what the router reserved there counts as ours
+        from flexpipe.runtime.allocator import ReserveMemory
+        g = await d.frontend.ask(d.allocator.ref, ReserveMemory({"wx/1": 300 * MiB}, "s0"))
+        d.stages["s0"] = RemoteStage(d, "wx", "s0", wx.ref, 1, "wx/1", (0, 1), g.rid, 300 * MiB)
+        await report(wx, "wx", {"wx/1": 500 * MiB}, {"wx/1": None})
+        assert (await free(d))["wx/1"] == 1024 * MiB - 300 * MiB - 200 * MiB
+        # memory a GPU worker does not offer (beyond --memory) stays unoffered whatever others use
+        await report(wx, "wx", {"wx/0": 10 * MiB}, withheld={"wx/0": 512 * MiB})
+        assert (await free(d))["wx/0"] == 512 * MiB
+        # a device that is not the reporter's, and figures that are not byte counts, are left alone
+        await report(wx, "wx", {"wz/0": 5, "wx/0": -1, "wx/1": "lots"})
+        assert await free(d) == {"wx/0": 512 * MiB, "wx/1": 524 * MiB}
+        # a worker speaks for itself only
+        wy = await system.spawn(None, "wy")
+        with pytest.raises(RemoteError, match="SenderRefused|comes from"):
+            await report(wy, "wx", {"wx/0": 0})
+        # a worker the router does not know (any more): its report is dropped, the router keeps serving
+        await report(wy, "wy", {"wx/0": 0})
+        d.worker_lost("wx", "a test")
+        await report(wx, "wx", {"wx/0": 0, "wx/1": 0})
+        assert len(ev.hits("usage_ignored", worker="wx")) == 1 and len(ev.hits("usage_ignored", worker="wy")) == 1
+        assert not ev.hits("usage_failed")
+        await join(wx, url, "wx", [1024 * MiB])   # its devices come back with what it announces
+        assert await free(d) == {"wx/0": 1024 * MiB}
+
+
+def test_usage_interval_and_stage_overhead_are_checked():
+    for bad in (-1, float("nan"), float("inf"), "2", True):
+        with pytest.raises(ConfigError, match="--usage-interval"):
+            WorkerDaemon("ipc:///tmp/router", usage_interval=bad)
+    assert WorkerDaemon("ipc:///tmp/router", usage_interval=0).usage_interval == 0   # 0: never
+    for bad in ("lots", "-1MiB", -1, "nan"):
+        with pytest.raises(ConfigError, match="--stage-overhead"):
+            RouterDaemon("ipc:///tmp/router", stage_overhead=bad)
+    assert RouterDaemon("ipc:///tmp/router", stage_overhead="1GiB").stage_overhead == 2**30
+    assert RouterDaemon("ipc:///tmp/router").stage_overhead is None
+
+
+# --- orphan stages -------------------------------------------------------------------------------------
+async def test_a_worker_joining_is_told_to_stop_the_stages_the_router_does_not_know(tmp_path):
+    """A worker lists the stages it runs when it joins (again): one the router dropped (it declared
+    the worker lost meanwhile, or it restarted) would run, holding its memory, for ever."""
+    async with events() as ev, router(tmp_path, ev) as (d, url), \
+            ActorSystem(ActorSettings(endpoint_dir=str(tmp_path))) as system:
+        procs = {n: await system.launch("tests.test_actor_helpers:Echo", name=n, timeout=WAIT_S)
+                 for n in ("kept", "starting", "ghost")}
+        d.stages["kept"] = RemoteStage(d, "wo", "kept", procs["kept"].ref, procs["kept"].pid, "wo/0", (0, 1), None)
+        d._starting["starting"] = ("wo", "wo/0", 0)   # its StageStarted is on its way to the router
+        w = WorkerDaemon(url, name="wo", devices="cpu:0", memory=256 * MiB, usage_interval=0)
+        for n, h in procs.items():   # as its start_stage would have them
+            w._track(n, h)
+        async with running(w):
+            (orphaned,) = await ev.wait("stage_orphaned", worker="wo")
+            assert orphaned["stage"] == "ghost"
+            assert await asyncio.wait_for(procs["ghost"].wait(), WAIT_S) is not None
+            assert procs["kept"].alive and procs["starting"].alive
+            assert set(w.stages) == {"kept", "starting"}
+        assert not any(h.alive for h in procs.values())   # the worker stopped the rest as it stopped
+
+
+# --- what a stage books --------------------------------------------------------------------------------
+async def test_placement_and_reservations_book_each_stage_s_process_overhead(tmp_path):
+    from flexpipe.api import Settings, plan_shape
+    from flexpipe.placement.placer import STAGE_OVERHEAD_BYTES
+    from flexpipe.runtime.daemon.devices import stage_overhead, stage_request
+
+    settings = Settings(num_blocks=100)
+    async with events() as ev, router(tmp_path, ev, settings=settings, stage_overhead="64MiB") as (d, url), \
+            ActorSystem(ActorSettings(endpoint_dir=str(tmp_path))) as system:
+        cfg = d.spec.config
+        shape = plan_shape(cfg, 1)
+        weights_kv = stage_request(cfg, settings, 0).stage_bytes(0, cfg.num_units)
+        # wa holds the stage's weights and KV but not its process; wb holds both (whole MiB: a join
+        # describes its devices' memory in MiB)
+        room = -(-weights_kv // MiB) * MiB
+        wa, wb = await system.spawn(None, "wa"), await system.spawn(None, "wb")
+        await join(wa, url, "wa", [room + 32 * MiB])
+        await join(wb, url, "wb", [room + 64 * MiB])
+        assert d._device_order() == ["wa/0", "wb/0"]
+        assert await d._place(shape, []) == ["wb/0"]
+        assert d._stage_bytes(0, cfg.num_units) == weights_kv + 64 * MiB   # what launch_stage reserves
+        d.worker_lost("wb", "a test")
+        with pytest.raises(PlacementError, match="needs"):
+            await d._place(shape, [])
+    # auto: the placer's estimate of a CUDA process's context and workspace on GPUs, nothing on CPUs
+    assert stage_overhead(None, "cuda") == STAGE_OVERHEAD_BYTES > 0
+    assert stage_overhead(None, "cpu") == 0 and stage_overhead(0, "cuda") == 0
+
+
+# --- the command line ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", [
+    ["router", "--bind", "ipc:///tmp/flexpipe-never-bound"],
+    ["worker", "--router", "ipc:///tmp/flexpipe-never-bound", "--devices", "cpu:0"],
+])
+def test_the_module_entry_point_reports_errors_as_flexpipe_does(command, monkeypatch, capsys):
+    """`python -m flexpipe.runtime.daemon` and `flexpipe`: one 'flexpipe: error:' line for a file that is
+    missing (here one the daemon opens as it starts serving), and for a bad setting."""
+    import flexpipe.runtime.daemon.cli as daemon_cli
+    from flexpipe.cli import main as flexpipe_main
+
+    monkeypatch.setattr(daemon_cli, "_serve", lambda daemon: open("/nonexistent/flexpipe/ckpt/config.json"))
+    errors = []
+    for main in (daemon_cli.main, flexpipe_main):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("flexpipe: error: ") and "Traceback" not in err, err
+        errors.append(err)
+    assert errors[0] == errors[1] and "/nonexistent/flexpipe/ckpt/config.json" in errors[0]
+    flag = ["--stage-overhead", "-1"] if command[0] == "router" else ["--usage-interval", "nan"]
+    assert daemon_cli.main([*command, *flag]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("flexpipe: error: " + flag[0]) and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as e:   # a usage error, as flexpipe's, not a ValueError from logging
+        daemon_cli.main(["--log-level", "loud", *command])
+    assert e.value.code == 2
+
+
+class NvmlOfTwoGpus:
+    """The pynvml calls a worker's usage report makes (there is no GPU here): GPU 0's processes are
+    known, GPU 1 cannot attribute memory to processes (as in some containers)."""
+
+    def __init__(self, processes: dict[int, int]):
+        self.processes = processes   # GPU 0: pid -> bytes
+
+    def nvmlDeviceGetCount(self): return 2
+    def nvmlDeviceGetHandleByIndex(self, i): return i
+    def nvmlDeviceGetName(self, h): return "NVIDIA H200"
+    def nvmlDeviceGetUUID(self, h): return f"GPU-{h}"
+    def nvmlDeviceGetPciInfo(self, h): return type("Pci", (), {"busId": f"0000:{h:02x}:00.0"})
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        used = sum(self.processes.values()) if h == 0 else 2 * 2**30
+        return type("Mem", (), {"total": 140 * 2**30, "used": used, "free": 140 * 2**30 - used})
+
+    def nvmlDeviceGetUtilizationRates(self, h): return type("Util", (), {"gpu": 50, "memory": 10})
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        if h == 1:
+            raise RuntimeError("Not Supported")
+        return [type("Proc", (), {"pid": p, "usedGpuMemory": b}) for p, b in self.processes.items()]
+
+
+def test_a_gpu_worker_counts_every_process_under_it_as_its_own():
+    """A stage process still starting holds its CUDA context before the worker knows its pid: it is
+    the worker's all the same (a child of it), not another tenant's."""
+    import subprocess
+    import sys
+
+    from flexpipe.runtime.inventory import Inventory
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.DEVNULL)
+    try:
+        other = os.getppid()   # a process that is not under this one
+        nv = NvmlOfTwoGpus({child.pid: 3 * 2**30, other: 2**30})
+        w = WorkerDaemon("ipc:///tmp/router", name="wg")
+        w.torch_devices, w.withheld = {"0": "cuda:0", "1": "cuda:1"}, {"wg/0": 0, "wg/1": 0}   # as run() has them
+        w._inventory = Inventory(nv, node="wg", worker="wg")
+        used, ours = w.sample_usage({os.getpid()})
+        assert used == {"wg/0": 4 * 2**30, "wg/1": 2 * 2**30}
+        assert ours == {"wg/0": 3 * 2**30, "wg/1": None}   # None: the router counts its reservations there
+    finally:
+        child.kill()
+        child.wait()
