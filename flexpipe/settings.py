@@ -11,6 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+# The reshape protocol's KV pre-copy rule (DESIGN.md, reconfiguration), one source for the runtime's
+# controller (its keyword defaults) and the simulator, which must not import torch: copy rounds while
+# the old epoch serves, at most PRECOPY_MAX_ROUNDS of them, until at most PRECOPY_DELTA_TOKENS tokens
+# are left to copy; then the quiesce and the delta copy.
+PRECOPY_MAX_ROUNDS = 3
+PRECOPY_DELTA_TOKENS = 64
+
 
 @dataclass(frozen=True)
 class Setting:

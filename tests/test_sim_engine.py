@@ -301,7 +301,7 @@ def test_reshape_pause_is_quiesce_then_switch_without_a_second_round():
 
 
 def test_precopy_rule_is_the_runtimes():
-    # the simulator repeats the live controller's rule; its keyword defaults are where the rule lives
+    # one rule, in flexpipe/settings.py: the live controller's defaults are the simulator's constants
     from flexpipe.runtime.controller import Controller
 
     params = inspect.signature(Controller.__init__).parameters

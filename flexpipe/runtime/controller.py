@@ -38,6 +38,7 @@ from flexpipe.runtime.stage import (
     AbortPrepare, Activate, Configure, ExpectPeers, ExportKV, FreeSeqs, PrepareUnits, SendUnits,
     StageStatus, StepFailed, StepLog, StepOutput, UnitTensors,
 )
+from flexpipe.settings import PRECOPY_DELTA_TOKENS, PRECOPY_MAX_ROUNDS
 
 log = logging.getLogger("flexpipe.controller")
 # A `copied` entry (tokens, preemptions, record) that matches no request: whatever reached the new
@@ -113,7 +114,7 @@ class Controller:
     """Owns the stage actors of one pipeline and changes their shape."""
 
     def __init__(self, system: Any, spec: Any, settings: Any, *, in_process: bool = False,
-                 max_precopy_rounds: int = 3, delta_tokens_target: int = 64, stage_launcher: Any = None,
+                 max_precopy_rounds: int = PRECOPY_MAX_ROUNDS, delta_tokens_target: int = PRECOPY_DELTA_TOKENS, stage_launcher: Any = None,
                  weight_cache: Any = None):
         self.system, self.spec, self.settings = system, spec, settings
         self.weight_cache = weight_cache  # a WeightCache (runtime/weight_cache.py), or None: no cache tier

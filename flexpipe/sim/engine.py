@@ -21,18 +21,15 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from flexpipe.settings import PRECOPY_DELTA_TOKENS, PRECOPY_MAX_ROUNDS
 from flexpipe.sim.cluster import (Cluster, Placement, place_pipeline, place_server_tp)
 from flexpipe.sim.perf import INIT_S, LOAD_TIERS, FastPipe, ModelCosts, PipelineSpec
 from flexpipe.sim.traces import Trace
 
 SWITCH_OVERHEAD_S = 2e-3  # routing switch + epoch bump at the router: an assumption (paper gives none)
-# The runtime's pre-copy rule (runtime/controller.py, `Controller.reshape`): copy rounds while the old
-# epoch serves, at most PRECOPY_MAX_ROUNDS of them, until at most PRECOPY_DELTA_TOKENS tokens are left
-# to copy; then the quiesce and the delta.  The same values as the Controller's keyword defaults
-# `max_precopy_rounds` and `delta_tokens_target` (tests/test_sim_engine.py checks that they agree):
-# repeated here because importing the controller would pull torch into the simulator.
-PRECOPY_MAX_ROUNDS = 3
-PRECOPY_DELTA_TOKENS = 64
+# The runtime's pre-copy rule (runtime/controller.py, `Controller.reshape`; the constants live in the
+# torch-free flexpipe/settings.py): copy rounds while the old epoch serves, at most PRECOPY_MAX_ROUNDS
+# of them, until at most PRECOPY_DELTA_TOKENS tokens are left to copy; then the quiesce and the delta.
 HOST_CACHE_TTL_S = 1800.0  # host-memory parameter cache keeps a model this long after eviction
 
 
