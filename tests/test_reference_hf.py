@@ -35,6 +35,13 @@ def pair(request, tmp_path_factory):
 @torch.no_grad()
 def test_logits_match_hf_over_prefill_and_decode(pair):
     name, hf, _, ref = pair
+    worst = _worst_logit_diff(hf, ref)
+    assert worst <= TOL, f"{name}: max |logit diff| {worst:.2e} > {TOL}"
+
+
+def _worst_logit_diff(hf, ref) -> float:
+    """Largest |logit difference| of HF and the reference over the prompt's prefill and DECODE_STEPS
+    greedy decode steps (HF's tokens fed to both)."""
     hl, cache = _hf_step(hf, PROMPT, None)
     worst = (hl - ref.prefill(PROMPT)).abs().max().item()
     tok = int(hl[-1].argmax())
@@ -42,7 +49,7 @@ def test_logits_match_hf_over_prefill_and_decode(pair):
         hl, cache = _hf_step(hf, [tok], cache)
         worst = max(worst, (hl[-1] - ref.decode(tok)).abs().max().item())
         tok = int(hl[-1].argmax())
-    assert worst <= TOL, f"{name}: max |logit diff| {worst:.2e} > {TOL}"
+    return worst
 
 
 @torch.no_grad()
@@ -145,11 +152,5 @@ def test_llama3_rope_without_original_max_positions_matches_hf(tmp_path, key):
     reader = CheckpointReader(tmp_path)
     assert reader.config.rope_scaling["original_max_position_embeddings"] == raw["max_position_embeddings"]
     ref = ReferenceModel(reader.config, reader)
-    hl, cache = _hf_step(hf, PROMPT, None)
-    worst = (hl - ref.prefill(PROMPT)).abs().max().item()
-    tok = int(hl[-1].argmax())
-    for _ in range(DECODE_STEPS):
-        hl, cache = _hf_step(hf, [tok], cache)
-        worst = max(worst, (hl[-1] - ref.decode(tok)).abs().max().item())
-        tok = int(hl[-1].argmax())
+    worst = _worst_logit_diff(hf, ref)
     assert worst <= TOL, f"max |logit diff| {worst:.2e} > {TOL}"
