@@ -14,7 +14,9 @@ runtime/autoscale.py: the pipeline then reshapes and scales to zero by itself.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import math
 import re
 import threading
@@ -27,6 +29,11 @@ from flexpipe.model.config import ModelConfig
 from flexpipe.model.sampling import SamplingParams
 from flexpipe.model.tokenizer import StopTextStream, load_tokenizer
 from flexpipe.partition import CostModel, PipelineShape, UnitGraph, solve
+
+# Seconds: the bounds of the reshape pause histogram (the server's flexpipe_reshape_pause_seconds).  The
+# engine counts its pauses on them and reports them with the counts (pause_histogram), so that the
+# server (prometheus_client) and the engines (torch, no prometheus_client) share one definition.
+PAUSE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass(slots=True)
@@ -158,6 +165,26 @@ def plan_shape(cfg: ModelConfig, stages: int | None = None, boundaries: Sequence
         shape = part.shape(epoch, [device] * part.num_stages)
     shape.validate(cfg.num_units)
     return shape
+
+
+def pause_histogram(history: Sequence[Any], bounds: Sequence[float] = PAUSE_BUCKETS) -> dict:
+    """The pauses of every successful reshape in `history` (the controller's ReshapeStats) as a
+    cumulative histogram: {"bounds", "counts" (per bound, the pauses no longer than it), "count", "sum"}.
+
+    Totals since start rather than the recent records: a reader that samples the status now and then
+    (the server's /metrics) sees each pause exactly once, however many reshapes came between two reads.
+    The embedded engine and the router daemon both report it as status()["pauses"]."""
+    per_bucket = [0] * (len(bounds) + 1)   # the last: above every bound
+    count, total = 0, 0.0
+    for st in history:
+        if not st.ok:   # an aborted reshape: the old epoch kept serving (flexpipe_reshapes leaves it out too)
+            continue
+        pause = float(st.pause_s)
+        count += 1
+        total += pause
+        per_bucket[bisect.bisect_left(bounds, pause)] += 1   # first bound >= pause: Prometheus' "le"
+    return {"bounds": list(bounds), "counts": list(itertools.accumulate(per_bucket[:-1])), "count": count,
+            "sum": total}
 
 
 class EngineClient:
@@ -327,10 +354,12 @@ class FlexPipe(EngineClient):
 
     # ---- pipeline -------------------------------------------------------------------------------------
     def status(self) -> dict:
-        """Current shape, KV usage, queue, recent reshapes and the autoscaler's decisions."""
+        """Current shape, KV usage, queue, recent reshapes, every reshape's pause (a cumulative
+        histogram) and the autoscaler's decisions."""
         auto = self.autoscaler
         return {"model": self.model_name, "shape": self.controller.shape.to_dict(), "router": self.router.status(),
                 "reshapes": [r.to_dict() for r in self.controller.history[-16:]],
+                "pauses": pause_histogram(self.controller.history),
                 "stages": self.controller.stage_info(),
                 "decisions": auto.decision_log() if auto is not None else [],
                 "autoscale": auto.status() if auto is not None else {"enabled": False}}
@@ -395,4 +424,5 @@ async def _call(fn: Any) -> Any:
     return fn()
 
 
-__all__ = ["Completion", "EngineClient", "FlexPipe", "GenerationEvent", "ModelSpec", "Settings", "SyncFlexPipe", "plan_shape"]
+__all__ = ["Completion", "EngineClient", "FlexPipe", "GenerationEvent", "ModelSpec", "PAUSE_BUCKETS", "Settings",
+           "SyncFlexPipe", "pause_histogram", "plan_shape"]

@@ -210,6 +210,86 @@ async def test_a_worker_joining_is_told_to_stop_the_stages_the_router_does_not_k
         assert not any(h.alive for h in procs.values())   # the worker stopped the rest as it stopped
 
 
+# --- a start the router gave up on --------------------------------------------------------------------------
+async def test_a_stage_whose_start_the_router_gave_up_on_is_killed_not_left_running(tmp_path, monkeypatch):
+    """The router's StartStage ask timed out while its worker was still starting the stage: started
+    later, the stage ran on, holding its device's memory, owned by no router until the worker next
+    joined.  The router has the worker kill it, and the worker kills a stage that is still starting."""
+    from flexpipe.errors import AskTimeout
+    from flexpipe.runtime.allocator import InventoryQuery
+    from flexpipe.runtime.daemon.messages import StartStage
+    from flexpipe.runtime.gpu_stage import PLAIN_TARGET
+
+    gate = asyncio.Event()
+    launch = ActorSystem.launch
+
+    async def slow_launch(self, *a, **kw):   # a worker's stage start that takes until the test says
+        await gate.wait()
+        return await launch(self, *a, **kw)
+
+    monkeypatch.setattr(ActorSystem, "launch", slow_launch)
+    async with events() as ev, router(tmp_path, ev) as (d, url):
+        w = WorkerDaemon(url, name="wk", devices="cpu:0", memory=256 * MiB, usage_interval=0)
+        async with running(w):
+            await ev.wait("joined", worker="wk")
+            ask = d.frontend.ask
+
+            async def impatient(target, msg, *a, **kw):   # as after start_timeout + 10 s, sooner
+                if isinstance(msg, StartStage):
+                    kw["timeout"] = 1.0
+                return await ask(target, msg, *a, **kw)
+
+            d.frontend.ask = impatient
+            cfg = d.spec.config
+            kwargs = {"config": cfg.to_dict(), "source": d.spec.source, "start": 0, "end": cfg.num_units}
+            with pytest.raises(AskTimeout):
+                await d.launch_stage(PLAIN_TARGET, kwargs, "stage1", "wk/0")
+            d.frontend.ask = ask
+            await ev.wait("stage_killed", stage="stage1", worker="wk")   # the worker answered its KillStage
+            gate.set()   # the start would complete now
+            await ev.wait("stage_start_killed", stage="stage1", worker="wk")
+            assert not w.stages and not w.starting and not ev.hits("stage_started", worker="wk")
+            for h in w.stage_system.handles if w.stage_system is not None else []:   # no process runs on
+                assert await asyncio.wait_for(h.wait(), WAIT_S) is not None
+            # and the router holds nothing for it
+            assert not d.stages and not d._starting
+            assert (await d.frontend.ask(d.allocator.ref, InventoryQuery()))["reservations"] == 0
+
+
+async def test_a_stage_killed_just_as_its_start_completes_does_not_run_on(tmp_path, monkeypatch):
+    """The KillStage comes after the stage's process has started but before the worker took it: the
+    worker kills it then, and the router hears that its start failed."""
+    from flexpipe.runtime.allocator import InventoryQuery
+    from flexpipe.runtime.gpu_stage import PLAIN_TARGET
+
+    launch = ActorSystem.launch
+    workers: list[WorkerDaemon] = []
+
+    async def killed_as_it_starts(self, *a, **kw):
+        h = await launch(self, *a, **kw)
+        # handled before the worker's start_stage resumes (callbacks run in the order they are scheduled)
+        asyncio.get_running_loop().call_soon(workers[0].kill_stage, kw["name"])
+        return h
+
+    monkeypatch.setattr(ActorSystem, "launch", killed_as_it_starts)
+    async with events() as ev, router(tmp_path, ev) as (d, url):
+        w = WorkerDaemon(url, name="wk", devices="cpu:0", memory=256 * MiB, usage_interval=0)
+        workers.append(w)
+        async with running(w):
+            await ev.wait("joined", worker="wk")
+            cfg = d.spec.config
+            kwargs = {"config": cfg.to_dict(), "source": d.spec.source, "start": 0, "end": cfg.num_units}
+            with pytest.raises(RemoteError, match="killed while it started"):
+                await d.launch_stage(PLAIN_TARGET, kwargs, "stage1", "wk/0")
+            (killed,) = await ev.wait("stage_start_killed", stage="stage1", worker="wk")
+            assert killed["stage_pid"] is not None   # its process had started
+            (h,) = w.stage_system.handles
+            assert h.pid == killed["stage_pid"] and await asyncio.wait_for(h.wait(), WAIT_S) is not None
+            await ev.wait("stage_stopped", stage="stage1", worker="wk")   # (not reported as exited unasked)
+            assert not w.stages and not w.starting and not ev.hits("stage_exited")
+            assert not d.stages and (await d.frontend.ask(d.allocator.ref, InventoryQuery()))["reservations"] == 0
+
+
 # --- what a stage books --------------------------------------------------------------------------------
 async def test_placement_and_reservations_book_each_stage_s_process_overhead(tmp_path):
     from flexpipe.api import Settings, plan_shape

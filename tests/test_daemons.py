@@ -360,7 +360,8 @@ async def test_stages_run_on_both_workers_in_their_own_processes(cluster):
 async def test_reshape_through_the_client_while_requests_run(cluster):
     reqs = request_mix(6, seed=11, max_tokens=(20, 40))
     async with connect(cluster) as fp:
-        epoch = (await fp.status())["shape"]["epoch"]
+        before = await fp.status()
+        epoch = before["shape"]["epoch"]
         traffic = asyncio.ensure_future(run_all(fp, reqs))
         up = await fp.reshape(stages=3)
         down = await fp.reshape(stages=2)
@@ -371,6 +372,9 @@ async def test_reshape_through_the_client_while_requests_run(cluster):
         assert st["shape"]["epoch"] == epoch + 2
         assert {s["worker"] for s in st["stages"]} == {"wa", "wb"}
         assert st["allocator"]["reservations"] == 2, "retired stages gave their memory back"
+        # every successful reshape's pause since the router started (the server's pause histogram)
+        assert st["pauses"]["count"] == before["pauses"]["count"] + 2
+        assert st["pauses"]["sum"] == pytest.approx(before["pauses"]["sum"] + up.pause_s + down.pause_s)
         with pytest.raises(ConfigError):
             await fp.reshape()
     assert cluster.router.wait_for("reshaped", 5)["pause_ms"] >= 0
@@ -401,6 +405,9 @@ def test_http_server_serves_through_the_router(cluster):
     assert {s["device"] for s in st["pipeline"]["stages"]} == {"wa/0", "wb/0"}  # each worker's device
     assert st["max_context"] == engine.max_sequence_tokens == 1600
     assert metrics["flexpipe_pipeline_stages"][0].value == 2
+    # the router's pause histogram, as it counts it
+    count = next(s.value for s in metrics["flexpipe_reshape_pause_seconds"] if s.name.endswith("_count"))
+    assert count == st["pipeline"]["pauses"]["count"]
 
 
 async def test_a_client_without_the_keys_gets_no_answer(cluster):

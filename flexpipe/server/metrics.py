@@ -6,8 +6,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .status import PipelineView
 
@@ -17,11 +18,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-PAUSE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# Reshape records remembered as already in the pause histogram.  Engines report their last 16: a
-# record that left that window never comes back, and a few hundred also cover snapshots that arrive
-# out of order (a status poll and a scrape of a remote router at once).
-PAUSES_REMEMBERED = 256
+# (The reshape pause histogram's bounds are api.PAUSE_BUCKETS: the engine counts its pauses on them and
+# reports bounds and counts together, which _RuntimeCollector exposes as they come.)
 
 
 class ServerMetrics:
@@ -45,14 +43,10 @@ class ServerMetrics:
                               "of a request (after the first)", buckets=TPOT_BUCKETS, registry=r)
         self.e2e = Histogram("flexpipe_request_latency_seconds", "Time from request arrival to its last "
                              "token", buckets=E2E_BUCKETS, registry=r)
-        self.pause = Histogram("flexpipe_reshape_pause_seconds", "Pause that requests saw during each "
-                               "reshape (quiesce + delta copy + switch), as observed by the server",
-                               buckets=PAUSE_BUCKETS, registry=r)
         info = Gauge("flexpipe_model_info", "The served model (value 1)", ["model"], registry=r)
         info.labels(model=model_name).set(1)
         self._runtime = _RuntimeCollector()
         r.register(self._runtime)
-        self._pauses_seen: dict[Any, None] = {}  # keys of the records observed, oldest first
         self.active = 0
 
     def begin(self) -> None:
@@ -66,17 +60,9 @@ class ServerMetrics:
         self.running.dec()
 
     def observe_status(self, view: PipelineView) -> None:
-        """Take the runtime's current numbers; reshapes not seen before go into the pause histogram."""
+        """Take the runtime's current numbers (the reshape pause histogram among them: the engine counts
+        every pause since it started, so no pause depends on how often the server reads its status)."""
         self._runtime.view, self._runtime.up = view, True
-        for reshape in view.reshapes:
-            key = (reshape.get("kind"), reshape.get("to_epoch"), reshape.get("at"))
-            pause = reshape.get("pause_s")
-            if pause is None or key in self._pauses_seen or reshape.get("ok") is False:
-                continue
-            self._pauses_seen[key] = None
-            if len(self._pauses_seen) > PAUSES_REMEMBERED:
-                del self._pauses_seen[next(iter(self._pauses_seen))]
-            self.pause.observe(float(pause))
 
     def engine_unavailable(self) -> None:
         """The engine did not tell its status: no runtime numbers (rather than stale ones) until it does."""
@@ -119,12 +105,21 @@ class _RuntimeCollector(Collector):
         if v.last_pause_s is not None:
             yield _gauge("flexpipe_last_reshape_pause_seconds", "Pause of the most recent reshape",
                          v.last_pause_s)
+        if v.pauses is not None:
+            yield _histogram("flexpipe_reshape_pause_seconds", "Pause that requests saw during each successful "
+                             "reshape (quiesce + delta copy + switch) since the engine started", v.pauses)
 
 
 def _gauge(name: str, doc: str, value: float | int | None) -> Metric:
     g = GaugeMetricFamily(name, doc)
     g.add_metric([], float(value or 0))
     return g
+
+
+def _histogram(name: str, doc: str, h: dict[str, Any]) -> Metric:
+    """A cumulative histogram as the engine counts it (status.PipelineView.pauses)."""
+    buckets = [(floatToGoString(b), c) for b, c in zip(h["bounds"], h["counts"])]
+    return HistogramMetricFamily(name, doc, buckets=[*buckets, ("+Inf", h["count"])], sum_value=h["sum"])
 
 
 def _counter(name: str, doc: str, value: float | int | None) -> Metric:

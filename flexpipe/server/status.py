@@ -24,6 +24,9 @@ class PipelineView:
     pause_total_s: float = 0.0
     last_pause_s: float | None = None
     reshapes: list[dict[str, Any]] = field(default_factory=list)  # recent, oldest first
+    # every successful reshape's pause since the engine started, as a cumulative histogram (api.py's
+    # pause_histogram: bounds, counts, count, sum); None where the engine reports none
+    pauses: dict[str, Any] | None = None
     decisions: list[dict[str, Any]] = field(default_factory=list)  # recent, oldest first
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,7 +70,8 @@ def pipeline_view(status: dict[str, Any]) -> PipelineView:
 
     view.reshapes = [_reshape(r) for r in _first(status.get("reshapes"), []) if isinstance(r, dict)]
     view.reshapes_total = _successful_reshapes(status.get("reshapes_total"), view.epoch, view.reshapes)
-    view.pause_total_s = float(_first(status.get("pause_total_s"),
+    view.pauses = _pauses(status.get("pauses"))
+    view.pause_total_s = float(_first(status.get("pause_total_s"), view.pauses["sum"] if view.pauses else None,
                                       sum(r["pause_s"] or 0.0 for r in view.reshapes)))
     if view.reshapes:
         view.last_pause_s = view.reshapes[-1]["pause_s"]
@@ -88,6 +92,24 @@ def _successful_reshapes(reported: Any, epoch: int, recent: list[dict[str, Any]]
         return epoch
     failed = sum(1 for r in recent if r.get("ok") is False)
     return max(0, min(int(reported) - failed, epoch))
+
+
+def _pauses(reported: Any) -> dict[str, Any] | None:
+    """The engine's cumulative pause histogram, or None where it is missing or malformed (a report off
+    the wire may carry anything; a histogram whose buckets do not add up would mislead)."""
+    if not isinstance(reported, dict):
+        return None
+    try:
+        bounds = [float(b) for b in reported["bounds"]]
+        counts = [int(c) for c in reported["counts"]]
+        count, total = int(reported["count"]), float(reported["sum"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    ordered = all(math.isfinite(b) for b in bounds) and all(a < b for a, b in zip(bounds, bounds[1:]))
+    cumulative = all(0 <= a <= b for a, b in zip([0, *counts], [*counts, count]))
+    if len(bounds) != len(counts) or not ordered or not cumulative or not math.isfinite(total):
+        return None
+    return {"bounds": bounds, "counts": counts, "count": count, "sum": total}
 
 
 def _kv_totals(kv: Any, stages: list[dict[str, Any]]) -> tuple[int, int]:

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import zmq
 
 from flexpipe.errors import (
-    ActorError, ConfigError, FlexPipeError, PlacementError, QueueFullError, RemoteError, RequestError,
+    ActorError, AskTimeout, ConfigError, FlexPipeError, PlacementError, QueueFullError, RemoteError, RequestError,
 )
 from flexpipe.runtime.actor import ActorSettings, handles
 from flexpipe.runtime.daemon.devices import assign_devices, parse_stage_overhead, stage_overhead, stage_request
@@ -559,7 +559,12 @@ class RouterDaemon:
         try:
             r = await self.frontend.ask(w.ref, StartStage(name, target, kwargs, stage_settings, timeout),
                                         timeout=timeout + 10.0)
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, AskTimeout) or not isinstance(e, Exception):
+                # No answer (the ask timed out, or this launch was cancelled): the worker may start the
+                # stage yet, which would then run, holding its device's memory, owned by nobody
+                # until the worker next joins.  It kills it, started or still starting.
+                self._abandon_start(w, name, "cancelled" if not isinstance(e, Exception) else str(e))
             await self.release(granted.rid)
             raise
         finally:
@@ -569,6 +574,21 @@ class RouterDaemon:
         event("stage_started", stage=name, worker=w.name, device=device, units=list(units), stage_pid=r.pid,
               endpoint=r.ref.endpoint)
         return h
+
+    def _abandon_start(self, w: WorkerInfo, name: str, reason: str) -> None:
+        """Have `w` kill stage `name`, whose start this router gave up waiting for (fire and forget)."""
+        event("stage_start_abandoned", logging.WARNING, stage=name, worker=w.name, reason=reason)
+        self._spawn(self._kill_abandoned(w, name))
+
+    async def _kill_abandoned(self, w: WorkerInfo, name: str) -> None:
+        if self.frontend.closed:
+            return
+        try:
+            await self.frontend.ask(w.ref, KillStage(name), timeout=10.0)
+        except ActorError as e:   # (a worker that joins again lists it, and is told to stop it then)
+            event("stage_kill_failed", logging.WARNING, stage=name, worker=w.name, error=str(e))
+            return
+        event("stage_killed", stage=name, worker=w.name, reason="its start was abandoned")
 
     async def _answers(self, w: WorkerInfo) -> bool:
         """Does `w` answer a ping within a second?  (A stage that died with its worker is replaced at
@@ -646,6 +666,7 @@ class RouterDaemon:
         return st
 
     async def status(self) -> dict:
+        from flexpipe.api import pause_histogram
         from flexpipe.runtime.allocator import InventoryQuery
 
         out: dict[str, Any] = {"model": self.spec.name, "state": self.state, "endpoint": self.frontend.ref.endpoint,
@@ -660,7 +681,8 @@ class RouterDaemon:
             for info, sl in zip(stages, c.slots):
                 info.update(worker=sl.handle.worker, device=sl.handle.device, name=sl.handle.name)
             out.update(shape=c.shape.to_dict(), router=c.router.status(), stages=stages,
-                       reshapes=[r.to_dict() for r in c.history[-16:]], reshapes_total=len(c.history))
+                       reshapes=[r.to_dict() for r in c.history[-16:]], reshapes_total=len(c.history),
+                       pauses=pause_histogram(c.history))
         return out
 
 

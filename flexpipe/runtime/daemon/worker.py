@@ -56,10 +56,7 @@ class WorkerBehaviour:
 
     @handles(KillStage)
     def kill_stage(self, ctx: Any, msg: KillStage) -> None:
-        h = self.d.stages.get(msg.name)
-        if h is not None:
-            self.d.stopping.add(msg.name)
-            h.kill()
+        self.d.kill_stage(msg.name)
 
     @handles(Terminated, concurrent=True)
     async def terminated(self, ctx: Any, msg: Terminated) -> None:
@@ -96,6 +93,8 @@ class WorkerDaemon:
         self.stage_system: Any = None
         self.stages: dict[str, Any] = {}  # name -> ActorHandle
         self.stopping: set[str] = set()
+        self.starting: dict[str, asyncio.Task | None] = {}   # name -> its launch (None: not begun yet)
+        self._killed_starting: set[str] = set()   # starting stages a KillStage came for
         self.joined = False
         self.router_actual: Any = None   # the router's ref as it gave it when this worker joined
         self.closing = False
@@ -231,14 +230,38 @@ class WorkerDaemon:
             raise ActorClosed(f"worker {self.name} is stopping")
         if msg.target not in (PLAIN_TARGET, GPU_TARGET):   # nothing else may run here from the network
             raise ConfigError(f"worker {self.name} starts stages ({PLAIN_TARGET} or {GPU_TARGET}), not {msg.target!r}")
-        if msg.name in self.stages:
+        if msg.name in self.stages or msg.name in self.starting:
             raise ConfigError(f"worker {self.name} already runs a stage named {msg.name}")
-        if self.stage_system is None:
-            # the router's heartbeat and start settings; this worker's transport and key files
-            settings = dataclasses.replace(msg.settings, bind=self.settings.bind, host=self.host,
-                                           **{f: getattr(self.settings, f) for f in CURVE_FIELDS})
-            self.stage_system = await ActorSystem(settings, name=f"{self.name}-stages").start()
-        h = await self.stage_system.launch(msg.target, msg.kwargs, name=msg.name, timeout=msg.timeout)
+        self.starting[msg.name] = None   # from here on a KillStage ends it, started or not
+        h = None
+        try:
+            if self.stage_system is None:
+                # the router's heartbeat and start settings; this worker's transport and key files
+                settings = dataclasses.replace(msg.settings, bind=self.settings.bind, host=self.host,
+                                               **{f: getattr(self.settings, f) for f in CURVE_FIELDS})
+                self.stage_system = await ActorSystem(settings, name=f"{self.name}-stages").start()
+            if msg.name not in self._killed_starting:
+                launch = asyncio.get_running_loop().create_task(
+                    self.stage_system.launch(msg.target, msg.kwargs, name=msg.name, timeout=msg.timeout))
+                self.starting[msg.name] = launch
+                try:
+                    h = await launch
+                except asyncio.CancelledError:   # kill_stage's (unless this start itself is cancelled)
+                    if msg.name not in self._killed_starting or asyncio.current_task().cancelling():
+                        raise
+        finally:
+            del self.starting[msg.name]
+            killed = msg.name in self._killed_starting
+            self._killed_starting.discard(msg.name)
+        if killed:
+            if h is not None:   # it started just before the kill came: it must not run on, unowned
+                self.stopping.add(msg.name)
+                self._track(msg.name, h)
+                h.kill()
+            event("stage_start_killed", logging.WARNING, worker=self.name, stage=msg.name,
+                  stage_pid=h.pid if h is not None else None)
+            raise ActorError(f"stage {msg.name} was killed while it started: its router had given up waiting "
+                             "for it (a KillStage came)")
         self._track(msg.name, h)
         event("stage_started", worker=self.name, stage=msg.name, stage_pid=h.pid, endpoint=h.ref.endpoint,
               device=msg.kwargs.get("device"), units=[msg.kwargs.get("start"), msg.kwargs.get("end")])
@@ -266,6 +289,20 @@ class WorkerDaemon:
                 await self.actor.tell(self.router_ref, StageExited(self.name, name, h.ref, reason))
             except ActorError:
                 pass  # the router is gone: it will not miss the stage
+
+    def kill_stage(self, name: str) -> None:
+        """SIGKILL stage `name`.  One still starting (its router gave up waiting for it: StartStage
+        timed out there) is killed too: its launch is cancelled, which kills its process, or, where the
+        launch has just completed, the process is killed as start_stage takes it."""
+        h = self.stages.get(name)
+        if h is not None:
+            self.stopping.add(name)
+            h.kill()
+        elif name in self.starting:
+            self._killed_starting.add(name)
+            launch = self.starting[name]
+            if launch is not None:
+                launch.cancel()
 
     async def stop_stage(self, name: str, timeout: float) -> None:
         h = self.stages.get(name)
