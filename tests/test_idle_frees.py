@@ -133,6 +133,7 @@ def test_the_frees_of_a_failed_step_of_frees_wait_for_a_step_with_requests():
     sched.resend_frees(alone)
     del sched.inflight[alone.step]
     assert sched.pending_frees == ["a"] and sched.schedule() is None
+    assert sched.idle()   # nothing can go until a request comes: idle (waiting on it would time out)
     sched.add(_req("b"))
     mb = sched.schedule()
     assert mb.frees == ["a"] and [c.seq_id for c in mb.chunks] == ["b"]

@@ -149,8 +149,9 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def idle(self) -> bool:
-        """Nothing in flight, nothing to run, and every free delivered to the stages."""
-        return not self.inflight and not self.has_work() and not self.pending_frees
+        """Nothing in flight, nothing to run, and every free that can go alone delivered to the stages
+        (after a step of frees only failed, its frees wait for the next request's step: not work)."""
+        return not self.inflight and not self.has_work() and not (self.pending_frees and self._frees_alone)
 
     # ---- scheduling -----------------------------------------------------------------------------
     def schedule(self) -> MicroBatch | None:
