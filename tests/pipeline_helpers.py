@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from typing import Any, AsyncIterator, Callable
 
 from flexpipe.model.reference import ReferenceModel
 from flexpipe.model.sampling import SamplingParams
@@ -70,7 +71,39 @@ async def until(router, cond, timeout: float = 120) -> None:
         router.listeners.remove(check)
 
 
-__all__ = ["SamplingParams", "check_against_oracle", "oracle", "request_mix", "run_all", "until"]
+@contextlib.asynccontextmanager
+async def held(router, n: int = 1, want: Callable[[Any], bool] = lambda req: req.computed > 0,
+               timeout: float = 120) -> AsyncIterator[list]:
+    """Quiesce the router once `n` running requests hold KV (`want`: their scheduler records), and
+    yield those records; resume it on the way out.
+
+    Held, no step runs: no request finishes, is preempted or admitted until the router resumes (a
+    reshape resumes it after its switch), however long what runs meanwhile takes.  A reshape that
+    starts a stage process takes seconds on a loaded machine, where requests that were merely
+    running when it began may all have ended before it copies anything.  The records are picked
+    after the quiesce (the steps in flight return first, and may finish some): waited for again,
+    within `timeout` in all, when fewer than `n` are left."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+
+    def pick() -> list:
+        reqs = (router.sched.requests.get(rid) for rid in router.sched.running)
+        return [r for r in reqs if r is not None and r.finished is None and want(r)]
+
+    while True:
+        await until(router, lambda: len(pick()) >= n, max(0.0, deadline - loop.time()))
+        await router.quiesce()
+        got = pick()
+        if len(got) >= n:
+            break
+        router.resume()
+    try:
+        yield got
+    finally:
+        router.resume()
+
+
+__all__ = ["SamplingParams", "check_against_oracle", "held", "oracle", "request_mix", "run_all", "until"]
 
 
 def rt_allowed() -> bool:

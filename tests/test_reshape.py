@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from flexpipe.api import FlexPipe
 from flexpipe.errors import ReshapeError
 from flexpipe.runtime.stage import StageStatus, StepInput
-from tests.pipeline_helpers import check_against_oracle, request_mix, run_all, until
+from tests.pipeline_helpers import check_against_oracle, held, request_mix, run_all, until
 
 pytestmark = pytest.mark.timeout(300)
 NUM_UNITS = 18  # the tiny preset: 8 layers -> 2 * 8 + 2 units
@@ -52,9 +52,11 @@ def test_random_reshapes_keep_outputs_identical(plan):
 
 
 async def test_stage_processes_1_4_2_3():
-    # Traffic keeps coming while the reshapes run (new stage processes take seconds to start: 5 s
-    # where torch is a CUDA build), so every reshape finds requests in the middle of their generation;
-    # the pool's requests are sent again (up to 4 times) when the reshapes outlast it.
+    # Traffic keeps coming while the reshapes run; the pool's requests are sent again (up to 4 times)
+    # when the reshapes outlast it.  New stage processes take seconds to start (5 s where torch is a
+    # CUDA build, more on a loaded machine), which the traffic may not outlast: the first reshape,
+    # which starts three, runs with the router held, so that the requests running when it began
+    # still run, with their KV, when it copies and switches.  The others find what traffic is left.
     pool = request_mix(48, seed=3, max_tokens=(40, 120))
     plan = [[0, 4, 9, 13, 18], [0, 9, 18], [0, 5, 11, 18]]
     async with FlexPipe.launch("tiny", stages=1) as fp:
@@ -70,15 +72,15 @@ async def test_stage_processes_1_4_2_3():
                 await asyncio.sleep(0.01)
 
         gen = asyncio.ensure_future(traffic())
-        while len(sent) < 12:
-            await asyncio.sleep(0.01)
-        stats = [await fp.reshape(boundaries=b) for b in plan]
+        async with held(fp.router, n=4):
+            stats = [await fp.reshape(boundaries=plan[0])]
+        stats += [await fp.reshape(boundaries=b) for b in plan[1:]]
         done.set()
         await gen
         outs = await asyncio.gather(*(t for _, t in sent))
         check_against_oracle(fp, [r for r, _ in sent], outs)
         assert [s.to_boundaries for s in stats] == plan
-        moved = [s for s in stats if s.kv_bytes > 0 and s.requests_running > 0]
+        moved = [s for s in stats if s.kv_bytes > 0 and s.requests_running >= 4]
         assert moved, f"no reshape moved KV of running requests: {[s.to_dict() for s in stats]}"
         assert len({s["pid"] for s in fp.status()["stages"]}) == 3
         await assert_sockets_only_to_whom_stages_send(fp)
@@ -96,13 +98,16 @@ async def assert_sockets_only_to_whom_stages_send(fp) -> None:
 async def test_a_split_leaves_no_socket_to_the_stage_kv_came_from():
     """The new second stage of a 1 -> 2 split takes the running requests' KV from the first, answering
     its ImportKV asks through a socket to it; it never sends there again, so the switch closes it
-    (it used to stay: the first stage is its upstream, which pruning kept)."""
-    reqs = request_mix(6, seed=21, max_tokens=(500, 700))   # long enough to outlive the new stage's start
+    (it used to stay: the first stage is its upstream, which pruning kept).  The router is held
+    across the reshape, so that every request still runs, with its KV, when the reshape copies it,
+    however long the new stage's process takes to start: with no KV to take, the new stage asks
+    nothing and the test would pass with the socket kept."""
+    reqs = request_mix(6, seed=21, max_tokens=(40, 60))
     async with FlexPipe.launch("tiny", stages=1) as fp:
         task = asyncio.ensure_future(run_all(fp, reqs))
-        await until(fp.router, lambda: fp.status()["router"]["running"] == len(reqs))
-        st = await fp.reshape(stages=2)
-        assert st.kv_bytes > 0 and st.requests_running > 0, st.to_dict()
+        async with held(fp.router, n=len(reqs)):
+            st = await fp.reshape(stages=2)
+        assert st.kv_bytes > 0 and st.requests_running == len(reqs), st.to_dict()
         await assert_sockets_only_to_whom_stages_send(fp)
         check_against_oracle(fp, reqs, await task)
 
@@ -113,13 +118,11 @@ async def test_reshape_during_long_prefill():
     reqs = [long_prompt] + request_mix(4, seed=11)
     async with FlexPipe.launch("tiny", stages=2, in_process=True, max_batch_tokens=32) as fp:
         task = asyncio.ensure_future(run_all(fp, reqs))
-        def mid_prefill():   # reshape while the long prompt is part way through its chunked prefill
-            req = next(iter(fp.router.sched.requests.values()), None)
-            return req is not None and 100 < req.computed < 1000
-
-        await until(fp.router, mid_prefill)
-        st = await fp.reshape(boundaries=[0, 3, 12, 18])
-        assert st.kv_bytes > 0
+        # reshape while the long prompt is part way through its chunked prefill: held there (the
+        # router quiesced) until the reshape has copied its KV and switched
+        async with held(fp.router, want=lambda r: len(r.prompt) > 1000 and 100 < r.computed < 1000):
+            st = await fp.reshape(boundaries=[0, 3, 12, 18])
+        assert st.kv_bytes > 0 and st.requests_running > 0
         outs = await task
         check_against_oracle(fp, reqs, outs)
 
