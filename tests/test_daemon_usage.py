@@ -310,7 +310,7 @@ async def test_placement_and_reservations_book_each_stage_s_process_overhead(tmp
         await join(wb, url, "wb", [room + 64 * MiB])
         assert d._device_order() == ["wa/0", "wb/0"]
         assert await d._place(shape, []) == ["wb/0"]
-        assert d._stage_bytes(0, cfg.num_units) == weights_kv + 64 * MiB   # what launch_stage reserves
+        assert d._stage_bytes(0, cfg.num_units, "wb/0") == weights_kv + 64 * MiB   # what launch_stage reserves
         d.worker_lost("wb", "a test")
         with pytest.raises(PlacementError, match="needs"):
             await d._place(shape, [])
@@ -393,3 +393,146 @@ def test_a_gpu_worker_counts_every_process_under_it_as_its_own():
     finally:
         child.kill()
         child.wait()
+
+
+# --- what a GPU worker's reports book (a stand-in NVML; stage processes stand in for GPU stages) ------------
+GiB = 2**30
+HOST_PIDS = 2**22 + 1   # above any pid Linux hands out: how a container sees the pids NVML lists
+
+
+def gpu_worker_devices(monkeypatch) -> None:
+    """A worker given --devices cuda:0 has one 140 GiB GPU (there is none here); others are as they are."""
+    import flexpipe.runtime.daemon.worker as worker_module
+    from flexpipe.placement.topology import Node, Topology, make_gpu
+
+    real = worker_module.local_devices
+
+    def local_devices(devices: str = "auto", node: str = "", memory: int | None = None) -> Any:
+        if devices != "cuda:0":
+            return real(devices, node, memory)
+        return Topology([Node(node, "r0", [make_gpu(node, 0, "H200", memory_bytes=140 * GiB)])], name=node), \
+            {0: "cuda:0"}
+
+    monkeypatch.setattr(worker_module, "local_devices", local_devices)
+
+
+def echo_stages(monkeypatch) -> None:
+    """A worker's stage processes run Echo (a real process, that needs no GPU) whatever the router asks for."""
+    launch = ActorSystem.launch
+
+    async def echo(self, target, kwargs=None, **kw):
+        return await launch(self, "tests.test_actor_helpers:Echo", None, **kw)
+
+    monkeypatch.setattr(ActorSystem, "launch", echo)
+
+
+def in_mib(n: int) -> int:
+    """`n` bytes as the allocator's inventory tells free memory: in whole MiB, rounded down."""
+    return n // MiB * MiB
+
+
+def whole_model(d: RouterDaemon) -> dict:
+    cfg = d.spec.config
+    return {"config": cfg.to_dict(), "source": d.spec.source, "start": 0, "end": cfg.num_units}
+
+
+async def test_in_a_container_our_stages_are_not_booked_as_other_tenants_memory(tmp_path, monkeypatch):
+    """Without the host's PID namespace NVML lists every process under its host pid, none of them ours:
+    what our stage used counted as other tenants' (ours 0), on top of its reservation, and free memory
+    went below what is really free.  The worker says it cannot tell what ours use there (a live stage of
+    its is missing from NVML's list), and the router counts its reservation instead."""
+    from flexpipe.runtime.gpu_stage import PLAIN_TARGET
+    from flexpipe.runtime.inventory import Inventory
+
+    gpu_worker_devices(monkeypatch)
+    echo_stages(monkeypatch)
+    nv = NvmlOfTwoGpus({})
+    async with events() as ev, router(tmp_path, ev) as (d, url):
+        w = WorkerDaemon(url, name="wg", devices="cuda:0", usage_interval=0)
+        w._inventory = Inventory(nv, node="wg", worker="wg")
+        async with running(w):
+            await ev.wait("joined", worker="wg")
+            h = await d.launch_stage(PLAIN_TARGET, whole_model(d), "s0", "wg/0")
+            assert h.pid in {s.pid for s in w.stages.values()}
+            nv.processes.update({HOST_PIDS: h.booked, HOST_PIDS + 1: 2 * GiB})   # our stage, another tenant
+            await w.report_usage()
+            (applied,) = await ev.wait("usage_applied", worker="wg")
+            assert applied["external"] == {"wg/0": 2 * GiB}
+            assert await free(d) == {"wg/0": in_mib(140 * GiB - h.booked - 2 * GiB)}
+
+
+async def test_what_our_processes_use_beyond_what_we_booked_is_not_free(tmp_path, monkeypatch):
+    """NVML names our processes: what ours use within what we booked is ours (counted once, in the
+    reservation); what they use beyond it (a process of a start the router gave up on, booked for
+    nothing; a stage over its estimate) is not free either, and is booked beside the other tenants'."""
+    import subprocess
+    import sys
+
+    from flexpipe.runtime.gpu_stage import PLAIN_TARGET
+    from flexpipe.runtime.inventory import Inventory
+
+    gpu_worker_devices(monkeypatch)
+    echo_stages(monkeypatch)
+    nv = NvmlOfTwoGpus({})
+    stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.DEVNULL)
+    try:
+        async with events() as ev, router(tmp_path, ev) as (d, url):
+            w = WorkerDaemon(url, name="wg", devices="cuda:0", usage_interval=0)
+            w._inventory = Inventory(nv, node="wg", worker="wg")
+            async with running(w):
+                await ev.wait("joined", worker="wg")
+                h = await d.launch_stage(PLAIN_TARGET, whole_model(d), "s0", "wg/0")
+
+                async def booked_as_others(n: int, processes: dict[int, int]) -> int:
+                    nv.processes.clear()
+                    nv.processes.update({HOST_PIDS: 2 * GiB, **processes})   # another tenant's 2 GiB, and ours
+                    await w.report_usage()
+                    applied = await ev.wait("usage_applied", n, worker="wg")
+                    assert await free(d) == {"wg/0": in_mib(140 * GiB - h.booked - applied[-1]["external"]["wg/0"])}
+                    return applied[-1]["external"]["wg/0"]
+
+                # within its booking: nothing of ours is counted twice
+                assert await booked_as_others(1, {h.pid: h.booked - 256 * MiB}) == 2 * GiB
+                # and an unbooked 10 GiB process of ours (a child of the worker) is not free
+                assert await booked_as_others(2, {h.pid: h.booked, stray.pid: 10 * GiB}) == 12 * GiB
+                # nor is what a stage uses beyond its booking
+                assert await booked_as_others(3, {h.pid: h.booked + GiB}) == 3 * GiB
+    finally:
+        stray.kill()
+        stray.wait()
+
+
+async def test_each_stage_books_the_process_overhead_of_its_own_device(tmp_path, monkeypatch):
+    """With auto --stage-overhead a stage on a GPU books the placer's estimate of its process's
+    overhead and one on a CPU device books none, whatever else the cluster has (the figure was the
+    cluster's: 0 on GPUs too while any CPU worker was in it); a stage moved to another device (its
+    worker gone) books what its new device asks."""
+    from flexpipe.placement.placer import STAGE_OVERHEAD_BYTES
+    from flexpipe.runtime.daemon.devices import assign_devices
+    from flexpipe.runtime.gpu_stage import PLAIN_TARGET
+
+    gpu_worker_devices(monkeypatch)
+    echo_stages(monkeypatch)
+    async with events() as ev, router(tmp_path, ev) as (d, url), \
+            ActorSystem(ActorSettings(endpoint_dir=str(tmp_path))) as system:
+        units = d._units_bytes(0, d.spec.config.num_units)
+        wc = WorkerDaemon(url, name="wc", devices="cpu:0", memory=-(-units * 3 // 2 // MiB) * MiB, usage_interval=0)
+        wg = WorkerDaemon(url, name="wg", devices="cuda:0", usage_interval=0)
+        async with running(wc), running(wg):
+            await ev.wait("joined", worker="wc")
+            await ev.wait("joined", worker="wg")
+            on_gpu = await d.launch_stage(PLAIN_TARGET, whole_model(d), "s0", "wg/0")
+            on_cpu = await d.launch_stage(PLAIN_TARGET, whole_model(d), "s1", "wc/0")
+            assert (on_gpu.booked, on_cpu.booked) == (units + STAGE_OVERHEAD_BYTES, units)
+            # a stage for a CPU device whose worker is gone goes to the GPU (the CPU device is full)
+            wz = await system.spawn(None, "wz")
+            await join(wz, url, "wz", [1024 * MiB])
+            d.worker_lost("wz", "a test")
+            moved = await d.launch_stage(PLAIN_TARGET, whole_model(d), "s2", "wz/0")
+            assert moved.device == "wg/0" and moved.booked == units + STAGE_OVERHEAD_BYTES
+            assert (await free(d))["wg/0"] == in_mib(140 * GiB - 2 * (units + STAGE_OVERHEAD_BYTES))
+            assert (await d.status())["stage_overhead"] == {"cpu": 0, "cuda": STAGE_OVERHEAD_BYTES}
+    # placement counts each device's overhead as well: a stage that fits a GPU only without it goes elsewhere
+    assert assign_devices([(0, 4)], [100], ["g", "c"], {"g": 150, "c": 150}, overhead={"g": 100}) == ["c"]
+    with pytest.raises(PlacementError, match="needs 0.0 MiB .* with its process's overhead on a GPU"):
+        assign_devices([(0, 4)], [100], ["g", "c"], {"g": 150, "c": 50}, overhead={"g": 100})

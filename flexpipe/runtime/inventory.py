@@ -4,8 +4,10 @@ A worker announces its GPUs once (`Inventory.cluster()` -> `AllocatorCore.announ
 `AnnounceGpus` message) and then reports, every interval, how much memory other tenants use
 (`Inventory.report()` -> `AllocatorCore.report` or `ReportUsage`). "Other tenants" is every process
 on the GPU except this worker's own (its stage processes, `own_pids`): the allocator books our
-memory through reservations, not through NVML.  The worker daemon samples (`Inventory.sample`, with
-every process under it as its own: `process_tree`) and sends what it saw to the router daemon,
+memory through reservations, not through NVML, and `others_use` is the one rule that turns NVML's
+figures and those reservations into what is booked as theirs.  The worker daemon samples
+(`Inventory.sample`, with every process under it as its own: `process_tree`, and the pids of its
+live stages as processes NVML must list: `expected`) and sends what it saw to the router daemon,
 which knows the reservations and books `others_use` of each GPU (runtime/daemon).
 
 Everything that reads NVML takes the module as an argument (`nvml`), so tests drive these functions
@@ -64,7 +66,7 @@ class GpuSample:
     total: int                      # bytes
     free: int
     used: int                       # by every process (and the driver)
-    used_by_us: int | None          # by `own_pids`; None when NVML cannot attribute memory to processes
+    used_by_us: int | None          # by `own_pids`; None when NVML cannot attribute memory to our processes
     util: float | None              # SM busy share over NVML's last sample period, 0..1 (None: unsupported)
     mem_util: float | None          # memory-controller busy share, 0..1
     processes: dict[int, int | None] = field(default_factory=dict)   # pid -> bytes (None: unknown)
@@ -82,9 +84,18 @@ def _processes(nvml: Any, h: Any) -> dict[int, int | None] | None:
     return out
 
 
-def sample_gpus(nvml: Any, own_pids: Iterable[int] = ()) -> list[GpuSample]:
-    """Memory, utilisation and processes of every GPU NVML lists (nvmlInit must have been called)."""
+def sample_gpus(nvml: Any, own_pids: Iterable[int] = (),
+                expected: Mapping[int, Iterable[int]] | None = None) -> list[GpuSample]:
+    """Memory, utilisation and processes of every GPU NVML lists (nvmlInit must have been called).
+
+    `expected`: per GPU index, pids of ours that hold memory there for certain (a worker's live stage
+    processes on that GPU).  Where NVML's process list lacks one of them, NVML lists processes under
+    pids we cannot match (a container without the host's PID namespace sees none of its own, or
+    other numbers): what ours use is then unknown (None), not 0, which would count every byte of our
+    stages as another tenant's on top of their reservations.
+    """
     own = set(own_pids)
+    must = {int(i): {int(p) for p in ps} for i, ps in (expected or {}).items()}
     out = []
     for i in range(int(nvml.nvmlDeviceGetCount())):
         h = nvml.nvmlDeviceGetHandleByIndex(i)
@@ -99,7 +110,7 @@ def sample_gpus(nvml: Any, own_pids: Iterable[int] = ()) -> list[GpuSample]:
         procs = _processes(nvml, h)
         if procs is None:
             ours = None
-        elif any(procs.get(p, 0) is None for p in own if p in procs):
+        elif any(procs.get(p, 0) is None for p in own if p in procs) or not must.get(i, set()) <= procs.keys():
             ours = None
         else:
             ours = sum(v for p, v in procs.items() if p in own and v is not None)
@@ -168,22 +179,40 @@ def local_topology(nvml: Any, node: str | None = None, rack: str = "r0", own_pid
 
 
 def external_used(samples: list[GpuSample], node: str, reserved: Mapping[str, int] | None = None) -> dict[str, int]:
-    """Bytes used by other tenants per GPU id ("node/index"), what AllocatorCore.report takes.
-
-    When NVML cannot say what our processes use (no per-process figures, e.g. inside some
-    containers), our usage is taken to be what the allocator reserved for us on that GPU.
-    """
+    """Bytes to book as other tenants' per GPU id ("node/index"), what AllocatorCore.report takes:
+    `others_use` of each GPU, with `reserved` the allocator's reservations for us (a GPU it does not
+    list: none there); None: not known, our processes' use is taken as booked."""
     out = {}
     for s in samples:
         gid = f"{node}/{s.index}"
-        out[gid] = others_use(s.used, s.used_by_us, int((reserved or {}).get(gid, 0)))
+        out[gid] = others_use(s.used, s.used_by_us, None if reserved is None else int(reserved.get(gid, 0)))
     return out
 
 
-def others_use(used: int, ours: int | None, reserved: int) -> int:
-    """Bytes other tenants use on one GPU: what every process uses less what ours do, or, where NVML
-    cannot attribute memory to processes (`ours` None), less what the allocator reserved for us there."""
-    return max(0, int(used) - (int(ours) if ours is not None else int(reserved)))
+def others_use(used: int, ours: int | None, reserved: int | None) -> int:
+    """Bytes to book as other tenants' on one GPU, beside our reservations there (`reserved`): the one
+    rule for it (the router daemon's usage reports and `external_used` both apply it).
+
+    The allocator counts free = total - this - reserved, so this is `used` less the part of it that
+    `reserved` already accounts for:
+      used - min(ours, reserved)  normally.  While our processes use no more than we booked (ours <=
+                                  reserved) that is used - ours, what other processes use: nothing is
+                                  counted twice.  What ours use beyond what we booked (a stage over its
+                                  estimate, the process of a start we gave up on and booked nothing for)
+                                  is in use all the same: it stays here, not free.
+      used - reserved             where NVML cannot attribute memory to our processes (`ours` None: no
+                                  per-process figures, or a live stage's pid missing from NVML's list,
+                                  as in a container without the host's PID namespace): our reservations
+                                  stand in for what ours use.
+      used - ours                 where the reservations are not known (`reserved` None).
+    Never below 0."""
+    if ours is None:
+        mine = int(reserved or 0)
+    elif reserved is None:
+        mine = int(ours)
+    else:
+        mine = min(int(ours), int(reserved))
+    return max(0, int(used) - mine)
 
 
 def process_tree(pid: int) -> set[int]:
@@ -245,10 +274,12 @@ class Inventory:
         """This node's description (Topology.to_dict), what AnnounceGpus carries."""
         return local_topology(self.nvml, self.node, self.rack, self.own_pids()).to_dict()
 
-    def sample(self, own_pids: Iterable[int] | None = None) -> list[GpuSample]:
+    def sample(self, own_pids: Iterable[int] | None = None,
+               expected: Mapping[int, Iterable[int]] | None = None) -> list[GpuSample]:
         """A fresh sample of every GPU (kept in `last`); `own_pids`: our processes this time, instead of
-        the inventory's own (a caller off the event loop passes what it read on the loop)."""
-        self.last = sample_gpus(self.nvml, self.own_pids() if own_pids is None else own_pids)
+        the inventory's own (a caller off the event loop passes what it read on the loop); `expected`:
+        per GPU index, our processes NVML must list there (`sample_gpus`)."""
+        self.last = sample_gpus(self.nvml, self.own_pids() if own_pids is None else own_pids, expected)
         return self.last
 
     def report(self, reserved: Mapping[str, int] | None = None) -> dict[str, int]:

@@ -6,7 +6,7 @@ import collections
 import math
 import os
 import socket
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from flexpipe.errors import ConfigError, NoDriverError, PlacementError
 
@@ -129,7 +129,8 @@ def stage_request(cfg: Any, settings: Any, overhead: int) -> Any:
 
 def assign_devices(ranges: Sequence[tuple[int, int]], needs: Sequence[int], order: Sequence[str],
                    free: dict[str, int], previous: Sequence[tuple[int, int, str]] = (),
-                   size: Callable[[int, int], int] | None = None) -> list[str]:
+                   size: Callable[[int, int], int] | None = None,
+                   overhead: Mapping[str, int] | None = None) -> list[str]:
     """The device of each stage of a new shape.
 
     A stage that overlaps a running stage stays on that stage's device (largest overlap first; a
@@ -139,11 +140,14 @@ def assign_devices(ranges: Sequence[tuple[int, int]], needs: Sequence[int], orde
     default `needs` pro rata of units), which it holds beside its old ones until the switch. Every
     other stage goes to the device with the fewest stages that has the memory, in `order` (devices
     interleaved across workers, so stages spread over them). `free` excludes what running stages hold.
+    `overhead`: per device, what a stage's process books there beside `needs` (a new stage on device d
+    needs needs[j] + overhead[d]: GPUs and CPU devices differ); a kept stage's process runs already.
     """
     n = len(ranges)
     if not order:
         raise PlacementError("no devices: no worker has joined")
     free = dict(free)
+    extra = dict(overhead or {})
     fair = math.ceil(n / len(order))
     count: collections.Counter[str] = collections.Counter()
     out: list[str | None] = [None] * n
@@ -167,14 +171,17 @@ def assign_devices(ranges: Sequence[tuple[int, int]], needs: Sequence[int], orde
     for j in range(n):
         if out[j] is not None:
             continue
-        fits = [d for d in order if free.get(d, 0) >= needs[j]]
+        fits = [d for d in order if free.get(d, 0) >= needs[j] + extra.get(d, 0)]
         if not fits:
             best = max(free.values(), default=0)
-            raise PlacementError(f"stage {j} (units [{ranges[j][0]},{ranges[j][1]})) needs {needs[j] / 2**20:.1f} "
-                                 f"MiB; the most any device has free is {best / 2**20:.1f} MiB: add workers or "
-                                 f"memory (--memory), or use fewer KV blocks")
+            lo, hi = (f(needs[j] + extra.get(d, 0) for d in order) for f in (min, max))
+            text = f"{lo / 2**20:.1f} MiB" + (f" ({hi / 2**20:.1f} MiB with its process's overhead on a GPU)"
+                                                 if hi > lo else "")
+            raise PlacementError(f"stage {j} (units [{ranges[j][0]},{ranges[j][1]})) needs {text}; the most any "
+                                 f"device has free is {best / 2**20:.1f} MiB: add workers or memory (--memory), or "
+                                 f"use fewer KV blocks")
         d = min(fits, key=lambda x: (count[x], order.index(x)))
         out[j] = d
         count[d] += 1
-        free[d] -= needs[j]
+        free[d] -= needs[j] + extra.get(d, 0)
     return out  # type: ignore[return-value]

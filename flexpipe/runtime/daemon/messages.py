@@ -83,9 +83,11 @@ class DeviceUsage:
     """What the memory of a worker's devices is used by, every --usage-interval seconds (worker -> router).
 
     Per device id: `used`, bytes every process uses; `ours`, bytes this worker's own processes use
-    (None where NVML cannot attribute memory to processes: the router counts what it reserved there);
-    `withheld`, bytes this worker does not offer (a GPU's memory beyond --memory).  The router books
-    max(used - ours, withheld) as other tenants' (`ReportUsage`), so placement sees their memory change.
+    (None where NVML cannot attribute memory to them: no per-process figures, or a live stage's pid
+    missing from NVML's list; the router counts what it reserved there instead); `withheld`, bytes this
+    worker does not offer (a GPU's memory beyond --memory).  The router books
+    max(others_use(used, ours, what it reserved there), withheld) as other tenants' (`ReportUsage`;
+    the rule: runtime/inventory.py others_use), so placement sees their memory change.
     """
     worker: str
     used: dict

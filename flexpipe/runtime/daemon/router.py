@@ -46,7 +46,7 @@ class RemoteStage:
                  units: tuple[int, int], reservation: str | None, booked: int = 0):
         self.daemon, self.worker, self.name, self.ref, self.pid = daemon, worker, name, ref, pid
         self.device, self.units, self.reservation = device, units, reservation
-        self.booked = booked   # bytes `reservation` holds on `device`
+        self.booked = booked   # bytes `reservation` holds on `device` (0: none; kept through a resize)
         self.stopped = False
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -256,7 +256,7 @@ class RouterDaemon:
         self.min_workers, self.drain_timeout = min_workers, drain_timeout
         self.settings = (settings or Settings()).check()
         self.stage_overhead = parse_stage_overhead(stage_overhead)   # None: auto (by device kind)
-        self._request: Any = None   # the placer's ReplicaRequest whose stage_bytes the router books
+        self._request: Any = None   # the placer's ReplicaRequest (no overhead) whose stage_bytes the router books
         self.curve = dict(curve or {})  # CURVE key files of this host (ActorSettings.curve_* names)
         self.spec: Any = None
         self.system: Any = None
@@ -440,9 +440,10 @@ class RouterDaemon:
             event("usage_ignored", logging.DEBUG, worker=msg.worker, reason="not a worker of this router")
             return
         used, ours, withheld = (x if isinstance(x, dict) else {} for x in (msg.used, msg.ours, msg.withheld))
-        reserved: collections.Counter[str] = collections.Counter()   # stands in for `ours` NVML cannot tell
+        # what we booked on each device: what of `ours` is not other tenants' (others_use, the rule)
+        reserved: collections.Counter[str] = collections.Counter()
         for h in self.stages.values():
-            if h.worker == w.name and h.reservation is not None:
+            if h.worker == w.name:
                 reserved[h.device] += h.booked
         for worker, device, need in self._starting.values():
             if worker == w.name:
@@ -491,8 +492,17 @@ class RouterDaemon:
         task.add_done_callback(self._tasks.discard)
 
     def _device_kind(self) -> str:
+        """The pipeline's operating point for where the cuts go (plan_shape): 'cuda' if every device is a
+        GPU.  Not what a stage books: that follows its own device (`_overhead`)."""
         devs = [d for w in self.workers.values() for d in w.devices.values()]
         return "cuda" if devs and all(d.startswith("cuda") for d in devs) else "cpu"
+
+    def _overhead(self, device: str) -> int:
+        """What a stage's process books on `device` beside its weights and KV (--stage-overhead; auto: by
+        the kind of that device, so a GPU stage books it however many CPU workers the cluster has)."""
+        w = next((w for w in self.workers.values() if device in w.devices), None)
+        kind = "cuda" if w is not None and w.devices[device].startswith("cuda") else "cpu"
+        return stage_overhead(self.stage_overhead, kind)
 
     def _device_order(self) -> list[str]:
         """Live devices interleaved across workers (join order): w0d0, w1d0, w0d1, w1d1, ..."""
@@ -507,21 +517,24 @@ class RouterDaemon:
         topo = Topology.from_dict(inv["cluster"])
         return {g.id: int(f) for g, f in zip(topo.gpus, topo.free)}
 
-    def _stage_bytes(self, start: int, end: int) -> int:
-        """What a stage of units [start, end) books: parameters, KV pool, and its process's overhead on
-        the pipeline's kind of device (--stage-overhead), as the placer counts it."""
-        overhead = stage_overhead(self.stage_overhead, self._device_kind())
-        if self._request is None or self._request.stage_overhead_bytes != overhead:
-            self._request = stage_request(self.spec.config, self.settings, overhead)
+    def _units_bytes(self, start: int, end: int) -> int:
+        """Parameters and KV pool of units [start, end), as the placer counts them (its stage_bytes)."""
+        if end <= start:
+            return 0
+        if self._request is None:
+            self._request = stage_request(self.spec.config, self.settings, 0)
         return int(self._request.stage_bytes(start, end))
+
+    def _stage_bytes(self, start: int, end: int, device: str) -> int:
+        """What a stage of units [start, end) on `device` books: parameters, KV pool, and its process's
+        overhead there (`_overhead`): the placer's stage_bytes with that overhead."""
+        return self._units_bytes(start, end) + self._overhead(device)
 
     async def _place(self, shape: Any, previous: list[tuple[int, int, str]]) -> list[str]:
         ranges = [(st.start, st.end) for st in shape.stages]
-        def size(a: int, b: int) -> int:
-            return self._stage_bytes(a, b) if b > a else 0
-
-        needs = [size(a, b) for a, b in ranges]
-        return assign_devices(ranges, needs, self._device_order(), await self._free(), previous, size)
+        order = self._device_order()
+        return assign_devices(ranges, [self._units_bytes(a, b) for a, b in ranges], order, await self._free(),
+                              previous, self._units_bytes, {d: self._overhead(d) for d in order})
 
     # ---- stages -------------------------------------------------------------------------------------
     async def launch_stage(self, target: str, kwargs: dict, name: str, device: str) -> RemoteStage:
@@ -529,7 +542,6 @@ class RouterDaemon:
         from flexpipe.runtime.allocator import ReserveMemory
 
         units = (kwargs["start"], kwargs["end"])
-        need = self._stage_bytes(*units)
         w, silent = self._owner(device), set()
         while w is None or not await self._answers(w):  # its worker is gone: take another device
             if w is not None:
@@ -537,12 +549,14 @@ class RouterDaemon:
             counts = collections.Counter(h.device for h in self.stages.values())
             free = await self._free()
             order = [d for d in self._device_order() if self._owner(d).name not in silent]
-            fits = [d for d in order if free.get(d, 0) >= need]
+            fits = [d for d in order if free.get(d, 0) >= self._stage_bytes(*units, d)]
             if not fits:
-                raise PlacementError(f"no live device has {need / 2**20:.1f} MiB free for stage {name}")
+                raise PlacementError(f"no live device has the {self._units_bytes(*units) / 2**20:.1f} MiB (and its "
+                                     f"process's overhead there) free that stage {name} needs")
             new = min(fits, key=lambda d: (counts[d], order.index(d)))
             event("stage_moved", logging.WARNING, stage=name, from_device=device, to_device=new)
             device, w = new, self._owner(new)
+        need = self._stage_bytes(*units, device)   # on the device it goes to (a move may change its kind)
         try:
             granted = await self.frontend.ask(self.allocator.ref, ReserveMemory({device: need}, name))
         except RemoteError as e:
@@ -624,13 +638,16 @@ class RouterDaemon:
             if (sl.start, sl.end) == h.units:
                 continue
             await self.release(h.reservation)
+            # (h.booked stays until the new reservation is known: its process still holds that memory,
+            # which a usage report meanwhile must not book as another tenant's)
             h.units, h.reservation = (sl.start, sl.end), None
-            need = self._stage_bytes(sl.start, sl.end)
+            need = self._stage_bytes(sl.start, sl.end, h.device)
             try:
                 h.reservation = (await self.frontend.ask(self.allocator.ref,
                                                          ReserveMemory({h.device: need}, h.name))).rid
                 h.booked = need
             except RemoteError as e:
+                h.booked = 0   # unbooked: what it uses shows in usage reports as not free
                 event("reservation_short", logging.WARNING, stage=h.name, device=h.device, error=e.message)
 
     def cancel(self, rid: str, reason: str = "cancelled") -> None:
@@ -674,7 +691,7 @@ class RouterDaemon:
                                             "devices": w.devices, "usage_reports": w.usage_reports}
                                            for w in self.workers.values()],
                                "allocator": await self.frontend.ask(self.allocator.ref, InventoryQuery()),
-                               "stage_overhead": stage_overhead(self.stage_overhead, self._device_kind())}
+                               "stage_overhead": {k: stage_overhead(self.stage_overhead, k) for k in ("cpu", "cuda")}}
         c = self.controller
         if c is not None and c.shape is not None:
             stages = c.stage_info()

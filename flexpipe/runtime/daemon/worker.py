@@ -92,6 +92,7 @@ class WorkerDaemon:
         self.actor: Any = None
         self.stage_system: Any = None
         self.stages: dict[str, Any] = {}  # name -> ActorHandle
+        self.stage_devices: dict[str, str] = {}   # name -> device id of a stage in `stages` (where known)
         self.stopping: set[str] = set()
         self.starting: dict[str, asyncio.Task | None] = {}   # name -> its launch (None: not begun yet)
         self._killed_starting: set[str] = set()   # starting stages a KillStage came for
@@ -177,25 +178,37 @@ class WorkerDaemon:
         (DeviceUsage): the router books other tenants' share, so that placement sees it change."""
         while True:
             await asyncio.sleep(self.usage_interval)   # the period of the reports, not a readiness wait
-            if not self.joined:
-                continue
-            own = {os.getpid(), *(h.pid for h in self.stages.values())}   # read on the loop, not in the thread
-            try:
-                used, ours = await asyncio.to_thread(self.sample_usage, own)
-            except Exception as e:   # NVML failing now (a driver reset...): say so once, and try again
-                if str(e) != self._usage_error:
-                    event("usage_unavailable", logging.WARNING, worker=self.name, error=f"{type(e).__name__}: {e}")
-                self._usage_error = str(e)
-                continue
-            self._usage_error = ""
-            try:
-                await self.actor.tell(self.router_ref, DeviceUsage(self.name, used, ours, self.withheld))
-            except ActorError:
-                pass   # the router is gone: the join loop finds it again, and the next report goes then
+            if self.joined:
+                await self.report_usage()
 
-    def sample_usage(self, own: set[int]) -> tuple[dict[str, int], dict[str, int | None]]:
+    async def report_usage(self) -> None:
+        """One DeviceUsage report to the router (NVML is read in a worker thread, off the event loop)."""
+        own = {os.getpid(), *(h.pid for h in self.stages.values())}   # read on the loop, not in the thread
+        live: dict[str, set[int]] = {}   # device id -> pids of the live stages there
+        for n, h in self.stages.items():
+            if n in self.stage_devices and h.alive:
+                live.setdefault(self.stage_devices[n], set()).add(h.pid)
+        try:
+            used, ours = await asyncio.to_thread(self.sample_usage, own, live)
+        except Exception as e:   # NVML failing now (a driver reset...): say so once, and try again
+            if str(e) != self._usage_error:
+                event("usage_unavailable", logging.WARNING, worker=self.name, error=f"{type(e).__name__}: {e}")
+            self._usage_error = str(e)
+            return
+        self._usage_error = ""
+        try:
+            await self.actor.tell(self.router_ref, DeviceUsage(self.name, used, ours, self.withheld))
+        except ActorError:
+            pass   # the router is gone: the join loop finds it again, and the next report goes then
+
+    def sample_usage(self, own: set[int], live: dict[str, set[int]] | None = None
+                     ) -> tuple[dict[str, int], dict[str, int | None]]:
         """Per device id: bytes every process uses, and bytes this worker's own processes (it and every
-        process under it: its stages, one still starting too) use, None where NVML cannot tell.  A CPU
+        process under it: its stages, one still starting too) use, None where NVML cannot tell: where it
+        has no per-process figures, or where its process list lacks a live stage of ours on that device
+        (`live`: device id -> stage pids; in a container without the host's PID namespace NVML lists
+        host pids, none of ours, and 0 would book our stages as other tenants' on top of their
+        reservations: the router counts those reservations instead, inventory.others_use).  A CPU
         device is a budget set aside by --memory: no other tenant uses any of it."""
         from flexpipe.runtime.inventory import Inventory, process_tree
 
@@ -204,7 +217,8 @@ class WorkerDaemon:
         if any(d.startswith("cuda") for d in self.torch_devices.values()):
             if self._inventory is None:
                 self._inventory = Inventory(node=self.name, worker=self.name)
-            for s in self._inventory.sample(own | process_tree(os.getpid())):
+            expected = {int(g.rpartition("/")[2]): pids for g, pids in (live or {}).items() if g in used}
+            for s in self._inventory.sample(own | process_tree(os.getpid()), expected):
                 gid = f"{self.name}/{s.index}"
                 if gid in used:
                     used[gid], ours[gid] = s.used, s.used_by_us
@@ -262,14 +276,25 @@ class WorkerDaemon:
                   stage_pid=h.pid if h is not None else None)
             raise ActorError(f"stage {msg.name} was killed while it started: its router had given up waiting "
                              "for it (a KillStage came)")
-        self._track(msg.name, h)
+        self._track(msg.name, h, self._device_id(msg.kwargs.get("device")))
         event("stage_started", worker=self.name, stage=msg.name, stage_pid=h.pid, endpoint=h.ref.endpoint,
               device=msg.kwargs.get("device"), units=[msg.kwargs.get("start"), msg.kwargs.get("end")])
         return StageStarted(msg.name, h.ref, h.pid)
 
-    def _track(self, name: str, h: Any) -> None:
-        """Run stage `name` (an ActorHandle) here: listed when joining, reported when it exits unasked."""
+    def _device_id(self, torch_device: Any) -> str | None:
+        """The id ("worker/index") of this worker's device that torch calls `torch_device` (None: none, or
+        several: every CPU device is torch's "cpu")."""
+        ids = [f"{self.name}/{i}" for i, d in self.torch_devices.items() if d == torch_device]
+        return ids[0] if len(ids) == 1 else None
+
+    def _track(self, name: str, h: Any, device: str | None = None) -> None:
+        """Run stage `name` (an ActorHandle) here, on device id `device`: listed when joining, reported
+        when it exits unasked, and expected in NVML's process list of its device (usage reports)."""
         self.stages[name] = h
+        if device is not None:
+            self.stage_devices[name] = device
+        else:
+            self.stage_devices.pop(name, None)
         task = asyncio.get_running_loop().create_task(self._watch_stage(name, h))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
@@ -278,6 +303,7 @@ class WorkerDaemon:
         code = await h.wait()
         if self.stages.get(name) is h:
             del self.stages[name]
+            self.stage_devices.pop(name, None)
         if name in self.stopping:
             self.stopping.discard(name)
             event("stage_stopped", worker=self.name, stage=name, exitcode=code)
