@@ -192,3 +192,27 @@ async def test_a_recovery_that_succeeds_after_one_that_failed_brings_the_pipelin
         assert router.down is None and ctl.history[-1].kind == "recovery" and ctl.history[-1].stages_started == 2
         assert not {first.ref, second.ref} & {sl.ref for sl in ctl.slots}
         assert (await fp.complete("back", max_tokens=3)).finish_reason == "length"
+
+
+async def test_a_stop_string_end_pending_at_a_recovery_is_recorded_as_stop():
+    """A request whose stop string the client found while its step was in flight (cancel pending with
+    reason "stop") ends at a recovery's requeue as "stop", not "cancelled": the stats and the finish
+    listeners (the autoscaler) counted a stopped request as cancelled."""
+    async with FlexPipe.launch("tiny", stages=1, in_process=True) as fp:
+        router = fp.router
+        finished = []
+        router.listeners.append(lambda kind, _now, req: kind == "finish" and finished.append(req))
+        stream = fp.generate("a stop string comes", max_tokens=400, ignore_eos=True, request_id="s")
+        await stream.__anext__()
+        await router.quiesce()
+        try:
+            mb = router.sched.schedule()   # what the pump would launch next: the request is in flight
+            assert [c.seq_id for c in mb.chunks] == ["s"]
+            router.cancel("s", "stop")     # the stop string found meanwhile: ends when its step is back
+            assert router.sched.requests["s"].cancel_requested
+            assert router.requeue_all() == 0   # a recovery forgets the step in flight
+        finally:
+            router.resume()
+        assert router.stats["finish_stop"] == 1 and router.stats["finish_cancelled"] == 0
+        assert router.sched.stats.cancelled == 0 and len(finished) == 1 and router.stats["listener_errors"] == 0
+        await stream.aclose()

@@ -330,11 +330,12 @@ class RouterActor:
 
     def requeue_all(self) -> int:
         """Forget every step in flight and all KV (a recovery or a rebuild): each request is recomputed
-        from its record, except those cancelled meanwhile, which end now.  Returns how many requeue."""
+        from its record, except those cancelled meanwhile, which end now, as their cancel said ("stop":
+        the client found a stop string).  Returns how many requeue."""
         cancelled = [r for r in self.sched.requests.values() if r.cancel_requested]
         n = len(self.sched.requeue_all())
         self._sent_at.clear()
-        self._emit([self.sched._finish(r, "cancelled") for r in cancelled])
+        self._emit([self.sched._finish(r, r.cancel_reason) for r in cancelled])
         return n - len(cancelled)
 
     def resume(self) -> None:
