@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sys
 import weakref
 
 import pytest
 import torch
 import zmq
+import zmq.asyncio
 
-from flexpipe.errors import ActorClosed
+from flexpipe.errors import ActorClosed, ProtocolError
 from flexpipe.runtime.codec import tensor_header
 from flexpipe.transports import open_receiver, open_sender
 from flexpipe.transports import cuda_ipc
@@ -293,9 +295,10 @@ from flexpipe.transports import open_sender
 
 async def main():
     tx = await open_sender(json.loads(sys.argv[1]))
-    first, then = (torch.arange(n, dtype=torch.int32) for n in json.loads(sys.argv[2]))
-    await tx.send(first)
-    send = asyncio.ensure_future(tx.send(then))   # the receiver makes it wait: killed meanwhile
+    *sends, last = (torch.arange(n, dtype=torch.int32) for n in json.loads(sys.argv[2]))
+    for x in sends:
+        await tx.send(x)
+    send = asyncio.ensure_future(tx.send(last))   # the receiver makes it wait: killed meanwhile
     await asyncio.sleep(0)
     print("sending", flush=True)
     await send
@@ -329,21 +332,25 @@ async def test_shm_recv_raises_when_the_sender_process_is_killed_in_the_middle_o
 @pytest.mark.timeout(90)   # the child imports torch
 @pytest.mark.parametrize("kind", ["ipc", "tcp"])
 async def test_zmq_recv_raises_when_the_sender_process_is_killed_in_the_middle_of_a_send(kind):
-    """A sender in another process sends a message, then a large one that cannot go through (the
-    receiver's queue holds one message, the first, unread), and is killed (SIGKILL) meanwhile: the
-    first is still received, then recv() raises ActorClosed (the cut-short message is never seen)."""
+    """A sender in another process sends two messages, then a large one that cannot go through (the
+    receiver has read the first; its queue holds one message, the second, unread), and is killed
+    (SIGKILL) meanwhile: the second is still received, then recv() raises ActorClosed (the cut-short
+    message is never seen)."""
     rx = await open_receiver(kind, hwm=1)
     child = None
     try:
-        child = await _start_child(_SENDER_PROCESS, json.dumps(rx.address), json.dumps([10, 16 << 20]))
+        child = await _start_child(_SENDER_PROCESS, json.dumps(rx.address), json.dumps([10, 11, 16 << 20]))
         assert child.stdout is not None
+        (first,) = await asyncio.wait_for(rx.recv(), 60)             # after the sender's hello
         assert await asyncio.wait_for(child.stdout.readline(), 60) == b"sending\n"
-        await asyncio.wait_for(rx._sock.poll(zmq.POLLIN), 30)         # the first message is here
+        while not await asyncio.wait_for(rx._sock.poll(zmq.POLLIN), 30):   # (it may wake with nothing)
+            pass                                                     # until the second message is here
         await _kill(child)
-        (first,) = await asyncio.wait_for(rx.recv(), 10)
+        (second,) = await asyncio.wait_for(rx.recv(), 10)
         with pytest.raises(ActorClosed, match="sender .* closed"):
             await asyncio.wait_for(rx.recv(), 10)
         assert torch.equal(first, torch.arange(10, dtype=torch.int32))
+        assert torch.equal(second, torch.arange(11, dtype=torch.int32))
     finally:
         await _kill(child)
         await rx.aclose()
@@ -444,6 +451,177 @@ async def test_recv_waiting_when_its_own_receiver_closes_raises_actor_closed(kin
         with pytest.raises(ActorClosed):
             await asyncio.wait_for(waiting, 10)
         assert not waiting.cancelled()
+    finally:
+        await tx.aclose()
+        await rx.aclose()
+
+
+# --- one sender per channel: after its sender has gone, a receiver reads no one else -----------------
+
+_REFUSED_AT_CONNECT = ("local", "shm", "cuda_ipc")   # the others cannot tell; their receivers refuse the sends
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("gap", [False, True], ids=["no-recv-between", "recv-saw-the-gap"])
+@pytest.mark.parametrize("kind", list(ALL_KINDS))
+async def test_after_the_sender_closed_a_later_sender_is_never_read(kind, gap):
+    """The sender closes and a sender connects again to the same address (reconnecting, or another):
+    the receiver raises ActorClosed for good and never delivers the later sender's sends; local, shm and
+    cuda_ipc refuse it at connect. The same whether or not a recv() ran between the two (ipc/tcp took
+    both events in one batch and read on as if nothing happened; a recv that saw the gap raised, then
+    the later sender's sends were delivered anyway; local raised, then delivered them)."""
+    tx, rx = await _pair(kind)
+    tx2 = None
+    try:
+        await asyncio.wait_for(tx.send(torch.arange(3)), 10)
+        (first,) = await asyncio.wait_for(rx.recv(), 10)
+        intact = torch.equal(first, torch.arange(3))
+        del first
+        await tx.aclose()
+        if gap:
+            with pytest.raises(ActorClosed, match="sender .* closed"):
+                await asyncio.wait_for(rx.recv(), 10)
+        refused = None
+        try:
+            tx2 = await open_sender(rx.address)
+        except ActorClosed as e:
+            refused = e
+        if tx2 is not None:
+            await asyncio.wait_for(tx2.send(torch.arange(5)), 10)
+            while not await asyncio.wait_for(rx._sock.poll(zmq.POLLIN), 10):   # (ipc, tcp) it has come
+                pass
+        for _ in range(2):
+            with pytest.raises(ActorClosed, match="sender .* closed"):
+                await asyncio.wait_for(rx.recv(), 10)
+        assert intact and (refused is not None) == (kind in _REFUSED_AT_CONNECT)
+    finally:
+        await tx.aclose()
+        if tx2 is not None:
+            await tx2.aclose()
+        await rx.aclose()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", list(ALL_KINDS))
+async def test_a_second_sender_while_the_first_is_open_is_refused(kind):
+    """A channel carries one sender's sends: a second sender is refused at connect (local: ProtocolError;
+    shm, cuda_ipc: ActorClosed, as it would write into the ring from its start, under sends not yet
+    read), or (ipc, tcp, where connect cannot tell) its arrival ends the channel: the receiver raises
+    ActorClosed rather than read it."""
+    tx, rx = await _pair(kind)
+    tx2 = None
+    try:
+        await asyncio.wait_for(tx.send(torch.arange(3)), 10)
+        (first,) = await asyncio.wait_for(rx.recv(), 10)
+        intact = torch.equal(first, torch.arange(3))
+        del first
+        if kind in _REFUSED_AT_CONNECT:
+            with pytest.raises(ProtocolError if kind == "local" else ActorClosed, match="sender"):
+                await open_sender(rx.address)
+            await asyncio.wait_for(tx.send(torch.arange(4)), 10)      # the first goes on
+            (second,) = await asyncio.wait_for(rx.recv(), 10)
+            assert intact and torch.equal(second, torch.arange(4))
+            return
+        tx2 = await open_sender(rx.address)
+        await asyncio.wait_for(tx2.send(torch.arange(5)), 10)
+        with pytest.raises(ActorClosed, match="another sender connected"):
+            await asyncio.wait_for(rx.recv(), 10)
+        await asyncio.wait_for(tx.send(torch.arange(6)), 10)
+        with pytest.raises(ActorClosed):
+            await asyncio.wait_for(rx.recv(), 10)
+        assert intact
+    finally:
+        await tx.aclose()
+        if tx2 is not None:
+            await tx2.aclose()
+        await rx.aclose()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["ipc", "tcp"])
+async def test_a_peer_of_another_channel_neither_ends_the_channel_nor_is_read(kind):
+    """A ZeroMQ peer that completes the handshake but is not this channel's sender (a stale sender of an
+    earlier channel, reconnecting to a reused tcp port) sends, and goes, before the real sender connects:
+    the receiver does not read its send, does not take its leaving for its sender's (the channel was
+    'gone' before its sender came), and still learns when its sender closes."""
+    rx = await open_receiver(kind)
+    other = await open_receiver(kind)
+    stale = tx = None
+    try:
+        stale = await open_sender(dict(other.address, endpoint=rx.address["endpoint"]))
+        await asyncio.wait_for(stale.send(torch.full((3,), -1)), 10)
+        while not await asyncio.wait_for(rx._sock.poll(zmq.POLLIN), 10):   # its hello is here
+            pass
+        await stale.aclose()
+        tx = await open_sender(rx.address)
+        await asyncio.wait_for(tx.send(torch.arange(3)), 10)
+        (first,) = await asyncio.wait_for(rx.recv(), 10)
+        waiting = asyncio.ensure_future(rx.recv())
+        await asyncio.wait_for(tx.send(torch.arange(4)), 10)
+        (second,) = await asyncio.wait_for(waiting, 10)
+        await tx.aclose()
+        with pytest.raises(ActorClosed, match="sender .* closed"):
+            await asyncio.wait_for(rx.recv(), 10)
+        assert torch.equal(first, torch.arange(3)) and torch.equal(second, torch.arange(4))
+        assert rx.stats["foreign"] >= 1   # the stale sender's hello (and its send, if read by now)
+    finally:
+        for t in (stale, tx, rx, other):
+            if t is not None:
+                await t.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_many_connections_while_the_receivers_loop_is_busy_do_not_stall_zeromq():
+    """Connections come and go on a tcp receiver's port (a port scanner) while its event loop is busy
+    (no recv() runs): ZeroMQ's I/O thread blocked once the receiver's monitor queue was full (1000
+    events), and no connection, the sender's included, got through any more. Now the queue is
+    unbounded (and read by the loop as events come): the sender connects, sends, closes, and the
+    receiver learns it."""
+    rx = await open_receiver("tcp")
+    tx = None
+    host, port = rx.address["endpoint"][len("tcp://"):].rsplit(":", 1)
+    try:
+        for _ in range(1500):   # blocking calls: the loop does not run meanwhile
+            with socket.create_connection((host, int(port)), timeout=5):
+                pass
+        tx = await open_sender(rx.address)
+        await asyncio.wait_for(tx.send(torch.arange(3)), 10)
+        (got,) = await asyncio.wait_for(rx.recv(), 10)
+        await tx.aclose()
+        with pytest.raises(ActorClosed, match="sender .* closed"):
+            await asyncio.wait_for(rx.recv(), 10)
+        assert torch.equal(got, torch.arange(3))
+    finally:
+        if tx is not None:
+            await tx.aclose()
+        await rx.aclose()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["shm", "cuda_ipc", "ipc", "tcp"])
+async def test_a_waiting_recv_waits_on_its_socket_alone(kind, monkeypatch):
+    """A recv() that waits for the next send waits in its socket's own recv(), as before the sender
+    was watched: no zmq.asyncio.Poller per call (one over the socket and its monitor cost 50-90 us
+    per waiting recv on the hot path between stages); the monitor is read by the loop as events come."""
+    polls = 0
+    real_poll = zmq.asyncio.Poller.poll
+
+    def counting_poll(self, *args, **kwargs):
+        nonlocal polls
+        polls += 1
+        return real_poll(self, *args, **kwargs)
+
+    monkeypatch.setattr(zmq.asyncio.Poller, "poll", counting_poll)
+    tx, rx = await _pair(kind)
+    try:
+        for i in range(20):
+            waiting = asyncio.ensure_future(rx.recv())
+            await asyncio.sleep(0)                  # one turn of the loop (no timing): it starts and waits
+            await asyncio.wait_for(tx.send(torch.arange(i + 1)), 10)
+            (got,) = await asyncio.wait_for(waiting, 10)
+            assert torch.equal(got, torch.arange(i + 1))
+            del got
+        assert polls == 0
     finally:
         await tx.aclose()
         await rx.aclose()

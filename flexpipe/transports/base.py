@@ -9,6 +9,10 @@ msgpack-able `address`, which travels to the sending side in an ordinary actor m
     (hidden,) = await rx.recv()                         # or rx.recv(into=[preallocated])
 
 Sends are delivered in order. Tensors handed to send() must not be modified until send() returns.
+A channel carries one sender's sends: once that sender has closed (or its process ended), the
+receiver raises ActorClosed after the last of its sends, for good, and a sender that connects again
+(or a second one) is refused at connect (local, shm, cuda_ipc) or never read (ipc, tcp); a new
+sender needs a new receiver.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import abc
 import asyncio
 import os
 import socket
+import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Literal, Sequence, cast
 
@@ -60,7 +65,8 @@ class Transport(abc.ABC):
         """Receive the next send's tensors: new tensors, or copied into `into` (same dtypes and
         shapes, contiguous) which is then returned. Raises ProtocolError on a mismatch, and
         ActorClosed once the sender has closed or its process ended and every send it completed
-        has been received (one it left unfinished included, and while waiting for the next)."""
+        has been received (one it left unfinished included, and while waiting for the next), and
+        from then on (another sender's sends are not read)."""
 
     @abc.abstractmethod
     async def aclose(self) -> None:
@@ -100,7 +106,9 @@ def views_fit(nbytes: Sequence[int], ring_bytes: int, align: int) -> bool:
 
 
 def _readable(sock: zmq.Socket) -> bool:
-    return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+    # Socket.get, not getsockopt: on a zmq.asyncio socket, get(EVENTS) also wakes a recv() future
+    # waiting for what is there (reading EVENTS consumes the edge its loop reader waits for)
+    return bool(cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN)
 
 
 class PeerWatch:
@@ -113,85 +121,139 @@ class PeerWatch:
     - `peer="receiver"`, on the sender's connecting socket: DISCONNECTED, or CONNECT_RETRIED when the
       endpoint was gone before the first connection. A receiver binds before its address is handed
       out, so either means it closed.
-    - `peer="sender"`, on the receiver's binding socket: the sender is gone once a connection has
-      completed its ZeroMQ handshake (a stray one, such as a port scan, does not) and none of those
-      accepted is left. This stays so if the sender reconnects: what was in flight when the
-      connection dropped may have been lost, so the channel's in-order stream is broken.
+    - `peer="sender"`, on the receiver's binding socket: the sender is gone at the first moment, in the
+      order of the monitor's events, that no accepted connection is open once the receiver has read
+      the sender's first message (the transport says so: `sender_seen`). Every sender says hello
+      first, so a sender that connected is seen; a connection that never carries the sender's hello
+      (a port scan, a stale peer of another channel on a reused port) does not make the channel gone
+      by leaving. It does delay "gone" while it stays open.
 
-    What the peer sent before it went is read first: a message reaches the socket before the monitor
-    hears of the disconnect (ZeroMQ drops only a message that was not complete). Create the watch
-    before binding or connecting the socket; close it before closing the socket.
+    "Gone" is latched: the receiver reads on while its socket has messages, and once it finds none,
+    ActorClosed follows for good (`finished`): a sender that reconnects after a gap in which sends
+    may have been lost is not read (ZeroMQ reconnects after 100 ms; only a receiver still reading a
+    backlog by then could see its later sends), and the transport refuses another sender's messages
+    (`sender_replaced`). What the peer sent before it went is read first: a message reaches the
+    socket before the monitor hears of the disconnect (ZeroMQ drops only a message that was not
+    complete).
+
+    The monitor's events are taken in as they come, one at a time, by a reader on the event loop
+    (not per recv: a recv waits in the socket's own recv(), and is failed with ActorClosed when the
+    peer goes while nothing is left to read). The monitor's queue is unbounded: a full one blocks
+    ZeroMQ's I/O thread (every socket of the context) until it is read. Create the watch before
+    binding or connecting the socket, in the event loop that uses it; close it before the socket.
+    One recv() at a time (the transports hold a lock).
     """
 
     _EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
-    _SENDER_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+    _SENDER_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
 
     def __init__(self, sock: zmq.asyncio.Socket, what: str,
                  peer: Literal["receiver", "sender"] = "receiver"):
         self._sock = sock
         self.what = what   # names the channel in the error
         self.peer = peer
-        self._mon = sock.get_monitor_socket(self._EVENTS if peer == "receiver" else self._SENDER_EVENTS)
-        self._events: zmq.Socket[bytes] = zmq.Socket.shadow(self._mon.underlying)   # read without waiting
+        self._loop = asyncio.get_running_loop()
+        addr = f"inproc://fp-peerwatch-{uuid.uuid4().hex}"
+        sock.monitor(addr, self._EVENTS if peer == "receiver" else self._SENDER_EVENTS)
+        self._mon: zmq.Socket[bytes] = zmq.Socket(sock.context, zmq.PAIR)   # read from the loop's reader
+        self._mon.setsockopt(zmq.RCVHWM, 0)
+        self._mon.setsockopt(zmq.LINGER, 0)
+        self._mon.connect(addr)
+        self._fd = cast(int, self._mon.getsockopt(zmq.FD))
+        self._loop.add_reader(self._fd, self._take_events)
+        self._watching = True
         self._open: set[int] = set()   # sender watch: accepted connections (their fds)
-        self._greeted = False          # sender watch: a connection completed its handshake
-        self._poller = zmq.asyncio.Poller()
-        self._poller.register(sock, zmq.POLLIN)
-        self._poller.register(self._mon, zmq.POLLIN)
-        self.gone = False
+        self._seen = False             # sender watch: the receiver has read the sender's first message
+        self._why = "has closed (or its process ended)"
+        self._waiting: asyncio.Future | None = None   # the recv() waiting on the socket
+        self.gone = False       # latched: the peer is gone (what it sent before may still be queued)
+        self.finished = False   # latched: and nothing of it is left; recv() raises from now on
+        self._take_events()     # arms the reader: ZMQ_FD signals only once a read has found nothing
 
-    def _update(self) -> bool:
-        """Take in the monitor's events; whether the peer is gone."""
-        if self.gone or not _readable(self._mon):
-            return self.gone
-        if self.peer == "receiver":
-            self.gone = True   # only the events that mean "gone" are monitored
-            return True
-        while _readable(self._mon):
-            event = parse_monitor_message(self._events.recv_multipart())
-            if event["event"] == zmq.EVENT_ACCEPTED:
+    @property
+    def seen(self) -> bool:
+        """Whether the transport has read its sender's first message."""
+        return self._seen
+
+    def _take_events(self) -> None:
+        """Take in the monitor's queued events, one at a time, in order (the reader callback; ZMQ_FD
+        is edge-triggered: read until none is left). Called directly before a decision too."""
+        if not self._watching:
+            return
+        mon = self._mon
+        while not self.gone and cast(int, mon.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            event = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
+            if self.peer == "receiver":   # only the events that mean "gone" are monitored
+                self._latch()
+            elif event["event"] == zmq.EVENT_ACCEPTED:
                 self._open.add(int(event["value"]))
-            elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._greeted = True
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self._open.discard(int(event["value"]))
-        self.gone = self._greeted and not self._open
-        return self.gone
+                self._settle()
+
+    def _settle(self) -> None:
+        if self._seen and not self._open and not self.gone:
+            self._latch()
+
+    def _latch(self) -> None:
+        """The peer is gone: stop watching, and fail a recv() waiting for a message that cannot come."""
+        self.gone = True
+        self._stop()
+        if self._waiting is not None and not self._waiting.done() and not self._readable():
+            self.finished = True
+            self._waiting.set_exception(self._closed())
+
+    def _readable(self) -> bool:
+        try:
+            return _readable(self._sock)
+        except zmq.ZMQError:   # closed on this side
+            return False
+
+    def sender_seen(self) -> None:
+        """The transport has read its sender's first message (its hello): from now on the sender is
+        gone once no connection is open (perhaps already)."""
+        if not self._seen:
+            self._take_events()   # (before: these may be strays' comings and goings before the sender)
+            self._seen = True     # its connection's ACCEPTED is taken in by now, perhaps its DISCONNECTED
+            self._settle()
+
+    def sender_replaced(self, *, now: bool) -> ActorClosed:
+        """Another sender connected (a channel carries one sender's sends): the channel ends, at
+        once (`now`: the transport reads its messages in order, so nothing of the first sender is
+        left), or once what is queued is read. Returns the error for the transport to raise."""
+        if not self.gone:
+            self._why = "has closed, and another sender connected (a channel carries one sender's sends)"
+            self._latch()
+        self.finished = self.finished or now
+        return self._closed()
 
     def check(self) -> None:
         """Raise ActorClosed if the peer is known to be gone (does not wait)."""
-        if self._update():
+        self._take_events()
+        if self.gone:
             raise self._closed()
 
     def _closed(self) -> ActorClosed:
-        return ActorClosed(f"the {self.peer} of {self.what} has closed (or its process ended)")
+        return ActorClosed(f"the {self.peer} of {self.what} {self._why}")
 
-    async def wait(self) -> None:
-        """Until the socket has a message to read; ActorClosed once the peer is gone and none is left."""
+    async def recv(self, *, copy: bool = True, multipart: bool = False) -> Any:
+        """The peer's next message (all its frames with `multipart`); ActorClosed once the peer is gone
+        and nothing it sent is left, and from then on."""
+        if self.gone and (self.finished or not self._readable()):
+            self.finished = True
+            raise self._closed()
+        fut = cast(asyncio.Future, self._sock.recv_multipart(copy=copy) if multipart else
+                   self._sock.recv(copy=copy))
+        self._waiting = fut
         try:
-            while True:
-                gone = self._update()      # first: what the peer sent before going is there by now
-                if _readable(self._sock):
-                    return
-                if gone:
-                    raise self._closed()
-                await self._poller.poll()
+            return await fut
         except zmq.ZMQError as e:   # this side was closed meanwhile
             raise ActorClosed(f"{self.what} closed: {e}") from None
         except asyncio.CancelledError:
             self._closed_here()
             raise
-
-    async def recv(self) -> bytes:
-        """The peer's next message; ActorClosed once the peer is gone and none is left."""
-        await self.wait()
-        try:
-            return await self._sock.recv()
-        except zmq.ZMQError as e:
-            raise ActorClosed(f"{self.what} closed: {e}") from None
-        except asyncio.CancelledError:
-            self._closed_here()
-            raise
+        finally:
+            self._waiting = None
 
     def _closed_here(self) -> None:
         """On a CancelledError: pyzmq cancels the futures of a socket closed while they wait; when this
@@ -201,10 +263,18 @@ class PeerWatch:
         if self._sock.closed and (task is None or not task.cancelling()):
             raise ActorClosed(f"{self.what} closed on this side") from None
 
+    def _stop(self) -> None:
+        """Stop monitoring (nothing more to learn, or closing)."""
+        if self._watching:
+            self._watching = False
+            self._loop.remove_reader(self._fd)
+            if not self._sock.closed:
+                self._sock.disable_monitor()
+
     def close(self) -> None:
         """Stop watching (before the socket closes: closing it is no news of the peer)."""
+        self._stop()
         if not self._mon.closed:
-            self._sock.disable_monitor()
             self._mon.close(linger=0)
 
 

@@ -23,7 +23,8 @@ and so does every tensor of a send whose views could not all be held in the ring
 Closing: each side learns that the other closed or died from its control socket's monitor
 (`base.PeerWatch`). A sender's sends raise ActorClosed, one waiting for ring space included; the
 receiver's recv() raises ActorClosed once it has received every send completed before that, also in
-the middle of a send that the sender did not finish, and while it waits for the next one. A closed
+the middle of a send that the sender did not finish, and while it waits for the next one, and from
+then on (a second sender's hello ends the channel, as in shm.py). A closed
 receiver's ring is parked, not given back to torch's allocator, while its sender may still write
 into it: the sender holds the channel's lock file until its copies are done (see _PARKED).
 
@@ -416,6 +417,8 @@ _LOCAL: dict[str, "CudaIpcTransport"] = {}   # receivers of this process, for sa
 # has synchronized; or the end of its process). A closing receiver unlinks that file, then tries the
 # lock: free, no sender holds it or can take it again (connect checks the link count once locked);
 # held, the ring waits here until it is free (`sweep_parked`, run whenever a channel opens or closes).
+# The first sender unlinks the file itself once it holds the lock, so that no second sender can write
+# into the ring (its ring bookkeeping would start over, under sends not yet read).
 _PARKED: list[tuple[int, tuple]] = []   # (lock fd, what a sender may still use: ring, "free" event)
 _PARKED_LOCK = threading.Lock()
 
@@ -435,8 +438,9 @@ def _hold_lock(path: str, tag: str) -> int:
     the receiver has closed)."""
     try:
         fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        raise ActorClosed(f"the receiver of cuda_ipc channel {tag} has closed") from None
+    except FileNotFoundError:   # (or taken by the channel's sender: see connect)
+        raise ActorClosed(f"the receiver of cuda_ipc channel {tag} has closed, or the channel has its "
+                          "sender (a channel carries one sender's sends)") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)   # only a closing receiver locks it exclusively
         if os.fstat(fd).st_nlink:
@@ -606,6 +610,11 @@ class CudaIpcTransport(Transport):
             raise ConfigError("a host-memory cuda_ipc channel (device='cpu') works within one process only")
         flock = _hold_lock(lock, tag)   # before anything is written into the ring (see _PARKED)
         try:
+            try:   # the first sender takes the lock file's name: a second one would write into the ring
+                os.unlink(lock)   # from its start, over sends not yet read (refused only later)
+            except FileNotFoundError:
+                raise ActorClosed(f"the receiver of cuda_ipc channel {tag} has closed, or the channel has "
+                                  "another sender (a channel carries one sender's sends)") from None
             dev = None if buf is None else (rdev if device is None else device_index(device))
             held = None
             if pid == os.getpid():   # CUDA cannot open a handle in the process that exported it
@@ -736,10 +745,14 @@ class CudaIpcTransport(Transport):
 
     # --- receiving --------------------------------------------------------------------------------
     async def _next(self) -> IpcRegions:
-        assert self._watch is not None
+        watch = self._watch
+        assert watch is not None
         while True:
-            msg = _read_control(await self._watch.recv())   # ActorClosed once the sender has gone and sent all
+            msg = _read_control(await watch.recv())   # ActorClosed once the sender has gone and sent all
             if isinstance(msg, IpcHello):
+                if watch.seen:   # a second sender (after all the first sent: PAIR), with new ring books
+                    raise watch.sender_replaced(now=True)
+                watch.sender_seen()
                 if msg.event and msg.pid != os.getpid():
                     if len(msg.event) != IPC_HANDLE_BYTES:
                         raise ProtocolError(f"IPC event handle of {len(msg.event)} bytes")

@@ -1,4 +1,9 @@
-"""Same-process transport: the tensors themselves are handed over (no copy, no serialisation)."""
+"""Same-process transport: the tensors themselves are handed over (no copy, no serialisation).
+
+A channel carries one sender's sends, as every kind does: connect() raises ProtocolError while the
+channel has a sender and ActorClosed once that sender has closed (recv() raises ActorClosed from then
+on, after the sends it completed).
+"""
 
 from __future__ import annotations
 
@@ -10,25 +15,25 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from flexpipe.errors import ActorClosed, ConfigError
+from flexpipe.errors import ActorClosed, ConfigError, ProtocolError
 from flexpipe.runtime.codec import TensorSpec, byte_view
 from flexpipe.transports.base import Transport, check_into
 
 __all__ = ["LocalTransport"]
 
 _CLOSED = object()           # in the queue: the receiver closed
-_SENDERS_CLOSED = object()   # in the queue: every sender closed (it was empty)
+_SENDERS_CLOSED = object()   # in the queue: the sender closed (it was empty)
 
 
 class _Channel:
-    """The queue of sends, whether its receiver closed (which wakes senders waiting for room), and
-    whether its senders did (which wakes a receiver waiting for a send, once the queue is empty)."""
+    """The queue of sends, whether its receiver closed (which wakes a sender waiting for room), and
+    whether its sender did (which wakes a receiver waiting for a send, once the queue is empty)."""
 
     def __init__(self, depth: int):
         self.queue: asyncio.Queue = asyncio.Queue(depth)
         self.closed = asyncio.Event()
-        self.senders = 0                         # open sending sides
-        self.senders_closed = False              # the last of them closed
+        self.has_sender = False                  # its one sender connected
+        self.senders_closed = False              # and closed
 
 
 _CHANNELS: dict[str, _Channel] = {}
@@ -60,7 +65,13 @@ class LocalTransport(Transport):
         ch = _CHANNELS.get(address.get("channel", ""))
         if address.get("pid") != os.getpid() or ch is None:
             raise ConfigError(f"local channel {address!r:.100} is not open in this process")
-        ch.senders += 1
+        if ch.senders_closed:   # its receiver raises ActorClosed: it would never read these sends
+            raise ActorClosed(f"the sender of local channel {address['channel']} has closed: a channel "
+                              "carries one sender's sends (the receiver opens a new one)")
+        if ch.has_sender:
+            raise ProtocolError(f"local channel {address['channel']} already has a sender: a channel "
+                                "carries one sender's sends (open another receiver)")
+        ch.has_sender = True
         return cls(address["channel"], ch, receiving=False)
 
     async def send(self, *tensors: torch.Tensor) -> None:
@@ -108,11 +119,9 @@ class LocalTransport(Transport):
             return
         self._closed = True
         if not self._receiving:
-            self._ch.senders -= 1
-            if not self._ch.senders:
-                self._ch.senders_closed = True
-                if self._queue.empty():   # a recv may be waiting (with sends queued, none is)
-                    self._queue.put_nowait(_SENDERS_CLOSED)
+            self._ch.senders_closed = True
+            if self._queue.empty():   # a recv may be waiting (with sends queued, none is)
+                self._queue.put_nowait(_SENDERS_CLOSED)
         if self._receiving and _CHANNELS.pop(self.channel, None) is not None:
             self._ch.closed.set()
             try:

@@ -1,7 +1,8 @@
 """Same-host transport through one reusable shared-memory ring per channel.
 
 The receiver creates a file in /dev/shm of `ring_bytes`, maps it, and binds a ZeroMQ PAIR socket
-for control; the sender maps the same file once (which unlinks its name, so a crash leaks nothing).
+for control; the sender maps the same file once and unlinks its name (so a crash leaks nothing, and
+no second sender can map the ring).
 A send copies each tensor into a contiguous region of the ring and tells the receiver where it is;
 the receiver either copies it out (`recv(into=...)`) or, without `into`, returns tensors that *are*
 the ring regions (no copy): a region is given back to the sender when the last tensor viewing it is
@@ -14,7 +15,10 @@ Each side learns from its control socket's monitor (`base.PeerWatch`) that the o
 died: a sender's sends raise ActorClosed, one waiting for ring space included (the sender's mapping
 keeps the ring's pages alive, so a closed receiver's ring is never reused under a sender); the
 receiver's recv() raises ActorClosed once it has received every send completed before that, also
-in the middle of a send that the sender did not finish, and while it waits for the next one.
+in the middle of a send that the sender did not finish, and while it waits for the next one, and from
+then on. A channel carries one sender's sends: the control socket (PAIR) takes one connection at a
+time, so another sender's hello comes after everything the first sent, and ends the channel (its
+ring bookkeeping would start again from a ring that the receiver's views still hold).
 """
 
 from __future__ import annotations
@@ -121,9 +125,19 @@ class ShmTransport(Transport):
         try:
             path, size, ctrl_ep = address["path"], int(address["ring_bytes"]), address["ctrl"]
             fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise ActorClosed(f"shm channel {address['path']} is not open: its receiver has closed, or it "
+                              "has had its sender (a channel carries one sender's sends)") from None
         except (KeyError, TypeError, ValueError, OSError) as e:
             raise ProtocolError(f"cannot open shm channel {address!r:.120}: {e}") from e
         try:
+            # the ring's name goes with the first sender: a second one would write into the ring
+            # from its start, over sends not yet read (the receiver would refuse it only later)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                raise ActorClosed(f"shm channel {path} has another sender (a channel carries one "
+                                  "sender's sends)") from None
             mm = mmap.mmap(fd, size)
         finally:
             os.close(fd)
@@ -180,12 +194,16 @@ class ShmTransport(Transport):
     # --- receiving -------------------------------------------------------------------------
 
     async def _next(self) -> bytes:
-        assert self._watch is not None
+        watch = self._watch
+        assert watch is not None
         while True:
-            msg = await self._watch.recv()   # ActorClosed once the sender has gone and sent all
+            msg = await watch.recv()   # ActorClosed once the sender has gone and sent all
             if msg != _HELLO:
                 return msg
-            self._unlink()   # the sender has mapped the ring: the name is no longer needed
+            if watch.seen:   # a second sender: the first is gone, all it sent has been read
+                raise watch.sender_replaced(now=True)
+            watch.sender_seen()
+            self._unlink()   # the sender has mapped the ring (and unlinked its name)
 
     async def _region(self, max_bytes: int) -> tuple[int, int, _Region]:
         msg = await self._next()

@@ -7,16 +7,22 @@ done with them, and a caller may then reuse the tensors, as the Transport contra
 `into`, received tensors are views of the received frames (no copy); with `into`, frames are
 received straight into the given tensors (recv_into, no intermediate buffer).
 
+A channel carries one sender's sends. The sender's connection carries a ZeroMQ metadata property
+(`X-FlexPipe-Sender`: the receiver's channel token and a nonce of the sender) and says hello first
+(an empty message); the receiver takes the first hello of its channel as its sender's, reads only
+that sender's messages (a stale peer of another channel, on a reused tcp port, is ignored), and
+takes another sender of its channel as the end of the channel (the first is gone, or the channel
+is misused).
+
 The receiver learns from its socket's monitor (`base.PeerWatch`) that its sender closed or its
 process ended: recv() then raises ActorClosed once every message the sender completed is received
-(ZeroMQ delivers a message whole or not at all, so a send cut short is never seen). A sender that
-closes before its connection is made (at once, having sent nothing: its linger waits for unsent
-messages only) is, to the receiver, one that has not connected yet (ring senders say hello first).
+(ZeroMQ delivers a message whole or not at all, so a send cut short is never seen), and from then on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import tempfile
 import uuid
@@ -31,6 +37,8 @@ from flexpipe.runtime.codec import byte_view, parse_tensor_header, tensor_header
 from flexpipe.transports.base import PeerWatch, Transport, check_into
 
 __all__ = ["ZmqTransport"]
+
+SENDER_PROPERTY = "X-FlexPipe-Sender"   # "<channel token>/<sender nonce>", in the sender's ZMTP handshake
 
 
 class ZmqTransport(Transport):
@@ -47,6 +55,9 @@ class ZmqTransport(Transport):
         self._path = path
         self._closed = False
         self._recv_lock = asyncio.Lock()
+        self._channel = f"{address.get('token')}/"   # a message of this channel's senders says so
+        self._sender: str | None = None               # receiver: the first sender's property
+        self.stats: collections.Counter[str] = collections.Counter()
 
     @classmethod
     async def listen(cls, kind: str = "ipc", *, zctx: zmq.asyncio.Context | None = None,
@@ -76,21 +87,24 @@ class ZmqTransport(Transport):
             raise
         endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         watch.what = f"{kind} channel {endpoint}"
-        return cls(kind, sock, zctx, owns, {"kind": kind, "endpoint": endpoint}, path, watch)
+        address = {"kind": kind, "endpoint": endpoint, "token": uuid.uuid4().hex[:16]}
+        return cls(kind, sock, zctx, owns, address, path, watch)
 
     @classmethod
     async def connect(cls, address: dict, *, zctx: zmq.asyncio.Context | None = None,
                       hwm: int = 16, linger_ms: int = 1000) -> "ZmqTransport":
         """Connect the sending side to a receiver's address."""
-        endpoint = address.get("endpoint")
-        if not isinstance(endpoint, str):
-            raise ProtocolError(f"zmq transport address without endpoint: {address!r:.100}")
+        endpoint, token = address.get("endpoint"), address.get("token")
+        if not isinstance(endpoint, str) or not isinstance(token, str):
+            raise ProtocolError(f"zmq transport address without endpoint or token: {address!r:.100}")
         owns = zctx is None
         zctx = zctx or zmq.asyncio.Context()
         sock = zctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, linger_ms)
         sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.METADATA, f"{SENDER_PROPERTY}:{token}/{uuid.uuid4().hex[:16]}".encode())
         sock.connect(endpoint)
+        await sock.send(b"")   # hello: the receiver learns that its sender connected (see PeerWatch)
         return cls(address["kind"], sock, zctx, owns, dict(address))
 
     async def send(self, *tensors: torch.Tensor) -> None:
@@ -113,12 +127,41 @@ class ZmqTransport(Transport):
     async def recv(self, into: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         if self._closed:
             raise ActorClosed(f"{self.kind} transport is closed")
+        watch = self._watch
+        if watch is None:
+            raise ProtocolError(f"the sending side of a {self.kind} channel does not receive")
         async with self._recv_lock:   # recv(into=) reads one message in several calls
-            if self._watch is not None:
-                await self._watch.wait()   # ActorClosed once the sender has gone and sent all
-            if into is None:
-                return self._tensors(await self._sock.recv_multipart(copy=False))
-            return await self._recv_into(self._sock, into)
+            while True:   # ActorClosed once the sender has gone and sent all
+                if into is None:
+                    frames = await watch.recv(copy=False, multipart=True)
+                    if self._admit(frames[0]) and len(frames[0]):   # (an empty frame: a hello)
+                        return self._tensors(frames)
+                    continue
+                head = await watch.recv(copy=False)
+                if self._admit(head) and len(head):
+                    return await self._recv_into(self._sock, head, into)
+                while self._sock.getsockopt(zmq.RCVMORE):   # not the sender's: drop it
+                    await self._sock.recv(copy=False)
+
+    def _admit(self, frame: zmq.Frame) -> bool:
+        """Whether a message (its first frame) is the sender's; takes in its first hello."""
+        try:
+            who = frame.get(SENDER_PROPERTY)
+        except zmq.ZMQError:   # no such property: not a FlexPipe sender
+            who = ""
+        if who == self._sender:
+            return True
+        assert self._watch is not None
+        if not who.startswith(self._channel):   # a peer of another channel (stale, on a reused port)
+            self.stats["foreign"] += 1
+            return False
+        if self._sender is None:
+            self._sender = who
+            self._watch.sender_seen()
+            return True
+        self.stats["replaced"] += 1   # the first sender's messages still queued are read first
+        self._watch.sender_replaced(now=False)
+        return False
 
     @staticmethod
     def _tensors(frames: list) -> list[torch.Tensor]:
@@ -134,10 +177,10 @@ class ZmqTransport(Transport):
                        if spec.nbytes else torch.empty(spec.shape, dtype=spec.dtype))
         return out
 
-    async def _recv_into(self, sock: zmq.asyncio.Socket,
+    async def _recv_into(self, sock: zmq.asyncio.Socket, head: zmq.Frame,
                          into: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         try:
-            specs = parse_tensor_header(await sock.recv(copy=False))
+            specs = parse_tensor_header(head)
             check_into(into, specs)
             for dst, spec in zip(into, specs):
                 if not sock.getsockopt(zmq.RCVMORE):
