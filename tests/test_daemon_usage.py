@@ -436,11 +436,10 @@ def whole_model(d: RouterDaemon) -> dict:
     return {"config": cfg.to_dict(), "source": d.spec.source, "start": 0, "end": cfg.num_units}
 
 
-async def test_in_a_container_our_stages_are_not_booked_as_other_tenants_memory(tmp_path, monkeypatch):
-    """Without the host's PID namespace NVML lists every process under its host pid, none of them ours:
-    what our stage used counted as other tenants' (ours 0), on top of its reservation, and free memory
-    went below what is really free.  The worker says it cannot tell what ours use there (a live stage of
-    its is missing from NVML's list), and the router counts its reservation instead."""
+@contextlib.asynccontextmanager
+async def gpu_worker_with_a_stage(tmp_path, monkeypatch):
+    """A router and a joined worker "wg" on one stand-in GPU (reports only when asked: report_usage),
+    running one stage of the whole model: yields (events, router daemon, worker, stand-in NVML, stage)."""
     from flexpipe.runtime.gpu_stage import PLAIN_TARGET
     from flexpipe.runtime.inventory import Inventory
 
@@ -453,12 +452,21 @@ async def test_in_a_container_our_stages_are_not_booked_as_other_tenants_memory(
         async with running(w):
             await ev.wait("joined", worker="wg")
             h = await d.launch_stage(PLAIN_TARGET, whole_model(d), "s0", "wg/0")
-            assert h.pid in {s.pid for s in w.stages.values()}
-            nv.processes.update({HOST_PIDS: h.booked, HOST_PIDS + 1: 2 * GiB})   # our stage, another tenant
-            await w.report_usage()
-            (applied,) = await ev.wait("usage_applied", worker="wg")
-            assert applied["external"] == {"wg/0": 2 * GiB}
-            assert await free(d) == {"wg/0": in_mib(140 * GiB - h.booked - 2 * GiB)}
+            yield ev, d, w, nv, h
+
+
+async def test_in_a_container_our_stages_are_not_booked_as_other_tenants_memory(tmp_path, monkeypatch):
+    """Without the host's PID namespace NVML lists every process under its host pid, none of them ours:
+    what our stage used counted as other tenants' (ours 0), on top of its reservation, and free memory
+    went below what is really free.  The worker says it cannot tell what ours use there (a live stage of
+    its is missing from NVML's list), and the router counts its reservation instead."""
+    async with gpu_worker_with_a_stage(tmp_path, monkeypatch) as (ev, d, w, nv, h):
+        assert h.pid in {s.pid for s in w.stages.values()}
+        nv.processes.update({HOST_PIDS: h.booked, HOST_PIDS + 1: 2 * GiB})   # our stage, another tenant
+        await w.report_usage()
+        (applied,) = await ev.wait("usage_applied", worker="wg")
+        assert applied["external"] == {"wg/0": 2 * GiB}
+        assert await free(d) == {"wg/0": in_mib(140 * GiB - h.booked - 2 * GiB)}
 
 
 async def test_what_our_processes_use_beyond_what_we_booked_is_not_free(tmp_path, monkeypatch):
@@ -468,35 +476,24 @@ async def test_what_our_processes_use_beyond_what_we_booked_is_not_free(tmp_path
     import subprocess
     import sys
 
-    from flexpipe.runtime.gpu_stage import PLAIN_TARGET
-    from flexpipe.runtime.inventory import Inventory
-
-    gpu_worker_devices(monkeypatch)
-    echo_stages(monkeypatch)
-    nv = NvmlOfTwoGpus({})
     stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.DEVNULL)
     try:
-        async with events() as ev, router(tmp_path, ev) as (d, url):
-            w = WorkerDaemon(url, name="wg", devices="cuda:0", usage_interval=0)
-            w._inventory = Inventory(nv, node="wg", worker="wg")
-            async with running(w):
-                await ev.wait("joined", worker="wg")
-                h = await d.launch_stage(PLAIN_TARGET, whole_model(d), "s0", "wg/0")
+        async with gpu_worker_with_a_stage(tmp_path, monkeypatch) as (ev, d, w, nv, h):
 
-                async def booked_as_others(n: int, processes: dict[int, int]) -> int:
-                    nv.processes.clear()
-                    nv.processes.update({HOST_PIDS: 2 * GiB, **processes})   # another tenant's 2 GiB, and ours
-                    await w.report_usage()
-                    applied = await ev.wait("usage_applied", n, worker="wg")
-                    assert await free(d) == {"wg/0": in_mib(140 * GiB - h.booked - applied[-1]["external"]["wg/0"])}
-                    return applied[-1]["external"]["wg/0"]
+            async def booked_as_others(n: int, processes: dict[int, int]) -> int:
+                nv.processes.clear()
+                nv.processes.update({HOST_PIDS: 2 * GiB, **processes})   # another tenant's 2 GiB, and ours
+                await w.report_usage()
+                applied = await ev.wait("usage_applied", n, worker="wg")
+                assert await free(d) == {"wg/0": in_mib(140 * GiB - h.booked - applied[-1]["external"]["wg/0"])}
+                return applied[-1]["external"]["wg/0"]
 
-                # within its booking: nothing of ours is counted twice
-                assert await booked_as_others(1, {h.pid: h.booked - 256 * MiB}) == 2 * GiB
-                # and an unbooked 10 GiB process of ours (a child of the worker) is not free
-                assert await booked_as_others(2, {h.pid: h.booked, stray.pid: 10 * GiB}) == 12 * GiB
-                # nor is what a stage uses beyond its booking
-                assert await booked_as_others(3, {h.pid: h.booked + GiB}) == 3 * GiB
+            # within its booking: nothing of ours is counted twice
+            assert await booked_as_others(1, {h.pid: h.booked - 256 * MiB}) == 2 * GiB
+            # and an unbooked 10 GiB process of ours (a child of the worker) is not free
+            assert await booked_as_others(2, {h.pid: h.booked, stray.pid: 10 * GiB}) == 12 * GiB
+            # nor is what a stage uses beyond its booking
+            assert await booked_as_others(3, {h.pid: h.booked + GiB}) == 3 * GiB
     finally:
         stray.kill()
         stray.wait()
