@@ -158,9 +158,17 @@ async def test_reshape_with_kv_nearly_full():
     reqs = request_mix(12, seed=9, max_tokens=(40, 60))
     async with FlexPipe.launch("tiny", stages=2, in_process=True, num_blocks=48, block_size=8) as fp:
         task = asyncio.ensure_future(run_all(fp, reqs))
-        await until(fp.router, lambda: max(p["used"] / p["capacity"] for p in fp.status()["router"]["kv"]) > 0.8)
-        st = await fp.reshape(boundaries=[0, 6, 12, 18])
-        assert st.ok
+        def fill() -> float:
+            return max(p["used"] / p["capacity"] for p in fp.status()["router"]["kv"])
+
+        await until(fp.router, lambda: fill() > 0.8)
+        # held: the reshape moves the KV of requests that are running when it starts, however long
+        # its new stage takes to come up (requests do not finish meanwhile)
+        async with held(fp.router, n=2):
+            at_start = fill()
+            st = await fp.reshape(boundaries=[0, 6, 12, 18])
+        assert st.ok and st.kv_bytes > 0 and st.requests_running >= 2, st.to_dict()
+        assert at_start > 0.5, f"KV was only {at_start:.0%} full when the reshape began"
         check_against_oracle(fp, reqs, await task)
         assert fp.router.sched.stats.preemptions > 0
 
