@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import glob
 import multiprocessing
+import os
+import tempfile
+import uuid
 
 import pytest
 import zmq
@@ -13,7 +16,19 @@ from zmq.sugar.context import Context as _Context
 from zmq.sugar.socket import Socket as _Socket
 from zmq.utils.garbage import gc as _zmq_gc   # pyzmq's own zero-copy helper: not ours to close
 
-_SHM_GLOB = "/dev/shm/fp-shm-*"
+# This session's shm channel names (flexpipe/transports/shm.py reads FLEXPIPE_SHM_PREFIX at each listen,
+# and every process the tests start inherits it): the leak check sees only this session's segments and
+# control files, not those of another test run on the same machine. Not "fp-shm-...": a run that
+# globs the default prefix does not see ours either. Set before any test starts a process.
+_SHM_PREFIX = f"fp-test-{uuid.uuid4().hex[:10]}"
+os.environ["FLEXPIPE_SHM_PREFIX"] = _SHM_PREFIX
+_SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()   # shm.SHM_DIR, without torch
+_SHM_GLOBS = (os.path.join(_SHM_DIR, f"{_SHM_PREFIX}-*"),                         # rings
+              os.path.join(tempfile.gettempdir(), f"{_SHM_PREFIX}-*.ctl"))        # control files (off Linux)
+
+
+def _shm_names() -> set[str]:
+    return {p for pattern in _SHM_GLOBS for p in glob.glob(pattern)}
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +49,7 @@ def no_leaked_resources():
         if not kwargs.get("shadow"):
             contexts.append(self)
 
-    shm_before = set(glob.glob(_SHM_GLOB))
+    shm_before = _shm_names()
     children_before = set(multiprocessing.active_children())
     _Socket.__init__, _Context.__init__ = track_socket, track_context
     try:
@@ -61,8 +76,13 @@ def no_leaked_resources():
         for p in children:
             p.kill()
             p.join(5)
-    leaked_shm = set(glob.glob(_SHM_GLOB)) - shm_before
+    leaked_shm = _shm_names() - shm_before
     if leaked_shm:
-        problems.append(f"shared-memory segments left behind: {sorted(leaked_shm)}")
+        problems.append(f"shared-memory segments or control files left behind: {sorted(leaked_shm)}")
+        for path in leaked_shm:   # this session's own (its prefix): a mapping still open keeps its pages
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
     if problems:
         pytest.fail("; ".join(problems), pytrace=False)

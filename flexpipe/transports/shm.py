@@ -19,6 +19,16 @@ in the middle of a send that the sender did not finish, and while it waits for t
 then on. A channel carries one sender's sends: the control socket (PAIR) takes one connection at a
 time, so another sender's hello comes after everything the first sent, and ends the channel (its
 ring bookkeeping would start again from a ring that the receiver's views still hold).
+
+Names. The ring is `<prefix>-<tag>` in /dev/shm (the temporary directory where there is none), with
+the prefix from the environment variable FLEXPIPE_SHM_PREFIX (default "fp-shm"; 1 to 32 letters,
+digits, '-' or '_'), read at each listen() and inherited by child processes: one run's segments can
+be told from another's on the same machine (the test suite sets its own per session). On Linux the
+control socket is bound in the abstract socket namespace (`ipc://@<prefix>-<tag>.ctl`): the name goes
+with the socket, so a receiver that is killed leaves no file behind; as such a name has no file
+permissions, only processes of the receiver's user (or root, who could open the ring anyway) may
+connect to it (ZeroMQ's IPC_FILTER_UID, by the kernel's peer credentials). Elsewhere it is a file
+`<prefix>-<tag>.ctl` in the temporary directory, removed when the receiver closes.
 """
 
 from __future__ import annotations
@@ -27,7 +37,9 @@ import asyncio
 import collections
 import mmap
 import os
+import re
 import struct
+import sys
 import tempfile
 import threading
 import uuid
@@ -39,7 +51,7 @@ import torch
 import zmq
 import zmq.asyncio
 
-from flexpipe.errors import ActorClosed, ProtocolError
+from flexpipe.errors import ActorClosed, ConfigError, ProtocolError
 from flexpipe.runtime.codec import byte_view, parse_tensor_header, tensor_header
 from flexpipe.transports.base import PeerWatch, Transport, check_into, views_fit
 
@@ -50,6 +62,19 @@ _REGION_FMT = struct.Struct("<QQQ")   # offset, bytes of data, bytes of ring use
 _FREE_FMT = struct.Struct("<Q")       # the receiver's tail: every byte before it is free again
 _ALIGN = 64
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+PREFIX_ENV = "FLEXPIPE_SHM_PREFIX"
+DEFAULT_PREFIX = "fp-shm"
+_PREFIX = re.compile(r"[A-Za-z0-9_-]{1,32}")   # 32: a control file's path must fit a socket address
+ABSTRACT_CTRL = sys.platform.startswith("linux")   # an abstract socket namespace: nothing left on disk
+
+
+def name_prefix() -> str:
+    """The prefix of the names of the shm channels this process opens (see the module's docstring)."""
+    prefix = os.environ.get(PREFIX_ENV, DEFAULT_PREFIX)
+    if not _PREFIX.fullmatch(prefix):
+        raise ConfigError(f"{PREFIX_ENV}={prefix!r:.80} cannot prefix shm channel names: set it to 1 to "
+                          f"32 letters, digits, '-' or '_', or unset it for {DEFAULT_PREFIX!r}")
+    return prefix
 
 
 class _Region:
@@ -81,6 +106,7 @@ class ShmTransport(Transport):
         self._receiving = receiving
         self._closed = False
         self._watch: PeerWatch | None = None   # learns that the other side closed
+        self._ctl_file = ""   # a receiver's control socket file, to remove on close (not on Linux)
         self._lock = asyncio.Lock()   # one send (or recv) at a time: their messages interleave
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
@@ -95,8 +121,8 @@ class ShmTransport(Transport):
                      zctx: zmq.asyncio.Context | None = None) -> "ShmTransport":
         """Create the ring and the control socket; the receiving side."""
         ring_bytes = max(_ALIGN, ring_bytes // _ALIGN * _ALIGN)
-        tag = uuid.uuid4().hex[:12]
-        path = os.path.join(SHM_DIR, f"fp-shm-{tag}")
+        name = f"{name_prefix()}-{uuid.uuid4().hex[:12]}"
+        path = os.path.join(SHM_DIR, name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, ring_bytes)
@@ -111,11 +137,19 @@ class ShmTransport(Transport):
         ctrl = zctx.socket(zmq.PAIR)
         ctrl.setsockopt(zmq.LINGER, 0)
         watch = PeerWatch(ctrl, f"shm channel {path}", peer="sender")
-        ctrl_ep = f"ipc://{os.path.join(tempfile.gettempdir(), f'fp-shm-{tag}.ctl')}"
+        if ABSTRACT_CTRL:
+            # an abstract name has no permissions: only the users a 0600 file would let in may connect
+            for uid in sorted({os.getuid(), 0}):
+                ctrl.setsockopt(zmq.IPC_FILTER_UID, uid)
+            ctl_file, ctrl_ep = "", f"ipc://@{name}.ctl"
+        else:
+            ctl_file = os.path.join(tempfile.gettempdir(), f"{name}.ctl")
+            ctrl_ep = f"ipc://{ctl_file}"
         ctrl.bind(ctrl_ep)
         address = {"kind": "shm", "path": path, "ring_bytes": ring_bytes, "ctrl": ctrl_ep}
         self = cls(mm, path, ring_bytes, ctrl, zctx, owns, True, address)
         self._watch = watch
+        self._ctl_file = ctl_file
         return self
 
     @classmethod
@@ -315,9 +349,8 @@ class ShmTransport(Transport):
         self._ctrl.close()
         if self._owns_ctx:
             self._zctx.term()
-        ctrl = self.address.get("ctrl", "")
-        if self._receiving and ctrl.startswith("ipc://"):
+        if self._ctl_file:
             try:
-                os.unlink(ctrl[len("ipc://"):])
+                os.unlink(self._ctl_file)
             except FileNotFoundError:
                 pass
