@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from flexpipe.errors import ConfigError, PlacementError, RemoteError
+from flexpipe.errors import ActorError, ConfigError, PlacementError, RemoteError
 from flexpipe.runtime.actor import ActorSettings
 from flexpipe.runtime.daemon.messages import DeviceUsage, JoinCluster
 from flexpipe.runtime.daemon.router import RemoteStage, RouterDaemon
@@ -290,6 +290,51 @@ async def test_a_stage_killed_just_as_its_start_completes_does_not_run_on(tmp_pa
             assert not d.stages and (await d.frontend.ask(d.allocator.ref, InventoryQuery()))["reservations"] == 0
 
 
+async def test_a_stage_still_starting_when_its_worker_loses_the_router_is_not_started(tmp_path, monkeypatch):
+    """The worker stops its stages when it loses its router; one still starting (here: its actor
+    system is being made, the stage's first start on this worker) started after that, ran, holding
+    its device's memory, owned by no router, until the worker joined again and was told to stop it.
+    The worker kills it as it loses the router: its start fails, and no process is left."""
+    from flexpipe.runtime.gpu_stage import PLAIN_TARGET
+
+    echo_stages(monkeypatch)
+    entered, gate = asyncio.Event(), asyncio.Event()
+    start = ActorSystem.start
+
+    async def slow_stage_system(self):   # the worker's stage system starts when the test says
+        if self.name.endswith("-stages") and not gate.is_set():
+            entered.set()
+            await gate.wait()
+        return await start(self)
+
+    monkeypatch.setattr(ActorSystem, "start", slow_stage_system)
+    url = f"ipc://{tmp_path}/router"
+    async with events() as ev:
+        d, stop_router = RouterDaemon(url, min_workers=99), asyncio.Event()
+        router_run = asyncio.ensure_future(d.run(stop_router))
+        try:
+            await ev.wait("listening")
+            w = WorkerDaemon(url, name="wk", devices="cpu:0", memory=256 * MiB, usage_interval=0)
+            async with running(w):
+                await ev.wait("joined", worker="wk")
+                launch = asyncio.ensure_future(d.launch_stage(PLAIN_TARGET, whole_model(d), "s0", "wk/0"))
+                await asyncio.wait_for(entered.wait(), WAIT_S)
+                stop_router.set()   # the router goes while the worker starts s0
+                assert await asyncio.wait_for(router_run, WAIT_S) == 0
+                (lost,) = await ev.wait("router_lost", worker="wk")
+                assert lost["starting"] == ["s0"]
+                gate.set()
+                (killed,) = await ev.wait("stage_start_killed", stage="s0", worker="wk")
+                assert killed["stage_pid"] is None and "lost its router" in killed["reason"]
+                assert not w.stages and not w.starting and not ev.hits("stage_started", worker="wk")
+                assert w.stage_system is None or not w.stage_system.handles   # no stage process was started
+                with pytest.raises(ActorError):   # (the router's ask ended with its frontend)
+                    await asyncio.wait_for(launch, WAIT_S)
+        finally:
+            stop_router.set()
+            await asyncio.wait_for(router_run, WAIT_S)
+
+
 # --- what a stage books --------------------------------------------------------------------------------
 async def test_placement_and_reservations_book_each_stage_s_process_overhead(tmp_path):
     from flexpipe.api import Settings, plan_shape
@@ -387,9 +432,10 @@ def test_a_gpu_worker_counts_every_process_under_it_as_its_own():
         w = WorkerDaemon("ipc:///tmp/router", name="wg")
         w.torch_devices, w.withheld = {"0": "cuda:0", "1": "cuda:1"}, {"wg/0": 0, "wg/1": 0}   # as run() has them
         w._inventory = Inventory(nv, node="wg", worker="wg")
-        used, ours = w.sample_usage({os.getpid()})
+        used, ours, stages = w.sample_usage({os.getpid()})
         assert used == {"wg/0": 4 * 2**30, "wg/1": 2 * 2**30}
         assert ours == {"wg/0": 3 * 2**30, "wg/1": None}   # None: the router counts its reservations there
+        assert stages == {}   # (no live stage)
     finally:
         child.kill()
         child.wait()
@@ -497,6 +543,39 @@ async def test_what_our_processes_use_beyond_what_we_booked_is_not_free(tmp_path
     finally:
         stray.kill()
         stray.wait()
+
+
+async def test_one_stage_under_its_booking_does_not_hide_another_s_overrun(tmp_path, monkeypatch):
+    """Two stages of ours on one GPU, one 256 MiB under its booking and one 256 MiB over: on the device's
+    totals (ours == reserved) the overrun vanished, booked neither as ours nor as other tenants', and
+    placement saw 256 MiB free that were not.  The worker says what each stage uses; the router holds each
+    stage to its own reservation.  A report of a worker built before that (four fields) is still
+    taken, by the device's totals."""
+    from flexpipe.runtime.codec import build
+    from flexpipe.runtime.gpu_stage import PLAIN_TARGET
+    from flexpipe.runtime.inventory import others_use
+    from flexpipe.runtime.messages import kind_of
+
+    async with gpu_worker_with_a_stage(tmp_path, monkeypatch) as (ev, d, w, nv, h0):
+        h1 = await d.launch_stage(PLAIN_TARGET, whole_model(d), "s1", "wg/0")
+        assert h1.device == "wg/0" and {s.pid for s in w.stages.values()} == {h0.pid, h1.pid}
+        nv.processes.update({HOST_PIDS: 2 * GiB, h0.pid: h0.booked - 256 * MiB, h1.pid: h1.booked + 256 * MiB})
+        await w.report_usage()
+        (applied,) = await ev.wait("usage_applied", worker="wg")
+        assert applied["external"] == {"wg/0": 2 * GiB + 256 * MiB}   # another tenant's 2 GiB and s1's overrun
+        assert await free(d) == {"wg/0": in_mib(140 * GiB - h0.booked - h1.booked - 2 * GiB - 256 * MiB)}
+        # the same figures from a worker that sends no per-stage figures: the device's totals, as before
+        used = sum(nv.processes.values())
+        old = build(kind_of(DeviceUsage), ["wg", {"wg/0": used}, {"wg/0": used - 2 * GiB}, {"wg/0": 0}])
+        assert old.stages == {}
+        await w.actor.ask(d.frontend.ref, old, timeout=WAIT_S)   # (the worker tells; an ask returns once applied)
+        (_, applied) = await ev.wait("usage_applied", 2, worker="wg")
+        assert applied["external"] == {"wg/0": 2 * GiB}
+    # the rule: stage by stage, and what ours use beside the stages against what is booked beside them
+    assert others_use(10, 8, 8, [(3, 4), (5, 4)]) == 3
+    assert others_use(10, 8, 8) == 2
+    assert others_use(10, 9, 12, [(3, 4), (5, 4)]) == 10 - 3 - 4 - 1   # 1 of a start in flight (4 booked)
+    assert others_use(10, None, 8, [(3, 4)]) == 2 and others_use(10, 8, None, [(3, 4)]) == 2
 
 
 async def test_each_stage_books_the_process_overhead_of_its_own_device(tmp_path, monkeypatch):

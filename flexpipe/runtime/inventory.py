@@ -7,8 +7,9 @@ on the GPU except this worker's own (its stage processes, `own_pids`): the alloc
 memory through reservations, not through NVML, and `others_use` is the one rule that turns NVML's
 figures and those reservations into what is booked as theirs.  The worker daemon samples
 (`Inventory.sample`, with every process under it as its own: `process_tree`, and the pids of its
-live stages as processes NVML must list: `expected`) and sends what it saw to the router daemon,
-which knows the reservations and books `others_use` of each GPU (runtime/daemon).
+live stages as processes NVML must list: `expected`) and sends what it saw, per stage too, to the
+router daemon, which knows each stage's reservation and books `others_use` of each GPU
+(runtime/daemon).
 
 Everything that reads NVML takes the module as an argument (`nvml`), so tests drive these functions
 with a fake module object; by default it is `pynvml` (the nvidia-ml-py package), imported lazily.
@@ -189,7 +190,8 @@ def external_used(samples: list[GpuSample], node: str, reserved: Mapping[str, in
     return out
 
 
-def others_use(used: int, ours: int | None, reserved: int | None) -> int:
+def others_use(used: int, ours: int | None, reserved: int | None,
+               stages: Iterable[tuple[int, int]] = ()) -> int:
     """Bytes to book as other tenants' on one GPU, beside our reservations there (`reserved`): the one
     rule for it (the router daemon's usage reports and `external_used` both apply it).
 
@@ -200,6 +202,14 @@ def others_use(used: int, ours: int | None, reserved: int | None) -> int:
                                   counted twice.  What ours use beyond what we booked (a stage over its
                                   estimate, the process of a start we gave up on and booked nothing for)
                                   is in use all the same: it stays here, not free.
+      used - sum over our stages s of min(ours_s, reserved_s), and min() of the rest
+                                  where NVML's figures are known per stage (`stages`: what each of our
+                                  stages' processes use there, and what we booked for it; `ours` and
+                                  `reserved` include theirs).  The same rule, stage by stage: on a
+                                  device's totals a stage under its booking hid another's overrun,
+                                  which was then booked as nobody's.  What ours use beside those
+                                  stages (one still starting, a stray process) is held against what is
+                                  booked beside them (the starts in flight), as a whole.
       used - reserved             where NVML cannot attribute memory to our processes (`ours` None: no
                                   per-process figures, or a live stage's pid missing from NVML's list,
                                   as in a container without the host's PID namespace): our reservations
@@ -211,7 +221,11 @@ def others_use(used: int, ours: int | None, reserved: int | None) -> int:
     elif reserved is None:
         mine = int(ours)
     else:
-        mine = min(int(ours), int(reserved))
+        mine, rest_use, rest_booked = 0, int(ours), int(reserved)
+        for use, booked in stages:
+            mine += min(int(use), int(booked))
+            rest_use, rest_booked = rest_use - int(use), rest_booked - int(booked)
+        mine += min(max(0, rest_use), max(0, rest_booked))
     return max(0, int(used) - mine)
 
 

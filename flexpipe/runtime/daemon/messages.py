@@ -85,11 +85,16 @@ class DeviceUsage:
     Per device id: `used`, bytes every process uses; `ours`, bytes this worker's own processes use
     (None where NVML cannot attribute memory to them: no per-process figures, or a live stage's pid
     missing from NVML's list; the router counts what it reserved there instead); `withheld`, bytes this
-    worker does not offer (a GPU's memory beyond --memory).  The router books
-    max(others_use(used, ours, what it reserved there), withheld) as other tenants' (`ReportUsage`;
-    the rule: runtime/inventory.py others_use), so placement sees their memory change.
+    worker does not offer (a GPU's memory beyond --memory); `stages`, stage name -> bytes that stage's
+    processes use, for each live stage of a device where `ours` is known (part of `ours`).  The router
+    books max(others_use(used, ours, what it reserved there, per stage), withheld) as other tenants'
+    (`ReportUsage`; the rule: runtime/inventory.py others_use), so placement sees their memory change.
+
+    `stages` came last, with a default: a worker built before it sends four fields, which the router
+    takes (stages empty) and books by each device's totals, as it did for that worker before.
     """
     worker: str
     used: dict
     ours: dict
     withheld: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)   # device id -> {stage name: bytes}

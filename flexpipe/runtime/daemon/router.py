@@ -429,9 +429,12 @@ class RouterDaemon:
     async def apply_usage(self, msg: DeviceUsage) -> None:
         """Book what other tenants use on a worker's devices (a DeviceUsage report) in the allocator.
 
+        Each stage of ours the report gives a figure for is held to its own reservation (others_use,
+        per stage); what ours use beside them, to what is booked beside them (the starts in flight).
         A report of a worker the router does not know (any more) is dropped: its devices left the
         allocator with it, which would refuse them.  So are figures of devices that are not the
-        worker's, and figures that are not byte counts."""
+        worker's, and figures that are not byte counts; a stage figure of a stage the router does not
+        know runs there is left in the rest of `ours`."""
         from flexpipe.runtime.allocator import ReportUsage
         from flexpipe.runtime.inventory import others_use
 
@@ -439,16 +442,22 @@ class RouterDaemon:
         if w is None or self.allocator is None:
             event("usage_ignored", logging.DEBUG, worker=msg.worker, reason="not a worker of this router")
             return
-        used, ours, withheld = (x if isinstance(x, dict) else {} for x in (msg.used, msg.ours, msg.withheld))
-        # what we booked on each device: what of `ours` is not other tenants' (others_use, the rule)
+        used, ours, withheld, by_stage = (x if isinstance(x, dict) else {}
+                                          for x in (msg.used, msg.ours, msg.withheld, msg.stages))
+        # what we booked on each device: what of `ours` is not other tenants' (others_use, the rule);
+        # per stage where the report says what each of ours there uses
         reserved: collections.Counter[str] = collections.Counter()
+        stages: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
         for h in self.stages.values():
             if h.worker == w.name:
                 reserved[h.device] += h.booked
+                seen = by_stage.get(h.device)
+                if isinstance(seen, dict) and _bytes(seen.get(h.name)):
+                    stages[h.device].append((seen[h.name], h.booked))
         for worker, device, need in self._starting.values():
             if worker == w.name:
                 reserved[device] += need
-        external = {g: max(others_use(b, ours.get(g) if _bytes(ours.get(g)) else None, reserved[g]),
+        external = {g: max(others_use(b, ours.get(g) if _bytes(ours.get(g)) else None, reserved[g], stages[g]),
                            withheld.get(g, 0) if _bytes(withheld.get(g, 0)) else 0)
                     for g, b in used.items() if g in w.devices and _bytes(b)}
         if external:   # sent before any await: ahead of a withdrawal of this worker's devices

@@ -95,7 +95,7 @@ class WorkerDaemon:
         self.stage_devices: dict[str, str] = {}   # name -> device id of a stage in `stages` (where known)
         self.stopping: set[str] = set()
         self.starting: dict[str, asyncio.Task | None] = {}   # name -> its launch (None: not begun yet)
-        self._killed_starting: set[str] = set()   # starting stages a KillStage came for
+        self._killed_starting: dict[str, str] = {}   # starting stages killed -> why (a KillStage came...)
         self.joined = False
         self.router_actual: Any = None   # the router's ref as it gave it when this worker joined
         self.closing = False
@@ -184,12 +184,12 @@ class WorkerDaemon:
     async def report_usage(self) -> None:
         """One DeviceUsage report to the router (NVML is read in a worker thread, off the event loop)."""
         own = {os.getpid(), *(h.pid for h in self.stages.values())}   # read on the loop, not in the thread
-        live: dict[str, set[int]] = {}   # device id -> pids of the live stages there
+        live: dict[str, dict[str, int]] = {}   # device id -> {name: pid} of the live stages there
         for n, h in self.stages.items():
             if n in self.stage_devices and h.alive:
-                live.setdefault(self.stage_devices[n], set()).add(h.pid)
+                live.setdefault(self.stage_devices[n], {})[n] = h.pid
         try:
-            used, ours = await asyncio.to_thread(self.sample_usage, own, live)
+            used, ours, stages = await asyncio.to_thread(self.sample_usage, own, live)
         except Exception as e:   # NVML failing now (a driver reset...): say so once, and try again
             if str(e) != self._usage_error:
                 event("usage_unavailable", logging.WARNING, worker=self.name, error=f"{type(e).__name__}: {e}")
@@ -197,38 +197,53 @@ class WorkerDaemon:
             return
         self._usage_error = ""
         try:
-            await self.actor.tell(self.router_ref, DeviceUsage(self.name, used, ours, self.withheld))
+            await self.actor.tell(self.router_ref, DeviceUsage(self.name, used, ours, self.withheld, stages))
         except ActorError:
             pass   # the router is gone: the join loop finds it again, and the next report goes then
 
-    def sample_usage(self, own: set[int], live: dict[str, set[int]] | None = None
-                     ) -> tuple[dict[str, int], dict[str, int | None]]:
-        """Per device id: bytes every process uses, and bytes this worker's own processes (it and every
+    def sample_usage(self, own: set[int], live: dict[str, dict[str, int]] | None = None
+                     ) -> tuple[dict[str, int], dict[str, int | None], dict[str, dict[str, int]]]:
+        """Per device id: bytes every process uses; bytes this worker's own processes (it and every
         process under it: its stages, one still starting too) use, None where NVML cannot tell: where it
         has no per-process figures, or where its process list lacks a live stage of ours on that device
-        (`live`: device id -> stage pids; in a container without the host's PID namespace NVML lists
-        host pids, none of ours, and 0 would book our stages as other tenants' on top of their
-        reservations: the router counts those reservations instead, inventory.others_use).  A CPU
-        device is a budget set aside by --memory: no other tenant uses any of it."""
+        (`live`: device id -> {stage name: pid}; in a container without the host's PID namespace NVML
+        lists host pids, none of ours, and 0 would book our stages as other tenants' on top of their
+        reservations: the router counts those reservations instead, inventory.others_use); and, where
+        ours is known, what each live stage there uses (its process and those under it), so that the
+        router holds each stage to its own reservation: on a device's totals one stage under its
+        booking hid another's overrun.  A CPU device is a budget set aside by --memory: no other tenant
+        uses any of it."""
         from flexpipe.runtime.inventory import Inventory, process_tree
 
         used = {g: 0 for g in self.withheld}
         ours: dict[str, int | None] = {g: 0 for g in self.withheld}
+        stages: dict[str, dict[str, int]] = {}
+        live = live or {}
         if any(d.startswith("cuda") for d in self.torch_devices.values()):
             if self._inventory is None:
                 self._inventory = Inventory(node=self.name, worker=self.name)
-            expected = {int(g.rpartition("/")[2]): pids for g, pids in (live or {}).items() if g in used}
+            expected = {int(g.rpartition("/")[2]): set(pids.values()) for g, pids in live.items() if g in used}
             for s in self._inventory.sample(own | process_tree(os.getpid()), expected):
                 gid = f"{self.name}/{s.index}"
-                if gid in used:
-                    used[gid], ours[gid] = s.used, s.used_by_us
-        return used, ours
+                if gid not in used:
+                    continue
+                used[gid], ours[gid] = s.used, s.used_by_us
+                if s.used_by_us is not None and live.get(gid):
+                    stages[gid] = {n: sum(s.processes.get(p) or 0 for p in process_tree(pid))
+                                   for n, pid in live[gid].items()}
+        return used, ours, stages
 
     async def router_lost(self, reason: str) -> None:
         if not self.joined or self.closing:
             return
         self.joined = False
-        event("router_lost", logging.WARNING, worker=self.name, reason=reason, stages=sorted(self.stages))
+        event("router_lost", logging.WARNING, worker=self.name, reason=reason, stages=sorted(self.stages),
+              starting=sorted(self.starting))
+        # A stage still starting is killed too: the router that asked for it is gone (or no longer
+        # answers), and its reply could reach nobody.  Left to start, it ran, holding its device's
+        # memory, owned by no router until this worker joined again and was told to stop it.
+        for n in list(self.starting):
+            self.kill_stage(n, f"its worker lost its router ({reason})")
         await self._stop_all()
         if not self.closing:
             self._joiner = asyncio.get_running_loop().create_task(self._join_loop())
@@ -265,17 +280,15 @@ class WorkerDaemon:
                         raise
         finally:
             del self.starting[msg.name]
-            killed = msg.name in self._killed_starting
-            self._killed_starting.discard(msg.name)
-        if killed:
+            killed = self._killed_starting.pop(msg.name, None)
+        if killed is not None:
             if h is not None:   # it started just before the kill came: it must not run on, unowned
                 self.stopping.add(msg.name)
                 self._track(msg.name, h)
                 h.kill()
             event("stage_start_killed", logging.WARNING, worker=self.name, stage=msg.name,
-                  stage_pid=h.pid if h is not None else None)
-            raise ActorError(f"stage {msg.name} was killed while it started: its router had given up waiting "
-                             "for it (a KillStage came)")
+                  stage_pid=h.pid if h is not None else None, reason=killed)
+            raise ActorError(f"stage {msg.name} was killed while it started: {killed}")
         self._track(msg.name, h, self._device_id(msg.kwargs.get("device")))
         event("stage_started", worker=self.name, stage=msg.name, stage_pid=h.pid, endpoint=h.ref.endpoint,
               device=msg.kwargs.get("device"), units=[msg.kwargs.get("start"), msg.kwargs.get("end")])
@@ -316,16 +329,19 @@ class WorkerDaemon:
             except ActorError:
                 pass  # the router is gone: it will not miss the stage
 
-    def kill_stage(self, name: str) -> None:
+    def kill_stage(self, name: str, why: str = "its router had given up waiting for it (a KillStage came)"
+                   ) -> None:
         """SIGKILL stage `name`.  One still starting (its router gave up waiting for it: StartStage
-        timed out there) is killed too: its launch is cancelled, which kills its process, or, where the
-        launch has just completed, the process is killed as start_stage takes it."""
+        timed out there; or this worker lost its router) is killed too, and its start fails saying
+        `why`: its launch is cancelled, which kills its process, or, where the launch has not begun
+        (the stages' actor system is starting) or has just completed, the process is never started, or
+        is killed as start_stage takes it."""
         h = self.stages.get(name)
         if h is not None:
             self.stopping.add(name)
             h.kill()
         elif name in self.starting:
-            self._killed_starting.add(name)
+            self._killed_starting.setdefault(name, why)
             launch = self.starting[name]
             if launch is not None:
                 launch.cancel()
