@@ -172,3 +172,26 @@ def test_perf_model_sanity():
     t = stage_time(whole, g, Batch(prefill=2048, prefill_ctx=1024), c.hidden)
     assert 0.14 < t < 0.2
     assert c.balanced_boundaries(4)[0] == 0 and c.balanced_boundaries(4)[-1] == c.num_units
+
+
+def test_a_simulated_stage_books_the_placers_process_overhead():
+    """The simulator kept its own overhead per stage (0.5 GB = 476.8 MiB) beside the placer's 512 MiB,
+    which the router daemon books on a GPU: its placements held 35.2 MiB a stage less than the runtime's."""
+    from flexpipe.placement import placer
+    from flexpipe.sim import cluster as sim_cluster
+    from flexpipe.sim.cluster import place_pipeline, place_server_tp
+
+    assert sim_cluster.STAGE_OVERHEAD_BYTES == placer.STAGE_OVERHEAD_BYTES
+    costs = ModelCosts.for_model("llama2-7b")
+    c = Cluster.uniform(1, 4, "A100-80")
+    p = place_pipeline(c, costs, 2, kv_min=1024, kv_want=4096)
+    assert p is not None
+    for s in p.stages:   # an empty GPU gives each stage what it wants: params, overhead and KV
+        sc = costs.stage(s.start, s.end)
+        assert s.bytes_per_gpu - sc.param_bytes - 4096 * sc.kv_bytes_per_token == pytest.approx(
+            placer.STAGE_OVERHEAD_BYTES)
+        assert s.kv_tokens == 4096
+    (whole,) = place_server_tp(c, costs, kv_min=1024, kv_want=4096).stages
+    sc = costs.stage(0, costs.num_units)
+    assert whole.bytes_per_gpu - (sc.param_bytes + 4096 * sc.kv_bytes_per_token) / len(whole.gpus) == pytest.approx(
+        placer.STAGE_OVERHEAD_BYTES)

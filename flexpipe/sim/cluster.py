@@ -2,9 +2,10 @@
 
 The simulator's view of the fleet is deliberately flat: a GPU has a type, a server, total memory,
 memory held by other tenants (`background`, fixed for a run) and memory held by the simulated
-replicas.  Links follow from where two GPUs sit.  When FP-5's `flexpipe.placement` is importable,
-`Cluster.from_topology` reads its cluster descriptions and `place()` delegates to its placer;
-otherwise the fallback below is used (greedy, server-packing, best-fit).
+replicas.  Links follow from where two GPUs sit.  FP-5's `flexpipe.placement` supplies the cluster
+descriptions `Cluster.from_topology` reads and the stage process's overhead every placed stage holds;
+FlexPipe's policy places with its placer, the baselines with the fallback below (greedy,
+server-packing, best-fit).
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+# What a stage's process holds beside its parameters and KV: the placer's one estimate, which the
+# router daemon books too (the simulator kept its own, 0.5 GB = 476.8 MiB, against the placer's 512 MiB)
+from flexpipe.placement.placer import STAGE_OVERHEAD_BYTES
 from flexpipe.sim.perf import GPUS, LINKS, GPUSpec, LinkSpec, ModelCosts, StageCost
-
-GB = 1e9
-STAGE_OVERHEAD_BYTES = 0.5 * GB  # activations, workspace, CUDA context share: an assumption
 
 
 @dataclass(slots=True)
