@@ -85,3 +85,25 @@ async def test_heartbeats_answered_during_a_two_second_compute():
         assert await work > 0
         assert len(pings) >= 10 and max(pings) < FAST.heartbeat_timeout / 2, pings
         assert await system.ask(watcher.ref, Deaths()) == []   # never missed a heartbeat
+
+
+async def test_a_child_ignores_sigint_and_stops_on_sigterm_after_its_grace():
+    """Ctrl-C reaches every process of the terminal's group: the parent stops its children in order
+    (launcher's docstring). A SIGTERM sent to the child alone stops it, cleanly, after its grace."""
+    import dataclasses
+
+    async with ActorSystem(dataclasses.replace(FAST, term_grace=0.3)) as system:
+        h = await system.launch("test_actor_helpers:Echo", name="child")
+        os.kill(h.pid, signal.SIGINT)
+        assert await system.ask(h.ref, Say("still here")) == Say("still here")
+        os.kill(h.pid, signal.SIGTERM)
+        assert await asyncio.wait_for(h.wait(), 10) == 0
+
+
+async def test_a_sigterm_waits_for_the_parent_to_stop_its_child():
+    async with ActorSystem(FAST) as system:   # term_grace 5 s by default
+        h = await system.launch("test_actor_helpers:Echo", name="child")
+        os.kill(h.pid, signal.SIGTERM)
+        assert await system.ask(h.ref, Say("serving")) == Say("serving")   # within its grace
+        await h.stop()
+        assert h.exitcode == 0

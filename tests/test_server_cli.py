@@ -141,6 +141,52 @@ def test_serve_stops_cleanly_on_sigterm(served):
         httpx.get(f"{url}/health", timeout=2)
 
 
+def _live_in_group(pgid: int) -> list[str]:
+    """Processes of group `pgid` that have not exited (zombies have: an exited child whose parent went
+    first waits for init to reap it), as "pid command"."""
+    live = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):   # exited meanwhile
+            continue
+        rest = stat[stat.rindex(")") + 2:].split()   # state, ppid, pgrp, ... after "pid (comm)"
+        if int(rest[2]) == pgid and rest[0] != "Z":
+            live.append(f"{d} {stat[stat.index('(') + 1:stat.rindex(')')]}")
+    return live
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_stops_quietly_when_its_whole_process_group_is_signalled(sig, tmp_path):
+    # A terminal's Ctrl-C sends SIGINT to every process of the foreground group, stage processes
+    # included; `timeout`, systemd and init-less containers send SIGTERM to all of them.  The server
+    # stops its pipeline in order: no stage "died", no traceback from a stage, exit status 0.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_cmd("serve", "--stages", "2", "--port", "0", "--num-blocks", "64"), env=env,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    q: queue.Queue = queue.Queue()
+    threading.Thread(target=_lines, args=(proc.stderr, q), daemon=True).start()
+    seen: list[str] = []
+    try:
+        while not any(READY.search(line) for line in seen):
+            line = q.get(timeout=90)
+            assert line is not None, f"flexpipe serve exited early ({proc.wait()}):\n{''.join(seen)}"
+            seen.append(line)
+        os.killpg(proc.pid, sig)
+        assert proc.wait(timeout=60) == 0, "".join(seen)
+        while (line := q.get(timeout=30)) is not None:
+            seen.append(line)
+        out = "".join(seen)
+        assert "Traceback" not in out and "died" not in out and "KeyboardInterrupt" not in out, out
+        assert _live_in_group(proc.pid) == [], "stage processes outlived the server"   # it waited for them
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def test_serve_refuses_a_bad_setting_before_starting():
     out = subprocess.run(_cmd("serve", "--num-blocks", "0", "--port", "0"), capture_output=True, text=True,
                          timeout=120)

@@ -85,6 +85,7 @@ class ActorSettings:
     torch_threads: int = 0             # torch intra-op threads in launched processes; 0 = default
     rt_priority: int = 0               # SCHED_RR priority of launched processes (runtime/sched.py); 0 = off
     start_timeout: float = 60.0        # how long launch() waits for Started
+    term_grace: float = 5.0            # a launched process's SIGTERM waits this long for its parent to stop it
     # CURVE on tcp endpoints (see runtime/keys.py); all "" = plain tcp
     curve_server_secret: str = ""      # .key_secret file every tcp mailbox presents
     curve_server_public: str = ""      # .key file DEALERs expect ("" = from curve_server_secret)
@@ -97,6 +98,8 @@ class ActorSettings:
         if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
             raise ConfigError(f"heartbeat_interval={self.heartbeat_interval!r}, heartbeat_timeout="
                               f"{self.heartbeat_timeout!r}: give an interval above 0 and below the timeout")
+        if not self.term_grace >= 0:
+            raise ConfigError(f"term_grace={self.term_grace!r}: give seconds >= 0")
 
 
 def _is_ref(x: Any) -> bool:

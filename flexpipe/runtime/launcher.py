@@ -13,6 +13,14 @@ at once (asks to it fail with PeerDeadError, watchers get Terminated), without w
 
 Remote workers (later): a worker daemon receives an `ActorSpec` in a message and calls
 `launch_spec(spec)` on its own ActorSystem; the Started handshake is the same.
+
+Signals. A child is its parent's to stop. A terminal's Ctrl-C sends SIGINT to every process of the
+foreground group, children included, and `timeout`, systemd and init-less containers send SIGTERM to
+all of them: a child that died of either at once was reported by its router as a stage that "died"
+(and a Ctrl-C printed a KeyboardInterrupt traceback from each), while its parent was about to stop the
+pipeline in order. So a child ignores SIGINT, and on SIGTERM stops itself only `term_grace` seconds
+(ActorSettings, default 5) later unless its parent has stopped it meanwhile (a SIGTERM sent to the
+child alone still stops it). A child whose parent is gone stops within a second, whatever the signals.
 """
 
 from __future__ import annotations
@@ -327,6 +335,7 @@ def _child_main(blob: bytes) -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.WARNING,
                         format=f"%(levelname)s {spec.name}[%(process)d] %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent's (module docstring); asyncio.run keeps it
     asyncio.run(launch_spec(spec))
 
 
@@ -350,12 +359,26 @@ async def launch_spec(spec: ActorSpec, *, exit_with_parent: bool = True) -> None
             return
         if spec.parent is not None:
             await actor.tell(spec.parent, Started(actor.ref, os.getpid(), spec.token))
-        while not actor.closed:
-            if exit_with_parent and os.getppid() != parent_pid:
-                log.warning("%s: parent process %d is gone; stopping", spec.name, parent_pid)
-                await actor.aclose("parent process exited")
-                break
-            try:
-                await asyncio.wait_for(actor.wait_closed(), 1.0)
-            except asyncio.TimeoutError:
-                pass
+        loop = asyncio.get_running_loop()
+        term: list[float] = []   # when a SIGTERM came (module docstring: a grace for the parent)
+        if exit_with_parent:
+            loop.add_signal_handler(signal.SIGTERM, lambda: term or term.append(loop.time()))
+        try:
+            while not actor.closed:
+                if exit_with_parent and os.getppid() != parent_pid:
+                    log.warning("%s: parent process %d is gone; stopping", spec.name, parent_pid)
+                    await actor.aclose("parent process exited")
+                    break
+                if term and loop.time() - term[0] >= spec.settings.term_grace:
+                    log.warning("%s: SIGTERM, and its parent did not stop it within %gs; stopping",
+                                spec.name, spec.settings.term_grace)
+                    await actor.aclose("SIGTERM")
+                    break
+                wait = 1.0 if not term else max(0.0, min(1.0, term[0] + spec.settings.term_grace - loop.time()))
+                try:
+                    await asyncio.wait_for(actor.wait_closed(), wait)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            if exit_with_parent:
+                loop.remove_signal_handler(signal.SIGTERM)
