@@ -612,3 +612,99 @@ async def test_each_stage_books_the_process_overhead_of_its_own_device(tmp_path,
     assert assign_devices([(0, 4)], [100], ["g", "c"], {"g": 150, "c": 150}, overhead={"g": 100}) == ["c"]
     with pytest.raises(PlacementError, match="needs 0.0 MiB .* with its process's overhead on a GPU"):
         assign_devices([(0, 4)], [100], ["g", "c"], {"g": 150, "c": 50}, overhead={"g": 100})
+
+
+# --- the stages' actor system ------------------------------------------------------------------------------
+async def test_two_first_starts_at_once_make_one_stage_system(tmp_path, monkeypatch):
+    """A worker makes the actor system that runs its stage processes at its first start.  Two first
+    starts at once each made one, and the first made was dropped, never closed: its ZeroMQ context and
+    sockets leaked, and the stage launched on it was stopped by nothing but its own handle.  They share
+    one system: both stages start on it, and stop with it as the worker stops."""
+    from flexpipe.runtime.gpu_stage import PLAIN_TARGET
+
+    echo_stages(monkeypatch)
+    made: list[ActorSystem] = []
+    gate, both = asyncio.Event(), asyncio.Event()
+    start = ActorSystem.start
+
+    async def stage_system(self):   # the worker's stage system is made when the test says
+        if self.name.endswith("-stages"):
+            await gate.wait()
+            made.append(self)
+        return await start(self)
+
+    monkeypatch.setattr(ActorSystem, "start", stage_system)
+    async with events() as ev, router(tmp_path, ev) as (d, url):
+        w = WorkerDaemon(url, name="wk", devices="cpu:0,cpu:1", memory=256 * MiB, usage_interval=0)
+        start_stage, arrived = w.start_stage, []
+
+        async def arriving(msg):   # the worker's StartStage handler, as each request comes in
+            arrived.append(msg.name)
+            if len(arrived) == 2:
+                both.set()
+            return await start_stage(msg)
+
+        monkeypatch.setattr(w, "start_stage", arriving)
+        async with running(w):
+            await ev.wait("joined", worker="wk")
+            launches = asyncio.gather(d.launch_stage(PLAIN_TARGET, whole_model(d), "s0", "wk/0"),
+                                      d.launch_stage(PLAIN_TARGET, whole_model(d), "s1", "wk/1"))
+            await asyncio.wait_for(both.wait(), WAIT_S)   # both starts are in, before any system is made
+            gate.set()
+            hs = await asyncio.wait_for(launches, WAIT_S)
+            assert len(made) == 1 and w.stage_system is made[0]
+            assert {h.pid for h in made[0].handles} == {h.pid for h in w.stages.values()} == {h.pid for h in hs}
+        # the worker stopped both stages, and closed their system
+        assert sorted(e["stage"] for e in ev.hits("stage_stopped", worker="wk")) == ["s0", "s1"]
+        assert not ev.hits("stage_exited") and w.stage_system is None and made[0].zctx is None
+        assert not any(h.alive for h in made[0].handles)
+
+
+async def test_a_start_setting_up_the_stage_system_as_its_worker_stops_leaves_nothing(tmp_path, monkeypatch):
+    """The worker stops (its router still there) while a first start makes the stages' actor system:
+    the worker stopped its stages and closed no system (none was made yet), the start then made one
+    and launched its stage on it, and the system was never closed.  The worker kills the stages still
+    starting as it stops, and closes the system they were making once it is made."""
+    from flexpipe.runtime.gpu_stage import PLAIN_TARGET
+
+    echo_stages(monkeypatch)
+    entered, gate, made = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    systems: list[ActorSystem] = []
+    start = ActorSystem.start
+
+    async def slow_stage_system(self):   # the worker's stage system is made when the test says
+        if not self.name.endswith("-stages"):
+            return await start(self)
+        systems.append(self)
+        entered.set()
+        await gate.wait()
+        try:
+            return await start(self)
+        finally:
+            made.set()
+
+    monkeypatch.setattr(ActorSystem, "start", slow_stage_system)
+    async with events() as ev, router(tmp_path, ev) as (d, url):
+        w = WorkerDaemon(url, name="wk", devices="cpu:0", memory=256 * MiB, usage_interval=0)
+        stop_all = w._stop_all
+
+        async def stop_all_as_the_set_up_ends():   # the system is made only as the worker stops its stages
+            gate.set()
+            await stop_all()
+            await asyncio.wait_for(made.wait(), WAIT_S)   # (made by now, or made now)
+
+        monkeypatch.setattr(w, "_stop_all", stop_all_as_the_set_up_ends)
+        async with running(w):
+            await ev.wait("joined", worker="wk")
+            launch = asyncio.ensure_future(d.launch_stage(PLAIN_TARGET, whole_model(d), "s0", "wk/0"))
+            await asyncio.wait_for(entered.wait(), WAIT_S)
+        # the worker has stopped, s0's system made while it stopped: closed, and no stage ran on it
+        (system,) = systems
+        assert w.stage_system is None and system.zctx is None and not system.handles
+        (killed,) = ev.hits("stage_start_killed", stage="s0", worker="wk")
+        assert killed["stage_pid"] is None and "is stopping" in killed["reason"]
+        assert not ev.hits("stage_started", worker="wk") and not w.stages and not w.starting
+        (stopping,) = ev.hits("stopping", worker="wk")
+        assert stopping["starting"] == ["s0"]
+        with pytest.raises(RemoteError, match="killed while it started"):
+            await asyncio.wait_for(launch, WAIT_S)

@@ -91,6 +91,10 @@ class WorkerDaemon:
         self.join_timeout = join_timeout
         self.actor: Any = None
         self.stage_system: Any = None
+        # held while the stages' actor system is made (at a first start) and while it is closed: two
+        # first starts at once each made one (the first made was never closed), and one made while the
+        # worker stopped its stages outlived them (_stop_all closed none, none being made yet)
+        self._stage_system_lock = asyncio.Lock()
         self.stages: dict[str, Any] = {}  # name -> ActorHandle
         self.stage_devices: dict[str, str] = {}   # name -> device id of a stage in `stages` (where known)
         self.stopping: set[str] = set()
@@ -124,7 +128,11 @@ class WorkerDaemon:
                 self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
             await stop.wait()
             self.closing = True
-            event("stopping", worker=self.name, stages=sorted(self.stages))
+            event("stopping", worker=self.name, stages=sorted(self.stages), starting=sorted(self.starting))
+            # A stage still starting is killed, as when the router is lost: started after the others
+            # were stopped, it ran on (on a stage system made meanwhile, that nothing closed).
+            for n in list(self.starting):
+                self.kill_stage(n, f"its worker {self.name} is stopping")
             self._joiner.cancel()
             if self._reporter is not None:
                 self._reporter.cancel()
@@ -264,11 +272,12 @@ class WorkerDaemon:
         self.starting[msg.name] = None   # from here on a KillStage ends it, started or not
         h = None
         try:
-            if self.stage_system is None:
-                # the router's heartbeat and start settings; this worker's transport and key files
-                settings = dataclasses.replace(msg.settings, bind=self.settings.bind, host=self.host,
-                                               **{f: getattr(self.settings, f) for f in CURVE_FIELDS})
-                self.stage_system = await ActorSystem(settings, name=f"{self.name}-stages").start()
+            async with self._stage_system_lock:   # made once, however many first starts come at once
+                if self.stage_system is None and msg.name not in self._killed_starting:
+                    # the router's heartbeat and start settings; this worker's transport and key files
+                    settings = dataclasses.replace(msg.settings, bind=self.settings.bind, host=self.host,
+                                                   **{f: getattr(self.settings, f) for f in CURVE_FIELDS})
+                    self.stage_system = await ActorSystem(settings, name=f"{self.name}-stages").start()
             if msg.name not in self._killed_starting:
                 launch = asyncio.get_running_loop().create_task(
                     self.stage_system.launch(msg.target, msg.kwargs, name=msg.name, timeout=msg.timeout))
@@ -332,10 +341,10 @@ class WorkerDaemon:
     def kill_stage(self, name: str, why: str = "its router had given up waiting for it (a KillStage came)"
                    ) -> None:
         """SIGKILL stage `name`.  One still starting (its router gave up waiting for it: StartStage
-        timed out there; or this worker lost its router) is killed too, and its start fails saying
-        `why`: its launch is cancelled, which kills its process, or, where the launch has not begun
-        (the stages' actor system is starting) or has just completed, the process is never started, or
-        is killed as start_stage takes it."""
+        timed out there; or this worker lost its router, or is stopping) is killed too, and its start
+        fails saying `why`: its launch is cancelled, which kills its process, or, where the launch has
+        not begun (the stages' actor system is starting) or has just completed, the process is never
+        started, or is killed as start_stage takes it."""
         h = self.stages.get(name)
         if h is not None:
             self.stopping.add(name)
@@ -357,6 +366,9 @@ class WorkerDaemon:
         await asyncio.gather(*(self.stop_stage(n, 5.0) for n in list(self.stages)), return_exceptions=True)
         if self._watchers:
             await asyncio.wait(set(self._watchers), timeout=5.0)
-        if self.stage_system is not None:
-            system, self.stage_system = self.stage_system, None
-            await system.aclose()
+        # A system being made (a first start's) is closed too, once made.  Every start still under way
+        # was killed before this (router_lost, run): none makes another, or launches on this one.
+        async with self._stage_system_lock:
+            if self.stage_system is not None:
+                system, self.stage_system = self.stage_system, None
+                await system.aclose()
