@@ -26,7 +26,17 @@ receiver's recv() raises ActorClosed once it has received every send completed b
 the middle of a send that the sender did not finish, and while it waits for the next one, and from
 then on (a second sender's hello ends the channel, as in shm.py). A closed
 receiver's ring is parked, not given back to torch's allocator, while its sender may still write
-into it: the sender holds the channel's lock file until its copies are done (see _PARKED).
+into it: the sender holds the channel's lock until its copies are done, and the ring is given back
+as soon as it lets go, or its process ends (see _PARKED).
+
+Names. A channel is `<prefix>-cipc-<tag>`, with shm.py's prefix (`shm.name_prefix()`: the variable
+FLEXPIPE_SHM_PREFIX, read at each listen() and inherited by child processes), so one run's channels
+can be told from another's. On Linux nothing of a channel is on disk: the control socket is bound in
+the abstract socket namespace (`ipc://@<prefix>-cipc-<tag>.ctl`), admitting only processes of the
+receiver's user or root (ZeroMQ's IPC_FILTER_UID, as in shm.py), and the lock file is unlinked as soon
+as it is created (senders open it through /proc, see _PARKED): a receiver that is killed leaves no
+file behind. Elsewhere the control socket is the file `<prefix>-cipc-<tag>.ctl` in the temporary
+directory and the lock `<prefix>-cipc-<tag>.lock` in shm.SHM_DIR, both removed when the receiver closes.
 
 KV blocks move without the ring: the new owner exports its KV pools once (`export_tensor`), the old
 owner opens them (`PeerPools`) and copies blocks directly, coalescing runs of consecutive block ids
@@ -45,6 +55,8 @@ import contextlib
 import ctypes
 import fcntl
 import os
+import stat
+import sys
 import tempfile
 import threading
 import uuid
@@ -60,6 +72,7 @@ from flexpipe.runtime import codec
 from flexpipe.runtime.codec import parse_tensor_header, tensor_header
 from flexpipe.runtime.messages import message
 from flexpipe.transports.base import PeerWatch, Transport, check_into, register_transport, views_fit
+from flexpipe.transports.shm import SHM_DIR, name_prefix
 
 __all__ = ["CudaIpcTransport", "IpcBuffer", "IpcHello", "IpcRegions", "IpcFree", "KvPools", "HandleCache",
            "RingBooks", "InOrderReleases", "PeerPools", "HANDLES", "available", "unavailable_reason",
@@ -69,6 +82,7 @@ IPC_HANDLE_BYTES = 64        # sizeof(cudaIpcMemHandle_t) and of cudaIpcEventHan
 ALIGN = 256                  # ring regions start on this boundary (any dtype's alignment)
 _BIG_RUN = 1 << 20           # runs of at least this many bytes are copied with cudaMemcpy, others batched
 _INDEX_CHUNK = 64 << 20      # short runs are gathered and scattered this many bytes at a time
+NAMELESS = sys.platform.startswith("linux")   # abstract control sockets and /proc: nothing left on disk
 
 
 def unavailable_reason() -> str:
@@ -414,47 +428,97 @@ _LOCAL: dict[str, "CudaIpcTransport"] = {}   # receivers of this process, for sa
 # allocation of this process; a sender in another process maps it and may still be writing there (a
 # send under way, or copies its stream has not run yet). So a sender holds a shared flock on the
 # channel's lock file from before its first write until its copies are done (aclose, after its stream
-# has synchronized; or the end of its process). A closing receiver unlinks that file, then tries the
-# lock: free, no sender holds it or can take it again (connect checks the link count once locked);
-# held, the ring waits here until it is free (`sweep_parked`, run whenever a channel opens or closes).
-# The first sender unlinks the file itself once it holds the lock, so that no second sender can write
-# into the ring (its ring bookkeeping would start over, under sends not yet read).
+# has synchronized; or the end of its process, however it ends: the kernel lets go of a dead process's
+# locks). The same file admits one sender per channel (a second one would write into the ring from its
+# start, over sends not yet read): a sender that holds the lock appends its claim to the file and goes
+# on only if the claim is the file's first byte, and a closing receiver appends its mark before it
+# looks at the lock, so that no sender goes on after that (O_APPEND: each append lands at the end, at
+# once, whatever the other processes do). The closing receiver then tries the lock exclusively: free,
+# no sender holds it, nor will; held, the ring is parked until it is free. A thread waits for that in
+# the kernel (one per parked ring; a sender that dies wakes it too) and gives the ring back at once;
+# `sweep_parked`, run whenever a channel opens or closes, does the same without waiting.
+#
+# Why a file: a flock is let go of by the kernel when its process dies, and a sender takes it at
+# once, before its first write (a connection to a socket would be seen by the receiver only when its
+# event loop gets to it, perhaps after it has closed). But the file needs no name once the processes
+# that use it have it open: on Linux the receiver unlinks it as soon as it has created it, and a sender
+# opens it as /proc/<receiver pid>/fd/<fd>, checked against the file's device and inode (the address's
+# `lock_id`: once the receiver has closed it, that number may name another of its files). That takes a
+# sender that sees the receiver's pid (as the address's pid already assumes) and may open its 0600
+# file: its user, or root; /proc also refuses a receiver that is not dumpable (one that changed its user
+# without exec). Elsewhere the file keeps its name, `<prefix>-cipc-<tag>.lock` in SHM_DIR, until the
+# receiver closes.
 _PARKED: list[tuple[int, tuple]] = []   # (lock fd, what a sender may still use: ring, "free" event)
 _PARKED_LOCK = threading.Lock()
+_CLAIM, _CLOSING = b"S", b"C"           # what a sender, and a closing receiver, append to the lock file
 
 
-def _sender_done(fd: int) -> bool:
-    """Whether no sender holds the channel's lock (`fd`, the receiver's); closes `fd` when so."""
+def _lock_free(fd: int) -> bool:
+    """Whether no sender holds the channel's lock (`fd`, the receiver's); if so, the receiver now holds it."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
-    os.close(fd)
     return True
 
 
-def _hold_lock(path: str, tag: str) -> int:
-    """The sender's side: hold the channel's lock while it may write into the ring (ActorClosed once
-    the receiver has closed)."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:   # (or taken by the channel's sender: see connect)
-        raise ActorClosed(f"the receiver of cuda_ipc channel {tag} has closed, or the channel has its "
-                          "sender (a channel carries one sender's sends)") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)   # only a closing receiver locks it exclusively
-        if os.fstat(fd).st_nlink:
-            return fd
-    except BlockingIOError:
-        pass
+def _park(fd: int, keep: tuple, tag: str) -> None:
+    """Keep a closed receiver's ring (and "free" event) until no sender holds the lock `fd`."""
+    with _PARKED_LOCK:
+        _PARKED.append((fd, keep))
+    # only the fd goes to the thread: what it holds while it waits would not be given back
+    threading.Thread(target=_unpark_when_free, args=(fd,), name=f"cuda_ipc-parked-{tag}", daemon=True).start()
+
+
+def _unpark_when_free(fd: int) -> None:
+    """(A parked ring's thread) wait until no sender holds the lock `fd`, give the ring back, close `fd`.
+    Only this closes a parked lock's fd: while it waits, the number must not come to name another file."""
+    fcntl.flock(fd, fcntl.LOCK_EX)   # returns at once if a sweep took it first (the same open file)
+    with _PARKED_LOCK:
+        _PARKED[:] = [p for p in _PARKED if p[0] != fd]
     os.close(fd)
-    raise ActorClosed(f"the receiver of cuda_ipc channel {tag} has closed")
+
+
+def _hold_lock(path: str, tag: str, ident: Sequence[int] | None = None) -> int:
+    """The sender's side: take the channel's lock (the file `path`; `ident`: its [st_dev, st_ino]) and
+    claim the channel; the sender keeps the returned fd open while it may write into the ring.
+    ActorClosed once the receiver has closed, or when the channel has had a sender."""
+    why = f"the receiver of cuda_ipc channel {tag} has closed"
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or (ident is not None and [st.st_dev, st.st_ino] != list(ident)):
+            raise FileNotFoundError(path)   # the receiver closed it, and the number names another file
+        fd = os.open(path, os.O_RDWR | os.O_APPEND)
+    except FileNotFoundError:
+        raise ActorClosed(why) from None
+    except PermissionError as e:
+        raise ConfigError(f"cannot open the lock of cuda_ipc channel {tag} ({e}): run the sender as the "
+                          "receiver's user (or root), where it sees the receiver's processes (the same pid "
+                          "namespace, /proc not hidden), and keep the receiver dumpable (change its user "
+                          "only with an exec)") from None
+    try:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):   # (the number's file changed meanwhile)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)   # only a closing receiver locks it exclusively
+            os.write(fd, _CLAIM)
+            if os.lseek(fd, 0, os.SEEK_CUR) == len(_CLAIM):   # the first to append: the channel's sender
+                return fd
+            if _CLOSING not in os.pread(fd, 4096, 0):
+                why = f"cuda_ipc channel {tag} has its sender (a channel carries one sender's sends)"
+    except BlockingIOError:   # the receiver is closing
+        pass
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    raise ActorClosed(why)
 
 
 def sweep_parked() -> int:
-    """Give closed receivers' rings back once their senders are done; returns how many still wait."""
+    """Give closed receivers' rings back if their senders are done; returns how many still wait. (Each
+    parked ring's thread does so as soon as its sender is done: this is for those that ask now.)"""
     with _PARKED_LOCK:
-        _PARKED[:] = [p for p in _PARKED if not _sender_done(p[0])]
+        _PARKED[:] = [p for p in _PARKED if not _lock_free(p[0])]
         return len(_PARKED)
 
 
@@ -477,7 +541,7 @@ class CudaIpcTransport(Transport):
     kind = "cuda_ipc"
 
     def __init__(self, *, receiving: bool, device: int | None, ring: torch.Tensor, size: int, ctrl: Any,
-                 zctx: Any, owns_ctx: bool, address: dict, sync: str, path: str = ""):
+                 zctx: Any, owns_ctx: bool, address: dict, sync: str, path: str = "", lock_file: str = ""):
         self.address = address
         self._receiving = receiving
         self._dev = device                 # None: the host-memory channel
@@ -490,7 +554,8 @@ class CudaIpcTransport(Transport):
         self._zctx = zctx
         self._owns_ctx = owns_ctx
         self._sync = sync
-        self._path = path
+        self._path = path                  # receiver: its control socket's file, removed on close (not on Linux)
+        self._lock_file = lock_file        # receiver: its lock file's name, removed on close (not on Linux)
         self._closed = False
         self._lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
@@ -552,6 +617,8 @@ class CudaIpcTransport(Transport):
         """Allocate the ring on `device` and bind the control socket; the receiving side."""
         if sync not in ("event", "host"):
             raise ConfigError(f"cuda_ipc sync must be 'event' or 'host', got {sync!r}")
+        tag = uuid.uuid4().hex[:12]
+        name = f"{name_prefix()}-cipc-{tag}"   # (a bad prefix: ConfigError, before anything is made)
         host = str(device) == "cpu"
         size = max(ALIGN, ring_bytes // ALIGN * ALIGN)
         dev, event, event_handle, ring_desc = None, None, b"", None
@@ -567,22 +634,41 @@ class CudaIpcTransport(Transport):
                     event_handle = bytes(event.ipc_handle())
             ring_desc = export_tensor(ring).to_list()
         sweep_parked()
-        tag = uuid.uuid4().hex[:12]
-        path = os.path.join(tempfile.gettempdir(), f"fp-cipc-{tag}.ctl")
         owns = zctx is None
         zctx = zctx or zmq.asyncio.Context()
         ctrl = zctx.socket(zmq.PAIR)
         ctrl.setsockopt(zmq.LINGER, 0)
         ctrl.setsockopt(zmq.SNDHWM, 0)   # free notices: at most one per ring region, never dropped
         watch = PeerWatch(ctrl, f"cuda_ipc channel {tag}", peer="sender")
-        ctrl.bind(f"ipc://{path}")
-        lock = os.path.join(tempfile.gettempdir(), f"fp-cipc-{tag}.lock")   # see _PARKED
-        flock = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if NAMELESS:
+                # an abstract name has no permissions: only the users a 0600 file would let in may connect
+                for uid in sorted({os.getuid(), 0}):
+                    ctrl.setsockopt(zmq.IPC_FILTER_UID, uid)
+                ctl_file, ctrl_ep = "", f"ipc://@{name}.ctl"
+            else:
+                ctl_file = os.path.join(tempfile.gettempdir(), f"{name}.ctl")
+                ctrl_ep = f"ipc://{ctl_file}"
+            ctrl.bind(ctrl_ep)
+            lock_file = os.path.join(SHM_DIR, f"{name}.lock")   # see _PARKED
+            flock = os.open(lock_file, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+        except BaseException:
+            watch.close()
+            ctrl.close()
+            if owns:
+                zctx.term()
+            raise
+        lock_st = os.fstat(flock)
+        if NAMELESS:   # senders open it by the receiver's fd: it needs no name
+            os.unlink(lock_file)
+            lock_file, lock = "", f"/proc/{os.getpid()}/fd/{flock}"
+        else:
+            lock = lock_file
         address = {"kind": "cuda_ipc", "channel": tag, "pid": os.getpid(), "device": -1 if host else dev,
-                   "ring": ring_desc, "event": event_handle, "ctrl": f"ipc://{path}", "sync": sync,
-                   "lock": lock}
+                   "ring": ring_desc, "event": event_handle, "ctrl": ctrl_ep, "sync": sync,
+                   "lock": lock, "lock_id": [lock_st.st_dev, lock_st.st_ino]}
         self = cls(receiving=True, device=dev, ring=ring, size=size, ctrl=ctrl, zctx=zctx, owns_ctx=owns,
-                   address=address, sync=sync, path=path)
+                   address=address, sync=sync, path=ctl_file, lock_file=lock_file)
         self._event = event
         self._flock = flock
         self._watch = watch
@@ -603,18 +689,13 @@ class CudaIpcTransport(Transport):
                                              address["ctrl"], address["sync"])
             buf = None if address["ring"] is None else IpcBuffer.parse(address["ring"])
             event_handle = bytes(address["event"])
-            lock = str(address["lock"])
+            lock, lock_id = str(address["lock"]), [int(x) for x in address["lock_id"]]
         except (KeyError, TypeError, ValueError) as e:
             raise ProtocolError(f"bad cuda_ipc address {address!r:.160}: {e}") from e
         if buf is None and pid != os.getpid():
             raise ConfigError("a host-memory cuda_ipc channel (device='cpu') works within one process only")
-        flock = _hold_lock(lock, tag)   # before anything is written into the ring (see _PARKED)
+        flock = _hold_lock(lock, tag, lock_id)   # before anything is written into the ring (see _PARKED)
         try:
-            try:   # the first sender takes the lock file's name: a second one would write into the ring
-                os.unlink(lock)   # from its start, over sends not yet read (refused only later)
-            except FileNotFoundError:
-                raise ActorClosed(f"the receiver of cuda_ipc channel {tag} has closed, or the channel has "
-                                  "another sender (a channel carries one sender's sends)") from None
             dev = None if buf is None else (rdev if device is None else device_index(device))
             held = None
             if pid == os.getpid():   # CUDA cannot open a handle in the process that exported it
@@ -879,16 +960,15 @@ class CudaIpcTransport(Transport):
         self._closed = True
         if self._receiving:
             _LOCAL.pop(self.address["channel"], None)
-            if self._path:
-                try:
-                    os.unlink(self._path)
-                except FileNotFoundError:
-                    pass
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.address["lock"])   # no sender can take the lock from here on
-            if not _sender_done(self._flock):   # a sender may still write into the ring
-                with _PARKED_LOCK:
-                    _PARKED.append((self._flock, (self._ring, self._event)))
+            for name in (self._path, self._lock_file):   # (named only off Linux)
+                if name:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name)
+            os.write(self._flock, _CLOSING)   # no sender goes on from here (see _PARKED)
+            if _lock_free(self._flock):
+                os.close(self._flock)
+            else:   # a sender may still write into the ring
+                _park(self._flock, (self._ring, self._event), self.address["channel"])
         else:
             if self._stream is not None:
                 await asyncio.to_thread(self._stream.synchronize)   # no copy may still target the ring
