@@ -1,15 +1,18 @@
 """Closing one end of a channel: a ring (or local) sender learns that its receiver closed instead of
 waiting for ever, a receiver of any kind learns that its sender closed or died (after receiving what
-was completely sent), a closed cuda_ipc receiver keeps its ring while its sender may still write
-there, and a zmq send() returns only once ZeroMQ no longer reads the sent tensors."""
+was completely sent) but does not take a zmq connection that died before saying anything for its
+sender, a closed cuda_ipc receiver keeps its ring while its sender may still write there, and a zmq
+send() returns only once ZeroMQ no longer reads the sent tensors."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import sys
 import weakref
+from typing import AsyncIterator, Callable
 
 import pytest
 import torch
@@ -18,26 +21,60 @@ import zmq.asyncio
 
 from flexpipe.errors import ActorClosed, ProtocolError
 from flexpipe.runtime.codec import tensor_header
-from flexpipe.transports import open_receiver, open_sender
+from flexpipe.transports import Transport, open_receiver, open_sender
 from flexpipe.transports import cuda_ipc
 
-RING_KINDS = {"shm": {}, "cuda_ipc": {"device": "cpu"}}   # cuda_ipc's host-memory channel: its protocol, no GPU
+# cuda_ipc: its host-memory channel (its protocol, no GPU)
+ALL_KINDS = {"local": {}, "shm": {"ring_bytes": 1 << 20}, "cuda_ipc": {"device": "cpu", "ring_bytes": 1 << 20},
+             "ipc": {}, "tcp": {}}
+RING_KINDS = ["shm", "cuda_ipc"]
 
 
-async def _ring_pair(kind: str, ring: int):
-    rx = await open_receiver(kind, ring_bytes=ring, **RING_KINDS[kind])
-    tx = await open_sender(rx.address)
-    return tx, rx
+@contextlib.asynccontextmanager
+async def _pair(kind: str, **options) -> AsyncIterator[tuple[Transport, Transport]]:
+    """(sender, receiver) of a channel of `kind` (its ALL_KINDS options, overridden by `options`); both
+    are closed at the end, the sender first. Closing twice is harmless: a test may close either itself."""
+    async with await open_receiver(kind, **{**ALL_KINDS[kind], **options}) as rx, \
+            await open_sender(rx.address) as tx:
+        yield tx, rx
+
+
+@contextlib.asynccontextmanager
+async def _closing() -> AsyncIterator[Callable[[Transport], Transport]]:
+    """`keep`, for the transports a test opens as it goes: keep(t) returns t, which is closed at the end
+    (the last kept first)."""
+    async with contextlib.AsyncExitStack() as stack:
+        def keep(t: Transport) -> Transport:
+            stack.push_async_callback(t.aclose)
+            return t
+        yield keep
+
+
+@contextlib.asynccontextmanager
+async def _child(script: str, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A Python process running `script` with `args`, its stdin and stdout piped; killed at the end
+    (SIGKILL) if it still runs."""
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", script, *args,
+                                                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    try:
+        yield child
+    finally:
+        await _kill(child)
+
+
+async def _kill(child: asyncio.subprocess.Process) -> None:
+    if child.returncode is None:
+        child.kill()
+        await child.wait()
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("kind", list(RING_KINDS))
+@pytest.mark.parametrize("kind", RING_KINDS)
 async def test_ring_sender_waiting_for_space_raises_when_the_receiver_closes(kind):
     """The ring is full (a received view holds all of it) and a send waits for space; the receiver
     closes: the send raises ActorClosed, and so does every later send (both waited for ever)."""
     ring = 64 << 10
-    tx, rx = await _ring_pair(kind, ring)
-    try:
+    async with _pair(kind, ring_bytes=ring) as (tx, rx):
         x = torch.arange(ring // 4, dtype=torch.int32)                 # exactly the ring
         send = asyncio.ensure_future(tx.send(x))
         (held,) = await asyncio.wait_for(rx.recv(), 10)                 # a view: the ring stays full
@@ -53,18 +90,14 @@ async def test_ring_sender_waiting_for_space_raises_when_the_receiver_closes(kin
             await asyncio.wait_for(tx.send(torch.ones(3)), 10)
         assert waiting
         del held
-    finally:
-        await tx.aclose()
-        await rx.aclose()
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("kind", list(RING_KINDS))
+@pytest.mark.parametrize("kind", RING_KINDS)
 async def test_ring_send_after_the_receiver_closed_with_a_full_ring_raises(kind):
     """The other order: the receiver is gone first, then a send finds the ring full."""
     ring = 64 << 10
-    tx, rx = await _ring_pair(kind, ring)
-    try:
+    async with _pair(kind, ring_bytes=ring) as (tx, rx):
         x = torch.arange(ring // 4, dtype=torch.int32)
         send = asyncio.ensure_future(tx.send(x))
         (held,) = await asyncio.wait_for(rx.recv(), 10)
@@ -73,17 +106,12 @@ async def test_ring_send_after_the_receiver_closed_with_a_full_ring_raises(kind)
         with pytest.raises(ActorClosed):
             await asyncio.wait_for(tx.send(x + 1), 10)
         del held
-    finally:
-        await tx.aclose()
-        await rx.aclose()
 
 
 @pytest.mark.timeout(30)
 async def test_local_sender_waiting_for_room_raises_when_the_receiver_closes():
     """The same for the in-process queue: full, a send waits for room, the receiver closes."""
-    rx = await open_receiver("local", depth=1)
-    tx = await open_sender(rx.address)
-    try:
+    async with _pair("local", depth=1) as (tx, rx):
         await asyncio.wait_for(tx.send(torch.ones(1)), 10)             # the queue is full
         blocked = asyncio.ensure_future(tx.send(torch.ones(2)))
         await asyncio.sleep(0)                      # one turn of the loop (no timing): it starts and waits
@@ -92,9 +120,6 @@ async def test_local_sender_waiting_for_room_raises_when_the_receiver_closes():
         with pytest.raises(ActorClosed, match="closed"):
             await asyncio.wait_for(blocked, 10)
         assert waiting
-    finally:
-        await tx.aclose()
-        await rx.aclose()
 
 
 @pytest.mark.timeout(30)
@@ -104,8 +129,7 @@ async def test_cuda_ipc_closed_receiver_keeps_its_ring_until_the_sender_is_done(
     sender that connects after the close is refused. (On the host-memory channel the sender also
     holds the ring itself, so only the parking is observable here, not the overwrite it prevents.)"""
     assert cuda_ipc.sweep_parked() == 0
-    tx, rx = await _ring_pair("cuda_ipc", 64 << 10)
-    try:
+    async with _pair("cuda_ipc", ring_bytes=64 << 10) as (tx, rx):
         send = asyncio.ensure_future(tx.send(torch.arange(100)))
         got = await asyncio.wait_for(rx.recv(), 10)
         await asyncio.wait_for(send, 10)
@@ -121,9 +145,6 @@ async def test_cuda_ipc_closed_receiver_keeps_its_ring_until_the_sender_is_done(
         rx2 = await open_receiver("cuda_ipc", device="cpu", ring_bytes=64 << 10)
         await rx2.aclose()
         assert cuda_ipc.sweep_parked() == 0
-    finally:
-        await tx.aclose()
-        await rx.aclose()
 
 
 _FOREIGN_SENDER = """
@@ -139,13 +160,9 @@ sys.stdin.read()                       # until the test lets go: the process end
 async def test_cuda_ipc_ring_outlives_its_receiver_while_a_sender_process_holds_it():
     """A sender in another process (as on a GPU, where it maps the ring) holds the channel: the closed
     receiver's ring is not dropped until that process is done, then the next sweep gives it back."""
-    rx = await open_receiver("cuda_ipc", device="cpu", ring_bytes=64 << 10)
-    ring = weakref.ref(rx._ring)
-    child = None
-    try:
-        child = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _FOREIGN_SENDER, rx.address["lock"],
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    async with await open_receiver("cuda_ipc", device="cpu", ring_bytes=64 << 10) as rx, \
+            _child(_FOREIGN_SENDER, rx.address["lock"]) as child:
+        ring = weakref.ref(rx._ring)
         assert child.stdin is not None and child.stdout is not None
         line = await asyncio.wait_for(child.stdout.readline(), 60)
         assert line == b"locked\n"
@@ -154,11 +171,6 @@ async def test_cuda_ipc_ring_outlives_its_receiver_while_a_sender_process_holds_
         child.stdin.close()
         await asyncio.wait_for(child.wait(), 30)
         assert kept and cuda_ipc.sweep_parked() == 0 and ring() is None
-    finally:
-        if child is not None and child.returncode is None:
-            child.kill()
-            await child.wait()
-        await rx.aclose()
 
 
 @pytest.mark.timeout(60)
@@ -166,9 +178,7 @@ async def test_cuda_ipc_ring_outlives_its_receiver_while_a_sender_process_holds_
 async def test_zmq_send_returns_once_the_tensor_may_be_reused(kind):
     """send() frames tensors without a copy; it returns when ZeroMQ is done with them, so a caller
     that overwrites a tensor right after send() returns does not change what the receiver gets."""
-    rx = await open_receiver(kind)
-    tx = await open_sender(rx.address)
-    try:
+    async with _pair(kind) as (tx, rx):
         g = torch.Generator().manual_seed(5)
         for nbytes in (100, 1 << 20, 64 << 20):                     # copied by pyzmq, then zero-copy
             x = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)
@@ -179,21 +189,9 @@ async def test_zmq_send_returns_once_the_tensor_may_be_reused(kind):
             equal = torch.equal(got, want)
             del got
             assert equal, f"{nbytes} bytes: the receiver got the overwritten buffer"
-    finally:
-        await tx.aclose()
-        await rx.aclose()
 
 
 # --- the other direction: a receiver learns that its sender closed or died ---------------------------
-
-ALL_KINDS = {"local": {}, "shm": {"ring_bytes": 1 << 20}, "cuda_ipc": {"device": "cpu", "ring_bytes": 1 << 20},
-             "ipc": {}, "tcp": {}}
-
-
-async def _pair(kind: str):
-    rx = await open_receiver(kind, **ALL_KINDS[kind])
-    tx = await open_sender(rx.address)
-    return tx, rx
 
 
 @pytest.mark.timeout(30)
@@ -201,8 +199,7 @@ async def _pair(kind: str):
 async def test_recv_waiting_for_a_send_raises_when_the_sender_closes(kind):
     """A receiver waits for the next send and its sender closes instead: recv() raises ActorClosed,
     and so does every later recv() (both waited for ever)."""
-    tx, rx = await _pair(kind)
-    try:
+    async with _pair(kind) as (tx, rx):
         await asyncio.wait_for(tx.send(torch.arange(10)), 10)
         (first,) = await asyncio.wait_for(rx.recv(), 10)           # the sender is connected
         intact = torch.equal(first, torch.arange(10))
@@ -216,9 +213,6 @@ async def test_recv_waiting_for_a_send_raises_when_the_sender_closes(kind):
         with pytest.raises(ActorClosed, match="sender .* closed"):
             await asyncio.wait_for(rx.recv(), 10)
         assert intact and was_waiting
-    finally:
-        await tx.aclose()
-        await rx.aclose()
 
 
 @pytest.mark.timeout(30)
@@ -226,8 +220,7 @@ async def test_recv_waiting_for_a_send_raises_when_the_sender_closes(kind):
 async def test_sends_completed_before_the_sender_closed_are_received_then_recv_raises(kind):
     """Sends completed before the sender closed are all received, in order, after the close; only
     then does recv() raise ActorClosed (into= or not)."""
-    tx, rx = await _pair(kind)
-    try:
+    async with _pair(kind) as (tx, rx):
         sent = [torch.arange(1000, dtype=torch.int32) * i for i in range(4)]
         for x in sent:
             await asyncio.wait_for(tx.send(x), 10)
@@ -244,20 +237,16 @@ async def test_sends_completed_before_the_sender_closed_are_received_then_recv_r
         with pytest.raises(ActorClosed, match="sender .* closed"):
             await asyncio.wait_for(rx.recv(), 10)
         assert same == [True] * len(sent)
-    finally:
-        await tx.aclose()
-        await rx.aclose()
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("kind", list(RING_KINDS))
+@pytest.mark.parametrize("kind", RING_KINDS)
 async def test_ring_recv_raises_when_the_sender_closes_in_the_middle_of_a_send(kind):
     """The ring is full (a received view holds it), so a send has announced itself and waits for space;
     the sender gives up on it and closes: the receiver reads the announcement, then raises ActorClosed
     instead of waiting for data that will never come."""
     ring = 64 << 10
-    tx, rx = await _ring_pair(kind, ring)
-    try:
+    async with _pair(kind, ring_bytes=ring) as (tx, rx):
         x = torch.arange(ring // 4, dtype=torch.int32)                 # exactly the ring
         send = asyncio.ensure_future(tx.send(x))
         (held,) = await asyncio.wait_for(rx.recv(), 10)
@@ -272,20 +261,6 @@ async def test_ring_recv_raises_when_the_sender_closes_in_the_middle_of_a_send(k
         intact = torch.equal(held, x)
         del held
         assert was_waiting and intact
-    finally:
-        await tx.aclose()
-        await rx.aclose()
-
-
-async def _start_child(script: str, *args: str):
-    return await asyncio.create_subprocess_exec(sys.executable, "-c", script, *args,
-                                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-
-
-async def _kill(child) -> None:
-    if child is not None and child.returncode is None:
-        child.kill()
-        await child.wait()
 
 
 _SENDER_PROCESS = """
@@ -312,10 +287,8 @@ async def test_shm_recv_raises_when_the_sender_process_is_killed_in_the_middle_o
     """A sender in another process fills the ring (the receiver holds its first send as a view), has
     announced its second send and waits for space; it is killed (SIGKILL): recv() raises ActorClosed."""
     ring = 64 << 10
-    rx = await open_receiver("shm", ring_bytes=ring)
-    child = None
-    try:
-        child = await _start_child(_SENDER_PROCESS, json.dumps(rx.address), json.dumps([ring // 4, 10]))
+    async with await open_receiver("shm", ring_bytes=ring) as rx, \
+            _child(_SENDER_PROCESS, json.dumps(rx.address), json.dumps([ring // 4, 10])) as child:
         (held,) = await asyncio.wait_for(rx.recv(), 60)               # the whole ring, held
         await asyncio.wait_for(rx._ctrl.poll(zmq.POLLIN), 30)         # the second send's announcement
         await _kill(child)
@@ -324,9 +297,6 @@ async def test_shm_recv_raises_when_the_sender_process_is_killed_in_the_middle_o
         intact = torch.equal(held, torch.arange(ring // 4, dtype=torch.int32))
         del held
         assert intact
-    finally:
-        await _kill(child)
-        await rx.aclose()
 
 
 @pytest.mark.timeout(90)   # the child imports torch
@@ -336,10 +306,8 @@ async def test_zmq_recv_raises_when_the_sender_process_is_killed_in_the_middle_o
     receiver has read the first; its queue holds one message, the second, unread), and is killed
     (SIGKILL) meanwhile: the second is still received, then recv() raises ActorClosed (the cut-short
     message is never seen)."""
-    rx = await open_receiver(kind, hwm=1)
-    child = None
-    try:
-        child = await _start_child(_SENDER_PROCESS, json.dumps(rx.address), json.dumps([10, 11, 16 << 20]))
+    async with await open_receiver(kind, hwm=1) as rx, \
+            _child(_SENDER_PROCESS, json.dumps(rx.address), json.dumps([10, 11, 16 << 20])) as child:
         assert child.stdout is not None
         (first,) = await asyncio.wait_for(rx.recv(), 60)             # after the sender's hello
         assert await asyncio.wait_for(child.stdout.readline(), 60) == b"sending\n"
@@ -351,9 +319,6 @@ async def test_zmq_recv_raises_when_the_sender_process_is_killed_in_the_middle_o
             await asyncio.wait_for(rx.recv(), 10)
         assert torch.equal(first, torch.arange(10, dtype=torch.int32))
         assert torch.equal(second, torch.arange(11, dtype=torch.int32))
-    finally:
-        await _kill(child)
-        await rx.aclose()
 
 
 _CUDA_IPC_SENDER = """
@@ -374,14 +339,12 @@ async def test_cuda_ipc_recv_raises_when_the_sender_process_is_killed_in_the_mid
     announced a send larger than the ring and its first chunk; the receiver copies that chunk out and
     waits for the next; the sender is killed (SIGKILL): recv() raises ActorClosed."""
     ring = 64 << 10
-    rx = await open_receiver("cuda_ipc", device="cpu", ring_bytes=ring)
-    child = None
-    try:
-        chunk = ring // 4
-        notices = [cuda_ipc._control(cuda_ipc.IpcHello(0, b"")),
-                   cuda_ipc._control(cuda_ipc.IpcRegions(tensor_header([torch.empty(2 * ring, dtype=torch.uint8)]),
-                                                         [[0, chunk, chunk]]))]
-        child = await _start_child(_CUDA_IPC_SENDER, rx.address["ctrl"], *(n.hex() for n in notices))
+    chunk = ring // 4
+    notices = [cuda_ipc._control(cuda_ipc.IpcHello(0, b"")),
+               cuda_ipc._control(cuda_ipc.IpcRegions(tensor_header([torch.empty(2 * ring, dtype=torch.uint8)]),
+                                                     [[0, chunk, chunk]]))]
+    async with await open_receiver("cuda_ipc", device="cpu", ring_bytes=ring) as rx, \
+            _child(_CUDA_IPC_SENDER, rx.address["ctrl"], *(n.hex() for n in notices)) as child:
         receiving = asyncio.ensure_future(rx.recv())
         assert child.stdout is not None
         assert await asyncio.wait_for(child.stdout.readline(), 30) == b"waiting\n"
@@ -390,9 +353,6 @@ async def test_cuda_ipc_recv_raises_when_the_sender_process_is_killed_in_the_mid
         with pytest.raises(ActorClosed, match="sender .* closed"):
             await asyncio.wait_for(receiving, 10)
         assert was_waiting
-    finally:
-        await _kill(child)
-        await rx.aclose()
 
 
 # a ZMTP 3.0 greeting with a mechanism no ZeroMQ socket knows: the receiver drops the connection at once
@@ -404,20 +364,18 @@ async def test_tcp_receiver_does_not_take_a_stray_connection_for_its_sender():
     """Connections that are not ZeroMQ peers (a port scan, a health check) come and go on a tcp
     receiver's port, before its sender connects and while it is connected: the receiver does not take
     either for its sender going (recv() goes on), and still learns when the sender does close."""
-    rx = await open_receiver("tcp")
-    tx = None
-    host, port = rx.address["endpoint"][len("tcp://"):].rsplit(":", 1)
+    async with await open_receiver("tcp") as rx, _closing() as keep:
+        host, port = rx.address["endpoint"][len("tcp://"):].rsplit(":", 1)
 
-    async def stray() -> None:
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(_NOT_A_PEER)
-        await reader.read()           # until the receiver drops it: its monitor has reported that
-        writer.close()
-        await writer.wait_closed()
+        async def stray() -> None:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(_NOT_A_PEER)
+            await reader.read()           # until the receiver drops it: its monitor has reported that
+            writer.close()
+            await writer.wait_closed()
 
-    try:
         await asyncio.wait_for(stray(), 10)
-        tx = await open_sender(rx.address)
+        tx = keep(await open_sender(rx.address))
         await asyncio.wait_for(tx.send(torch.arange(3)), 10)
         (first,) = await asyncio.wait_for(rx.recv(), 10)
         waiting = asyncio.ensure_future(rx.recv())
@@ -428,10 +386,58 @@ async def test_tcp_receiver_does_not_take_a_stray_connection_for_its_sender():
         with pytest.raises(ActorClosed, match="sender .* closed"):
             await asyncio.wait_for(rx.recv(), 10)
         assert torch.equal(first, torch.arange(3)) and torch.equal(second, torch.arange(4))
-    finally:
-        if tx is not None:
-            await tx.aclose()
-        await rx.aclose()
+
+
+# a ZeroMQ sender that connects and completes the handshake, then says nothing until it is killed: a
+# FlexPipe sender killed between its handshake and its hello looks just like this to the receiver
+_SILENT_PEER = """
+import sys, zmq
+sock = zmq.Context().socket(zmq.PUSH)
+sock.setsockopt(zmq.METADATA, sys.argv[2].encode())
+handshake = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+sock.connect(sys.argv[1])
+handshake.recv_multipart()
+print("connected", flush=True)
+sys.stdin.read()
+"""
+
+
+async def _until(condition: Callable[[], object], timeout: float = 10) -> None:
+    """Wait until `condition()` holds (state that the event loop's readers change as events come),
+    for at most `timeout` seconds."""
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.001)
+    await asyncio.wait_for(poll(), timeout)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["ipc", "tcp"])
+async def test_zmq_connection_killed_before_any_message_does_not_end_the_channel(kind):
+    """A ZeroMQ peer connects to a waiting receiver with this channel's sender property, completes the
+    handshake, and is killed (SIGKILL) before it sends anything: the receiver has seen a connection come
+    and go without a message, which a sender killed before its hello reached it, a stale peer of
+    another channel and a port scan all leave (ZeroMQ shows a connection's metadata only on its
+    messages). Ending the channel on it would end it for good under a sender still to come, so the
+    recv() goes on waiting; the sender that comes next is read, and its close is learnt."""
+    async with await open_receiver(kind) as rx, _closing() as keep:
+        watch = rx._watch
+        waiting = asyncio.ensure_future(rx.recv())
+        async with _child(_SILENT_PEER, rx.address["endpoint"],
+                          f"X-FlexPipe-Sender:{rx.address['token']}/killed") as child:
+            assert child.stdout is not None
+            assert await asyncio.wait_for(child.stdout.readline(), 30) == b"connected\n"
+            await _until(lambda: watch._open)          # the receiver has taken in the connection
+            await _kill(child)
+            await _until(lambda: not watch._open)      # and its going
+        was_waiting = not waiting.done()
+        tx = keep(await open_sender(rx.address))
+        await asyncio.wait_for(tx.send(torch.arange(3)), 10)
+        (got,) = await asyncio.wait_for(waiting, 10)
+        await tx.aclose()
+        with pytest.raises(ActorClosed, match="sender .* closed"):
+            await asyncio.wait_for(rx.recv(), 10)
+        assert was_waiting and torch.equal(got, torch.arange(3))
 
 
 @pytest.mark.timeout(30)
@@ -440,8 +446,7 @@ async def test_recv_waiting_when_its_own_receiver_closes_raises_actor_closed(kin
     """The receiver itself is closed (e.g. a stage replacing its inbound hop) while one of its recv()
     calls waits: that recv() raises ActorClosed, as Transport.aclose promises (it raised CancelledError,
     which a caller takes for its own task being cancelled); the task itself is not cancelled."""
-    tx, rx = await _pair(kind)
-    try:
+    async with _pair(kind) as (tx, rx):
         await asyncio.wait_for(tx.send(torch.arange(4)), 10)
         await asyncio.wait_for(rx.recv(), 10)
         waiting = asyncio.ensure_future(rx.recv())
@@ -451,9 +456,6 @@ async def test_recv_waiting_when_its_own_receiver_closes_raises_actor_closed(kin
         with pytest.raises(ActorClosed):
             await asyncio.wait_for(waiting, 10)
         assert not waiting.cancelled()
-    finally:
-        await tx.aclose()
-        await rx.aclose()
 
 
 # --- one sender per channel: after its sender has gone, a receiver reads no one else -----------------
@@ -470,9 +472,7 @@ async def test_after_the_sender_closed_a_later_sender_is_never_read(kind, gap):
     cuda_ipc refuse it at connect. The same whether or not a recv() ran between the two (ipc/tcp took
     both events in one batch and read on as if nothing happened; a recv that saw the gap raised, then
     the later sender's sends were delivered anyway; local raised, then delivered them)."""
-    tx, rx = await _pair(kind)
-    tx2 = None
-    try:
+    async with _pair(kind) as (tx, rx), _closing() as keep:
         await asyncio.wait_for(tx.send(torch.arange(3)), 10)
         (first,) = await asyncio.wait_for(rx.recv(), 10)
         intact = torch.equal(first, torch.arange(3))
@@ -481,9 +481,9 @@ async def test_after_the_sender_closed_a_later_sender_is_never_read(kind, gap):
         if gap:
             with pytest.raises(ActorClosed, match="sender .* closed"):
                 await asyncio.wait_for(rx.recv(), 10)
-        refused = None
+        refused = tx2 = None
         try:
-            tx2 = await open_sender(rx.address)
+            tx2 = keep(await open_sender(rx.address))
         except ActorClosed as e:
             refused = e
         if tx2 is not None:
@@ -494,11 +494,6 @@ async def test_after_the_sender_closed_a_later_sender_is_never_read(kind, gap):
             with pytest.raises(ActorClosed, match="sender .* closed"):
                 await asyncio.wait_for(rx.recv(), 10)
         assert intact and (refused is not None) == (kind in _REFUSED_AT_CONNECT)
-    finally:
-        await tx.aclose()
-        if tx2 is not None:
-            await tx2.aclose()
-        await rx.aclose()
 
 
 @pytest.mark.timeout(30)
@@ -508,9 +503,7 @@ async def test_a_second_sender_while_the_first_is_open_is_refused(kind):
     shm, cuda_ipc: ActorClosed, as it would write into the ring from its start, under sends not yet
     read), or (ipc, tcp, where connect cannot tell) its arrival ends the channel: the receiver raises
     ActorClosed rather than read it."""
-    tx, rx = await _pair(kind)
-    tx2 = None
-    try:
+    async with _pair(kind) as (tx, rx), _closing() as keep:
         await asyncio.wait_for(tx.send(torch.arange(3)), 10)
         (first,) = await asyncio.wait_for(rx.recv(), 10)
         intact = torch.equal(first, torch.arange(3))
@@ -522,7 +515,7 @@ async def test_a_second_sender_while_the_first_is_open_is_refused(kind):
             (second,) = await asyncio.wait_for(rx.recv(), 10)
             assert intact and torch.equal(second, torch.arange(4))
             return
-        tx2 = await open_sender(rx.address)
+        tx2 = keep(await open_sender(rx.address))
         await asyncio.wait_for(tx2.send(torch.arange(5)), 10)
         with pytest.raises(ActorClosed, match="another sender connected"):
             await asyncio.wait_for(rx.recv(), 10)
@@ -530,11 +523,6 @@ async def test_a_second_sender_while_the_first_is_open_is_refused(kind):
         with pytest.raises(ActorClosed):
             await asyncio.wait_for(rx.recv(), 10)
         assert intact
-    finally:
-        await tx.aclose()
-        if tx2 is not None:
-            await tx2.aclose()
-        await rx.aclose()
 
 
 @pytest.mark.timeout(30)
@@ -544,16 +532,13 @@ async def test_a_peer_of_another_channel_neither_ends_the_channel_nor_is_read(ki
     earlier channel, reconnecting to a reused tcp port) sends, and goes, before the real sender connects:
     the receiver does not read its send, does not take its leaving for its sender's (the channel was
     'gone' before its sender came), and still learns when its sender closes."""
-    rx = await open_receiver(kind)
-    other = await open_receiver(kind)
-    stale = tx = None
-    try:
-        stale = await open_sender(dict(other.address, endpoint=rx.address["endpoint"]))
+    async with await open_receiver(kind) as rx, await open_receiver(kind) as other, _closing() as keep:
+        stale = keep(await open_sender(dict(other.address, endpoint=rx.address["endpoint"])))
         await asyncio.wait_for(stale.send(torch.full((3,), -1)), 10)
         while not await asyncio.wait_for(rx._sock.poll(zmq.POLLIN), 10):   # its hello is here
             pass
         await stale.aclose()
-        tx = await open_sender(rx.address)
+        tx = keep(await open_sender(rx.address))
         await asyncio.wait_for(tx.send(torch.arange(3)), 10)
         (first,) = await asyncio.wait_for(rx.recv(), 10)
         waiting = asyncio.ensure_future(rx.recv())
@@ -564,10 +549,6 @@ async def test_a_peer_of_another_channel_neither_ends_the_channel_nor_is_read(ki
             await asyncio.wait_for(rx.recv(), 10)
         assert torch.equal(first, torch.arange(3)) and torch.equal(second, torch.arange(4))
         assert rx.stats["foreign"] >= 1   # the stale sender's hello (and its send, if read by now)
-    finally:
-        for t in (stale, tx, rx, other):
-            if t is not None:
-                await t.aclose()
 
 
 @pytest.mark.timeout(60)
@@ -577,24 +558,18 @@ async def test_many_connections_while_the_receivers_loop_is_busy_do_not_stall_ze
     events), and no connection, the sender's included, got through any more. Now the queue is
     unbounded (and read by the loop as events come): the sender connects, sends, closes, and the
     receiver learns it."""
-    rx = await open_receiver("tcp")
-    tx = None
-    host, port = rx.address["endpoint"][len("tcp://"):].rsplit(":", 1)
-    try:
+    async with await open_receiver("tcp") as rx, _closing() as keep:
+        host, port = rx.address["endpoint"][len("tcp://"):].rsplit(":", 1)
         for _ in range(1500):   # blocking calls: the loop does not run meanwhile
             with socket.create_connection((host, int(port)), timeout=5):
                 pass
-        tx = await open_sender(rx.address)
+        tx = keep(await open_sender(rx.address))
         await asyncio.wait_for(tx.send(torch.arange(3)), 10)
         (got,) = await asyncio.wait_for(rx.recv(), 10)
         await tx.aclose()
         with pytest.raises(ActorClosed, match="sender .* closed"):
             await asyncio.wait_for(rx.recv(), 10)
         assert torch.equal(got, torch.arange(3))
-    finally:
-        if tx is not None:
-            await tx.aclose()
-        await rx.aclose()
 
 
 @pytest.mark.timeout(30)
@@ -612,8 +587,7 @@ async def test_a_waiting_recv_waits_on_its_socket_alone(kind, monkeypatch):
         return real_poll(self, *args, **kwargs)
 
     monkeypatch.setattr(zmq.asyncio.Poller, "poll", counting_poll)
-    tx, rx = await _pair(kind)
-    try:
+    async with _pair(kind) as (tx, rx):
         for i in range(20):
             waiting = asyncio.ensure_future(rx.recv())
             await asyncio.sleep(0)                  # one turn of the loop (no timing): it starts and waits
@@ -622,6 +596,3 @@ async def test_a_waiting_recv_waits_on_its_socket_alone(kind, monkeypatch):
             assert torch.equal(got, torch.arange(i + 1))
             del got
         assert polls == 0
-    finally:
-        await tx.aclose()
-        await rx.aclose()

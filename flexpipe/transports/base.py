@@ -66,7 +66,8 @@ class Transport(abc.ABC):
         shapes, contiguous) which is then returned. Raises ProtocolError on a mismatch, and
         ActorClosed once the sender has closed or its process ended and every send it completed
         has been received (one it left unfinished included, and while waiting for the next), and
-        from then on (another sender's sends are not read)."""
+        from then on (another sender's sends are not read). A sender that ended before its hello
+        reached this side is not seen (PeerWatch says why): a recv() then waits on."""
 
     @abc.abstractmethod
     async def aclose(self) -> None:
@@ -124,9 +125,13 @@ class PeerWatch:
     - `peer="sender"`, on the receiver's binding socket: the sender is gone at the first moment, in the
       order of the monitor's events, that no accepted connection is open once the receiver has read
       the sender's first message (the transport says so: `sender_seen`). Every sender says hello
-      first, so a sender that connected is seen; a connection that never carries the sender's hello
-      (a port scan, a stale peer of another channel on a reused port) does not make the channel gone
-      by leaving. It does delay "gone" while it stays open.
+      first, so a sender whose hello reached the socket is seen; a connection that never carries the
+      sender's hello (a port scan, a stale peer of another channel on a reused port) does not make the
+      channel gone by leaving. It does delay "gone" while it stays open. Nor does a sender that ended
+      before its hello arrived (killed while connecting): the monitor names a connection by its file
+      descriptor only, so its coming and going reads as a stray's, and taking it for the sender would
+      end the channel for good under a sender still to come. A recv() waits on then, until the
+      caller's own timeout, or aclose(), or the next sender.
 
     "Gone" is latched: the receiver reads on while its socket has messages, and once it finds none,
     ActorClosed follows for good (`finished`): a sender that reconnects after a gap in which sends

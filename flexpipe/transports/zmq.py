@@ -15,8 +15,18 @@ takes another sender of its channel as the end of the channel (the first is gone
 is misused).
 
 The receiver learns from its socket's monitor (`base.PeerWatch`) that its sender closed or its
-process ended: recv() then raises ActorClosed once every message the sender completed is received
-(ZeroMQ delivers a message whole or not at all, so a send cut short is never seen), and from then on.
+process ended: recv() then raises ActorClosed once every message of the sender that reached it is
+received (ZeroMQ delivers a message whole or not at all, so a send cut short is never seen), and from
+then on.
+
+What it cannot learn: that a sender ended before its hello reached the receiver. Such a sender leaves
+nothing, or a connection that comes and goes without a message, as a port scan or a stale peer of
+another channel does; ZeroMQ shows a connection's metadata (the sender property) only on its messages,
+so a waiting recv() goes on waiting, until the caller's timeout or aclose() or the next sender (see
+PeerWatch). Nor is a returned send() proof that its message left the process: send() returns once
+ZeroMQ no longer reads the tensors (pyzmq copies frames under 64 KiB at once), and ZeroMQ may still
+hold the message, behind the hello on a connection not yet made; a sender killed (SIGKILL) then loses
+both, unseen. A sender that closes lingers (up to `linger_ms`) until both have gone out.
 """
 
 from __future__ import annotations
