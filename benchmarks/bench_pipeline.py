@@ -721,6 +721,46 @@ def decode_layouts(reps: int = 3000) -> None:
     print("attention layout of a decode group (contexts of 60.. tokens), general / decode path: " + "; ".join(parts))
 
 
+def compiled_step(cfg: ModelConfig, n: int = 32, keys_step: int = 32) -> None:
+    """A decode step of n rows on StaticDecode's fixed-shape buffers, eager and under torch.compile
+    (inductor's CPU code: fused elementwise kernels, one graph per (rows, keys) bucket): whether
+    compiling the step would close the gap to 2x HF at equal lengths (README, FP-3)."""
+    import flexpipe.model.static_decode as sd
+    from flexpipe.runtime.stage_core import StageCore, StepMeta
+
+    bucket = sd.bucket_keys
+    sd.bucket_keys = lambda m, step=keys_step: bucket(m, step)   # CUDA's 256-key buckets pad ~2.5x here
+    try:
+        prompts, ids = make_prompts(n), [f"s{j}" for j in range(n)]
+        res = {}
+        for label in ("eager", "compiled"):
+            core = StageCore(cfg, PresetWeights(cfg, seed=0), 0, cfg.num_units, num_blocks=1024, block_size=16,
+                             decode="static")
+            for j, p in enumerate(prompts):
+                core.forward(StepMeta([f"s{j}"], [0], [len(p)], [True], [0], [GREEDY]), torch.tensor(p))
+
+            def step(k: int) -> torch.Tensor:
+                return core.forward(StepMeta(ids, [len(p) + k for p in prompts], [1] * n, [True] * n,
+                                             [k + 1] * n, [GREEDY] * n), torch.tensor([5] * n))
+            step(0)
+            t0 = time.perf_counter()
+            if label == "compiled":
+                core._static._forward = torch.compile(core._static._forward, dynamic=False, fullgraph=True)
+            outs, times = [], []
+            for k in range(1, 64):
+                t = time.perf_counter()
+                outs.append(step(k))
+                times.append(time.perf_counter() - t)
+            res[label] = (outs, pct(times[-24:], 50) * 1e3, time.perf_counter() - t0)
+        same = all(torch.equal(a, b) for a, b in zip(res["eager"][0], res["compiled"][0]))
+        print(f"decode step of {n} rows on static buffers (keys in steps of {keys_step}), p50 of the last 24 of "
+              f"63 steps: eager {res['eager'][1]:.2f} ms, torch.compile {res['compiled'][1]:.2f} ms "
+              f"({res['eager'][1] / res['compiled'][1]:.2f}x; the 63 steps with their compiles took "
+              f"{res['compiled'][2]:.1f} s); sampled tokens {'identical' if same else 'DIFFER'}")
+    finally:
+        sd.bucket_keys = bucket
+
+
 def profile_decode(args: argparse.Namespace, n: int = 32, steps: int = 20) -> None:
     """A stage's decode step alone (in-process StageCore, no messages): its time for the whole model
     and for the 4-stage split at 1, 16 and 32 rows, then where one step of n rows goes (cProfile)."""
@@ -754,6 +794,7 @@ def profile_decode(args: argparse.Namespace, n: int = 32, steps: int = 20) -> No
         process_split(cfg, cuts, rows)
     cold_codec(cfg, cuts)
     decode_layouts()
+    compiled_step(cfg)
     step = _decoding_core(cfg, 0, cfg.num_units, n)
     for k in range(3):
         step(k)
