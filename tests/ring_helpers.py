@@ -3,8 +3,53 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import sys
+from typing import AsyncIterator
 
+import pytest
 import torch
+
+PREFIX_ENV = "FLEXPIPE_SHM_PREFIX"   # the documented name (shm.PREFIX_ENV)
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="the abstract socket namespace and /proc are Linux's")
+needs_root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                                reason="becoming another user takes root")
+
+
+@contextlib.asynccontextmanager
+async def child_process(script: str, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A Python process running `script` with `args`, its stdin and stdout piped; killed at the end
+    (SIGKILL) if it still runs."""
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", script, *args,
+                                                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    try:
+        yield child
+    finally:
+        await kill_child(child)
+
+
+async def kill_child(child: asyncio.subprocess.Process) -> None:
+    if child.returncode is None:
+        child.kill()
+        await child.wait()
+
+
+# A process of another user: it starts as root (to import pyzmq from root's files), then becomes
+# `nobody` and says what a sender says first (argv[2], hex) on a channel's control socket (argv[1]).
+STRANGER = """
+import os, sys, zmq
+ctx = zmq.Context()
+sock = ctx.socket(zmq.PAIR)
+sock.setsockopt(zmq.LINGER, 1000)   # its hello goes through within 1 s, if it may connect at all
+os.setgid(65534)
+os.setuid(65534)
+sock.connect(sys.argv[1])
+sock.send(bytes.fromhex(sys.argv[2]))
+sock.close()
+ctx.term()
+"""
 
 
 async def fill_ring(tx, rx, a: torch.Tensor, n: int = 4, wait: float = 0.1):

@@ -10,7 +10,6 @@ import asyncio
 import glob
 import json
 import os
-import sys
 import tempfile
 import weakref
 
@@ -19,26 +18,11 @@ import torch
 
 from flexpipe.errors import ActorClosed, ConfigError
 from flexpipe.transports import cuda_ipc, open_receiver, open_sender
+from flexpipe.transports import shm
 from flexpipe.transports.shm import SHM_DIR
+from ring_helpers import PREFIX_ENV, STRANGER, child_process, kill_child, linux_only, needs_root
 
 pytestmark = pytest.mark.timeout(60)
-
-PREFIX_ENV = "FLEXPIPE_SHM_PREFIX"   # the documented name (shm.PREFIX_ENV)
-
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
-                                reason="the abstract socket namespace and /proc are Linux's")
-
-
-async def _start_child(script: str, *args: str):
-    return await asyncio.create_subprocess_exec(sys.executable, "-c", script, *args,
-                                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-
-
-async def _kill(child) -> None:
-    if child is not None and child.returncode is None:
-        child.kill()
-        await child.wait()
-
 
 def _files_of(tag: str) -> list[str]:
     """What is on disk of a channel (its tag is in every name it gives a file, with any prefix)."""
@@ -72,22 +56,14 @@ async def test_a_killed_receiver_process_leaves_no_file(sender):
     (SIGKILL): neither a control socket file nor a lock file is left on disk (they were
     /tmp/fp-cipc-<tag>.ctl and .lock, the lock only until a sender came), and the channel is named
     with this session's prefix, which the child inherited."""
-    child = None
-    leftover: list[str] = []
-    try:
-        child = await _start_child(_RECEIVER_PROCESS, sender)
+    async with child_process(_RECEIVER_PROCESS, sender) as child:
         assert child.stdout is not None
         address = json.loads(await asyncio.wait_for(child.stdout.readline(), 60))
-        tag = address["channel"]
-        await _kill(child)
-        leftover = _files_of(tag)
-        assert leftover == [], f"a killed receiver left {leftover}"
-        assert address["ctrl"] == f"ipc://@{os.environ[PREFIX_ENV]}-cipc-{tag}.ctl"
-        assert address["lock"].startswith("/proc/")
-    finally:
-        await _kill(child)
-        for path in leftover:   # (only where this test fails) not left for the next run to find
-            os.unlink(path)
+    tag = address["channel"]   # killed: the leak check removes what a failing run leaves
+    leftover = _files_of(tag)
+    assert leftover == [], f"a killed receiver left {leftover}"
+    assert address["ctrl"] == f"ipc://@{os.environ[PREFIX_ENV]}-cipc-{tag}.ctl"
+    assert address["lock"].startswith("/proc/")
 
 
 @pytest.mark.parametrize("prefix", ["", "a/b", "fp.cipc", "x" * 33])
@@ -126,10 +102,11 @@ async def test_on_linux_a_channel_has_nothing_on_disk(monkeypatch):
 
 
 async def test_off_linux_the_files_are_where_the_leak_check_looks(monkeypatch):
-    """Off Linux (NAMELESS false, as it is there) the control socket and the lock are files: they match
+    """Off Linux (NAMELESS and shm.ABSTRACT_CTRL false, as they are there) the control socket and the lock are files: they match
     the patterns tests/conftest.py globs for this session's leftovers (<shm dir>/<prefix>-* and
     <temporary dir>/<prefix>-*.ctl), the channel works, and closing it removes them."""
     monkeypatch.setattr(cuda_ipc, "NAMELESS", False)
+    monkeypatch.setattr(shm, "ABSTRACT_CTRL", False)   # (shm.bind_control binds both transports' sockets)
     prefix = os.environ[PREFIX_ENV]   # this session's (conftest.py's)
     leak_check = (os.path.join(SHM_DIR, f"{prefix}-*"), os.path.join(tempfile.gettempdir(), f"{prefix}-*.ctl"))
     rx = await open_receiver("cuda_ipc", device="cpu", ring_bytes=1 << 16)
@@ -191,57 +168,29 @@ async def test_a_parked_ring_is_given_back_when_its_sender_process_dies():
     close another channel (or to sweep)."""
     loop = asyncio.get_running_loop()
     freed = asyncio.Event()
-    rx = await open_receiver("cuda_ipc", device="cpu", ring_bytes=1 << 16)
-    ring = weakref.ref(rx._ring, lambda _: loop.call_soon_threadsafe(freed.set))
-    child = None
-    try:
+    async with await open_receiver("cuda_ipc", device="cpu", ring_bytes=1 << 16) as rx:
+        ring = weakref.ref(rx._ring, lambda _: loop.call_soon_threadsafe(freed.set))
         address = rx.address
-        child = await _start_child(_SENDER_PROCESS, address["lock"], address["channel"],
-                                   *map(str, address["lock_id"]))
-        assert child.stdout is not None
-        assert await asyncio.wait_for(child.stdout.readline(), 60) == b"locked\n"
-        await rx.aclose()
-        parked = ring() is not None and not freed.is_set()
-        await _kill(child)
-        await asyncio.wait_for(freed.wait(), 10)
-        assert parked and ring() is None
-    finally:
-        await _kill(child)
-        await rx.aclose()
+        async with child_process(_SENDER_PROCESS, address["lock"], address["channel"],
+                                 *map(str, address["lock_id"])) as child:
+            assert child.stdout is not None
+            assert await asyncio.wait_for(child.stdout.readline(), 60) == b"locked\n"
+            await rx.aclose()
+            parked = ring() is not None and not freed.is_set()
+            await kill_child(child)
+            await asyncio.wait_for(freed.wait(), 10)
+            assert parked and ring() is None
     assert cuda_ipc.sweep_parked() == 0
 
 
-# a process of another user: it starts as root (to import pyzmq from root's files), then becomes
-# `nobody` and says what a sender says first (argv[2], hex) on the channel's control socket
-_STRANGER = """
-import os, sys, zmq
-ctx = zmq.Context()
-sock = ctx.socket(zmq.PAIR)
-sock.setsockopt(zmq.LINGER, 1000)   # its hello goes through within 1 s, if it may connect at all
-os.setgid(65534)
-os.setuid(65534)
-sock.connect(sys.argv[1])
-sock.send(bytes.fromhex(sys.argv[2]))
-sock.close()
-ctx.term()
-"""
-
-
 @linux_only
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="becoming another user takes root")
+@needs_root
 async def test_a_process_of_another_user_cannot_speak_on_the_control_socket():
     """An abstract socket name has no file permissions: without the receiver's filter on its peers' user,
     another user's hello would take the channel, and the real sender's would end it."""
-    rx = await open_receiver("cuda_ipc", device="cpu", ring_bytes=1 << 16)
-    tx = stranger = None
-    try:
+    async with await open_receiver("cuda_ipc", device="cpu", ring_bytes=1 << 16) as rx:
         hello = cuda_ipc._control(cuda_ipc.IpcHello(os.getpid(), b"")).hex()
-        stranger = await _start_child(_STRANGER, rx.address["ctrl"], hello)
-        await asyncio.wait_for(stranger.wait(), 30)   # its hello was delivered, or refused for 1 s
-        tx = await open_sender(rx.address)
-        assert await _carries(rx, tx)
-    finally:
-        await _kill(stranger)
-        if tx is not None:
-            await tx.aclose()
-        await rx.aclose()
+        async with child_process(STRANGER, rx.address["ctrl"], hello) as stranger:
+            await asyncio.wait_for(stranger.wait(), 30)   # its hello was delivered, or refused for 1 s
+        async with await open_sender(rx.address) as tx:
+            assert await _carries(rx, tx)

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import socket
-import sys
 import weakref
 from typing import AsyncIterator, Callable
 
@@ -23,6 +22,7 @@ from flexpipe.errors import ActorClosed, ProtocolError
 from flexpipe.runtime.codec import tensor_header
 from flexpipe.transports import Transport, open_receiver, open_sender
 from flexpipe.transports import cuda_ipc
+from ring_helpers import child_process, kill_child
 
 # cuda_ipc: its host-memory channel (its protocol, no GPU)
 ALL_KINDS = {"local": {}, "shm": {"ring_bytes": 1 << 20}, "cuda_ipc": {"device": "cpu", "ring_bytes": 1 << 20},
@@ -48,24 +48,6 @@ async def _closing() -> AsyncIterator[Callable[[Transport], Transport]]:
             stack.push_async_callback(t.aclose)
             return t
         yield keep
-
-
-@contextlib.asynccontextmanager
-async def _child(script: str, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    """A Python process running `script` with `args`, its stdin and stdout piped; killed at the end
-    (SIGKILL) if it still runs."""
-    child = await asyncio.create_subprocess_exec(sys.executable, "-c", script, *args,
-                                                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-    try:
-        yield child
-    finally:
-        await _kill(child)
-
-
-async def _kill(child: asyncio.subprocess.Process) -> None:
-    if child.returncode is None:
-        child.kill()
-        await child.wait()
 
 
 @pytest.mark.timeout(30)
@@ -161,7 +143,7 @@ async def test_cuda_ipc_ring_outlives_its_receiver_while_a_sender_process_holds_
     """A sender in another process (as on a GPU, where it maps the ring) holds the channel: the closed
     receiver's ring is not dropped until that process is done, then the next sweep gives it back."""
     async with await open_receiver("cuda_ipc", device="cpu", ring_bytes=64 << 10) as rx, \
-            _child(_FOREIGN_SENDER, rx.address["lock"]) as child:
+            child_process(_FOREIGN_SENDER, rx.address["lock"]) as child:
         ring = weakref.ref(rx._ring)
         assert child.stdin is not None and child.stdout is not None
         line = await asyncio.wait_for(child.stdout.readline(), 60)
@@ -288,10 +270,10 @@ async def test_shm_recv_raises_when_the_sender_process_is_killed_in_the_middle_o
     announced its second send and waits for space; it is killed (SIGKILL): recv() raises ActorClosed."""
     ring = 64 << 10
     async with await open_receiver("shm", ring_bytes=ring) as rx, \
-            _child(_SENDER_PROCESS, json.dumps(rx.address), json.dumps([ring // 4, 10])) as child:
+            child_process(_SENDER_PROCESS, json.dumps(rx.address), json.dumps([ring // 4, 10])) as child:
         (held,) = await asyncio.wait_for(rx.recv(), 60)               # the whole ring, held
         await asyncio.wait_for(rx._ctrl.poll(zmq.POLLIN), 30)         # the second send's announcement
-        await _kill(child)
+        await kill_child(child)
         with pytest.raises(ActorClosed, match="sender .* closed"):
             await asyncio.wait_for(rx.recv(), 10)
         intact = torch.equal(held, torch.arange(ring // 4, dtype=torch.int32))
@@ -307,13 +289,13 @@ async def test_zmq_recv_raises_when_the_sender_process_is_killed_in_the_middle_o
     (SIGKILL) meanwhile: the second is still received, then recv() raises ActorClosed (the cut-short
     message is never seen)."""
     async with await open_receiver(kind, hwm=1) as rx, \
-            _child(_SENDER_PROCESS, json.dumps(rx.address), json.dumps([10, 11, 16 << 20])) as child:
+            child_process(_SENDER_PROCESS, json.dumps(rx.address), json.dumps([10, 11, 16 << 20])) as child:
         assert child.stdout is not None
         (first,) = await asyncio.wait_for(rx.recv(), 60)             # after the sender's hello
         assert await asyncio.wait_for(child.stdout.readline(), 60) == b"sending\n"
         while not await asyncio.wait_for(rx._sock.poll(zmq.POLLIN), 30):   # (it may wake with nothing)
             pass                                                     # until the second message is here
-        await _kill(child)
+        await kill_child(child)
         (second,) = await asyncio.wait_for(rx.recv(), 10)
         with pytest.raises(ActorClosed, match="sender .* closed"):
             await asyncio.wait_for(rx.recv(), 10)
@@ -344,12 +326,12 @@ async def test_cuda_ipc_recv_raises_when_the_sender_process_is_killed_in_the_mid
                cuda_ipc._control(cuda_ipc.IpcRegions(tensor_header([torch.empty(2 * ring, dtype=torch.uint8)]),
                                                      [[0, chunk, chunk]]))]
     async with await open_receiver("cuda_ipc", device="cpu", ring_bytes=ring) as rx, \
-            _child(_CUDA_IPC_SENDER, rx.address["ctrl"], *(n.hex() for n in notices)) as child:
+            child_process(_CUDA_IPC_SENDER, rx.address["ctrl"], *(n.hex() for n in notices)) as child:
         receiving = asyncio.ensure_future(rx.recv())
         assert child.stdout is not None
         assert await asyncio.wait_for(child.stdout.readline(), 30) == b"waiting\n"
         was_waiting = not receiving.done()
-        await _kill(child)
+        await kill_child(child)
         with pytest.raises(ActorClosed, match="sender .* closed"):
             await asyncio.wait_for(receiving, 10)
         assert was_waiting
@@ -423,12 +405,12 @@ async def test_zmq_connection_killed_before_any_message_does_not_end_the_channel
     async with await open_receiver(kind) as rx, _closing() as keep:
         watch = rx._watch
         waiting = asyncio.ensure_future(rx.recv())
-        async with _child(_SILENT_PEER, rx.address["endpoint"],
+        async with child_process(_SILENT_PEER, rx.address["endpoint"],
                           f"X-FlexPipe-Sender:{rx.address['token']}/killed") as child:
             assert child.stdout is not None
             assert await asyncio.wait_for(child.stdout.readline(), 30) == b"connected\n"
             await _until(lambda: watch._open)          # the receiver has taken in the connection
-            await _kill(child)
+            await kill_child(child)
             await _until(lambda: not watch._open)      # and its going
         was_waiting = not waiting.done()
         tx = keep(await open_sender(rx.address))

@@ -17,25 +17,9 @@ import torch
 from flexpipe.errors import ActorClosed, ConfigError
 from flexpipe.transports import open_receiver, open_sender
 from flexpipe.transports.shm import SHM_DIR
+from ring_helpers import PREFIX_ENV, STRANGER, child_process, kill_child, linux_only, needs_root
 
 pytestmark = pytest.mark.timeout(60)
-
-PREFIX_ENV = "FLEXPIPE_SHM_PREFIX"   # the documented name (shm.PREFIX_ENV)
-
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
-                                reason="the abstract socket namespace is Linux's")
-
-
-async def _start_child(script: str, *args: str):
-    return await asyncio.create_subprocess_exec(sys.executable, "-c", script, *args,
-                                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-
-
-async def _kill(child) -> None:
-    if child is not None and child.returncode is None:
-        child.kill()
-        await child.wait()
-
 
 def _files_named(name: str) -> list[str]:
     """What is on disk under a channel's name (`<prefix>-<tag>`): its ring, its control socket file."""
@@ -65,34 +49,25 @@ async def test_a_killed_receiver_process_leaves_no_file_and_its_sender_learns_it
     the channel is named with this session's prefix (inherited), and the sender's sends raise
     ActorClosed once the ring is full."""
     ring = 64 << 10
-    child = tx = None
-    leftover: list[str] = []
-    try:
-        child = await _start_child(_RECEIVER_PROCESS, str(ring))
+    async with child_process(_RECEIVER_PROCESS, str(ring)) as child:
         assert child.stdout is not None
         address = json.loads(await asyncio.wait_for(child.stdout.readline(), 60))
         name = os.path.basename(address["path"])
-        tx = await open_sender(address)
-        x = torch.arange(ring // 4, dtype=torch.int32)                   # the whole ring
-        await asyncio.wait_for(tx.send(x), 10)
-        assert await asyncio.wait_for(child.stdout.readline(), 30) == b"received\n"
-        await _kill(child)
-        leftover = _files_named(name)
+        async with await open_sender(address) as tx:
+            x = torch.arange(ring // 4, dtype=torch.int32)                   # the whole ring
+            await asyncio.wait_for(tx.send(x), 10)
+            assert await asyncio.wait_for(child.stdout.readline(), 30) == b"received\n"
+            await kill_child(child)
+            leftover = _files_named(name)   # (the leak check removes what a failing run leaves)
 
-        async def send_until_closed() -> None:
-            while True:   # the second send waits for ring space: the receiver is gone, so it raises
-                await tx.send(x)
+            async def send_until_closed() -> None:
+                while True:   # the second send waits for ring space: the receiver is gone, so it raises
+                    await tx.send(x)
 
-        with pytest.raises(ActorClosed, match="closed"):
-            await asyncio.wait_for(send_until_closed(), 30)
-        assert leftover == [], f"a killed receiver left {leftover}"
-        assert name.startswith(os.environ[PREFIX_ENV] + "-")
-    finally:
-        await _kill(child)
-        if tx is not None:
-            await tx.aclose()
-        for path in leftover:   # (only where this test fails) not left for the next run to find
-            os.unlink(path)
+            with pytest.raises(ActorClosed, match="closed"):
+                await asyncio.wait_for(send_until_closed(), 30)
+    assert leftover == [], f"a killed receiver left {leftover}"
+    assert name.startswith(os.environ[PREFIX_ENV] + "-")
 
 
 @pytest.mark.parametrize("prefix", ["", "a/b", "../up", "fp shm", "fp.shm", "é", "x" * 33])
@@ -126,39 +101,16 @@ async def test_a_good_prefix_names_the_ring_and_the_control_socket(monkeypatch):
     assert _files_named(name) == []
 
 
-# a process of another user: it starts as root (to import pyzmq from root's files), then becomes
-# `nobody` and says what a sender says first on the channel's control socket
-_STRANGER = """
-import os, sys, zmq
-ctx = zmq.Context()
-sock = ctx.socket(zmq.PAIR)
-sock.setsockopt(zmq.LINGER, 1000)   # its hello goes through within 1 s, if it may connect at all
-os.setgid(65534)
-os.setuid(65534)
-sock.connect(sys.argv[1])
-sock.send(b"O")
-sock.close()
-ctx.term()
-"""
-
-
 @linux_only
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="becoming another user takes root")
+@needs_root
 async def test_a_process_of_another_user_cannot_speak_on_the_control_socket():
     """An abstract socket name has no file permissions: without the receiver's filter on its peers' user,
     another user's hello would take the channel, and the real sender's would end it."""
-    rx = await open_receiver("shm", ring_bytes=1 << 16)
-    tx = stranger = None
-    try:
-        stranger = await _start_child(_STRANGER, rx.address["ctrl"])
-        await asyncio.wait_for(stranger.wait(), 30)   # its hello was delivered, or refused for 1 s
-        tx = await open_sender(rx.address)
-        send = asyncio.ensure_future(tx.send(torch.arange(5)))
-        (got,) = await asyncio.wait_for(rx.recv(), 10)
-        await send
-        assert torch.equal(got, torch.arange(5))
-    finally:
-        await _kill(stranger)
-        if tx is not None:
-            await tx.aclose()
-        await rx.aclose()
+    async with await open_receiver("shm", ring_bytes=1 << 16) as rx:
+        async with child_process(STRANGER, rx.address["ctrl"], b"O".hex()) as stranger:   # shm's hello
+            await asyncio.wait_for(stranger.wait(), 30)   # its hello was delivered, or refused for 1 s
+        async with await open_sender(rx.address) as tx:
+            send = asyncio.ensure_future(tx.send(torch.arange(5)))
+            (got,) = await asyncio.wait_for(rx.recv(), 10)
+            await send
+            assert torch.equal(got, torch.arange(5))

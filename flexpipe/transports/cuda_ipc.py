@@ -57,7 +57,6 @@ import fcntl
 import os
 import stat
 import sys
-import tempfile
 import threading
 import uuid
 import weakref
@@ -72,7 +71,7 @@ from flexpipe.runtime import codec
 from flexpipe.runtime.codec import parse_tensor_header, tensor_header
 from flexpipe.runtime.messages import message
 from flexpipe.transports.base import PeerWatch, Transport, check_into, register_transport, views_fit
-from flexpipe.transports.shm import SHM_DIR, name_prefix
+from flexpipe.transports.shm import SHM_DIR, bind_control, name_prefix
 
 __all__ = ["CudaIpcTransport", "IpcBuffer", "IpcHello", "IpcRegions", "IpcFree", "KvPools", "HandleCache",
            "RingBooks", "InOrderReleases", "PeerPools", "HANDLES", "available", "unavailable_reason",
@@ -641,15 +640,7 @@ class CudaIpcTransport(Transport):
         ctrl.setsockopt(zmq.SNDHWM, 0)   # free notices: at most one per ring region, never dropped
         watch = PeerWatch(ctrl, f"cuda_ipc channel {tag}", peer="sender")
         try:
-            if NAMELESS:
-                # an abstract name has no permissions: only the users a 0600 file would let in may connect
-                for uid in sorted({os.getuid(), 0}):
-                    ctrl.setsockopt(zmq.IPC_FILTER_UID, uid)
-                ctl_file, ctrl_ep = "", f"ipc://@{name}.ctl"
-            else:
-                ctl_file = os.path.join(tempfile.gettempdir(), f"{name}.ctl")
-                ctrl_ep = f"ipc://{ctl_file}"
-            ctrl.bind(ctrl_ep)
+            ctl_file, ctrl_ep = bind_control(ctrl, name)
             lock_file = os.path.join(SHM_DIR, f"{name}.lock")   # see _PARKED
             flock = os.open(lock_file, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
         except BaseException:

@@ -77,6 +77,23 @@ def name_prefix() -> str:
     return prefix
 
 
+def bind_control(ctrl: zmq.Socket, name: str) -> tuple[str, str]:
+    """Bind a receiver's control socket for the channel `name`; returns (the file to remove when it
+    closes, "" where there is none; the endpoint senders connect to). On Linux the socket is in the
+    abstract namespace and admits only this user's processes and root's (module docstring); elsewhere
+    it is a file in the temporary directory (shm.py and cuda_ipc.py both bind this way)."""
+    if ABSTRACT_CTRL:
+        # an abstract name has no permissions: only the users a 0600 file would let in may connect
+        for uid in sorted({os.getuid(), 0}):
+            ctrl.setsockopt(zmq.IPC_FILTER_UID, uid)
+        ctl_file, endpoint = "", f"ipc://@{name}.ctl"
+    else:
+        ctl_file = os.path.join(tempfile.gettempdir(), f"{name}.ctl")
+        endpoint = f"ipc://{ctl_file}"
+    ctrl.bind(endpoint)
+    return ctl_file, endpoint
+
+
 class _Region:
     __slots__ = ("used", "released")
 
@@ -137,15 +154,7 @@ class ShmTransport(Transport):
         ctrl = zctx.socket(zmq.PAIR)
         ctrl.setsockopt(zmq.LINGER, 0)
         watch = PeerWatch(ctrl, f"shm channel {path}", peer="sender")
-        if ABSTRACT_CTRL:
-            # an abstract name has no permissions: only the users a 0600 file would let in may connect
-            for uid in sorted({os.getuid(), 0}):
-                ctrl.setsockopt(zmq.IPC_FILTER_UID, uid)
-            ctl_file, ctrl_ep = "", f"ipc://@{name}.ctl"
-        else:
-            ctl_file = os.path.join(tempfile.gettempdir(), f"{name}.ctl")
-            ctrl_ep = f"ipc://{ctl_file}"
-        ctrl.bind(ctrl_ep)
+        ctl_file, ctrl_ep = bind_control(ctrl, name)
         address = {"kind": "shm", "path": path, "ring_bytes": ring_bytes, "ctrl": ctrl_ep}
         self = cls(mm, path, ring_bytes, ctrl, zctx, owns, True, address)
         self._watch = watch
