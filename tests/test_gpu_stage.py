@@ -5,6 +5,7 @@ device-drawn preset weights on the CPU. The data moving over CUDA is tests/test_
 
 from __future__ import annotations
 
+import asyncio
 
 import pytest
 import torch
@@ -16,8 +17,9 @@ from flexpipe.model.device_weights import DevicePresetWeights
 from flexpipe.runtime.gpu_stage import (
     GPU_TARGET, PLAIN_TARGET, GpuStageActor, OpenHop, ReserveKV, choose_hop, hop_capacity, stage_target,
 )
-from flexpipe.runtime.messages import ActorRef
-from flexpipe.runtime.stage import Configure, FreeSeqs, StepInput
+from flexpipe.runtime.actor import handles
+from flexpipe.runtime.messages import ActorRef, message
+from flexpipe.runtime.stage import Configure, FreeSeqs, StageStatus, StepFailed, StepInput, StepOutput
 from flexpipe.runtime import codec
 from flexpipe.transports import Endpoint
 
@@ -81,6 +83,8 @@ def test_hop_messages_roundtrip_through_the_codec():
 
 class FakeCtx:
     """Records tells; `ask` answers with `reply` (or raises it)."""
+
+    self_ref = ActorRef("fake", "ipc:///fake")
 
     def __init__(self, reply=None):
         self.reply = reply
@@ -147,6 +151,7 @@ async def test_the_receiver_can_answer_message_and_the_sender_keeps_it():
     assert st.hop_kind == "message" and st.tx is None and "CUDA" in st.hop_why
     asked = ctx.asked[0]
     assert asked.mode == "auto" and asked.src[2] == "cpu" and asked.src_ipc == "stage on cpu"
+    assert asked.sender == ctx.self_ref   # the receiver watches the stage that opened its channel
 
 
 async def test_residuals_larger_than_the_ring_and_failed_channels_go_beside_the_message():
@@ -226,3 +231,129 @@ async def test_gpu_stage_takes_kv_reservations_and_hop_requests_only_from_its_pi
     assert stage.check_sender(stranger, reserve) is None
     assert stage.check_sender(stranger, free) is None
     assert stage.check_sender(stranger, hop) is None
+
+
+# --- a residual that never comes down the channel ------------------------------------------------------
+# kinds 60420-60429 belong to these tests (see flexpipe/runtime/messages.py)
+
+@message(60420)
+class TellWithoutResidual:
+    """Tell `stage` step `step` of `epoch` as its upstream, as if its residual had gone down the channel,
+    which it never does (`open_hop`: first open the channel, naming this actor as its sender)."""
+    stage: ActorRef
+    epoch: int
+    step: int
+    open_hop: bool = True
+
+
+class LostResidualUpstream:
+    """An upstream stage whose residuals never reach the channel: it opens no sender, which is what a
+    stage killed before its hello reached the receiver leaves (transports/base.PeerWatch: not seen)."""
+
+    @handles(TellWithoutResidual)
+    async def tell_without_residual(self, ctx, msg: TellWithoutResidual) -> bool:
+        if msg.open_hop:
+            here = Endpoint.here()
+            address = await ctx.ask(msg.stage, OpenHop(msg.epoch, [here.host, here.pid, "cpu"], "shm",
+                                                       "stage on cpu", ctx.self_ref))
+            assert address["kind"] == "shm", address
+        await ctx.tell(msg.stage, StepInput(msg.epoch, msg.step, ["lost"], [0], [3], [True], [0],
+                                            [[0.0, 0, 1.0, 0]], []))
+        return True
+
+
+class StepRecorder:
+    """The router's end of a stage: records the StepOutputs and StepFailed it is told, in order."""
+
+    def __init__(self):
+        self.got: list = []
+
+    @handles(StepOutput, StepFailed)
+    def record(self, ctx, msg) -> None:
+        self.got.append(msg)
+
+
+async def _until(condition, timeout: float = 10) -> None:
+    """Wait until `condition()` holds (state that the actors' handlers change), for at most `timeout` s."""
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.001)
+    await asyncio.wait_for(poll(), timeout)
+
+
+def test_an_open_hop_that_names_another_sender_is_refused():
+    """The receiver watches the stage an OpenHop names as the channel's sender: only that stage may
+    name itself (before the first Configure too, when anyone may open the channel)."""
+    up, other = ActorRef("up", "ipc:///up"), ActorRef("other", "ipc:///other")
+    st = stage()
+    hop = OpenHop(0, ["h", 1, "cpu"], "shm", "", up)
+    assert st.check_sender(up, hop) is None
+    assert "names" in st.check_sender(other, hop) and "came from" in st.check_sender(other, hop)
+    assert st.check_sender(other, OpenHop(0, ["h", 1, "cpu"])) is None   # (an older peer names nobody)
+    assert codec.decode(codec.encode(hop))[0] == hop
+    with pytest.raises(ConfigError, match="hop_wait_s"):
+        GpuStageActor(ModelConfig.preset("tiny").to_dict(), {"kind": "preset"}, 0, 2, load=False,
+                      hop_wait_s=0)
+
+
+@pytest.mark.timeout(120)   # two stage processes start; slow on a busy 2-core machine
+async def test_a_step_whose_residual_never_comes_ends_instead_of_blocking_the_stage():
+    """The upstream tells a step whose residual never reaches the channel (what a stage SIGKILLed right
+    after its send can leave).  The waiting step blocked the stage's mailbox for ever: here it ends when
+    the wait's bound runs out while the upstream lives (the step fails: StepFailed, and so does a later
+    one that went down the closed channel), and when the upstream is SIGKILLed, as soon as heartbeats
+    declare it dead (the step is dropped: the router recomputes its requests; where no recovery follows,
+    as here, a death only the stage declared, it fails hop_wait_s later).  The stage then answers, takes
+    a new upstream's OpenHop and computes a step whose residual comes through it."""
+    from flexpipe.runtime import ActorSettings, ActorSystem
+
+    cfg = ModelConfig.preset("tiny")
+    cut = cfg.num_units // 2
+    kw = dict(config=cfg.to_dict(), source={"kind": "preset", "seed": 0}, num_blocks=16, block_size=4,
+              transport="shm")
+    fast = ActorSettings(heartbeat_interval=0.1, heartbeat_timeout=0.6, torch_threads=1)
+    # the upstreams' processes are another system's: the stage hears of their death by heartbeats only
+    async with ActorSystem(fast, name="ups") as ups, ActorSystem(fast, name="here") as here:
+        up, up2 = await asyncio.gather(
+            ups.launch("test_gpu_stage:LostResidualUpstream", name="up"),
+            ups.launch("flexpipe.runtime.gpu_stage:GpuStageActor", dict(kw, start=0, end=cut), name="up2"))
+        rec = await here.launch(StepRecorder, name="router", in_process=True)
+        down = await here.launch(GpuStageActor, dict(kw, start=cut, end=cfg.num_units, hop_wait_s=0.2),
+                                 name="down", in_process=True)
+        st, got = down.actor.behaviour, rec.actor.behaviour.got
+        assert st.hop_wait_s == 1.2                        # raised to twice the heartbeat timeout
+        await here.ask(down.ref, Configure(1, 1, None, rec.ref, up.ref))
+
+        # the upstream lives: the wait runs out, the channel is closed, the step fails
+        assert await ups.ask(up.ref, TellWithoutResidual(down.ref, 1, 1))
+        await _until(lambda: len(got) == 1)
+        assert isinstance(got[0], StepFailed) and got[0].step == 1 and "did not come" in got[0].error, got
+        assert st.rx is None and st.stats["hop_rx_lost"] == 1
+        assert await ups.ask(up.ref, TellWithoutResidual(down.ref, 1, 2, open_hop=False))
+        await _until(lambda: len(got) == 2)               # down the closed channel: failed, not dropped
+        assert isinstance(got[1], StepFailed) and got[1].step == 2 and "closed" in got[1].error, got
+
+        # the upstream is SIGKILLed while the step waits: heartbeats end the wait (not its bound, now 60 s)
+        st.hop_wait_s = 60.0
+        assert await ups.ask(up.ref, TellWithoutResidual(down.ref, 1, 3))
+        await _until(lambda: st.stats["hop_recvs"] == 2)    # step 3 waits on the new channel (2 went by)
+        st.hop_wait_s = 1.2   # (step 3's wait is bounded at 60 s already; its failure told later waits this)
+        assert st.rx_from == up.ref
+        up.kill()
+        status = await here.ask(down.ref, StageStatus(), timeout=10)   # (the waiting step held this)
+        assert status["hop_lost"] == 3 and status["hop_rx_lost"] == 2 and status["steps"] == 0, status
+        assert st.rx is None and "died" in st.rx_lost and not st.rx_lost_fails
+        await _until(lambda: len(got) == 3)   # no recovery: the dropped step fails after hop_wait_s
+        assert isinstance(got[2], StepFailed) and got[2].step == 3 and "no recovery came" in got[2].error, got
+
+        # a new upstream: its OpenHop is taken, and a step's residual comes through its channel
+        await here.ask(down.ref, Configure(2, 1, None, rec.ref, up2.ref))
+        assert await ups.ask(up2.ref, Configure(2, 0, down.ref, rec.ref, ups.client.ref))
+        assert st.rx is not None and st.rx_from == up2.ref and st.rx_lost == ""
+        await ups.tell(up2.ref, StepInput(2, 4, ["new"], [0], [5], [True], [0], [[0.0, 0, 1.0, 0]], []),
+                       torch.tensor([10, 20, 30, 40, 50]))
+        await _until(lambda: len(got) == 4)
+        assert isinstance(got[3], StepOutput) and (got[3].step, got[3].seq_ids) == (4, ["new"]), got
+        assert (await ups.ask(up2.ref, StageStatus()))["hop_sends"] == 1
+        status = await here.ask(down.ref, StageStatus())
+        assert status["hop_recvs"] == 3 and status["hop_lost"] == 3 and status["steps"] == 1, status

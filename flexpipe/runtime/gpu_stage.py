@@ -25,10 +25,28 @@ Order on the data path: the sender puts the residual in the channel, then tells 
 a tensor; the receiver reads the channel when that message arrives. A residual larger than the
 channel's ring goes beside the message instead (a send that had to stream through the ring would
 wait for a receiver that has not been told yet), as does every send after a channel failed.
+
+A residual that never comes. The StepInput may arrive while its residual never does: a sender killed
+right after its send (a returned send() is no proof that the data left the process, and a sender that
+died before its hello reached the receiver is not seen by the channel: transports/base.PeerWatch). The
+receiver's step would wait for ever, and with it the stage's mailbox (steps run one at a time), so
+that the recovery's messages to it (ResetKV, Activate, the new upstream's OpenHop) would time out.
+So the receiver watches the stage that opened its channel (OpenHop names it, and check_sender holds
+it to the sender the actor system saw) while the channel is open and that stage is its upstream:
+once it is declared dead (its process ended, its heartbeats stopped), the channel is closed, the step
+waiting on it ends and is dropped, as is every later step that put its residual there; the router
+learns of the same death and recomputes their requests (runtime/recovery.py), where a StepFailed
+would race that recovery and end them with an error; one is still sent `hop_wait_s` later, for a death
+that only this stage declared (the router ignores it for a step its recovery has requeued). A wait is bounded too (`hop_wait_s`, at least
+twice the heartbeat timeout, so that a sender's death is seen first): a residual that does not come
+from a sender that lives is a channel out of step with its messages, so the channel is closed and the
+step, and every later one that went down it, fails (StepFailed: its requests end with an error) until
+a new OpenHop. Neither costs the data path anything but a timer per step (no round trip, no polling).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -39,9 +57,9 @@ import torch
 
 from flexpipe.errors import ActorClosed, ConfigError, RemoteError
 from flexpipe.runtime.actor import ActorContext, handles
-from flexpipe.runtime.messages import ActorRef, message
+from flexpipe.runtime.messages import ActorRef, Terminated, message
 from flexpipe.runtime.stage import (
-    AbortPrepare, Activate, Configure, ExportKV, FreeSeqs, StageActor, StageStatus, StepInput,
+    AbortPrepare, Activate, Configure, ExportKV, FreeSeqs, StageActor, StageStatus, StepFailed, StepInput,
 )
 from flexpipe.runtime.stage_core import StageCore
 from flexpipe.transports import Endpoint, open_receiver, open_sender
@@ -56,6 +74,7 @@ HOP_MODES = ("auto", "message", "cuda_ipc", "shm")
 PLAIN_TARGET = "flexpipe.runtime.stage:StageActor"
 GPU_TARGET = "flexpipe.runtime.gpu_stage:GpuStageActor"
 DEFAULT_RING_BYTES = 64 << 20   # per channel; a residual of 8192 tokens x 4096 fp16 fits
+DEFAULT_HOP_WAIT_S = 10.0       # how long a step waits for its residual on the channel (module docstring)
 
 
 def check_mode(mode: str) -> str:
@@ -128,11 +147,13 @@ def _rx_options(kind: str, device: str, ring_bytes: int) -> dict:
 @message(420)
 class OpenHop:
     """Open the receiving end of the residual hop from the stage at `src` [host, pid, device]; reply:
-    the channel's address, or {"kind": "message", "why": ...} to keep the message path."""
+    the channel's address, or {"kind": "message", "why": ...} to keep the message path.  `sender`:
+    the stage that will send on it (the one asking), which the receiver watches while it is open."""
     epoch: int
     src: list
     mode: str = "auto"
     src_ipc: str = ""   # why CUDA IPC cannot run at the sender ("" when it can)
+    sender: ActorRef | None = None
 
 
 @message(421)
@@ -157,7 +178,10 @@ class GpuStageActor(StageActor):
         stage's upstream, a peer named for the running reshape or the controller.  Before the first
         Configure the upstream is not known yet (the upstream's Configure may run first), so then
         any sender may open it (a channel opened that way is replaced by the upstream's request).
-        A settled FreeSeqs (one that also forgets the frees, StageCore.free) only from the controller."""
+        A settled FreeSeqs (one that also forgets the frees, StageCore.free) only from the controller.
+        An OpenHop that names its channel's sender only from that sender (the receiver watches it)."""
+        if type(msg) is OpenHop and msg.sender is not None and sender is not None and msg.sender != sender:
+            return f"OpenHop names {msg.sender} as the channel's sender, but it came from {sender}"
         if type(msg) is FreeSeqs and msg.settled and self.controller is not None and sender != self.controller:
             return "a settled FreeSeqs comes from the controller (only it knows that no copy is under way)"
         if type(msg) is OpenHop and self.upstream is not None:
@@ -167,18 +191,27 @@ class GpuStageActor(StageActor):
         return StageActor.check_sender(self, sender, msg)
 
     def __init__(self, *args: Any, transport: str = "auto", hop_ring_bytes: int = DEFAULT_RING_BYTES,
-                 **kw: Any):
+                 hop_wait_s: float = DEFAULT_HOP_WAIT_S, **kw: Any):
         super().__init__(*args, **kw)
         self.mode = check_mode(transport)
         self.ring_bytes = int(hop_ring_bytes)
+        if not hop_wait_s > 0:
+            raise ConfigError(f"hop_wait_s={hop_wait_s!r}: give the seconds (> 0) a step may wait for its "
+                              "residual")
+        self.hop_wait_s = float(hop_wait_s)
         self.tx: Any = None                  # channel to the next stage
         self.tx_to: Any = None               # ... and the ref it leads to
         self.rx: Any = None                  # channel from the previous stage
         self.rx_epoch = -1                   # epoch in which rx was opened
+        self.rx_from: ActorRef | None = None   # the stage that opened it (watched while it is open)
+        self.rx_lost = ""                    # why the channel was closed under its sender ("": it was not)
+        self.rx_lost_fails = False           # ... and whether steps that went down it fail (else: dropped)
+        self._rx_closing: set[asyncio.Task] = set()
         self.hop_kind, self.hop_why = "", ""
         self.peer_pools: cuda_ipc.PeerPools | None = None   # other stages' KV pools, opened for one reshape
         self.kv_stream: Any = None
-        self.stats.update(hop_sends=0, hop_beside=0, hop_failed=0, kv_ipc_bytes=0)
+        self.stats.update(hop_sends=0, hop_beside=0, hop_failed=0, kv_ipc_bytes=0, hop_recvs=0,
+                          hop_lost=0, hop_rx_lost=0)
 
     @property
     def _core(self) -> StageCore:
@@ -193,6 +226,12 @@ class GpuStageActor(StageActor):
     def _my_ipc_reason(self) -> str:
         return _ipc_reason() if _is_cuda(self.device) else f"stage on {self.device}"
 
+    async def on_start(self, ctx: ActorContext) -> None:
+        await super().on_start(ctx)
+        settings = getattr(ctx, "settings", None)   # (the Actor's; a LocalContext has none)
+        if settings is not None:   # a dead sender is seen (heartbeats) before a wait runs out
+            self.hop_wait_s = max(self.hop_wait_s, 2 * float(settings.heartbeat_timeout))
+
     async def on_stop(self, ctx: ActorContext) -> None:
         await super().on_stop(ctx)
         await self._close_tx()
@@ -200,6 +239,8 @@ class GpuStageActor(StageActor):
             await self.rx.aclose()
             self.rx = None
         self._close_peer_pools()
+        for task in list(self._rx_closing):   # (a failure told later: no router waits on a stopped stage)
+            task.cancel()
 
     def _close_peer_pools(self) -> None:
         if self.peer_pools is not None:
@@ -222,7 +263,7 @@ class GpuStageActor(StageActor):
         here = self._here()
         try:
             address = await ctx.ask(self.next, OpenHop(self.epoch, [here.host, here.pid, here.device], self.mode,
-                                                       self._my_ipc_reason()))
+                                                       self._my_ipc_reason(), ctx.self_ref))
         except RemoteError as e:
             if not (e.kind == "ProtocolError" and "no handler for OpenHop" in e.message):
                 raise
@@ -235,9 +276,21 @@ class GpuStageActor(StageActor):
         opts = {"device": self.device} if self.hop_kind == "cuda_ipc" else {}
         self.tx = await open_sender(address, **opts)
 
+    async def _forget_old_rx(self, ctx: ActorContext) -> None:
+        """After new roles: a channel that a stage other than the upstream opened carries no step of
+        this epoch (the new upstream opens its own), and its sender is no longer watched (its end, a
+        reshape retiring it, is no news here)."""
+        if self.rx_from is not None and self.rx_from != self.upstream:
+            ctx.unwatch(self.rx_from)
+            self.rx_from = None
+            if self.rx is not None:
+                rx, self.rx = self.rx, None
+                await rx.aclose()
+
     @handles(Configure)
     async def configure(self, ctx: ActorContext, msg: Configure) -> bool:
         StageActor.configure(self, ctx, msg)
+        await self._forget_old_rx(ctx)
         await self._connect_next(ctx)
         return True
 
@@ -245,6 +298,7 @@ class GpuStageActor(StageActor):
     async def activate(self, ctx: ActorContext, msg: Activate) -> bool:
         StageActor.activate(self, ctx, msg)
         self._close_peer_pools()   # the reshape's KV copies are over
+        await self._forget_old_rx(ctx)
         await self._connect_next(ctx)
         return True
 
@@ -260,19 +314,103 @@ class GpuStageActor(StageActor):
         if self.rx is not None:   # the previous upstream's channel: its unread sends are of older epochs
             rx, self.rx = self.rx, None
             await rx.aclose()
+        # the stage that will send on the new channel: watched while the channel is open
+        sender = msg.sender if isinstance(msg.sender, ActorRef) and msg.sender != ctx.self_ref else None
+        if kind == "message":
+            sender = None
+        if self.rx_from is not None and self.rx_from != sender:
+            ctx.unwatch(self.rx_from)
+        self.rx_from, self.rx_lost, self.rx_lost_fails = None, "", False
         self.rx_epoch = msg.epoch
         if kind == "message":
             return {"kind": "message", "why": why}
         self.rx = await open_receiver(kind, **_rx_options(kind, self.device, self.ring_bytes))
+        if sender is not None:
+            self.rx_from = sender
+            ctx.watch(sender)   # its death closes the channel (hop_sender_died)
         return self.rx.address
+
+    @handles(Terminated, concurrent=True)   # (concurrent: a step may be waiting on the channel)
+    async def hop_sender_died(self, ctx: ActorContext, msg: Terminated) -> None:
+        """The stage that sends on this stage's channel is dead: what it has not sent will not come."""
+        if msg.ref == self.rx_from and self.rx is not None:
+            await self._abandon_rx(self.rx, f"its sender {msg.ref} died ({msg.reason})", fails=False)
+
+    async def _abandon_rx(self, rx: Any, why: str, *, fails: bool) -> None:
+        """Close the channel `rx` under its sender (a step waiting on it raises ActorClosed): steps that
+        put their residual there are failed from now on (`fails`) or dropped, until a new OpenHop."""
+        if self.rx is not rx:
+            return   # (closed already, or replaced)
+        self.rx, self.rx_lost, self.rx_lost_fails = None, why, fails
+        self.stats["hop_rx_lost"] += 1
+        log.warning("stage %d: the %s channel from the previous stage is closed: %s; the steps whose "
+                    "residual went down it are %s", self.index, rx.kind, why,
+                    "failed" if fails else "dropped (the router recovers their requests)")
+        await rx.aclose()
+
+    def _rx_overdue(self, rx: Any, step: int) -> None:
+        """A step's residual did not come within hop_wait_s (a timer's callback)."""
+        if self.rx is rx:
+            task = asyncio.get_running_loop().create_task(self._abandon_rx(
+                rx, f"the residual of step {step} did not come within {self.hop_wait_s:g}s of its message "
+                    f"while its sender lives", fails=True))
+            self._rx_closing.add(task)
+            task.add_done_callback(self._rx_closing.discard)
+
+    async def _input_lost(self, ctx: ActorContext, msg: StepInput) -> None:
+        """A step whose residual went down a channel that was closed under it: fail it (its requests
+        end with an error) or drop it (its sender died: the router recomputes its requests)."""
+        self.stats["hop_lost"] += 1
+        why = f"its residual was lost: the channel from the previous stage is closed ({self.rx_lost})"
+        if msg.epoch != self.epoch or self.router is None:
+            log.warning("stage %d: step %d dropped: %s", self.index, msg.step, why)
+            return
+        if not self.rx_lost_fails:
+            # Dropped: the router recovers the sender's death and requeues the step's requests.  Were
+            # the death this stage's verdict alone (its heartbeats missed, the router's not), nobody
+            # would: so the step is failed later all the same, which the router ignores once a
+            # recovery has requeued it (a step no longer in flight, or of an older epoch).
+            log.warning("stage %d: step %d dropped: %s", self.index, msg.step, why)
+            task = asyncio.get_running_loop().create_task(self._fail_later(ctx, msg, why))
+            self._rx_closing.add(task)
+            task.add_done_callback(self._rx_closing.discard)
+            return
+        log.warning("stage %d: step %d failed: %s", self.index, msg.step, why)
+        await self._tell_failed(ctx, msg, why)
+
+    async def _fail_later(self, ctx: ActorContext, msg: StepInput, why: str) -> None:
+        await asyncio.sleep(self.hop_wait_s)   # (>= 2 heartbeat timeouts: the router has seen a real death)
+        if self.router is not None:
+            await self._tell_failed(ctx, msg, f"{why}; no recovery came within {self.hop_wait_s:g}s")
+
+    async def _tell_failed(self, ctx: ActorContext, msg: StepInput, why: str) -> None:
+        assert self.router is not None
+        try:
+            await ctx.tell(self.router, StepFailed(msg.epoch, msg.step, self.index, f"ActorClosed: {why}"))
+        except Exception as e:   # the router is gone: nobody waits for the step
+            log.warning("stage %d: step %d: cannot tell the router: %s: %s", self.index, msg.step,
+                        type(e).__name__, e)
 
     @handles(StepInput)
     async def step(self, ctx: ActorContext, msg: StepInput, x: torch.Tensor | None = None) -> None:
         if x is None:   # the residual came down the channel, put there just before this message
-            if self.rx is None or msg.epoch < self.rx_epoch:
+            rx = self.rx
+            if rx is None or msg.epoch < self.rx_epoch:
+                if msg.epoch >= self.rx_epoch and self.rx_lost:   # closed under its sender (see above)
+                    return await self._input_lost(ctx, msg)
                 self.stats["stale_dropped"] += 1   # it went down a channel that is closed
                 return
-            (x,) = await self.rx.recv()   # a ring view: dropped when the step is done with it
+            self.stats["hop_recvs"] += 1   # (counted as the wait begins)
+            timer = asyncio.get_running_loop().call_later(self.hop_wait_s, self._rx_overdue, rx, msg.step)
+            try:
+                (x,) = await rx.recv()   # a ring view: dropped when the step is done with it
+            except Exception as e:
+                # ActorClosed: the sender closed or died (dropped: the router recovers a stage's death),
+                # or the channel was closed under the wait (above); else the channel is out of step
+                await self._abandon_rx(rx, f"{type(e).__name__}: {e}", fails=not isinstance(e, ActorClosed))
+                return await self._input_lost(ctx, msg)
+            finally:
+                timer.cancel()
         await StageActor.step(self, ctx, msg, x)
 
     async def _send_next(self, ctx: ActorContext, msg: StepInput, out: torch.Tensor) -> None:
