@@ -320,3 +320,24 @@ async def test_a_cancelled_cold_start_leaves_no_stage_running():
         await ctl.wake(plan_shape(fp.config, 2, None, 0, "cpu"))   # and a later wake works
         c = await asyncio.wait_for(fp.complete("awake", max_tokens=3), 60)
         assert c.finish_reason == "length"
+
+
+async def test_what_a_cancelled_reshape_waited_for_is_not_left_unretrieved(caplog):
+    # A reshape cancelled while it waited on a gather (the copy rounds' asks) cancelled the gather and
+    # left it: asyncio then logged "_GatheringFuture exception was never retrieved" (a chaos run).
+    import gc
+
+    async with FlexPipe.launch("tiny", stages=1, in_process=True) as fp:
+        never = asyncio.Event()
+        waiting = asyncio.ensure_future(fp.controller.recovery.unless_a_stage_dies(
+            asyncio.gather(never.wait(), never.wait())))
+        await asyncio.sleep(0)   # (one loop turn: it waits on the gather now)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        del waiting
+        with caplog.at_level("ERROR", logger="asyncio"):
+            await asyncio.sleep(0)   # the gather's children end, then the gather
+            await asyncio.sleep(0)
+            gc.collect()
+        assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], caplog.text

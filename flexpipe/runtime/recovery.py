@@ -37,6 +37,13 @@ RESET_PASSES = 3        # replace-and-reset passes of one recovery (a stage may 
 DRAIN_POLL_S = 0.005    # how often a drain-and-restart looks whether the running requests are done
 
 
+
+def _abandon(task: "asyncio.Future[Any]") -> None:
+    """Cancel what nobody will await any more, and take its outcome when it ends: a gather cancelled
+    this way ends with a CancelledError as its exception, which asyncio logged as "never retrieved"."""
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
 class Recovery:
     """Stage failure and restart for one Controller (see the module's docstring).
 
@@ -83,13 +90,13 @@ class Recovery:
         try:
             await asyncio.wait({task, died}, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:   # cancelled (the reshape is): so is what it waited for
-            task.cancel()
+            _abandon(task)
             raise
         finally:
             self._death_waiters.discard(died)
         if task.done() and not died.done():
             return task.result()
-        task.cancel()
+        _abandon(task)
         raise ReshapeError(f"a stage died during the reshape: {died.result()}")
 
     # ---- replacing it ----------------------------------------------------------------------------------
