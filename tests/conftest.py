@@ -31,6 +31,21 @@ def _shm_names() -> set[str]:
     return {p for pattern in _SHM_GLOBS for p in glob.glob(pattern)}
 
 
+def _open_rings() -> set[str]:
+    """This process's open fds to this session's nameless rings (Linux: memfds, transports/shm.py
+    `unnamed_file`), as "fd -> /memfd:<name>": a receiver a test left open keeps one; nothing of it
+    is on disk for _shm_names to see."""
+    out = set()
+    for fd in glob.glob("/proc/self/fd/*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:   # (closed meanwhile, or the glob's own directory fd)
+            continue
+        if target.startswith(f"/memfd:{_SHM_PREFIX}-"):
+            out.add(f"{os.path.basename(fd)} -> {target}")
+    return out
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_resources():
     """Fail the test if it leaves a ZeroMQ socket or context open, a child process running, or a
@@ -49,7 +64,7 @@ def no_leaked_resources():
         if not kwargs.get("shadow"):
             contexts.append(self)
 
-    shm_before = _shm_names()
+    shm_before, rings_before = _shm_names(), _open_rings()
     children_before = set(multiprocessing.active_children())
     _Socket.__init__, _Context.__init__ = track_socket, track_context
     try:
@@ -76,6 +91,9 @@ def no_leaked_resources():
         for p in children:
             p.kill()
             p.join(5)
+    leaked_rings = _open_rings() - rings_before
+    if leaked_rings:
+        problems.append(f"shm rings left open (a receiver not closed): {sorted(leaked_rings)}")
     leaked_shm = _shm_names() - shm_before
     if leaked_shm:
         problems.append(f"shared-memory segments or control files left behind: {sorted(leaked_shm)}")

@@ -1,8 +1,9 @@
 """Same-host transport through one reusable shared-memory ring per channel.
 
-The receiver creates a file in /dev/shm of `ring_bytes`, maps it, and binds a ZeroMQ PAIR socket
-for control; the sender maps the same file once and unlinks its name (so a crash leaks nothing, and
-no second sender can map the ring).
+The receiver creates a file of `ring_bytes` with no name (see Names), maps it, and binds a ZeroMQ
+PAIR socket for control; the sender opens the same file once, claims the channel (no second sender
+may map the ring) and maps it. The file's memory goes when the last of them unmaps it, however they
+end: a crash leaks nothing.
 A send copies each tensor into a contiguous region of the ring and tells the receiver where it is;
 the receiver either copies it out (`recv(into=...)`) or, without `into`, returns tensors that *are*
 the ring regions (no copy): a region is given back to the sender when the last tensor viewing it is
@@ -20,24 +21,39 @@ then on. A channel carries one sender's sends: the control socket (PAIR) takes o
 time, so another sender's hello comes after everything the first sent, and ends the channel (its
 ring bookkeeping would start again from a ring that the receiver's views still hold).
 
-Names. The ring is `<prefix>-<tag>` in /dev/shm (the temporary directory where there is none), with
-the prefix from the environment variable FLEXPIPE_SHM_PREFIX (default "fp-shm"; 1 to 32 letters,
-digits, '-' or '_'), read at each listen() and inherited by child processes: one run's segments can
-be told from another's on the same machine (the test suite sets its own per session). On Linux the
-control socket is bound in the abstract socket namespace (`ipc://@<prefix>-<tag>.ctl`): the name goes
-with the socket, so a receiver that is killed leaves no file behind; as such a name has no file
-permissions, only processes of the receiver's user (or root, who could open the ring anyway) may
-connect to it (ZeroMQ's IPC_FILTER_UID, by the kernel's peer credentials). Elsewhere it is a file
-`<prefix>-<tag>.ctl` in the temporary directory, removed when the receiver closes.
+Names. A channel is named `<prefix>-<tag>`, with the prefix from the environment variable
+FLEXPIPE_SHM_PREFIX (default "fp-shm"; 1 to 32 letters, digits, '-' or '_'), read at each listen() and
+inherited by child processes: one run's channels can be told from another's on the same machine (the
+test suite sets its own per session). On Linux nothing of a channel is on disk, so a receiver that is
+killed (SIGKILL), with or without a sender, leaves nothing behind. The ring is a memfd of that name
+(`unnamed_file`: `ls -l /proc/<pid>/fd` shows it as /memfd:<prefix>-<tag>), and a sender opens it as
+/proc/<receiver pid>/fd/<n>, checked against the file's device and inode (`open_peer_file`; once the
+receiver has closed that fd, the number may name another of its files). That takes a sender of the
+receiver's user (or root) that sees the receiver's pid (the same pid namespace) and a dumpable receiver
+(one that changed its user did so with an exec); /proc refusing is a ConfigError that says so. The
+sender appends its claim to the file, beyond the ring, and goes on only if it is the first (a closing
+receiver appends its own mark first, so no sender goes on after the close: `claim_channel`); the
+receiver closes its fd once its sender's hello has come. The control socket is bound in the abstract
+socket namespace (`ipc://@<prefix>-<tag>.ctl`): the name goes with the socket; as such a name has no
+file permissions, only processes of the receiver's user (or root, who could open the ring anyway) may
+connect to it (ZeroMQ's IPC_FILTER_UID, by the kernel's peer credentials).
+
+Elsewhere the ring is the file `<prefix>-<tag>` in /dev/shm (the temporary directory where there is
+none), whose name the first sender unlinks once it has opened it (so that no second sender can), and
+the control socket the file `<prefix>-<tag>.ctl` in the temporary directory; the receiver removes both
+when it closes (a killed receiver that had no sender leaves them). A sender takes an address of either
+form (`ring` and `ring_id` on Linux, `path` elsewhere, and from receivers of before the nameless ring).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
 import mmap
 import os
 import re
+import stat
 import struct
 import sys
 import tempfile
@@ -66,6 +82,8 @@ PREFIX_ENV = "FLEXPIPE_SHM_PREFIX"
 DEFAULT_PREFIX = "fp-shm"
 _PREFIX = re.compile(r"[A-Za-z0-9_-]{1,32}")   # 32: a control file's path must fit a socket address
 ABSTRACT_CTRL = sys.platform.startswith("linux")   # an abstract socket namespace: nothing left on disk
+NAMELESS = sys.platform.startswith("linux")        # rings opened through /proc: nothing left on disk
+_CLAIM, _CLOSING = b"S", b"C"   # what a sender, and a closing receiver, append to a channel's file
 
 
 def name_prefix() -> str:
@@ -94,6 +112,109 @@ def bind_control(ctrl: zmq.Socket, name: str) -> tuple[str, str]:
     return ctl_file, endpoint
 
 
+def unnamed_file(name: str) -> int:
+    """A new empty 0600 file of this process that no name leads to (Linux), open O_RDWR | O_APPEND:
+    a memfd called `name`, or where memfd_create is refused (an old kernel, a seccomp filter) a file
+    created as SHM_DIR/`name` and unlinked at once. Other processes open it through /proc
+    (`open_peer_file`); it goes when the last fd and mapping of it go, however its processes end."""
+    try:
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    except (AttributeError, OSError):   # (AttributeError: a C library without it)
+        path = os.path.join(SHM_DIR, name)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+        os.unlink(path)
+        return fd
+    try:
+        os.fchmod(fd, 0o600)   # a memfd is made 0777: only /proc's check on its owner would guard it
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_peer_file(path: str, ident: Sequence[int] | None, what: str, gone: str) -> int:
+    """Open another process's channel file `path` (O_RDWR | O_APPEND): on Linux /proc/<pid>/fd/<n>, with
+    `ident` its [st_dev, st_ino] (once the owner has closed that fd, the number may name another of its
+    files: that one is not opened). Raises ActorClosed(`gone`) when the file is not there, ConfigError
+    when the system refuses it (`what` names the file in the message)."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or (ident is not None and [st.st_dev, st.st_ino] != list(ident)):
+            raise FileNotFoundError(path)   # the owner closed it, and the number names another file
+        fd = os.open(path, os.O_RDWR | os.O_APPEND)
+    except FileNotFoundError:
+        raise ActorClosed(gone) from None
+    except PermissionError as e:
+        raise ConfigError(f"cannot open {what} ({e}): run the sender as the receiver's user (or root), "
+                          "where it sees the receiver's processes (the same pid namespace, /proc not "
+                          "hidden), and keep the receiver dumpable (change its user only with an exec)") from None
+    now = os.fstat(fd)
+    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):   # the number's file changed meanwhile
+        os.close(fd)
+        raise ActorClosed(gone)
+    return fd
+
+
+def claim_channel(fd: int, base: int, what: str) -> None:
+    """(A sender) append this sender's claim to its channel's file (`fd`, from open_peer_file), whose
+    claims begin at byte `base`; returns if it is the first, which makes this the channel's sender.
+    Else raises ActorClosed: the receiver has closed (its mark came first; see mark_closing), or the
+    channel has had its sender. (O_APPEND: each append lands at the end, at once, whatever the other
+    processes do.) The caller closes `fd` on error."""
+    os.write(fd, _CLAIM)
+    if os.lseek(fd, 0, os.SEEK_CUR) == base + len(_CLAIM):
+        return
+    if _CLOSING in os.pread(fd, 4096, base):
+        raise ActorClosed(f"the receiver of {what} has closed")
+    raise ActorClosed(f"{what} has its sender (a channel carries one sender's sends)")
+
+
+def mark_closing(fd: int) -> None:
+    """(A closing receiver) append its mark to the channel's file (`fd`, O_APPEND): a sender whose claim
+    comes after it does not go on (claim_channel)."""
+    os.write(fd, _CLOSING)
+
+
+def _open_ring(ring: str, ident: Sequence[int] | None, path: str, name: str, size: int) -> int:
+    """(A sender) open the receiver's ring of `size` bytes and make this the channel's sender: through
+    /proc, by the claim appended to the file (`ring`, `ident`: Linux), or by unlinking its name (`path`:
+    elsewhere). The fd, to map; ActorClosed once the receiver has closed, or when the channel has had
+    its sender."""
+    what = f"shm channel {name}"
+    if ring:
+        fd = open_peer_file(ring, ident, f"the ring of {what}",
+                            f"{what} is not open: its receiver has closed, or it has had its sender "
+                            "(a channel carries one sender's sends)")
+        try:
+            has = os.fstat(fd).st_size
+            if has < size:
+                raise ProtocolError(f"{what}: its ring has {has} bytes, its address says {size}")
+            claim_channel(fd, size, what)   # the claims go beyond the ring
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        raise ActorClosed(f"{what} is not open: its receiver has closed, or it has had its sender "
+                          "(a channel carries one sender's sends)") from None
+    except OSError as e:
+        raise ProtocolError(f"cannot open {what} ({path}): {e}") from e
+    try:
+        # the ring's name goes with the first sender: a second one would write into the ring
+        # from its start, over sends not yet read (the receiver would refuse it only later)
+        os.unlink(path)
+    except FileNotFoundError:
+        os.close(fd)
+        raise ActorClosed(f"{what} has another sender (a channel carries one sender's sends)") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class _Region:
     __slots__ = ("used", "released")
 
@@ -107,11 +228,13 @@ class ShmTransport(Transport):
 
     kind = "shm"
 
-    def __init__(self, mm: mmap.mmap, path: str, ring_bytes: int, ctrl: zmq.asyncio.Socket,
+    def __init__(self, mm: mmap.mmap, name: str, ring_bytes: int, ctrl: zmq.asyncio.Socket,
                  zctx: zmq.asyncio.Context, owns_ctx: bool, receiving: bool, address: dict):
         self.address = address
         self._mm = mm
-        self._path = path
+        self._name = name     # the channel's, for messages
+        self._path = ""       # receiver: the ring's file, until its sender came or it closed (not on Linux)
+        self._fd = -1         # receiver: the ring's fd, until its sender came or it closed (Linux)
         self._ring = np.frombuffer(mm, dtype=np.uint8)
         self._size = ring_bytes
         self._head = 0        # bytes of ring ever allocated (sender) / announced (receiver)
@@ -139,24 +262,43 @@ class ShmTransport(Transport):
         """Create the ring and the control socket; the receiving side."""
         ring_bytes = max(_ALIGN, ring_bytes // _ALIGN * _ALIGN)
         name = f"{name_prefix()}-{uuid.uuid4().hex[:12]}"
-        path = os.path.join(SHM_DIR, name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        path = "" if NAMELESS else os.path.join(SHM_DIR, name)
+        fd = unnamed_file(name) if NAMELESS else os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, ring_bytes)
+            st = os.fstat(fd)
             mm = mmap.mmap(fd, ring_bytes)
         except BaseException:
-            os.unlink(path)
-            raise
-        finally:
             os.close(fd)
+            if path:
+                os.unlink(path)
+            raise
         owns = zctx is None
         zctx = zctx or zmq.asyncio.Context()
         ctrl = zctx.socket(zmq.PAIR)
         ctrl.setsockopt(zmq.LINGER, 0)
-        watch = PeerWatch(ctrl, f"shm channel {path}", peer="sender")
-        ctl_file, ctrl_ep = bind_control(ctrl, name)
-        address = {"kind": "shm", "path": path, "ring_bytes": ring_bytes, "ctrl": ctrl_ep}
-        self = cls(mm, path, ring_bytes, ctrl, zctx, owns, True, address)
+        watch = PeerWatch(ctrl, f"shm channel {name}", peer="sender")
+        try:
+            ctl_file, ctrl_ep = bind_control(ctrl, name)
+        except BaseException:
+            watch.close()
+            ctrl.close()
+            if owns:
+                zctx.term()
+            os.close(fd)
+            if path:
+                os.unlink(path)
+            raise
+        address = {"kind": "shm", "channel": name, "ring_bytes": ring_bytes, "ctrl": ctrl_ep}
+        if NAMELESS:   # senders open the ring by the receiver's fd, which is kept until the sender came
+            address.update(ring=f"/proc/{os.getpid()}/fd/{fd}", ring_id=[st.st_dev, st.st_ino])
+        else:          # by its name, which the first sender unlinks
+            os.close(fd)
+            address["path"] = path
+        self = cls(mm, name, ring_bytes, ctrl, zctx, owns, True, address)
+        if NAMELESS:
+            self._fd = fd
+        self._path = path
         self._watch = watch
         self._ctl_file = ctl_file
         return self
@@ -166,21 +308,16 @@ class ShmTransport(Transport):
                       zctx: zmq.asyncio.Context | None = None) -> "ShmTransport":
         """Map the receiver's ring and connect to its control socket; the sending side."""
         try:
-            path, size, ctrl_ep = address["path"], int(address["ring_bytes"]), address["ctrl"]
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
-            raise ActorClosed(f"shm channel {address['path']} is not open: its receiver has closed, or it "
-                              "has had its sender (a channel carries one sender's sends)") from None
-        except (KeyError, TypeError, ValueError, OSError) as e:
-            raise ProtocolError(f"cannot open shm channel {address!r:.120}: {e}") from e
+            size, ctrl_ep = int(address["ring_bytes"]), str(address["ctrl"])
+            if "ring" in address:   # (Linux) the receiver's fd, through /proc
+                ring, ident, path = str(address["ring"]), [int(x) for x in address["ring_id"]], ""
+            else:                   # (elsewhere, and receivers of before the nameless ring) a name
+                ring, ident, path = "", None, str(address["path"])
+            name = str(address.get("channel") or os.path.basename(path))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProtocolError(f"cannot open shm channel {address!r:.160}: bad address ({e!r})") from e
+        fd = _open_ring(ring, ident, path, name, size)
         try:
-            # the ring's name goes with the first sender: a second one would write into the ring
-            # from its start, over sends not yet read (the receiver would refuse it only later)
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                raise ActorClosed(f"shm channel {path} has another sender (a channel carries one "
-                                  "sender's sends)") from None
             mm = mmap.mmap(fd, size)
         finally:
             os.close(fd)
@@ -188,10 +325,10 @@ class ShmTransport(Transport):
         zctx = zctx or zmq.asyncio.Context()
         ctrl = zctx.socket(zmq.PAIR)
         ctrl.setsockopt(zmq.LINGER, 1000)
-        watch = PeerWatch(ctrl, f"shm channel {path}")
+        watch = PeerWatch(ctrl, f"shm channel {name}")
         ctrl.connect(ctrl_ep)
         await ctrl.send(_HELLO)
-        self = cls(mm, path, size, ctrl, zctx, owns, False, dict(address))
+        self = cls(mm, name, size, ctrl, zctx, owns, False, dict(address))
         self._watch = watch
         return self
 
@@ -246,7 +383,7 @@ class ShmTransport(Transport):
             if watch.seen:   # a second sender: the first is gone, all it sent has been read
                 raise watch.sender_replaced(now=True)
             watch.sender_seen()
-            self._unlink()   # the sender has mapped the ring (and unlinked its name)
+            self._let_go(closing=False)   # the sender has mapped the ring: no other may open it
 
     async def _region(self, max_bytes: int) -> tuple[int, int, _Region]:
         msg = await self._next()
@@ -336,7 +473,16 @@ class ShmTransport(Transport):
 
     # --- closing ---------------------------------------------------------------------------
 
-    def _unlink(self) -> None:
+    def _let_go(self, *, closing: bool) -> None:
+        """(The receiver) drop what a sender opens the ring by: its fd (marked closed when `closing`, for a
+        sender that opened it already), or its name."""
+        if self._fd >= 0:
+            try:
+                if closing:
+                    mark_closing(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = -1
         if self._path:
             try:
                 os.unlink(self._path)
@@ -349,7 +495,7 @@ class ShmTransport(Transport):
             return
         self._closed = True
         if self._receiving:
-            self._unlink()
+            self._let_go(closing=True)
         # received tensors may still view the ring: the mapping goes when the last of them does
         self._ring = None
         self._mm = None
