@@ -33,9 +33,9 @@ Names. A channel is `<prefix>-cipc-<tag>`, with shm.py's prefix (`shm.name_prefi
 FLEXPIPE_SHM_PREFIX, read at each listen() and inherited by child processes), so one run's channels
 can be told from another's. On Linux nothing of a channel is on disk: the control socket is bound in
 the abstract socket namespace (`ipc://@<prefix>-cipc-<tag>.ctl`), admitting only processes of the
-receiver's user or root (ZeroMQ's IPC_FILTER_UID, as in shm.py), and the lock file is unlinked as soon
-as it is created (senders open it through /proc, see _PARKED): a receiver that is killed leaves no
-file behind. Elsewhere the control socket is the file `<prefix>-cipc-<tag>.ctl` in the temporary
+receiver's user or root (ZeroMQ's IPC_FILTER_UID, as in shm.py), and the lock file has no name (a
+memfd, shm.unnamed_file; senders open it through /proc, see _PARKED): a receiver that is killed
+leaves no file behind. Elsewhere the control socket is the file `<prefix>-cipc-<tag>.ctl` in the temporary
 directory and the lock `<prefix>-cipc-<tag>.lock` in shm.SHM_DIR, both removed when the receiver closes.
 
 KV blocks move without the ring: the new owner exports its KV pools once (`export_tensor`), the old
@@ -55,7 +55,6 @@ import contextlib
 import ctypes
 import fcntl
 import os
-import stat
 import sys
 import threading
 import uuid
@@ -71,7 +70,8 @@ from flexpipe.runtime import codec
 from flexpipe.runtime.codec import parse_tensor_header, tensor_header
 from flexpipe.runtime.messages import message
 from flexpipe.transports.base import PeerWatch, Transport, check_into, register_transport, views_fit
-from flexpipe.transports.shm import SHM_DIR, bind_control, name_prefix
+from flexpipe.transports.shm import (SHM_DIR, bind_control, claim_channel, mark_closing, name_prefix,
+                                     open_peer_file, unnamed_file)
 
 __all__ = ["CudaIpcTransport", "IpcBuffer", "IpcHello", "IpcRegions", "IpcFree", "KvPools", "HandleCache",
            "RingBooks", "InOrderReleases", "PeerPools", "HANDLES", "available", "unavailable_reason",
@@ -440,16 +440,16 @@ _LOCAL: dict[str, "CudaIpcTransport"] = {}   # receivers of this process, for sa
 # Why a file: a flock is let go of by the kernel when its process dies, and a sender takes it at
 # once, before its first write (a connection to a socket would be seen by the receiver only when its
 # event loop gets to it, perhaps after it has closed). But the file needs no name once the processes
-# that use it have it open: on Linux the receiver unlinks it as soon as it has created it, and a sender
-# opens it as /proc/<receiver pid>/fd/<fd>, checked against the file's device and inode (the address's
-# `lock_id`: once the receiver has closed it, that number may name another of its files). That takes a
+# that use it have it open: on Linux it is a memfd (shm.unnamed_file), and a sender opens it as
+# /proc/<receiver pid>/fd/<fd>, checked against the file's device and inode (the address's `lock_id`:
+# once the receiver has closed it, that number may name another of its files; shm.open_peer_file,
+# and shm.claim_channel / mark_closing for the claims, the same code as shm's ring). That takes a
 # sender that sees the receiver's pid (as the address's pid already assumes) and may open its 0600
 # file: its user, or root; /proc also refuses a receiver that is not dumpable (one that changed its user
 # without exec). Elsewhere the file keeps its name, `<prefix>-cipc-<tag>.lock` in SHM_DIR, until the
 # receiver closes.
 _PARKED: list[tuple[int, tuple]] = []   # (lock fd, what a sender may still use: ring, "free" event)
 _PARKED_LOCK = threading.Lock()
-_CLAIM, _CLOSING = b"S", b"C"           # what a sender, and a closing receiver, append to the lock file
 
 
 def _lock_free(fd: int) -> bool:
@@ -483,34 +483,17 @@ def _hold_lock(path: str, tag: str, ident: Sequence[int] | None = None) -> int:
     claim the channel; the sender keeps the returned fd open while it may write into the ring.
     ActorClosed once the receiver has closed, or when the channel has had a sender."""
     why = f"the receiver of cuda_ipc channel {tag} has closed"
+    fd = open_peer_file(path, ident, f"the lock of cuda_ipc channel {tag}", why)
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode) or (ident is not None and [st.st_dev, st.st_ino] != list(ident)):
-            raise FileNotFoundError(path)   # the receiver closed it, and the number names another file
-        fd = os.open(path, os.O_RDWR | os.O_APPEND)
-    except FileNotFoundError:
-        raise ActorClosed(why) from None
-    except PermissionError as e:
-        raise ConfigError(f"cannot open the lock of cuda_ipc channel {tag} ({e}): run the sender as the "
-                          "receiver's user (or root), where it sees the receiver's processes (the same pid "
-                          "namespace, /proc not hidden), and keep the receiver dumpable (change its user "
-                          "only with an exec)") from None
-    try:
-        now = os.fstat(fd)
-        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):   # (the number's file changed meanwhile)
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)   # only a closing receiver locks it exclusively
-            os.write(fd, _CLAIM)
-            if os.lseek(fd, 0, os.SEEK_CUR) == len(_CLAIM):   # the first to append: the channel's sender
-                return fd
-            if _CLOSING not in os.pread(fd, 4096, 0):
-                why = f"cuda_ipc channel {tag} has its sender (a channel carries one sender's sends)"
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)   # only a closing receiver locks it exclusively
+        claim_channel(fd, 0, f"cuda_ipc channel {tag}")
     except BlockingIOError:   # the receiver is closing
-        pass
+        os.close(fd)
+        raise ActorClosed(why) from None
     except BaseException:
         os.close(fd)
         raise
-    os.close(fd)
-    raise ActorClosed(why)
+    return fd
 
 
 def sweep_parked() -> int:
@@ -641,8 +624,9 @@ class CudaIpcTransport(Transport):
         watch = PeerWatch(ctrl, f"cuda_ipc channel {tag}", peer="sender")
         try:
             ctl_file, ctrl_ep = bind_control(ctrl, name)
-            lock_file = os.path.join(SHM_DIR, f"{name}.lock")   # see _PARKED
-            flock = os.open(lock_file, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+            lock_file = "" if NAMELESS else os.path.join(SHM_DIR, f"{name}.lock")   # see _PARKED
+            flock = (unnamed_file(f"{name}.lock") if NAMELESS else
+                     os.open(lock_file, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600))
         except BaseException:
             watch.close()
             ctrl.close()
@@ -650,11 +634,7 @@ class CudaIpcTransport(Transport):
                 zctx.term()
             raise
         lock_st = os.fstat(flock)
-        if NAMELESS:   # senders open it by the receiver's fd: it needs no name
-            os.unlink(lock_file)
-            lock_file, lock = "", f"/proc/{os.getpid()}/fd/{flock}"
-        else:
-            lock = lock_file
+        lock = f"/proc/{os.getpid()}/fd/{flock}" if NAMELESS else lock_file   # senders open it by our fd
         address = {"kind": "cuda_ipc", "channel": tag, "pid": os.getpid(), "device": -1 if host else dev,
                    "ring": ring_desc, "event": event_handle, "ctrl": ctrl_ep, "sync": sync,
                    "lock": lock, "lock_id": [lock_st.st_dev, lock_st.st_ino]}
@@ -955,7 +935,7 @@ class CudaIpcTransport(Transport):
                 if name:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(name)
-            os.write(self._flock, _CLOSING)   # no sender goes on from here (see _PARKED)
+            mark_closing(self._flock)   # no sender goes on from here (see _PARKED)
             if _lock_free(self._flock):
                 os.close(self._flock)
             else:   # a sender may still write into the ring
