@@ -54,6 +54,16 @@ async def run_all(fp, reqs: list[dict]) -> list:
                                   for r in reqs))
 
 
+async def poll_until(condition: Callable[[], object], timeout: float = 10) -> None:
+    """Wait until `condition()` holds, checking every millisecond, for at most `timeout` seconds: for
+    state that an actor's handlers or an event loop's readers change in this process where no event
+    reaches the test (a stage's counters, a socket monitor's view); `until` where the router's events do."""
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.001)
+    await asyncio.wait_for(poll(), timeout)
+
+
 async def until(router, cond, timeout: float = 120) -> None:
     """Wait until cond() holds: checked now and at each of the router's events (an arrival, a step's
     output, a finish), so a handshake with the data path rather than a sleep; bounded by `timeout`."""

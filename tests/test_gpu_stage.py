@@ -22,6 +22,7 @@ from flexpipe.runtime.messages import ActorRef, message
 from flexpipe.runtime.stage import Configure, FreeSeqs, StageStatus, StepFailed, StepInput, StepOutput
 from flexpipe.runtime import codec
 from flexpipe.transports import Endpoint
+from tests.pipeline_helpers import poll_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -273,14 +274,6 @@ class StepRecorder:
         self.got.append(msg)
 
 
-async def _until(condition, timeout: float = 10) -> None:
-    """Wait until `condition()` holds (state that the actors' handlers change), for at most `timeout` s."""
-    async def poll() -> None:
-        while not condition():
-            await asyncio.sleep(0.001)
-    await asyncio.wait_for(poll(), timeout)
-
-
 def test_an_open_hop_that_names_another_sender_is_refused():
     """The receiver watches the stage an OpenHop names as the channel's sender: only that stage may
     name itself (before the first Configure too, when anyone may open the channel)."""
@@ -326,24 +319,24 @@ async def test_a_step_whose_residual_never_comes_ends_instead_of_blocking_the_st
 
         # the upstream lives: the wait runs out, the channel is closed, the step fails
         assert await ups.ask(up.ref, TellWithoutResidual(down.ref, 1, 1))
-        await _until(lambda: len(got) == 1)
+        await poll_until(lambda: len(got) == 1)
         assert isinstance(got[0], StepFailed) and got[0].step == 1 and "did not come" in got[0].error, got
         assert st.rx is None and st.stats["hop_rx_lost"] == 1
         assert await ups.ask(up.ref, TellWithoutResidual(down.ref, 1, 2, open_hop=False))
-        await _until(lambda: len(got) == 2)               # down the closed channel: failed, not dropped
+        await poll_until(lambda: len(got) == 2)               # down the closed channel: failed, not dropped
         assert isinstance(got[1], StepFailed) and got[1].step == 2 and "closed" in got[1].error, got
 
         # the upstream is SIGKILLed while the step waits: heartbeats end the wait (not its bound, now 60 s)
         st.hop_wait_s = 60.0
         assert await ups.ask(up.ref, TellWithoutResidual(down.ref, 1, 3))
-        await _until(lambda: st.stats["hop_recvs"] == 2)    # step 3 waits on the new channel (2 went by)
+        await poll_until(lambda: st.stats["hop_recvs"] == 2)    # step 3 waits on the new channel (2 went by)
         st.hop_wait_s = 1.2   # (step 3's wait is bounded at 60 s already; its failure told later waits this)
         assert st.rx_from == up.ref
         up.kill()
         status = await here.ask(down.ref, StageStatus(), timeout=10)   # (the waiting step held this)
         assert status["hop_lost"] == 3 and status["hop_rx_lost"] == 2 and status["steps"] == 0, status
         assert st.rx is None and "died" in st.rx_lost and not st.rx_lost_fails
-        await _until(lambda: len(got) == 3)   # no recovery: the dropped step fails after hop_wait_s
+        await poll_until(lambda: len(got) == 3)   # no recovery: the dropped step fails after hop_wait_s
         assert isinstance(got[2], StepFailed) and got[2].step == 3 and "no recovery came" in got[2].error, got
 
         # a new upstream: its OpenHop is taken, and a step's residual comes through its channel
@@ -352,7 +345,7 @@ async def test_a_step_whose_residual_never_comes_ends_instead_of_blocking_the_st
         assert st.rx is not None and st.rx_from == up2.ref and st.rx_lost == ""
         await ups.tell(up2.ref, StepInput(2, 4, ["new"], [0], [5], [True], [0], [[0.0, 0, 1.0, 0]], []),
                        torch.tensor([10, 20, 30, 40, 50]))
-        await _until(lambda: len(got) == 4)
+        await poll_until(lambda: len(got) == 4)
         assert isinstance(got[3], StepOutput) and (got[3].step, got[3].seq_ids) == (4, ["new"]), got
         assert (await ups.ask(up2.ref, StageStatus()))["hop_sends"] == 1
         status = await here.ask(down.ref, StageStatus())

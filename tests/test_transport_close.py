@@ -23,6 +23,7 @@ from flexpipe.runtime.codec import tensor_header
 from flexpipe.transports import Transport, open_receiver, open_sender
 from flexpipe.transports import cuda_ipc
 from ring_helpers import child_process, kill_child
+from tests.pipeline_helpers import poll_until
 
 # cuda_ipc: its host-memory channel (its protocol, no GPU)
 ALL_KINDS = {"local": {}, "shm": {"ring_bytes": 1 << 20}, "cuda_ipc": {"device": "cpu", "ring_bytes": 1 << 20},
@@ -384,15 +385,6 @@ sys.stdin.read()
 """
 
 
-async def _until(condition: Callable[[], object], timeout: float = 10) -> None:
-    """Wait until `condition()` holds (state that the event loop's readers change as events come),
-    for at most `timeout` seconds."""
-    async def poll() -> None:
-        while not condition():
-            await asyncio.sleep(0.001)
-    await asyncio.wait_for(poll(), timeout)
-
-
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("kind", ["ipc", "tcp"])
 async def test_zmq_connection_killed_before_any_message_does_not_end_the_channel(kind):
@@ -409,9 +401,9 @@ async def test_zmq_connection_killed_before_any_message_does_not_end_the_channel
                           f"X-FlexPipe-Sender:{rx.address['token']}/killed") as child:
             assert child.stdout is not None
             assert await asyncio.wait_for(child.stdout.readline(), 30) == b"connected\n"
-            await _until(lambda: watch._open)          # the receiver has taken in the connection
+            await poll_until(lambda: watch._open)          # the receiver has taken in the connection
             await kill_child(child)
-            await _until(lambda: not watch._open)      # and its going
+            await poll_until(lambda: not watch._open)      # and its going
         was_waiting = not waiting.done()
         tx = keep(await open_sender(rx.address))
         await asyncio.wait_for(tx.send(torch.arange(3)), 10)
