@@ -342,6 +342,19 @@ def _child_main(blob: bytes) -> None:
 async def launch_spec(spec: ActorSpec, *, exit_with_parent: bool = True) -> None:
     """Serve the actor described by `spec` until it stops (what a child process or worker runs)."""
     parent_pid = os.getppid()
+    loop = asyncio.get_running_loop()
+    term: list[float] = []   # when a SIGTERM came (module docstring: a grace for the parent)
+    if exit_with_parent:   # from before Started: a SIGTERM right after the parent's launch() waits too
+        loop.add_signal_handler(signal.SIGTERM, lambda: term or term.append(loop.time()))
+    try:
+        await _serve_spec(spec, parent_pid, term, exit_with_parent)
+    finally:
+        if exit_with_parent:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def _serve_spec(spec: ActorSpec, parent_pid: int, term: list[float], exit_with_parent: bool) -> None:
+    loop = asyncio.get_running_loop()
     async with ActorSystem(spec.settings, name=f"{spec.name}-launcher") as system:
         try:
             if spec.settings.rt_priority:   # every thread of this process, before the behaviour starts its own
@@ -359,26 +372,18 @@ async def launch_spec(spec: ActorSpec, *, exit_with_parent: bool = True) -> None
             return
         if spec.parent is not None:
             await actor.tell(spec.parent, Started(actor.ref, os.getpid(), spec.token))
-        loop = asyncio.get_running_loop()
-        term: list[float] = []   # when a SIGTERM came (module docstring: a grace for the parent)
-        if exit_with_parent:
-            loop.add_signal_handler(signal.SIGTERM, lambda: term or term.append(loop.time()))
-        try:
-            while not actor.closed:
-                if exit_with_parent and os.getppid() != parent_pid:
-                    log.warning("%s: parent process %d is gone; stopping", spec.name, parent_pid)
-                    await actor.aclose("parent process exited")
-                    break
-                if term and loop.time() - term[0] >= spec.settings.term_grace:
-                    log.warning("%s: SIGTERM, and its parent did not stop it within %gs; stopping",
-                                spec.name, spec.settings.term_grace)
-                    await actor.aclose("SIGTERM")
-                    break
-                wait = 1.0 if not term else max(0.0, min(1.0, term[0] + spec.settings.term_grace - loop.time()))
-                try:
-                    await asyncio.wait_for(actor.wait_closed(), wait)
-                except asyncio.TimeoutError:
-                    pass
-        finally:
-            if exit_with_parent:
-                loop.remove_signal_handler(signal.SIGTERM)
+        while not actor.closed:
+            if exit_with_parent and os.getppid() != parent_pid:
+                log.warning("%s: parent process %d is gone; stopping", spec.name, parent_pid)
+                await actor.aclose("parent process exited")
+                break
+            if term and loop.time() - term[0] >= spec.settings.term_grace:
+                log.warning("%s: SIGTERM, and its parent did not stop it within %gs; stopping",
+                            spec.name, spec.settings.term_grace)
+                await actor.aclose("SIGTERM")
+                break
+            wait = 1.0 if not term else max(0.0, min(1.0, term[0] + spec.settings.term_grace - loop.time()))
+            try:
+                await asyncio.wait_for(actor.wait_closed(), wait)
+            except asyncio.TimeoutError:
+                pass
