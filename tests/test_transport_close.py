@@ -11,7 +11,7 @@ import contextlib
 import json
 import socket
 import weakref
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import pytest
 import torch
@@ -342,6 +342,23 @@ async def test_cuda_ipc_recv_raises_when_the_sender_process_is_killed_in_the_mid
 _NOT_A_PEER = b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"BOGUS".ljust(20, b"\x00") + bytes(32)
 
 
+async def _serves_then_ends(rx: Transport, tx: Transport,
+                            meanwhile: Callable[[], Awaitable[None]] | None = None) -> None:
+    """tx's sends reach rx in order, the second one a recv() already waiting (while `meanwhile` runs
+    first, if given); once tx closes, rx.recv() raises ActorClosed."""
+    await asyncio.wait_for(tx.send(torch.arange(3)), 10)
+    (first,) = await asyncio.wait_for(rx.recv(), 10)
+    waiting = asyncio.ensure_future(rx.recv())
+    if meanwhile is not None:
+        await asyncio.wait_for(meanwhile(), 10)
+    await asyncio.wait_for(tx.send(torch.arange(4)), 10)
+    (second,) = await asyncio.wait_for(waiting, 10)
+    await tx.aclose()
+    with pytest.raises(ActorClosed, match="sender .* closed"):
+        await asyncio.wait_for(rx.recv(), 10)
+    assert torch.equal(first, torch.arange(3)) and torch.equal(second, torch.arange(4))
+
+
 @pytest.mark.timeout(30)
 async def test_tcp_receiver_does_not_take_a_stray_connection_for_its_sender():
     """Connections that are not ZeroMQ peers (a port scan, a health check) come and go on a tcp
@@ -358,17 +375,7 @@ async def test_tcp_receiver_does_not_take_a_stray_connection_for_its_sender():
             await writer.wait_closed()
 
         await asyncio.wait_for(stray(), 10)
-        tx = keep(await open_sender(rx.address))
-        await asyncio.wait_for(tx.send(torch.arange(3)), 10)
-        (first,) = await asyncio.wait_for(rx.recv(), 10)
-        waiting = asyncio.ensure_future(rx.recv())
-        await asyncio.wait_for(stray(), 10)
-        await asyncio.wait_for(tx.send(torch.arange(4)), 10)
-        (second,) = await asyncio.wait_for(waiting, 10)
-        await tx.aclose()
-        with pytest.raises(ActorClosed, match="sender .* closed"):
-            await asyncio.wait_for(rx.recv(), 10)
-        assert torch.equal(first, torch.arange(3)) and torch.equal(second, torch.arange(4))
+        await _serves_then_ends(rx, keep(await open_sender(rx.address)), meanwhile=stray)
 
 
 # a ZeroMQ sender that connects and completes the handshake, then says nothing until it is killed: a
@@ -512,16 +519,7 @@ async def test_a_peer_of_another_channel_neither_ends_the_channel_nor_is_read(ki
         while not await asyncio.wait_for(rx._sock.poll(zmq.POLLIN), 10):   # its hello is here
             pass
         await stale.aclose()
-        tx = keep(await open_sender(rx.address))
-        await asyncio.wait_for(tx.send(torch.arange(3)), 10)
-        (first,) = await asyncio.wait_for(rx.recv(), 10)
-        waiting = asyncio.ensure_future(rx.recv())
-        await asyncio.wait_for(tx.send(torch.arange(4)), 10)
-        (second,) = await asyncio.wait_for(waiting, 10)
-        await tx.aclose()
-        with pytest.raises(ActorClosed, match="sender .* closed"):
-            await asyncio.wait_for(rx.recv(), 10)
-        assert torch.equal(first, torch.arange(3)) and torch.equal(second, torch.arange(4))
+        await _serves_then_ends(rx, keep(await open_sender(rx.address)))
         assert rx.stats["foreign"] >= 1   # the stale sender's hello (and its send, if read by now)
 
 
