@@ -48,6 +48,8 @@ class Settings:
     dtype: str = "float32"
     device: str = "cpu"
     transport: str = "auto"  # stage hop: auto (cuda_ipc between CUDA stages of a node), message, cuda_ipc, shm
+    hop_ring_bytes: int = 64 << 20  # ring of each shm / cuda_ipc hop channel (larger residuals go beside it)
+    hop_wait_s: float = 10.0  # a step waits this long for its residual on a hop channel, then fails
     decode_graphs: str = "off"  # CUDA stages' decode steps: off, graph (CUDA graphs), static (model/static_decode.py)
     seed: int = 0  # weights seed of presets
     torch_threads: int = 1  # per stage process
@@ -62,7 +64,7 @@ class Settings:
         """Raise ConfigError for the first setting out of range, saying what it accepts (before
         anything starts: a zero block size divided by zero in a stage, a zero token budget left
         every request waiting forever)."""
-        from flexpipe.runtime.gpu_stage import HOP_MODES
+        from flexpipe.runtime.gpu_stage import HOP_MODES, MIN_RING_BYTES
         from flexpipe.runtime.stage import DTYPES
 
         def bad(name: str, want: str) -> ConfigError:
@@ -74,8 +76,12 @@ class Settings:
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise bad(name, f"give an integer >= {low}" + (" (0: one per stage that can compute in parallel)"
                                                                if name == "max_inflight" else ""))
+        if not isinstance(self.hop_ring_bytes, int) or isinstance(self.hop_ring_bytes, bool) \
+                or self.hop_ring_bytes < MIN_RING_BYTES:
+            raise bad("hop_ring_bytes", f"give the bytes of a hop channel's ring, at least {MIN_RING_BYTES} "
+                      "(default 67108864: 64 MiB)")
         for name, positive in (("heartbeat_interval", True), ("heartbeat_timeout", True), ("start_timeout", True),
-                               ("idle_trim_s", False)):
+                               ("hop_wait_s", True), ("idle_trim_s", False)):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) \
                     or not (v > 0 if positive else v >= 0):

@@ -53,6 +53,10 @@ RUNTIME_SETTINGS = [
     Setting("device", str, "cpu", "device of the stages (cpu, cuda, cuda:N)"),
     Setting("transport", str, "auto", "hop between stage processes: auto (cuda_ipc between CUDA stages of one node, "
             "else the actor message), message, cuda_ipc (or fail), shm"),
+    Setting("hop_ring_bytes", int, 64 << 20, "bytes of the ring of each shm or cuda_ipc hop channel (a residual "
+            "larger than it goes beside the message; on GPUs the ring is device memory)", "BYTES"),
+    Setting("hop_wait_s", float, 10.0, "seconds a step waits for its residual on a shm or cuda_ipc hop channel "
+            "before it fails (raised to twice heartbeat_timeout)", "S"),
     Setting("decode_graphs", str, "off", "decode steps of CUDA stages: off (eager), graph (one CUDA graph per batch "
             "and context bucket, replayed), static (the same bucketed buffers without a graph, on any device)"),
     Setting("seed", int, 0, "weights seed of preset models"),

@@ -74,6 +74,28 @@ async def test_an_unknown_transport_setting_fails_the_launch():
             pass
 
 
+@pytest.mark.timeout(120)   # stage processes start
+async def test_the_hop_settings_reach_the_stages():
+    """hop_ring_bytes and hop_wait_s are Settings (and flags): the launch passes them to every stage
+    with a hop channel, whose ring has that size (a 200-token prefill's residual, 100 KiB, does not fit
+    a 64 KiB ring and goes beside the message; the decodes' go through it) and whose waits are bounded
+    by hop_wait_s (raised to twice the heartbeat timeout)."""
+    from flexpipe.api import FlexPipe
+
+    prompt = [(7 * i) % 250 + 3 for i in range(200)]
+    for ring, wait, beside in ((1 << 16, 7.0, 1), (None, 0.5, 0)):
+        kw = {} if ring is None else {"hop_ring_bytes": ring}
+        async with FlexPipe.launch("tiny", stages=2, transport="shm", hop_wait_s=wait, heartbeat_timeout=1.0,
+                                   heartbeat_interval=0.25, **kw) as fp:
+            out = await fp.complete(prompt, max_tokens=4)
+            assert len(out.token_ids) == 4
+            up, down = [await fp.controller.system.ask(s.handle.ref, StageStatus()) for s in fp.controller.slots]
+            assert up["hop_ring_bytes"] == down["hop_ring_bytes"] == (ring or 64 << 20)
+            assert up["hop_wait_s"] == down["hop_wait_s"] == max(wait, 2.0)
+            assert up["hop"] == "shm" and up["hop_sends"] == down["hop_recvs"] == 4 - beside, (up, down)
+            assert up["hop_beside"] == beside, up
+
+
 def test_hop_messages_roundtrip_through_the_codec():
     for m in (OpenHop(3, ["host", 12, "cuda:0"], "auto", ""), ReserveKV([["s1", 0, 33]], ["h", 1, "cuda:1"])):
         got, _ = codec.decode(codec.encode(m))

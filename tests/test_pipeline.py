@@ -187,7 +187,7 @@ async def test_a_step_that_cannot_be_sent_fails_its_requests_and_the_pump_goes_o
     ("max_queued", 0, "integer >= 1"), ("seed", -1, "integer >= 0"), ("heartbeat_interval", 0, "seconds > 0"),
     ("heartbeat_timeout", 0.2, "more than heartbeat_interval"), ("start_timeout", float("nan"), "seconds > 0"),
     ("idle_trim_s", -1, "seconds >= 0"), ("dtype", "float8", "one of float32"), ("device", "tpu", "cpu, cuda"),
-    ("transport", "rdma", "one of auto"),
+    ("transport", "rdma", "one of auto"), ("hop_ring_bytes", 100, "at least 4096"), ("hop_wait_s", 0, "seconds > 0"),
 ])
 async def test_bad_settings_are_refused_before_anything_starts(setting, value, says):
     # each of these used to fail late (ZeroDivisionError in a stage, KeyError, a request waiting forever

@@ -152,7 +152,7 @@ class Controller:
 
         target = stage_target(s.transport, device)  # CUDA stages: GpuStageActor (cuda_ipc hop, KV via IPC)
         if target != PLAIN_TARGET:
-            kwargs["transport"] = s.transport
+            kwargs.update(transport=s.transport, hop_ring_bytes=s.hop_ring_bytes, hop_wait_s=s.hop_wait_s)
         if self.stage_launcher is not None:  # e.g. the router daemon: a worker process starts it
             handle = await self.stage_launcher(target, kwargs, f"stage{self._names}", device)
         else:

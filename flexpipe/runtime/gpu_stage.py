@@ -74,6 +74,7 @@ HOP_MODES = ("auto", "message", "cuda_ipc", "shm")
 PLAIN_TARGET = "flexpipe.runtime.stage:StageActor"
 GPU_TARGET = "flexpipe.runtime.gpu_stage:GpuStageActor"
 DEFAULT_RING_BYTES = 64 << 20   # per channel; a residual of 8192 tokens x 4096 fp16 fits
+MIN_RING_BYTES = 4096           # a page: smaller rings would send nearly every residual beside the message
 DEFAULT_HOP_WAIT_S = 10.0       # how long a step waits for its residual on the channel (module docstring)
 
 
@@ -194,7 +195,10 @@ class GpuStageActor(StageActor):
                  hop_wait_s: float = DEFAULT_HOP_WAIT_S, **kw: Any):
         super().__init__(*args, **kw)
         self.mode = check_mode(transport)
-        self.ring_bytes = int(hop_ring_bytes)
+        if not isinstance(hop_ring_bytes, int) or hop_ring_bytes < MIN_RING_BYTES:
+            raise ConfigError(f"hop_ring_bytes={hop_ring_bytes!r}: give the bytes of a hop channel's ring, at "
+                              f"least {MIN_RING_BYTES}")
+        self.ring_bytes = hop_ring_bytes
         if not hop_wait_s > 0:
             raise ConfigError(f"hop_wait_s={hop_wait_s!r}: give the seconds (> 0) a step may wait for its "
                               "residual")
@@ -532,4 +536,5 @@ class GpuStageActor(StageActor):
     @handles(StageStatus)
     def status(self, ctx: ActorContext, msg: StageStatus) -> dict:
         return {**StageActor.status(self, ctx, msg), "hop": self.hop_kind, "hop_why": self.hop_why,
-                "transport": self.mode, "host": socket.gethostname()}
+                "transport": self.mode, "host": socket.gethostname(), "hop_ring_bytes": self.ring_bytes,
+                "hop_wait_s": self.hop_wait_s}
