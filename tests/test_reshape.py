@@ -28,10 +28,16 @@ def shapes(max_stages: int = 4):
 
 
 async def reshape_while_generating(fp, reqs, plan, gap=0.05):
+    """Run the plan's reshapes while reqs generate: the first with the router held once 4 requests hold
+    KV (so that it copies the KV of running requests however the timing goes), the others `gap` s apart."""
     tasks = asyncio.gather(*(fp.complete(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"})
                              for r in reqs))
     stats = []
-    for boundaries, devices in plan:
+    for i, (boundaries, devices) in enumerate(plan):
+        if i == 0:
+            async with held(fp.router, n=4):
+                stats.append(await fp.reshape(boundaries=boundaries, devices=devices))
+            continue
         await asyncio.sleep(gap)
         stats.append(await fp.reshape(boundaries=boundaries, devices=devices))
     return await tasks, stats
@@ -48,6 +54,12 @@ def test_random_reshapes_keep_outputs_identical(plan):
             assert fp.status()["shape"]["epoch"] == len(plan)
             assert all(s.ok for s in stats)
             assert all(p["used"] == 0 for p in fp.status()["router"]["kv"])
+            # the first reshape ran while requests held KV, and every running request kept its KV
+            # through each reshape (copied where its attention units changed hands): none was
+            # recomputed, by a rebuild or recovery (which drop all KV) or a preemption
+            assert stats[0].requests_running >= 4, stats[0].to_dict()
+            assert [h.kind for h in fp.controller.history] == ["reshape"] * len(plan)
+            assert fp.router.sched.stats.preemptions == 0
     asyncio.run(go())
 
 

@@ -151,9 +151,18 @@ class Recovery:
             res = await asyncio.gather(*(ctl.system.ask(sl.ref, ResetKV(shape.epoch)) for sl in ctl.slots),
                                        return_exceptions=True)
             if not any(isinstance(r, BaseException) for r in res):
-                res = await asyncio.gather(*(ctl.system.ask(sl.ref, Activate(shape.epoch, j, sl.start, sl.end,
-                                                                            ctl._next_ref(j), rr, ctl._upstream(j)))
-                                             for j, sl in enumerate(ctl.slots)), return_exceptions=True)
+                # The last stage first: a stage's Activate opens its hop channel to the next one
+                # (OpenHop), which a stage that lived on takes only from the upstream its own Activate
+                # named; gathered, a replaced upstream's OpenHop could come first, and was refused.
+                res = []
+                for j in reversed(range(len(ctl.slots))):
+                    sl = ctl.slots[j]
+                    try:
+                        await ctl.system.ask(sl.ref, Activate(shape.epoch, j, sl.start, sl.end, ctl._next_ref(j), rr,
+                                                              ctl._upstream(j)))
+                    except Exception as e:  # noqa: BLE001 - raised below, or the pass is run again
+                        res.append(e)
+                        break
             err = next((r for r in res if isinstance(r, BaseException)), None)
             if err is None:
                 break
