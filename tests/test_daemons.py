@@ -653,6 +653,62 @@ async def test_sigterm_drains_stops_stages_and_every_process_exits_0(cluster):
     assert time.monotonic() - t0 < 30
 
 
+def _rings(pid: int) -> int:
+    """How many of this test session's shm rings (memfds named FLEXPIPE_SHM_PREFIX-..., see conftest.py)
+    process `pid` holds open."""
+    prefix = f"/memfd:{os.environ['FLEXPIPE_SHM_PREFIX']}-"
+    n = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            n += os.readlink(fd).startswith(prefix)
+    return n
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts rings through /proc")
+@pytest.mark.timeout(240)
+async def test_a_router_with_shm_hops_reshapes_and_recovers_a_killed_stage(tmp_path):
+    """`flexpipe router --transport shm`: the stages its workers start pass residuals through shared-memory
+    rings (every receiving stage's process holds one), across a reshape under traffic and the SIGKILL of
+    a stage mid-stream, whose replacement opens its own; every output equals the oracle."""
+    hb = ["--heartbeat-timeout", "3"]
+    router = Daemon("shm-router", ["router", "--bind", f"ipc://{tmp_path}/shm-router", "--model", "tiny", "--stages",
+                                   "2", "--transport", "shm", "--min-workers", "2", *hb])
+    daemons = [router]
+    try:
+        url = router.wait_for("listening")["endpoint"]
+        for name in ("sa", "sb"):
+            daemons.append(Daemon(name, ["worker", "--router", url, "--name", name, "--devices", "cpu:0",
+                                         "--memory", "1GB", *hb]))
+        router.wait_for("ready")
+        async with RemoteFlexPipe.connect(url, ready_timeout=30, heartbeat_timeout=3) as fp:
+            reqs = request_mix(6, seed=41, max_tokens=(40, 80))
+            traffic = asyncio.ensure_future(run_all(fp, reqs))
+            assert (await fp.reshape(stages=3)).ok
+            await asyncio.to_thread(check_against_oracle, fp, reqs, await traffic)
+            stages = (await fp.status())["stages"]
+            assert all(_rings(s["pid"]) >= 1 for s in stages[1:]), stages
+
+            reqs = request_mix(6, seed=43, max_tokens=(60, 120))
+            traffic = asyncio.ensure_future(run_all(fp, reqs))
+            stream = fp.generate("a stream across the kill", max_tokens=200, ignore_eos=True)
+            first = await stream.__anext__()
+            assert first.token_id is not None   # mid-stream
+            victim = stages[1]["pid"]
+            os.kill(victim, signal.SIGKILL)
+            streamed = [ev async for ev in stream]
+            await asyncio.to_thread(check_against_oracle, fp, reqs, await traffic)
+            assert streamed[-1].finish_reason == "length"
+            assert [first.token_id] + [ev.token_id for ev in streamed[:-1]] == await asyncio.to_thread(
+                fp.reference_tokens, "a stream across the kill", max_tokens=200, ignore_eos=True)
+            st = await fp.status()
+            assert st["reshapes"][-1]["kind"] == "recovery" and st["reshapes"][-1]["ok"], st["reshapes"][-1]
+            assert victim not in {s["pid"] for s in st["stages"]} and len(st["stages"]) == 3
+            assert all(_rings(s["pid"]) >= 1 for s in st["stages"][1:]), st["stages"]
+    finally:
+        codes = [d.stop(30) for d in reversed(daemons)]
+    assert codes == [0] * len(daemons)
+
+
 @pytest.mark.skipif(not rt_allowed(), reason="this machine refuses SCHED_RR (no CAP_SYS_NICE, ulimit -r 0)")
 async def test_rt_priority_reaches_the_router_and_the_stages_its_workers_start(tmp_path):
     """`flexpipe router --rt-priority 2`: the router daemon and the stage process a worker starts for
