@@ -277,3 +277,19 @@ def test_a_message_from_a_peer_built_before_trailing_fields_were_added_takes_the
     assert got == dataclasses.replace(new, stages=[])
     with pytest.raises(ProtocolError, match="has 6 to 7 fields, got 5"):
         build(kind_of(JoinCluster), old_fields[:5])
+
+
+def test_a_message_from_a_peer_built_after_fields_were_added_is_taken_without_them():
+    # DeviceUsage gained `stages` last; a router built before it refused every report of an upgraded
+    # worker (ProtocolError: 3 to 4 fields, got 5). Fields this peer does not know are ignored now:
+    # the message is taken as the fields it knows
+    import dataclasses
+
+    from flexpipe.runtime.daemon.messages import DeviceUsage
+
+    msg = DeviceUsage("w", {"w/0": 5}, {"w/0": 2}, {"w/0": 0}, {"w/0": {"s": 2}})
+    fields = [getattr(msg, f.name) for f in dataclasses.fields(DeviceUsage)]
+    assert decode(encode(msg))[0] == msg
+    for later in (["a later field"], [{"x": [1, 2]}, 7]):
+        got, _ = decode(_frames_with_body(msgpack.packb([fields + later, []]), kind=kind_of(DeviceUsage)))
+        assert got == msg

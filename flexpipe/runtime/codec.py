@@ -264,14 +264,17 @@ def build(kind: Any, fields: Any) -> Any:
     cls = _BY_KIND.get(kind) if type(kind) is int else None
     if cls is None:
         raise ProtocolError(f"unknown message kind {kind!r}")
-    # fewer fields than the class has: a peer built before trailing fields with defaults were added
-    # (they take their defaults); more, or fewer than the required ones: not this message
-    if not isinstance(fields, list) or not _NREQUIRED[cls] <= len(fields) <= _NFIELDS[cls]:
+    # Fewer fields than the class has: a peer built before trailing fields with defaults were added
+    # (they take their defaults).  More: a peer built after fields were added, which this one does
+    # not know and ignores, so that peers of two versions talk either way round (a worker upgraded
+    # before its router); a field an older peer must not ignore comes with a new PROTOCOL_VERSION
+    # instead.  Fewer than the required ones: not this message.
+    if not isinstance(fields, list) or len(fields) < _NREQUIRED[cls]:
         got = len(fields) if isinstance(fields, list) else type(fields).__name__
         want = (f"{_NFIELDS[cls]}" if _NREQUIRED[cls] == _NFIELDS[cls]
                 else f"{_NREQUIRED[cls]} to {_NFIELDS[cls]}")
         raise ProtocolError(f"{cls.__name__} (kind {kind}) has {want} fields, got {got}")
-    return cls(*fields)
+    return cls(*fields[:_NFIELDS[cls]])
 
 
 def decode_envelope(frames: Sequence) -> Envelope:
