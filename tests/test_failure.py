@@ -33,10 +33,12 @@ async def _requests_with_kv(fp, n: int, seed: int, max_tokens: tuple[int, int]) 
     return reqs, tasks
 
 
-@pytest.mark.parametrize("transport", ["auto", "shm"])
+@pytest.mark.parametrize("transport", ["auto", pytest.param("shm", marks=pytest.mark.slow)])
 async def test_kill_each_stage_in_turn_mid_stream(transport):
     """With transport="shm" the residuals go through the stages' shared-memory channels (GpuStageActor):
-    a killed stage is a channel's sender, its receiver, or both, and its replacement opens new ones."""
+    a killed stage is a channel's sender, its receiver, or both, and its replacement opens new ones
+    (`make test-slow`: 20 s more; the next test and tests/test_daemons.py's shm test kill stages of
+    shm pipelines in `make test`)."""
     async with _launch(stages=3, transport=transport) as fp:
         for victim in range(3):
             reqs = request_mix(12, seed=20 + victim, max_tokens=(60, 120))
