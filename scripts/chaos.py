@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import glob
 import logging
 import multiprocessing
 import os
 import random
 import signal
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -48,7 +46,7 @@ except ImportError:   # a Python without the package installed: use the checkout
 from flexpipe.api import FlexPipe  # noqa: E402
 from flexpipe.errors import CapacityError, PipelineDown, QueueFullError, ReshapeError, RequestError  # noqa: E402
 from flexpipe.model.reference import ReferenceModel  # noqa: E402
-from flexpipe.transports.shm import SHM_DIR, name_prefix  # noqa: E402
+from flexpipe.transports.shm import name_prefix, names_on_disk, open_rings  # noqa: E402
 
 WORDS = ["pipe", "stage", "token", "reshape", "cache", "GPU", "flex", "a", "the", "z"]
 STOPS = ["e", "pi", "ca", "st", "x y", "."]
@@ -200,25 +198,6 @@ def kill_stage(fp: FlexPipe, rng: random.Random, in_process: bool, recs_running:
             act("  (already gone)")
 
 
-def shm_names(prefix: str) -> set[str]:
-    """This run's shm segments and control files on disk (none on Linux while all goes well)."""
-    return set(glob.glob(os.path.join(SHM_DIR, f"{prefix}-*"))) | set(
-        glob.glob(os.path.join(tempfile.gettempdir(), f"{prefix}-*.ctl")))
-
-
-def open_rings(prefix: str) -> set[str]:
-    """This process's open fds to shm rings of this prefix (Linux memfds, transports/shm.py)."""
-    out = set()
-    for fd in glob.glob("/proc/self/fd/*"):
-        try:
-            target = os.readlink(fd)
-        except OSError:   # (closed meanwhile, or the glob's own directory fd)
-            continue
-        if target.startswith(f"/memfd:{prefix}-"):
-            out.add(f"{os.path.basename(fd)} -> {target}")
-    return out
-
-
 async def chaos(args: argparse.Namespace) -> dict[str, int]:
     """The whole run: load, then the checks; failures go to FAIL."""
     seed = args.seed
@@ -227,7 +206,7 @@ async def chaos(args: argparse.Namespace) -> dict[str, int]:
         f"blocks={args.blocks} transport={args.transport}")
     counts = {"requests": 0, "reshapes": 0, "kills": 0, "cancels": 0, "rid_reuse": 0, "b2b": 0}
     prefix = name_prefix()
-    shm_before, rings_before = shm_names(prefix), open_rings(prefix)
+    shm_before, rings_before = names_on_disk(prefix), open_rings("self", prefix)
     children_before = set(multiprocessing.active_children())
     recs: list[Rec] = []
     rid_pool = [f"rid-{k}" for k in range(4)]
@@ -338,10 +317,10 @@ async def chaos(args: argparse.Namespace) -> dict[str, int]:
     kids = set(multiprocessing.active_children()) - children_before
     if kids:
         fail(f"leaked child processes: {[p.name for p in kids]}")
-    shm = shm_names(prefix) - shm_before
+    shm = names_on_disk(prefix) - shm_before
     if shm:
         fail(f"leaked shm segments or control files: {sorted(shm)}")
-    rings = open_rings(prefix) - rings_before
+    rings = open_rings("self", prefix) - rings_before
     if rings:
         fail(f"shm rings left open in this process (a receiver not closed): {sorted(rings)}")
     # the oracle, off the event loop (the run's overall deadline still applies)

@@ -4,10 +4,8 @@ that the next test starts clean."""
 
 from __future__ import annotations
 
-import glob
 import multiprocessing
 import os
-import tempfile
 import uuid
 
 import pytest
@@ -22,28 +20,21 @@ from zmq.utils.garbage import gc as _zmq_gc   # pyzmq's own zero-copy helper: no
 # globs the default prefix does not see ours either. Set before any test starts a process.
 _SHM_PREFIX = f"fp-test-{uuid.uuid4().hex[:10]}"
 os.environ["FLEXPIPE_SHM_PREFIX"] = _SHM_PREFIX
-_SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()   # shm.SHM_DIR, without torch
-_SHM_GLOBS = (os.path.join(_SHM_DIR, f"{_SHM_PREFIX}-*"),                         # rings
-              os.path.join(tempfile.gettempdir(), f"{_SHM_PREFIX}-*.ctl"))        # control files (off Linux)
 
 
 def _shm_names() -> set[str]:
-    return {p for pattern in _SHM_GLOBS for p in glob.glob(pattern)}
+    """This session's channel files on disk (none on Linux while all goes well)."""
+    from flexpipe.transports.shm import names_on_disk
+
+    return names_on_disk(_SHM_PREFIX)
 
 
 def _open_rings() -> set[str]:
-    """This process's open fds to this session's nameless rings (Linux: memfds, transports/shm.py
-    `unnamed_file`), as "fd -> /memfd:<name>": a receiver a test left open keeps one; nothing of it
-    is on disk for _shm_names to see."""
-    out = set()
-    for fd in glob.glob("/proc/self/fd/*"):
-        try:
-            target = os.readlink(fd)
-        except OSError:   # (closed meanwhile, or the glob's own directory fd)
-            continue
-        if target.startswith(f"/memfd:{_SHM_PREFIX}-"):
-            out.add(f"{os.path.basename(fd)} -> {target}")
-    return out
+    """This process's open fds to this session's nameless rings: a receiver a test left open keeps
+    one; nothing of it is on disk for _shm_names to see."""
+    from flexpipe.transports.shm import open_rings
+
+    return open_rings("self", _SHM_PREFIX)
 
 
 @pytest.fixture(autouse=True)

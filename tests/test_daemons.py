@@ -25,6 +25,7 @@ import pytest
 from flexpipe.errors import ConfigError, PlacementError, RequestError
 from flexpipe.runtime.daemon import assign_devices
 from flexpipe.runtime.remote import RemoteFlexPipe, RouterLost, RouterUnavailable
+from flexpipe.transports.shm import open_rings
 from tests.pipeline_helpers import check_against_oracle, request_mix, rt_allowed, run_all, thread_policies
 
 pytestmark = pytest.mark.timeout(120)
@@ -653,17 +654,6 @@ async def test_sigterm_drains_stops_stages_and_every_process_exits_0(cluster):
     assert time.monotonic() - t0 < 30
 
 
-def _rings(pid: int) -> int:
-    """How many of this test session's shm rings (memfds named FLEXPIPE_SHM_PREFIX-..., see conftest.py)
-    process `pid` holds open."""
-    prefix = f"/memfd:{os.environ['FLEXPIPE_SHM_PREFIX']}-"
-    n = 0
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):
-            n += os.readlink(fd).startswith(prefix)
-    return n
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts rings through /proc")
 @pytest.mark.timeout(240)
 async def test_a_router_with_shm_hops_reshapes_and_recovers_a_killed_stage(tmp_path):
@@ -686,7 +676,7 @@ async def test_a_router_with_shm_hops_reshapes_and_recovers_a_killed_stage(tmp_p
             assert (await fp.reshape(stages=3)).ok
             await asyncio.to_thread(check_against_oracle, fp, reqs, await traffic)
             stages = (await fp.status())["stages"]
-            assert all(_rings(s["pid"]) >= 1 for s in stages[1:]), stages
+            assert all(open_rings(s["pid"]) for s in stages[1:]), stages
 
             reqs = request_mix(6, seed=43, max_tokens=(60, 120))
             traffic = asyncio.ensure_future(run_all(fp, reqs))
@@ -703,7 +693,7 @@ async def test_a_router_with_shm_hops_reshapes_and_recovers_a_killed_stage(tmp_p
             st = await fp.status()
             assert st["reshapes"][-1]["kind"] == "recovery" and st["reshapes"][-1]["ok"], st["reshapes"][-1]
             assert victim not in {s["pid"] for s in st["stages"]} and len(st["stages"]) == 3
-            assert all(_rings(s["pid"]) >= 1 for s in st["stages"][1:]), st["stages"]
+            assert all(open_rings(s["pid"]) for s in st["stages"][1:]), st["stages"]
     finally:
         codes = [d.stop(30) for d in reversed(daemons)]
     assert codes == [0] * len(daemons)

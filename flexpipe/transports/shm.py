@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import fcntl
+import glob
 import mmap
 import os
 import re
@@ -93,6 +94,31 @@ def name_prefix() -> str:
         raise ConfigError(f"{PREFIX_ENV}={prefix!r:.80} cannot prefix shm channel names: set it to 1 to "
                           f"32 letters, digits, '-' or '_', or unset it for {DEFAULT_PREFIX!r}")
     return prefix
+
+
+def names_on_disk(prefix: str | None = None) -> set[str]:
+    """Paths of the channels of this prefix (default: this process's) that are on disk: rings in
+    SHM_DIR and control files in the temp dir (none on Linux: see Names).  What tests and the soak
+    scripts check is left when every channel is closed."""
+    prefix = prefix or name_prefix()
+    return set(glob.glob(os.path.join(SHM_DIR, f"{prefix}-*"))) | set(
+        glob.glob(os.path.join(tempfile.gettempdir(), f"{prefix}-*.ctl")))
+
+
+def open_rings(pid: int | str = "self", prefix: str | None = None) -> set[str]:
+    """The nameless rings of this prefix (memfds, `unnamed_file`) that process `pid` holds open, as
+    "fd -> /memfd:<name>" (Linux; empty elsewhere): a receiver keeps its ring, a sender the ring it
+    writes to.  What tests and the soak scripts check is left when every channel is closed."""
+    want = f"/memfd:{prefix or name_prefix()}-"
+    out = set()
+    for fd in glob.glob(f"/proc/{pid}/fd/*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:   # (closed meanwhile, or the glob's own directory fd)
+            continue
+        if target.startswith(want):
+            out.add(f"{os.path.basename(fd)} -> {target}")
+    return out
 
 
 def bind_control(ctrl: zmq.Socket, name: str) -> tuple[str, str]:
