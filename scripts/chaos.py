@@ -276,7 +276,6 @@ async def chaos(args: argparse.Namespace) -> dict[str, int]:
         except TimeoutError:
             fail("router not idle 30 s after the load")
             dump_router(fp)
-        await asyncio.sleep(0.5)
         st = fp.status()
         rs = st["router"]
         act(f"final router status: epoch {rs['epoch']} running {rs['running']} waiting {rs['waiting']} "
@@ -292,7 +291,7 @@ async def chaos(args: argparse.Namespace) -> dict[str, int]:
         if len(st["stages"]) != len(rs["stages"]):
             fail(f"stage count mismatch {st['stages']} vs {rs['stages']}")
         try:
-            sst = await asyncio.wait_for(fp.controller.stage_status(), 30)
+            sst = await stages_settled(fp, 30)
             for k, s in enumerate(sst):
                 if s["free_blocks"] != s["num_blocks"] or s["sequences"] != 0:
                     fail(f"stage {k} holds KV after idle: free {s['free_blocks']}/{s['num_blocks']} "
@@ -313,7 +312,10 @@ async def chaos(args: argparse.Namespace) -> dict[str, int]:
         kinds = {k: sum(1 for h in hist if h[0] == k and h[1]) for k in {h[0] for h in hist}}
         act(f"history ({len(hist)}): kinds {kinds} failed {[h for h in hist if not h[1]]}")
     act("pipeline closed")
-    await asyncio.sleep(1.0)
+    try:   # (active_children() also reaps the stage processes that have exited)
+        await wait_for_cond(lambda: not set(multiprocessing.active_children()) - children_before, 10)
+    except TimeoutError:
+        pass   # judged just below
     kids = set(multiprocessing.active_children()) - children_before
     if kids:
         fail(f"leaked child processes: {[p.name for p in kids]}")
@@ -326,6 +328,18 @@ async def chaos(args: argparse.Namespace) -> dict[str, int]:
     # the oracle, off the event loop (the run's overall deadline still applies)
     await asyncio.to_thread(check_outputs, fp, recs, counts)
     return counts
+
+
+async def stages_settled(fp: FlexPipe, timeout: float) -> list[dict]:
+    """The stages' statuses once each holds no KV (its last frees may still be on their way when the
+    router goes idle), or as they are after `timeout`: the caller judges them."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        sst = await asyncio.wait_for(fp.controller.stage_status(), timeout)
+        if loop.time() > end or all(s["free_blocks"] == s["num_blocks"] and s["sequences"] == 0 for s in sst):
+            return sst
+        await asyncio.sleep(0.05)
 
 
 def dump_router(fp: FlexPipe) -> None:
