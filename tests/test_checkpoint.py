@@ -118,6 +118,32 @@ def test_shape_mismatch_names_both_shapes(tiny_dir, tmp_path):
     assert "k_proj.weight" in msg and "[96, 128]" in msg and "[128, 128]" in msg and "small" in msg and "model.safetensors" in msg
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+def test_a_quantized_weight_is_refused_naming_its_format(tiny_dir, tmp_path, dtype):
+    """float8 or int8 weights (bitsandbytes, FP8 re-uploads) need their scales; cast to fp32 as plain
+    numbers they computed garbage (fp8) or failed in the first step with a dtype error (int8)."""
+    cfg, path = tiny_dir
+    p = _copy(path, tmp_path)
+    tensors = load_file(str(p / "model.safetensors"))
+    name = "model.layers.0.self_attn.k_proj.weight"
+    tensors[name] = tensors[name].to(dtype)
+    save_file(tensors, str(p / "model.safetensors"))
+    with pytest.raises(CheckpointError) as e:
+        build_units(cfg, 1, 2, CheckpointReader(p))
+    stored = "I8" if dtype == torch.int8 else "F8_E4M3"
+    assert name in str(e.value) and f"stored as {stored}" in str(e.value) and "dequantize" in str(e.value)
+
+
+def test_a_config_with_quantization_config_is_refused(tiny_dir, tmp_path):
+    cfg, path = tiny_dir
+    p = _copy(path, tmp_path)
+    raw = json.loads((p / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (p / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(UnsupportedArchitectureError, match="quantized checkpoint .*'fp8'"):
+        CheckpointReader(p)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garble_header", "tiny_file", "huge_length"])
 def test_corrupt_file_fails_at_load_naming_the_file(tiny_dir, tmp_path, damage):
     cfg, path = tiny_dir

@@ -7,7 +7,8 @@ import inspect
 import pytest
 import torch
 
-from flexpipe.model import CheckpointReader, ReferenceModel, SamplingParams, generate
+from flexpipe.errors import UnsupportedArchitectureError
+from flexpipe.model import CheckpointReader, ModelConfig, ReferenceModel, SamplingParams, generate
 from helpers_hf import CONFIGS, make_hf_model
 
 transformers = pytest.importorskip("transformers")
@@ -154,3 +155,57 @@ def test_llama3_rope_without_original_max_positions_matches_hf(tmp_path, key):
     ref = ReferenceModel(reader.config, reader)
     worst = _worst_logit_diff(hf, ref)
     assert worst <= TOL, f"max |logit diff| {worst:.2e} > {TOL}"
+
+
+@pytest.mark.parametrize("name", ["llama-mha", "mistral-gqa-window", "qwen2-bias", "opt"])
+def test_keys_left_out_of_config_json_take_transformers_defaults(tmp_path, name):
+    """A config.json without max_position_embeddings, num_key_value_heads or sliding_window (hand-written
+    or converted ones) means what transformers' config class assumes for it: Mistral slides a window of
+    4096 and has 8 KV heads, Qwen2 has 32 and 32768 positions. FlexPipe took no window, num_heads and
+    2048, so a Mistral prompt past 4096 tokens gave logits other than HF's."""
+    import json
+
+    cls_name, kw = CONFIGS[name]
+    kw = dict(kw, num_attention_heads=32, hidden_size=256)   # so 8 or 32 KV heads divide the heads
+    if name == "opt":
+        kw["word_embed_proj_dim"] = 256
+    kw.pop("head_dim", None)
+    raw = getattr(transformers, cls_name)(**kw).to_dict()
+    for key in ("max_position_embeddings", "num_key_value_heads", "sliding_window"):
+        raw.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    hf = transformers.AutoConfig.from_pretrained(tmp_path)
+    ours = ModelConfig.from_hf(tmp_path)
+    assert ours.max_position_embeddings == hf.max_position_embeddings
+    if name != "opt":
+        assert ours.num_kv_heads == hf.num_key_value_heads
+    if name == "mistral-gqa-window":
+        assert ours.sliding_window == hf.sliding_window == 4096
+    else:
+        assert ours.sliding_window is None
+
+
+@torch.no_grad()
+def test_model_type_decides_the_model_not_architectures(tmp_path):
+    """transformers' AutoModelForCausalLM builds the model of config.json's model_type; `architectures`
+    is only a record. A Qwen2 checkpoint whose architectures says Llama is a Qwen2 (q/k/v biases) to
+    HF, and to FlexPipe (which took Llama and dropped the biases: logits off by 0.65)."""
+    import json
+
+    make_hf_model("qwen2-bias", tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["architectures"] = ["LlamaForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").float().eval()
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    reader = CheckpointReader(tmp_path)
+    assert reader.config.attention_bias
+    worst = _worst_logit_diff(hf, ReferenceModel(reader.config, reader))
+    assert worst <= TOL, f"max |logit diff| {worst:.2e} > {TOL}"
+
+
+def test_an_unsupported_model_type_is_refused_whatever_architectures_says():
+    raw = {"model_type": "qwen3", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 300, "hidden_size": 64,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 96}
+    with pytest.raises(UnsupportedArchitectureError, match="model_type 'qwen3' is not supported"):
+        ModelConfig.from_hf(raw)

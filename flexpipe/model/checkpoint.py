@@ -114,7 +114,13 @@ class CheckpointReader:
                     stored = n if n in keys else _bare(n)
                     if stored not in keys:
                         raise CheckpointError(f"{fpath}: tensor {n!r} missing; {self._expect(n)}")
-                    shape = tuple(f.get_slice(stored).get_shape())
+                    sl = f.get_slice(stored)
+                    shape = tuple(sl.get_shape())
+                    if sl.get_dtype() not in _WEIGHT_DTYPES:
+                        raise CheckpointError(
+                            f"{fpath}: tensor {stored!r} is stored as {sl.get_dtype()}, a quantized or "
+                            f"integer format; FlexPipe loads weights stored as {'/'.join(_WEIGHT_DTYPES)}: "
+                            "dequantize the checkpoint first")
                     if shape != self._specs[n]:
                         raise CheckpointError(f"{fpath}: tensor {stored!r} has shape {list(shape)}; "
                                               f"{self._expect(n)}")
@@ -125,6 +131,11 @@ class CheckpointReader:
                                               "is truncated or corrupt") from None
                     out[n] = _convert(t, dtype, device)
         return out
+
+
+# safetensors' names of the dtypes a weight may be stored in (float8 and integer tensors are quantized
+# weights, which need their scales: loading them as plain numbers would compute garbage)
+_WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
 def _bare(name: str) -> str:

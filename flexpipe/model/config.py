@@ -286,17 +286,52 @@ def _special_ids(raw: dict[str, Any], where: str, gen_eos: tuple[int, ...]) -> d
     return dict(bos_token_id=bos, eos_token_ids=eos, pad_token_id=pad)
 
 
-def _from_hf_dict(raw: dict[str, Any], where: str, name: str, gen_eos: tuple[int, ...] = ()) -> ModelConfig:
+# What transformers' config classes assume for a key config.json leaves out (those that change the
+# model; transformers 5's LlamaConfig, MistralConfig, Qwen2Config, OPTConfig). An explicit null stays null.
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "LlamaForCausalLM": {"max_position_embeddings": 2048},
+    "MistralForCausalLM": {"max_position_embeddings": 131072, "num_key_value_heads": 8, "sliding_window": 4096},
+    "Qwen2ForCausalLM": {"max_position_embeddings": 32768, "num_key_value_heads": 32},
+    "OPTForCausalLM": {"max_position_embeddings": 2048},
+}
+
+
+def _hf_architecture(raw: dict[str, Any], where: str) -> str:
+    """The model transformers' AutoModelForCausalLM builds for `raw`: chosen by `model_type` (the
+    config class), not by `architectures`, which it only records; `architectures` decides only when
+    there is no model_type."""
     supported = sorted(HF_ARCHITECTURES)
-    archs = raw.get("architectures") or ([_MODEL_TYPES[raw["model_type"]]]
-                                         if raw.get("model_type") in _MODEL_TYPES else [])
+    model_type, archs = raw.get("model_type"), raw.get("architectures") or []
+    if model_type is not None:
+        if model_type not in _MODEL_TYPES:
+            raise UnsupportedArchitectureError(
+                f"{where}: model_type {model_type!r} is not supported; supported model types: "
+                f"{sorted(_MODEL_TYPES)} (transformers builds the model from model_type, whatever "
+                f"'architectures' says)")
+        hf_arch = _MODEL_TYPES[model_type]
+        if archs and archs[0] != hf_arch:
+            log.warning("%s: model_type %r builds %s, not the %s that 'architectures' names; loading it "
+                        "as %s, as transformers does", where, model_type, hf_arch, archs[0], hf_arch)
+        return hf_arch
     if not archs:
         raise UnsupportedArchitectureError(
             f"{where}: no 'architectures' or known 'model_type'; supported architectures: {supported}")
-    hf_arch = archs[0]
-    if hf_arch not in HF_ARCHITECTURES:
+    if archs[0] not in HF_ARCHITECTURES:
         raise UnsupportedArchitectureError(
-            f"{where}: architecture {hf_arch!r} is not supported; supported: {supported}")
+            f"{where}: architecture {archs[0]!r} is not supported; supported: {supported}")
+    return str(archs[0])
+
+
+def _from_hf_dict(raw: dict[str, Any], where: str, name: str, gen_eos: tuple[int, ...] = ()) -> ModelConfig:
+    hf_arch = _hf_architecture(raw, where)
+    quant = raw.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "unnamed") if isinstance(quant, dict) else quant
+        raise UnsupportedArchitectureError(
+            f"{where}: a quantized checkpoint (quantization_config, quant_method {method!r}) is not "
+            "supported: FlexPipe runs float32/float16/bfloat16 weights; load a checkpoint of unquantized "
+            "weights, or dequantize this one and save it without quantization_config")
+    raw = {**_HF_DEFAULTS[hf_arch], **raw}
 
     def unsupported(msg: str) -> UnsupportedArchitectureError:
         return UnsupportedArchitectureError(f"{where}: {hf_arch} with {msg} is not supported")
@@ -309,7 +344,7 @@ def _from_hf_dict(raw: dict[str, Any], where: str, name: str, gen_eos: tuple[int
     common = dict(
         vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
         num_layers=need("num_hidden_layers"), num_heads=need("num_attention_heads"),
-        max_position_embeddings=raw.get("max_position_embeddings", 2048),
+        max_position_embeddings=raw["max_position_embeddings"],
         **_special_ids(raw, where, gen_eos), name=name,
     )
     if HF_ARCHITECTURES[hf_arch] == "opt":
