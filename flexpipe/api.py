@@ -14,17 +14,21 @@ runtime/autoscale.py: the pipeline then reshapes and scales to zero by itself.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import bisect
 import contextlib
+import dataclasses
 import itertools
 import math
+import operator
 import re
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Iterable, Sequence
 
-from flexpipe.errors import ConfigError, QueueFullError, RequestError, UnknownModelError
+from flexpipe.errors import ConfigError, PipelineDown, QueueFullError, RequestError, UnknownModelError
 from flexpipe.model.config import ModelConfig
 from flexpipe.model.sampling import SamplingParams
 from flexpipe.model.tokenizer import StopTextStream, load_tokenizer
@@ -226,7 +230,7 @@ class EngineClient:
     # ---- requests ------------------------------------------------------------------------------------
     def _params(self, **kw: Any) -> SamplingParams:
         """Validated sampling parameters (RequestError says what to change); a seed is drawn if none."""
-        kw["stop_token_ids"] = tuple(kw.get("stop_token_ids") or ())
+        kw["stop_token_ids"] = _token_ids(kw.get("stop_token_ids") or (), "stop_token_ids", self.config.vocab_size)
         return SamplingParams(**kw).validate(self.config.vocab_size).resolve_seed()
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -235,11 +239,7 @@ class EngineClient:
             if not prompt:
                 raise RequestError("the prompt is empty: give some text or token ids")
             return self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise RequestError(f"prompt token ids must be integers in [0, {self.config.vocab_size}); got {bad[:5]}")
-        return ids
+        return list(_token_ids(prompt, "prompt token ids", self.config.vocab_size))
 
     async def complete(self, prompt: str | Sequence[int], **kw: Any) -> Completion:
         """Generate to the end and return the whole completion."""
@@ -289,11 +289,12 @@ class FlexPipe(EngineClient):
         from flexpipe.runtime.launcher import ActorSystem
         from flexpipe.runtime.sched import use_realtime
 
-        settings = settings or Settings()
-        for k, v in overrides.items():
-            if not hasattr(settings, k):
-                raise ConfigError(f"unknown setting {k!r}; settings: {', '.join(Settings.__slots__)}")
-            setattr(settings, k, v)
+        unknown = sorted(set(overrides) - set(Settings.__slots__))
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {', '.join(map(repr, unknown))}; settings: "
+                              f"{', '.join(Settings.__slots__)}")
+        # a copy: the caller's Settings (maybe shared by other runtimes) is not changed by the overrides
+        settings = dataclasses.replace(settings or Settings(), **overrides)
         settings.check()
         auto = AutoscaleConfig.of(autoscale)
         spec = ModelSpec.resolve(model, settings.seed)
@@ -382,21 +383,41 @@ class FlexPipe(EngineClient):
 
 
 class SyncFlexPipe:
-    """A blocking wrapper for scripts: the pipeline runs on an event loop in a background thread."""
+    """A blocking wrapper for scripts: the pipeline runs on an event loop in a background thread.
+
+    Close it (`close()` or `with SyncFlexPipe(...) as fp:`); one left open is closed when it is
+    collected, or at the latest when the interpreter exits (before threads are joined, while the
+    loop can still stop the stages), so a script that forgets leaves no stage process or socket."""
 
     def __init__(self, model: str = "tiny", stages: int = 1, **kw: Any):
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="flexpipe-loop", daemon=True)
-        self._thread.start()
+        loop = asyncio.new_event_loop()
+        self._state = st = _SyncState(loop, threading.Thread(target=loop.run_forever, name="flexpipe-loop",
+                                                             daemon=True))
+        st.thread.start()
         try:
-            self._cm = FlexPipe.launch(model, stages, **kw)
-            self.fp: FlexPipe = self._run(self._cm.__aenter__())
+            st.cm = FlexPipe.launch(model, stages, **kw)
+            self.fp: FlexPipe = asyncio.run_coroutine_threadsafe(st.cm.__aenter__(), loop).result()
         except BaseException:   # (a bad setting, an unknown model): no loop thread left behind
-            self._stop_loop()
+            st.cm = None
+            _sync_close(st)
             raise
+        self._finalizer = weakref.finalize(self, _sync_close, st)
+        self._finalizer.atexit = False
+        # threading's exit hooks run before the interpreter stops threads and executors (atexit's
+        # run after: too late to await the stages' exit); concurrent.futures registers the same way
+        getattr(threading, "_register_atexit", atexit.register)(self._finalizer)
+
+    def __enter__(self) -> "SyncFlexPipe":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        if self._state.closed:
+            coro.close()
+            raise PipelineDown("this SyncFlexPipe is closed: create a new one")
+        return asyncio.run_coroutine_threadsafe(coro, self._state.loop).result()
 
     def complete(self, prompt: str | Sequence[int], **kw: Any) -> Completion:
         return self._run(self.fp.complete(prompt, **kw))
@@ -408,22 +429,58 @@ class SyncFlexPipe:
         return self._run(_call(self.fp.status))
 
     def close(self) -> None:
-        if self._thread.is_alive():
+        self._finalizer()
+
+
+class _SyncState:
+    """What closing a SyncFlexPipe needs (held by its finalizer, which must not hold the wrapper)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread):
+        self.loop, self.thread, self.cm, self.closed = loop, thread, None, False
+
+
+def _sync_close(st: _SyncState) -> None:
+    if st.closed:
+        return
+    st.closed = True
+    if threading.current_thread() is st.thread:   # collected on its own loop: close there, not waiting
+        async def close_here() -> None:
             try:
-                self._run(self._cm.__aexit__(None, None, None))
+                await st.cm.__aexit__(None, None, None)
             finally:
-                self._stop_loop()
+                st.loop.stop()
+        st.loop.create_task(close_here())
+        return
+    try:
+        if st.cm is not None and st.thread.is_alive():
+            asyncio.run_coroutine_threadsafe(st.cm.__aexit__(None, None, None), st.loop).result()
+    finally:
+        st.loop.call_soon_threadsafe(st.loop.stop)
+        st.thread.join()
+        st.loop.close()
 
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
 
-    def __enter__(self) -> "SyncFlexPipe":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+def _token_ids(ids: Any, what: str, vocab_size: int) -> tuple[int, ...]:
+    """`ids` (a sequence of integers: ints, numpy or torch integer scalars) as a tuple of ints in
+    [0, vocab_size); RequestError saying what to change otherwise."""
+    if isinstance(ids, (bytes, bytearray, memoryview)):
+        raise RequestError(f"{what} must be a list of integers, not {type(ids).__name__}: decode bytes to str "
+                           "for a text prompt")
+    if isinstance(ids, (str, int)) or not isinstance(ids, Iterable):
+        raise RequestError(f"{what} must be a list of integers (got {type(ids).__name__} {ids!r:.40})")
+    out, bad = [], []
+    for t in ids:
+        try:
+            i = operator.index(t) if not isinstance(t, bool) else None
+        except TypeError:
+            i = None
+        if i is None or not 0 <= i < vocab_size:
+            bad.append(t)
+        else:
+            out.append(i)
+    if bad:
+        raise RequestError(f"{what} must be integers in [0, {vocab_size}); got {bad[:5]}")
+    return tuple(out)
 
 
 async def _call(fn: Any) -> Any:

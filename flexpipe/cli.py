@@ -55,6 +55,12 @@ def _generate_main(args: argparse.Namespace) -> int:
 
     from flexpipe.api import FlexPipe
 
+    from flexpipe.model.sampling import SamplingParams
+
+    # sampling parameters refused before any stage starts (or any weight loads), not after the prompt prints
+    SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   seed=args.seed).validate()
+
     async def go() -> int:
         settings = {s.name: getattr(args, s.name) for s in _GENERATE_SETTINGS if getattr(args, s.name) is not None}
         async with FlexPipe.launch(model=args.model, stages=args.stages, in_process=args.in_process,

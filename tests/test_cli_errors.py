@@ -36,3 +36,15 @@ def test_a_bad_value_or_path_is_one_error_line(argv, words, tmp_path, capsys):
     out = capsys.readouterr()
     assert out.err.startswith("flexpipe: error: ") and words in out.err, out.err
     assert "Traceback" not in out.err + out.out
+
+
+@pytest.mark.parametrize("flag, value, words", [("--max-tokens", "0", "max_tokens must be"),
+                                                ("--top-p", "0", "top_p must be"),
+                                                ("--temperature", "-1", "temperature must be")])
+def test_generate_refuses_sampling_parameters_before_starting_a_stage(flag, value, words, capsys):
+    # they were checked by the first generate(), after the stages had started (and, from a checkpoint,
+    # loaded their weights) and the header and prompt were printed: "Helloflexpipe: error: ..."
+    assert main(["generate", "--stages", "2", flag, value, "Hello"]) == 1
+    out = capsys.readouterr()
+    assert out.err.startswith("flexpipe: error: ") and words in out.err, out.err
+    assert out.out == "", out.out

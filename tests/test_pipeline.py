@@ -211,3 +211,91 @@ def test_the_synchronous_wrapper_serves_reshapes_and_closes_its_loop():
     with pytest.raises(ConfigError, match="unknown setting"):
         SyncFlexPipe("tiny", bogus=1)
     assert "flexpipe-loop" not in {t.name for t in threading.enumerate()} - before   # neither run left its thread
+
+
+async def test_a_closed_runtime_refuses_requests_and_reshapes_instead_of_hanging():
+    # after the `async with` ended, generate() was accepted by a router nobody ran any more and
+    # waited for ever; status() said it was up and reshape() that "epoch 0 keeps serving"
+    from flexpipe.errors import PipelineDown
+
+    async with FlexPipe.launch("tiny", stages=2, in_process=True) as fp:
+        assert (await fp.complete("up", max_tokens=2)).finish_reason == "length"
+    with pytest.raises(PipelineDown, match="closed"):
+        await asyncio.wait_for(fp.complete("down", max_tokens=2), 10)
+    with pytest.raises(PipelineDown, match="closed"):
+        await asyncio.wait_for(fp.reshape(stages=1), 10)
+    assert fp.status()["router"]["down"] == "the pipeline is closed"
+
+
+async def test_launch_overrides_do_not_change_the_callers_settings():
+    # launch(settings=s, num_blocks=64) wrote 64 into s: a runtime launched later with s (or one
+    # sharing it) read max_queued and the rest from the other's overrides
+    from flexpipe.api import Settings
+
+    s = Settings()
+    async with FlexPipe.launch("tiny", stages=1, in_process=True, settings=s, num_blocks=64, max_queued=1) as fp:
+        assert (fp.settings.num_blocks, fp.settings.max_queued) == (64, 1)
+    assert (s.num_blocks, s.max_queued) == (Settings().num_blocks, Settings().max_queued)
+    with pytest.raises(ConfigError, match="unknown setting.*'check'"):   # a method's name is no setting
+        async with FlexPipe.launch("tiny", settings=s, check=1):
+            pass
+
+
+async def test_token_ids_of_any_integer_type_are_taken_and_other_values_refused():
+    np = pytest.importorskip("numpy")
+    import torch
+
+    async with FlexPipe.launch("tiny", stages=1, in_process=True) as fp:
+        want = (await fp.complete([65, 66, 67], max_tokens=3, ignore_eos=True)).token_ids
+        for ids in (np.array([65, 66, 67]), torch.tensor([65, 66, 67]), [np.int32(65), 66, torch.tensor(67)]):
+            assert (await fp.complete(ids, max_tokens=3, ignore_eos=True)).token_ids == want
+        with pytest.raises(RequestError, match="not bytes: decode"):
+            await fp.complete(b"ABC", max_tokens=3)
+        with pytest.raises(RequestError, match="stop_token_ids must be a list of integers"):
+            await fp.complete("x", max_tokens=3, stop_token_ids=5)
+        with pytest.raises(RequestError, match=r"stop_token_ids must be integers in \[0, 320\)"):
+            await fp.complete("x", max_tokens=3, stop_token_ids=[1.5])
+        with pytest.raises(ConfigError, match="weights_from must be one of"):
+            await fp.reshape(stages=2, weights_from="bogus")
+        assert fp.status()["reshapes"] == []
+
+
+async def test_an_in_process_stage_that_fails_to_start_is_an_actor_error():
+    import torch
+
+    from flexpipe.errors import ActorError
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine where device='cuda' cannot work")
+    with pytest.raises(ActorError, match="failed to start"):   # was torch's bare AssertionError
+        async with FlexPipe.launch("tiny", stages=1, in_process=True, device="cuda"):
+            pass
+
+
+def test_a_closed_synchronous_wrapper_says_so():
+    from flexpipe.api import SyncFlexPipe
+    from flexpipe.errors import PipelineDown
+
+    fp = SyncFlexPipe("tiny", stages=1, in_process=True)
+    fp.close()
+    with pytest.raises(PipelineDown, match="closed"):   # was "Event loop is closed" and a never-awaited warning
+        fp.complete("x", max_tokens=2)
+    fp.close()
+
+
+def test_a_synchronous_wrapper_left_open_is_closed_when_the_script_exits(tmp_path):
+    # the loop thread died with the interpreter: the socket folder stayed behind, and about one run in
+    # three printed tracebacks (a closed process object, futures after interpreter shutdown)
+    import os
+    import subprocess
+    import sys
+
+    script = ("from flexpipe.api import SyncFlexPipe\n"
+              "fp = SyncFlexPipe('tiny', stages=2)\n"
+              "print(fp.complete('left open', max_tokens=3, ignore_eos=True).token_ids, flush=True)\n")
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("["), done.stdout
+    assert "Traceback" not in done.stderr and "Error" not in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from flexpipe.errors import ActorError, ReshapeError
+from flexpipe.errors import ActorError, ConfigError, PipelineDown, ReshapeError
 from flexpipe.partition import PipelineShape
 from flexpipe.runtime.cache import CacheManager, StagePool, blocks_for
 from flexpipe.runtime.messages import ActorRef
@@ -41,6 +41,8 @@ from flexpipe.runtime.stage import (
 from flexpipe.settings import PRECOPY_DELTA_TOKENS, PRECOPY_MAX_ROUNDS
 
 log = logging.getLogger("flexpipe.controller")
+# where a reshape may take the weights of the units it loads ("auto": the cheapest tier that has them)
+WEIGHT_SOURCES = ("auto", "source", "peer", "cache")
 # A `copied` entry (tokens, preemptions, record) that matches no request: whatever reached the new
 # owners is stale, and the next copy round frees it there (settled) before copying from token 0.
 _UNKNOWN_COPY: tuple = (0, -1, None)
@@ -128,6 +130,7 @@ class Controller:
         self.shape: PipelineShape | None = None
         self.router: RouterActor | None = None
         self.router_actor: Any = None
+        self.closed = False   # aclose() has run: nothing more is served or reshaped
         self.history: list[ReshapeStats] = []
         self._lock = asyncio.Lock()
         from flexpipe.runtime.recovery import Recovery   # (it imports this module)
@@ -244,7 +247,11 @@ class Controller:
         return slots[i - 1].ref if i > 0 else self.router_actor.ref
 
     async def aclose(self) -> None:
-        """Stop the router and every stage."""
+        """Stop the router and every stage. Requests still running end with "error", and later ones
+        (and reshapes) are refused with PipelineDown, rather than waiting for a pipeline that is gone."""
+        self.closed = True
+        if self.router is not None and self.router.down is None:
+            self.router.fail_all("the pipeline is closed")
         if self.router_actor is not None:
             await self.router_actor.aclose("pipeline closed")
         if self.cache_actor is not None:
@@ -284,7 +291,12 @@ class Controller:
 
     async def reshape(self, shape: PipelineShape, *, weights_from: str = "auto") -> ReshapeStats:
         """Move the running pipeline to `shape` without losing or changing any request."""
+        if weights_from not in WEIGHT_SOURCES:
+            raise ConfigError(f"weights_from must be one of {', '.join(map(repr, WEIGHT_SOURCES))} "
+                              f"(got {weights_from!r})")
         async with self._lock:
+            if self.closed:
+                raise PipelineDown("the pipeline is closed: launch a new one")
             if not self.slots:  # scaled to zero: nothing to reshape, start `shape`
                 return await self._wake(shape)
             try:

@@ -261,7 +261,10 @@ class ActorSystem:
         kwargs = kwargs or {}
         if in_process:
             cls = load_behaviour(target) if isinstance(target, str) else target
-            actor = await self.spawn(cls(**kwargs), name, endpoint=endpoint)
+            try:
+                actor = await self.spawn(cls(**kwargs), name, endpoint=endpoint)
+            except Exception as e:   # as from a subprocess: typed, and saying which actor
+                raise ActorError(f"actor {name} failed to start: {type(e).__name__}: {e}") from e
             handle = ActorHandle(self, actor.ref, os.getpid(), actor=actor)
             self.handles.append(handle)
             return handle
