@@ -165,6 +165,9 @@ def plan_shape(cfg: ModelConfig, stages: int | None = None, boundaries: Sequence
     if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or stages < 1):
         raise ConfigError(f"stages must be a whole number >= 1 (got {stages!r})")
     if boundaries is not None:
+        if len(boundaries) < 2:
+            raise ConfigError(f"boundaries {list(boundaries)} name no stage: give the cut points "
+                              f"[0, ..., {cfg.num_units}], at least two")
         shape = PipelineShape.from_boundaries(list(boundaries), epoch, [device] * (len(boundaries) - 1))
     else:
         # operating point of a decode-heavy micro-batch: CPU stages talk over ipc, GPU stages over

@@ -130,6 +130,8 @@ def test_reshape_over_http_shows_in_status_and_metrics(served):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "stages"
     bad = http.post("/v1/flexpipe/reshape", json={"stages": 2, "boundaries": [0, 18]})
     assert bad.status_code == 400
+    bad = http.post("/v1/flexpipe/reshape", json={"boundaries": []})   # was "-1 stages but 0 devices given"
+    assert bad.status_code == 400 and "name no stage" in bad.json()["error"]["message"], bad.text
     http.close()
 
 

@@ -40,6 +40,17 @@ def test_top_p_zero_is_greedy():
     assert req.sampling_kwargs()["temperature"] == 0.0 and req.sampling_kwargs()["top_p"] == 1.0
 
 
+def test_an_assistant_message_without_content_is_taken_as_empty():
+    # OpenAI's API allows content null on an assistant message (one that only called tools, or a
+    # history a client replays); it was a 400
+    req = parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"},
+                                                 {"role": "assistant", "content": None},
+                                                 {"role": "user", "content": "again"}]})
+    assert req.messages[1] == {"role": "assistant", "content": ""}
+    with pytest.raises(APIError, match="not null"):   # a user's message must say something
+        parse_chat({"model": "m", "messages": [{"role": "user", "content": None}]})
+
+
 def test_chat_content_parts_and_max_completion_tokens():
     req = parse_chat({"model": "m", "max_completion_tokens": 9, "messages": [
         {"role": "system", "content": "be brief"},

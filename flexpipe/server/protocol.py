@@ -234,7 +234,10 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if msg.get("tool_calls") or msg.get("function_call"):
             raise bad_request(f"'{where}' carries tool calls, which this server does not support.", where,
                               "unsupported_value")
-        out.append({"role": role, "content": _content(msg.get("content"), f"{where}.content")})
+        content = msg.get("content")
+        if content is None and role == "assistant":   # OpenAI's API allows it (an answer that was all tool calls,
+            content = ""                               # a history a client replays)
+        out.append({"role": role, "content": _content(content, f"{where}.content")})
     return out
 
 
