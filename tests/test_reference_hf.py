@@ -209,3 +209,22 @@ def test_an_unsupported_model_type_is_refused_whatever_architectures_says():
            "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 96}
     with pytest.raises(UnsupportedArchitectureError, match="model_type 'qwen3' is not supported"):
         ModelConfig.from_hf(raw)
+
+
+@pytest.mark.parametrize("same", [False, True])
+@torch.no_grad()
+def test_a_tied_checkpoint_that_also_stores_lm_head_loads_as_transformers_does(tmp_path, same):
+    """tie_word_embeddings=true, and the file stores an lm_head.weight as well: transformers 5 ties the
+    two only if their values are equal and otherwise uses the stored lm_head (with a warning). FlexPipe
+    used the embedding whatever the file said: logits off by ~70 where the two differ."""
+    from safetensors.torch import load_file, save_file
+
+    make_hf_model("llama-tied-linear", tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    embed = tensors["model.embed_tokens.weight"]
+    tensors["lm_head.weight"] = embed.clone() if same else torch.randn(embed.shape, generator=torch.Generator().manual_seed(5))
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").float().eval()
+    reader = CheckpointReader(tmp_path)
+    worst = _worst_logit_diff(hf, ReferenceModel(reader.config, reader))
+    assert worst <= TOL, f"max |logit diff| {worst:.2e} > {TOL}"

@@ -5,6 +5,7 @@ Both yield only the tensors asked for, so a stage loads its own unit range and n
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -19,6 +20,7 @@ from flexpipe.model.config import ModelConfig
 from flexpipe.model.units import all_tensor_specs
 
 INDEX_FILE = "model.safetensors.index.json"
+LM_HEAD = "lm_head.weight"
 
 
 class CheckpointReader:
@@ -36,6 +38,11 @@ class CheckpointReader:
         self._specs = all_tensor_specs(self.config)
         self._weight_map: dict[str, str] | None = None  # tensor name -> shard file name
         self._files = self._find_files()
+        if self.config.tie_word_embeddings and self._holds(LM_HEAD):
+            # Tied, yet the file stores lm_head too: transformers 5 ties the two only where their values
+            # are equal and otherwise uses each; reading the stored lm_head gives exactly that.
+            self.config = dataclasses.replace(self.config, tie_word_embeddings=False)
+            self._specs = all_tensor_specs(self.config)
 
     def __repr__(self) -> str:
         return f"CheckpointReader({str(self.path)!r})"
@@ -69,16 +76,30 @@ class CheckpointReader:
             self._weight_map = None  # one file holds everything; its header is read on first load
         return files
 
-    def _shard_of(self, name: str) -> str:
+    def _holds(self, name: str) -> bool:
+        """Whether the checkpoint stores `name` (reads headers only)."""
+        if self._weight_map is None and len(self._files) == 1:
+            with self._open(self._files[0]) as h:
+                keys = set(h.keys())
+            return name in keys or _bare(name) in keys
+        wm = self._map_shards()
+        return name in wm or _bare(name) in wm
+
+    def _map_shards(self) -> dict[str, str]:
         if self._weight_map is None:
-            if len(self._files) == 1:
-                return self._files[0]
             self._weight_map = {}
             for f in self._files:  # several files and no index: read each header (headers only)
                 with self._open(f) as h:
                     for k in h.keys():
                         self._weight_map.setdefault(k, f)
-        shard = self._weight_map.get(name) or self._weight_map.get(_bare(name))
+        return self._weight_map
+
+    def _shard_of(self, name: str) -> str:
+        if self._weight_map is None:
+            if len(self._files) == 1:
+                return self._files[0]
+        wm = self._map_shards()
+        shard = wm.get(name) or wm.get(_bare(name))
         if shard is None:
             where = self.path / INDEX_FILE if (self.path / INDEX_FILE).is_file() else self.path
             raise CheckpointError(f"{where}: tensor {name!r} missing; {self._expect(name)}")
