@@ -919,7 +919,7 @@ def drive(args: argparse.Namespace) -> int:
                     print("no CUDA device visible to torch: nothing to check on a GPU "
                           f"(torch {r.get('torch')}, cuda_ipc: {r.get('cuda_ipc')})", flush=True)
                     res["exit_code"] = 2
-                    _write(res, args)
+                    print(f"results: {_write(res, args)}")
                     return 2
                 if r.get("cupy") is None:
                     print(f"CuPy is missing ({r.get('cupy_missing', '?')}): CUDA IPC and NCCL parts will fail or "
@@ -959,8 +959,9 @@ def drive(args: argparse.Namespace) -> int:
 def _write(res: dict, args: argparse.Namespace) -> Path:
     if args.out:
         path = Path(args.out)
-    elif args.dry_run:
-        path = Path(tempfile.gettempdir()) / f"gpu_check-{res['date']}-dryrun.json"
+    elif args.dry_run or res.get("exit_code") == 2:   # not beside the GPU machines' results in the repository
+        kind = "dryrun" if args.dry_run else "nogpu"
+        path = Path(tempfile.gettempdir()) / f"gpu_check-{res['date']}-{kind}.json"
     else:
         path = ROOT / "benchmarks" / "results" / f"gpu_check-{res['date']}-{_gpu_slug(res.get('gpu') or 'gpu')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -657,6 +657,12 @@ def test_gpu_check_dry_run_writes_its_json_and_an_honest_exit_code(tmp_path):
     if not cuda_ipc.available() and not __import__("torch").cuda.is_available():
         assert proc.returncode == 2 and "no CUDA device" in proc.stdout   # not a dry run, and no GPU here
         assert json.loads(out.read_text())["exit_code"] == 2
+        # without --out it wrote benchmarks/results/gpu_check-<date>-gpu.json, beside the GPU runs' results
+        before = set((ROOT / "benchmarks" / "results").iterdir())
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--sections", "env"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "-nogpu.json" in proc.stdout, proc.stdout
+        assert set((ROOT / "benchmarks" / "results").iterdir()) == before
 
 
 def test_gpu_check_reads_test_verdicts_from_pytest_output_even_after_a_hang():
