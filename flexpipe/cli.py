@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import sys
 
-from flexpipe.errors import FlexPipeError
+from flexpipe.errors import ConfigError, FlexPipeError
 from flexpipe.settings import RUNTIME_SETTINGS
 
 # (module, add-parser function) of subcommands owned by other layers, imported lazily so that a
@@ -111,6 +112,17 @@ def _partition_main(args: argparse.Namespace) -> int:
     from flexpipe.partition import CostModel, UnitGraph, parse_bytes, solve
     from flexpipe.partition.solver import fmt_bytes
 
+    # the operating point, refused before any work: a zero rate divided by zero, negative tokens or
+    # bytes gave negative times and memory that the solver then balanced as if they were real
+    if not (math.isfinite(args.tflops) and args.tflops > 0):
+        raise ConfigError(f"--tflops {args.tflops:g}: give the effective TFLOP/s of a stage, a finite number > 0")
+    if parse_bytes(args.bandwidth) <= 0:
+        raise ConfigError(f"--bandwidth {args.bandwidth!r}: give the bytes/s between stages, > 0 (e.g. 12.5GB)")
+    for flag, value, what, least in (("--tokens", args.tokens, "the tokens per micro-batch step", 1),
+                                     ("--kv-tokens", args.kv_tokens, "the KV tokens reserved per stage", 0),
+                                     ("--dtype-bytes", args.dtype_bytes, "the bytes per parameter", 1)):
+        if value < least:
+            raise ConfigError(f"{flag} {value}: give {what}, a whole number >= {least}")
     cfg = ModelConfig.from_hf(args.model) if args.model else ModelConfig.preset(args.preset or "tiny")
     graph = UnitGraph.from_config(cfg, dtype_bytes=args.dtype_bytes)
     caps = args.caps.split(",") if args.caps else None

@@ -195,3 +195,34 @@ def test_a_simulated_stage_books_the_placers_process_overhead():
     sc = costs.stage(0, costs.num_units)
     assert whole.bytes_per_gpu - (sc.param_bytes + 4096 * sc.kv_bytes_per_token) / len(whole.gpus) == pytest.approx(
         placer.STAGE_OVERHEAD_BYTES)
+
+
+def test_a_scenario_that_ends_within_its_warm_up_is_refused_before_any_work():
+    # paper-82gpu measures from 300 s on: run for 200 s, it reported goodput 0.00 and SLO 0.0% as results
+    from flexpipe.errors import ConfigError
+    from flexpipe.sim import scenarios
+    from flexpipe.sim.cli import run_evaluation
+
+    with pytest.raises(ConfigError, match=r"duration 200 s ends within paper-82gpu's warm-up of 300 s.*"
+                                          r"give a duration above 300 s"):
+        run_evaluation("paper-82gpu", [1.0], ["static-peak"], duration=200.0, progress=False)
+    sc = replace(scenarios.get("1000gpu-24h"), duration_s=600.0)
+    with pytest.raises(ConfigError, match="warm-up of 600 s"):
+        scenarios.run_one(sc, make_policy("static-peak"), Trace.empty(), 0)
+    for bad in (float("nan"), float("inf"), -5.0, 0.0):
+        with pytest.raises(ConfigError, match="give a finite number of seconds > 0"):
+            run_evaluation("small", [1.0], ["static-peak"], duration=bad, progress=False)
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ConfigError, match="give a finite number of requests/s >= 0"):
+            run_evaluation("small", [1.0], ["static-peak"], rate=bad, progress=False)
+
+
+def test_a_rate_of_zero_runs_an_idle_cluster():
+    """Kept on purpose: no traffic measures what each policy holds with nothing to serve."""
+    from flexpipe.sim.cli import run_evaluation
+
+    res = run_evaluation("small", [1.0], ["static-peak", "flexpipe"], duration=60.0, rate=0.0, progress=False)
+    by = {r["policy"]: r for r in res["runs"]}
+    assert by["static-peak"]["requests"] == by["flexpipe"]["requests"] == 0
+    assert by["static-peak"]["summary"]["reserved_gpu_eq_mean"] > 0
+    assert by["flexpipe"]["summary"]["reserved_gpu_eq_mean"] == 0.0

@@ -102,6 +102,7 @@ def run_evaluation(preset: str, cvs: list[float], policies: list[str], seed: int
         sc = replace(sc, duration_s=duration)
     if rate is not None:
         sc = replace(sc, rate=rate)
+    sc.check()   # before any trace is drawn or file read
     lens = default_lengths(lengths)
     runs = []
     bar = None

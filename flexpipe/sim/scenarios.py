@@ -11,6 +11,7 @@ occupancy (FP-5's generator at the paper's production statistics) and the SLOs.
 from __future__ import annotations
 
 import csv
+import math
 import time
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -57,6 +58,23 @@ class Scenario:
     queue_timeout_s: float = 120.0
     drain_s: float = 600.0
     warmup_s: float = 0.0  # arrivals before this are simulated, not measured
+
+    def check(self) -> "Scenario":
+        """Itself, or a ConfigError when a run could measure nothing: a duration that is not a finite
+        number past the warm-up (report.summarise would divide by ~0 s and print goodput 0 as a
+        result), a rate that is not a finite number >= 0.  A rate of 0 is kept: it measures what
+        each policy holds on an idle cluster."""
+        d, w, r = self.duration_s, self.warmup_s, self.rate
+        if not (math.isfinite(d) and d > 0):
+            raise ConfigError(f"duration {d:g} s: give a finite number of seconds > 0 (--duration)")
+        if d <= w:
+            raise ConfigError(f"duration {d:g} s ends within {self.name}'s warm-up of {w:g} s (arrivals in the "
+                              f"warm-up are simulated, not measured, so nothing would be measured): give a "
+                              f"duration above {w:g} s (--duration)")
+        if not (math.isfinite(r) and r >= 0):
+            raise ConfigError(f"rate {r:g}: give a finite number of requests/s >= 0 (--rate; 0 runs the "
+                              f"cluster with no traffic)")
+        return self
 
     def model_specs(self) -> list[ModelSpec]:
         out = []
@@ -112,6 +130,7 @@ def get(name: str) -> Scenario:
 def run_one(sc: Scenario, policy: Any, trace: Trace, seed: int,
             progress: Callable[[float], None] | None = None) -> tuple[Simulator, float]:
     """Run `policy` on `sc` with `trace`; returns the finished simulator and the wall time."""
+    sc.check()
     t0 = time.perf_counter()
     sim = Simulator(sc.cluster(seed), sc.model_specs(), trace, policy, tick_s=sc.tick_s, sample_s=sc.sample_s,
                     queue_timeout_s=sc.queue_timeout_s, drain_s=sc.drain_s, duration_s=sc.duration_s,

@@ -73,17 +73,39 @@ class Trace:
 # ---------------------------------------------------------------------------------------------
 # readers
 def _parse_ts(text: str) -> float:
+    """Seconds since the epoch of a number or an ISO time; a time without a zone is UTC (Azure's are),
+    not the machine's local time, whose daylight-saving change would shift arrivals."""
     text = text.strip()
     try:
-        return float(text)
+        secs = float(text)
     except ValueError:
         pass
-    # Azure writes 7 fractional digits, more than fromisoformat accepts before 3.11's relaxations
+    else:
+        if not math.isfinite(secs):   # (a nan arrival sorts anywhere)
+            raise ValueError(f"not a time: {text!r}")
+        return secs
+    # Azure writes 7 fractional digits, more than fromisoformat accepts before 3.11's relaxations;
+    # keep at most 6 and whatever follows them (a zone)
     if "." in text:
-        head, frac = text.split(".", 1)
-        frac = "".join(ch for ch in frac if ch.isdigit())[:6]
-        text = f"{head}.{frac}"
-    return _dt.datetime.fromisoformat(text.replace("Z", "")).timestamp()
+        head, rest = text.split(".", 1)
+        n = len(rest) - len(rest.lstrip("0123456789"))
+        text = f"{head}.{rest[:min(n, 6)]}{rest[n:]}" if n else text
+    when = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=_dt.timezone.utc)
+    return when.timestamp()
+
+
+def _tokens(path: str | Path, line: int, column: str, text: str | None) -> int:
+    """A token count of a trace row: a whole number >= 0, or a ConfigError naming file and line."""
+    try:
+        v = int(text or "")
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise ConfigError(f"{path}, line {line}: {column} {text!r} is not a whole number >= 0 (a token "
+                          f"count); fix or drop the row")
+    return v
 
 
 def read_azure_llm(path: str | Path, model: int = 0) -> Trace:
@@ -95,9 +117,13 @@ def read_azure_llm(path: str | Path, model: int = 0) -> Trace:
         if not rd.fieldnames or not need <= set(rd.fieldnames):
             raise ConfigError(f"{path}: not an Azure LLM trace (columns {rd.fieldnames}, need {sorted(need)})")
         for row in rd:
-            t.append(_parse_ts(row["TIMESTAMP"]))
-            p.append(int(row["ContextTokens"]))
-            o.append(int(row["GeneratedTokens"]))
+            try:
+                t.append(_parse_ts(row["TIMESTAMP"] or ""))
+            except ValueError:
+                raise ConfigError(f"{path}, line {rd.line_num}: TIMESTAMP {row['TIMESTAMP']!r} is not a time "
+                                  f"(write e.g. 2023-11-16 18:17:03.9799600, in UTC, or seconds)") from None
+            p.append(_tokens(path, rd.line_num, "ContextTokens", row["ContextTokens"]))
+            o.append(_tokens(path, rd.line_num, "GeneratedTokens", row["GeneratedTokens"]))
     return _make(t, p, o, model)
 
 
@@ -206,7 +232,14 @@ def shipped_slice_paths() -> list[Path]:
 def default_lengths(paths: Sequence[str | Path] | None = None) -> Lengths:
     """Length sample from the given Azure LLM CSVs, or from the shipped slice."""
     ps = list(paths) if paths else shipped_slice_paths()
-    return Lengths.from_traces(*(read_azure_llm(p) for p in ps))
+    traces = []
+    for p in ps:
+        tr = read_azure_llm(p)
+        if not len(tr):   # (every draw would index an empty sample)
+            raise ConfigError(f"{p}: no requests in it; a lengths file needs at least one row of "
+                              f"TIMESTAMP,ContextTokens,GeneratedTokens after its header")
+        traces.append(tr)
+    return Lengths.from_traces(*traces)
 
 
 def envelope_from_trace(t: Trace, bin_s: float = 60.0) -> np.ndarray:
