@@ -376,6 +376,7 @@ def test_the_module_entry_point_reports_errors_as_flexpipe_does(command, monkeyp
     from flexpipe.cli import main as flexpipe_main
 
     monkeypatch.setattr(daemon_cli, "_serve", lambda daemon: open("/nonexistent/flexpipe/ckpt/config.json"))
+    monkeypatch.setenv("FLEXPIPE_CHILD_LOG_FORMAT", "")   # (set by the daemon's logging; undone after)
     errors = []
     for main in (daemon_cli.main, flexpipe_main):
         assert main(command) == 1

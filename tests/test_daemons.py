@@ -253,6 +253,7 @@ def test_router_refuses_a_shape_it_cannot_start_before_binding(args, words, monk
 
     served = []
     monkeypatch.setattr(daemon_cli, "_serve", lambda daemon: served.append(daemon) or 0)
+    monkeypatch.setenv("FLEXPIPE_CHILD_LOG_FORMAT", "")   # (set by the daemon's logging; undone after)
     assert main(["router", "--bind", "ipc:///tmp/flexpipe-never-bound", *args]) == 1
     err = capsys.readouterr().err
     assert err.startswith("flexpipe: error: ") and words in err and "Traceback" not in err
@@ -409,6 +410,50 @@ def test_http_server_serves_through_the_router(cluster):
     # the router's pause histogram, as it counts it
     count = next(s.value for s in metrics["flexpipe_reshape_pause_seconds"] if s.name.endswith("_count"))
     assert count == st["pipeline"]["pauses"]["count"]
+
+
+def test_serve_on_the_command_line_connects_to_the_router_and_serves_through_it(cluster):
+    """`flexpipe serve --router URL --router-timeout S`: it asks the router before its HTTP server starts
+    (so that one that does not answer is one error line, tests/test_server_cli.py), then serves; the
+    key files come from FLEXPIPE_CURVE_*."""
+    import queue
+    import re
+
+    httpx = pytest.importorskip("httpx")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
+               **{f"FLEXPIPE_{f.upper()}": path for f, path in KEYS.items()})
+    proc = subprocess.Popen([sys.executable, "-m", "flexpipe.cli", "serve", "--router", cluster.url,
+                             "--router-timeout", "60", "--port", "0"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, name="log-serve", daemon=True).start()
+    seen: list[str] = []
+    try:
+        url = None
+        while url is None:
+            line = lines.get(timeout=START_S)
+            assert line is not None, f"flexpipe serve exited ({proc.wait()}):\n{''.join(seen)}"
+            seen.append(line)
+            m = re.search(r"chat page (http://\S+?)/\s", line)
+            url = m.group(1) if m else None
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "over the wire", "max_tokens": 4,
+                                                      "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length", r.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        while (line := lines.get(timeout=30)) is not None:
+            seen.append(line)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "waiting up to 60s for an answer" in "".join(seen) and "Traceback" not in "".join(seen)
 
 
 async def test_a_client_without_the_keys_gets_no_answer(cluster):

@@ -195,3 +195,18 @@ def test_serve_refuses_a_bad_setting_before_starting():
     assert out.returncode != 0
     assert "flexpipe: error: setting num_blocks=0: give an integer >= 1" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_serve_with_a_router_that_does_not_answer_says_so_in_one_line(tmp_path):
+    # It waited 120 s in silence, then printed uvicorn's startup traceback and exited 3: the router was
+    # first asked in the app's startup, where no error reaches `flexpipe: error:`.
+    url = f"ipc://{tmp_path}/no-router-here"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEXPIPE_ROUTER", "FLEXPIPE_CURVE"))}
+    out = subprocess.run(_cmd("serve", "--router", url, "--router-timeout", "1", "--port", "0"), env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert f"flexpipe: error: no answer from the router at {url} within 1s: is `flexpipe router" in out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.count("flexpipe: error:") == 1, out.stderr
+    out = subprocess.run(_cmd("serve", "--router", url, "--port", "0"), capture_output=True, text=True, timeout=120,
+                         env={**env, "FLEXPIPE_ROUTER_TIMEOUT": "0"})
+    assert out.returncode == 1 and "flexpipe: error: router_timeout must be a number of seconds > 0" in out.stderr

@@ -52,6 +52,10 @@ __all__ = ["ActorSpec", "ActorHandle", "ActorSystem", "load_behaviour", "launch_
 
 log = logging.getLogger("flexpipe.launcher")
 
+# Set by a daemon (runtime/daemon/events.py: configure_logging) to "kv" or "json": the processes it
+# launches, which write to its stderr, log in its format, one structured line per record.
+LOG_FORMAT_ENV = "FLEXPIPE_CHILD_LOG_FORMAT"
+
 
 @message(11)
 class ActorSpec:
@@ -336,10 +340,25 @@ def _child_main(blob: bytes) -> None:
         os.environ["OMP_NUM_THREADS"] = str(spec.settings.torch_threads)
     if spec.settings.rt_priority:   # an OpenMP worker spinning at a real-time priority keeps the others off its core
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    logging.basicConfig(level=logging.WARNING,
-                        format=f"%(levelname)s {spec.name}[%(process)d] %(name)s: %(message)s")
+    _child_logging(spec.name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent's (module docstring); asyncio.run keeps it
     asyncio.run(launch_spec(spec))
+
+
+def _child_logging(name: str) -> None:
+    """Log records of a launched process go to stderr (its parent's): one structured line each, in the
+    format of a daemon parent (LOG_FORMAT_ENV: kv or json, as the daemon's own lines, with an `actor`
+    field), else plain text naming the actor.  A worker's stages used to write plain text into a
+    worker's JSON log."""
+    fmt = os.environ.get(LOG_FORMAT_ENV, "")
+    if fmt not in ("kv", "json"):
+        logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s {name}[%(process)d] %(name)s: %(message)s")
+        return
+    from flexpipe.runtime.daemon.events import EventFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EventFormatter(fmt, static={"actor": name}))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
 
 async def launch_spec(spec: ActorSpec, *, exit_with_parent: bool = True) -> None:

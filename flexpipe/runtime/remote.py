@@ -42,7 +42,7 @@ from flexpipe.runtime.messages import ActorRef, Terminated, message
 __all__ = ["RemoteFlexPipe", "RouterUnavailable", "RouterLost", "connect", "Hello", "ModelInfo", "WaitReady", "Submit",
            "Tokens", "Cancel", "StatusQuery", "Reshape", "PROTOCOL_VERSION", "CURVE_FIELDS", "client_settings",
            "curve_from_env", "frontend_ref",
-           "local_address_towards", "parse_endpoint"]
+           "local_address_towards", "no_answer_hint", "parse_endpoint"]
 
 PROTOCOL_VERSION = 1
 
@@ -160,6 +160,24 @@ def client_settings(url: str, host: str | None = None, curve: dict[str, str] | N
     return ActorSettings(bind="tcp", host=host or local_address_towards(rhost, rport), **(curve or {}), **kw)
 
 
+def no_answer_hint(url: str, curve: Any = None) -> str:
+    """What to check when the router at `url` does not answer, for errors and logs.  Over tcp a peer whose
+    CURVE keys the router does not admit (or a router with CURVE, when this host has no keys) gets
+    silence, as from a router that is not running: the hint names both.  `curve`: this host's key
+    files (a dict of CURVE_FIELDS, or ActorSettings)."""
+    if url.startswith("ipc://"):
+        return f"is `flexpipe router --bind {url}` running?"
+    if isinstance(curve, dict):
+        keyed = any(curve.get(f) for f in CURVE_FIELDS)
+    else:
+        keyed = any(getattr(curve, f, "") for f in CURVE_FIELDS)
+    if keyed:
+        return (f"is `flexpipe router --bind {url}` running, and do its CURVE keys match this host's (the same "
+                "server keypair; this host's client public key among its authorized keys)?")
+    return (f"is `flexpipe router --bind {url}` running, and without CURVE keys? A router with keys answers "
+            "only hosts that have them (FLEXPIPE_CURVE_*, or a daemon's --curve-* flags)")
+
+
 def local_address_towards(host: str, port: int = 9) -> str:
     """This machine's address on the route to `host` (no packet is sent); 127.0.0.1 for loopback."""
     if host in ("127.0.0.1", "localhost", "::1"):
@@ -227,19 +245,24 @@ class RemoteFlexPipe(EngineClient):
     @contextlib.asynccontextmanager
     async def connect(cls, url: str, *, ready_timeout: float = 120.0, host: str | None = None,
                       curve: dict[str, str] | None = None, heartbeat_interval: float = 0.5,
-                      heartbeat_timeout: float = 3.0, ask_timeout: float = 60.0) -> AsyncIterator["RemoteFlexPipe"]:
+                      heartbeat_timeout: float = 3.0, ask_timeout: float = 60.0,
+                      answer_timeout: float | None = None) -> AsyncIterator["RemoteFlexPipe"]:
         """Connect to the router at `url` and wait (up to `ready_timeout`) until its pipeline serves.
 
         `url`: tcp://HOST:PORT, or ipc:///PATH for a router on this host.  `host`: the address the
         router reaches this client at over tcp (default: this machine's address on the route to it).
         `curve`: the key files when the router's tcp endpoints use CURVE (ActorSettings.curve_*
         names; default: curve_from_env()); a client without authorized keys gets no answer.
+        `answer_timeout`: how long to wait for the router's first answer (default: `ready_timeout`);
+        nothing tells a router that is not there from one that is slow, but a router that answers and
+        still waits for its workers gets the rest of `ready_timeout`.
         Raises RouterUnavailable when the router does not answer or its pipeline is not ready in time.
         """
         from flexpipe.runtime.launcher import ActorSystem
 
-        settings = client_settings(url, host, curve_from_env() if curve is None else curve,
-                                   heartbeat_interval=heartbeat_interval,
+        curve = curve_from_env() if curve is None else curve
+        answer_timeout = ready_timeout if answer_timeout is None else answer_timeout
+        settings = client_settings(url, host, curve, heartbeat_interval=heartbeat_interval,
                                    heartbeat_timeout=heartbeat_timeout, ask_timeout=ask_timeout)
         frontend = frontend_ref(url)
         async with ActorSystem(settings, name="flexpipe-client") as system:
@@ -247,7 +270,11 @@ class RemoteFlexPipe(EngineClient):
             loop = asyncio.get_running_loop()
             deadline = loop.time() + ready_timeout
             try:
-                info = await actor.ask(frontend, Hello(), timeout=ready_timeout)
+                try:
+                    info = await actor.ask(frontend, Hello(), timeout=answer_timeout)
+                except AskTimeout as e:
+                    raise RouterUnavailable(f"no answer from the router at {url} within {answer_timeout:g}s: "
+                                            f"{no_answer_hint(url, curve)}") from e
                 if not isinstance(info, ModelInfo) or info.version != PROTOCOL_VERSION:
                     raise ConfigError(f"the router at {url} speaks another protocol ({info!r}); "
                                       f"this client speaks version {PROTOCOL_VERSION}")
@@ -256,8 +283,8 @@ class RemoteFlexPipe(EngineClient):
                     left = max(0.1, deadline - loop.time())
                     await actor.ask(frontend, WaitReady(left), timeout=left + 5.0)
             except AskTimeout as e:
-                raise RouterUnavailable(f"no answer from the router at {url} within {ready_timeout:g}s "
-                                        f"(is `flexpipe router --bind {url}` running?)") from e
+                raise RouterUnavailable(f"the router at {url} did not answer whether its pipeline serves within "
+                                        f"{ready_timeout:g}s: {e}") from e
             except RemoteError as e:
                 raise _typed(e) from e
             fp = cls(url, info, _model_spec(info), system, actor)

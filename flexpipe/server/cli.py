@@ -40,6 +40,9 @@ SERVE_SETTINGS = [
     Setting("router", str, None, "serve through a running `flexpipe router` at tcp://HOST:PORT (or ipc:///PATH) "
             "instead of starting a pipeline here (MODEL, --stages and the runtime settings are the router's); "
             "CURVE key files from FLEXPIPE_CURVE_*", "URL"),
+    Setting("router_timeout", float, 30.0, "with router: seconds to wait for the router's first answer before "
+            "giving up with an error (a router that answers but waits for its workers gets up to 120 s in all "
+            "to start serving)", "S"),
     Setting("autoscale", bool, False, "let the control loop reshape and scale the pipeline by itself from the "
             "traffic it sees (runtime/autoscale.py; its decisions show in /v1/flexpipe/status)"),
     Setting("graceful_shutdown_s", float, 10.0, "on SIGTERM/SIGINT, seconds running requests get to finish; "
@@ -190,7 +193,11 @@ def serve_main(args: argparse.Namespace) -> int:
     options = {s.name: cfg[s.name] for s in RUNTIME_SETTINGS if cfg[s.name] != s.default}
     model, stages, in_process = cfg["model"], cfg["stages"], cfg["in_process"]
     _check_serve_settings(cfg)
-    if not cfg["router"]:
+    if cfg["router"]:
+        print(f"flexpipe serve: connecting to the router at {cfg['router']} (waiting up to "
+              f"{cfg['router_timeout']:g}s for an answer)...", file=sys.stderr, flush=True)
+        _check_router(cfg["router"], cfg["router_timeout"])
+    else:
         from flexpipe.api import ModelSpec, Settings, plan_shape
 
         # "flexpipe: error: ..." now, not a traceback from the server's startup after the engine loads
@@ -203,7 +210,7 @@ def serve_main(args: argparse.Namespace) -> int:
         if cfg["router"]:
             from flexpipe.runtime.remote import connect
 
-            return connect(cfg["router"])
+            return connect(cfg["router"], answer_timeout=cfg["router_timeout"])
         return FlexPipe.launch(model=model, stages=stages, in_process=in_process,
                                autoscale=True if cfg["autoscale"] else None, **options)
 
@@ -211,9 +218,7 @@ def serve_main(args: argparse.Namespace) -> int:
     app = create_app(launch, model_name=cfg["served_model_name"], api_key=cfg["api_key"],
                      chat_template=cfg["chat_template"], default_max_tokens=cfg["default_max_tokens"],
                      allowed_origins=origins)
-    if cfg["router"]:
-        print(f"flexpipe serve: connecting to the router at {cfg['router']}...", file=sys.stderr, flush=True)
-    else:
+    if not cfg["router"]:
         print(f"flexpipe serve: starting model {model!r} on {stages} stage(s)...", file=sys.stderr, flush=True)
 
     def ready(url: str) -> None:
@@ -228,6 +233,22 @@ def serve_main(args: argparse.Namespace) -> int:
     started = serve_forever(app, host=cfg["host"], port=cfg["port"], on_ready=ready, log_level=log_level,
                             access_log=cfg["access_log"], graceful_s=cfg["graceful_shutdown_s"])
     return 0 if started else 1
+
+
+def _check_router(url: str, timeout: float) -> None:
+    """Connect to the router once, before the HTTP server starts: a router that does not answer within
+    `timeout` seconds (or whose pipeline is not up in time) is one 'flexpipe: error:' line and exit 1.
+    The server connects again in its own event loop (where the engine must live); failing there, in
+    the app's startup, gave a traceback from uvicorn and exit 3, after 120 s of silence."""
+    import asyncio
+
+    from flexpipe.runtime.remote import connect
+
+    async def probe() -> None:
+        async with connect(url, answer_timeout=timeout):
+            pass
+
+    asyncio.run(probe())
 
 
 def _check_serve_settings(cfg: dict[str, Any]) -> None:
@@ -263,6 +284,8 @@ def _check_serve_settings(cfg: dict[str, Any]) -> None:
         except ValueError:   # urlsplit's, for a port that is no number or out of range
             raise ConfigError(f"router {cfg['router']!r} is not of the form tcp://HOST:PORT or "
                               "ipc:///PATH") from None
+        if not (0 < cfg["router_timeout"] < float("inf")):
+            raise ConfigError(f"router_timeout must be a number of seconds > 0, not {cfg['router_timeout']}")
         if cfg["autoscale"]:
             raise ConfigError("autoscale cannot be used with router: the router daemon has no control loop yet "
                               "(docs/autoscale.md); reshape it through POST /v1/flexpipe/reshape, or serve an "

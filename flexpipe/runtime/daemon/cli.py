@@ -94,8 +94,11 @@ def add_daemon_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_curve_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("CURVE authentication of tcp endpoints (key files of `flexpipe keys`)")
-    for f, help_ in zip(CURVE_FIELDS, ["server keypair (.key_secret) every tcp mailbox presents",
-                                       "server public key (.key), when this host has no server secret",
+    for f, help_ in zip(CURVE_FIELDS, ["server keypair (.key_secret) every tcp mailbox presents: needed by every "
+                                       "daemon and client (each has a tcp mailbox of its own)",
+                                       "server public key (.key) to expect of the mailboxes this host connects to "
+                                       "(default: the public half of --curve-server-secret, which is needed "
+                                       "anyway; this does not replace it)",
                                        "this host's client keypair (.key_secret; default: the server's)",
                                        "authorized client public keys (.key file or directory)"]):
         g.add_argument("--" + f.replace("_", "-"), dest=f, default=None, metavar="FILE",
@@ -144,9 +147,10 @@ def router_main(args: argparse.Namespace) -> int:
 def worker_main(args: argparse.Namespace) -> int:
     """`flexpipe worker`."""
     from flexpipe.partition import parse_bytes
+    from flexpipe.runtime.daemon.devices import check_memory
 
     configure_logging(args.log_format)
-    memory = parse_bytes(args.memory) if args.memory else None
+    memory = check_memory(parse_bytes(args.memory), args.memory) if args.memory else None
     return _serve(WorkerDaemon(args.router, name=args.name, host=args.host, devices=args.devices, memory=memory,
                                heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
                                curve=_curve(args), usage_interval=args.usage_interval))

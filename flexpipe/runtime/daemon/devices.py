@@ -39,21 +39,51 @@ def cuda_ordinals(nvml_indices: Sequence[int], visible: str | None) -> dict[int,
     return out
 
 
-def local_devices(devices: str = "auto", node: str = "", memory: int | None = None) -> tuple[Any, dict[int, str]]:
-    """This worker's devices as a Topology of one node, and the torch device of each local index.
+def check_memory(memory: Any, given: Any = None) -> int | None:
+    """--memory as bytes: None (the default budget), or a positive byte count (`given`: what the user
+    wrote, for the message).  0 used to pass for "unset" (`memory or default`): a worker told to
+    offer nothing offered 2 GiB per device."""
+    if memory is None:
+        return None
+    if isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0:
+        raise ConfigError(f"--memory {memory if given is None else given!r}: give a positive size, e.g. 2GB or "
+                          f"512MiB (leave it unset for {CPU_MEMORY_DEFAULT / 2**30:g} GiB per CPU device, and all "
+                          "of each GPU's free memory)")
+    return memory
 
-    devices: "auto" (GPUs via pynvml, else one CPU device), "cpu", "cpu:0,cpu:1", "cuda", "cuda:0,cuda:2".
-    memory: the budget of each CPU device (default 2 GiB); for a GPU, a cap on what it offers.
-    """
-    from flexpipe.placement.topology import Node, Topology, discover_local, make_gpu
 
-    node = node or socket.gethostname()
+def parse_devices(devices: str) -> tuple[str, set[int]]:
+    """--devices as (kind, indices): kind "auto", "cpu" or "cuda"; the N of each KIND:N entry (none: a
+    bare kind).  Refused with a ConfigError: a mix of kinds, and an index that is no number >= 0 (cpu:x
+    was a ValueError's traceback, and cpu:-1 a device)."""
     items = [d.strip() for d in devices.split(",") if d.strip()] or ["auto"]
     kinds = {d.partition(":")[0] for d in items}
     if not kinds <= {"auto", "cpu", "cuda"} or len(kinds) > 1:
         raise ConfigError(f"--devices {devices!r}: give 'auto', or CPU devices (cpu, cpu:0,cpu:1), or GPUs "
                           f"(cuda, cuda:0,cuda:1), not a mix")
-    kind = kinds.pop()
+    indices: set[int] = set()
+    for item in items:
+        kind, colon, index = item.partition(":")
+        if not colon:
+            continue
+        if not (index.isascii() and index.isdigit()):   # (no sign: cpu:-1 is refused too)
+            raise ConfigError(f"--devices {devices!r}: {item!r} is not {kind}:N with N a device index >= 0 "
+                              f"(e.g. {kind}:0,{kind}:1)")
+        indices.add(int(index))
+    return kinds.pop(), indices
+
+
+def local_devices(devices: str = "auto", node: str = "", memory: int | None = None) -> tuple[Any, dict[int, str]]:
+    """This worker's devices as a Topology of one node, and the torch device of each local index.
+
+    devices: "auto" (GPUs via pynvml, else one CPU device), "cpu", "cpu:0,cpu:1", "cuda", "cuda:0,cuda:2".
+    memory: the budget of each CPU device (None: 2 GiB); for a GPU, a cap on what it offers.
+    """
+    from flexpipe.placement.topology import Node, Topology, discover_local, make_gpu
+
+    memory = check_memory(memory)
+    kind, indices = parse_devices(devices)
+    node = node or socket.gethostname()
     if kind in ("auto", "cuda"):
         try:
             topo = discover_local(node)
@@ -63,7 +93,7 @@ def local_devices(devices: str = "auto", node: str = "", memory: int | None = No
             topo = None
         if topo is not None and len(topo.gpus):
             ordinal = cuda_ordinals([g.index for g in topo.gpus], os.environ.get("CUDA_VISIBLE_DEVICES"))
-            want = {int(d.partition(":")[2]) for d in items if d.partition(":")[2]} or set(ordinal)
+            want = indices or set(ordinal)
             missing = want - {g.index for g in topo.gpus}
             if missing:
                 raise ConfigError(f"--devices {devices!r}: this machine has no GPU {sorted(missing)}")
@@ -74,15 +104,15 @@ def local_devices(devices: str = "auto", node: str = "", memory: int | None = No
             keep = [i for i, g in enumerate(topo.gpus) if g.index in want]
             nd = topo.nodes[0]
             gpus = [topo.gpus[i] for i in keep]
-            free = [min(int(topo.free[i]), memory) if memory else int(topo.free[i]) for i in keep]
+            free = [min(int(topo.free[i]), memory) if memory is not None else int(topo.free[i]) for i in keep]
             links = {k: v for k, v in nd.links.items() if k[0] in want and k[1] in want}
             t = Topology([Node(node, nd.rack, gpus, links)], name=node, free=free)
             return t, {g.index: f"cuda:{ordinal[g.index]}" for g in gpus}
         if kind == "cuda":
             raise NoDriverError("--devices cuda: no GPU found on this machine")
-        items = ["cpu:0"]
-    idx = sorted({int(d.partition(":")[2] or 0) for d in items})
-    budget = memory or CPU_MEMORY_DEFAULT
+        indices = {0}   # auto, and no GPU: one CPU device
+    idx = sorted(indices or {0})
+    budget = CPU_MEMORY_DEFAULT if memory is None else memory
     gpus = [make_gpu(node, i, "cpu", memory_bytes=budget, peak_flops=5e10, mem_bw=2e10, compute_class="cpu")
             for i in idx]
     return Topology([Node(node, "r0", gpus)], name=node), {i: "cpu" for i in idx}

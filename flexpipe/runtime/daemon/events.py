@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -20,14 +21,15 @@ def _kv(v: Any) -> str:
 class EventFormatter(logging.Formatter):
     """One line per record: ts=... level=... logger=... event=... key=value (or one JSON object)."""
 
-    def __init__(self, fmt: str = "kv"):
+    def __init__(self, fmt: str = "kv", static: dict[str, Any] | None = None):
         super().__init__()
         self.json = fmt == "json"
+        self.static = dict(static or {})   # fields of every line after pid (a stage process: its actor's name)
 
     def format(self, record: logging.LogRecord) -> str:
         ts = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
         out: dict[str, Any] = {"ts": ts.isoformat(timespec="milliseconds"), "level": record.levelname.lower(),
-                               "logger": record.name, "pid": record.process}
+                               "logger": record.name, "pid": record.process, **self.static}
         event = getattr(record, "event", None)
         if event is not None:
             out["event"] = event
@@ -48,7 +50,12 @@ def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
 
 
 def configure_logging(fmt: str = "kv") -> None:
-    """Every log record becomes one structured line on stderr; daemon events at INFO always show."""
+    """Every log record becomes one structured line on stderr; daemon events at INFO always show.
+
+    The processes this one starts (a worker's stages, which write to its stderr) log in the same
+    format: they read it from the environment they inherit (runtime/launcher.py, LOG_FORMAT_ENV)."""
+    from flexpipe.runtime.launcher import LOG_FORMAT_ENV
+
     root = logging.getLogger()
     if not root.handlers:
         root.addHandler(logging.StreamHandler(sys.stderr))
@@ -56,3 +63,4 @@ def configure_logging(fmt: str = "kv") -> None:
     for h in root.handlers:
         h.setFormatter(EventFormatter(fmt))
     log.setLevel(logging.INFO)
+    os.environ[LOG_FORMAT_ENV] = fmt

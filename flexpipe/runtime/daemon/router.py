@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
+import socket
+import stat
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -79,13 +82,16 @@ class RemoteStage:
     async def _kill_and_release(self) -> None:
         d = self.daemon
         w = d.workers.get(self.worker)
+        killed = False
         if w is not None and not d.frontend.closed:
             try:
                 await d.frontend.ask(w.ref, KillStage(self.name), timeout=10.0)
+                killed = True
             except ActorError as e:
                 event("stage_kill_failed", logging.WARNING, stage=self.name, worker=self.worker, error=str(e))
-        await d.release(self.reservation)
-        event("stage_killed", stage=self.name, worker=self.worker, device=self.device)
+        await d.release(self.reservation)   # either way: its worker is gone, or kills it (or lists it at a join)
+        if killed:   # (a stage_killed after a stage_kill_failed said both of one stage)
+            event("stage_killed", stage=self.name, worker=self.worker, device=self.device)
 
     def __repr__(self) -> str:
         return f"<RemoteStage {self.name} on {self.worker} {self.device} pid={self.pid}>"
@@ -290,26 +296,39 @@ class RouterDaemon:
                                        **(self.curve if self.kind == "tcp" else {}))
         if s.rt_priority:   # this process's threads (ConfigError if refused); its stages apply it themselves
             use_realtime(s.rt_priority)
+        ipc_path = self.bind[len("ipc://"):] if self.kind == "ipc" else ""
+        if ipc_path:
+            _claim_ipc(self.bind, ipc_path)
+        socket_file: tuple[int, int] | None = None   # (device, inode) of the ipc socket file this router made
         code = 0
-        async with await _started(ActorSystem(actor_settings, name="router"), self.host) as system:
-            self.system = system
-            try:
-                self.allocator = await system.spawn(AllocatorBehaviour(), "allocator")
-                self.frontend = await system.spawn(RouterFrontend(self), "frontend", endpoint=self.bind)
-            except zmq.ZMQError as e:
-                raise ConfigError(f"cannot bind {self.bind} (or an endpoint on {self.host}): {e}") from None
-            self.state = f"waiting for workers (0 of {self.min_workers})"
-            event("listening", endpoint=self.frontend.ref.endpoint, model=self.spec.name,
-                  stages=self.boundaries and len(self.boundaries) - 1 or self.num_stages, min_workers=self.min_workers)
-            try:
-                if await _until(self.enough_workers.wait(), stop):
-                    await self._build()
-                    await stop.wait()
-            except FlexPipeError as e:
-                event("failed", logging.ERROR, error=f"{type(e).__name__}: {e}")
-                code = 1
-            finally:
-                await self._shutdown()
+        try:
+            async with await _started(ActorSystem(actor_settings, name="router"), self.host,
+                                      "--bind / --advertise") as system:
+                self.system = system
+                try:
+                    self.allocator = await system.spawn(AllocatorBehaviour(), "allocator")
+                    self.frontend = await system.spawn(RouterFrontend(self), "frontend", endpoint=self.bind)
+                except zmq.ZMQError as e:
+                    raise ConfigError(f"cannot bind {self.bind} (or an endpoint on {self.host}): {e}") from None
+                socket_file = _file_id(ipc_path)
+                self.state = f"waiting for workers (0 of {self.min_workers})"
+                event("listening", endpoint=self.frontend.ref.endpoint, model=self.spec.name,
+                      stages=self.boundaries and len(self.boundaries) - 1 or self.num_stages,
+                      min_workers=self.min_workers)
+                try:
+                    if await _until(self.enough_workers.wait(), stop):
+                        await self._build()
+                        await stop.wait()
+                except FlexPipeError as e:
+                    event("failed", logging.ERROR, error=f"{type(e).__name__}: {e}")
+                    code = 1
+                finally:
+                    await self._shutdown()
+        finally:
+            # ZeroMQ leaves an ipc socket file behind: remove ours (the same file, not one made since)
+            if socket_file is not None and _file_id(ipc_path) == socket_file:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(ipc_path)
         event("stopped", code=code)
         return code
 
@@ -717,12 +736,52 @@ def _bytes(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-async def _started(system: Any, host: str) -> Any:
-    """The system, started; ConfigError when it cannot bind on `host`."""
+def _claim_ipc(url: str, path: str) -> None:
+    """Make ipc://PATH free for this router to bind, or refuse.  ZeroMQ's ipc bind replaces whatever file
+    is at PATH: a second router at a path took the first one's address, silently (the first, still
+    running, was reached by nobody from then on).  So: a socket something listens on is refused, one
+    nobody listens on (left by a router that died) is removed, and any other file is refused."""
+    if path.startswith("@"):   # Linux's abstract namespace: no file, and a second bind fails by itself
+        return
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ConfigError(f"cannot bind {url}: {e.strerror or e}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"cannot bind {url}: {path} exists and is not a socket; remove it, or give --bind "
+                          "another path")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:   # nobody listens: a stale file
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        except OSError as e:
+            raise ConfigError(f"cannot bind {url}: {e.strerror or e}") from None
+    raise ConfigError(f"cannot bind {url}: another process listens there ({path}; another router?); stop it, "
+                      "or give --bind another path")
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`; None when there is none (or no path)."""
+    if not path or path.startswith("@"):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+async def _started(system: Any, host: str, flags: str) -> Any:
+    """The system, started; ConfigError when it cannot bind on `host` (which came from `flags`)."""
     try:
         return await system.start()
     except zmq.ZMQError as e:
-        raise ConfigError(f"cannot bind an endpoint on {host} (--host / --advertise): {e}") from None
+        raise ConfigError(f"cannot bind an endpoint on {host} ({flags}): {e}") from None
 
 
 async def _until(aw: Any, stop: asyncio.Event) -> bool:

@@ -11,14 +11,14 @@ from typing import Any
 
 from flexpipe.errors import ActorClosed, ActorError, ConfigError, RemoteError
 from flexpipe.runtime.actor import handles
-from flexpipe.runtime.daemon.devices import local_devices
+from flexpipe.runtime.daemon.devices import check_memory, local_devices, parse_devices
 from flexpipe.runtime.daemon.events import event
 from flexpipe.runtime.daemon.messages import (
     DeviceUsage, JoinCluster, KillStage, LeaveCluster, StageExited, StageStarted, StartStage, StopStage,
 )
 from flexpipe.runtime.daemon.router import _started
 from flexpipe.runtime.messages import Terminated
-from flexpipe.runtime.remote import CURVE_FIELDS
+from flexpipe.runtime.remote import CURVE_FIELDS, no_answer_hint
 from flexpipe.settings import WORKER_SETTINGS
 
 USAGE_INTERVAL_DEFAULT: float = next(s.default for s in WORKER_SETTINGS if s.name == "usage_interval")
@@ -86,7 +86,8 @@ class WorkerDaemon:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         if not self.name or "/" in self.name:
             raise ConfigError(f"--name {self.name!r}: a worker name is a node name, without '/'")
-        self.devices, self.memory = devices, memory
+        parse_devices(devices)   # a bad --devices is an error now, not once serving
+        self.devices, self.memory = devices, check_memory(memory)
         self.heartbeat_interval, self.heartbeat_timeout = heartbeat_interval, heartbeat_timeout
         self.join_timeout = join_timeout
         self.actor: Any = None
@@ -117,8 +118,10 @@ class WorkerDaemon:
         topo, torch_devices = local_devices(self.devices, self.name, self.memory)
         self.cluster = topo.to_dict()
         self.torch_devices = {str(i): d for i, d in torch_devices.items()}
-        self.withheld = {g.id: max(0, g.memory_bytes - self.memory) if self.memory else 0 for g in topo.gpus}
-        async with await _started(ActorSystem(self.settings, name=self.name), self.host) as system:
+        self.withheld = {g.id: max(0, g.memory_bytes - self.memory) if self.memory is not None else 0
+                         for g in topo.gpus}
+        async with await _started(ActorSystem(self.settings, name=self.name), self.host,
+                                  "--host / --advertise") as system:
             self.actor = await system.spawn(WorkerBehaviour(self), self.name)
             event("started", worker=self.name, endpoint=self.actor.ref.endpoint, router=self.router_url,
                   devices={f"{self.name}/{i}": d for i, d in self.torch_devices.items()},
@@ -165,9 +168,10 @@ class WorkerDaemon:
             except RemoteError as e:  # refused (e.g. its name is taken): say so, and try again later
                 event("join_refused", logging.ERROR, worker=self.name, router=self.router_url, error=e.message)
                 delay = 5.0
-            except ActorError as e:
+            except ActorError as e:   # no answer: not running yet, gone, or (tcp) keys it does not admit
                 if attempt == 1 or attempt % 10 == 0:
-                    event("join_retry", worker=self.name, router=self.router_url, attempt=attempt, error=str(e))
+                    event("join_retry", worker=self.name, router=self.router_url, attempt=attempt, error=str(e),
+                          hint=no_answer_hint(self.router_url, self.settings))
             else:
                 self.joined = True
                 self.router_actual = reply.frontend if reply.frontend is not None else self.router_ref
