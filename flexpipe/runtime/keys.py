@@ -90,7 +90,7 @@ def curve_enabled(settings: Any) -> bool:
     given = [f for f in ("curve_client_secret", "curve_authorized") if getattr(settings, f, "")]
     if given:
         raise ConfigError(f"{' and '.join(given)} set but no server key: CURVE would be off and tcp plain; give "
-                          "curve_server_secret (a process that binds tcp) or curve_server_public (a client), or none")
+                          "curve_server_secret (every process with a tcp mailbox binds one, clients too), or none")
     return False
 
 
