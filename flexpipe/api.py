@@ -98,7 +98,7 @@ class Settings:
             raise bad("rt_priority", "give an integer from 0 (the kernel's default scheduler) to 99")
         if self.dtype not in DTYPES:
             raise bad("dtype", f"give one of {', '.join(DTYPES)}")
-        if not isinstance(self.device, str) or not re.fullmatch(r"(cpu|cuda)(:\d+)?", self.device):
+        if not _is_device(self.device):
             raise bad("device", "give cpu, cuda or cuda:N")
         if self.transport not in HOP_MODES:
             raise bad("transport", f"give one of {', '.join(HOP_MODES)}")
@@ -165,6 +165,10 @@ def plan_shape(cfg: ModelConfig, stages: int | None = None, boundaries: Sequence
     if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or stages < 1):
         raise ConfigError(f"stages must be a whole number >= 1 (got {stages!r})")
     if boundaries is not None:
+        if isinstance(boundaries, (str, bytes)) or not all(isinstance(b, int) and not isinstance(b, bool)
+                                                          for b in boundaries):
+            raise ConfigError(f"boundaries must be a list of whole unit indices [0, ..., {cfg.num_units}] "
+                              f"(got {boundaries!r:.80})")
         if len(boundaries) < 2:
             raise ConfigError(f"boundaries {list(boundaries)} name no stage: give the cut points "
                               f"[0, ..., {cfg.num_units}], at least two")
@@ -381,7 +385,11 @@ class FlexPipe(EngineClient):
             raise ConfigError("give either stages=N or boundaries=[0, ..., num_units]")
         shape = plan_shape(self.config, stages, boundaries, self.controller.shape.epoch + 1, self.settings.device)
         if devices is not None:
-            shape = PipelineShape.from_boundaries(shape.boundaries, shape.epoch, devices)
+            if isinstance(devices, (str, bytes)) or not all(_is_device(d) for d in devices) \
+                    or len(devices) != shape.num_stages:
+                raise ConfigError(f"devices must be a list of {shape.num_stages} device names (cpu, cuda or "
+                                  f"cuda:N), one per stage (got {devices!r:.80})")
+            shape = PipelineShape.from_boundaries(shape.boundaries, shape.epoch, list(devices))
         return await self.controller.reshape(shape, weights_from=weights_from)
 
 
@@ -461,6 +469,11 @@ def _sync_close(st: _SyncState) -> None:
         st.loop.call_soon_threadsafe(st.loop.stop)
         st.thread.join()
         st.loop.close()
+
+
+def _is_device(d: Any) -> bool:
+    """A device name stages can run on: cpu, cuda or cuda:N."""
+    return isinstance(d, str) and re.fullmatch(r"(cpu|cuda)(:\d+)?", d) is not None
 
 
 def _token_ids(ids: Any, what: str, vocab_size: int) -> tuple[int, ...]:

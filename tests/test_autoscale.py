@@ -424,3 +424,19 @@ async def test_load_ramp_scales_up_and_back_down_by_itself():
     assert merge["weights_from"] == "cache", merge  # units retired by the split came back from RAM
     assert status["autoscale"]["decision_ms"]["p99"] < 50
     assert ramp < 60, f"the ramp took {ramp:.0f}s"  # low 3 s, burst 2 s, low until back at 1 stage (<= 30 s)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(tick_s=float("nan")), "tick_s must be a finite number"), (dict(tick_s="1"), "tick_s must be"),
+    (dict(retry_s=float("nan")), "retry_s must be"), (dict(close_timeout_s=-1), "close_timeout_s must be"),
+    (dict(weight_cache_bytes=float("nan")), "weight_cache_bytes must be"), (dict(log_size=1.5), "log_size must be"),
+    (dict(max_stages=True), "max_stages must be"), (dict(policy="x"), "policy must be a PolicyConfig"),
+    (dict(analyzer={"bogus": 1}), r"analyzer has unknown keyword\(s\) \['bogus'\]"),
+])
+def test_a_bad_autoscale_setting_is_a_config_error(kw, words):
+    # a NaN tick was taken, and the control loop then never ran (a NaN deadline on the event loop);
+    # the others failed at launch with a TypeError or AttributeError
+    from flexpipe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"AutoscaleConfig: {words}"):
+        AutoscaleConfig(**kw)

@@ -353,3 +353,18 @@ def test_bad_policy_settings_are_config_errors():
         PolicyConfig(stage_counts=())
     with pytest.raises(ConfigError):
         GranularityPolicy(PolicyConfig(stage_counts=(100,)), LLAMA7B)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("slo_ttft_s", float("nan")), ("headroom", float("nan")), ("queue_drain_s", float("inf")),
+    ("reclaim_window_s", float("nan")), ("scale_to_zero_idle_s", float("nan")), ("max_gpus", float("nan")),
+    ("max_gpus", 2.5), ("stage_counts", (2.5,)), ("stage_counts", (True,)), ("min_replicas", True),
+    ("slo_tpot_s", "0.2"),
+])
+def test_a_policy_setting_of_the_wrong_kind_is_a_config_error(field, value):
+    # a NaN passed every `x <= 0` check, and the policy then decided "keep" for ever; 2.5 stages was taken
+    with pytest.raises(ConfigError, match=f"PolicyConfig: {field} must be"):
+        PolicyConfig(**{field: value})
+    import numpy as np
+
+    assert PolicyConfig(max_gpus=np.int64(8), slo_ttft_s=np.float64(1.5)).max_gpus == 8   # numpy's numbers do

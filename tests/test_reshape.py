@@ -2,13 +2,14 @@
 the oracle (same near-tie rule as tests/test_pipeline.py)."""
 
 import asyncio
+import re
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from flexpipe.api import FlexPipe
-from flexpipe.errors import ReshapeError
+from flexpipe.errors import ConfigError, ReshapeError
 from flexpipe.runtime.stage import StageStatus, StepInput
 from tests.pipeline_helpers import check_against_oracle, held, request_mix, run_all, until
 
@@ -224,3 +225,21 @@ async def test_a_reshape_whose_new_stage_fails_to_start_leaves_no_other_new_stag
         assert alive == before, f"new stage processes left running: {alive - before}"
         assert fp.controller.history[-1].ok is False
         assert (await fp.complete("still serving", max_tokens=3)).finish_reason == "length"
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(stages=3, devices="cpu"), "devices must be a list of 3 device names"),   # was split into c, p, u
+    (dict(stages=2, devices=[0, 1]), "devices must be a list of 2"),
+    (dict(stages=1, devices=["meta"]), "devices must be a list of 1"),   # was taken: every request then failed
+    (dict(stages=2, devices=["cpu"]), "devices must be a list of 2"),
+    (dict(boundaries=[0, 9.5, 18]), "boundaries must be a list of whole unit indices"),
+    (dict(boundaries=[0, "9", 18]), "boundaries must be a list of whole unit indices"),
+    (dict(boundaries="018"), "boundaries must be a list of whole unit indices"),
+    (dict(boundaries=[0, True, 18]), "boundaries must be a list of whole unit indices"),   # was a stage [0, True)
+])
+async def test_bad_reshape_arguments_are_config_errors_and_the_pipeline_serves_on(kw, words):
+    async with FlexPipe.launch("tiny", stages=1, in_process=True) as fp:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            await fp.reshape(**kw)
+        assert fp.controller.shape.epoch == 0 and fp.status()["reshapes"] == []
+        assert (await fp.complete("on", max_tokens=2)).finish_reason == "length"

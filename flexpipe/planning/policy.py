@@ -62,7 +62,9 @@ Against the running config:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
@@ -73,6 +75,16 @@ from flexpipe.planning.analyzer import TrafficStats
 from flexpipe.planning.perfmodel import PerfModel
 
 INF = float("inf")
+
+
+def whole(v: Any) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def finite(v: Any) -> bool:
+    """A finite real number (numpy's too), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 class Action(str, Enum):
@@ -145,6 +157,20 @@ class PolicyConfig:
         def bad(msg: str) -> ConfigError:
             return ConfigError(f"PolicyConfig: {msg}")
 
+        # types first: a NaN passed every comparison below (and the policy then only ever kept the
+        # shape), a fraction of a stage was taken as a stage count
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is None and f.name in ("base_stages", "scale_to_zero_idle_s"):
+                continue
+            if f.name in ("stage_counts", "token_budgets"):
+                if not isinstance(v, (tuple, list)) or not all(whole(x) for x in v):
+                    raise bad(f"{f.name} must be a list of whole numbers, got {v!r}")
+            elif f.name in ("max_gpus", "min_replicas", "min_gaps_for_cv", "base_stages"):
+                if not whole(v):
+                    raise bad(f"{f.name} must be a whole number, got {v!r}")
+            elif not finite(v):
+                raise bad(f"{f.name} must be a finite number, got {v!r}")
         if self.slo_ttft_s <= 0 or self.slo_tpot_s <= 0:
             raise bad("SLO targets must be > 0")
         if not self.stage_counts or min(self.stage_counts) < 1:

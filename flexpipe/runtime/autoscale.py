@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import logging
 import math
 import statistics
@@ -53,6 +54,7 @@ from typing import Any, Callable
 from flexpipe.errors import ActorError, ConfigError, ReshapeError
 from flexpipe.planning import (Action, AnalyticPerfModel, Decision, GpuSpec, GranularityPolicy, LinkSpec,
                                PipelineConfig, PolicyConfig, TrafficAnalyzer, TrafficStats)
+from flexpipe.planning.policy import finite, whole
 from flexpipe.runtime.router import cpu_stage_slots
 from flexpipe.runtime.weight_cache import WeightCache
 
@@ -77,11 +79,30 @@ class AutoscaleConfig:
     act: bool = True  # False: decide and log as if each decision were carried out, change nothing
 
     def __post_init__(self) -> None:
-        if self.tick_s <= 0 or self.retry_s < 0 or self.log_size < 1 or self.weight_cache_bytes < 0:
-            raise ConfigError("AutoscaleConfig: need tick_s > 0, retry_s >= 0, log_size >= 1, "
-                              "weight_cache_bytes >= 0")
-        if self.max_stages is not None and self.max_stages < 1:
-            raise ConfigError(f"AutoscaleConfig: max_stages must be >= 1, got {self.max_stages}")
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(f"AutoscaleConfig: {msg}")
+
+        # (a NaN tick passed `tick_s <= 0` and put a NaN deadline on the loop: the control loop never ran)
+        if not (finite(self.tick_s) and self.tick_s > 0):
+            raise bad(f"tick_s must be a finite number of seconds > 0, got {self.tick_s!r}")
+        for name in ("retry_s", "close_timeout_s"):
+            v = getattr(self, name)
+            if not (finite(v) and v >= 0):
+                raise bad(f"{name} must be a finite number of seconds >= 0, got {v!r}")
+        if not (whole(self.weight_cache_bytes) and self.weight_cache_bytes >= 0):
+            raise bad(f"weight_cache_bytes must be a whole number >= 0, got {self.weight_cache_bytes!r}")
+        if not (whole(self.log_size) and self.log_size >= 1):
+            raise bad(f"log_size must be a whole number >= 1, got {self.log_size!r}")
+        if self.max_stages is not None and not (whole(self.max_stages) and self.max_stages >= 1):
+            raise bad(f"max_stages must be a whole number >= 1 or None, got {self.max_stages!r}")
+        if self.policy is not None and not isinstance(self.policy, PolicyConfig):
+            raise bad(f"policy must be a PolicyConfig or None, not {type(self.policy).__name__}")
+        if not isinstance(self.analyzer, dict):
+            raise bad(f"analyzer must be a dict of TrafficAnalyzer keyword arguments, not {type(self.analyzer).__name__}")
+        known = set(inspect.signature(TrafficAnalyzer).parameters)
+        unknown = sorted(set(self.analyzer) - known)
+        if unknown:
+            raise bad(f"analyzer has unknown keyword(s) {unknown}; TrafficAnalyzer takes {sorted(known)}")
 
     @classmethod
     def of(cls, value: Any) -> "AutoscaleConfig | None":
