@@ -527,8 +527,14 @@ class _ChatChunks:
         return self._chunk([], usage)
 
 
+# Characters JSON allows raw in a string that line splitters other than SSE's (Python's splitlines, and
+# with it httpx's iter_lines; JavaScript before ES2019) take for line ends: sent escaped.
+_LINE_ENDS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(body: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":")).translate(_LINE_ENDS)
+    return b"data: " + text.encode() + b"\n\n"
 
 
 def _finish_reason(reason: str | None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any, TextIO
 
@@ -71,7 +72,7 @@ class ChatClient:
                 if r.status_code != 200:
                     r.read()
                     raise ServerError(_error_text(r))
-                for data in _sse_data(r.iter_lines()):
+                for data in _sse_data(_lines(r.iter_text())):
                     if "error" in data:
                         raise ServerError(data["error"].get("message", str(data["error"])))
                     for choice in data.get("choices", []):
@@ -81,13 +82,16 @@ class ChatClient:
                             yield piece
         except httpx.HTTPError as e:
             raise ServerError(f"lost the server at {self.url}: {e}") from None
+        except KeyboardInterrupt:   # stopped by the user: what was shown stays in the conversation
+            self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(answer)}]
+            raise
         self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(answer)}]
 
     def turn(self, text: str, out: TextIO) -> bool:
         """One exchange printed to `out`; False (with the reason printed) if it failed."""
         try:
             for piece in self.stream(text):
-                out.write(piece)
+                out.write(_printable(piece))
                 out.flush()
         except ServerError as e:
             out.write(f"\n[error] {e}\n")
@@ -97,8 +101,11 @@ class ChatClient:
         return True
 
     def repl(self, inp: TextIO, out: TextIO) -> int:
-        """Read messages line by line until /quit or end of input."""
+        """Read messages line by line until /quit or end of input; 1 when input came from a pipe or
+        file and a turn failed (a script learns it from the exit status), else 0. Ctrl-C during an
+        answer stops that answer (the request ends on the server) and keeps the conversation."""
         interactive = inp.isatty()
+        failed = False
         out.write(f"Chatting with {self.model} at {self.url}. /reset, /status, /quit.\n")
         while True:
             if interactive:
@@ -106,12 +113,12 @@ class ChatClient:
                 out.flush()
             line = inp.readline()
             if not line:
-                return 0
+                return 1 if failed and not interactive else 0
             text = line.strip()
             if not text:
                 continue
             if text in ("/quit", "/exit"):
-                return 0
+                return 1 if failed and not interactive else 0
             if text == "/reset":
                 self.reset()
                 out.write("[conversation cleared]\n")
@@ -123,7 +130,11 @@ class ChatClient:
                     out.write(f"[error] {e}\n")
                 continue
             out.write(f"{self.model}> ")
-            self.turn(text, out)
+            try:
+                failed |= not self.turn(text, out)
+            except KeyboardInterrupt:
+                out.write("\n[stopped]\n")
+                out.flush()
 
     def _get(self, path: str) -> dict[str, Any]:
         try:
@@ -135,6 +146,20 @@ class ChatClient:
         return r.json()
 
 
+def _lines(chunks: Iterator[str]) -> Iterator[str]:
+    """The lines of a server-sent event stream: split at LF (and CRLF) only, as the SSE format says.
+    (httpx's iter_lines splits like str.splitlines, also at U+0085, U+2028 and U+2029, which JSON
+    strings may hold: a data line cut there was a JSONDecodeError's traceback.)"""
+    buf = ""
+    for chunk in chunks:
+        buf += chunk
+        *lines, buf = buf.split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    if buf:
+        yield buf
+
+
 def _sse_data(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
     """JSON payloads of the `data:` lines of a server-sent event stream, up to [DONE]."""
     for line in lines:
@@ -143,7 +168,19 @@ def _sse_data(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
         payload = line[5:].strip()
         if payload == "[DONE]":
             return
-        yield json.loads(payload)
+        try:
+            yield json.loads(payload)
+        except ValueError:
+            raise ServerError(f"the server sent an event that is not JSON: {payload[:80]!r}") from None
+
+
+# C0 and C1 control characters but newline and tab: written raw, model output could move the cursor,
+# recolour or retitle the terminal (ESC sequences)
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    return _CONTROL.sub("\ufffd", text)
 
 
 def _error_text(r: httpx.Response) -> str:
