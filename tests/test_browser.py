@@ -128,3 +128,103 @@ def test_on_a_keyed_server_the_status_poll_leaves_the_typed_message_alone(browse
             sync_api.expect(pg.locator("#prompt")).to_be_focused()
         finally:
             ctx.close()
+
+
+def _chat_page(browser, base):
+    """A fresh page on `base` whose chat requests' JSON bodies land in the returned list, in order."""
+    ctx = browser.new_context()
+    pg = ctx.new_page()
+    bodies: list[dict] = []
+    errors: list[str] = []
+    pg.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(base + "/")
+    sync_api.expect(pg.locator("#model")).to_contain_text("tiny", timeout=15000)
+    pg.click("#settings summary")
+    pg.fill("#temperature", "0")
+    return ctx, pg, bodies, errors
+
+
+def _ask(pg, text, max_tokens):
+    pg.fill("#max-tokens", str(max_tokens))
+    pg.fill("#prompt", text)
+    pg.press("#prompt", "Enter")
+
+
+def _turns(body):
+    return [(m["role"], m["content"]) for m in body["messages"]]
+
+
+@pytest.mark.timeout(60)
+def test_new_chat_while_streaming_stops_the_answer_and_forgets_it(url, browser):
+    # "New chat" used to leave the answer streaming (Send stayed disabled, the server kept generating)
+    # and, when it ended, put the old turn into the new conversation's history.
+    ctx, pg, bodies, errors = _chat_page(browser, url)
+    try:
+        _ask(pg, "OLD topic", 1900)
+        pg.wait_for_function("Number(document.querySelector('.msg.assistant').dataset.chunks) >= 2",
+                             timeout=30000)
+        pg.click("#reset")
+        sync_api.expect(pg.locator("#messages .msg")).to_have_count(0)
+        sync_api.expect(pg.locator("#send")).to_be_enabled()
+        sync_api.expect(pg.locator("#stop")).to_be_disabled()
+        _ask(pg, "new chat hello", 2)
+        answer = pg.locator(".msg.assistant")
+        sync_api.expect(answer).to_have_attribute("data-state", "done", timeout=30000)
+        assert _turns(bodies[-1]) == [("user", "new chat hello")]
+        assert pg.locator("#messages .msg.user").all_inner_texts() == ["new chat hello"]
+        assert pg.locator("#messages .msg.error").count() == 0
+        # the old answer's generation was cancelled on the server, not left to run to its 1900 tokens
+        sync_api.expect(pg.locator("#load")).to_have_text("0 running, 0 waiting", timeout=10000)
+    finally:
+        ctx.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_answer_stays_in_the_context_as_shown(url, browser):
+    # A stopped turn used to drop out of the next request's messages while the page still showed it.
+    ctx, pg, bodies, errors = _chat_page(browser, url)
+    try:
+        _ask(pg, "first question", 1900)
+        pg.wait_for_function("Number(document.querySelector('.msg.assistant').dataset.chunks) >= 3",
+                             timeout=30000)
+        pg.click("#stop")
+        first = pg.locator(".msg.assistant").first
+        sync_api.expect(first).to_have_attribute("data-state", "stopped", timeout=10000)
+        partial = first.evaluate("el => el.firstChild.textContent")   # the answer's text, without its .meta
+        assert partial
+        _ask(pg, "second question", 2)
+        sync_api.expect(pg.locator(".msg.assistant").nth(1)).to_have_attribute("data-state", "done",
+                                                                                timeout=30000)
+        assert _turns(bodies[-1]) == [("user", "first question"), ("assistant", partial),
+                                      ("user", "second question")]
+    finally:
+        ctx.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.mark.timeout(60)
+def test_with_the_server_down_the_page_says_which_server_to_start(browser):
+    # fetch's own "Failed to fetch" used to be all the page showed.
+    from flexpipe.api import FlexPipe
+
+    app = create_app(lambda: FlexPipe.launch(model="tiny", stages=1, in_process=True))
+    with ServerThread(app) as base:
+        ctx, pg, bodies, errors = _chat_page(browser, base)
+    try:
+        failed: list[str] = []
+        pg.on("requestfailed", lambda r: failed.append(r.url))
+        _ask(pg, "anyone there?", 4)
+        expected = f"Cannot reach the server at {base}: is `flexpipe serve` running?"
+        sync_api.expect(pg.locator(".msg.error")).to_have_text(expected, timeout=10000)
+        sync_api.expect(pg.locator(".msg.assistant")).to_have_attribute("data-state", "error")
+        assert _turns(bodies[-1]) == [("user", "anyone there?")]
+        assert f"{base}/v1/chat/completions" in failed
+        sync_api.expect(pg.locator("#send")).to_be_enabled()
+        pg.fill("#reshape-stages", "2")
+        pg.click("#reshape-form button")
+        sync_api.expect(pg.locator("#reshape-result")).to_have_text(expected, timeout=10000)
+    finally:
+        ctx.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"

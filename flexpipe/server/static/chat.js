@@ -3,7 +3,15 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { model: null, history: [], controller: null };
+// `conversation` counts "New chat"s: a send() that finishes after one belongs to a conversation that is
+// gone, and must not put its turn into the new one's history.
+const state = { model: null, history: [], controller: null, conversation: 0 };
+
+// fetch rejects with a bare TypeError ("Failed to fetch") when nothing answers; say which server and what to do.
+function unreachable(err) {
+  if (err.name === "AbortError" || !(err instanceof TypeError)) return err;
+  return new Error("Cannot reach the server at " + location.origin + ": is `flexpipe serve` running?");
+}
 
 function authHeaders() {
   const key = $("api-key").value.trim() || localStorage.getItem("flexpipe-api-key") || "";
@@ -15,7 +23,12 @@ function authHeaders() {
 // the focus away from the message being typed, every second, and Enter would save the text as the key.
 async function api(path, options = {}, askKey = false) {
   const headers = { "Content-Type": "application/json", ...authHeaders(), ...(options.headers || {}) };
-  const response = await fetch(path, { ...options, headers });
+  let response;
+  try {
+    response = await fetch(path, { ...options, headers });
+  } catch (err) {
+    throw unreachable(err);
+  }
   if (!response.ok) {
     let message = response.status + " " + response.statusText;
     try { message = (await response.json()).error.message || message; } catch (_) { /* not JSON */ }
@@ -82,14 +95,17 @@ async function send(text) {
     temperature: Number($("temperature").value),
     top_p: Number($("top-p").value) || 1,
   };
-  state.controller = new AbortController();
+  // This send's own controller and conversation: "New chat" may replace both before it finishes.
+  const controller = new AbortController();
+  const conversation = state.conversation;
+  state.controller = controller;
   $("send").disabled = true;
   $("stop").disabled = false;
   const started = performance.now();
   let firstAt = null, text_ = "", usage = null, finish = null;
   try {
     const response = await api("/v1/chat/completions", {
-      method: "POST", body: JSON.stringify(body), signal: state.controller.signal,
+      method: "POST", body: JSON.stringify(body), signal: controller.signal,
     }, true);
     answer.dataset.state = "streaming";
     for await (const event of sseEvents(response)) {
@@ -108,11 +124,15 @@ async function send(text) {
       }
     }
     answer.dataset.state = "done";
-    state.history.push({ role: "user", content: text }, { role: "assistant", content: text_ });
   } catch (err) {
     answer.dataset.state = err.name === "AbortError" ? "stopped" : "error";
-    if (err.name !== "AbortError") addMessage("error", err.message);
+    if (err.name !== "AbortError" && conversation === state.conversation) addMessage("error", err.message);
   } finally {
+    // A stopped turn stays in the context with its partial answer, as the page shows it; a turn of a
+    // conversation that "New chat" dropped goes nowhere.
+    if (answer.dataset.state !== "error" && conversation === state.conversation) {
+      state.history.push({ role: "user", content: text }, { role: "assistant", content: text_ });
+    }
     const meta = document.createElement("span");
     meta.className = "meta";
     const total = (performance.now() - started) / 1000;
@@ -124,9 +144,11 @@ async function send(text) {
     meta.textContent = parts.join(" · ");
     answer.textContent = text_;
     answer.appendChild(meta);
-    state.controller = null;
-    $("send").disabled = false;
-    $("stop").disabled = true;
+    if (state.controller === controller) {   // else "New chat" (and maybe a newer send) took over
+      state.controller = null;
+      $("send").disabled = false;
+      $("stop").disabled = true;
+    }
   }
 }
 
@@ -228,8 +250,14 @@ $("prompt").addEventListener("keydown", (e) => {
   }
 });
 $("stop").addEventListener("click", () => state.controller && state.controller.abort());
+// Stops the answer being streamed, if any: it would keep the server generating and Send disabled.
 $("reset").addEventListener("click", () => {
+  if (state.controller) state.controller.abort();
+  state.controller = null;
+  state.conversation += 1;
   state.history = [];
+  $("send").disabled = false;
+  $("stop").disabled = true;
   $("messages").replaceChildren();
 });
 $("api-key").value = localStorage.getItem("flexpipe-api-key") || "";
