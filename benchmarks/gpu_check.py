@@ -915,7 +915,8 @@ def drive(args: argparse.Namespace) -> int:
             if name == "env":
                 gpus = r.get("gpus") or []
                 res["gpu"] = gpus[0]["name"] if gpus else None
-                if not gpus and not args.dry_run:
+                if not gpus and not args.dry_run and r["status"] == "ok":   # (a hung or failed env is
+                    # no proof that there is no GPU: the sections below say more, and run)
                     print("no CUDA device visible to torch: nothing to check on a GPU "
                           f"(torch {r.get('torch')}, cuda_ipc: {r.get('cuda_ipc')})", flush=True)
                     res["exit_code"] = 2

@@ -689,3 +689,51 @@ def test_gpu_check_reads_test_verdicts_from_pytest_output_even_after_a_hang():
     assert v["skip_reasons"] == ["tests/test_gpu.py:12: no CUDA device"] and v["not_run"] == 1
     assert read_verdicts(log[:3] + ["tests/test_gpu.py::test_b[host] PASSED", "tests/test_gpu.py::test_c PASSED",
                                     "tests/test_gpu.py::test_d PASSED"])["ok"]
+
+
+def test_short_kv_runs_copy_between_pools_on_two_devices():
+    # a reshape onto a stage on another GPU of the host (cuda:0 -> cuda:1): the gathered rows stayed
+    # on the source device and index_copy_ refused them. "meta" stands in for the second device here.
+    import torch
+
+    from flexpipe.transports import cuda_ipc
+
+    src = torch.randn(8, 16, 2, 4)   # 2-KiB blocks: every run is a short one (index_select / index_copy_)
+    dst = torch.zeros(8, 16, 2, 4, device="meta")
+    runs = cuda_ipc.coalesce_runs([0, 1, 5], [3, 4, 7])
+    assert cuda_ipc.copy_runs(src, dst, runs) == 3 * src[0].numel() * src.element_size()
+    same = torch.zeros(8, 16, 2, 4)
+    cuda_ipc.copy_runs(src, same, runs)
+    assert torch.equal(same[[3, 4, 7]], src[[0, 1, 5]])
+
+
+def test_a_cuda_label_without_index_names_the_device_its_tensors_report():
+    # "cuda" stayed "cuda" while tensors on it say "cuda:0": the rope tables decode graphs capture were
+    # grown under one name and read under the other (a captured graph then read freed memory)
+    from flexpipe.runtime.stage_core import torch_device
+
+    import torch
+
+    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    assert str(torch_device("cuda")) == f"cuda:{current}" and str(torch_device("cuda:1")) == "cuda:1"
+    assert torch_device("cpu:1") == torch_device("cpu")
+
+
+def test_gpu_check_runs_on_when_its_env_section_fails_rather_than_saying_there_is_no_gpu(monkeypatch, tmp_path):
+    # an env section that hung (an NVML or CUDA-init hang) was reported as "no CUDA device" (exit 2),
+    # and the rest of a 15-minute GPU session did not run
+    import argparse
+
+    import benchmarks.gpu_check as g
+
+    ran = []
+
+    def spawn(name, args, budget, out):
+        ran.append(name)
+        if name == "env":
+            return {"status": "timeout", "seconds": 45.0, "error": "section ran past its budget of 45 s"}
+        return {"status": "failed", "seconds": 1.0, "error": "not run by this test"}
+
+    monkeypatch.setattr(g, "_spawn", spawn)
+    code = g.drive(argparse.Namespace(dry_run=False, sections="", out=str(tmp_path / "r.json")))
+    assert code == 1 and len(ran) > 1 and ran[0] == "env"

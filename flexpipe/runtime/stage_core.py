@@ -24,8 +24,15 @@ from flexpipe.model.units import Unit, build_units, make_kv_caches, run_units
 
 
 def torch_device(label: str) -> torch.device:
-    """The torch device of a placement label: "cpu", "cpu:N" (a CPU slot, for moves) or "cuda:N"."""
-    return torch.device("cpu") if label.startswith("cpu") else torch.device(label)
+    """The torch device of a placement label: "cpu", "cpu:N" (a CPU slot, for moves), "cuda" or "cuda:N".
+
+    "cuda" gets its index (the current device's): tensors on it report "cuda:0", and anything keyed
+    by the device's name (the rope tables that captured decode graphs read) must use the same name."""
+    if label.startswith("cpu"):
+        return torch.device("cpu")
+    if label == "cuda":
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return torch.device(label)
 
 
 @dataclass(slots=True)

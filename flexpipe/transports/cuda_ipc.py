@@ -686,11 +686,16 @@ class CudaIpcTransport(Transport):
                     HANDLES.release(buf)
                     raise
             stream = event = None
+            handle = b""
             if dev is not None:
                 with torch.cuda.device(dev):
                     stream = torch.cuda.Stream(dev)
                     event = torch.cuda.Event(interprocess=True) if sync == "event" else None
-            hello = IpcHello(os.getpid(), bytes(event.ipc_handle()) if event is not None and held is not None else b"")
+                    # here: torch creates the event lazily, on the device current when its handle is
+                    # asked for; on another device than the stream's, every record() would fail
+                    if event is not None and held is not None:
+                        handle = bytes(event.ipc_handle())
+            hello = IpcHello(os.getpid(), handle)
             owns = zctx is None
             zctx = zctx or zmq.asyncio.Context()
             ctrl = zctx.socket(zmq.PAIR)
@@ -1005,10 +1010,14 @@ def copy_runs(src: torch.Tensor, dst: torch.Tensor, runs: Sequence[tuple[int, in
         # [blocks, block_size, heads, dim] on CPU; the pools are contiguous, as allocated or opened)
         s2 = src.view(src.shape[0], -1) if src.is_contiguous() else src
         d2 = dst.view(dst.shape[0], -1) if dst.is_contiguous() else dst
+        cross = src.device != dst.device   # two GPUs of one host: index_copy_ wants all on dst's device
         for i in range(0, len(small_s), step):
             s_idx = torch.tensor(small_s[i:i + step], dtype=torch.int64).to(src.device, non_blocking=True)
             d_idx = torch.tensor(small_d[i:i + step], dtype=torch.int64).to(dst.device, non_blocking=True)
-            d2.index_copy_(0, d_idx, s2.index_select(0, s_idx))
+            rows = s2.index_select(0, s_idx)
+            d2.index_copy_(0, d_idx, rows.to(dst.device, non_blocking=True) if cross else rows)
+    if cross and small_s and dst.is_cuda:   # that scatter ran on dst's current stream, which the caller
+        torch.cuda.current_stream(dst.device).synchronize()   # (syncing `stream`) does not wait for
     return total
 
 
