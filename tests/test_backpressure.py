@@ -105,3 +105,38 @@ def test_http_overload_is_refused_with_a_reason(http_server):
 def test_http_overload_refusal_is_429(http_server):
     codes = _burst_codes(http_server)
     assert 429 in codes and 400 not in codes
+
+
+def test_a_stalled_body_gets_408_and_a_client_gone_mid_body_is_no_server_error():
+    # a client that sent its headers and then stalled held its connection for ever (no body deadline);
+    # one that closed mid-body was an "unhandled ClientDisconnect", a traceback and a 500 in /metrics
+    import socket
+    import time
+
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from flexpipe.server import ServerThread, create_app
+
+    app = create_app(lambda: FlexPipe.launch("tiny", stages=1, in_process=True), body_timeout_s=1.0)
+    with ServerThread(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                "Content-Length: 100\r\n\r\n").encode()
+        with socket.create_connection((host, int(port)), timeout=20) as s:
+            s.sendall(head + b'{"model"')
+            answer = s.recv(65536).decode()
+        assert answer.startswith("HTTP/1.1 408") and "request_timeout" in answer, answer[:300]
+        with socket.create_connection((host, int(port)), timeout=20) as s:
+            s.sendall(head + b'{"model"')
+        deadline = time.monotonic() + 20
+
+        def by_status() -> dict[str, float]:
+            text = httpx.get(f"{url}/metrics").text
+            return {s.labels["status"]: s.value for f in text_string_to_metric_families(text)
+                    if f.name == "flexpipe_http_requests" for s in f.samples
+                    if s.name.endswith("_total") and s.labels.get("endpoint") == "completions"}
+
+        while by_status().get("499", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert by_status() == {"408": 1.0, "499": 1.0}

@@ -15,7 +15,7 @@ from typing import Any, AsyncContextManager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -45,7 +45,8 @@ EngineFactory = Callable[[], AsyncContextManager[Any]]
 
 def create_app(engine: Any, *, model_name: str | None = None, api_key: str | None = None,
                chat_template: str | None = None, default_max_tokens: int | None = None,
-               max_request_bytes: int = 4 << 20, allowed_origins: list[str] | None = None) -> Starlette:
+               max_request_bytes: int = 4 << 20, allowed_origins: list[str] | None = None,
+               body_timeout_s: float = 30.0) -> Starlette:
     """The server's ASGI app.
 
     `engine` is a running engine with the FlexPipe interface (embedded FlexPipe, or a router
@@ -57,11 +58,14 @@ def create_app(engine: Any, *, model_name: str | None = None, api_key: str | Non
     generations whose request names no max_tokens (default: 16 for completions, the rest of the
     context for chat).  `allowed_origins` (e.g. ["https://app.example"], or ["*"]) lets web pages of
     other origins call the API from a browser (CORS); the chat page is served from the same origin.
+    A request body that has not arrived whole within `body_timeout_s` is answered 408 (a client that
+    sends its headers and then trickles or stalls holds a connection for no longer than that).
     """
     if api_key is not None and not api_key.strip():
         raise ConfigError("api_key is empty: give a key, or None to serve without one")
     server = _Server(model_name=model_name, api_key=api_key, template_override=chat_template,
-                     default_max_tokens=default_max_tokens, max_request_bytes=max_request_bytes)
+                     default_max_tokens=default_max_tokens, max_request_bytes=max_request_bytes,
+                     body_timeout_s=body_timeout_s)
     factory: EngineFactory | None = None
     if hasattr(engine, "generate"):
         server.attach(engine)
@@ -110,13 +114,14 @@ class _Server:
     """Request handlers and the state they share."""
 
     def __init__(self, *, model_name: str | None, api_key: str | None, template_override: str | None,
-                 default_max_tokens: int | None, max_request_bytes: int):
+                 default_max_tokens: int | None, max_request_bytes: int, body_timeout_s: float = 30.0):
         self.engine: Any = None
         self.model_name = model_name
         self.api_key = api_key
         self.template_override = template_override
         self.default_max_tokens = default_max_tokens
         self.max_request_bytes = max_request_bytes
+        self.body_timeout_s = body_timeout_s
         self.template: ChatTemplate | None = None
         self.metrics: ServerMetrics | None = None
         self.created = int(time.time())
@@ -346,11 +351,19 @@ class _Server:
             raise APIError(413, f"The request body has {length} bytes; this server takes at most "
                            f"{self.max_request_bytes}.", code="request_too_large")
         raw = bytearray()
-        async for part in request.stream():
-            raw += part
-            if len(raw) > self.max_request_bytes:
-                raise APIError(413, f"The request body is over {self.max_request_bytes} bytes.",
-                               code="request_too_large")
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                async for part in request.stream():
+                    raw += part
+                    if len(raw) > self.max_request_bytes:
+                        raise APIError(413, f"The request body is over {self.max_request_bytes} bytes.",
+                                       code="request_too_large")
+        except TimeoutError:
+            raise APIError(408, f"The request body did not arrive within {self.body_timeout_s:g} s; send it "
+                           "whole, at once.", code="request_timeout") from None
+        except ClientDisconnect:   # gone while sending its body: a client's doing (499), not a server error
+            raise APIError(CLIENT_GONE, "The client disconnected before its request body arrived.",
+                           code="client_disconnected") from None
         return parse_json_body(bytes(raw))
 
     def _check_model(self, name: str, param: str | None = "model") -> None:

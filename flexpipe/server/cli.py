@@ -8,6 +8,7 @@ the default.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tomllib
@@ -47,6 +48,8 @@ SERVE_SETTINGS = [
             "traffic it sees (runtime/autoscale.py; its decisions show in /v1/flexpipe/status)"),
     Setting("graceful_shutdown_s", float, 10.0, "on SIGTERM/SIGINT, seconds running requests get to finish; "
             "streams still running then end with a 'server_shutdown' error event and [DONE]", "S"),
+    Setting("body_timeout_s", float, 30.0, "seconds a request's body may take to arrive whole; a slower one "
+            "is answered 408 (a client that stalls mid-body holds its connection no longer)", "S"),
     Setting("allowed_origins", str, None, "comma-separated origins (or *) whose web pages may call the API "
             "from a browser (CORS); default: none but the server's own chat page", "ORIGINS"),
 ]
@@ -217,7 +220,7 @@ def serve_main(args: argparse.Namespace) -> int:
     origins = [o.strip() for o in (cfg["allowed_origins"] or "").split(",") if o.strip()]
     app = create_app(launch, model_name=cfg["served_model_name"], api_key=cfg["api_key"],
                      chat_template=cfg["chat_template"], default_max_tokens=cfg["default_max_tokens"],
-                     allowed_origins=origins)
+                     allowed_origins=origins, body_timeout_s=cfg["body_timeout_s"])
     if not cfg["router"]:
         print(f"flexpipe serve: starting model {model!r} on {stages} stage(s)...", file=sys.stderr, flush=True)
 
@@ -265,6 +268,8 @@ def _check_serve_settings(cfg: dict[str, Any]) -> None:
                           "key, or leave it unset to serve without one")
     if not cfg["graceful_shutdown_s"] >= 0:
         raise ConfigError(f"graceful_shutdown_s must be >= 0 seconds, not {cfg['graceful_shutdown_s']}")
+    if not (math.isfinite(cfg["body_timeout_s"]) and cfg["body_timeout_s"] > 0):
+        raise ConfigError(f"body_timeout_s must be a finite number of seconds > 0, not {cfg['body_timeout_s']}")
     if cfg["chat_template"] is not None:
         from .chat_template import load_template_source
 
