@@ -456,3 +456,35 @@ async def test_watching_an_endpoint_that_cannot_be_connected_is_a_death(system):
     death = await _first_death(watcher)
     assert death.ref == bad and "cannot connect" in death.reason, death
     assert watcher.is_dead(bad)
+
+
+async def test_asks_under_ever_new_refs_do_not_grow_the_connections_without_bound(tmp_path):
+    # each answer went through a DEALER opened to the asker's announced ref and kept for ever: a peer
+    # asking under new refs grew an actor's sockets and file descriptors without end (an fp9 audit)
+    import zmq
+
+    from flexpipe.runtime import codec
+    from flexpipe.runtime.actor import ident_of
+    from flexpipe.runtime.codec import ASK
+
+    async with ActorSystem(dataclasses.replace(FAST, max_peers=8)) as system:
+        echo = await system.spawn(Echo(), "echo")
+        watched = await system.spawn(Echo(), "watched")
+        echo.watch(watched.ref)   # kept whatever the count
+        zctx = zmq.Context()
+        try:
+            for i in range(40):
+                s = zctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.ROUTING_ID, ident_of(ActorRef(f"x{i}", f"ipc://{tmp_path}/x{i}")))
+                s.connect(echo.ref.endpoint)
+                s.send_multipart(codec.encode(Ping(1), flags=ASK, corr=i + 1))
+                s.close(linger=1000)
+            deadline = time.monotonic() + 10
+            # 40 answers, each through a DEALER of its own: at most 8 stay (the watched peer's among them)
+            while echo.stats["peers_pruned"] < 32 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert echo.stats["peers_pruned"] >= 32
+            assert len(echo.peers()) <= 8 and watched.ref in echo.peers()
+            assert await system.ask(echo.ref, Say("still", 1)) == Say("still", 1)
+        finally:
+            zctx.term()

@@ -91,6 +91,8 @@ class ActorSettings:
     curve_server_public: str = ""      # .key file DEALERs expect ("" = from curve_server_secret)
     curve_client_secret: str = ""      # .key_secret file DEALERs present ("" = the server's)
     curve_authorized: str = ""         # .key file or directory of client public keys admitted
+    max_peers: int = 1024              # connections (DEALERs) to peers past which those neither watched nor
+    #                                    awaited are closed (a peer asking under ever new refs grew them)
 
     def __post_init__(self) -> None:
         # a Pong has heartbeat_timeout - heartbeat_interval to come back: none at all would declare every
@@ -100,6 +102,8 @@ class ActorSettings:
                               f"{self.heartbeat_timeout!r}: give an interval above 0 and below the timeout")
         if not self.term_grace >= 0:
             raise ConfigError(f"term_grace={self.term_grace!r}: give seconds >= 0")
+        if isinstance(self.max_peers, bool) or not isinstance(self.max_peers, int) or self.max_peers < 1:
+            raise ConfigError(f"max_peers={self.max_peers!r}: give a whole number >= 1")
 
 
 def _is_ref(x: Any) -> bool:
@@ -407,6 +411,10 @@ class Actor(ActorContext):
             except BaseException:   # e.g. ConfigError from the CURVE keys
                 sock.close(linger=0)
                 raise
+            if len(self._dealers) >= self.settings.max_peers:
+                closed = self.prune_peers(())
+                log.warning("%s: %d connections to peers reached max_peers=%d: closed the %d nobody watches or "
+                            "awaits", self.name, len(self._dealers) + closed, self.settings.max_peers, closed)
             out = self._dealers[ref] = _Outbox(sock, self._loop)
         return out
 
