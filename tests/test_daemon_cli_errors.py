@@ -22,7 +22,7 @@ from flexpipe.runtime.daemon.router import RemoteStage, RouterDaemon
 from flexpipe.runtime.daemon.worker import WorkerDaemon
 from flexpipe.runtime.launcher import ActorSystem
 from flexpipe.runtime.remote import Hello, ModelInfo, RemoteFlexPipe, RouterUnavailable, frontend_ref
-from tests.test_daemon_usage import MiB, WAIT_S, events, join, router, running
+from tests.test_daemon_usage import MiB, WAIT_S, events, join, refused_before_serving, router, running
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,16 +59,9 @@ def test_memory_zero_or_less_is_refused_and_only_none_means_the_default():
     (["--devices", "cpu:x"], "--devices 'cpu:x': 'cpu:x' is not cpu:N"),
 ])
 def test_the_worker_command_refuses_them_in_one_line_before_serving(flags, words, monkeypatch, capsys):
-    import flexpipe.runtime.daemon.cli as daemon_cli
-    from flexpipe.cli import main
-
-    served = []
-    monkeypatch.setattr(daemon_cli, "_serve", lambda daemon: served.append(daemon) or 0)
-    monkeypatch.setenv("FLEXPIPE_CHILD_LOG_FORMAT", "")   # (set by the daemon's logging; undone after)
-    assert main(["worker", "--router", "ipc:///tmp/flexpipe-never-bound", *flags]) == 1
-    err = capsys.readouterr().err
+    err = refused_before_serving(["worker", "--router", "ipc:///tmp/flexpipe-never-bound", *flags], monkeypatch,
+                                 capsys)
     assert err.startswith(f"flexpipe: error: {words}") and err.count("\n") == 1, err
-    assert not served
 
 
 # --- an ipc address ---------------------------------------------------------------------------------------

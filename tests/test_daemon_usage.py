@@ -118,6 +118,20 @@ async def free(d: RouterDaemon) -> dict[str, int]:
 
 
 # --- usage reports ------------------------------------------------------------------------------------
+def refused_before_serving(argv: list[str], monkeypatch: Any, capsys: Any) -> str:
+    """Run `flexpipe ARGV` (a daemon command) with serving stubbed out: it must exit 1 without
+    having served; returns what it wrote to stderr."""
+    import flexpipe.runtime.daemon.cli as daemon_cli
+    from flexpipe.cli import main
+
+    served: list[Any] = []
+    monkeypatch.setattr(daemon_cli, "_serve", lambda daemon: served.append(daemon) or 0)
+    monkeypatch.setenv("FLEXPIPE_CHILD_LOG_FORMAT", "")   # (set by the daemon's logging; undone after)
+    assert main(argv) == 1
+    assert not served
+    return capsys.readouterr().err
+
+
 async def test_a_worker_reports_its_devices_usage_every_interval_and_the_router_applies_it(tmp_path):
     async with events() as ev, router(tmp_path, ev) as (d, url):
         w = WorkerDaemon(url, name="wu", devices="cpu:0,cpu:1", memory=256 * MiB, usage_interval=0.05)

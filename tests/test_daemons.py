@@ -27,6 +27,7 @@ from flexpipe.runtime.daemon import assign_devices
 from flexpipe.runtime.remote import RemoteFlexPipe, RouterLost, RouterUnavailable
 from flexpipe.transports.shm import open_rings
 from tests.pipeline_helpers import check_against_oracle, request_mix, rt_allowed, run_all, thread_policies
+from tests.test_daemon_usage import refused_before_serving
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -248,16 +249,9 @@ def test_router_flags_are_runtime_settings():
 ])
 def test_router_refuses_a_shape_it_cannot_start_before_binding(args, words, monkeypatch, capsys):
     # it used to bind, wait for workers and fail only when the first one joined
-    import flexpipe.runtime.daemon.cli as daemon_cli
-    from flexpipe.cli import main
-
-    served = []
-    monkeypatch.setattr(daemon_cli, "_serve", lambda daemon: served.append(daemon) or 0)
-    monkeypatch.setenv("FLEXPIPE_CHILD_LOG_FORMAT", "")   # (set by the daemon's logging; undone after)
-    assert main(["router", "--bind", "ipc:///tmp/flexpipe-never-bound", *args]) == 1
-    err = capsys.readouterr().err
+    err = refused_before_serving(["router", "--bind", "ipc:///tmp/flexpipe-never-bound", *args], monkeypatch, capsys)
     assert err.startswith("flexpipe: error: ") and words in err and "Traceback" not in err
-    assert not served and not os.path.exists("/tmp/flexpipe-never-bound")
+    assert not os.path.exists("/tmp/flexpipe-never-bound")
 
 
 def test_cpu_devices_each_have_their_memory_budget():
