@@ -107,6 +107,25 @@ async def test_forged_steps_get_a_typed_error_and_allocate_nothing():
     assert core.free_blocks == free
 
 
+async def test_a_step_must_continue_where_the_sequences_kv_ends():
+    """A step of a held sequence starts where its KV ends (or at 0, computed again): one at a position
+    the stage already holds would rewrite that request's KV, one past it would leave a hole."""
+    stage, ctx = await first_stage()
+    core = stage.core
+    await ctx.deliver(step("a", 0, 5), torch.tensor([1, 2, 3, 4, 5]))
+    k = core.kv[1].k.clone()
+    for start in (2, 4, 6, 7):   # held positions, and past the 5 tokens (still inside its 2 blocks)
+        with pytest.raises(StepRejected, match="starts at token 5"):
+            await ctx.deliver(step("a", start, 1), torch.tensor([9]))
+        assert core.lengths["a"] == 5 and torch.equal(core.kv[1].k, k)
+    await ctx.deliver(step("a", 5, 1), torch.tensor([6]))                   # the next token
+    assert core.lengths["a"] == 6
+    await ctx.deliver(step("a", 0, 2), torch.tensor([1, 2]))                # computed again from token 0
+    assert core.lengths["a"] == 2 and len(core.tables["a"]) == 1
+    await ctx.deliver(FreeSeqs(0, ["a"]))
+    assert not core.lengths and not core.tables
+
+
 async def test_forged_messages_are_refused_on_a_live_pipeline():
     async with FlexPipe.launch("tiny", stages=2, in_process=True) as fp:
         await fp.complete("warm", max_tokens=2)

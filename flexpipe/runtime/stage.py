@@ -337,8 +337,10 @@ class StageActor:
             if table is None and start != 0:
                 raise StepRejected(f"step {msg.step}: stage {self.index} holds no KV of sequence {s!r}, "
                                    f"which starts at token {start}: only a first chunk may be new")
-            if table is not None and start > len(table) * core.block_size:
-                raise StepRejected(f"step {msg.step}: sequence {s!r} starts at token {start}, past its KV")
+            held = core.lengths.get(s, 0)
+            if table is not None and start not in (0, held):   # 0: computed again from its first token
+                raise StepRejected(f"step {msg.step}: stage {self.index} holds {held} tokens of KV of sequence "
+                                   f"{s!r}, so its next step starts at token {held} (or 0), not {start}")
 
     def _forward(self, meta: StepMeta, x: torch.Tensor) -> torch.Tensor:
         """core.forward, run in the compute thread; a step that fails gives back the blocks it took

@@ -66,6 +66,9 @@ class StageCore:
         self.kv: dict[int, PagedKVCache] = make_kv_caches(cfg, self.units.values(), num_blocks, block_size,
                                                           dtype, device)
         self.tables: dict[str, list[int]] = {}
+        # tokens of KV held per sequence (computed by steps here, or copied in): where its next step
+        # must start (or at 0, computed again) -- a step at a position already held would rewrite it
+        self.lengths: dict[str, int] = {}
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         # decode steps on bucketed buffers (model/static_decode.py); graphs only where there are CUDA
         # graphs: a CPU stage of a pipeline launched with decode_graphs=graph runs eagerly
@@ -107,6 +110,7 @@ class StageCore:
         (a new stage runs no step that would take it off the list before the switch)."""
         for s in seq_ids:
             self._free.extend(reversed(self.tables.pop(s, [])))
+            self.lengths.pop(s, None)
             self._imported.discard(s)
         if settled:
             self._dropped.difference_update(seq_ids)
@@ -126,7 +130,9 @@ class StageCore:
             return None
         if seq_id not in self.tables:
             self._imported.add(seq_id)
-        return self.ensure(seq_id, tokens)
+        table = self.ensure(seq_id, tokens)
+        self.lengths[seq_id] = max(self.lengths.get(seq_id, 0), tokens)   # copy rounds may come in any order
+        return table
 
     def only_imported(self, seq_id: str) -> bool:
         """Whether this stage holds `seq_id` only through KV a peer copied in during this reshape (no
@@ -159,6 +165,7 @@ class StageCore:
                     if st == 0 and s in self.tables:
                         self._free.extend(reversed(self.tables.pop(s)))
             tables = [self.ensure(s, st + n) for s, st, n in zip(meta.seq_ids, meta.starts, meta.lens)]
+            self.lengths.update((s, st + n) for s, st, n in zip(meta.seq_ids, meta.starts, meta.lens))
             if self.decode != "off" and max(meta.lens) == 1:
                 out = self._static_decode(meta, tables, x)
                 if out is not None:
