@@ -14,10 +14,11 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence, TextIO
 
 import numpy as np
 
@@ -96,32 +97,78 @@ def _parse_ts(text: str) -> float:
     return when.timestamp()
 
 
-def _tokens(path: str | Path, line: int, column: str, text: str | None) -> int:
-    """A token count of a trace row: a whole number >= 0, or a ConfigError naming file and line."""
+@contextmanager
+def _open_csv(path: str | Path) -> Iterator[TextIO]:
+    """`path` opened as UTF-8 text for the csv module.  A byte that is not UTF-8 (a binary file, or one saved
+    in another encoding) is a ConfigError naming the file, not a UnicodeDecodeError from inside the reader."""
     try:
-        v = int(text or "")
+        with open(path, newline="", encoding="utf-8") as f:
+            yield f
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r}: {e.reason}); "
+                          f"save it as UTF-8 CSV") from None
+
+
+def _missing(path: str | Path, line: int, column: str) -> ConfigError:
+    """A row shorter than the header: csv gives None for the cells it lacks."""
+    return ConfigError(f"{path}, line {line}: no {column} (the row has fewer columns than the header); "
+                       f"fix or drop the row")
+
+
+def _tokens(path: str | Path, line: int, column: str, text: str | None, what: str = "a token count") -> int:
+    """A count in a trace row (tokens, invocations): a whole number >= 0, or a ConfigError naming file and
+    line.  A whole decimal (BurstGPT's "472.0") is that number; a fraction is refused, not truncated."""
+    if text is None:
+        raise _missing(path, line, column)
+    try:
+        v = int(text)
     except ValueError:
-        v = -1
+        try:
+            x = float(text)
+        except ValueError:
+            x = -1.0
+        v = int(x) if math.isfinite(x) and x.is_integer() else -1
     if v < 0:
-        raise ConfigError(f"{path}, line {line}: {column} {text!r} is not a whole number >= 0 (a token "
-                          f"count); fix or drop the row")
+        raise ConfigError(f"{path}, line {line}: {column} {text!r} is not a whole number >= 0 ({what}); "
+                          f"fix or drop the row")
     return v
+
+
+def _time(path: str | Path, line: int, column: str, text: str | None, example: str) -> float:
+    """A time in a trace row (seconds, or an ISO time in UTC), or a ConfigError naming file and line."""
+    if text is None:
+        raise _missing(path, line, column)
+    try:
+        return _parse_ts(text)
+    except ValueError:
+        raise ConfigError(f"{path}, line {line}: {column} {text!r} is not a time ({example})") from None
+
+
+def _seconds(path: str | Path, line: int, column: str, text: str | None) -> float:
+    """A duration in a trace row: a finite number of seconds >= 0, or a ConfigError naming file and line."""
+    if text is None:
+        raise _missing(path, line, column)
+    try:
+        x = float(text)
+    except ValueError:
+        x = math.nan
+    if not (math.isfinite(x) and x >= 0):
+        raise ConfigError(f"{path}, line {line}: {column} {text!r} is not a duration (a finite number of "
+                          f"seconds >= 0); fix or drop the row")
+    return x
 
 
 def read_azure_llm(path: str | Path, model: int = 0) -> Trace:
     """Azure LLM inference trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens)."""
     t, p, o = [], [], []
-    with open(path, newline="") as f:
+    with _open_csv(path) as f:
         rd = csv.DictReader(f)
         need = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"}
         if not rd.fieldnames or not need <= set(rd.fieldnames):
             raise ConfigError(f"{path}: not an Azure LLM trace (columns {rd.fieldnames}, need {sorted(need)})")
         for row in rd:
-            try:
-                t.append(_parse_ts(row["TIMESTAMP"] or ""))
-            except ValueError:
-                raise ConfigError(f"{path}, line {rd.line_num}: TIMESTAMP {row['TIMESTAMP']!r} is not a time "
-                                  f"(write e.g. 2023-11-16 18:17:03.9799600, in UTC, or seconds)") from None
+            t.append(_time(path, rd.line_num, "TIMESTAMP", row["TIMESTAMP"],
+                           "write e.g. 2023-11-16 18:17:03.9799600, in UTC, or seconds"))
             p.append(_tokens(path, rd.line_num, "ContextTokens", row["ContextTokens"]))
             o.append(_tokens(path, rd.line_num, "GeneratedTokens", row["GeneratedTokens"]))
     return _make(t, p, o, model)
@@ -131,18 +178,18 @@ def read_burstgpt(path: str | Path, model_name: str | None = None) -> Trace:
     """BurstGPT CSV (Timestamp, Model, Request tokens, Response tokens, Total tokens, Log Type)."""
     t, p, o, m = [], [], [], []
     names: dict[str, int] = {}
-    with open(path, newline="") as f:
+    with _open_csv(path) as f:
         rd = csv.DictReader(f)
         need = {"Timestamp", "Request tokens", "Response tokens"}
         if not rd.fieldnames or not need <= set(rd.fieldnames):
             raise ConfigError(f"{path}: not a BurstGPT trace (columns {rd.fieldnames}, need {sorted(need)})")
         for row in rd:
-            name = row.get("Model", "")
+            name = row.get("Model") or ""
             if model_name and name != model_name:
                 continue
-            t.append(float(row["Timestamp"]))
-            p.append(int(float(row["Request tokens"])))
-            o.append(int(float(row["Response tokens"])))
+            t.append(_time(path, rd.line_num, "Timestamp", row["Timestamp"], "write seconds, e.g. 5 or 5.25"))
+            p.append(_tokens(path, rd.line_num, "Request tokens", row["Request tokens"]))
+            o.append(_tokens(path, rd.line_num, "Response tokens", row["Response tokens"]))
             m.append(names.setdefault(name, len(names)))
     return _make(t, p, o, m)
 
@@ -150,18 +197,31 @@ def read_burstgpt(path: str | Path, model_name: str | None = None) -> Trace:
 def read_azure_functions_counts(path: str | Path, top: int | None = None) -> np.ndarray:
     """Azure Functions 2019 per-minute invocation counts (HashOwner,HashApp,HashFunction,Trigger,1..1440).
 
-    Returns the per-minute totals over the `top` busiest functions (all when None).
+    Returns the per-minute totals over the `top` busiest functions (all when None).  An empty cell is 0.
     """
     rows = []
-    with open(path, newline="") as f:
+    with _open_csv(path) as f:
         rd = csv.reader(f)
-        header = next(rd)
-        try:
-            first = header.index("1")
-        except ValueError as e:
-            raise ConfigError(f"{path}: not an Azure Functions invocation-count file (no minute columns)") from e
+        header = next(rd, None)   # (None: an empty file)
+        if not header or "1" not in header:
+            raise ConfigError(f"{path}: not an Azure Functions invocation-count file (columns {header}, need "
+                              f"minute columns 1, 2, ...)")
+        first = header.index("1")
         for row in rd:
-            rows.append(np.array([int(x or 0) for x in row[first:]], dtype=np.int64))
+            if not row:   # (a blank line: DictReader skips them too)
+                continue
+            if len(row) != len(header):   # (a short row summed into the first minutes only)
+                raise ConfigError(f"{path}, line {rd.line_num}: {len(row)} columns but the header has "
+                                  f"{len(header)}; fix or drop the row")
+            cells = row[first:]
+            try:   # (a day is ~46k rows of 1440 minutes: the common case without a call per cell)
+                counts: np.ndarray | None = np.array([int(x or 0) for x in cells], dtype=np.int64)
+            except (ValueError, OverflowError):
+                counts = None
+            if counts is None or (counts < 0).any():   # the cell at fault, named (or a whole decimal, read)
+                counts = np.array([_tokens(path, rd.line_num, f"minute {header[first + i]}", x or "0",
+                                           "an invocation count") for i, x in enumerate(cells)], dtype=np.int64)
+            rows.append(counts)
     if not rows:
         return np.zeros(0, dtype=np.int64)
     mat = np.vstack(rows)
@@ -173,12 +233,14 @@ def read_azure_functions_counts(path: str | Path, top: int | None = None) -> np.
 def read_azure_functions_invocations(path: str | Path) -> np.ndarray:
     """Azure Functions 2021 invocation trace (app, func, end_timestamp, duration): sorted start times."""
     starts = []
-    with open(path, newline="") as f:
+    with _open_csv(path) as f:
         rd = csv.DictReader(f)
         if not rd.fieldnames or not {"end_timestamp", "duration"} <= set(rd.fieldnames):
-            raise ConfigError(f"{path}: not an Azure Functions 2021 trace (need end_timestamp, duration)")
+            raise ConfigError(f"{path}: not an Azure Functions 2021 trace (columns {rd.fieldnames}, need "
+                              f"end_timestamp, duration)")
         for row in rd:
-            starts.append(float(row["end_timestamp"]) - float(row["duration"]))
+            end = _time(path, rd.line_num, "end_timestamp", row["end_timestamp"], "write seconds, e.g. 10.5")
+            starts.append(end - _seconds(path, rd.line_num, "duration", row["duration"]))
     a = np.sort(np.array(starts))
     return a - a[0] if len(a) else a
 
