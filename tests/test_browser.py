@@ -7,6 +7,8 @@ FLEXPIPE_UPDATE_SCREENSHOT=1 it replaces docs/chat_screenshot.png (else a test r
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -130,25 +132,59 @@ def test_on_a_keyed_server_the_status_poll_leaves_the_typed_message_alone(browse
             ctx.close()
 
 
+@contextlib.contextmanager
 def _chat_page(browser, base):
-    """A fresh page on `base` whose chat requests' JSON bodies land in the returned list, in order."""
+    """A fresh page on `base`, as (page, the JSON bodies of its chat requests in order); closed after,
+    and the test fails if the page raised a JavaScript error."""
     ctx = browser.new_context()
     pg = ctx.new_page()
     bodies: list[dict] = []
     errors: list[str] = []
     pg.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
     pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.goto(base + "/")
-    sync_api.expect(pg.locator("#model")).to_contain_text("tiny", timeout=15000)
-    pg.click("#settings summary")
-    pg.fill("#temperature", "0")
-    return ctx, pg, bodies, errors
+    try:
+        pg.goto(base + "/")
+        sync_api.expect(pg.locator("#model")).to_contain_text("tiny", timeout=15000)
+        pg.click("#settings summary")
+        pg.fill("#temperature", "0")
+        yield pg, bodies
+    finally:
+        ctx.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@contextlib.contextmanager
+def _own_server():
+    """A server of the test's own on an in-process tiny pipeline (what the test does to it must not
+    reach the module's server); yields its URL and `on_engine(fn)`, which calls fn(engine) on the
+    server's event loop."""
+    from flexpipe.api import FlexPipe
+
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    def launch():
+        loops.append(asyncio.get_running_loop())
+        return FlexPipe.launch(model="tiny", stages=1, in_process=True)
+
+    app = create_app(launch)
+    with ServerThread(app) as base:
+        yield base, lambda fn: loops[0].call_soon_threadsafe(fn, app.state.server.engine)
 
 
 def _ask(pg, text, max_tokens):
     pg.fill("#max-tokens", str(max_tokens))
     pg.fill("#prompt", text)
     pg.press("#prompt", "Enter")
+
+
+def _wait_for_chunks(pg, n, answer=0):
+    """Until the `answer`-th answer of the page has shown `n` streamed pieces."""
+    pg.wait_for_function(f"Number(document.querySelectorAll('.msg.assistant')[{answer}].dataset.chunks) >= {n}",
+                         timeout=30000)
+
+
+def _answer_text(answer):
+    return answer.evaluate("el => el.firstChild ? el.firstChild.textContent : ''")   # without its .meta
 
 
 def _turns(body):
@@ -159,11 +195,9 @@ def _turns(body):
 def test_new_chat_while_streaming_stops_the_answer_and_forgets_it(url, browser):
     # "New chat" used to leave the answer streaming (Send stayed disabled, the server kept generating)
     # and, when it ended, put the old turn into the new conversation's history.
-    ctx, pg, bodies, errors = _chat_page(browser, url)
-    try:
+    with _chat_page(browser, url) as (pg, bodies):
         _ask(pg, "OLD topic", 1900)
-        pg.wait_for_function("Number(document.querySelector('.msg.assistant').dataset.chunks) >= 2",
-                             timeout=30000)
+        _wait_for_chunks(pg, 2)
         pg.click("#reset")
         sync_api.expect(pg.locator("#messages .msg")).to_have_count(0)
         sync_api.expect(pg.locator("#send")).to_be_enabled()
@@ -176,48 +210,39 @@ def test_new_chat_while_streaming_stops_the_answer_and_forgets_it(url, browser):
         assert pg.locator("#messages .msg.error").count() == 0
         # the old answer's generation was cancelled on the server, not left to run to its 1900 tokens
         sync_api.expect(pg.locator("#load")).to_have_text("0 running, 0 waiting", timeout=10000)
-    finally:
-        ctx.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 @pytest.mark.timeout(60)
 def test_a_stopped_answer_stays_in_the_context_as_shown(url, browser):
     # A stopped turn used to drop out of the next request's messages while the page still showed it.
-    ctx, pg, bodies, errors = _chat_page(browser, url)
-    try:
+    with _chat_page(browser, url) as (pg, bodies):
         _ask(pg, "first question", 1900)
-        pg.wait_for_function("Number(document.querySelector('.msg.assistant').dataset.chunks) >= 3",
-                             timeout=30000)
+        _wait_for_chunks(pg, 3)
         pg.click("#stop")
         first = pg.locator(".msg.assistant").first
         sync_api.expect(first).to_have_attribute("data-state", "stopped", timeout=10000)
-        partial = first.evaluate("el => el.firstChild.textContent")   # the answer's text, without its .meta
+        sync_api.expect(first.locator(".meta")).to_contain_text("stopped, kept in the conversation")
+        sync_api.expect(first).to_have_attribute("data-context", "in")
+        partial = _answer_text(first)
         assert partial
         _ask(pg, "second question", 2)
         sync_api.expect(pg.locator(".msg.assistant").nth(1)).to_have_attribute("data-state", "done",
                                                                                 timeout=30000)
         assert _turns(bodies[-1]) == [("user", "first question"), ("assistant", partial),
                                       ("user", "second question")]
-    finally:
-        ctx.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 @pytest.mark.timeout(60)
 def test_with_the_server_down_the_page_says_which_server_to_start(browser):
     # fetch's own "Failed to fetch" used to be all the page showed.
-    from flexpipe.api import FlexPipe
-
-    app = create_app(lambda: FlexPipe.launch(model="tiny", stages=1, in_process=True))
-    with ServerThread(app) as base:
-        ctx, pg, bodies, errors = _chat_page(browser, base)
-    try:
+    with contextlib.ExitStack() as stack:
+        with _own_server() as (base, _):
+            pg, bodies = stack.enter_context(_chat_page(browser, base))
         failed: list[str] = []
         pg.on("requestfailed", lambda r: failed.append(r.url))
         _ask(pg, "anyone there?", 4)
         expected = f"Cannot reach the server at {base}: is `flexpipe serve` running?"
-        sync_api.expect(pg.locator(".msg.error")).to_have_text(expected, timeout=10000)
+        sync_api.expect(pg.locator(".msg.error")).to_contain_text(expected, timeout=10000)
         sync_api.expect(pg.locator(".msg.assistant")).to_have_attribute("data-state", "error")
         assert _turns(bodies[-1]) == [("user", "anyone there?")]
         assert f"{base}/v1/chat/completions" in failed
@@ -225,6 +250,64 @@ def test_with_the_server_down_the_page_says_which_server_to_start(browser):
         pg.fill("#reshape-stages", "2")
         pg.click("#reshape-form button")
         sync_api.expect(pg.locator("#reshape-result")).to_have_text(expected, timeout=10000)
-    finally:
-        ctx.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+LEFT_OUT = "This message and its answer are not part of the conversation: the model is not given them."
+
+
+def _expect_left_out(pg, turn, error):
+    """The page shows the `turn`-th exchange as failed and out of the context: its message and answer
+    dimmed and marked, then the server's `error` and the note that says so."""
+    for bubble in (pg.locator(".msg.user").nth(turn), pg.locator(".msg.assistant").nth(turn)):
+        sync_api.expect(bubble).to_have_attribute("data-context", "out", timeout=30000)
+    answer = pg.locator(".msg.assistant").nth(turn)
+    sync_api.expect(answer).to_have_attribute("data-state", "error")
+    sync_api.expect(answer.locator(".meta")).to_contain_text("failed, not in the conversation")
+    note = answer.locator("xpath=following-sibling::div[1]")
+    sync_api.expect(note).to_have_class(re.compile(r"\berror\b"))
+    sync_api.expect(note).to_contain_text(error)
+    sync_api.expect(note.locator(".meta")).to_have_text(LEFT_OUT)
+
+
+@pytest.mark.timeout(60)
+def test_a_refused_message_is_shown_out_of_the_context_and_retry_sends_it_again(url, browser):
+    # A failed turn used to look like the others while the next request left it out; now the page says
+    # it is out, and Retry resends it (here once Max tokens is put right) in its place.
+    with _chat_page(browser, url) as (pg, bodies):
+        _ask(pg, "retry me", 100000)   # past tiny's context: the server's request validation says 400
+        _expect_left_out(pg, 0, "maximum context length is")
+        pg.fill("#max-tokens", "2")
+        pg.click(".msg.error button.retry")
+        answer = pg.locator(".msg.assistant").first
+        sync_api.expect(answer).to_have_attribute("data-state", "done", timeout=30000)
+        # the failed exchange left the page: what it shows is what the model is given
+        assert pg.locator("#messages .msg").count() == 2 and pg.locator(".msg.error").count() == 0
+        assert pg.locator(".msg.user").all_inner_texts() == ["retry me"]
+        sync_api.expect(pg.locator(".msg.user")).to_have_attribute("data-context", "in")
+        sync_api.expect(answer).to_have_attribute("data-context", "in")
+        assert _turns(bodies[-1]) == [("user", "retry me")] and bodies[-1]["max_tokens"] == 2
+        _ask(pg, "and then?", 2)
+        sync_api.expect(pg.locator(".msg.assistant").nth(1)).to_have_attribute("data-state", "done",
+                                                                                timeout=30000)
+        assert _turns(bodies[-1]) == [("user", "retry me"), ("assistant", _answer_text(answer)),
+                                      ("user", "and then?")]
+        assert len(bodies) == 3
+
+
+@pytest.mark.timeout(60)
+def test_an_answer_cut_short_by_a_failed_pipeline_is_shown_out_of_the_context(browser):
+    # The pipeline fails mid-answer (a stage died and could not be replaced): the partial answer stays
+    # on the page, said to be out of the conversation, and the next message is sent without it.
+    with _own_server() as (base, on_engine), _chat_page(browser, base) as (pg, bodies):
+        _ask(pg, "first question", 1900)
+        _wait_for_chunks(pg, 2)
+        on_engine(lambda engine: engine.router.fail_all("stage 0 died and could not be replaced"))
+        _expect_left_out(pg, 0, "The pipeline ended this request early")
+        assert _answer_text(pg.locator(".msg.assistant").first)   # the partial answer is still shown
+        _ask(pg, "second question", 2)   # the pipeline is down for good: this one fails too
+        _expect_left_out(pg, 1, "The pipeline is down")
+        assert _turns(bodies[-1]) == [("user", "second question")]
+        # only the last turn can be retried: resent now, the first question would come after the second
+        assert pg.locator(".msg.error").count() == 2
+        assert pg.locator(".msg.error button.retry").count() == 1
+        sync_api.expect(pg.locator(".msg.error").nth(1).locator("button.retry")).to_be_visible()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 
 import pytest
 
@@ -84,6 +85,60 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_conversation():
     c = _client([_event("par"), _event("tial"), _event("never")], seen, interrupt_after=2)
     out = _Pipe()
     assert c.repl(_Pipe("first\nsecond\n"), out) == 0   # the loop goes on to the second message
-    assert "[stopped]" in out.getvalue()
+    assert "[stopped, kept in the conversation]" in out.getvalue()
     assert seen[1]["messages"][:2] == [{"role": "user", "content": "first"},
                                        {"role": "assistant", "content": "partial"}]
+
+
+class _Lines(_Pipe):
+    """Piped input that calls `before(line)` as it reads each line: the test acts between turns."""
+
+    def __init__(self, text: str, before):
+        super().__init__(text)
+        self.before = before
+
+    def readline(self, *args) -> str:   # type: ignore[override]
+        line = super().readline(*args)
+        self.before(line.strip())
+        return line
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_turn_is_said_to_be_left_out_and_retry_sends_it_again():
+    # A real server on a port that answers nothing until the test starts it (a restart, say), and that
+    # then refuses a prompt past the context. A failed turn used to leave the conversation without a
+    # word (printed like the others, never sent again) and could only be resent by typing it anew.
+    pytest.importorskip("starlette", reason="the 'serve' extra is not installed")
+    from flexpipe.api import FlexPipe
+    from flexpipe.server import ServerThread, create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ServerThread(create_app(lambda: FlexPipe.launch(model="tiny", stages=1, in_process=True)), port=port)
+    c = ChatClient(f"http://127.0.0.1:{port}", model="tiny", sampling={"max_tokens": 3, "temperature": 0})
+    reads: list[tuple[str, list[dict]]] = []   # each line as it is read, with the conversation then
+
+    def before(line: str) -> None:
+        reads.append((line, list(c.history)))
+        if len(reads) == 3:   # "hello" failed: the server comes up before its /retry
+            server.start()
+
+    too_long = "x" * 5000   # more tokens than tiny's 2048-token context: the server's request validation
+    out = _Pipe()
+    try:
+        with c:
+            code = c.repl(_Lines(f"/retry\nhello\n/retry\n{too_long}\nagain\n/retry\n", before), out)
+    finally:
+        server.stop()
+    text = out.getvalue()
+    assert code == 1   # piped input with failed turns
+    assert text.count("[nothing to retry") == 2   # before any turn, and after "again" was answered
+    assert "lost the server" in text and "HTTP 400" in text and "maximum context length" in text
+    assert text.count("[not part of the conversation: the model is not given this message or its answer; "
+                      "/retry sends it again]") == 2
+    assert reads[2] == ("/retry", [])   # the failed "hello" is not in the conversation
+    hello = reads[4][1]
+    assert reads[4][0] == "again" and [m["role"] for m in hello] == ["user", "assistant"]
+    assert hello[0]["content"] == "hello"   # its retry is, once; the refused long prompt is not
+    assert c.history[:2] == hello and c.history[2] == {"role": "user", "content": "again"} and len(c.history) == 4

@@ -103,10 +103,15 @@ class ChatClient:
     def repl(self, inp: TextIO, out: TextIO) -> int:
         """Read messages line by line until /quit or end of input; 1 when input came from a pipe or
         file and a turn failed (a script learns it from the exit status), else 0. Ctrl-C during an
-        answer stops that answer (the request ends on the server) and keeps the conversation."""
+        answer stops that answer (the request ends on the server) and keeps the conversation.
+
+        A failed turn is left out of the conversation, as on the chat page, and says so: its cause
+        often lies in the request itself (a prompt past the context), and kept, it would go with every
+        later message and fail it too. /retry sends its message again, until another one is sent."""
         interactive = inp.isatty()
         failed = False
-        out.write(f"Chatting with {self.model} at {self.url}. /reset, /status, /quit.\n")
+        retry: str | None = None   # the last message, if its turn failed
+        out.write(f"Chatting with {self.model} at {self.url}. /reset, /retry, /status, /quit.\n")
         while True:
             if interactive:
                 out.write("you> ")
@@ -121,6 +126,7 @@ class ChatClient:
                 return 1 if failed and not interactive else 0
             if text == "/reset":
                 self.reset()
+                retry = None
                 out.write("[conversation cleared]\n")
                 continue
             if text == "/status":
@@ -129,11 +135,20 @@ class ChatClient:
                 except ServerError as e:
                     out.write(f"[error] {e}\n")
                 continue
+            if text == "/retry":
+                if retry is None:
+                    out.write("[nothing to retry: /retry sends the last message again when its answer failed]\n")
+                    continue
+                text = retry
             out.write(f"{self.model}> ")
+            retry = None
             try:
-                failed |= not self.turn(text, out)
+                if not self.turn(text, out):
+                    failed, retry = True, text
+                    out.write("[not part of the conversation: the model is not given this message or its "
+                              "answer; /retry sends it again]\n")
             except KeyboardInterrupt:
-                out.write("\n[stopped]\n")
+                out.write("\n[stopped, kept in the conversation]\n")
                 out.flush()
 
     def _get(self, path: str) -> dict[str, Any]:

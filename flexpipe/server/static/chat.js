@@ -79,7 +79,33 @@ async function* sseEvents(response) {
   }
 }
 
+// A failed turn stays on the page, marked as left out of the conversation (data-context "out"), with
+// the error and a Retry button.  It is not kept like a stopped one: a stop is the user's choice about
+// an answer they saw, a failure's cause often lies in the request itself (a prompt past the context,
+// max tokens too large, a missing key), and kept, the turn would go with every later message and
+// fail it as well.  Retry takes the failed turn off the page and sends its message again (with the
+// settings as they are now), so that the page shows the conversation the model is given.
+function showFailure(message, text, turn) {
+  const note = addMessage("error", message);
+  const why = document.createElement("span");
+  why.className = "meta";
+  why.textContent = "This message and its answer are not part of the conversation: the model is not given them.";
+  const retry = document.createElement("button");
+  retry.type = "button";
+  retry.className = "retry";
+  retry.textContent = "Retry";
+  retry.title = "send this message again";
+  retry.addEventListener("click", () => {
+    if (state.controller) return;
+    for (const el of [...turn, note]) el.remove();
+    send(text);
+  });
+  note.append(why, retry);
+}
+
 async function send(text) {
+  // Only the last turn can be retried: a message resent after later ones would answer another question.
+  for (const button of $("messages").querySelectorAll("button.retry")) button.remove();
   const box = addMessage("user", text);
   box.dataset.role = "user";
   const answer = addMessage("assistant", "");
@@ -102,7 +128,7 @@ async function send(text) {
   $("send").disabled = true;
   $("stop").disabled = false;
   const started = performance.now();
-  let firstAt = null, text_ = "", usage = null, finish = null;
+  let firstAt = null, text_ = "", usage = null, finish = null, failure = null;
   try {
     const response = await api("/v1/chat/completions", {
       method: "POST", body: JSON.stringify(body), signal: controller.signal,
@@ -126,13 +152,16 @@ async function send(text) {
     answer.dataset.state = "done";
   } catch (err) {
     answer.dataset.state = err.name === "AbortError" ? "stopped" : "error";
-    if (err.name !== "AbortError" && conversation === state.conversation) addMessage("error", err.message);
+    if (err.name !== "AbortError") failure = err;
   } finally {
-    // A stopped turn stays in the context with its partial answer, as the page shows it; a turn of a
-    // conversation that "New chat" dropped goes nowhere.
-    if (answer.dataset.state !== "error" && conversation === state.conversation) {
+    // A stopped turn stays in the context with its partial answer, as the page shows it; a failed one
+    // is shown as left out (see showFailure); a turn of a conversation that "New chat" dropped goes nowhere.
+    const current = conversation === state.conversation;
+    if (failure === null && current) {
       state.history.push({ role: "user", content: text }, { role: "assistant", content: text_ });
     }
+    box.dataset.context = answer.dataset.context = failure === null ? "in" : "out";
+    if (failure !== null) box.title = answer.title = "not part of the conversation: the model is not given this";
     const meta = document.createElement("span");
     meta.className = "meta";
     const total = (performance.now() - started) / 1000;
@@ -140,10 +169,12 @@ async function send(text) {
     if (firstAt !== null) parts.push("first token " + ((firstAt - started) / 1000).toFixed(2) + " s");
     if (usage) parts.push(usage.completion_tokens + " tokens in " + total.toFixed(2) + " s");
     if (finish) parts.push("finish: " + finish);
-    if (answer.dataset.state === "stopped") parts.push("stopped");
+    if (answer.dataset.state === "stopped") parts.push("stopped, kept in the conversation");
+    if (failure !== null) parts.push("failed, not in the conversation");
     meta.textContent = parts.join(" · ");
     answer.textContent = text_;
     answer.appendChild(meta);
+    if (failure !== null && current) showFailure(failure.message, text, [box, answer]);
     if (state.controller === controller) {   // else "New chat" (and maybe a newer send) took over
       state.controller = null;
       $("send").disabled = false;
