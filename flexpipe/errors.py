@@ -84,6 +84,11 @@ class ProtocolError(ActorError):
     """A frame could not be decoded (not msgpack, unknown kind, bad version, bad tensor header)."""
 
 
+class MessageTooLarge(ProtocolError):
+    """A message is larger than `ActorSettings.max_message_bytes`: it was not sent (a reply: the asker
+    gets this instead of it)."""
+
+
 class SenderRefused(ActorError):
     """A message came from a peer its receiver does not know in that role (e.g. a StepInput not from
     the stage's upstream, a reshape command not from its controller); dropped before any handler ran."""

@@ -14,6 +14,7 @@ import torch
 from flexpipe.errors import ActorClosed, AskTimeout, PeerDeadError, ProtocolError, RemoteError
 from flexpipe.errors import ConfigError
 from flexpipe.runtime import ActorRef, ActorSystem, LocalContext, Ping, Pong, Stop, Terminated, handles, message
+from flexpipe.errors import MessageTooLarge
 from test_actor_helpers import (
     FAST, BadReply, Compute, Deaths, Echo, Fail, JobThenStop, Log, Nap, Quit, QuitAndNap, Say, Sleep, SlowConcurrent,
     SlowStop, WatchIt,
@@ -162,13 +163,14 @@ async def test_pings_are_answered_while_a_handler_is_busy(system):
     await busy
 
 
-async def test_oversize_message_gets_an_error_reply():
+async def test_an_oversize_message_is_refused_by_its_sender():
+    # nothing is sent (the receiver's own checks: tests/test_actor_limits.py)
     settings = dataclasses.replace(FAST, max_message_bytes=10_000)
     async with ActorSystem(settings) as system:
         echo = await system.spawn(Echo(), "echo")
-        with pytest.raises(RemoteError, match="exceeds max_message_bytes=10000"):
+        with pytest.raises(MessageTooLarge, match="exceeds max_message_bytes=10000"):
             await system.ask(echo.ref, Say("big"), torch.zeros(20_000, dtype=torch.uint8))
-        assert echo.stats["oversize"] == 1
+        assert echo.stats["received"] == 0 and system.client.stats["oversize_out"] == 1
         assert await system.ask(echo.ref, Say("small")) == Say("small")
 
 
@@ -181,7 +183,7 @@ async def test_an_oversize_reply_fails_the_ask_at_once(system):
             await asker.tell(echo.ref, Say("y" * 500))
         with pytest.raises(ProtocolError, match="reply from .* was refused: message of .* bytes exceeds"):
             await asker.ask(echo.ref, Log())   # (an AskTimeout, after 20 s, before)
-        assert asker.stats["oversize"] == 1
+        assert echo.stats["oversize_out"] == 1 and asker.stats["oversize"] == 0   # refused by the replier
 
 
 async def test_watch_sees_a_clean_stop_at_once_and_a_crash_within_the_heartbeat_timeout(system):

@@ -36,6 +36,22 @@ from that sender: it restarted at the same endpoint (a new process knows no watc
 the watcher dead (late heartbeats) and dropped it.  The watcher treats that answer as the peer's
 death, so both sides agree again instead of one of them waiting for messages the other will never
 send.  A plain `Ping` (seq >= 0) is always answered with `Pong`.
+
+Size: no message above `max_message_bytes` goes out, and no frame above it comes in.  The sender checks
+first: tell() and ask() raise `MessageTooLarge` (naming the size, the limit and the setting) and send
+nothing, and a reply too large becomes an ErrorReply that the asker raises as `MessageTooLarge` at
+once.  A reply is held to the asker's limit too: its DEALER announces it (the ZMTP property
+X-FP-Max-Message-Bytes, read from the ask's first frame), so that actors of different settings still
+refuse in words (a tell above a receiver's smaller limit is cut off: give every actor the same
+one).  Then each socket sets ZeroMQ's MAXMSGSIZE to the limit, which ZeroMQ applies per
+frame, as it reads the frame's size and before it allocates: a peer that sends the mailbox a larger
+frame is cut off (that message and what it had written behind it are lost; its DEALER reconnects),
+and nothing of it reaches the actor, which cannot tell it from a peer that went away and has nothing
+to answer.  A peer that sends anything to one of our DEALERs breaks the protocol (replies come back
+through mailboxes): above the limit, ZeroMQ cuts that connection for good (a connecting socket does
+not reconnect after a protocol error).  A message of several frames, each within the limit, whose
+sum is above it is still received whole and refused after (counted as "oversize", an ErrorReply to
+an ask): ZeroMQ limits frames, not messages.
 """
 
 from __future__ import annotations
@@ -56,7 +72,9 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from flexpipe.errors import ActorClosed, AskTimeout, ConfigError, PeerDeadError, ProtocolError, RemoteError
+from flexpipe.errors import (
+    ActorClosed, AskTimeout, ConfigError, MessageTooLarge, PeerDeadError, ProtocolError, RemoteError,
+)
 from flexpipe.runtime import codec, keys
 from flexpipe.runtime.behaviour import ActorContext, LocalContext, _call, _error_text, _Handler, handlers_of, handles
 from flexpipe.runtime.codec import ASK, ERROR, REPLY
@@ -68,6 +86,10 @@ __all__ = ["ActorSettings", "handles", "ActorContext", "LocalContext", "Actor", 
 
 log = logging.getLogger("flexpipe.actor")
 
+# The smallest max_message_bytes: control messages (Watch, Terminated, an ErrorReply's text) must fit.
+# No message at most this big is checked against a limit.
+_MIN_MESSAGE_BYTES = 1024
+
 
 @message(10)
 class ActorSettings:
@@ -75,7 +97,7 @@ class ActorSettings:
     heartbeat_interval: float = 0.5    # seconds between pings to each watched actor
     heartbeat_timeout: float = 2.0     # a watched actor silent this long is declared dead
     ask_timeout: float = 30.0          # default timeout of ask()
-    max_message_bytes: int = 1 << 30   # larger messages are refused with an ErrorReply
+    max_message_bytes: int = 1 << 30   # larger messages are not sent (MessageTooLarge) nor taken (module doc)
     inline_tensor_bytes: int = codec.INLINE_MAX
     linger_ms: int = 200               # how long close() lets queued outgoing messages drain
     bind: str = "ipc"                  # "ipc" (a temp dir) or "tcp"
@@ -104,6 +126,11 @@ class ActorSettings:
             raise ConfigError(f"term_grace={self.term_grace!r}: give seconds >= 0")
         if isinstance(self.max_peers, bool) or not isinstance(self.max_peers, int) or self.max_peers < 1:
             raise ConfigError(f"max_peers={self.max_peers!r}: give a whole number >= 1")
+        # (ZeroMQ reads MAXMSGSIZE -1 as no limit, 0 as none but empty frames: neither is meant here)
+        if isinstance(self.max_message_bytes, bool) or not isinstance(self.max_message_bytes, int) \
+                or self.max_message_bytes < _MIN_MESSAGE_BYTES:
+            raise ConfigError(f"max_message_bytes={self.max_message_bytes!r}: give a whole number of bytes "
+                              f">= {_MIN_MESSAGE_BYTES}")
 
 
 def _is_ref(x: Any) -> bool:
@@ -124,6 +151,36 @@ _SYSTEM_MESSAGES = frozenset({Ping, Terminated, Watch, Unwatch, Started, Stop})
 
 # ErrorReply kind of a watcher's ping that the watched actor holds no Watch from (module docstring)
 WATCH_LOST = "WatchLost"
+
+# ErrorReply kind sent in place of a reply above max_message_bytes; the asker raises MessageTooLarge
+REPLY_TOO_LARGE = "ReplyTooLarge"
+
+# ZMTP property by which an actor's DEALERs announce its max_message_bytes (the limit of its replies)
+_LIMIT_PROPERTY = "X-FP-Max-Message-Bytes"
+
+# A CURVE frame carries its payload in a MESSAGE command 33 bytes longer ("\x07MESSAGE", nonce, MAC,
+# flags), and MAXMSGSIZE applies to that: without these bytes a frame near the limit would be cut.
+_CURVE_FRAME_OVERHEAD = 33
+
+
+def _limit_frames(sock: zmq.Socket, max_bytes: int) -> None:
+    """Have ZeroMQ cut off a peer that sends `sock` a frame above `max_bytes`, before buffering it.
+    Set after the CURVE options, before bind/connect (it applies to connections made later)."""
+    if sock.getsockopt(zmq.MECHANISM) == zmq.CURVE:
+        max_bytes += _CURVE_FRAME_OVERHEAD
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+
+
+def _announced_limit(head: Any) -> int | None:
+    """The max_message_bytes an asker's DEALER announced on the connection `head` (a frame) came by."""
+    try:
+        value = head.get(_LIMIT_PROPERTY)
+    except (zmq.ZMQError, AttributeError, TypeError):   # not announced (a plain DEALER, an older actor)
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 _EAGER_TASKS = sys.version_info >= (3, 12)
@@ -223,6 +280,7 @@ class _Job(NamedTuple):
     corr: int
     ident: bytes
     sender: ActorRef | None
+    head: Any = None   # the message's first frame (a zmq.Frame): what its connection announced
 
 
 class Actor(ActorContext):
@@ -289,6 +347,7 @@ class Actor(ActorContext):
         self._router = router
         try:
             keys.secure_router(router, self._zctx, self.settings, self._endpoint)
+            _limit_frames(router, self.settings.max_message_bytes)
             router.bind(self._endpoint)
             endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
             self.self_ref = ActorRef(self.name, endpoint)
@@ -404,6 +463,8 @@ class Actor(ActorContext):
                 sock.setsockopt(zmq.LINGER, self.settings.linger_ms)
                 sock.setsockopt(zmq.RCVHWM, 1)   # nothing is ever read from it
                 keys.secure_dealer(sock, self.settings, ref.endpoint)
+                _limit_frames(sock, self.settings.max_message_bytes)   # (a peer has nothing to send it)
+                self._announce_limit(sock)
                 sock.connect(ref.endpoint)
             except zmq.ZMQError as e:
                 sock.close(linger=0)
@@ -417,6 +478,13 @@ class Actor(ActorContext):
                             "awaits", self.name, len(self._dealers) + closed, self.settings.max_peers, closed)
             out = self._dealers[ref] = _Outbox(sock, self._loop)
         return out
+
+    def _announce_limit(self, sock: zmq.Socket) -> None:
+        # replies come back above nothing this actor's mailbox takes: the replier checks them against it
+        try:
+            sock.setsockopt(zmq.METADATA, f"{_LIMIT_PROPERTY}:{self.settings.max_message_bytes}".encode())
+        except (zmq.ZMQError, AttributeError):   # libzmq < 4.3: replies are held to the replier's limit only
+            pass
 
     def _send_now(self, ref: ActorRef, frames: list) -> asyncio.Future | None:
         """Send (None) or queue behind the high-water mark (a future set once sent)."""
@@ -433,6 +501,29 @@ class Actor(ActorContext):
                 frames[i] = zmq.Frame(f, copy=True)
         return frames
 
+    def _oversize(self, frames: list, head: Any = None, mine: str = "this actor's") -> str | None:
+        """Why `frames` may not be sent: above max_message_bytes (this actor's, or for a reply to an ask
+        whose first frame is `head`, the asker's when smaller); None when they fit."""
+        size = sum(map(len, frames))   # (each frame is bytes-like of 1-byte items: bytes, uint8 array, Frame)
+        if size <= _MIN_MESSAGE_BYTES:
+            return None
+        limit, whose = self.settings.max_message_bytes, mine
+        if head is not None:
+            theirs = _announced_limit(head)
+            if theirs is not None and theirs < limit:
+                limit, whose = theirs, "the asker's"
+        if size <= limit:
+            return None
+        self.stats["oversize_out"] += 1
+        return (f"message of {size} bytes exceeds max_message_bytes={limit} ({whose}): "
+                f"raise ActorSettings.max_message_bytes, the same on every actor (a mailbox cuts off a peer that "
+                f"sends a frame above its own), or send less per message")
+
+    def _check_size(self, ref: ActorRef, msg: Any, frames: list) -> None:
+        why = self._oversize(frames)
+        if why is not None:
+            raise MessageTooLarge(f"{type(msg).__name__} to {ref} not sent: {why}")
+
     def _check_peer(self, ref: ActorRef) -> None:
         if self._closing:
             raise ActorClosed(f"{self.name} is closed")
@@ -442,7 +533,9 @@ class Actor(ActorContext):
 
     async def tell(self, ref: ActorRef, msg: Any, *tensors: Any) -> None:
         self._check_peer(ref)
-        fut = self._send_now(ref, self._encode(msg, tensors))
+        frames = self._encode(msg, tensors)
+        self._check_size(ref, msg, frames)
+        fut = self._send_now(ref, frames)
         if fut is not None:   # the peer's queue is full: wait (back-pressure)
             await fut
 
@@ -450,6 +543,7 @@ class Actor(ActorContext):
         self._check_peer(ref)
         corr = next(self._corr)
         frames = self._encode(msg, tensors, ASK, corr)
+        self._check_size(ref, msg, frames)
         fut = self._loop.create_future()
         self._pending[corr] = (fut, ref)
         timeout = self.settings.ask_timeout if timeout is None else timeout
@@ -478,10 +572,15 @@ class Actor(ActorContext):
                 f"{self.name}: no reply from {entry[1]} to {what} within {timeout:g}s"))
 
     def _reply(self, job_ident: bytes, sender: ActorRef | None, corr: int, value: Any,
-               error: bool = False) -> None:
+               error: bool = False, head: Any = None) -> None:
         flags = REPLY | (ERROR if error else 0)
         try:
             frames = self._encode(value, (), flags, corr)
+            why = self._oversize(frames, head, mine="the replier's")
+            if why is not None:   # sent, it would be refused, or cut off with our connection: say so now
+                log.warning("%s: reply of type %s to %s not sent: %s", self.name, type(value).__name__,
+                            sender or job_ident[:16], why)
+                frames = self._encode(ErrorReply(REPLY_TOO_LARGE, why), (), REPLY | ERROR, corr)
         except Exception as e:
             self.stats["reply_errors"] += 1
             log.warning("%s: reply of type %s cannot be encoded: %s", self.name,
@@ -576,7 +675,8 @@ class Actor(ActorContext):
         if head is not None and head.flags & REPLY:   # the asker learns now, not at its timeout
             entry = self._pending.get(head.corr)
             if entry is not None and not entry[0].done():
-                entry[0].set_exception(ProtocolError(f"the reply from {entry[1]} was refused: {reason}"))
+                error = MessageTooLarge if counter == "oversize" else ProtocolError
+                entry[0].set_exception(error(f"the reply from {entry[1]} was refused: {reason}"))
             return
         if head is not None and head.flags & ASK:
             self._reply(ident, sender, head.corr, ErrorReply("ProtocolError", reason), error=True)
@@ -611,7 +711,7 @@ class Actor(ActorContext):
             self._refuse(ident, frames, f"{type(self.behaviour).__name__} has no handler for "
                          f"{cls.__name__}", "unhandled")
             return
-        job = _Job(h, msg, env.tensors, env.flags, env.corr, ident, self._sender_of(ident))
+        job = _Job(h, msg, env.tensors, env.flags, env.corr, ident, self._sender_of(ident), frames[0])
         if h.concurrent:
             self._spawn(self._run(job))
         elif not self._busy and not self._mailbox and self._ready:
@@ -673,7 +773,10 @@ class Actor(ActorContext):
             # tcp://0.0.0.0:P, and we dialled tcp://host:P): its Terminated names that one
             self._aliases.setdefault(sender, set()).add(entry[1])
         if env.flags & ERROR and isinstance(env.msg, ErrorReply):
-            entry[0].set_exception(RemoteError(env.msg.kind, env.msg.message))
+            if env.msg.kind == REPLY_TOO_LARGE:   # (the replier refused to send it on our behalf)
+                entry[0].set_exception(MessageTooLarge(f"the reply from {entry[1]} was refused: {env.msg.message}"))
+            else:
+                entry[0].set_exception(RemoteError(env.msg.kind, env.msg.message))
         else:
             entry[0].set_result(env.msg)
 
@@ -779,7 +882,7 @@ class Actor(ActorContext):
             return
         self.stats["handled"] += 1
         if job.flags & ASK:
-            self._reply(job.ident, job.sender, job.corr, result)
+            self._reply(job.ident, job.sender, job.corr, result, head=job.head)
 
     async def _run(self, job: _Job) -> None:
         if self._refused_sender(job):
@@ -797,7 +900,7 @@ class Actor(ActorContext):
             return
         self.stats["handled"] += 1
         if job.flags & ASK:
-            self._reply(job.ident, job.sender, job.corr, result)
+            self._reply(job.ident, job.sender, job.corr, result, head=job.head)
 
     def _handler_failed(self, job: _Job, e: BaseException) -> None:
         self.stats["handler_errors"] += 1
