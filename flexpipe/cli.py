@@ -10,7 +10,7 @@ import os
 import sys
 
 from flexpipe.errors import ConfigError, FlexPipeError
-from flexpipe.settings import RUNTIME_SETTINGS
+from flexpipe.settings import RUNTIME_SETTINGS, Setting, add_setting_flags, resolve_settings
 
 # (module, add-parser function) of subcommands owned by other layers, imported lazily so that a
 # missing optional extra (serve, sim, gpu) disables only its own subcommand.
@@ -25,8 +25,22 @@ _EXTERNAL: list[tuple[str, str, str | None]] = [
 
 
 # The runtime settings `flexpipe generate` offers: all but the presets' weights seed, whose name the
-# sampling seed has here.
+# sampling seed has here (so FLEXPIPE_SEED, serve's weights seed, is not read either).  Each is taken as
+# `flexpipe serve` takes it: the flag, else FLEXPIPE_<NAME>, else the config file, else the default.
 _GENERATE_SETTINGS = [s for s in RUNTIME_SETTINGS if s.name != "seed"]
+
+
+def _shared_config_settings() -> list[Setting]:
+    """The settings of the other commands that read a config file (serve, chat): a file at whose top
+    level they and generate share keys has no typo in theirs.  Without the 'serve' extra those commands
+    (server/cli.py) cannot be imported, and the file's keys must be generate's own."""
+    try:
+        from flexpipe.server.cli import CONFIG_FILE_SETTINGS
+    except ModuleNotFoundError as e:
+        if (e.name or "").startswith("flexpipe"):
+            raise
+        return []
+    return CONFIG_FILE_SETTINGS
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -44,10 +58,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--in-process", action="store_true", help="run stages in this process")
     p.add_argument("--check", action="store_true",
                    help="also run the single-process reference and fail if the tokens differ")
-    runtime = p.add_argument_group("runtime settings (flexpipe.api.Settings; default: the setting's)")
-    for s in _GENERATE_SETTINGS:
-        runtime.add_argument(s.flag, dest=s.name, type=s.type, default=None, metavar=s.metavar,
-                             help=f"{s.help} (default {s.default!r})".replace("%", "%%"))
+    runtime = p.add_argument_group("runtime settings (flexpipe.api.Settings), each from its flag, else its "
+                                   "environment variable, else the config file, else its default")
+    add_setting_flags(runtime, _GENERATE_SETTINGS, "generate")
     p.set_defaults(func=_generate_main)
 
 
@@ -58,12 +71,14 @@ def _generate_main(args: argparse.Namespace) -> int:
 
     from flexpipe.model.sampling import SamplingParams
 
+    cfg = resolve_settings(_GENERATE_SETTINGS, args, "generate", shared=_shared_config_settings())
+    # Only what was set anywhere goes to the runtime (as `flexpipe serve` does); the rest keeps its defaults.
+    settings = {s.name: cfg[s.name] for s in _GENERATE_SETTINGS if cfg[s.name] != s.default}
     # sampling parameters refused before any stage starts (or any weight loads), not after the prompt prints
     SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed).validate()
 
     async def go() -> int:
-        settings = {s.name: getattr(args, s.name) for s in _GENERATE_SETTINGS if getattr(args, s.name) is not None}
         async with FlexPipe.launch(model=args.model, stages=args.stages, in_process=args.in_process,
                                    **settings) as fp:
             shape = fp.status()["shape"]
@@ -110,19 +125,22 @@ def _add_partition(sub: argparse._SubParsersAction) -> None:
 def _partition_main(args: argparse.Namespace) -> int:
     from flexpipe.model.config import ModelConfig
     from flexpipe.partition import CostModel, UnitGraph, parse_bytes, solve
-    from flexpipe.partition.solver import fmt_bytes
+    from flexpipe.partition.solver import WHOLE_FIELDS, check_whole, fmt_bytes
 
     # the operating point, refused before any work: a zero rate divided by zero, negative tokens or
-    # bytes gave negative times and memory that the solver then balanced as if they were real
+    # bytes gave negative times and memory that the solver then balanced as if they were real.  The
+    # counts are the solver's own checks (the same rule and words), named by their flags.
     if not (math.isfinite(args.tflops) and args.tflops > 0):
         raise ConfigError(f"--tflops {args.tflops:g}: give the effective TFLOP/s of a stage, a finite number > 0")
     if parse_bytes(args.bandwidth) <= 0:
         raise ConfigError(f"--bandwidth {args.bandwidth!r}: give the bytes/s between stages, > 0 (e.g. 12.5GB)")
-    for flag, value, what, least in (("--tokens", args.tokens, "the tokens per micro-batch step", 1),
-                                     ("--kv-tokens", args.kv_tokens, "the KV tokens reserved per stage", 0),
-                                     ("--dtype-bytes", args.dtype_bytes, "the bytes per parameter", 1)):
-        if value < least:
-            raise ConfigError(f"{flag} {value}: give {what}, a whole number >= {least}")
+    flags = {"tokens": "--tokens", "kv_tokens": "--kv-tokens"}
+    for field, what, least in WHOLE_FIELDS:
+        if field in flags:
+            check_whole(getattr(args, field), flags[field], what, least)
+    check_whole(args.dtype_bytes, "--dtype-bytes", "the bytes per parameter", 1)
+    if args.stages is not None:
+        check_whole(args.stages, "--stages", "the number of pipeline stages", 1)
     cfg = ModelConfig.from_hf(args.model) if args.model else ModelConfig.preset(args.preset or "tiny")
     graph = UnitGraph.from_config(cfg, dtype_bytes=args.dtype_bytes)
     caps = args.caps.split(",") if args.caps else None

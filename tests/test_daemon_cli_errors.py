@@ -215,6 +215,35 @@ def test_a_router_that_cannot_bind_names_its_own_flags(monkeypatch, capsys):
     from flexpipe.cli import main
 
     monkeypatch.setenv("FLEXPIPE_CHILD_LOG_FORMAT", "")   # (set by the daemon's logging; undone after)
+    monkeypatch.setenv("FLEXPIPE_CHILD_LOG_LEVEL", "")
     assert main(["router", "--bind", "tcp://10.255.255.1:0"]) == 1   # an address no interface here has
     err = capsys.readouterr().err
     assert "flexpipe: error: cannot bind" in err and "(--bind / --advertise)" in err and "--host" not in err, err
+
+
+# --- `flexpipe serve --router` to a router that answers but never serves ---------------------------------------
+@pytest.mark.timeout(120)
+async def test_serve_gives_up_on_a_router_that_never_serves_after_its_ready_timeout(tmp_path):
+    """The router answers, but waits for more workers than join: `flexpipe serve --router URL
+    --router-ready-timeout 2` waited 120 s whatever the options said, then said only "the pipeline is not
+    up after ..." (no router named, nothing to check).  Now one error line after that timeout."""
+    pytest.importorskip("starlette", reason="the 'serve' extra is not installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEXPIPE_ROUTER", "FLEXPIPE_CURVE"))}
+    async with events() as ev, router(tmp_path, ev) as (_, url):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "flexpipe.cli", "serve", "--router", url, "--router-ready-timeout", "2",
+            "--port", "0",
+            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            _, err_bytes = await asyncio.wait_for(proc.communicate(), 60)   # (a bound, not a measurement)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    err = err_bytes.decode()
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err and err.count("flexpipe: error:") == 1, err
+    line = next(x for x in err.splitlines() if x.startswith("flexpipe: error:"))
+    assert line.startswith(f"flexpipe: error: the router at {url} answers, but its pipeline did not start serving "
+                           "within 2s (it is waiting for workers (0 of 99))"), line
+    assert f"`flexpipe worker --router {url}`" in line and "--min-workers" in line, line

@@ -127,6 +127,7 @@ def refused_before_serving(argv: list[str], monkeypatch: Any, capsys: Any) -> st
     served: list[Any] = []
     monkeypatch.setattr(daemon_cli, "_serve", lambda daemon: served.append(daemon) or 0)
     monkeypatch.setenv("FLEXPIPE_CHILD_LOG_FORMAT", "")   # (set by the daemon's logging; undone after)
+    monkeypatch.setenv("FLEXPIPE_CHILD_LOG_LEVEL", "")
     assert main(argv) == 1
     assert not served
     return capsys.readouterr().err
@@ -391,6 +392,7 @@ def test_the_module_entry_point_reports_errors_as_flexpipe_does(command, monkeyp
 
     monkeypatch.setattr(daemon_cli, "_serve", lambda daemon: open("/nonexistent/flexpipe/ckpt/config.json"))
     monkeypatch.setenv("FLEXPIPE_CHILD_LOG_FORMAT", "")   # (set by the daemon's logging; undone after)
+    monkeypatch.setenv("FLEXPIPE_CHILD_LOG_LEVEL", "")
     errors = []
     for main in (daemon_cli.main, flexpipe_main):
         assert main(command) == 1

@@ -15,6 +15,7 @@ and N units: ~0.5 s for a 70B model at 32 stages in pure Python.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from fractions import Fraction
@@ -28,12 +29,18 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
 
 
 def parse_bytes(text: str | int | float) -> int:
-    """'2GB' -> 2e9, '512MiB' -> 512*2**20, 1000 -> 1000."""
-    if isinstance(text, (int, float)):
+    """'2GB' -> 2e9, '512MiB' -> 512*2**20, 1000 -> 1000.  A size is finite and >= 0, in text or a number."""
+    bad = PartitionError(f"cannot read memory size {text!r}: write e.g. 2GB, 1.5GiB, 512MB, or a number of "
+                         f"bytes >= 0")
+    if isinstance(text, numbers.Real) and not isinstance(text, bool):
+        if not (math.isfinite(text) and text >= 0):   # (nan and inf were a bare ValueError, OverflowError)
+            raise bad
         return int(text)
+    if not isinstance(text, str):   # (True was 1 byte)
+        raise bad
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
-        raise PartitionError(f"cannot read memory size {text!r}: write e.g. 2GB, 1.5GiB, 512MB")
+        raise bad
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -57,7 +64,7 @@ class CostModel:
     overhead_bytes: int = 0  # per stage (activations, runtime)
 
     def link(self, k: int) -> float:
-        if isinstance(self.bandwidth, (int, float)):
+        if isinstance(self.bandwidth, numbers.Real):
             return float(self.bandwidth)
         return float(self.bandwidth[k])
 
@@ -96,11 +103,17 @@ def solve(
     """Contiguous stages minimising the slowest stage; `caps` (one per stage, in order) bound memory.
 
     Give `num_stages`, or `caps` (then the stage count is len(caps)), or both when they agree.
-    Raises PartitionError saying which unit or how much memory is missing when nothing fits.
+    Raises PartitionError saying which unit or how much memory is missing when nothing fits, and saying what
+    to give for an argument no partition can come from (a stage count that is not a whole number >= 1, a
+    cap that is not a size >= 0, a cost model that check_cost refuses), as `flexpipe partition` does.
     """
     n = len(graph)
+    if num_stages is not None:
+        num_stages = check_whole(num_stages, "num_stages", "the number of pipeline stages", 1)
     if caps is not None:
-        capv = [parse_bytes(c) for c in caps]
+        if isinstance(caps, (str, bytes)):   # (each character was read as one stage's cap)
+            raise PartitionError(f"caps {caps!r}: give a list of per-stage memory caps, e.g. ['2GB', '1GB']")
+        capv: list[int | float] = [parse_bytes(c) for c in caps]
         if num_stages is not None and num_stages != len(capv):
             raise PartitionError(f"{num_stages} stages asked but {len(capv)} caps given")
         num_stages = len(capv)
@@ -110,6 +123,7 @@ def solve(
         capv = [math.inf] * num_stages
     if num_stages < 1:
         raise PartitionError("a pipeline needs at least one stage")
+    tokens = check_cost(cost, num_stages)
     if num_stages > n:
         raise PartitionError(f"{num_stages} stages asked but the model has only {n} units")
 
@@ -128,12 +142,12 @@ def solve(
     # Exact stage times: each unit's compute and each hop's transfer as a Fraction (exact from ints and
     # floats), then all as integers over their least common denominator `den`, so that the DP below
     # adds and compares ints; floats only for the times reported.
-    per_flop = cost.tokens * _reciprocal(cost.flops_per_s, "flops_per_s")
+    per_flop = tokens * _reciprocal(cost.flops_per_s, "flops_per_s")
     unit_q = [Fraction(u.flops_per_token) * per_flop for u in graph.units]
     latency = _finite(cost.latency, "latency")
     hop_q: list[list[Fraction]] = []   # hop_q[k][j]: transfer after unit j-1 from stage k to k+1
     for k in range(num_stages - 1):
-        per_byte = cost.tokens * _reciprocal(cost.link(k), f"bandwidth of link {k}")
+        per_byte = tokens * _reciprocal(cost.link(k), f"bandwidth of link {k}")
         hop_q.append([Fraction(0)] + [u.act_bytes_per_token * per_byte + latency for u in graph.units])
     den = math.lcm(*(q.denominator for q in unit_q), *(q.denominator for row in hop_q for q in row))
     ptime = [0]
@@ -224,19 +238,70 @@ def solve(
     return Partition(bounds, times, sizes)
 
 
-def _reciprocal(rate: float, what: str) -> Fraction:
+# The whole-number fields of a CostModel: (field, what it counts, least).  solve() checks them with
+# check_whole, and `flexpipe partition` its flags of the same names, so that both refuse the same values in
+# the same words: negative tokens or bytes gave negative times and memory that the solver then balanced as
+# if they were real, and a fractional or boolean count was read as some other number.
+WHOLE_FIELDS = (("tokens", "the tokens per micro-batch step", 1),
+                ("kv_tokens", "the KV tokens reserved per stage", 0),
+                ("overhead_bytes", "the bytes each stage holds besides its units", 0))
+
+
+def check_whole(value: object, name: str, what: str, least: int) -> int:
+    """`value` as an int if it is a whole number >= `least` (not a bool); else PartitionError
+    "<name> <value>: give <what>, a whole number >= <least>"."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise PartitionError(f"{name} {value!r}: give {what}, a whole number >= {least}")
+    return int(value)
+
+
+def check_cost(cost: CostModel, num_stages: int) -> int:
+    """Refuse, before any work, a cost model that no stage time or size can come from; returns its tokens.
+
+    Each rate > 0 (or inf: free), the latency finite and >= 0, the counts whole numbers (WHOLE_FIELDS) and
+    one bandwidth per link, or one for all.
+    """
+    for field, what, least in WHOLE_FIELDS:
+        check_whole(getattr(cost, field), f"cost model: {field}", what, least)
+    bw = cost.bandwidth
+    if isinstance(bw, numbers.Real):
+        links: list[object] = [bw]
+    elif isinstance(bw, (str, bytes)) or not (hasattr(bw, "__len__") and hasattr(bw, "__getitem__")):
+        # (a str was read as one rate per character)
+        raise PartitionError(f"cost model: bandwidth is {bw!r}; give a rate > 0 in bytes/s, or a list of one "
+                             f"per link")
+    elif len(bw) < num_stages - 1:   # (an IndexError at the first link without one)
+        raise PartitionError(f"cost model: bandwidth lists {len(bw)} link rate(s) for {num_stages} stages, "
+                             f"which have {num_stages - 1} links; give one rate per link, or one for all")
+    else:
+        links = [bw[k] for k in range(num_stages - 1)]
+    for k, rate in enumerate(links):   # (link() read True as 1 byte/s)
+        _reciprocal(rate, f"bandwidth of link {k}")
+    _reciprocal(cost.flops_per_s, "flops_per_s")
+    _finite(cost.latency, "latency")
+    return int(cost.tokens)
+
+
+def _reciprocal(rate: object, what: str) -> Fraction:
     """1 / rate exactly; an infinite rate costs nothing (as it did in floats)."""
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real):   # (True was 1/s; a str, a TypeError)
+        raise PartitionError(f"cost model: {what} is {rate!r}; give a rate > 0 (a number)")
     if rate == math.inf:
         return Fraction(0)
     if not rate > 0:   # also nan
         raise PartitionError(f"cost model: {what} is {rate!r}; give a rate > 0")
-    return 1 / Fraction(rate)
+    return 1 / _exact(rate)
 
 
-def _finite(x: float, what: str) -> Fraction:
-    if not (math.isfinite(x) and x >= 0):
+def _finite(x: object, what: str) -> Fraction:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not (math.isfinite(x) and x >= 0):
         raise PartitionError(f"cost model: {what} is {x!r}; give a finite number of seconds >= 0")
-    return Fraction(x)
+    return _exact(x)
+
+
+def _exact(x: numbers.Real) -> Fraction:
+    """`x` as a Fraction: exactly for ints and floats, through float for other reals (numpy's float32)."""
+    return Fraction(x) if isinstance(x, (numbers.Rational, float)) else Fraction(float(x))
 
 
 def even_boundaries(num_units: int, num_stages: int) -> list[int]:

@@ -55,6 +55,9 @@ log = logging.getLogger("flexpipe.launcher")
 # Set by a daemon (runtime/daemon/events.py: configure_logging) to "kv" or "json": the processes it
 # launches, which write to its stderr, log in its format, one structured line per record.
 LOG_FORMAT_ENV = "FLEXPIPE_CHILD_LOG_FORMAT"
+# Set by a daemon (runtime/daemon/cli.py) to its --log-level: the processes it launches log at it (unset,
+# or not a level name: WARNING).  They logged at WARNING whatever the daemon's level.
+LOG_LEVEL_ENV = "FLEXPIPE_CHILD_LOG_LEVEL"
 
 
 @message(11)
@@ -348,17 +351,21 @@ def _child_main(blob: bytes) -> None:
 def _child_logging(name: str) -> None:
     """Log records of a launched process go to stderr (its parent's): one structured line each, in the
     format of a daemon parent (LOG_FORMAT_ENV: kv or json, as the daemon's own lines, with an `actor`
-    field), else plain text naming the actor.  A worker's stages used to write plain text into a
-    worker's JSON log."""
+    field), else plain text naming the actor; at a daemon parent's level (LOG_LEVEL_ENV), else WARNING.
+    A worker's stages used to write plain text into a worker's JSON log, and at WARNING whatever the
+    worker's --log-level."""
     fmt = os.environ.get(LOG_FORMAT_ENV, "")
+    level = os.environ.get(LOG_LEVEL_ENV, "").upper()
+    if level not in ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"):   # (the parent checked its own)
+        level = "WARNING"
     if fmt not in ("kv", "json"):
-        logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s {name}[%(process)d] %(name)s: %(message)s")
+        logging.basicConfig(level=level, format=f"%(levelname)s {name}[%(process)d] %(name)s: %(message)s")
         return
     from flexpipe.runtime.daemon.events import EventFormatter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(EventFormatter(fmt, static={"actor": name}))
-    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 async def launch_spec(spec: ActorSpec, *, exit_with_parent: bool = True) -> None:

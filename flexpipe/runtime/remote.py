@@ -42,7 +42,7 @@ from flexpipe.runtime.messages import ActorRef, Terminated, message
 __all__ = ["RemoteFlexPipe", "RouterUnavailable", "RouterLost", "connect", "Hello", "ModelInfo", "WaitReady", "Submit",
            "Tokens", "Cancel", "StatusQuery", "Reshape", "PROTOCOL_VERSION", "CURVE_FIELDS", "client_settings",
            "curve_from_env", "frontend_ref",
-           "local_address_towards", "no_answer_hint", "parse_endpoint"]
+           "local_address_towards", "no_answer_hint", "not_ready_hint", "parse_endpoint"]
 
 PROTOCOL_VERSION = 1
 
@@ -178,6 +178,23 @@ def no_answer_hint(url: str, curve: Any = None) -> str:
             "only hosts that have them (FLEXPIPE_CURVE_*, or a daemon's --curve-* flags)")
 
 
+def not_ready_hint(url: str) -> str:
+    """What to check when the router at `url` answers but its pipeline does not serve in time, for errors."""
+    return (f"are enough `flexpipe worker --router {url}` running and joined (the router waits for its "
+            "--min-workers), and do the router's and workers' logs show its stages starting? Stages that load "
+            "large weights may need a longer timeout")
+
+
+async def _router_state(actor: Any, frontend: ActorRef, timeout: float) -> str:
+    """What the router says it is doing (its status' state: "waiting for workers (1 of 2)", "starting
+    stages"), for an error; "" when it does not say within `timeout` (at most 5 s)."""
+    try:
+        status = await actor.ask(frontend, StatusQuery(), timeout=min(timeout, 5.0))
+    except (ActorError, asyncio.TimeoutError):
+        return ""
+    return str(status.get("state") or "") if isinstance(status, dict) else ""
+
+
 def local_address_towards(host: str, port: int = 9) -> str:
     """This machine's address on the route to `host` (no packet is sent); 127.0.0.1 for loopback."""
     if host in ("127.0.0.1", "localhost", "::1"):
@@ -255,8 +272,9 @@ class RemoteFlexPipe(EngineClient):
         names; default: curve_from_env()); a client without authorized keys gets no answer.
         `answer_timeout`: how long to wait for the router's first answer (default: `ready_timeout`);
         nothing tells a router that is not there from one that is slow, but a router that answers and
-        still waits for its workers gets the rest of `ready_timeout`.
-        Raises RouterUnavailable when the router does not answer or its pipeline is not ready in time.
+        still waits for its workers (or for its stages to start) gets the rest of `ready_timeout`.
+        Raises RouterUnavailable when the router does not answer or its pipeline is not ready in time
+        (saying what the router was doing, and what to check).
         """
         from flexpipe.runtime.launcher import ActorSystem
 
@@ -281,7 +299,16 @@ class RemoteFlexPipe(EngineClient):
                 actor.watch(frontend)
                 if not info.ready:
                     left = max(0.1, deadline - loop.time())
-                    await actor.ask(frontend, WaitReady(left), timeout=left + 5.0)
+                    try:
+                        await actor.ask(frontend, WaitReady(left), timeout=left + 5.0)
+                    except RemoteError as e:
+                        if e.kind != "RouterUnavailable":
+                            raise
+                        state = await _router_state(actor, frontend, answer_timeout)
+                        raise RouterUnavailable(
+                            f"the router at {url} answers, but its pipeline did not start serving within "
+                            f"{ready_timeout:g}s ({f'it is {state}' if state else e.message}): "
+                            f"{not_ready_hint(url)}") from e
             except AskTimeout as e:
                 raise RouterUnavailable(f"the router at {url} did not answer whether its pipeline serves within "
                                         f"{ready_timeout:g}s: {e}") from e

@@ -2,7 +2,8 @@
 
 Every setting comes from, in this order: the command line, an environment variable FLEXPIPE_<NAME>,
 a config file (--config, YAML or TOML; keys at the top level or under a [serve] / [chat] table),
-the default.
+the default (flexpipe/settings.py: resolve_settings, which `flexpipe generate` reads its runtime settings
+with too).
 """
 
 from __future__ import annotations
@@ -11,15 +12,10 @@ import argparse
 import math
 import os
 import sys
-import tomllib
-from pathlib import Path
 from typing import Any, Callable
 
 from flexpipe.errors import ConfigError
-from flexpipe.settings import RUNTIME_SETTINGS, Setting
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+from flexpipe.settings import RUNTIME_SETTINGS, Setting, add_setting_flags, resolve_settings
 
 
 SERVE_SETTINGS = [
@@ -42,8 +38,10 @@ SERVE_SETTINGS = [
             "instead of starting a pipeline here (MODEL, --stages and the runtime settings are the router's); "
             "CURVE key files from FLEXPIPE_CURVE_*", "URL"),
     Setting("router_timeout", float, 30.0, "with router: seconds to wait for the router's first answer before "
-            "giving up with an error (a router that answers but waits for its workers gets up to 120 s in all "
-            "to start serving)", "S"),
+            "giving up with an error", "S"),
+    Setting("router_ready_timeout", float, 600.0, "with router: seconds, from the start, to wait for a router "
+            "that answers to serve (its workers joined, its stages started: large weights take minutes to "
+            "load) before giving up with an error that says what it is waiting for", "S"),
     Setting("autoscale", bool, False, "let the control loop reshape and scale the pipeline by itself from the "
             "traffic it sees (runtime/autoscale.py; its decisions show in /v1/flexpipe/status)"),
     Setting("graceful_shutdown_s", float, 10.0, "on SIGTERM/SIGINT, seconds running requests get to finish; "
@@ -75,93 +73,16 @@ CHAT_SETTINGS = [
 
 
 # --- settings resolution ------------------------------------------------------------------------
-def _parse_bool(text: str) -> bool:
-    low = text.strip().lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE:
-        return False
-    raise ValueError(f"{text!r} is not a boolean (use true/false, 1/0, yes/no, on/off)")
-
-
-def _convert(setting: Setting, value: Any, where: str) -> Any:
-    if value is None:
-        return None
-    try:
-        if setting.type is bool:
-            return value if isinstance(value, bool) else _parse_bool(str(value))
-        if setting.type in (int, float) and isinstance(value, bool):
-            raise ValueError("a boolean is not a number")
-        return setting.type(value)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: bad value {value!r} for {setting.name}: {e}") from None
-
-
-def load_config_file(path: str | os.PathLike[str], section: str) -> dict[str, Any]:
-    """Settings of `section` from a YAML or TOML file: its [section] table, else its top level."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
-    try:
-        if p.suffix == ".toml":
-            data = tomllib.loads(text)
-        else:
-            import yaml
-            data = yaml.safe_load(text) or {}
-    except Exception as e:  # noqa: BLE001 - both parsers' errors become one typed error naming the file
-        raise ConfigError(f"config file {p} does not parse: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping of settings")
-    if isinstance(data.get(section), dict):
-        data = data[section]
-    return {str(k).replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
+# Every command that reads a config file (serve, chat, generate), so that one file may serve them all:
+# a key of another command's is not a typo.
+CONFIG_FILE_SETTINGS = SERVE_SETTINGS + RUNTIME_SETTINGS + CHAT_SETTINGS
 
 
 def resolve(settings: list[Setting], args: argparse.Namespace, section: str,
             environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """Each setting's value: flag, else FLEXPIPE_<NAME>, else config file, else default."""
-    environ = os.environ if environ is None else environ
-    config_path = getattr(args, "config", None) or environ.get("FLEXPIPE_CONFIG")
-    from_file = load_config_file(config_path, section) if config_path else {}
-    known = {s.name for s in settings}
-    # One file may serve both commands at its top level: keys of the other command are not typos.
-    anyone = known | {s.name for s in SERVE_SETTINGS + RUNTIME_SETTINGS + CHAT_SETTINGS}
-    unknown = sorted(set(from_file) - anyone)
-    if unknown:
-        raise ConfigError(f"config file {config_path}: unknown setting(s) {', '.join(unknown)} for "
-                          f"`flexpipe {section}`; known: {', '.join(sorted(known))}")
-    out = {}
-    for s in settings:
-        value = getattr(args, s.name, None)
-        if value is not None:
-            out[s.name] = value
-        elif s.env in environ:
-            out[s.name] = _convert(s, environ[s.env], f"environment variable {s.env}")
-        elif s.name in from_file:
-            out[s.name] = _convert(s, from_file[s.name], f"config file {config_path}")
-        else:
-            out[s.name] = s.default
-    return out
-
-
-def _add_settings(p: Any, settings: list[Setting], section: str, config_flag: bool = True) -> None:
-    for s in settings:
-        where = f"env {s.env}; config key '{s.name}'"
-        default = "" if s.default is None else f"; default {s.default!r}"
-        help_ = f"{s.help} ({where}{default})".replace("%", "%%")
-        if s.positional:
-            p.add_argument(s.name, nargs="?", default=None, metavar=s.metavar, help=help_)
-        elif s.type is bool:
-            p.add_argument(s.flag, dest=s.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        else:
-            p.add_argument(s.flag, dest=s.name, type=s.type, default=None, metavar=s.metavar, help=help_)
-    if not config_flag:
-        return
-    p.add_argument("--config", metavar="FILE", default=None,
-                   help=f"YAML or TOML file of settings, at its top level or under a [{section}] table "
-                        "(env FLEXPIPE_CONFIG)")
+    """Each setting's value: flag, else FLEXPIPE_<NAME>, else config file, else default
+    (flexpipe.settings.resolve_settings, which `flexpipe generate` shares)."""
+    return resolve_settings(settings, args, section, environ, shared=CONFIG_FILE_SETTINGS)
 
 
 # --- flexpipe serve ------------------------------------------------------------------------------
@@ -177,9 +98,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                     "  /health, /metrics     liveness and Prometheus metrics\n\n"
                     "Each setting is taken from its flag, else its environment variable, else the\n"
                     "config file, else its default.")
-    _add_settings(p, SERVE_SETTINGS, "serve")
+    add_setting_flags(p, SERVE_SETTINGS, "serve")
     runtime = p.add_argument_group("runtime settings (passed to the pipeline)")
-    _add_settings(runtime, RUNTIME_SETTINGS, "serve", config_flag=False)
+    add_setting_flags(runtime, RUNTIME_SETTINGS, "serve", config_flag=False)
     p.set_defaults(func=serve_main)
     return p
 
@@ -198,8 +119,9 @@ def serve_main(args: argparse.Namespace) -> int:
     _check_serve_settings(cfg)
     if cfg["router"]:
         print(f"flexpipe serve: connecting to the router at {cfg['router']} (waiting up to "
-              f"{cfg['router_timeout']:g}s for an answer)...", file=sys.stderr, flush=True)
-        _check_router(cfg["router"], cfg["router_timeout"])
+              f"{cfg['router_timeout']:g}s for it to answer, {cfg['router_ready_timeout']:g}s for it to serve)...",
+              file=sys.stderr, flush=True)
+        _check_router(cfg["router"], cfg["router_timeout"], cfg["router_ready_timeout"])
     else:
         from flexpipe.api import ModelSpec, Settings, plan_shape
 
@@ -213,7 +135,8 @@ def serve_main(args: argparse.Namespace) -> int:
         if cfg["router"]:
             from flexpipe.runtime.remote import connect
 
-            return connect(cfg["router"], answer_timeout=cfg["router_timeout"])
+            return connect(cfg["router"], answer_timeout=cfg["router_timeout"],
+                           ready_timeout=cfg["router_ready_timeout"])
         return FlexPipe.launch(model=model, stages=stages, in_process=in_process,
                                autoscale=True if cfg["autoscale"] else None, **options)
 
@@ -238,17 +161,19 @@ def serve_main(args: argparse.Namespace) -> int:
     return 0 if started else 1
 
 
-def _check_router(url: str, timeout: float) -> None:
+def _check_router(url: str, timeout: float, ready_timeout: float) -> None:
     """Connect to the router once, before the HTTP server starts: a router that does not answer within
-    `timeout` seconds (or whose pipeline is not up in time) is one 'flexpipe: error:' line and exit 1.
-    The server connects again in its own event loop (where the engine must live); failing there, in
-    the app's startup, gave a traceback from uvicorn and exit 3, after 120 s of silence."""
+    `timeout` seconds, or whose pipeline does not serve within `ready_timeout` (from the start), is one
+    'flexpipe: error:' line and exit 1.  The server connects again in its own event loop (where the
+    engine must live); failing there, in the app's startup, gave a traceback from uvicorn and exit 3,
+    after 120 s of silence.  A router that answered but never served was waited for 120 s whatever the
+    options said (RemoteFlexPipe.connect's own ready_timeout)."""
     import asyncio
 
     from flexpipe.runtime.remote import connect
 
     async def probe() -> None:
-        async with connect(url, answer_timeout=timeout):
+        async with connect(url, answer_timeout=timeout, ready_timeout=ready_timeout):
             pass
 
     asyncio.run(probe())
@@ -289,8 +214,9 @@ def _check_serve_settings(cfg: dict[str, Any]) -> None:
         except ValueError:   # urlsplit's, for a port that is no number or out of range
             raise ConfigError(f"router {cfg['router']!r} is not of the form tcp://HOST:PORT or "
                               "ipc:///PATH") from None
-        if not (0 < cfg["router_timeout"] < float("inf")):
-            raise ConfigError(f"router_timeout must be a number of seconds > 0, not {cfg['router_timeout']}")
+        for key in ("router_timeout", "router_ready_timeout"):
+            if not (0 < cfg[key] < float("inf")):
+                raise ConfigError(f"{key} must be a number of seconds > 0, not {cfg[key]}")
         if cfg["autoscale"]:
             raise ConfigError("autoscale cannot be used with router: the router daemon has no control loop yet "
                               "(docs/autoscale.md); reshape it through POST /v1/flexpipe/reshape, or serve an "
@@ -317,10 +243,11 @@ def add_chat_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p = subparsers.add_parser(
         "chat", help="chat in the terminal with a running `flexpipe serve`",
         description="Talk to a running `flexpipe serve` (answers stream as they are generated). Type a "
-                    "message and Enter; /reset forgets the conversation, /status shows the pipeline, "
+                    "message and Enter; /reset forgets the conversation, /retry sends a failed message again "
+                    "(a failed turn is not part of the conversation), /status shows the pipeline, "
                     "/quit (or Ctrl-D) leaves. Each setting is taken from its flag, else its environment "
                     "variable, else the config file, else its default.")
-    _add_settings(p, CHAT_SETTINGS, "chat")
+    add_setting_flags(p, CHAT_SETTINGS, "chat")
     p.set_defaults(func=chat_main)
     return p
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -109,6 +110,17 @@ def _curve(args: argparse.Namespace) -> dict[str, str]:
     return {**curve_from_env(), **{f: getattr(args, f) for f in CURVE_FIELDS if getattr(args, f, None)}}
 
 
+def _configure_logging(args: argparse.Namespace) -> None:
+    """The daemon's structured log lines (configure_logging, which passes its format down to the processes
+    it starts), and its level passed down the same way (LOG_LEVEL_ENV): a worker's stages logged at
+    WARNING whatever the worker's --log-level."""
+    from flexpipe.runtime.launcher import LOG_LEVEL_ENV
+
+    configure_logging(args.log_format)
+    level = getattr(args, "log_level", None) or logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    os.environ[LOG_LEVEL_ENV] = str(level).upper()
+
+
 def _serve(daemon: Any) -> int:
     """Run a daemon until SIGTERM or SIGINT."""
     async def go() -> int:
@@ -129,7 +141,7 @@ def router_main(args: argparse.Namespace) -> int:
     """`flexpipe router`."""
     from flexpipe.api import ModelSpec, Settings, plan_shape
 
-    configure_logging(args.log_format)
+    _configure_logging(args)
     settings = Settings(**{n: getattr(args, n) for n, _, _ in _RUNTIME_FLAGS if getattr(args, n) is not None})
     try:
         bounds = [int(b) for b in args.boundaries.split(",")] if args.boundaries else None
@@ -149,7 +161,7 @@ def worker_main(args: argparse.Namespace) -> int:
     from flexpipe.partition import parse_bytes
     from flexpipe.runtime.daemon.devices import check_memory
 
-    configure_logging(args.log_format)
+    _configure_logging(args)
     memory = check_memory(parse_bytes(args.memory), args.memory) if args.memory else None
     return _serve(WorkerDaemon(args.router, name=args.name, host=args.host, devices=args.devices, memory=memory,
                                heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,

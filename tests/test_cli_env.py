@@ -1,0 +1,90 @@
+"""`flexpipe generate` takes its runtime settings as `flexpipe serve` does: the flag, else FLEXPIPE_<NAME>,
+else the config file (--config or FLEXPIPE_CONFIG; its [generate] table, else its top level), else the
+default.  It read only its flags: a shell or a file set up for `flexpipe serve` did not steer it, and a
+bad value there went unnoticed.  The pipelines here run in this process for one token (tiny model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from flexpipe.cli import main
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST = ["generate", "--in-process", "--max-tokens", "1"]   # a run the CLI wrongly lets through ends soon
+
+
+@pytest.fixture(autouse=True)
+def no_flexpipe_env(monkeypatch):
+    """Only the variables a test sets: none of the shell's FLEXPIPE_* settings."""
+    import os
+
+    for name in [n for n in os.environ if n.startswith("FLEXPIPE_") and n != "FLEXPIPE_SHM_PREFIX"]:
+        monkeypatch.delenv(name)
+
+
+def _error(argv: list[str], capsys) -> str:
+    assert main(argv) == 1
+    out = capsys.readouterr()
+    assert out.err.startswith("flexpipe: error: ") and out.err.count("\n") == 1, out.err
+    assert out.out == "", out.out   # refused before the pipeline started (no header, no prompt)
+    return out.err
+
+
+def test_a_bad_environment_value_is_the_same_one_line_error_as_serve_gives(monkeypatch, capsys):
+    pytest.importorskip("starlette", reason="the 'serve' extra is not installed")
+    monkeypatch.setenv("FLEXPIPE_NUM_BLOCKS", "many")
+    err = _error(FAST, capsys)
+    assert "environment variable FLEXPIPE_NUM_BLOCKS: bad value 'many' for num_blocks" in err, err
+    assert main(["serve", "--port", "0"]) == 1
+    assert capsys.readouterr().err == err
+
+
+def test_a_runtime_setting_from_the_environment_reaches_the_pipeline(monkeypatch, capsys):
+    monkeypatch.setenv("FLEXPIPE_BLOCK_SIZE", "0")   # refused by the runtime's own check: it got there
+    assert "setting block_size=0" in _error(FAST, capsys)
+
+
+@pytest.mark.parametrize("text, name", [('[generate]\nrt_priority = 100\n', "generate.toml"),
+                                        ("rt_priority: 100\nport: 0\n", "top-level.yaml")])
+def test_a_runtime_setting_from_the_config_file_reaches_the_pipeline(text, name, tmp_path, monkeypatch, capsys):
+    f = tmp_path / name
+    f.write_text(text)   # (the top-level file is one serve reads too: its `port` is no typo)
+    assert "setting rt_priority=100" in _error([*FAST, "--config", str(f)], capsys)
+    monkeypatch.setenv("FLEXPIPE_CONFIG", str(f))
+    assert "setting rt_priority=100" in _error(FAST, capsys)
+
+
+def test_an_unknown_key_or_a_missing_config_file_is_one_error_line(tmp_path, monkeypatch, capsys):
+    f = tmp_path / "typo.toml"
+    f.write_text("[generate]\nnum_block = 64\n")
+    assert f"config file {f}: unknown setting(s) num_block for `flexpipe generate`" in _error(
+        [*FAST, "--config", str(f)], capsys)
+    monkeypatch.setenv("FLEXPIPE_CONFIG", str(tmp_path / "none.toml"))
+    assert "cannot read config file" in _error(FAST, capsys)
+
+
+def test_a_flag_beats_the_environment_which_beats_the_file(tmp_path, monkeypatch, capsys):
+    f = tmp_path / "f.toml"
+    f.write_text("block_size = 0\nnum_blocks = 0\n")
+    monkeypatch.setenv("FLEXPIPE_CONFIG", str(f))
+    monkeypatch.setenv("FLEXPIPE_BLOCK_SIZE", "4")   # over the file's 0
+    monkeypatch.setenv("FLEXPIPE_NUM_BLOCKS", "0")
+    assert "setting num_blocks=0" in _error(FAST, capsys)
+    assert main([*FAST, "--num-blocks", "32", "Hi"]) == 0, capsys.readouterr().err   # the flag over both
+    assert capsys.readouterr().out.startswith("# model tiny: 2 stages")
+
+
+def test_the_sampling_seed_is_not_read_as_the_weights_seed(monkeypatch, capsys):
+    """generate's --seed is the sampling seed; FLEXPIPE_SEED (serve's weights seed) does not set it, and is
+    not a runtime setting here either."""
+    monkeypatch.setenv("FLEXPIPE_SEED", "not a number")
+    assert main([*FAST, "Hi"]) == 0, capsys.readouterr().err
+
+
+def test_help_names_the_environment_variables_and_the_config_file(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")
+    assert "FLEXPIPE_NUM_BLOCKS" in text and "FLEXPIPE_RT_PRIORITY" in text and "--config" in text
+    assert "FLEXPIPE_CONFIG" in text and "FLEXPIPE_SEED" not in text
