@@ -47,6 +47,8 @@ def topology_main(args: argparse.Namespace) -> int:
     except FlexPipeError as e:
         print(f"flexpipe topology: {e}", file=sys.stderr)
         return 1
+    if args.rows is not None and args.rows < 0:
+        raise ConfigError(f"--rows {args.rows}: the number of GPU rows to print is an integer >= 0")
     if args.fragment is not None:
         if args.fragment < 0:
             raise ConfigError(f"--fragment {args.fragment}: the seed is an integer >= 0")

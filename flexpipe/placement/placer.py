@@ -3,10 +3,12 @@
 Objective, in order: the placement must fit (parameters, the KV reservation and a per-stage overhead,
 on distinct GPUs); its slowest stage (compute on that GPU, slowed by other tenants, plus sending the
 residual stream to the next stage over the chosen link) is as fast as possible, where times within
-`time_tolerance` of the best count as equal; then the fragmentation it creates is smallest; then it
-reserves the fewest GPUs.  The request bounds the stage count; with a `target_time`, the fewest
-stages whose best placement meets the target are used (more stages would be faster still, but cost
-GPUs and hops the target does not need).
+`time_tolerance` of the best count as equal; then it crosses between servers the fewest times (then
+between racks): the slowest stage sees one hop, but every token pays every hop, some 2 ms each, so
+consecutive stages share fast links whenever that costs no throughput; then the fragmentation it
+creates is smallest; then it reserves the fewest GPUs.  The request bounds the stage count; with a
+`target_time`, the fewest stages whose best placement meets the target are used (more stages would be
+faster still, but cost GPUs and hops the target does not need).
 
 Search (bounded so that a decision takes about a millisecond at 1,000 GPUs): for each stage count k
 tried, a handful of candidate GPU sets are drawn from vectorised scores over all GPUs (the k holes a
@@ -60,6 +62,8 @@ class ReplicaRequest:
     may split further to fit).  kv_tokens: tokens of KV cache reserved on every stage.
     batch_tokens: tokens per micro-batch (sets compute and transfer times).  target_time: a cycle
     time (seconds per micro-batch per stage) that is fast enough: the fewest stages meeting it win.
+    Every figure must be finite and >= 0 (batch_tokens >= 1), or the placer would book less than the
+    parameters (a negative KV reservation) or divide by zero: PlacementError says which to change.
     """
 
     def __init__(self, units: Sequence[Any], stages: int = 1, max_stages: int | None = None,
@@ -73,11 +77,16 @@ class ReplicaRequest:
         self.max_stages = min(self.n, max(self.stages, int(max_stages or stages)))
         if self.stages > self.n:
             raise PlacementError(f"{self.stages} stages asked for a model of {self.n} units")
-        self.kv_tokens = int(kv_tokens)
-        self.batch_tokens = int(batch_tokens)
-        self.stage_overhead_bytes = int(stage_overhead_bytes)
+        self.kv_tokens = int(_figure("kv_tokens", kv_tokens))
+        self.batch_tokens = int(_figure("batch_tokens", batch_tokens, 1))
+        self.stage_overhead_bytes = int(_figure("stage_overhead_bytes", stage_overhead_bytes))
+        if target_time is not None:
+            _figure("target_time", target_time, what="seconds (or None: no target)")
         self.target_time = target_time
         self.model = model
+        for i, u in enumerate(self.units):
+            for key in ("param_bytes", "flops_per_token", "act_bytes_per_token", "kv_bytes_per_token"):
+                _figure(f"unit {i}: {key}", getattr(u, key))
         mem, flops, params = [0.0], [0.0], [0.0]
         for u in self.units:
             mem.append(mem[-1] + float(u.param_bytes) + float(u.kv_bytes_per_token) * self.kv_tokens)
@@ -127,6 +136,17 @@ class ReplicaRequest:
             return cls(units, **kw)
         except (KeyError, TypeError, ValueError) as e:
             raise PlacementError(f"bad replica request: {type(e).__name__}: {e}") from e
+
+
+def _figure(name: str, x: Any, lo: float = 0, what: str = "") -> float:
+    """`x` as a float, if it is a finite number >= lo; else PlacementError naming it."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        v = math.nan
+    if isinstance(x, bool) or not math.isfinite(v) or v < lo:
+        raise PlacementError(f"{name} is {x!r}: give a finite number >= {lo:g}{' of ' + what if what else ''}")
+    return v
 
 
 def request_for_model(model: Any, dtype_bytes: int = 2, **kw: Any) -> ReplicaRequest:
@@ -336,6 +356,16 @@ class _Cand:
     frag: float
     chain: list[int]
     cuts: list[int]
+    hops: tuple[int, int] = (0, 0)
+
+
+def network_hops(topo: Topology, chain: Sequence[int]) -> tuple[int, int]:
+    """(hops between servers, of which between racks) along a chain of GPU positions in pipeline order."""
+    c = np.asarray(chain, dtype=np.int64)
+    if len(c) < 2:
+        return 0, 0
+    return (int(np.count_nonzero(topo.node_of[c[1:]] != topo.node_of[c[:-1]])),
+            int(np.count_nonzero(topo.rack_of[c[1:]] != topo.rack_of[c[:-1]])))
 
 
 class FlexPlacer:
@@ -376,6 +406,9 @@ class FlexPlacer:
         `topo` is the live state, with `p` already reserved.  Returns the whole new placement;
         reservation_delta(p, new) is what to reserve and release.
         """
+        if isinstance(stage, bool) or not isinstance(stage, (int, np.integer)) or not 0 <= stage < p.n_gpus:
+            raise PlacementError(f"stage {stage!r} does not exist: the replica has {p.n_gpus} stage(s), "
+                                 f"numbered 0..{p.n_gpus - 1}")
         s = p.stages[stage]
         if s.end - s.start < 2:
             raise PlacementError(f"stage {stage} holds one unit and cannot be split")
@@ -420,12 +453,18 @@ class FlexPlacer:
                     cands.append(evaluate(req, state, bounds, chain, self.cost, mix, self.name))
         if not cands:
             raise PlacementError(f"stage {stage} cannot be split: no GPU outside the replica fits either part")
-        return self._select(cands)
+        return self._select(cands, state)
 
-    def _select(self, cands: list[Placement]) -> Placement:
-        """Fastest within the tolerance, then least fragmentation, then fewest GPUs."""
+    def _hops(self, topo: Topology, chain: Sequence[int]) -> tuple[int, int]:
+        """What a chain's network hops cost in the objective (nothing to the topology-blind baseline)."""
+        return network_hops(topo, chain) if self.topology_aware else (0, 0)
+
+    def _select(self, cands: list[Placement], topo: Topology) -> Placement:
+        """Fastest within the tolerance, then fewest network hops, then least fragmentation, then fewest GPUs."""
         thr = min(c.bottleneck_s for c in cands) * (1.0 + self.time_tolerance)
-        return min((c for c in cands if c.bottleneck_s <= thr), key=lambda c: (c.frag_delta, c.n_gpus, c.bottleneck_s))
+        return min((c for c in cands if c.bottleneck_s <= thr),
+                   key=lambda c: (self._hops(topo, [topo.index[g] for g in c.gpus]), c.frag_delta, c.n_gpus,
+                                  c.bottleneck_s))
 
     def merge(self, p: Placement, req: ReplicaRequest, topo: Topology,
               stages: int | None = None) -> tuple[Placement, list[str]]:
@@ -435,8 +474,9 @@ class FlexPlacer:
         fragmentation; the merged stage stays on whichever of the two GPUs can hold it.
         """
         target = p.n_gpus - 1 if stages is None else stages
-        if not 1 <= target <= p.n_gpus:
-            raise PlacementError(f"cannot merge {p.n_gpus} stages into {target}")
+        if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or not 1 <= target <= p.n_gpus:
+            raise PlacementError(f"cannot merge {p.n_gpus} stages into {target!r}: give a stage count in "
+                                 f"1..{p.n_gpus}")
         free = topo.free.copy()
         for st in p.stages:
             free[topo.gpu_index(st.gpu)] += st.mem_bytes
@@ -455,7 +495,7 @@ class FlexPlacer:
                                               self.cost, mix, self.name))
             if not cands:
                 raise PlacementError(f"no two adjacent stages of {cur.n_gpus} fit on one of their GPUs")
-            cur = self._select(cands)
+            cur = self._select(cands, state)
         freed = [g for g in p.gpus if g not in set(cur.gpus)]
         return cur, freed
 
@@ -502,7 +542,7 @@ class FlexPlacer:
                 used = chain[:len(cuts)]
                 delta = placement_delta(free, {i: req.stage_bytes(a, b) for i, a, b in
                                                zip(used, [0] + cuts, cuts)}, mix)
-                out.append(_Cand(t, delta, used, cuts))
+                out.append(_Cand(t, delta, used, cuts, self._hops(topo, used)))
                 best = min(best, t)
             return out
 
@@ -546,7 +586,7 @@ class FlexPlacer:
         if not pool:
             return None
         thr = min(c.time for c in pool) * tol
-        win = min((c for c in pool if c.time <= thr), key=lambda c: (c.frag, len(c.cuts), c.time))
+        win = min((c for c in pool if c.time <= thr), key=lambda c: (c.hops, c.frag, len(c.cuts), c.time))
         return win.chain, win.cuts
 
     def _candidates(self, req: ReplicaRequest, topo: Topology, k: int, el: np.ndarray, f_el: np.ndarray,

@@ -167,6 +167,31 @@ class Topology:
         self.busy = np.zeros(n) if busy is None else np.asarray(busy, dtype=np.float64).copy()
         if self.free.shape != (n,) or self.busy.shape != (n,):
             raise TopologyError(f"state arrays must have one entry per GPU ({n})")
+        self._check()
+
+    def _check(self) -> None:
+        """Refuse figures the placer cannot compute with (a zero rate divides by zero, a NaN busy share
+        makes every time NaN): TopologyError names the GPU or link kind."""
+        for key, arr in (("peak_flops", self.peak_flops), ("mem_bw", self.mem_bw)):
+            bad = np.flatnonzero(~(np.isfinite(arr) & (arr > 0)))
+            if len(bad):
+                raise TopologyError(f"GPU {self.gpus[int(bad[0])].id}: {key} {arr[bad[0]]} must be a finite rate > 0")
+        bad = np.flatnonzero(self.total < 0)
+        if len(bad):
+            raise TopologyError(f"GPU {self.gpus[int(bad[0])].id}: memory_bytes {self.total[bad[0]]} must be >= 0")
+        for kind, l in self.links.items():
+            if kind is not LinkKind.SAME and not (l.bandwidth > 0 and math.isfinite(l.latency) and l.latency >= 0):
+                raise TopologyError(f"link {LinkKind(kind).value}: bandwidth {l.bandwidth} B/s must be > 0 and "
+                                    f"latency {l.latency} s >= 0")
+        bad = np.flatnonzero((self.free < 0) | (self.free > self.total))
+        if len(bad):
+            g = self.gpus[int(bad[0])]
+            raise TopologyError(f"GPU {g.id}: free memory {int(self.free[bad[0]])} B must lie between 0 and its "
+                                f"{g.memory_bytes} B")
+        bad = np.flatnonzero(~((self.busy >= 0) & (self.busy <= 1)))  # (NaN too)
+        if len(bad):
+            raise TopologyError(f"GPU {self.gpus[int(bad[0])].id}: busy share {self.busy[bad[0]]} must lie "
+                                f"between 0 and 1")
 
     def _build(self) -> None:
         names = [nd.name for nd in self.nodes]
@@ -216,7 +241,11 @@ class Topology:
                 return self.index[gpu]
             except KeyError:
                 raise TopologyError(f"no GPU {gpu!r} in cluster {self.name!r}") from None
-        return int(gpu)
+        i = int(gpu)
+        if not 0 <= i < len(self.gpus):  # a negative position would count from the end
+            have = f"positions are 0..{len(self.gpus) - 1}" if self.gpus else "it has no GPU"
+            raise TopologyError(f"no GPU at position {gpu} in cluster {self.name!r}: {have}")
+        return i
 
     def link_kind(self, i: int, j: int) -> LinkKind:
         """Link kind between GPUs at positions i and j."""
@@ -251,7 +280,7 @@ class Topology:
     # --- state changes ---------------------------------------------------------------------------
     def reserve(self, amounts: Mapping[int | str, int]) -> None:
         """Take memory on several GPUs, all or nothing; TopologyError names the GPU that lacks it."""
-        items = [(self.gpu_index(g), int(b)) for g, b in amounts.items()]
+        items = self._amounts(amounts, "reserve")
         need: dict[int, int] = {}
         for i, b in items:
             need[i] = need.get(i, 0) + b
@@ -263,10 +292,20 @@ class Topology:
             self.free[i] -= b
 
     def release(self, amounts: Mapping[int | str, int]) -> None:
-        """Give memory back (never above a GPU's total)."""
+        """Give memory back (never above a GPU's total), all or nothing."""
+        for i, b in self._amounts(amounts, "release"):
+            self.free[i] = min(int(self.total[i]), int(self.free[i]) + b)
+
+    def _amounts(self, amounts: Mapping[int | str, int], what: str) -> list[tuple[int, int]]:
+        """(position, bytes) pairs; TopologyError for an unknown GPU or bytes that are not >= 0."""
+        out = []
         for g, b in amounts.items():
             i = self.gpu_index(g)
-            self.free[i] = min(int(self.total[i]), int(self.free[i]) + int(b))
+            if isinstance(b, bool) or not isinstance(b, (int, float, np.integer, np.floating)) \
+                    or not (math.isfinite(b) and b >= 0):
+                raise TopologyError(f"cannot {what} {b!r} bytes on GPU {self.gpus[i].id}: give a number >= 0")
+            out.append((i, int(b)))
+        return out
 
     # --- descriptions ----------------------------------------------------------------------------
     def to_dict(self, state: bool = True) -> dict[str, Any]:
@@ -310,37 +349,51 @@ class Topology:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Topology":
-        """Inverse of to_dict(); TopologyError says which entry is wrong."""
+        """Inverse of to_dict(); TopologyError says which entry is wrong and what it accepts."""
+        if not isinstance(d, Mapping):
+            got = "nothing (is the file empty?)" if d is None else f"a {type(d).__name__}"
+            raise TopologyError(f"a cluster description is a mapping with a 'nodes' list (and optionally "
+                                f"name, description, links); got {got}")
+        if not isinstance(d.get("nodes"), list):
+            raise TopologyError(f"a cluster description needs 'nodes': a list of nodes, each with a name and "
+                                f"a list of gpus; got {d.get('nodes')!r}")
         try:
-            links = {LinkKind(k): Link(LinkKind(k), float(v["bandwidth_gbs"]) * GB, float(v["latency_us"]) * 1e-6)
-                     for k, v in (d.get("links") or {}).items()}
+            links = {}
+            for k, v in (d.get("links") or {}).items():
+                kind = LinkKind(k)
+                links[kind] = Link(kind, _num(v, "bandwidth_gbs", f"link {k}", 0.0, strict=True) * GB,
+                                   _num(v, "latency_us", f"link {k}", 0.0) * 1e-6)
             nodes, free, busy = [], [], []
             for nd in d["nodes"]:
                 gpus = []
                 for li, g in enumerate(nd["gpus"]):
+                    where = f"GPU {nd['name']}/{g.get('index', li)}"
                     kw: dict[str, Any] = {}
                     if "memory_mib" in g:
-                        kw["memory_bytes"] = int(g["memory_mib"]) * MiB
+                        kw["memory_bytes"] = int(_num(g, "memory_mib", where, 0.0)) * MiB
                     if "tflops" in g:
-                        kw["peak_flops"] = float(g["tflops"]) * 1e12
+                        kw["peak_flops"] = _num(g, "tflops", where, 0.0, strict=True) * 1e12
                     if "mem_bw_gbs" in g:
-                        kw["mem_bw"] = float(g["mem_bw_gbs"]) * GB
+                        kw["mem_bw"] = _num(g, "mem_bw_gbs", where, 0.0, strict=True) * GB
                     for key in ("compute_class", "numa", "pcie_switch", "nvlink_domain", "uuid"):
                         if key in g:
                             kw[key] = g[key]
                     gpu = make_gpu(nd["name"], int(g.get("index", li)), str(g["model"]), **kw)
                     gpus.append(gpu)
-                    free.append(int(g["free_mib"]) * MiB if "free_mib" in g else gpu.memory_bytes)
-                    busy.append(float(g.get("busy", 0.0)))
+                    f = int(_num(g, "free_mib", where, 0.0)) * MiB if "free_mib" in g else gpu.memory_bytes
+                    if f > gpu.memory_bytes:
+                        raise TopologyError(f"{where}: free_mib {g['free_mib']} must lie between 0 and the GPU's "
+                                            f"memory ({gpu.memory_bytes // MiB} MiB)")
+                    free.append(f)
+                    busy.append(_num(g, "busy", where, 0.0, hi=1.0) if "busy" in g else 0.0)
                 nlinks = {(int(x["a"]), int(x["b"])): LinkKind(x["kind"]) for x in nd.get("links", [])}
                 nodes.append(Node(nd["name"], str(nd.get("rack", "r0")), gpus, nlinks))
-        except (KeyError, TypeError, ValueError) as e:
+        except TopologyError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise TopologyError(f"bad cluster description: {type(e).__name__}: {e}") from e
-        topo = cls(nodes, links, name=str(d.get("name", "cluster")), free=free, busy=busy,
+        return cls(nodes, links, name=str(d.get("name", "cluster")), free=free, busy=busy,
                    description=str(d.get("description", "")))
-        if np.any(topo.free > topo.total) or np.any(topo.free < 0):
-            raise TopologyError("free_mib must lie between 0 and the GPU's memory")
-        return topo
 
     def save(self, path: str | Path, state: bool = True) -> None:
         """Write the description as JSON or YAML (by suffix)."""
@@ -354,7 +407,7 @@ class Topology:
 
     @classmethod
     def load(cls, path: str | Path) -> "Topology":
-        """Read a JSON or YAML description."""
+        """Read a JSON or YAML description; TopologyError names the file and what is wrong in it."""
         path = Path(path)
         try:
             text = path.read_text()
@@ -362,11 +415,39 @@ class Topology:
             raise TopologyError(f"cannot read cluster description {path}: {e}") from e
         if path.suffix in (".yaml", ".yml"):
             import yaml
-            return cls.from_dict(yaml.safe_load(text))
+            try:
+                d = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                mark, context = getattr(e, "problem_mark", None), getattr(e, "context", None)
+                where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+                raise TopologyError(f"{path}: not valid YAML: {context + ': ' if context else ''}"
+                                    f"{getattr(e, 'problem', None) or e}{where}") from e
+        else:
+            try:
+                d = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise TopologyError(f"{path}: not JSON: {e}") from e
         try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise TopologyError(f"{path}: not JSON: {e}") from e
+            return cls.from_dict(d)
+        except TopologyError as e:
+            raise TopologyError(f"{path}: {e}") from e
+
+
+def _num(d: Mapping[str, Any], key: str, where: str, lo: float, strict: bool = False,
+         hi: float = math.inf) -> float:
+    """d[key] as a finite float in [lo, hi] (above lo if strict); TopologyError names where and the field."""
+    x = d[key]
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        v = math.nan
+    if isinstance(x, bool) or not math.isfinite(v) or v < lo or (strict and v == lo) or v > hi:
+        if hi < math.inf:
+            want = f"a number between {lo:g} and {hi:g}"
+        else:
+            want = f"a number {'>' if strict else '>='} {lo:g}"
+        raise TopologyError(f"{where}: {key} is {x!r}; give {want}")
+    return v
 
 
 def _to_json(d: Mapping[str, Any]) -> str:

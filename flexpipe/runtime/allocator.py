@@ -17,11 +17,18 @@ Reshapes: the runtime keeps the old stages serving until the switch (DESIGN.md, 
 a split or merge books the union of the old and the new placement (`union_amounts`) and the owner
 ends it with `commit_reshape` once the switch is done (the old side is given back) or `abort_reshape`
 when the old shape serves on (the new side is given back).
+
+GPUs that leave (a worker withdraws, or announces again without them) take the reservations on them:
+a reservation is lost when the shape it serves needs one of them.  A reshape whose new side only was
+there aborts itself instead (the old shape, which never used those GPUs, serves on and keeps its
+memory): `aborted` says why until the owner's `abort_reshape` acknowledges it, and `lost` says why a
+reservation went, for the owner's later `release`.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -106,14 +113,24 @@ class AllocatorCore:
             self.workers[worker] = [nd.name for nd in topology.nodes]
         self.version = 0
         self.conflicts = 0
+        # reservation id -> why: reshapes rolled back because their new side's GPUs left (until the owner's
+        # abort_reshape), and reservations dropped with the GPUs they used (the latest LOST_KEPT)
+        self.aborted: dict[str, str] = {}
+        self.lost: dict[str, str] = {}
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
+
+    LOST_KEPT = 1024  # reasons kept for dropped reservations (the oldest are forgotten first)
 
     # --- inventory -----------------------------------------------------------------------------
     def announce(self, worker: str, cluster: Topology | Mapping[str, Any]) -> list[str]:
         """A worker's GPUs join (or replace its earlier announcement); returns their ids.
 
-        Each GPU's free memory at announce time is what other tenants leave us.
+        Each GPU's free memory at announce time is what other tenants leave us.  GPUs of its earlier
+        announcement that this one lacks (one fewer GPU, a renamed node) leave as `withdraw` has them
+        leave: the reservations they break are dropped (their ids in `lost`) or, for a reshape whose
+        new side only was there, rolled back (in `aborted`).  The ids returned stay the GPU ids: that
+        is the worker's device list for the router.
         """
         topo = cluster if isinstance(cluster, Topology) else Topology.from_dict(cluster)
         with self._lock:
@@ -123,6 +140,9 @@ class AllocatorCore:
                 raise TopologyError(f"worker {worker} announces nodes already owned by another worker: "
                                     f"{sorted(names & others)}")
             old = set(self.workers.get(worker, []))
+            now = {g.id for g in topo.gpus}
+            gone = {g for g in {*self.external, *self.topo.index} if _node_of(g) in old and g not in now}
+            self._leave(gone, f"worker {worker} announced again without GPU(s) {', '.join(sorted(gone))}")
             keep = [nd for nd in self.topo.nodes if nd.name not in old and nd.name not in names]
             for g, f in zip(topo.gpus, topo.free):
                 self.external[g.id] = int(g.memory_bytes - f)
@@ -131,27 +151,66 @@ class AllocatorCore:
             return [g.id for g in topo.gpus]
 
     def withdraw(self, worker: str) -> list[str]:
-        """A worker left (or died): its GPUs go, and so do the reservations that used them (returned)."""
+        """A worker left (or died): its GPUs go, and so do the reservations that used them (returned).
+
+        A split or merge whose new shape only used them is not lost: it is rolled back to the old shape,
+        which serves on and keeps its memory booked (listed in `aborted`, not returned).
+        """
         with self._lock:
             gone = set(self.workers.pop(worker, []))
             if not gone:
                 return []
-            lost = [r.id for r in self.reservations.values()
-                    if any(g.rsplit("/", 1)[0] in gone for g in r.amounts)]
-            for rid in lost:
-                self._give(self.reservations.pop(rid).amounts)
-            for gid in [g for g in self.external if g.rsplit("/", 1)[0] in gone]:
-                self.external.pop(gid, None)
-                self.reserved.pop(gid, None)
+            gpus = {g for g in {*self.external, *self.topo.index} if _node_of(g) in gone}
+            lost = self._leave(gpus, f"worker {worker} left")
             self._rebuild([nd for nd in self.topo.nodes if nd.name not in gone], {})
             return lost
 
+    def _leave(self, gone: set[str], why: str) -> list[str]:
+        """GPUs `gone` leave the books (the caller rebuilds the topology); returns the reservations lost.
+
+        A reservation is lost when the shape that serves needs one of them: with no reshape under way,
+        any GPU it holds; during one, a GPU of the old shape (the new one has not served yet).  If only
+        the new side's GPUs left, the reshape is aborted: the reservation goes back to its old amounts.
+        """
+        if not gone:
+            return []
+        lost = []
+        for r in list(self.reservations.values()):
+            if not gone & r.amounts.keys():
+                continue
+            if r.old_placement is not None and not gone & r.old_amounts.keys():
+                self.aborted[r.id] = (f"{why}, taking GPU(s) {', '.join(sorted(gone & r.amounts.keys()))} of the "
+                                      f"new shape only; the old shape serves on")
+                self._shrink(r, r.old_amounts)
+                r.placement, r.old_placement, r.old_amounts = r.old_placement, None, {}
+                continue
+            self._give(self.reservations.pop(r.id).amounts)
+            self.aborted.pop(r.id, None)
+            self.lost[r.id] = why
+            lost.append(r.id)
+        while len(self.lost) > self.LOST_KEPT:
+            del self.lost[next(iter(self.lost))]
+        for gid in gone:
+            self.external.pop(gid, None)
+            self.reserved.pop(gid, None)
+        return lost
+
     def report(self, external_used: Mapping[str, int]) -> None:
-        """Memory used by other tenants, per GPU id (our reservations excluded)."""
+        """Memory used by other tenants, per GPU id (our reservations excluded); all or nothing.
+
+        TopologyError for a GPU not in the inventory or a figure that is not a byte count >= 0 (a
+        negative one would make free memory exceed the GPU's and let reservations overbook it).
+        """
         with self._lock:
+            figures = {}
             for gid, used in external_used.items():
                 i = self.topo.gpu_index(gid)
-                self.external[gid] = int(used)
+                if not _is_bytes(used):
+                    raise TopologyError(f"usage report for GPU {gid}: {used!r} is not a byte count; report the "
+                                        f"bytes other tenants use there as a number >= 0")
+                figures[gid] = (i, int(used))
+            for gid, (i, used) in figures.items():
+                self.external[gid] = used
                 self.topo.free[i] = self._free_of(gid, int(self.topo.total[i]))
             self.version += 1
 
@@ -169,6 +228,13 @@ class AllocatorCore:
         self.version += 1
 
     # --- the books ---------------------------------------------------------------------------------
+    def _missing(self, gpus: Any) -> None:
+        """Conflict if any of these GPU ids left the inventory (a plan or reshape made before it left)."""
+        gone = sorted(g for g in gpus if g not in self.topo.index)
+        if gone:
+            raise Conflict(f"GPU(s) {', '.join(gone)} left the inventory (their worker withdrew) after the plan "
+                           f"was made: plan again")
+
     def _take(self, amounts: Mapping[str, int]) -> None:
         """Book memory on several GPUs, all or nothing (caller holds the lock)."""
         idx = {g: self.topo.gpu_index(g) for g in amounts}
@@ -195,7 +261,13 @@ class AllocatorCore:
         return r
 
     def reserve(self, amounts: Mapping[str, int], owner: str = "", placement: Placement | None = None) -> Reservation:
-        """Reserve given bytes per GPU id, all or nothing (Conflict names the GPU short of memory)."""
+        """Reserve given bytes per GPU id, all or nothing (Conflict names the GPU short of memory).
+
+        Zero amounts are left out; a negative one is a PlacementError (it would add free memory).
+        """
+        bad = {g: b for g, b in amounts.items() if not _is_bytes(b)}
+        if bad:
+            raise PlacementError(f"cannot reserve {bad}: give each GPU's bytes as a number >= 0")
         amounts = {str(g): int(b) for g, b in amounts.items() if int(b) > 0}
         with self._lock:
             return self._grant(owner, amounts, placement)
@@ -205,7 +277,9 @@ class AllocatorCore:
         with self._lock:
             r = self.reservations.pop(rid, None)
             if r is None:
-                raise PlacementError(f"no reservation {rid!r}")
+                why = f" (dropped: {self.lost[rid]})" if rid in self.lost else ""
+                raise PlacementError(f"no reservation {rid!r}{why}")
+            self.aborted.pop(rid, None)
             self._give(r.amounts)
             return r.amounts
 
@@ -222,10 +296,11 @@ class AllocatorCore:
         return Plan(p, version, p.reservations())
 
     def commit(self, plan: Plan, owner: str = "") -> Reservation:
-        """Book a plan; Conflict when the memory it counted on is gone."""
+        """Book a plan; Conflict when the memory (or a GPU) it counted on is gone: plan again."""
         with self._lock:
             if plan.version != self.version:
                 self.conflicts += 1  # the state moved on; the plan stands only if it still fits
+            self._missing(plan.amounts)
             return self._grant(owner, dict(plan.amounts), plan.placement)
 
     def place(self, req: ReplicaRequest, owner: str = "") -> Reservation:
@@ -240,6 +315,7 @@ class AllocatorCore:
             r = self._placed(rid, reshaping=False)
             assert r.placement is not None
             new = self.placer.split(r.placement, stage, req, self.topo)
+            self.aborted.pop(rid, None)
             return self._reshape(r, new, req)
 
     def merge(self, rid: str, req: ReplicaRequest, stages: int | None = None) -> tuple[Reservation, list[str]]:
@@ -249,6 +325,7 @@ class AllocatorCore:
             r = self._placed(rid, reshaping=False)
             assert r.placement is not None
             new, freed = self.placer.merge(r.placement, req, self.topo, stages)
+            self.aborted.pop(rid, None)
             return self._reshape(r, new, req), freed
 
     def commit_reshape(self, rid: str) -> tuple[Reservation, list[str]]:
@@ -262,8 +339,15 @@ class AllocatorCore:
             return r, freed
 
     def abort_reshape(self, rid: str) -> Reservation:
-        """The reshape was abandoned and the old shape serves on: give back what only the new one held."""
+        """The reshape was abandoned and the old shape serves on: give back what only the new one held.
+
+        A reshape already rolled back because its new side's GPUs left (`aborted`) is acknowledged: the
+        reservation, back in its old shape, is returned as it stands.
+        """
         with self._lock:
+            if rid in self.aborted and rid in self.reservations:
+                del self.aborted[rid]
+                return self.reservations[rid]
             r = self._placed(rid, reshaping=True)
             self._shrink(r, r.old_amounts)
             r.placement, r.old_placement, r.old_amounts = r.old_placement, None, {}
@@ -273,7 +357,11 @@ class AllocatorCore:
         """The placed reservation `rid`, with a reshape under way or not as `reshaping` says."""
         r = self.reservations.get(rid)
         if r is None or r.placement is None:
-            raise PlacementError(f"no placed replica under reservation {rid!r}")
+            why = f" (dropped: {self.lost[rid]})" if r is None and rid in self.lost else ""
+            raise PlacementError(f"no placed replica under reservation {rid!r}{why}")
+        if reshaping and r.old_placement is None and rid in self.aborted:
+            raise PlacementError(f"the reshape of reservation {rid!r} was aborted: {self.aborted[rid]} "
+                                 f"(abort_reshape acknowledges it)")
         if reshaping and r.old_placement is None:
             raise PlacementError(f"no reshape under way for reservation {rid!r} (split or merge starts one)")
         if not reshaping and r.old_placement is not None:
@@ -322,6 +410,17 @@ class AllocatorCore:
             return s
 
 
+def _node_of(gid: str) -> str:
+    return gid.rsplit("/", 1)[0]
+
+
+def _is_bytes(x: Any) -> bool:
+    """A byte count: a finite number >= 0 (a float is cut to an integer), not a bool."""
+    if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
+        return False
+    return math.isfinite(x) and x >= 0
+
+
 # --- messages (kinds 250-299) ----------------------------------------------------------------------
 @message(250)
 class AnnounceGpus:
@@ -333,7 +432,9 @@ class AnnounceGpus:
 
 @message(251)
 class WithdrawWorker:
-    """A worker's GPUs leave; the reply lists the reservation ids that were lost with them."""
+    """A worker's GPUs leave; the reply lists the reservation ids that were lost with them (a split or
+    merge whose new side only was there is rolled back instead, not lost: AbortReshape acknowledges it,
+    CommitReshape is refused)."""
     worker: str
 
 
@@ -391,7 +492,8 @@ class CommitReshape:
 @message(261)
 class AbortReshape:
     """A split or merge was abandoned and the old shape serves on: give back what only the new shape
-    held; the reply is Granted with the old placement."""
+    held; the reply is Granted with the old placement (also when the allocator rolled it back already
+    because the new side's GPUs left)."""
     rid: str
 
 
