@@ -13,7 +13,9 @@ From epoch e to e+1 (DESIGN.md):
 The pause requests see is 4-6 and is measured.  A failure in 1-5 aborts: prepared units are
 dropped, new actors stopped, and epoch e keeps serving.  KV moves as (sequence, units, token
 range): KV of past positions never changes, so a copy of [0, computed) stays valid while the old
-epoch appends after it; a request preempted meanwhile is copied again from 0.
+epoch appends after it; a request preempted meanwhile is copied again from 0.  Weights and KV travel
+in messages under max_message_bytes (runtime/chunks.py): a tensor larger than one goes in pieces that
+the receiver assembles, a sequence's KV in token ranges.
 
 With a host-memory weight cache (runtime/weight_cache.py), units that leave a stage are sent to it
 during prepare, and a stage that needs units the cache holds gets them from RAM ("cache" tier).
@@ -24,6 +26,7 @@ during prepare, and a stage that needs units the cache holds gets them from RAM 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,11 +35,12 @@ from typing import Any
 from flexpipe.errors import ActorError, ConfigError, PipelineDown, ReshapeError
 from flexpipe.partition import PipelineShape
 from flexpipe.runtime.cache import CacheManager, StagePool, blocks_for
+from flexpipe.runtime.chunks import limit_of
 from flexpipe.runtime.messages import ActorRef
 from flexpipe.runtime.router import Pipeline, RouterActor
 from flexpipe.runtime.stage import (
     AbortPrepare, Activate, Configure, ExpectPeers, ExportKV, FreeSeqs, PrepareUnits, SendUnits,
-    StageStatus, StepFailed, StepLog, StepOutput, UnitTensors,
+    StageStatus, StepFailed, StepLog, StepOutput, send_unit_tensors,
 )
 from flexpipe.settings import PRECOPY_DELTA_TOKENS, PRECOPY_MAX_ROUNDS
 
@@ -471,10 +475,10 @@ class Controller:
         if from_cache:
             hit = [u for u in units if self.weight_cache.holds(self.model_key, [u])]
             if hit:
-                tensors = self.weight_cache.take(self.model_key, hit)
-                names = list(tensors)
-                await self.system.ask(dest.ref, UnitTensors(names), *[tensors[n] for n in names], timeout=600)
-                total += sum(t.numel() * t.element_size() for t in tensors.values())
+                # in messages under max_message_bytes, as a stage sends its own (stage.send_unit_tensors)
+                total += await send_unit_tensors(functools.partial(self.system.ask, timeout=600), dest.ref,
+                                                 self.weight_cache.take(self.model_key, hit),
+                                                 limit_of(getattr(self.system, "settings", None)))
             units = [u for u in units if u not in hit]
         if units:
             total += await self._peer_copy(units, dest)

@@ -23,12 +23,13 @@ import asyncio
 import collections
 import logging
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import torch
 
-from flexpipe.errors import StepRejected
+from flexpipe.errors import ProtocolError, StepRejected
 from flexpipe.runtime.actor import ActorContext, handles
+from flexpipe.runtime.chunks import Assembler, budget, flat_slice, limit_of, plan, tensor_overhead
 from flexpipe.runtime.memory import release_freed_memory
 from flexpipe.runtime.messages import ActorRef, message
 from flexpipe.runtime.stage_core import StageCore, StepMeta
@@ -102,8 +103,15 @@ class SendUnits:
 
 @message(106)
 class UnitTensors:
-    """Tensors of units sent by a peer: names in order, tensors beside the message."""
+    """Tensors of units sent by a peer: names in order, tensors beside the message.
+
+    A copy larger than one message comes as several (`send_unit_tensors`, runtime/chunks.py): `parts`
+    gives, per tensor beside, None (the whole tensor) or [shape, start, stop] (elements [start, stop)
+    of the flattened tensor of `shape`, which the receiver assembles); `more` is set on every message
+    of a copy but its last.  A peer built before them sends neither: whole tensors, one message."""
     names: list
+    parts: list | None = None
+    more: bool = False
 
 
 @message(107)
@@ -122,7 +130,8 @@ class ExportKV:
 
 @message(108)
 class ImportKV:
-    """KV arriving for (seq, units, t0) items; tensors beside: k0, v0, k1, v1, ..."""
+    """KV arriving for (seq, units, t0) items; tensors beside: k0, v0, k1, v1, ...  (An ExportKV item
+    larger than a message arrives as items of consecutive token ranges, in one message or several.)"""
     items: list  # [seq_id, [unit indices], t0]
 
 
@@ -193,6 +202,33 @@ def source_from_spec(cfg: Any, spec: dict) -> Any:
     return PresetWeights(cfg, int(spec.get("seed", 0)))
 
 
+async def send_unit_tensors(ask: Callable[..., Awaitable[Any]], dest: ActorRef, tensors: dict[str, torch.Tensor],
+                            max_message_bytes: int,
+                            to_host: Callable[[list[torch.Tensor]], Awaitable[list[torch.Tensor]]] | None = None,
+                            ) -> int:
+    """Send `tensors` to `dest` as UnitTensors messages of at most `max_message_bytes` each (the plan of
+    runtime/chunks.py: whole tensors grouped, one above the budget in element ranges); `ask(dest, msg,
+    *tensors)` sends one and waits for its reply, so the receiver takes them in order and the sender
+    holds one message's worth at a time.  `to_host` brings a message's tensors to host memory (one
+    message's pieces, not whole tensors: a slice of a device tensor is a view).  Returns bytes sent."""
+    names = list(tensors)
+    items = [(t.numel(), t.element_size(), tensor_overhead(n, t.dim())) for n, t in tensors.items()]
+    msgs = plan(items, budget(max_message_bytes))
+    for k, pieces in enumerate(msgs):
+        sent, parts, out = [], [], []
+        for p in pieces:
+            t = tensors[names[p.index]]
+            whole = p.start == 0 and p.stop == t.numel()
+            sent.append(names[p.index])
+            parts.append(None if whole else [list(t.shape), p.start, p.stop])
+            out.append(t if whole else flat_slice(t, p.start, p.stop))
+        if to_host is not None:
+            out = await to_host(out)
+        split = any(part is not None for part in parts)   # (else the message an older peer takes too)
+        await ask(dest, UnitTensors(sent, parts if split else None, k + 1 < len(msgs)), *out)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 class _PeerTensors:
     """A weight source over tensors received from a peer stage."""
 
@@ -239,6 +275,7 @@ class StageActor:
         self.peers: set[ActorRef] = set()
         self.core: StageCore | None = None
         self.peer_tensors: dict[str, torch.Tensor] = {}
+        self._pieces = Assembler()   # peer tensors split over several UnitTensors, until complete
         self._s_per_token = float("inf")   # running estimate of compute seconds per token of a step
         self.stats = {"steps": 0, "stale_dropped": 0, "compute_s": 0.0, "kv_bytes_in": 0, "kv_bytes_out": 0,
                       "memory_trims": 0, "free_steps": 0}
@@ -421,39 +458,72 @@ class StageActor:
         src = _PeerTensors(self.peer_tensors) if msg.from_peer else None
         loaded = await ctx.run_compute(self.core.prepare, msg.start, msg.end, src)
         self.peer_tensors = {}
+        self._pieces.clear()
         return {"loaded": loaded, "seconds": time.perf_counter() - t0}
 
     @handles(SendUnits, concurrent=True)
     async def send_units(self, ctx: ActorContext, msg: SendUnits) -> int:
-        tensors = {n: t.cpu() for n, t in (await ctx.run_compute(self.core.unit_tensors, msg.units)).items()}
-        names = list(tensors)
-        await ctx.ask(msg.dest, UnitTensors(names), *[tensors[n] for n in names])
-        return sum(t.numel() * t.element_size() for t in tensors.values())
+        # the units' own tensors (views): only the pieces of one message at a time are copied to the host
+        tensors = await ctx.run_compute(self.core.unit_tensors, msg.units)
+
+        async def to_host(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+            if all(t.device.type == "cpu" for t in ts):
+                return ts
+            return await ctx.run_compute(lambda: [t.cpu() for t in ts])
+
+        return await send_unit_tensors(ctx.ask, msg.dest, tensors, limit_of(getattr(ctx, "settings", None)),
+                                       to_host)
 
     @handles(UnitTensors)
     def unit_tensors(self, ctx: ActorContext, msg: UnitTensors, *tensors: torch.Tensor) -> bool:
-        self.peer_tensors.update(zip(msg.names, tensors))
+        parts = msg.parts if msg.parts is not None else [None] * len(tensors)
+        if len(msg.names) != len(tensors) or len(parts) != len(tensors):
+            raise ProtocolError(f"UnitTensors with {len(msg.names)} names and {len(parts)} parts for "
+                                f"{len(tensors)} tensors")
+        for name, part, t in zip(msg.names, parts, tensors):
+            whole = self._pieces.add(name, part, t)
+            if whole is not None:
+                self.peer_tensors[name] = whole
         return True
+
+    def _kv_token_bytes(self, units: list) -> int:
+        """Bytes of K and V of `units` per token (what core.export_kv gives for one token)."""
+        cfg = self.cfg
+        return 2 * len(units) * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
 
     @handles(ExportKV, concurrent=True)
     async def export_kv(self, ctx: ActorContext, msg: ExportKV) -> int:
-        items, tensors, nbytes = [], [], 0
-        for seq_id, units, t0, t1 in msg.items:
-            if t1 <= t0:
-                continue
-            try:
-                k, v = await ctx.run_compute(self.core.export_kv, seq_id, units, t0, t1)
-            except KeyError:
-                if msg.strict:
-                    raise
-                self.stats["kv_export_skipped"] = self.stats.get("kv_export_skipped", 0) + 1
-                continue
-            items.append([seq_id, units, t0])
-            tensors += [k.cpu(), v.cpu()]
-            nbytes += k.numel() * k.element_size() * 2
-        if items:
-            await ctx.ask(msg.dest, ImportKV(items), *tensors)
-        self.stats["kv_bytes_out"] += nbytes
+        """Gather and send KV in messages under max_message_bytes (runtime/chunks.py): an item whose KV
+        is larger than one is sent as consecutive token ranges, each gathered when its message is sent
+        (host memory holds one message's KV at a time, and a step waits for one range's gather)."""
+        wanted = [(str(s), list(u), int(t0), int(t1)) for s, u, t0, t1 in msg.items if t1 > t0]
+        overhead = [len(s.encode()) + 9 * len(u) + 2 * tensor_overhead("", 4) for s, u, _, _ in wanted]
+        msgs = plan([(t1 - t0, self._kv_token_bytes(u), over) for (_, u, t0, t1), over in zip(wanted, overhead)],
+                    budget(limit_of(getattr(ctx, "settings", None))))
+        gone: set[int] = set()   # items found freed here (pre-copy): skipped, with any range still to send
+        nbytes = 0
+        for pieces in msgs:
+            items, tensors = [], []
+            for p in pieces:
+                if p.index in gone:
+                    continue
+                seq_id, units, t0, _ = wanted[p.index]
+                try:
+                    k, v = await ctx.run_compute(self.core.export_kv, seq_id, units, t0 + p.start, t0 + p.stop)
+                except KeyError:
+                    if msg.strict:
+                        raise
+                    self.stats["kv_export_skipped"] = self.stats.get("kv_export_skipped", 0) + 1
+                    gone.add(p.index)
+                    continue
+                items.append([seq_id, units, t0 + p.start])
+                tensors += [k.cpu(), v.cpu()]
+            if items:
+                await ctx.ask(msg.dest, ImportKV(items), *tensors)
+                sent = sum(t.numel() * t.element_size() for t in tensors)
+                nbytes += sent
+                self.stats["kv_bytes_out"] += sent
+                self.stats["kv_messages_out"] = self.stats.get("kv_messages_out", 0) + 1
         return nbytes
 
     @handles(ImportKV, concurrent=True)
@@ -482,6 +552,7 @@ class StageActor:
     def abort_prepare(self, ctx: ActorContext, msg: AbortPrepare) -> bool:
         self.core.abort_prepare()
         self.peer_tensors = {}
+        self._pieces.clear()
         return True
 
     @handles(ResetKV)

@@ -18,8 +18,9 @@ such as those decoded from a message.  A tensor shared by two units (tied embedd
 held once per unit in the byte count, which overstates the memory by that tensor.
 
 `WeightCacheActor` is the cache's mailbox: a stage's `SendUnits(units, dest=<this actor>)` arrives
-as `UnitTensors` and is stored per unit.  Reads need no message: the controller lives in the same
-process and sends cached tensors to a stage itself.
+as `UnitTensors` messages (several for units larger than max_message_bytes, a tensor above it in
+pieces: runtime/chunks.py) and each unit is stored once all its tensors have arrived.  Reads need no
+message: the controller lives in the same process and sends cached tensors to a stage itself.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from flexpipe.errors import ConfigError
+from flexpipe.errors import ConfigError, ProtocolError
 from flexpipe.runtime.actor import ActorContext, handles
+from flexpipe.runtime.chunks import Assembler
 from flexpipe.runtime.stage import UnitTensors
 
 
@@ -156,7 +158,11 @@ def unit_names(cfg: Any) -> list[frozenset[str]]:
 
 
 class WeightCacheActor:
-    """Mailbox of a WeightCache for one model: stores what stages send with `SendUnits(..., dest=this)`."""
+    """Mailbox of a WeightCache for one model: stores what stages send with `SendUnits(..., dest=this)`.
+
+    One copy may span several UnitTensors (`more` set on all but its last): tensors are gathered (split
+    ones assembled) until a unit has all of its, and what is left when the copy ends (a unit only part
+    of which was sent) is dropped.  Copies come one at a time (the controller evicts stage by stage)."""
 
     def __init__(self, cache: WeightCache, model: str, cfg: Any):
         self.cache, self.model = cache, model
@@ -165,16 +171,30 @@ class WeightCacheActor:
         for u, names in enumerate(self.names):
             for n in names:
                 self.by_name.setdefault(n, []).append(u)
+        self.got: dict[str, torch.Tensor] = {}   # tensors of the copy under way
+        self.pieces = Assembler()
 
     @handles(UnitTensors)
     def unit_tensors(self, ctx: ActorContext, msg: UnitTensors, *tensors: torch.Tensor) -> int:
         """Store every unit whose tensors all arrived; replies with the number of units stored."""
-        got = dict(zip(msg.names, tensors))
-        units = sorted({u for n in got for u in self.by_name.get(n, ())})
+        parts = msg.parts if msg.parts is not None else [None] * len(tensors)
+        if len(msg.names) != len(tensors) or len(parts) != len(tensors):
+            raise ProtocolError(f"UnitTensors with {len(msg.names)} names and {len(parts)} parts for "
+                                f"{len(tensors)} tensors")
+        done = {}
+        for name, part, t in zip(msg.names, parts, tensors):
+            whole = self.pieces.add(name, part, t)
+            if whole is not None:
+                done[name] = whole
+        self.got.update(done)
+        units = sorted({u for n in done for u in self.by_name.get(n, ())})
         stored = 0
         for u in units:
-            if self.names[u] <= got.keys():
-                stored += self.cache.put(self.model, u, {n: got[n] for n in self.names[u]})
+            if self.names[u] <= self.got.keys():
+                stored += self.cache.put(self.model, u, {n: self.got[n] for n in self.names[u]})
+        if not msg.more:   # the copy is over
+            self.got = {}
+            self.pieces.clear()
         return stored
 
 
