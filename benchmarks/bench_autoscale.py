@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import statistics
@@ -162,7 +163,8 @@ async def tier_times(cfg: ModelConfig, reps: int) -> dict:
     from flexpipe.runtime.launcher import ActorSystem
     import torch
 
-    from flexpipe.runtime.stage import Activate, PrepareUnits, SendUnits, StepInput, UnitTensors
+    from flexpipe.runtime.chunks import limit_of
+    from flexpipe.runtime.stage import Activate, PrepareUnits, SendUnits, StepInput, send_unit_tensors
     from flexpipe.runtime.weight_cache import WeightCache, WeightCacheActor
 
     n = cfg.num_units
@@ -211,8 +213,9 @@ async def tier_times(cfg: ModelConfig, reps: int) -> dict:
             assert cache.holds("m", range(a, b))
 
             async def from_cache(dest) -> None:
-                t = cache.take("m", list(range(a, b)))
-                await system.ask(dest.ref, UnitTensors(list(t)), *t.values(), timeout=600)
+                t = cache.take("m", list(range(a, b)))   # (as the controller sends cache hits)
+                await send_unit_tensors(functools.partial(system.ask, timeout=600), dest.ref, t,
+                                        limit_of(getattr(system, "settings", None)))
                 await system.ask(dest.ref, PrepareUnits(a, b, from_peer=True), timeout=600)
 
             async def from_peer(dest) -> None:
