@@ -22,6 +22,7 @@ from flexpipe.runtime.stage import (
     Activate, Configure, ExpectPeers, ExportKV, FreeSeqs, ImportKV, ResetKV, StageActor, StageStatus, StepFailed,
     StepInput, StepOutput, UnitTensors,
 )
+from flexpipe.runtime.stage_core import StageCore, StepMeta
 from tests.pipeline_helpers import until
 
 pytestmark = pytest.mark.timeout(300)
@@ -124,6 +125,27 @@ async def test_a_step_must_continue_where_the_sequences_kv_ends():
     assert core.lengths["a"] == 2 and len(core.tables["a"]) == 1
     await ctx.deliver(FreeSeqs(0, ["a"]))
     assert not core.lengths and not core.tables
+
+
+async def test_a_late_kv_copy_does_not_move_where_a_running_sequence_continues():
+    """A kept stage of a merge imports KV of the units it will serve; a copy of a sequence's earlier
+    run (preempted and begun again meanwhile) arriving late must not set where its next step starts."""
+    cfg = ModelConfig.preset("tiny")
+    stage, ctx = await first_stage()
+    await ctx.deliver(ExpectPeers(1, []))
+    stage.core.prepare(0, 4)
+    toks = torch.arange(1, 9)
+    await ctx.deliver(step("s", 0, 8), toks)
+    peer = StageCore(cfg, stage.core.source, 0, 4, num_blocks=32, block_size=4)   # the merge's other half
+    peer.forward(StepMeta(["s"], [0], [8], [False], [0], [GREEDY]), toks)
+    k, v = peer.export_kv("s", [3], 0, 8)                      # the pre-copy round's KV of s, gathered
+    await ctx.deliver(step("s", 0, 0, sample=[], out_index=[], sampling=[], seq_ids=[], starts=[], lens=[],
+                           frees=["s"]), torch.empty(0, dtype=torch.int64))   # s preempted ...
+    await ctx.deliver(step("s", 0, 4), toks[:4])              # ... and begun again
+    await ctx.deliver(ImportKV([["s", [3], 0]]), k, v)       # the late copy of its earlier run
+    assert stage.core.lengths["s"] == 4
+    await ctx.deliver(step("s", 4, 4), toks[4:])              # its next chunk (was StepRejected)
+    assert [type(m).__name__ for _, m, _ in ctx.outbox][-1] == "StepInput"
 
 
 async def test_forged_messages_are_refused_on_a_live_pipeline():

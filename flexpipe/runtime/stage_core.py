@@ -131,7 +131,10 @@ class StageCore:
         if seq_id not in self.tables:
             self._imported.add(seq_id)
         table = self.ensure(seq_id, tokens)
-        self.lengths[seq_id] = max(self.lengths.get(seq_id, 0), tokens)   # copy rounds may come in any order
+        if seq_id in self._imported:   # (copy rounds may come in any order)
+            self.lengths[seq_id] = max(self.lengths.get(seq_id, 0), tokens)
+        # else it runs here: its own steps say where it continues, not a copy (a late one of a run
+        # that was preempted and began again would put that past its KV, and its next step refused)
         return table
 
     def only_imported(self, seq_id: str) -> bool:
