@@ -10,7 +10,7 @@ import os
 import sys
 
 from flexpipe.errors import ConfigError, FlexPipeError
-from flexpipe.settings import RUNTIME_SETTINGS, Setting, add_setting_flags, resolve_settings
+from flexpipe.settings import GENERATE_SETTINGS, add_setting_flags, resolve_settings
 
 # (module, add-parser function) of subcommands owned by other layers, imported lazily so that a
 # missing optional extra (serve, sim, gpu) disables only its own subcommand.
@@ -22,25 +22,6 @@ _EXTERNAL: list[tuple[str, str, str | None]] = [
     ("flexpipe.runtime.keys", "add_keys_parser", None),
     ("flexpipe.runtime.daemon", "add_daemon_parsers", None),
 ]
-
-
-# The runtime settings `flexpipe generate` offers: all but the presets' weights seed, whose name the
-# sampling seed has here (so FLEXPIPE_SEED, serve's weights seed, is not read either).  Each is taken as
-# `flexpipe serve` takes it: the flag, else FLEXPIPE_<NAME>, else the config file, else the default.
-_GENERATE_SETTINGS = [s for s in RUNTIME_SETTINGS if s.name != "seed"]
-
-
-def _shared_config_settings() -> list[Setting]:
-    """The settings of the other commands that read a config file (serve, chat): a file at whose top
-    level they and generate share keys has no typo in theirs.  Without the 'serve' extra those commands
-    (server/cli.py) cannot be imported, and the file's keys must be generate's own."""
-    try:
-        from flexpipe.server.cli import CONFIG_FILE_SETTINGS
-    except ModuleNotFoundError as e:
-        if (e.name or "").startswith("flexpipe"):
-            raise
-        return []
-    return CONFIG_FILE_SETTINGS
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +41,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="also run the single-process reference and fail if the tokens differ")
     runtime = p.add_argument_group("runtime settings (flexpipe.api.Settings), each from its flag, else its "
                                    "environment variable, else the config file, else its default")
-    add_setting_flags(runtime, _GENERATE_SETTINGS, "generate")
+    add_setting_flags(runtime, GENERATE_SETTINGS, "generate")
     p.set_defaults(func=_generate_main)
 
 
@@ -71,9 +52,11 @@ def _generate_main(args: argparse.Namespace) -> int:
 
     from flexpipe.model.sampling import SamplingParams
 
-    cfg = resolve_settings(_GENERATE_SETTINGS, args, "generate", shared=_shared_config_settings())
+    # The runtime settings (all but the weights seed: flexpipe/settings.py, GENERATE_SETTINGS), each taken
+    # as `flexpipe serve` takes it: the flag, else FLEXPIPE_<NAME>, else the config file, else the default.
+    cfg = resolve_settings(GENERATE_SETTINGS, args, "generate")
     # Only what was set anywhere goes to the runtime (as `flexpipe serve` does); the rest keeps its defaults.
-    settings = {s.name: cfg[s.name] for s in _GENERATE_SETTINGS if cfg[s.name] != s.default}
+    settings = {s.name: cfg[s.name] for s in GENERATE_SETTINGS if cfg[s.name] != s.default}
     # sampling parameters refused before any stage starts (or any weight loads), not after the prompt prints
     SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed).validate()

@@ -1,14 +1,16 @@
 """The settings a command line offers, and the runtime's own (flexpipe.api.Settings) as flags.
 
-Torch-free on purpose: `flexpipe --help`, `flexpipe serve` and the daemons' parsers read these without
-importing the runtime.  `flexpipe serve` (server/cli.py), `flexpipe generate` (cli.py) and `flexpipe
-router` (runtime/daemon/cli.py) offer RUNTIME_SETTINGS; tests/test_server_units.py keeps names and
-defaults in step with flexpipe.api.Settings.
+Torch-free, and free of the optional extras, on purpose: `flexpipe --help`, `flexpipe serve` and the
+daemons' parsers read these without importing the runtime, and every command that reads a config file
+knows every other one's settings (COMMAND_SETTINGS), whichever extras are installed.  `flexpipe serve`
+(server/cli.py), `flexpipe generate` (cli.py) and `flexpipe router` (runtime/daemon/cli.py) offer
+RUNTIME_SETTINGS; tests/test_server_units.py keeps names and defaults in step with flexpipe.api.Settings.
 
-`resolve_settings` is how `flexpipe serve`, `chat` and `generate` read theirs: the flag, else the
-environment variable FLEXPIPE_<NAME>, else the config file (--config or FLEXPIPE_CONFIG, YAML or TOML;
-its [COMMAND] table, else its top level), else the default.  Here rather than in server/cli.py, which
-needs the 'serve' extra, so that `flexpipe generate` reads them the same way without it.
+`resolve_settings` is how `flexpipe serve`, `chat`, `generate`, `router` and `worker` read theirs: the
+flag, else the environment variable (FLEXPIPE_<NAME>, or a command's own prefix), else the config file
+(--config or FLEXPIPE_CONFIG, YAML or TOML; its [COMMAND] table, else its top level), else the default.
+One file may serve every command: at its top level a key of another command's is left to that command;
+a key no command takes, or a table no command reads, is refused.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Setting:
     metavar: str | None = None
     positional: bool = False
     env_prefix: str = "FLEXPIPE_"
+    choices: tuple[str, ...] | None = None
 
     @property
     def env(self) -> str:
@@ -83,20 +86,134 @@ RUNTIME_SETTINGS = [
 ]
 
 
-# Settings of the daemons only (not of flexpipe.api.Settings, which a pipeline in one process takes
-# too): what the router books for each stage beside its weights and KV, and how often a worker tells
-# the router what other tenants use on its devices.  runtime/daemon/cli.py offers them as flags.
+# --- the settings of each command that reads a config file ------------------------------------------------
+# Declared here, not with their commands, so that each command knows the others' keys (COMMAND_SETTINGS):
+# server/cli.py needs the 'serve' extra, runtime/daemon/cli.py imports torch.
+SERVE_SETTINGS = [
+    Setting("model", str, "tiny", "model to serve: a preset name or a Hugging Face checkpoint directory",
+            "MODEL", positional=True),
+    Setting("host", str, "127.0.0.1", "address to listen on (0.0.0.0 for every interface)"),
+    Setting("port", int, 8000, "TCP port to listen on"),
+    Setting("stages", int, 2, "pipeline stages to start with (the runtime reshapes from there)"),
+    Setting("in_process", bool, False, "run the stages in this process instead of one process each"),
+    Setting("api_key", str, None, "require 'Authorization: Bearer KEY' on every /v1 route (the chat page "
+            "asks for it)", "KEY"),
+    Setting("served_model_name", str, None, "model name clients send and /v1/models lists (default: the "
+            "model's own name)", "NAME"),
+    Setting("chat_template", str, None, "jinja2 chat template, as a file (.jinja, or a tokenizer_config.json) "
+            "or inline text; default: the checkpoint's, else a plain 'Role: text' template", "TEMPLATE"),
+    Setting("default_max_tokens", int, None, "tokens to generate when a request names no max_tokens "
+            "(default: 16 for completions, the rest of the context for chat)", "N"),
+    Setting("access_log", bool, False, "log every HTTP request"),
+    Setting("router", str, None, "serve through a running `flexpipe router` at tcp://HOST:PORT (or ipc:///PATH) "
+            "instead of starting a pipeline here (MODEL, --stages and the runtime settings are the router's); "
+            "CURVE key files from FLEXPIPE_CURVE_*", "URL"),
+    Setting("router_timeout", float, 30.0, "with router: seconds to wait for the router's first answer before "
+            "giving up with an error", "S"),
+    Setting("router_ready_timeout", float, 600.0, "with router: seconds, from the start, to wait for a router "
+            "that answers to serve (its workers joined, its stages started: large weights take minutes to "
+            "load) before giving up with an error that says what it is waiting for", "S"),
+    Setting("autoscale", bool, False, "let the control loop reshape and scale the pipeline by itself from the "
+            "traffic it sees (runtime/autoscale.py; its decisions show in /v1/flexpipe/status)"),
+    Setting("graceful_shutdown_s", float, 10.0, "on SIGTERM/SIGINT, seconds running requests get to finish; "
+            "streams still running then end with a 'server_shutdown' error event and [DONE]", "S"),
+    Setting("body_timeout_s", float, 30.0, "seconds a request's body may take to arrive whole; a slower one "
+            "is answered 408 (a client that stalls mid-body holds its connection no longer)", "S"),
+    Setting("allowed_origins", str, None, "comma-separated origins (or *) whose web pages may call the API "
+            "from a browser (CORS); default: none but the server's own chat page", "ORIGINS"),
+]
+
+
+def _prefixed(prefix: str) -> Callable[..., Setting]:
+    """Settings read from FLEXPIPE_<PREFIX>_<NAME>: those whose plain variable another command reads with
+    another meaning (serve's FLEXPIPE_MODEL, FLEXPIPE_HOST), so that a shell set up for one command does
+    not steer the other."""
+    def make(name: str, type_: Callable[[str], Any] | type, default: Any, help_: str, metavar: str | None = None,
+             **kw: Any) -> Setting:
+        return Setting(name, type_, default, help_, metavar, env_prefix=f"FLEXPIPE_{prefix}_", **kw)
+    return make
+
+
+# The URL and key are shared with `flexpipe serve` (FLEXPIPE_URL, FLEXPIPE_API_KEY); the rest read
+# FLEXPIPE_CHAT_*, so that a shell set up for the server does not steer the client (and back).
+_chat = _prefixed("CHAT")
+CHAT_SETTINGS = [
+    Setting("url", str, "http://127.0.0.1:8000", "base URL of a running `flexpipe serve`"),
+    Setting("api_key", str, None, "the server's API key, if it has one", "KEY"),
+    _chat("model", str, None, "model name to ask for (default: the first one the server lists)", "NAME"),
+    _chat("system", str, None, "system message that starts the conversation", "TEXT"),
+    _chat("max_tokens", int, 128, "tokens to generate per answer", "N"),
+    _chat("temperature", float, 0.7, "sampling temperature (0 = greedy)", "T"),
+    _chat("top_p", float, 1.0, "nucleus sampling mass", "P"),
+    _chat("seed", int, None, "sampling seed, for answers that repeat", "N"),
+    _chat("message", str, None, "send this one message, print the answer and exit (no prompt)", "TEXT"),
+]
+
+# The runtime settings `flexpipe generate` offers: all but the presets' weights seed, whose name the
+# sampling seed has there (so FLEXPIPE_SEED, serve's weights seed, is not read either).  Its other flags
+# (the prompt, the model, sampling) are the command line's only.
+GENERATE_SETTINGS = [s for s in RUNTIME_SETTINGS if s.name != "seed"]
+
+_LOG_FORMAT = Setting("log_format", str, "kv", "log lines as key=value (kv) or JSON (json)", "FORMAT",
+                      choices=("kv", "json"))
+
+# `flexpipe router`'s own settings; the model and its stages read FLEXPIPE_MODEL / FLEXPIPE_STAGES as
+# `flexpipe serve`'s do (they mean the same), the rest FLEXPIPE_ROUTER_* (FLEXPIPE_ROUTER_BIND as before).
+_router = _prefixed("ROUTER")
 ROUTER_SETTINGS = [
+    _router("bind", str, "tcp://127.0.0.1:5555", "tcp://HOST:PORT for clients and workers (PORT 0: a free port, "
+            "logged in the 'listening' event), or ipc:///PATH when all run on this host", "URL"),
+    _router("advertise", str, None, "address peers reach this router at (default: the --bind host, or this "
+            "machine's address when it binds every interface)", "HOST"),
+    Setting("model", str, "tiny", "preset name or HF checkpoint directory", "MODEL"),
+    Setting("stages", int, 2, "pipeline stages to start with", "N"),
+    _router("boundaries", str, None, "explicit stage boundaries (unit indices) instead of --stages",
+            "0,A,B,...,N"),
+    _router("min_workers", int, 1, "workers that must join before the pipeline starts", "N"),
+    _router("drain_timeout", float, 30.0, "on SIGTERM, seconds running requests may take to finish before they "
+            "end with finish_reason 'shutdown'", "S"),
+    # what the router books for each stage beside its weights and KV
     Setting("stage_overhead", str, "auto", "memory booked for each stage beside its weights and KV: its process's "
             "fixed cost on the device (CUDA context and kernels, cuBLAS and activation workspace). auto: 512MiB "
             "on GPUs (an estimate, not a measurement: read a stage process's memory in nvidia-smi and set it), 0 "
             "on CPU devices; or a size, e.g. 1GiB", "BYTES"),
+    _LOG_FORMAT,
 ]
+# The runtime settings `flexpipe router` offers: all of flexpipe.api.Settings but the device (each
+# worker says which devices it has).
+ROUTER_RUNTIME_SETTINGS = [s for s in RUNTIME_SETTINGS if s.name != "device"]
+
+# `flexpipe worker`'s: the router's URL is FLEXPIPE_ROUTER (serve's, the same URL) and the usage reports'
+# interval FLEXPIPE_USAGE_INTERVAL, as before; the rest FLEXPIPE_WORKER_* (FLEXPIPE_HOST is serve's listen
+# address, FLEXPIPE_HEARTBEAT_* the stages' heartbeats).
+_worker = _prefixed("WORKER")
 WORKER_SETTINGS = [
+    Setting("router", str, None, "the router's tcp://HOST:PORT or ipc:///PATH (needed)", "URL"),
+    _worker("name", str, None, "worker (and node) name, unique in the cluster (default: HOSTNAME-PID)", "NAME"),
+    _worker("host", str, None, "address the router and other stages reach this worker's stages at (default: "
+            "this machine's address on the route to the router)", "HOST"),
+    _worker("devices", str, "auto", "auto (GPUs via pynvml, else one CPU device), cpu, cpu:0,cpu:1, cuda, or "
+            "cuda:0,cuda:1", "DEVICES"),
+    _worker("memory", str, None, "memory budget of each CPU device, e.g. 2GB (default: 2GiB); for GPUs, a cap "
+            "on what each offers", "BYTES"),
+    _worker("heartbeat_interval", float, 0.5, "seconds between heartbeats with the router", "S"),
+    _worker("heartbeat_timeout", float, 3.0, "seconds without a heartbeat before the router counts as gone", "S"),
+    # how often a worker tells the router what other tenants use on its devices
     Setting("usage_interval", float, 2.0, "seconds between reports to the router of the memory other tenants use "
             "on this worker's GPUs, which placement avoids (0: never; the router then knows only what they used "
             "when this worker joined)", "S"),
+    _LOG_FORMAT,
 ]
+
+# Every command that reads a config file, with all its settings: the tables a file may have, and the
+# keys each of them takes.
+COMMAND_SETTINGS: dict[str, list[Setting]] = {
+    "serve": SERVE_SETTINGS + RUNTIME_SETTINGS,
+    "chat": CHAT_SETTINGS,
+    "generate": GENERATE_SETTINGS,
+    "router": ROUTER_SETTINGS + ROUTER_RUNTIME_SETTINGS,
+    "worker": WORKER_SETTINGS,
+}
 
 
 # --- settings from flags, the environment and a config file ------------------------------------------------
@@ -121,13 +238,17 @@ def _convert(setting: Setting, value: Any, where: str) -> Any:
             return value if isinstance(value, bool) else _parse_bool(str(value))
         if setting.type in (int, float) and isinstance(value, bool):
             raise ValueError("a boolean is not a number")
-        return setting.type(value)
+        converted = setting.type(value)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: bad value {value!r} for {setting.name}: {e}") from None
+    if setting.choices is not None and converted not in setting.choices:
+        raise ConfigError(f"{where}: bad value {value!r} for {setting.name}: give one of "
+                          f"{', '.join(setting.choices)}")
+    return converted
 
 
-def load_config_file(path: str | os.PathLike[str], section: str) -> dict[str, Any]:
-    """Settings of `section` from a YAML or TOML file: its [section] table, else its top level."""
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping a YAML (any suffix but .toml) or TOML file of settings holds."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -143,25 +264,57 @@ def load_config_file(path: str | os.PathLike[str], section: str) -> dict[str, An
         raise ConfigError(f"config file {p} does not parse: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of settings")
-    if isinstance(data.get(section), dict):
-        data = data[section]
-    return {str(k).replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
+    return data
+
+
+def _keys(mapping: dict[Any, Any]) -> dict[str, Any]:
+    return {str(k).replace("-", "_"): v for k, v in mapping.items()}
+
+
+def _owners(commands: list[str]) -> str:
+    return " and ".join(f"`flexpipe {c}`'s" for c in commands)
+
+
+def load_config_file(path: str | os.PathLike[str], section: str, own: Iterable[str] | None = None
+                     ) -> dict[str, Any]:
+    """The values the YAML or TOML file at `path` gives `section`'s settings (the keys `own`; default: all
+    of the command's, COMMAND_SETTINGS): those of its [section] table, else of its top level.
+
+    A table is a command's (COMMAND_SETTINGS) and holds only that command's keys.  At the top level, which
+    every command without a table of its own reads, a key of another command's is left to that command.
+    Anything else (a typo) is refused: it would be silently not used."""
+    own = {s.name for s in COMMAND_SETTINGS.get(section, [])} if own is None else set(own)
+    data = read_config_file(path)
+    tables = sorted(str(k) for k, v in data.items() if isinstance(v, dict) and str(k) not in COMMAND_SETTINGS)
+    if tables:
+        raise ConfigError(f"config file {path}: unknown table(s) {', '.join(f'[{t}]' for t in tables)}; a table "
+                          f"is named after the command that reads it: {', '.join(COMMAND_SETTINGS)}")
+    whose: dict[str, list[str]] = {}   # key -> the other commands that take it
+    for command, settings in COMMAND_SETTINGS.items():
+        for name in dict.fromkeys(s.name for s in settings):
+            if command != section:
+                whose.setdefault(name, []).append(command)
+    in_table = isinstance(data.get(section), dict)
+    values = _keys(data[section]) if in_table else {k: v for k, v in _keys(data).items() if not isinstance(v, dict)}
+    unknown = sorted(k for k in values if k not in own and (in_table or not whose.get(k)))
+    if unknown:
+        theirs = [f"{k} is {_owners(whose[k])}" for k in unknown if whose.get(k)]
+        hint = f" ({'; '.join(theirs)}: put each at the top level or in its command's table)" if theirs else ""
+        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)} for `flexpipe {section}`"
+                          f"{hint}; known: {', '.join(sorted(own))}")
+    return {k: v for k, v in values.items() if k in own}
 
 
 def resolve_settings(settings: list[Setting], args: argparse.Namespace, section: str,
-                     environ: dict[str, str] | None = None, shared: Iterable[Setting] = ()) -> dict[str, Any]:
-    """Each setting's value: flag, else FLEXPIPE_<NAME>, else config file, else default.
+                     environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Each setting's value: flag, else its environment variable, else config file, else default.
 
-    `section`: the command (`flexpipe SECTION`), whose table of the file it reads.  `shared`: the settings
-    of the other commands that may read the same file; a key of theirs in it is not a typo."""
+    `section`: the command (`flexpipe SECTION`), whose table of the file it reads, and whose settings
+    (COMMAND_SETTINGS, and `settings`) the file may set there."""
     environ = os.environ if environ is None else environ
     config_path = getattr(args, "config", None) or environ.get("FLEXPIPE_CONFIG")
-    from_file = load_config_file(config_path, section) if config_path else {}
-    known = {s.name for s in settings}
-    unknown = sorted(set(from_file) - known - {s.name for s in shared})
-    if unknown:
-        raise ConfigError(f"config file {config_path}: unknown setting(s) {', '.join(unknown)} for "
-                          f"`flexpipe {section}`; known: {', '.join(sorted(known))}")
+    own = {s.name for s in settings} | {s.name for s in COMMAND_SETTINGS.get(section, [])}
+    from_file = load_config_file(config_path, section, own) if config_path else {}
     out = {}
     for s in settings:
         value = getattr(args, s.name, None)
@@ -189,9 +342,12 @@ def add_setting_flags(p: Any, settings: list[Setting], section: str, config_flag
         elif s.type is bool:
             p.add_argument(s.flag, dest=s.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
-            p.add_argument(s.flag, dest=s.name, type=s.type, default=None, metavar=s.metavar, help=help_)
+            p.add_argument(s.flag, dest=s.name, type=s.type, default=None, metavar=s.metavar, choices=s.choices,
+                           help=help_)
     if not config_flag:
         return
     p.add_argument("--config", metavar="FILE", default=None,
-                   help=f"YAML or TOML file of settings, at its top level or under a [{section}] table "
-                        "(env FLEXPIPE_CONFIG)")
+                   help=f"YAML or TOML file of settings: its [{section}] table, else its top level, where keys of "
+                        f"the other commands ({', '.join(c for c in COMMAND_SETTINGS if c != section)}) are left "
+                        "to them (env FLEXPIPE_CONFIG)")
+

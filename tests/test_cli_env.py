@@ -5,6 +5,12 @@ bad value there went unnoticed.  The pipelines here run in this process for one 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from flexpipe.cli import main
@@ -17,8 +23,6 @@ FAST = ["generate", "--in-process", "--max-tokens", "1"]   # a run the CLI wrong
 @pytest.fixture(autouse=True)
 def no_flexpipe_env(monkeypatch):
     """Only the variables a test sets: none of the shell's FLEXPIPE_* settings."""
-    import os
-
     for name in [n for n in os.environ if n.startswith("FLEXPIPE_") and n != "FLEXPIPE_SHM_PREFIX"]:
         monkeypatch.delenv(name)
 
@@ -88,3 +92,53 @@ def test_help_names_the_environment_variables_and_the_config_file(capsys):
     text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")
     assert "FLEXPIPE_NUM_BLOCKS" in text and "FLEXPIPE_RT_PRIORITY" in text and "--config" in text
     assert "FLEXPIPE_CONFIG" in text and "FLEXPIPE_SEED" not in text
+
+
+# --- one config file for every command ---------------------------------------------------------------------
+def test_the_daemons_keys_at_the_top_level_are_left_to_them(tmp_path, capsys):
+    """A file the router and the worker read too: their keys were unknown settings to generate."""
+    f = tmp_path / "shared.yaml"
+    f.write_text("rt_priority: 100\nbind: ipc:///tmp/r\nmin_workers: 2\ndevices: cpu:0\nstage_overhead: 1GiB\n")
+    assert "setting rt_priority=100" in _error([*FAST, "--config", str(f)], capsys)
+
+
+@pytest.mark.parametrize("text, words", [
+    # in generate's own table a key of serve's is a mistake (it was taken, and silently not used)
+    ("[generate]\nport = 0\n", "unknown setting(s) port for `flexpipe generate` (port is `flexpipe serve`'s"),
+    # a table no command reads: its settings were silently not used
+    ("[genrate]\nrt_priority = 100\n", "unknown table(s) [genrate]"),
+])
+def test_a_table_is_named_after_a_command_and_holds_only_its_keys(text, words, tmp_path, capsys):
+    f = tmp_path / "f.toml"
+    f.write_text(text)
+    err = _error([*FAST, "--config", str(f)], capsys)
+    assert err.startswith(f"flexpipe: error: config file {f}: {words}"), err
+
+
+NO_SERVE_EXTRA = """
+import importlib, json, sys
+sys.modules.update(dict.fromkeys(["starlette", "uvicorn", "prometheus_client", "jinja2", "httpx"]))
+try:
+    importlib.import_module("flexpipe.server.cli")
+except ModuleNotFoundError:
+    print("no serve extra")
+from flexpipe.cli import main
+print([main(argv) for argv in json.loads(sys.argv[1])])
+"""
+
+
+def test_without_the_serve_extra_generate_still_knows_serves_keys(tmp_path):
+    """Without the 'serve' extra (server/cli.py cannot be imported) generate refused a file it shares with
+    serve at the top level: `port` was an unknown setting.  A key no command takes is still refused."""
+    shared, typo = tmp_path / "shared.yaml", tmp_path / "typo.yaml"
+    shared.write_text("rt_priority: 100\nport: 0\nrouter_timeout: 5\nurl: http://127.0.0.1:1\n")
+    typo.write_text("rt_priority: 100\nprot: 0\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEXPIPE_") or k == "FLEXPIPE_SHM_PREFIX"}
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", NO_SERVE_EXTRA, json.dumps([[*FAST, "--config", str(f)]
+                                                                            for f in (shared, typo)])],
+                         cwd=root, env=dict(env, PYTHONPATH=str(root)), capture_output=True, text=True, timeout=50)
+    assert out.stdout.splitlines() == ["no serve extra", "[1, 1]"], out.stdout + out.stderr
+    first, second = out.stderr.splitlines()
+    assert first.startswith("flexpipe: error: ") and "setting rt_priority=100" in first, out.stderr
+    assert second.startswith(f"flexpipe: error: config file {typo}: unknown setting(s) prot for `flexpipe generate`")

@@ -2,8 +2,9 @@
 
 Every setting comes from, in this order: the command line, an environment variable FLEXPIPE_<NAME>,
 a config file (--config, YAML or TOML; keys at the top level or under a [serve] / [chat] table),
-the default (flexpipe/settings.py: resolve_settings, which `flexpipe generate` reads its runtime settings
-with too).
+the default (flexpipe/settings.py: resolve_settings, which every command that reads a config file
+shares).  The settings themselves (SERVE_SETTINGS, CHAT_SETTINGS) are declared in flexpipe/settings.py,
+which needs no extra, so that `flexpipe generate` and the daemons know their keys in a shared file.
 """
 
 from __future__ import annotations
@@ -12,77 +13,22 @@ import argparse
 import math
 import os
 import sys
-from typing import Any, Callable
+from typing import Any
 
 from flexpipe.errors import ConfigError
-from flexpipe.settings import RUNTIME_SETTINGS, Setting, add_setting_flags, resolve_settings
+from flexpipe.settings import (CHAT_SETTINGS, COMMAND_SETTINGS, RUNTIME_SETTINGS, SERVE_SETTINGS, Setting,
+                               add_setting_flags, resolve_settings)
 
-
-SERVE_SETTINGS = [
-    Setting("model", str, "tiny", "model to serve: a preset name or a Hugging Face checkpoint directory",
-            "MODEL", positional=True),
-    Setting("host", str, "127.0.0.1", "address to listen on (0.0.0.0 for every interface)"),
-    Setting("port", int, 8000, "TCP port to listen on"),
-    Setting("stages", int, 2, "pipeline stages to start with (the runtime reshapes from there)"),
-    Setting("in_process", bool, False, "run the stages in this process instead of one process each"),
-    Setting("api_key", str, None, "require 'Authorization: Bearer KEY' on every /v1 route (the chat page "
-            "asks for it)", "KEY"),
-    Setting("served_model_name", str, None, "model name clients send and /v1/models lists (default: the "
-            "model's own name)", "NAME"),
-    Setting("chat_template", str, None, "jinja2 chat template, as a file (.jinja, or a tokenizer_config.json) "
-            "or inline text; default: the checkpoint's, else a plain 'Role: text' template", "TEMPLATE"),
-    Setting("default_max_tokens", int, None, "tokens to generate when a request names no max_tokens "
-            "(default: 16 for completions, the rest of the context for chat)", "N"),
-    Setting("access_log", bool, False, "log every HTTP request"),
-    Setting("router", str, None, "serve through a running `flexpipe router` at tcp://HOST:PORT (or ipc:///PATH) "
-            "instead of starting a pipeline here (MODEL, --stages and the runtime settings are the router's); "
-            "CURVE key files from FLEXPIPE_CURVE_*", "URL"),
-    Setting("router_timeout", float, 30.0, "with router: seconds to wait for the router's first answer before "
-            "giving up with an error", "S"),
-    Setting("router_ready_timeout", float, 600.0, "with router: seconds, from the start, to wait for a router "
-            "that answers to serve (its workers joined, its stages started: large weights take minutes to "
-            "load) before giving up with an error that says what it is waiting for", "S"),
-    Setting("autoscale", bool, False, "let the control loop reshape and scale the pipeline by itself from the "
-            "traffic it sees (runtime/autoscale.py; its decisions show in /v1/flexpipe/status)"),
-    Setting("graceful_shutdown_s", float, 10.0, "on SIGTERM/SIGINT, seconds running requests get to finish; "
-            "streams still running then end with a 'server_shutdown' error event and [DONE]", "S"),
-    Setting("body_timeout_s", float, 30.0, "seconds a request's body may take to arrive whole; a slower one "
-            "is answered 408 (a client that stalls mid-body holds its connection no longer)", "S"),
-    Setting("allowed_origins", str, None, "comma-separated origins (or *) whose web pages may call the API "
-            "from a browser (CORS); default: none but the server's own chat page", "ORIGINS"),
-]
-
-# The URL and key are shared with `flexpipe serve` (FLEXPIPE_URL, FLEXPIPE_API_KEY); the rest read
-# FLEXPIPE_CHAT_*, so that a shell set up for the server does not steer the client (and back).
-def _chat(name: str, type_: Callable[[str], Any] | type, default: Any, help_: str, metavar: str | None = None
-          ) -> Setting:
-    return Setting(name, type_, default, help_, metavar, env_prefix="FLEXPIPE_CHAT_")
-
-
-CHAT_SETTINGS = [
-    Setting("url", str, "http://127.0.0.1:8000", "base URL of a running `flexpipe serve`"),
-    Setting("api_key", str, None, "the server's API key, if it has one", "KEY"),
-    _chat("model", str, None, "model name to ask for (default: the first one the server lists)", "NAME"),
-    _chat("system", str, None, "system message that starts the conversation", "TEXT"),
-    _chat("max_tokens", int, 128, "tokens to generate per answer", "N"),
-    _chat("temperature", float, 0.7, "sampling temperature (0 = greedy)", "T"),
-    _chat("top_p", float, 1.0, "nucleus sampling mass", "P"),
-    _chat("seed", int, None, "sampling seed, for answers that repeat", "N"),
-    _chat("message", str, None, "send this one message, print the answer and exit (no prompt)", "TEXT"),
-]
-
-
-# --- settings resolution ------------------------------------------------------------------------
-# Every command that reads a config file (serve, chat, generate), so that one file may serve them all:
-# a key of another command's is not a typo.
-CONFIG_FILE_SETTINGS = SERVE_SETTINGS + RUNTIME_SETTINGS + CHAT_SETTINGS
+# Every setting of every command that reads a config file (a key of theirs in a shared file is no typo);
+# resolve_settings knows them by itself (COMMAND_SETTINGS).
+CONFIG_FILE_SETTINGS = [s for settings in COMMAND_SETTINGS.values() for s in settings]
 
 
 def resolve(settings: list[Setting], args: argparse.Namespace, section: str,
             environ: dict[str, str] | None = None) -> dict[str, Any]:
     """Each setting's value: flag, else FLEXPIPE_<NAME>, else config file, else default
-    (flexpipe.settings.resolve_settings, which `flexpipe generate` shares)."""
-    return resolve_settings(settings, args, section, environ, shared=CONFIG_FILE_SETTINGS)
+    (flexpipe.settings.resolve_settings, which every command shares)."""
+    return resolve_settings(settings, args, section, environ)
 
 
 # --- flexpipe serve ------------------------------------------------------------------------------

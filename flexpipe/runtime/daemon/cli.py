@@ -1,4 +1,11 @@
-"""The command line of the daemons: `flexpipe router`, `flexpipe worker`, `python -m flexpipe.runtime.daemon`."""
+"""The command line of the daemons: `flexpipe router`, `flexpipe worker`, `python -m flexpipe.runtime.daemon`.
+
+Each setting (flexpipe/settings.py: ROUTER_SETTINGS and ROUTER_RUNTIME_SETTINGS, WORKER_SETTINGS) is taken
+as `flexpipe serve` takes its own: the flag, else its environment variable, else the config file (--config
+or FLEXPIPE_CONFIG; its [router] / [worker] table, else its top level), else the default (resolve_settings).
+The CURVE key files are flags and FLEXPIPE_CURVE_* variables only, read by every client the same way
+(runtime/remote.py: curve_from_env).
+"""
 
 from __future__ import annotations
 
@@ -15,80 +22,40 @@ from flexpipe.runtime.daemon.events import configure_logging
 from flexpipe.runtime.daemon.router import RouterDaemon
 from flexpipe.runtime.daemon.worker import WorkerDaemon
 from flexpipe.runtime.remote import CURVE_FIELDS, curve_from_env
-from flexpipe.settings import ROUTER_SETTINGS, RUNTIME_SETTINGS, WORKER_SETTINGS, Setting
+from flexpipe.settings import (ROUTER_RUNTIME_SETTINGS, ROUTER_SETTINGS, WORKER_SETTINGS, add_setting_flags,
+                               resolve_settings)
 
 
 # --- command line ------------------------------------------------------------------------------------------
-# The runtime settings `flexpipe router` offers: all of flexpipe.api.Settings but the device (each
-# worker says which devices it has); one list with `flexpipe serve`'s (flexpipe/settings.py).
-_RUNTIME_FLAGS: list[tuple[str, Any, str]] = [(s.name, s.type, s.help) for s in RUNTIME_SETTINGS
-                                              if s.name != "device"]
+# The runtime settings `flexpipe router` offers (all of flexpipe.api.Settings but the device), as
+# (name, type, help): one list with `flexpipe serve`'s (flexpipe/settings.py).
+_RUNTIME_FLAGS: list[tuple[str, Any, str]] = [(s.name, s.type, s.help) for s in ROUTER_RUNTIME_SETTINGS]
 
-
-def _env(name: str, default: Any) -> Any:
-    return os.environ.get(name, default)
-
-
-def _add_settings(p: argparse.ArgumentParser, settings: list[Setting]) -> None:
-    """--flags of daemon-only settings (flexpipe/settings.py), each also read from its environment variable."""
-    for s in settings:
-        p.add_argument(s.flag, dest=s.name, type=s.type, default=_env(s.env, s.default), metavar=s.metavar,
-                       help=f"{s.help} (env {s.env}; default %(default)s)")
+_WHERE = ("Each setting is taken from its flag, else its environment variable, else the config file (--config "
+          "or FLEXPIPE_CONFIG: its [{0}] table, else its top level, where the other commands' keys are left to "
+          "them), else its default.")
 
 
 def add_daemon_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register `flexpipe router` and `flexpipe worker`."""
-    fmt = {"choices": ["kv", "json"], "default": _env("FLEXPIPE_LOG_FORMAT", "kv"),
-           "help": "log lines as key=value or JSON (env FLEXPIPE_LOG_FORMAT; default %(default)s)"}
     r = subparsers.add_parser(
         "router", help="the router daemon: serves a pipeline whose stages run on worker daemons",
         description="Run the router daemon: bind --bind for clients (flexpipe serve --router, RemoteFlexPipe) "
                     "and workers, wait for --min-workers workers, start the pipeline's stages on them, and "
-                    "serve until SIGTERM (then drain, stop the stages, exit 0).")
-    r.add_argument("--bind", default=_env("FLEXPIPE_ROUTER_BIND", "tcp://127.0.0.1:5555"),
-                   help="tcp://HOST:PORT for clients and workers (PORT 0: a free port, logged in the "
-                        "'listening' event), or ipc:///PATH when all run on this host "
-                        "(env FLEXPIPE_ROUTER_BIND; default %(default)s)")
-    r.add_argument("--advertise", default=None, metavar="HOST",
-                   help="address peers reach this router at (default: the --bind host, or this machine's "
-                        "address when it binds every interface)")
-    r.add_argument("--model", default="tiny", help="preset name or HF checkpoint directory (default: tiny)")
-    r.add_argument("--stages", type=int, default=2, help="pipeline stages to start with (default: 2)")
-    r.add_argument("--boundaries", default=None, metavar="0,A,B,...,N",
-                   help="explicit stage boundaries (unit indices) instead of --stages")
-    r.add_argument("--min-workers", type=int, default=1,
-                   help="workers that must join before the pipeline starts (default: 1)")
-    r.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds running requests may take to finish before they end with "
-                        "finish_reason 'shutdown' (default: 30)")
-    _add_settings(r, ROUTER_SETTINGS)
-    r.add_argument("--log-format", **fmt)
+                    "serve until SIGTERM (then drain, stop the stages, exit 0). " + _WHERE.format("router"))
+    add_setting_flags(r, ROUTER_SETTINGS, "router")
     _add_curve_flags(r)
-    g = r.add_argument_group("runtime settings (flexpipe.api.Settings; default: the runtime's own)")
-    for name, typ, help_ in _RUNTIME_FLAGS:
-        g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+    g = r.add_argument_group("runtime settings (flexpipe.api.Settings; the device is each worker's)")
+    add_setting_flags(g, ROUTER_RUNTIME_SETTINGS, "router", config_flag=False)
     r.set_defaults(func=router_main)
 
     w = subparsers.add_parser(
         "worker", help="a worker daemon: offers this host's devices to a router and runs its stages",
         description="Run a worker daemon: announce this host's devices to the router, start and stop stage "
                     "processes when it asks, and report their health; on SIGTERM stop them and exit 0. "
-                    "Several workers may run on one host (each with its own --name and --devices).")
-    w.add_argument("--router", default=_env("FLEXPIPE_ROUTER", None), required="FLEXPIPE_ROUTER" not in os.environ,
-                   help="the router's tcp://HOST:PORT or ipc:///PATH (env FLEXPIPE_ROUTER)")
-    w.add_argument("--name", default=None, help="worker (and node) name, unique in the cluster "
-                   "(default: HOSTNAME-PID)")
-    w.add_argument("--host", default=None, help="address the router and other stages reach this worker's stages "
-                   "at (default: this machine's address on the route to the router)")
-    w.add_argument("--devices", default="auto", help="auto (GPUs via pynvml, else one CPU device), cpu, "
-                   "cpu:0,cpu:1, cuda, or cuda:0,cuda:1 (default: auto)")
-    w.add_argument("--memory", default=None, help="memory budget of each CPU device, e.g. 2GB (default: 2GiB); "
-                   "for GPUs, a cap on what each offers")
-    w.add_argument("--heartbeat-interval", type=float, default=0.5, help="seconds between heartbeats (default 0.5)")
-    w.add_argument("--heartbeat-timeout", type=float, default=3.0,
-                   help="seconds without a heartbeat before the router counts as gone (default 3)")
-    _add_settings(w, WORKER_SETTINGS)
-    w.add_argument("--log-format", **fmt)
+                    "Several workers may run on one host (each with its own --name and --devices). "
+                    + _WHERE.format("worker"))
+    add_setting_flags(w, WORKER_SETTINGS, "worker")
     _add_curve_flags(w)
     w.set_defaults(func=worker_main)
 
@@ -110,13 +77,13 @@ def _curve(args: argparse.Namespace) -> dict[str, str]:
     return {**curve_from_env(), **{f: getattr(args, f) for f in CURVE_FIELDS if getattr(args, f, None)}}
 
 
-def _configure_logging(args: argparse.Namespace) -> None:
+def _configure_logging(log_format: str, args: argparse.Namespace) -> None:
     """The daemon's structured log lines (configure_logging, which passes its format down to the processes
     it starts), and its level passed down the same way (LOG_LEVEL_ENV): a worker's stages logged at
     WARNING whatever the worker's --log-level."""
     from flexpipe.runtime.launcher import LOG_LEVEL_ENV
 
-    configure_logging(args.log_format)
+    configure_logging(log_format)
     level = getattr(args, "log_level", None) or logging.getLevelName(logging.getLogger().getEffectiveLevel())
     os.environ[LOG_LEVEL_ENV] = str(level).upper()
 
@@ -139,21 +106,25 @@ def _serve(daemon: Any) -> int:
 
 def router_main(args: argparse.Namespace) -> int:
     """`flexpipe router`."""
+    cfg = resolve_settings(ROUTER_SETTINGS + ROUTER_RUNTIME_SETTINGS, args, "router")
     from flexpipe.api import ModelSpec, Settings, plan_shape
 
-    _configure_logging(args)
-    settings = Settings(**{n: getattr(args, n) for n, _, _ in _RUNTIME_FLAGS if getattr(args, n) is not None})
+    _configure_logging(cfg["log_format"], args)
+    # Only what was set anywhere goes to the runtime (as `flexpipe serve` does); the rest keeps its defaults.
+    settings = Settings(**{s.name: cfg[s.name] for s in ROUTER_RUNTIME_SETTINGS if cfg[s.name] != s.default})
+    boundaries = cfg["boundaries"]
     try:
-        bounds = [int(b) for b in args.boundaries.split(",")] if args.boundaries else None
+        bounds = [int(b) for b in boundaries.split(",")] if boundaries else None
     except ValueError:
-        raise ConfigError(f"--boundaries {args.boundaries!r}: give unit indices separated by commas, "
+        raise ConfigError(f"--boundaries {boundaries!r}: give unit indices separated by commas, "
                           "e.g. 0,12,24") from None
     # "flexpipe: error: ..." now, not once the first worker joins: the shape the router will start
     settings.check()
-    plan_shape(ModelSpec.resolve(args.model, settings.seed).config, args.stages, bounds)
-    return _serve(RouterDaemon(args.bind, args.model, args.stages, boundaries=bounds, min_workers=args.min_workers,
-                               drain_timeout=args.drain_timeout, advertise=args.advertise, settings=settings,
-                               curve=_curve(args), stage_overhead=args.stage_overhead))
+    plan_shape(ModelSpec.resolve(cfg["model"], settings.seed).config, cfg["stages"], bounds)
+    return _serve(RouterDaemon(cfg["bind"], cfg["model"], cfg["stages"], boundaries=bounds,
+                               min_workers=cfg["min_workers"], drain_timeout=cfg["drain_timeout"],
+                               advertise=cfg["advertise"], settings=settings, curve=_curve(args),
+                               stage_overhead=cfg["stage_overhead"]))
 
 
 def worker_main(args: argparse.Namespace) -> int:
@@ -161,11 +132,16 @@ def worker_main(args: argparse.Namespace) -> int:
     from flexpipe.partition import parse_bytes
     from flexpipe.runtime.daemon.devices import check_memory
 
-    _configure_logging(args)
-    memory = check_memory(parse_bytes(args.memory), args.memory) if args.memory else None
-    return _serve(WorkerDaemon(args.router, name=args.name, host=args.host, devices=args.devices, memory=memory,
-                               heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
-                               curve=_curve(args), usage_interval=args.usage_interval))
+    cfg = resolve_settings(WORKER_SETTINGS, args, "worker")
+    if not cfg["router"]:
+        raise ConfigError("which router should this worker join? Give its tcp://HOST:PORT or ipc:///PATH as "
+                          "--router, the environment variable FLEXPIPE_ROUTER or the config key 'router'")
+    _configure_logging(cfg["log_format"], args)
+    memory = check_memory(parse_bytes(cfg["memory"]), cfg["memory"]) if cfg["memory"] else None
+    return _serve(WorkerDaemon(cfg["router"], name=cfg["name"], host=cfg["host"], devices=cfg["devices"],
+                               memory=memory, heartbeat_interval=cfg["heartbeat_interval"],
+                               heartbeat_timeout=cfg["heartbeat_timeout"], curve=_curve(args),
+                               usage_interval=cfg["usage_interval"]))
 
 
 def main(argv: list[str] | None = None) -> int:
