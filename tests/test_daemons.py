@@ -447,7 +447,7 @@ def test_serve_on_the_command_line_connects_to_the_router_and_serves_through_it(
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    assert "waiting up to 60s for an answer" in "".join(seen) and "Traceback" not in "".join(seen)
+    assert "waiting up to 60s for it to answer" in "".join(seen) and "Traceback" not in "".join(seen)
 
 
 async def test_a_client_without_the_keys_gets_no_answer(cluster):
