@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
 from flexpipe.errors import ConfigError
@@ -84,3 +85,8 @@ def test_good_files_still_read_as_before(tmp_path):
     i = tmp_path / "inv.csv"
     i.write_text(INVOCATIONS + "a,f,10.5,0.5\na,f,3.0,1.0\na,f,4,0\n")
     assert T.read_azure_functions_invocations(i).tolist() == [0.0, 2.0, 8.0]
+    for f, read in ((b, T.read_burstgpt), (c, T.read_azure_functions_counts), (i, T.read_azure_functions_invocations)):
+        bom = tmp_path / f"bom_{f.name}"   # "UTF-8 CSV" as spreadsheets save it
+        bom.write_bytes(b"\xef\xbb\xbf" + f.read_bytes())
+        assert np.array_equal(np.asarray(read(bom).arrivals if read is T.read_burstgpt else read(bom)),
+                              np.asarray(read(f).arrivals if read is T.read_burstgpt else read(f)))

@@ -99,10 +99,12 @@ def _parse_ts(text: str) -> float:
 
 @contextmanager
 def _open_csv(path: str | Path) -> Iterator[TextIO]:
-    """`path` opened as UTF-8 text for the csv module.  A byte that is not UTF-8 (a binary file, or one saved
-    in another encoding) is a ConfigError naming the file, not a UnicodeDecodeError from inside the reader."""
+    """`path` opened as UTF-8 text for the csv module, a leading byte-order mark skipped (spreadsheets save
+    "UTF-8 CSV" with one: it was read into the first column's name, and the column check refused the
+    file).  A byte that is not UTF-8 (a binary file, or one saved in another encoding) is a ConfigError
+    naming the file, not a UnicodeDecodeError from inside the reader."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             yield f
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r}: {e.reason}); "
