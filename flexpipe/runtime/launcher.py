@@ -20,7 +20,9 @@ all of them: a child that died of either at once was reported by its router as a
 (and a Ctrl-C printed a KeyboardInterrupt traceback from each), while its parent was about to stop the
 pipeline in order. So a child ignores SIGINT, and on SIGTERM stops itself only `term_grace` seconds
 (ActorSettings, default 5) later unless its parent has stopped it meanwhile (a SIGTERM sent to the
-child alone still stops it). A child whose parent is gone stops within a second, whatever the signals.
+child alone still stops it). A child whose parent is gone stops within a second, whatever the signals;
+one whose parent died while it booted does not start at all (ActorSpec.parent_pid: the launcher names
+the parent; a child that read os.getppid() once booted read init's pid, and served for ever).
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ class ActorSpec:
     parent: ActorRef | None = None    # receives Started(token=...)
     token: str = ""
     endpoint: str = ""                # "" = chosen by the child's ActorSystem
+    # The launching process (`launch` sets its own pid; 0 = whatever the child's parent is when it starts
+    # serving). A child that read os.getppid() itself, once booted, read 1 (or a subreaper's pid) when
+    # its parent had died meanwhile, and then never noticed: it served for ever, holding its device.
+    parent_pid: int = 0
 
 
 def load_behaviour(target: str) -> type:
@@ -279,7 +285,8 @@ class ActorSystem:
             raise ConfigError("a subprocess actor is named by an import path 'module:Class'")
         client = self.client
         settings = dataclasses.replace(self.settings, endpoint_dir=self._dir or "")
-        spec = ActorSpec(target, kwargs, name, settings, client.ref, uuid.uuid4().hex, endpoint)
+        spec = ActorSpec(target, kwargs, name, settings, client.ref, uuid.uuid4().hex, endpoint,
+                         parent_pid=os.getpid())
         started = client.expect_started(spec.token)
         blob = bytes(codec.encode(spec, inline_max=1 << 62)[0])
         process = multiprocessing.get_context("spawn").Process(
@@ -369,8 +376,15 @@ def _child_logging(name: str) -> None:
 
 
 async def launch_spec(spec: ActorSpec, *, exit_with_parent: bool = True) -> None:
-    """Serve the actor described by `spec` until it stops (what a child process or worker runs)."""
-    parent_pid = os.getppid()
+    """Serve the actor described by `spec` until it stops (what a child process or worker runs).
+
+    With `exit_with_parent`, it does not start (or stops within a second) when its parent process is
+    not, or is no longer, `spec.parent_pid`: a parent that died while the child booted is already gone.
+    """
+    parent_pid = spec.parent_pid or os.getppid()
+    if exit_with_parent and os.getppid() != parent_pid:
+        log.warning("%s: parent process %d exited before it started; not starting", spec.name, parent_pid)
+        return
     loop = asyncio.get_running_loop()
     term: list[float] = []   # when a SIGTERM came (module docstring: a grace for the parent)
     if exit_with_parent:   # from before Started: a SIGTERM right after the parent's launch() waits too

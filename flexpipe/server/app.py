@@ -21,8 +21,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from flexpipe.errors import (
-    ActorError, CapacityError, ConfigError, FlexPipeError, PartitionError, PipelineDown, QueueFullError,
-    RequestError, ReshapeError,
+    ActorError, CapacityError, ConfigError, FlexPipeError, PartitionError, PipelineDown, PlacementError,
+    QueueFullError, RequestError, ReshapeError,
 )
 
 from .chat_template import ChatTemplate
@@ -39,6 +39,8 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CLIENT_GONE = 499  # status recorded (never sent) for requests whose client disconnected
 OFF_LOOP_CHARS = 16384  # prompts of more characters are tokenized (and templated) in a worker thread
 HEALTH_TIMEOUT_S = 5.0   # a remote router slower than this to tell its status is reported unavailable
+RESHAPE_KEYS = frozenset({"stages", "boundaries"})   # what POST /v1/flexpipe/reshape takes (docs/reshape.md)
+WIRE_INT_MAX = 2**63 - 1   # the most a reshape's numbers may be when the model's unit count is unknown
 
 EngineFactory = Callable[[], AsyncContextManager[Any]]
 
@@ -215,24 +217,49 @@ class _Server:
                                      "pipeline": view.to_dict()})
 
     async def reshape(self, request: Request) -> Response:
-        """Reshape the pipeline now: {"stages": N} or {"boundaries": [0, ..., num_units]}."""
+        """Reshape the pipeline now: {"stages": N} or {"boundaries": [0, ..., num_units]}.
+
+        Everything a client can get wrong is a 4xx: a malformed body, an unknown key (a typo such as
+        "stage" used to be ignored), a number out of the model's unit range (one past 64 bits used to
+        fail to encode for a router: a 500), a shape that cannot be cut (400), or one that no device
+        has the memory for (PlacementError: 409 reshape_does_not_fit; the old shape keeps serving).
+        """
         self._authorize(request, "reshape")
         body = await self._body(request)
+        unknown = sorted(set(body) - RESHAPE_KEYS)
+        if unknown:
+            raise bad_request(f"Unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
+                              "send one of 'stages' (an integer) or 'boundaries' (a list of unit indices), "
+                              "nothing else.", unknown[0], "unknown_parameter")
         stages, bounds = body.get("stages"), body.get("boundaries")
         if (stages is None) == (bounds is None):
             raise bad_request("Send exactly one of 'stages' (an integer) or 'boundaries' (a list of unit "
                               "indices from 0 to the number of units).", "stages")
-        if stages is not None and (not isinstance(stages, int) or isinstance(stages, bool) or stages < 1):
-            raise bad_request("'stages' must be an integer >= 1.", "stages")
+        units = self._num_units()
+        top = units if units is not None else WIRE_INT_MAX
+        of = f" (the model has {units} units)" if units is not None else ""
+        if stages is not None and (not isinstance(stages, int) or isinstance(stages, bool)
+                                   or not 1 <= stages <= top):
+            raise bad_request(f"'stages' must be an integer from 1 to {top}{of}.", "stages")
         if bounds is not None and not (isinstance(bounds, list) and all(
                 isinstance(b, int) and not isinstance(b, bool) for b in bounds)):
             raise bad_request("'boundaries' must be a list of integers.", "boundaries")
+        if bounds is not None and not all(0 <= b <= top for b in bounds):
+            raise bad_request(f"'boundaries' must be unit indices from 0 to {top}{of}, got "
+                              f"{next(b for b in bounds if not 0 <= b <= top)}.", "boundaries")
         try:
             stats = await self.engine.reshape(**({"stages": stages} if stages is not None else
                                                  {"boundaries": bounds}))
         except (PartitionError, RequestError, ValueError) as e:
             raise bad_request(str(e), "stages" if stages is not None else "boundaries") from None
+        except (PlacementError, ReshapeError) as e:   # the old shape serves on: a conflict, not a failure
+            raise _api_error(e) from None
         return self._json("reshape", {"ok": True, "stats": jsonable(stats)})
+
+    def _num_units(self) -> int | None:
+        """The model's unit count (None for an engine that does not tell its config)."""
+        n = getattr(getattr(self.engine, "config", None), "num_units", None)
+        return n if isinstance(n, int) and n > 0 else None
 
     # --- generation --------------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
@@ -590,6 +617,8 @@ def _api_error(e: BaseException) -> APIError:
         return bad_request(str(e))
     if isinstance(e, ReshapeError):
         return APIError(409, f"{e}", type="invalid_request_error", code="reshape_aborted")
+    if isinstance(e, PlacementError):   # (a reshape no device has the memory for; nothing changed)
+        return APIError(409, f"{e}", type="invalid_request_error", code="reshape_does_not_fit")
     if isinstance(e, ServerStopping):
         return APIError(503, "The server is shutting down and ended this request before it finished; send it "
                         "again once the server is back.", type="server_error", code="server_shutdown")
