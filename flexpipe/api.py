@@ -340,27 +340,20 @@ class FlexPipe(EngineClient):
                               stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
         if self.router.sched.queued_new() >= self.settings.max_queued:
             raise QueueFullError(f"{self.settings.max_queued} requests are already queued: retry later")
-        rid, queue = self.router.submit(ids, params, request_id)
-        text = StopTextStream(self.tokenizer.stream(), stop)
+        # the router decodes the text and ends the request at a stop string (RouterActor.submit)
+        rid, queue = self.router.submit(ids, params, request_id, text=StopTextStream(self.tokenizer.stream(), stop))
         done = False
         try:
             while True:
                 ev = await queue.get()
-                if ev.finish_reason is not None:
+                if ev.finish_reason is not None:   # (a token too, when its text reached a stop string)
                     done = True
-                    tail, hit = text.flush()
-                    yield GenerationEvent(None, tail, ev.index, "stop" if hit else ev.finish_reason)
+                    yield GenerationEvent(ev.token_id, ev.text, ev.index, ev.finish_reason)
                     return
-                piece, hit = text.feed(ev.token_id)
-                if hit:   # the request ends here, as stopped (not as cancelled: stats, autoscaler)
-                    done = True
-                    self.router.cancel(rid, reason="stop")
-                    yield GenerationEvent(ev.token_id, piece, ev.index, "stop")
-                    return
-                yield GenerationEvent(ev.token_id, piece, ev.index)
+                yield GenerationEvent(ev.token_id, ev.text, ev.index)
         finally:
-            if not done:
-                self.router.cancel(rid)
+            if not done:   # this request only: its id may name a newer one by now
+                self.router.cancel(rid, queue=queue)
 
     @property
     def max_sequence_tokens(self) -> int:

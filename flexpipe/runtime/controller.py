@@ -338,7 +338,9 @@ class Controller:
             # the stages that may send weights and KV to one another during this reshape
             peers = [sl.ref for sl in {id(sl): sl for sl in (*self.slots, *new_slots)}.values()]
             self.recovery.involved = set(peers)
-            await asyncio.gather(*(self.system.ask(sl.ref, ExpectPeers(shape.epoch, peers)) for sl in new_slots))
+            # (a stage that died by now, or dies meanwhile, would answer no ask: abort at once instead)
+            await self.recovery.unless_a_stage_dies(asyncio.gather(
+                *(self.system.ask(sl.ref, ExpectPeers(shape.epoch, peers)) for sl in new_slots)))
             for j, s in enumerate(shape.stages):
                 sl = new_slots[j]
                 if sl in started:
@@ -353,7 +355,8 @@ class Controller:
                         self._deliver(missing, sl, from_cache=tier == "cache"))
                 else:
                     st.weight_bytes += self._param_bytes_list(missing)
-                await self.system.ask(sl.ref, PrepareUnits(s.start, s.end, from_peer=peer), timeout=600)
+                await self.recovery.unless_a_stage_dies(
+                    self.system.ask(sl.ref, PrepareUnits(s.start, s.end, from_peer=peer), timeout=600))
                 st.weights_s += time.perf_counter() - tw
             await self._evict_leaving(shape, new_slots)
             st.prepare_s = time.perf_counter() - t0
@@ -745,13 +748,18 @@ class Controller:
         return t_done
 
     async def _abort(self, kept: list[Slot], started: list[Slot], epoch: int) -> None:
+        """Undo a reshape's prepare: kept stages drop what they prepared, started ones stop.
+
+        A stage known dead is not asked: it would answer nothing, and each ask waited its 30 s with
+        the controller's lock held, which the recovery of that death waits for (every request
+        stalled meanwhile).  The recovery replaces it."""
         async def drop(sl: Slot) -> None:
             try:
                 await self.system.ask(sl.ref, AbortPrepare(epoch), timeout=30)
             except ActorError as e:
                 log.warning("abort: %s did not drop its prepared units: %s", sl.ref, e)
 
-        await asyncio.gather(*(drop(sl) for sl in kept if sl not in started))
+        await asyncio.gather(*(drop(sl) for sl in kept if sl not in started and not self.recovery.is_dead(sl.ref)))
         await asyncio.gather(*(sl.handle.stop() for sl in started), return_exceptions=True)
 
     # ---- stage failure and restarts (runtime/recovery.py) -----------------------------------------------

@@ -3,6 +3,9 @@
 - During a reshape, its waits on the stages end as soon as one of them dies (`unless_a_stage_dies`):
   a copy to a dead peer would otherwise wait for its ask's timeout while holding the controller's
   lock, which the recovery of that very death needs.  The reshape aborts; the recovery runs next.
+  A death counts once anyone in this process knows of it: the client (the stage's process exited,
+  a daemon's worker reported it) or the router (its monitors and heartbeats), which declares it to
+  the whole process (`on_stage_death`).
 - Outside a reshape, the router reports a dead stage (`on_stage_death`, from its monitors and
   heartbeats).  Every stage dead by then is replaced by a new process serving the same range on the
   same device, every stage drops its KV, the pipeline moves to the next epoch and every request is
@@ -83,8 +86,8 @@ class Recovery:
         the lock that the recovery of that very death waits for."""
         task = asyncio.ensure_future(aw)
         died = asyncio.get_running_loop().create_future()
-        gone = next((r for r in self.involved if self.ctl.system.client.is_dead(r)), None)
-        if gone is not None:   # before this wait began
+        gone = next((r for r in self.involved if self.is_dead(r)), None)
+        if gone is not None:   # before this wait began (to the client, or to the router only)
             died.set_result(f"{gone} is dead")
         self._death_waiters.add(died)
         try:
@@ -101,8 +104,19 @@ class Recovery:
 
     # ---- replacing it ----------------------------------------------------------------------------------
     async def on_stage_death(self, ref: ActorRef, reason: str) -> None:
-        """The router's hook for a dead stage: recover, or fail every request saying why."""
+        """The router's hook for a dead stage: recover, or fail every request saying why.
+
+        First the death is made known to the whole process (the controller's client included): the
+        router may know of it alone (the stage's own goodbye to its watchers, or its missed
+        heartbeats), and a reshape holding the lock this recovery waits for would otherwise go on
+        asking the dead stage, each ask waiting for its timeout (30 s and more).  Declared, every ask
+        to it fails at once and the reshape's waits end (`actor_died`): it aborts, and this runs."""
         ctl = self.ctl
+        declare = getattr(ctl.system, "declare_dead", None)
+        if declare is not None:
+            declare(ref, reason)
+        else:
+            self.actor_died(ref, reason)
         async with ctl._lock:
             if all(sl.ref != ref for sl in ctl.slots):
                 return  # already replaced

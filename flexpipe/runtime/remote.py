@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import socket
 import tempfile
@@ -33,7 +34,7 @@ from urllib.parse import urlsplit
 from flexpipe import errors
 from flexpipe.api import EngineClient
 from flexpipe.errors import (
-    ActorClosed, ActorError, AskTimeout, ConfigError, PeerDeadError, RemoteError, RequestError,
+    ActorError, AskTimeout, ConfigError, PeerDeadError, RemoteError, RequestError,
 )
 from flexpipe.model.tokenizer import StopTextStream
 from flexpipe.runtime.actor import ActorSettings, handles
@@ -209,7 +210,10 @@ def local_address_towards(host: str, port: int = 9) -> str:
 
 # --- the client -------------------------------------------------------------------------------------
 class _ClientBehaviour:
-    """The client's mailbox: Tokens go to the queue of their request; the router's end ends them all."""
+    """The client's mailbox: Tokens go to the queue of their request; the router's end ends them all.
+
+    A request's id leaves `streams` when its last Tokens come (the router has freed the id then too),
+    or when the client ends it (RemoteFlexPipe._release)."""
 
     def __init__(self, frontend: ActorRef):
         self.frontend = frontend
@@ -226,6 +230,7 @@ class _ClientBehaviour:
             q.put_nowait((int(t), msg.index + i, None))
         if msg.finish_reason is not None:
             q.put_nowait((None, msg.index + len(msg.token_ids), str(msg.finish_reason)))
+            del self.streams[msg.rid]
 
     @handles(Terminated)
     def router_gone(self, ctx: Any, msg: Terminated) -> None:
@@ -256,6 +261,7 @@ class RemoteFlexPipe(EngineClient):
         self.frontend = frontend_ref(url)
         self._behaviour: _ClientBehaviour = actor.behaviour
         self._tasks: set[asyncio.Task] = set()
+        self._ending: dict[str, asyncio.Task] = {}   # request id -> its Cancel, until the router answered it
         self._reconnect_timeout = max(1.0, actor.settings.heartbeat_timeout)
 
     @classmethod
@@ -341,8 +347,8 @@ class RemoteFlexPipe(EngineClient):
             raise RouterUnavailable(f"the router at {self.url} now serves another model")
         b.lost = None
         orphans, b.orphans = b.orphans, set()
-        for rid in orphans:
-            self._spawn(self._cancel(rid))
+        # answered before the message this reconnect is for goes out (a Submit that takes such an id)
+        await asyncio.gather(*(self._cancel(rid) for rid in orphans))
 
     async def _ask(self, msg: Any, timeout: float | None = None) -> Any:
         if self._behaviour.lost is not None:
@@ -368,55 +374,70 @@ class RemoteFlexPipe(EngineClient):
         params = self._params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
         rid = request_id or uuid.uuid4().hex
+        while (ending := self._ending.get(rid)) is not None:
+            # an earlier request of this id is being cancelled: once the router has answered that
+            # Cancel, it ran before this Submit, and every Tokens of the earlier request is here
+            await asyncio.wait({ending})
         streams = self._behaviour.streams
         if rid in streams:
             raise RequestError(f"request id {rid!r} is already in use")
         queue = streams[rid] = asyncio.Queue()
-        done = False
+        end: str | None = "cancelled"   # what the router is told if this ends before the request (None: nothing)
         try:
-            await self._ask(Submit(rid, ids, dataclasses.asdict(params), self.actor.ref))
-        except (asyncio.CancelledError, AskTimeout):   # while asking: the router may have admitted it
-            done = True
-            streams.pop(rid, None)
-            self._spawn(self._cancel(rid))   # (a Cancel of a request it never took is a no-op)
-            raise
-        except BaseException:   # refused (a typed error) or the router is gone: never admitted
-            done = True
-            streams.pop(rid, None)
-            raise
-        text = StopTextStream(self.tokenizer.stream(), stop)
-        try:
+            try:
+                await self._ask(Submit(rid, ids, dataclasses.asdict(params), self.actor.ref))
+            except (asyncio.CancelledError, AskTimeout):   # while asking: the router may have admitted it
+                raise   # (cancelled there; a Cancel of a request it never took is a no-op)
+            except BaseException:   # refused (a typed error) or the router is gone: never admitted
+                end = None
+                raise
+            text = StopTextStream(self.tokenizer.stream(), stop)
             while True:
                 token, index, reason = await queue.get()
                 if isinstance(reason, RouterLost):
-                    done = True   # (cancelled there when the router answers again: see _reconnect)
+                    end = None   # (cancelled there when the router answers again: see _reconnect)
                     raise reason
                 if reason is not None:
-                    done = True
                     tail, hit = text.flush()
                     yield GenerationEvent(None, tail, index, "stop" if hit else reason)
                     return
                 piece, hit = text.feed(token)
                 if hit:   # it ends here as stopped, there too (the router's stats, its autoscaler)
-                    done = True
-                    self._spawn(self._cancel(rid, "stop"))
+                    self._release(rid, queue, "stop")
                     yield GenerationEvent(token, piece, index, "stop")
                     return
                 yield GenerationEvent(token, piece, index)
         finally:
-            streams.pop(rid, None)
-            if not done:
-                self._spawn(self._cancel(rid))
+            self._release(rid, queue, end)
+
+    def _release(self, rid: str, queue: asyncio.Queue, reason: str | None) -> None:
+        """This client is done with its request `rid` (the one `queue` reads): unless it ended already
+        (its last Tokens came, and the id may name a newer request by now), free the id here and cancel
+        it at the router with `reason` (None: do not)."""
+        streams = self._behaviour.streams
+        if streams.get(rid) is not queue:
+            return
+        del streams[rid]
+        if reason is not None:
+            task = self._ending[rid] = self._spawn(self._cancel(rid, reason))
+            task.add_done_callback(functools.partial(self._cancelled, rid))
+
+    def _cancelled(self, rid: str, task: asyncio.Task) -> None:
+        if self._ending.get(rid) is task:
+            del self._ending[rid]
 
     async def _cancel(self, rid: str, reason: str = "cancelled") -> None:
+        """Cancel `rid` at the router and wait for its answer (bounded): the router sends nothing of a
+        request after its Cancel, and its answer comes after what it sent before."""
         if self._behaviour.lost is None and not self.actor.closed:
-            with contextlib.suppress(ActorClosed, PeerDeadError):
-                await self.actor.tell(self.frontend, Cancel(rid, reason))
+            with contextlib.suppress(ActorError):
+                await self.actor.ask(self.frontend, Cancel(rid, reason), timeout=self._reconnect_timeout)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _drain_tasks(self) -> None:
         if self._tasks:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import os
 import time
@@ -89,10 +90,16 @@ class RouterStatus:
 
 @dataclass(slots=True)
 class RequestStream:
-    """Where a request's events go: an asyncio queue read by the client."""
+    """Where a request's events go: an asyncio queue read by the client.
+
+    It holds its id (`RouterActor.streams`) until its request finishes or is cancelled: then the id can
+    name a new request at once, even while a step of the old one is still in flight.  The router keeps
+    it by its record's key until that record ends (when such a step returns), to count the finish."""
 
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    request: Any = None  # its scheduler record, kept for listeners after the scheduler drops it
+    request: Any = None  # its scheduler record (request.id: its key), kept for listeners after the scheduler drops it
+    rid: str = ""   # the request id its client knows
+    text: Any = None   # the client's StopTextStream (see RouterActor.submit); None: not decoded here
 
 
 class RouterActor:
@@ -108,7 +115,9 @@ class RouterActor:
         self.cpu_threads = cpu_threads
         self.sched = Scheduler(cache, max_batch_tokens=max_batch_tokens,
                                max_inflight=self._inflight_for(pipeline), max_batch_seqs=max_batch_seqs)
-        self.streams: dict[str, RequestStream] = {}
+        self.streams: dict[str, RequestStream] = {}   # by request id: the requests not ended yet
+        self._keyed: dict[str, RequestStream] = {}   # by scheduler key: every record the scheduler holds
+        self._keys = itertools.count(1)
         self.ctx: ActorContext | None = None
         self._wake = asyncio.Event()
         self._paused = False
@@ -145,12 +154,22 @@ class RouterActor:
     async def on_stop(self, ctx: ActorContext) -> None:
         if self._pump_task is not None:
             self._pump_task.cancel()
-        for rid, st in list(self.streams.items()):
-            st.queue.put_nowait(TokenEvent(rid, None, -1, "error"))
+        for st in list(self.streams.values()):
+            ev = TokenEvent(st.request.id, None, -1, "error")
+            if st.text is not None and self._decode(st, ev):
+                ev.finish_reason = "stop"
+            st.queue.put_nowait(ev)
 
     # ---- client side ------------------------------------------------------------------------------
-    def submit(self, prompt: list[int], params: Any, request_id: str | None = None) -> tuple[str, asyncio.Queue]:
-        """Queue a validated request; returns its id and the queue its TokenEvents arrive on."""
+    def submit(self, prompt: list[int], params: Any, request_id: str | None = None,
+               text: Any = None) -> tuple[str, asyncio.Queue]:
+        """Queue a validated request; returns its id and the queue its TokenEvents arrive on.
+
+        `text`: the client's StopTextStream (feed/flush), when the client wants the text: each event
+        carries what its token adds (TokenEvent.text), and the request ends, as "stop", at the token
+        whose text reaches a stop string.  Found here rather than by the client, the stop is counted
+        as one (stats, finish listeners) also when that token was the last one max_tokens allowed, and
+        the request leaves before its next step is launched."""
         if self.down is not None:
             raise PipelineDown(f"the pipeline is down: {self.down}; restart it")
         if not prompt:
@@ -164,35 +183,89 @@ class RouterActor:
                                f"(got {str(request_id)[:40]!a})")
         rid = request_id or uuid.uuid4().hex[:16]
         if rid in self.streams:
-            raise RequestError(f"request id {rid!r} is already in use")
+            raise RequestError(f"request id {rid!r} is already in use: wait until it ends, or give another id")
+        # The scheduler's key (the sequence id the stages hold its KV under) is the id, unless an
+        # earlier request of this id ended while its step was in flight and the scheduler still holds
+        # it: that step's output, and the frees of its KV, must not reach the new request.
+        key = rid
+        while key in self.sched.requests or key in self._keyed:
+            key = f"{rid}#{next(self._keys)}"
         stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_ids))
-        self.sched.add(Request(rid, list(prompt), params, stop, self.max_context))
-        req = self.sched.requests[rid]
-        st = self.streams[rid] = RequestStream(request=req)
+        req = Request(key, list(prompt), params, stop, self.max_context)
+        self.sched.add(req)
+        st = self.streams[rid] = self._keyed[key] = RequestStream(request=req, rid=rid, text=text)
         self.stats["requests"] += 1
         if self.listeners:
             self._notify("arrival", req)
         self._wake.set()
         return rid, st.queue
 
-    def cancel(self, rid: str, reason: str = "cancelled") -> None:
-        """End a request (frees its KV now or when its step returns); `reason`: see Scheduler.cancel."""
-        self._emit(self.sched.cancel(rid, reason))
+    def cancel(self, rid: str, reason: str = "cancelled", queue: asyncio.Queue | None = None) -> None:
+        """End request `rid`; `reason`: see Scheduler.cancel.  Its id is free at once; its KV is freed
+        now, or when its step in flight returns (its finish is counted then).
+
+        `queue`: the one `submit` returned, from the client that ends its own request.  The cancel then
+        ends that request only: a client that ends late (an iterator closed after its request
+        finished) must not end a newer request that took the id meanwhile.  Its events are no longer
+        decoded (nobody reads them)."""
+        st = self.streams.get(rid)
+        if st is None or (queue is not None and st.queue is not queue):
+            return
+        del self.streams[rid]
+        if queue is not None:
+            st.text = None
+        self._emit(self.sched.cancel(st.request.id, reason))
         self._wake.set()
 
     def _emit(self, events: list[TokenEvent]) -> None:
         for ev in events:
-            st = self.streams.get(ev.request_id)
+            st = self._keyed.get(ev.request_id)
             if st is None:
                 continue
-            st.queue.put_nowait(ev)
-            if ev.finish_reason is not None:
-                del self.streams[ev.request_id]
-                self.stats[f"finish_{ev.finish_reason}"] += 1
-                if self.listeners:
-                    self._notify("finish", st.request)
-            else:
+            hit = self._decode(st, ev) if st.text is not None else False
+            if ev.finish_reason is None:
                 self.stats["tokens"] += 1
+                end = "stop" if hit else "error" if hit is None else None
+                if end is not None:
+                    ev.finish_reason = end   # the client's last event: this token, and the finish
+                st.queue.put_nowait(ev)
+                if end is not None:
+                    self._end_here(st, end)
+                continue
+            del self._keyed[ev.request_id]
+            if self.streams.get(st.rid) is st:
+                del self.streams[st.rid]
+            if hit:   # the text held back until the end reached a stop string
+                st.request.finished = "stop"
+            ev.finish_reason = st.request.finished or ev.finish_reason   # (see _end_here)
+            st.queue.put_nowait(ev)
+            self.stats[f"finish_{ev.finish_reason}"] += 1
+            if self.listeners:
+                self._notify("finish", st.request)
+
+    def _decode(self, st: RequestStream, ev: TokenEvent) -> bool | None:
+        """Put what `ev` adds to its request's text in ev.text: True when that reached a stop string,
+        None when the decoder failed (logged; the request ends with "error", the others go on)."""
+        try:
+            ev.text, hit = st.text.feed(ev.token_id) if ev.token_id is not None else st.text.flush()
+        except Exception:  # noqa: BLE001 - a decoder's bug must not lose the tokens of the step's others
+            log.exception("router: cannot decode a token of request %r", st.rid)
+            self.stats["decode_errors"] += 1
+            st.text = None
+            return None
+        return bool(hit)
+
+    def _end_here(self, st: RequestStream, reason: str) -> None:
+        """End the request of `st` at the token just delivered (its text reached a stop string), now:
+        before its next step.  When the scheduler has just finished it otherwise (max_tokens), its
+        finish event comes next in this step's events and takes `reason` from the record."""
+        st.text = None
+        if self.streams.get(st.rid) is st:
+            del self.streams[st.rid]
+        if st.request.finished:
+            st.request.finished = reason
+        else:   # (not in flight: its output has just come back)
+            self._emit(self.sched.cancel(st.request.id, reason))
 
     # ---- the pump: the only sender of steps ---------------------------------------------------------
     async def _pump(self) -> None:

@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from flexpipe.errors import RequestError
 from flexpipe.runtime.cache import CacheManager
 
 
@@ -31,7 +32,7 @@ from flexpipe.runtime.cache import CacheManager
 class Request:
     """The router's record of one request: the source of truth for recovery and migration."""
 
-    id: str
+    id: str   # its key here and its sequence id on the stages: unique among the records held (see add)
     prompt: list[int]
     params: Any  # flexpipe.model.sampling.SamplingParams
     stop_ids: frozenset[int]
@@ -85,10 +86,11 @@ class MicroBatch:
 class TokenEvent:
     """A token produced for a request (finish_reason set on its last event)."""
 
-    request_id: str
+    request_id: str   # the record's key (Request.id)
     token_id: int | None
     index: int
     finish_reason: str | None = None
+    text: str = ""   # what the token adds to the text, where the router decodes it (RouterActor.submit)
 
 
 @dataclass(slots=True)
@@ -125,7 +127,11 @@ class Scheduler:
 
     # ---- requests ----------------------------------------------------------------------------
     def add(self, req: Request) -> None:
-        """Queue a validated request."""
+        """Queue a validated request.  Its key must not be one held: a record that ended while its step
+        was in flight is held until that step returns, and the step's output (and the frees of its KV)
+        would go to the new one (the router gives a request whose id is held another key)."""
+        if req.id in self.requests:
+            raise RequestError(f"a request with key {req.id!r} is still held by the scheduler: give another key")
         self.requests[req.id] = req
         self.waiting.append(req.id)
 

@@ -97,12 +97,24 @@ class RemoteStage:
         return f"<RemoteStage {self.name} on {self.worker} {self.device} pid={self.pid}>"
 
 
+@dataclass(slots=True)
+class _Submitted:
+    """A request a client submitted: whose it is, where its events arrive, what of them went out."""
+    client: ActorRef
+    queue: asyncio.Queue
+    sent: int = 0   # index of the first token not sent to the client yet
+
+
 class RouterFrontend:
     """The router daemon's public mailbox: the client protocol and the worker protocol."""
 
     def __init__(self, daemon: "RouterDaemon"):
         self.d = daemon
+        # by request id, while its client may cancel it: the task that sends its events, and the request.
+        # An id names one request at a time; the forward of an older one may still be sending its last
+        # events when a newer one takes the id.
         self.forwards: dict[str, asyncio.Task] = {}
+        self.subs: dict[str, _Submitted] = {}
         self.clients: dict[ActorRef, set[str]] = {}
 
     def check_sender(self, sender: ActorRef | None, msg: Any) -> str | None:
@@ -156,37 +168,67 @@ class RouterFrontend:
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
         rid, queue = router.submit(ids, params, msg.rid)
+        self._forget(rid)   # (the forward of an earlier request of the id, ended there, sends its last events)
         if msg.client not in self.clients:
             self.clients[msg.client] = set()
             ctx.watch(msg.client)
         self.clients[msg.client].add(rid)
-        self.forwards[rid] = asyncio.get_running_loop().create_task(self._forward(ctx, rid, queue, msg.client))
+        sub = self.subs[rid] = _Submitted(msg.client, queue)
+        self.forwards[rid] = asyncio.get_running_loop().create_task(self._forward(ctx, rid, sub))
         return True
 
-    async def _forward(self, ctx: Any, rid: str, queue: asyncio.Queue, client: ActorRef) -> None:
+    def _forget(self, rid: str) -> asyncio.Task | None:
+        """Forget the forward of request `rid` (its client can no longer cancel it); returns its task."""
+        task = self.forwards.pop(rid, None)
+        sub = self.subs.pop(rid, None)
+        if sub is not None:
+            self.clients.get(sub.client, set()).discard(rid)
+        return task
+
+    def _end(self, rid: str, reason: str = "cancelled") -> _Submitted | None:
+        """Its client ended request `rid` (or is gone): its forward stops (nothing more of it is sent),
+        and the router frees the id at once.  Returns the request, if there was one."""
+        sub = self.subs.get(rid)
+        task = self._forget(rid)
+        if task is not None:
+            task.cancel()
+        if sub is not None:
+            self.d.cancel(rid, reason, sub.queue)
+        return sub
+
+    async def _forward(self, ctx: Any, rid: str, sub: _Submitted) -> None:
         """Send a request's events to its client, in order, as many per message as are ready."""
         try:
             while True:
-                evs = [await queue.get()]
-                while not queue.empty():
-                    evs.append(queue.get_nowait())
+                evs = [await sub.queue.get()]
+                while not sub.queue.empty():
+                    evs.append(sub.queue.get_nowait())
                 last = evs[-1].finish_reason
                 toks = [e.token_id for e in evs if e.token_id is not None]
                 if last is not None and rid in self.d.shutdown_rids:
                     last = "shutdown"
-                await ctx.tell(client, Tokens(rid, evs[0].index, toks, last))
+                await ctx.tell(sub.client, Tokens(rid, evs[0].index, toks, last))
+                sub.sent = evs[0].index + len(toks)
                 if last is not None:
                     return
         except ActorError:  # the client is gone: nobody reads this request any more
-            self.d.cancel(rid)
+            self.d.cancel(rid, queue=sub.queue)   # (this request only: the id may name a newer one)
         finally:
-            self.forwards.pop(rid, None)
-            self.clients.get(client, set()).discard(rid)
+            if self.forwards.get(rid) is asyncio.current_task():
+                self._forget(rid)
 
     @handles(Cancel)
-    def cancel(self, ctx: Any, msg: Cancel) -> None:
-        if msg.rid in self.forwards:
-            self.d.cancel(msg.rid, "stop" if msg.reason == "stop" else "cancelled")
+    async def cancel(self, ctx: Any, msg: Cancel) -> None:
+        """The client ends its request: its last Tokens (every request gets one) go out now, before
+        this Cancel is answered, and nothing of it after.  A client that submits the id again only
+        once its Cancel is answered (RemoteFlexPipe) never gets events of the old request on the new."""
+        if msg.rid not in self.forwards:
+            return
+        reason = "stop" if msg.reason == "stop" else "cancelled"
+        sub = self._end(msg.rid, reason)
+        if sub is not None:
+            with contextlib.suppress(ActorError):
+                await ctx.tell(sub.client, Tokens(msg.rid, sub.sent, [], reason))
 
     @handles(StatusQuery, concurrent=True)
     async def status(self, ctx: Any, msg: StatusQuery) -> dict:
@@ -231,7 +273,7 @@ class RouterFrontend:
         if rids:
             event("client_lost", client=str(msg.ref), requests=len(rids), reason=msg.reason)
             for rid in list(rids):
-                self.d.cancel(rid)
+                self._end(rid)
 
 
 def _tokenizer_files(spec: Any) -> dict[str, str]:
@@ -499,6 +541,11 @@ class RouterDaemon:
             self.stages.pop(h.name, None)
             h.stopped, h.reservation = True, None  # the withdrawal drops their reservations
         self._spawn(self._withdraw(name))
+        # ... and dead to this whole process, as a stage that exited is (stage_gone): a reshape in
+        # progress aborts at once instead of asking them until its asks time out (with the controller's
+        # lock held, which the recovery needs: every request stalled), and the router recovers now
+        for h in on_it:
+            self.system.declare_dead(h.ref, f"its worker {name} is gone ({reason})")
 
     async def _withdraw(self, name: str) -> None:
         from flexpipe.runtime.allocator import WithdrawWorker
@@ -678,9 +725,10 @@ class RouterDaemon:
                 h.booked = 0   # unbooked: what it uses shows in usage reports as not free
                 event("reservation_short", logging.WARNING, stage=h.name, device=h.device, error=e.message)
 
-    def cancel(self, rid: str, reason: str = "cancelled") -> None:
+    def cancel(self, rid: str, reason: str = "cancelled", queue: asyncio.Queue | None = None) -> None:
+        """End request `rid` (RouterActor.cancel; `queue`: that request only, not a newer one of the id)."""
         if self.controller is not None and self.controller.router is not None:
-            self.controller.router.cancel(rid, reason)
+            self.controller.router.cancel(rid, reason, queue)
 
     # ---- control --------------------------------------------------------------------------------------
     async def reshape(self, stages: int | None, boundaries: list | None, devices: list | None,
@@ -698,6 +746,14 @@ class RouterDaemon:
         shape = plan_shape(self.spec.config, stages, boundaries, c.shape.epoch + 1, self._device_kind())
         if devices is None:
             devices = await self._place(shape, [(sl.start, sl.end, sl.handle.device) for sl in c.slots])
+        elif not isinstance(devices, list) or len(devices) != shape.num_stages \
+                or not all(isinstance(d, str) and self._owner(d) is not None for d in devices):
+            # (launch_stage moves a stage whose device has no live worker elsewhere, for a worker lost
+            # since the placement: a device named wrong was taken for one, and the reshape "succeeded"
+            # on devices nobody asked for, with the shape naming ones that do not exist)
+            raise ConfigError(f"devices must be a list of {shape.num_stages} device ids of this cluster's live "
+                              f"workers, one per stage (got {devices!r:.80}); the workers have: "
+                              f"{', '.join(self._device_order()) or 'none'}")
         shape = PipelineShape.from_boundaries(shape.boundaries, shape.epoch, devices)
         event("reshape_started", boundaries=shape.boundaries, devices=list(devices))
         try:
