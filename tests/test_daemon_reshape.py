@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -23,7 +22,7 @@ import pytest
 from flexpipe.errors import ConfigError, ReshapeError
 from flexpipe.runtime.remote import RemoteFlexPipe
 from tests.pipeline_helpers import check_against_oracle, request_mix, run_all
-from tests.test_daemons import START_S, Daemon, one_torch_thread  # noqa: F401 - (a module fixture: autouse)
+from tests.test_daemons import START_S, Daemon, one_torch_thread, stop_daemons  # noqa: F401 - (a module fixture: autouse)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,15 +50,7 @@ def cluster(tmp_path_factory):
         router.wait_for("ready")
         yield c
     finally:
-        for d in reversed(c.all):
-            if d.proc.poll() is None:
-                d.proc.send_signal(signal.SIGTERM)
-        for d in c.all:
-            try:
-                d.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                d.proc.kill()
-                d.proc.wait(10)
+        stop_daemons(c.all)
 
 
 def connect(cluster) -> RemoteFlexPipe:

@@ -130,6 +130,19 @@ def worker(name: str, url: str) -> Daemon:
                          "--heartbeat-timeout", "5", *_curve_flags()])
 
 
+def stop_daemons(daemons: list) -> None:
+    """SIGTERM every daemon still running (the last started first), then wait for each (kill after 30 s)."""
+    for d in reversed(daemons):
+        if d.proc.poll() is None:
+            d.proc.send_signal(signal.SIGTERM)
+    for d in daemons:
+        try:
+            d.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            d.proc.kill()
+            d.proc.wait(10)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A router (2 stages, waits for 2 workers) and two workers with one CPU device each; every tcp
@@ -154,15 +167,7 @@ def cluster(tmp_path_factory):
         router.wait_for("ready")
         yield SimpleNamespace(url=url, router=router, workers=daemons[1:], all=daemons)
     finally:
-        for d in reversed(daemons):  # (the list grows when a test starts a worker)
-            if d.proc.poll() is None:
-                d.proc.send_signal(signal.SIGTERM)
-        for d in daemons:
-            try:
-                d.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                d.proc.kill()
-                d.proc.wait(10)
+        stop_daemons(daemons)   # (the list grows when a test starts a worker)
 
 
 def connect(cluster) -> RemoteFlexPipe:

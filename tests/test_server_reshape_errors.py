@@ -11,8 +11,6 @@ ignored, so a mistyped reshape ran as another one.
 from __future__ import annotations
 
 import logging
-import signal
-import subprocess
 
 import pytest
 
@@ -21,7 +19,7 @@ pytest.importorskip("starlette", reason="the 'serve' extra is not installed")
 import httpx  # noqa: E402
 
 from flexpipe.server import ServerThread, create_app  # noqa: E402
-from tests.test_daemons import Daemon, logs  # noqa: E402
+from tests.test_daemons import Daemon, logs, stop_daemons  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -45,15 +43,7 @@ def served(tmp_path_factory):
         with ServerThread(app) as base, httpx.Client(base_url=base, timeout=60) as http:
             yield http
     finally:
-        for d in reversed(daemons):
-            if d.proc.poll() is None:
-                d.proc.send_signal(signal.SIGTERM)
-        for d in daemons:
-            try:
-                d.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                d.proc.kill()
-                d.proc.wait(10)
+        stop_daemons(daemons)
 
 
 def _epoch(http: httpx.Client) -> int:
