@@ -36,7 +36,7 @@ import numpy as np
 
 from flexpipe.errors import PlacementError
 from flexpipe.placement.fragmentation import WorkloadMix, placement_delta
-from flexpipe.placement.topology import GiB, MiB, Topology
+from flexpipe.placement.topology import GiB, MiB, Topology, as_number
 
 INF = math.inf
 
@@ -143,11 +143,8 @@ class ReplicaRequest:
 
 def _figure(name: str, x: Any, lo: float = 0, what: str = "") -> float:
     """`x` as a float, if it is a finite number >= lo; else PlacementError naming it."""
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        v = math.nan
-    if isinstance(x, bool) or not math.isfinite(v) or v < lo:
+    v = as_number(x, lo)
+    if v is None:
         raise PlacementError(f"{name} is {x!r}: give a finite number >= {lo:g}{' of ' + what if what else ''}")
     return v
 

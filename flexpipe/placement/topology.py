@@ -301,8 +301,7 @@ class Topology:
         out = []
         for g, b in amounts.items():
             i = self.gpu_index(g)
-            if isinstance(b, bool) or not isinstance(b, (int, float, np.integer, np.floating)) \
-                    or not (math.isfinite(b) and b >= 0):
+            if isinstance(b, (str, bytes)) or as_number(b, 0) is None:
                 raise TopologyError(f"cannot {what} {b!r} bytes on GPU {self.gpus[i].id}: give a number >= 0")
             out.append((i, int(b)))
         return out
@@ -433,15 +432,25 @@ class Topology:
             raise TopologyError(f"{path}: {e}") from e
 
 
+def as_number(x: Any, lo: float = -math.inf, hi: float = math.inf, strict: bool = False) -> float | None:
+    """`x` as a float if it is a finite number in [lo, hi] (above lo if strict) -- a bool is none, a
+    numeric string is read -- else None.  The one check of figures in descriptions, requests and
+    bookings (placement and the allocator), each of which raises its own typed error."""
+    if isinstance(x, bool):
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and lo <= v <= hi and not (strict and v == lo) else None
+
+
 def _num(d: Mapping[str, Any], key: str, where: str, lo: float, strict: bool = False,
          hi: float = math.inf) -> float:
     """d[key] as a finite float in [lo, hi] (above lo if strict); TopologyError names where and the field."""
     x = d[key]
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        v = math.nan
-    if isinstance(x, bool) or not math.isfinite(v) or v < lo or (strict and v == lo) or v > hi:
+    v = as_number(x, lo, hi, strict)
+    if v is None:
         if hi < math.inf:
             want = f"a number between {lo:g} and {hi:g}"
         else:

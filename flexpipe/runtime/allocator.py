@@ -28,7 +28,6 @@ reservation went, for the owner's later `release`.
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -37,7 +36,7 @@ import numpy as np
 
 from flexpipe.errors import PlacementError, TopologyError
 from flexpipe.placement.placer import FlexPlacer, Placement, ReplicaRequest
-from flexpipe.placement.topology import GiB, Node, Topology
+from flexpipe.placement.topology import GiB, Node, Topology, as_number
 from flexpipe.runtime.actor import handles
 from flexpipe.runtime.messages import ActorRef, Terminated, message
 
@@ -415,10 +414,8 @@ def _node_of(gid: str) -> str:
 
 
 def _is_bytes(x: Any) -> bool:
-    """A byte count: a finite number >= 0 (a float is cut to an integer), not a bool."""
-    if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
-        return False
-    return math.isfinite(x) and x >= 0
+    """A byte count: a finite number >= 0 (a float is cut to an integer), not a bool or text."""
+    return not isinstance(x, (str, bytes)) and as_number(x, 0) is not None
 
 
 # --- messages (kinds 250-299) ----------------------------------------------------------------------
