@@ -232,11 +232,12 @@ def test_router_flags_are_runtime_settings():
     import dataclasses
 
     from flexpipe.api import Settings
-    from flexpipe.runtime.daemon import _RUNTIME_FLAGS, add_daemon_parsers
+    from flexpipe.runtime.daemon import add_daemon_parsers
+    from flexpipe.settings import ROUTER_RUNTIME_SETTINGS
 
     fields = {f.name: f for f in dataclasses.fields(Settings)}
-    for name, typ, _ in _RUNTIME_FLAGS:
-        assert name in fields and type(fields[name].default) is typ, name
+    for s in ROUTER_RUNTIME_SETTINGS:
+        assert s.name in fields and type(fields[s.name].default) is s.type, s.name
     parser = argparse.ArgumentParser()
     add_daemon_parsers(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["router", "--num-blocks", "64", "--bind", "ipc:///tmp/x"])

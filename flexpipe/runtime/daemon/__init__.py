@@ -26,7 +26,6 @@ finish_reason "shutdown", stops the stages through their workers, closes every s
 Worker protocol: kinds 300-329 (the client protocol, 330-349, is in runtime/remote.py).
 """
 
-from flexpipe.runtime.daemon import cli as _cli
 from flexpipe.runtime.daemon.cli import add_daemon_parsers, main
 from flexpipe.runtime.daemon.devices import assign_devices, local_devices
 from flexpipe.runtime.daemon.router import RouterDaemon
@@ -34,4 +33,3 @@ from flexpipe.runtime.daemon.worker import WorkerDaemon
 
 __all__ = ["RouterDaemon", "WorkerDaemon", "add_daemon_parsers", "assign_devices", "local_devices", "main"]
 
-_RUNTIME_FLAGS = _cli._RUNTIME_FLAGS  # read here by tests/test_daemons.py, as before the split

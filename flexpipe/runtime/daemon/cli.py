@@ -27,10 +27,6 @@ from flexpipe.settings import (ROUTER_RUNTIME_SETTINGS, ROUTER_SETTINGS, WORKER_
 
 
 # --- command line ------------------------------------------------------------------------------------------
-# The runtime settings `flexpipe router` offers (all of flexpipe.api.Settings but the device), as
-# (name, type, help): one list with `flexpipe serve`'s (flexpipe/settings.py).
-_RUNTIME_FLAGS: list[tuple[str, Any, str]] = [(s.name, s.type, s.help) for s in ROUTER_RUNTIME_SETTINGS]
-
 _WHERE = ("Each setting is taken from its flag, else its environment variable, else the config file (--config "
           "or FLEXPIPE_CONFIG: its [{0}] table, else its top level, where the other commands' keys are left to "
           "them), else its default.")
