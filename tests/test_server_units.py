@@ -15,6 +15,7 @@ from flexpipe.server import cli  # noqa: E402
 from flexpipe.server.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, load_template_source  # noqa: E402
 from flexpipe.server.protocol import APIError, parse_chat, parse_completion, parse_json_body  # noqa: E402
 from flexpipe.server.status import pipeline_view  # noqa: E402
+from flexpipe.settings import resolve_settings  # noqa: E402
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -209,14 +210,14 @@ def test_settings_precedence(tmp_path):
     f = tmp_path / "flexpipe.yaml"
     f.write_text("serve:\n  port: 9001\n  stages: 3\n  api-key: from-file\n  in_process: true\n")
     args = _serve_args(["--config", str(f), "--port", "9100"])
-    cfg = cli.resolve(cli.SERVE_SETTINGS, args, "serve", environ={"FLEXPIPE_STAGES": "4"})
+    cfg = resolve_settings(cli.SERVE_SETTINGS, args, "serve", environ={"FLEXPIPE_STAGES": "4"})
     assert cfg["port"] == 9100  # flag
     assert cfg["stages"] == 4  # environment over file
     assert cfg["api_key"] == "from-file" and cfg["in_process"] is True  # file
     assert cfg["host"] == "127.0.0.1" and cfg["model"] == "tiny"  # defaults
     toml = tmp_path / "s.toml"
     toml.write_text('model = "tiny"\nport = 8123\n')
-    cfg = cli.resolve(cli.SERVE_SETTINGS, _serve_args([]), "serve", environ={"FLEXPIPE_CONFIG": str(toml)})
+    cfg = resolve_settings(cli.SERVE_SETTINGS, _serve_args([]), "serve", environ={"FLEXPIPE_CONFIG": str(toml)})
     assert cfg["port"] == 8123
 
 
@@ -224,13 +225,13 @@ def test_settings_errors_say_what_is_wrong(tmp_path):
     f = tmp_path / "bad.toml"
     f.write_text("prot = 1\n")
     with pytest.raises(ConfigError, match="unknown setting.*prot"):
-        cli.resolve(cli.SERVE_SETTINGS, _serve_args(["--config", str(f)]), "serve", environ={})
+        resolve_settings(cli.SERVE_SETTINGS, _serve_args(["--config", str(f)]), "serve", environ={})
     with pytest.raises(ConfigError, match="FLEXPIPE_PORT"):
-        cli.resolve(cli.SERVE_SETTINGS, _serve_args([]), "serve", environ={"FLEXPIPE_PORT": "eighty"})
+        resolve_settings(cli.SERVE_SETTINGS, _serve_args([]), "serve", environ={"FLEXPIPE_PORT": "eighty"})
     with pytest.raises(ConfigError, match="FLEXPIPE_IN_PROCESS"):
-        cli.resolve(cli.SERVE_SETTINGS, _serve_args([]), "serve", environ={"FLEXPIPE_IN_PROCESS": "maybe"})
+        resolve_settings(cli.SERVE_SETTINGS, _serve_args([]), "serve", environ={"FLEXPIPE_IN_PROCESS": "maybe"})
     with pytest.raises(ConfigError, match="cannot read"):
-        cli.resolve(cli.SERVE_SETTINGS, _serve_args(["--config", str(tmp_path / "none.yaml")]), "serve",
+        resolve_settings(cli.SERVE_SETTINGS, _serve_args(["--config", str(tmp_path / "none.yaml")]), "serve",
                     environ={})
 
 
@@ -262,5 +263,5 @@ def test_runtime_settings_from_env_and_file(tmp_path):
     f = tmp_path / "f.yaml"
     f.write_text("num_blocks: 64\n")
     args = _serve_args(["--config", str(f), "--block-size", "8"])
-    cfg = cli.resolve(cli.SERVE_SETTINGS + cli.RUNTIME_SETTINGS, args, "serve", environ={"FLEXPIPE_MAX_QUEUED": "5"})
+    cfg = resolve_settings(cli.SERVE_SETTINGS + cli.RUNTIME_SETTINGS, args, "serve", environ={"FLEXPIPE_MAX_QUEUED": "5"})
     assert (cfg["num_blocks"], cfg["block_size"], cfg["max_queued"], cfg["dtype"]) == (64, 8, 5, "float32")

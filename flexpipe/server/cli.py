@@ -16,19 +16,7 @@ import sys
 from typing import Any
 
 from flexpipe.errors import ConfigError
-from flexpipe.settings import (CHAT_SETTINGS, COMMAND_SETTINGS, RUNTIME_SETTINGS, SERVE_SETTINGS, Setting,
-                               add_setting_flags, resolve_settings)
-
-# Every setting of every command that reads a config file (a key of theirs in a shared file is no typo);
-# resolve_settings knows them by itself (COMMAND_SETTINGS).
-CONFIG_FILE_SETTINGS = [s for settings in COMMAND_SETTINGS.values() for s in settings]
-
-
-def resolve(settings: list[Setting], args: argparse.Namespace, section: str,
-            environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """Each setting's value: flag, else FLEXPIPE_<NAME>, else config file, else default
-    (flexpipe.settings.resolve_settings, which every command shares)."""
-    return resolve_settings(settings, args, section, environ)
+from flexpipe.settings import CHAT_SETTINGS, RUNTIME_SETTINGS, SERVE_SETTINGS, add_setting_flags, resolve_settings
 
 
 # --- flexpipe serve ------------------------------------------------------------------------------
@@ -53,7 +41,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 def serve_main(args: argparse.Namespace) -> int:
     """Run `flexpipe serve` until SIGINT/SIGTERM."""
-    cfg = resolve(SERVE_SETTINGS + RUNTIME_SETTINGS, args, "serve")
+    cfg = resolve_settings(SERVE_SETTINGS + RUNTIME_SETTINGS, args, "serve")
     from flexpipe.api import FlexPipe
 
     from .app import create_app
@@ -202,7 +190,7 @@ def chat_main(args: argparse.Namespace) -> int:
     """Run `flexpipe chat`."""
     from .chat_client import ChatClient, ServerError
 
-    cfg = resolve(CHAT_SETTINGS, args, "chat")
+    cfg = resolve_settings(CHAT_SETTINGS, args, "chat")
     client = ChatClient(cfg["url"], api_key=cfg["api_key"], model=cfg["model"], system=cfg["system"],
                         sampling={"max_tokens": cfg["max_tokens"], "temperature": cfg["temperature"],
                                   "top_p": cfg["top_p"], "seed": cfg["seed"]})
