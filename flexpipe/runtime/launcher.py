@@ -22,12 +22,14 @@ pipeline in order. So a child ignores SIGINT, and on SIGTERM stops itself only `
 (ActorSettings, default 5) later unless its parent has stopped it meanwhile (a SIGTERM sent to the
 child alone still stops it). A child whose parent is gone stops within a second, whatever the signals;
 one whose parent died while it booted does not start at all (ActorSpec.parent_pid: the launcher names
-the parent; a child that read os.getppid() once booted read init's pid, and served for ever).
+the parent; a child that read os.getppid() once booted read init's pid, and served for ever), and one
+whose parent dies while it boots (a stage loading its weights: minutes) exits at once, not once loaded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import importlib
 import logging
@@ -37,8 +39,9 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 import zmq.asyncio
@@ -375,6 +378,46 @@ def _child_logging(name: str) -> None:
     logging.basicConfig(level=level, handlers=[handler])
 
 
+# prctl(2)'s option: the kernel sends this process a signal when its parent exits (Linux)
+_PR_SET_PDEATHSIG = 1
+
+
+def _parent_death_signal(sig: int) -> bool:
+    """Have the kernel send this process `sig` when its parent exits (0: no longer); False where there is
+    no prctl (not Linux) or it is refused."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(sig)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _exit_with_parent_while_booting(name: str, parent_pid: int) -> Callable[[], object]:
+    """Exit as soon as the parent is gone while this process boots; returns what ends that (the serve loop
+    watches the parent from then on, and stops its actor cleanly).
+
+    Booting builds the behaviour, and a stage loads its weights then, in this thread, with the event loop
+    blocked: minutes for a large model, which the stage of a dead parent spent holding its devices for
+    nobody. The load holds the GIL in long C calls (safetensors blocks in open() with it on a stalled file
+    system), so no thread of ours can be counted on to notice: on Linux the kernel kills the process. (Its
+    "parent" there is the launcher's thread that started it, the event loop's: launch() awaits the boot
+    on it, and kills the child itself when abandoned.) Elsewhere a thread polls between those C calls.
+    """
+    if _parent_death_signal(signal.SIGKILL):
+        return lambda: _parent_death_signal(0)
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.2):
+            if os.getppid() != parent_pid:
+                log.warning("%s: parent process %d exited while it booted; exiting", name, parent_pid)
+                os._exit(0)
+
+    threading.Thread(target=watch, name="flexpipe-parent-watch", daemon=True).start()
+    return stop.set
+
+
 async def launch_spec(spec: ActorSpec, *, exit_with_parent: bool = True) -> None:
     """Serve the actor described by `spec` until it stops (what a child process or worker runs).
 
@@ -382,6 +425,9 @@ async def launch_spec(spec: ActorSpec, *, exit_with_parent: bool = True) -> None
     not, or is no longer, `spec.parent_pid`: a parent that died while the child booted is already gone.
     """
     parent_pid = spec.parent_pid or os.getppid()
+    booted: Callable[[], object] = lambda: None
+    if exit_with_parent:   # (before the check: a parent that dies in between is seen by one or the other)
+        booted = _exit_with_parent_while_booting(spec.name, parent_pid)
     if exit_with_parent and os.getppid() != parent_pid:
         log.warning("%s: parent process %d exited before it started; not starting", spec.name, parent_pid)
         return
@@ -390,13 +436,14 @@ async def launch_spec(spec: ActorSpec, *, exit_with_parent: bool = True) -> None
     if exit_with_parent:   # from before Started: a SIGTERM right after the parent's launch() waits too
         loop.add_signal_handler(signal.SIGTERM, lambda: term or term.append(loop.time()))
     try:
-        await _serve_spec(spec, parent_pid, term, exit_with_parent)
+        await _serve_spec(spec, parent_pid, term, exit_with_parent, booted)
     finally:
         if exit_with_parent:
             loop.remove_signal_handler(signal.SIGTERM)
 
 
-async def _serve_spec(spec: ActorSpec, parent_pid: int, term: list[float], exit_with_parent: bool) -> None:
+async def _serve_spec(spec: ActorSpec, parent_pid: int, term: list[float], exit_with_parent: bool,
+                      booted: Callable[[], object]) -> None:
     loop = asyncio.get_running_loop()
     async with ActorSystem(spec.settings, name=f"{spec.name}-launcher") as system:
         try:
@@ -415,6 +462,7 @@ async def _serve_spec(spec: ActorSpec, parent_pid: int, term: list[float], exit_
             return
         if spec.parent is not None:
             await actor.tell(spec.parent, Started(actor.ref, os.getpid(), spec.token))
+        booted()   # from here this loop watches the parent, and stops the actor cleanly
         while not actor.closed:
             if exit_with_parent and os.getppid() != parent_pid:
                 log.warning("%s: parent process %d is gone; stopping", spec.name, parent_pid)
