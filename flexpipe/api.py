@@ -63,11 +63,13 @@ class Settings:
     start_timeout: float = 120.0
     max_queued: int = 4096  # requests waiting beyond this are refused (back-pressure)
     rt_priority: int = 0  # SCHED_RR priority of every pipeline process (runtime/sched.py); 0 = kernel default
+    max_message_bytes: int = 1 << 30  # largest message of the router's and stages' actors (reshape copies: pieces)
 
     def check(self) -> "Settings":
         """Raise ConfigError for the first setting out of range, saying what it accepts (before
         anything starts: a zero block size divided by zero in a stage, a zero token budget left
         every request waiting forever)."""
+        from flexpipe.runtime.actor import ActorSettings
         from flexpipe.runtime.gpu_stage import HOP_MODES, MIN_RING_BYTES
         from flexpipe.runtime.stage import DTYPES
 
@@ -96,6 +98,10 @@ class Settings:
         if not isinstance(self.rt_priority, int) or isinstance(self.rt_priority, bool) \
                 or not 0 <= self.rt_priority <= 99:
             raise bad("rt_priority", "give an integer from 0 (the kernel's default scheduler) to 99")
+        try:   # the actors' own rule (the same words as ActorSettings's)
+            ActorSettings(max_message_bytes=self.max_message_bytes)
+        except ConfigError as e:
+            raise ConfigError(f"setting {e}") from None
         if self.dtype not in DTYPES:
             raise bad("dtype", f"give one of {', '.join(DTYPES)}")
         if not _is_device(self.device):
@@ -306,10 +312,12 @@ class FlexPipe(EngineClient):
         auto = AutoscaleConfig.of(autoscale)
         spec = ModelSpec.resolve(model, settings.seed)
         shape = plan_shape(spec.config, stages, boundaries, device=settings.device)
+        _check_hop_fits(spec.config, settings, in_process)
         actor_settings = ActorSettings(heartbeat_interval=settings.heartbeat_interval,
                                        heartbeat_timeout=settings.heartbeat_timeout,
                                        start_timeout=settings.start_timeout,
-                                       torch_threads=settings.torch_threads, rt_priority=settings.rt_priority)
+                                       torch_threads=settings.torch_threads, rt_priority=settings.rt_priority,
+                                       max_message_bytes=settings.max_message_bytes)   # its stages' too (ActorSpec)
         restore = use_realtime(settings.rt_priority) if settings.rt_priority else None   # ConfigError if refused
         try:
             async with ActorSystem(actor_settings, name="flexpipe") as system:
@@ -462,6 +470,23 @@ def _sync_close(st: _SyncState) -> None:
         st.loop.call_soon_threadsafe(st.loop.stop)
         st.thread.join()
         st.loop.close()
+
+
+def _check_hop_fits(cfg: ModelConfig, settings: Settings, in_process: bool) -> None:
+    """ConfigError unless one message holds a micro-batch's residual where it goes beside the StepInput
+    (the message path: CPU stages, in-process stages, transport='message', or a residual larger than
+    a hop channel's ring): a step whose message is too large is not delivered, and its requests wait."""
+    from flexpipe.runtime.chunks import budget
+    from flexpipe.runtime.stage import DTYPES
+
+    residual = settings.max_batch_tokens * cfg.hidden_size * DTYPES[settings.dtype].itemsize   # [T, H]
+    ring = not in_process and (settings.transport in ("shm", "cuda_ipc")
+                               or settings.transport == "auto" and settings.device.startswith("cuda"))
+    if residual > budget(settings.max_message_bytes) and not (ring and residual <= settings.hop_ring_bytes):
+        raise ConfigError(f"setting max_message_bytes={settings.max_message_bytes}: a micro-batch's activations "
+                          f"between stages ({settings.max_batch_tokens} tokens x hidden size {cfg.hidden_size} x "
+                          f"{settings.dtype}: {residual} bytes) do not fit in one message; raise it or lower "
+                          "max_batch_tokens")
 
 
 def _is_device(d: Any) -> bool:

@@ -10,7 +10,10 @@ RUNTIME_SETTINGS; tests/test_server_units.py keeps names and defaults in step wi
 flag, else the environment variable (FLEXPIPE_<NAME>, or a command's own prefix), else the config file
 (--config or FLEXPIPE_CONFIG, YAML or TOML; its [COMMAND] table, else its top level), else the default.
 One file may serve every command: at its top level a key of another command's is left to that command;
-a key no command takes, or a table no command reads, is refused.
+a key no command takes, or a table no command reads, is refused.  At the top level a key means what its
+variable FLEXPIPE_<KEY> means: a command whose setting of that name reads a variable of its own, because
+it means something else there (chat's model and seed, the worker's host and heartbeats), takes it from
+its own table only, and refuses the file's top-level key rather than read another command's value.
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ RUNTIME_SETTINGS = [
     Setting("max_queued", int, 4096, "requests waiting at most; beyond, new ones are refused", "N"),
     Setting("rt_priority", int, 0, "SCHED_RR priority (1-99) of every process of the pipeline, for CPU stages that "
             "outnumber the cores; needs CAP_SYS_NICE or ulimit -r; 0: the kernel's default scheduler", "N"),
+    Setting("max_message_bytes", int, 1 << 30, "largest message the pipeline's actors (its router and every stage "
+            "process) send or take; a reshape's weight and KV copies go in pieces under it", "BYTES"),
 ]
 
 
@@ -180,8 +185,9 @@ ROUTER_SETTINGS = [
     _LOG_FORMAT,
 ]
 # The runtime settings `flexpipe router` offers: all of flexpipe.api.Settings but the device (each
-# worker says which devices it has).
-ROUTER_RUNTIME_SETTINGS = [s for s in RUNTIME_SETTINGS if s.name != "device"]
+# worker says which devices it has) and max_message_bytes (the cluster's actors - router, workers, their
+# stages, clients - do not take it from the router yet: offered, it would be silently not used).
+ROUTER_RUNTIME_SETTINGS = [s for s in RUNTIME_SETTINGS if s.name not in ("device", "max_message_bytes")]
 
 # `flexpipe worker`'s: the router's URL is FLEXPIPE_ROUTER (serve's, the same URL) and the usage reports'
 # interval FLEXPIPE_USAGE_INTERVAL, as before; the rest FLEXPIPE_WORKER_* (FLEXPIPE_HOST is serve's listen
@@ -275,14 +281,30 @@ def _owners(commands: list[str]) -> str:
     return " and ".join(f"`flexpipe {c}`'s" for c in commands)
 
 
+def _top_level_owners(section: str, name: str) -> list[str] | None:
+    """The commands whose setting `name` is at a config file's top level when it is not `section`'s; None
+    when it is (or `section` has no such setting).
+
+    A key means there what its variable FLEXPIPE_<NAME> means.  A command whose setting of that name reads
+    a variable of its own (FLEXPIPE_CHAT_MODEL, FLEXPIPE_WORKER_HOST) while another command's reads another
+    does so because the name means something else to it: it takes that setting from its own table only."""
+    envs = {c: s.env for c, settings in COMMAND_SETTINGS.items() for s in settings if s.name == name}
+    plain = "FLEXPIPE_" + name.upper()
+    if envs.get(section, plain) == plain or len(set(envs.values())) == 1:
+        return None
+    return [c for c, env in envs.items() if env == plain]
+
+
 def load_config_file(path: str | os.PathLike[str], section: str, own: Iterable[str] | None = None
                      ) -> dict[str, Any]:
     """The values the YAML or TOML file at `path` gives `section`'s settings (the keys `own`; default: all
     of the command's, COMMAND_SETTINGS): those of its [section] table, else of its top level.
 
     A table is a command's (COMMAND_SETTINGS) and holds only that command's keys.  At the top level, which
-    every command without a table of its own reads, a key of another command's is left to that command.
-    Anything else (a typo) is refused: it would be silently not used."""
+    every command without a table of its own reads, a key of another command's is left to that command,
+    and a key means what FLEXPIPE_<KEY> means (_top_level_owners): a command to which it means something
+    else refuses it, rather than read as its own a value meant for another (serve's listen address as the
+    worker's stage address).  Anything else (a typo) is refused: it would be silently not used."""
     own = {s.name for s in COMMAND_SETTINGS.get(section, [])} if own is None else set(own)
     data = read_config_file(path)
     tables = sorted(str(k) for k, v in data.items() if isinstance(v, dict) and str(k) not in COMMAND_SETTINGS)
@@ -302,6 +324,16 @@ def load_config_file(path: str | os.PathLike[str], section: str, own: Iterable[s
         hint = f" ({'; '.join(theirs)}: put each at the top level or in its command's table)" if theirs else ""
         raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)} for `flexpipe {section}`"
                           f"{hint}; known: {', '.join(sorted(own))}")
+    if not in_table:
+        theirs = {k: owners for k in sorted(values) if (owners := _top_level_owners(section, k)) is not None}
+        if theirs:
+            envs = {s.name: s.env for s in COMMAND_SETTINGS[section]}
+            meant = {k: f"{_owners(owners)} (as FLEXPIPE_{k.upper()} is)" if owners else "no command's"
+                     for k, owners in theirs.items()}
+            what = "; ".join(f"{k} at the top level is {meant[k]}, not `flexpipe {section}`'s ({envs[k]})"
+                             for k in theirs)
+            raise ConfigError(f"config file {path}: {what}: give `flexpipe {section}` a [{section}] table (with its "
+                              f"own {', '.join(theirs)}, if any): it reads that table instead of the top level")
     return {k: v for k, v in values.items() if k in own}
 
 
@@ -334,7 +366,8 @@ def add_setting_flags(p: Any, settings: list[Setting], section: str, config_flag
     variable and config key; and --config FILE unless `config_flag` is false.  Every flag defaults to None
     (not given), which resolve_settings tells from a value given."""
     for s in settings:
-        where = f"env {s.env}; config key '{s.name}'"
+        table_only = _top_level_owners(section, s.name) is not None
+        where = f"env {s.env}; config key '{s.name}'" + (f" in [{section}] only" if table_only else "")
         default = "" if s.default is None else f"; default {s.default!r}"
         help_ = f"{s.help} ({where}{default})".replace("%", "%%")
         if s.positional:

@@ -152,6 +152,9 @@ async def test_bad_input_is_refused_before_scheduling():
             await fp.complete("x", temperature=0.5, seed=2**64 + 3)
         with pytest.raises(RequestError, match="request_id"):
             await fp.complete("x", request_id="\ud800")
+        for stop in ([1], ["ok", None], 7):   # (a TypeError from the text stream before)
+            with pytest.raises(RequestError, match="stop must be a string or a list of strings"):
+                await fp.complete("x", stop=stop)
         assert fp.router.stats["requests"] == 0
         c = await fp.complete("still serving", max_tokens=4)
         assert len(c.token_ids) == 4

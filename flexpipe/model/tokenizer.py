@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from flexpipe.errors import ConfigError
+from flexpipe.errors import ConfigError, RequestError
 from flexpipe.model.config import BYTE_BOS, BYTE_EOS, BYTE_PAD, ModelConfig
 
 
@@ -53,6 +53,9 @@ class StopTextStream:
         self.dec = decoder
         if isinstance(stops, str):   # one stop string, not one per character
             stops = [stops]
+        if stops is not None and (not isinstance(stops, Sequence) or not all(isinstance(s, str) for s in stops)):
+            raise RequestError(f"stop must be a string or a list of strings (got {type(stops).__name__} "
+                               f"{stops!r:.80})")
         self.stops = [s for s in (stops or []) if s]
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.text = ""

@@ -41,8 +41,8 @@ from flexpipe.runtime.actor import ActorSettings, handles
 from flexpipe.runtime.messages import ActorRef, Terminated, message
 
 __all__ = ["RemoteFlexPipe", "RouterUnavailable", "RouterLost", "connect", "Hello", "ModelInfo", "WaitReady", "Submit",
-           "Tokens", "Cancel", "StatusQuery", "Reshape", "PROTOCOL_VERSION", "CURVE_FIELDS", "client_settings",
-           "curve_from_env", "frontend_ref",
+           "Tokens", "Cancel", "StatusQuery", "Reshape", "PROTOCOL_VERSION", "CURVE_FIELDS", "check_reshape_numbers",
+           "client_settings", "curve_from_env", "frontend_ref",
            "local_address_towards", "no_answer_hint", "not_ready_hint", "parse_endpoint"]
 
 PROTOCOL_VERSION = 1
@@ -89,6 +89,7 @@ class Submit:
     prompt: list
     params: dict  # SamplingParams fields
     client: ActorRef
+    stop: list | None = None  # stop strings: the router ends the request at one, as the embedded runtime does
 
 
 @message(334)
@@ -102,7 +103,8 @@ class Tokens:
 
 @message(335)
 class Cancel:
-    """End request `rid`: "cancelled", or "stop" when the client found a stop string in its text."""
+    """End request `rid`: "cancelled", or "stop" when the client found a stop string in its text (a
+    router that ignores Submit.stop, built before it, leaves that to the client)."""
     rid: str
     reason: str = "cancelled"
 
@@ -119,6 +121,31 @@ class Reshape:
     boundaries: list | None = None
     devices: list | None = None
     weights_from: str = "auto"
+
+
+def check_reshape_numbers(stages: Any, boundaries: Any, num_units: int) -> None:
+    """Refuse, with a ConfigError naming the argument (the HTTP reshape endpoint's words), a number of
+    stages not in [1, num_units] or boundaries that are not unit indices in [0, num_units]: before
+    the client's msgpack fails on one past 64 bits, and before the router's solver sizes by one."""
+    n = num_units
+    if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= n):
+        raise ConfigError(f"stages must be a whole number from 1 to {n} (the model has {n} units; got "
+                          f"{_shown(stages)})")
+    if boundaries is None:
+        return
+    if isinstance(boundaries, (str, bytes)) or not isinstance(boundaries, Sequence) \
+            or not all(isinstance(b, int) and not isinstance(b, bool) for b in boundaries):
+        raise ConfigError(f"boundaries must be a list of whole unit indices [0, ..., {n}] (got {_shown(boundaries)})")
+    bad = next((b for b in boundaries if not 0 <= b <= n), None)
+    if bad is not None:
+        raise ConfigError(f"boundaries must be unit indices from 0 to {n} (the model has {n} units), got {_shown(bad)}")
+
+
+def _shown(x: Any) -> str:
+    """`x` for an error message, short (an int of thousands of digits has no repr)."""
+    if isinstance(x, int) and x.bit_length() > 64:
+        return f"an integer of {x.bit_length()} bits"
+    return f"{x!r:.80}"
 
 
 # --- addresses ----------------------------------------------------------------------------------
@@ -373,6 +400,9 @@ class RemoteFlexPipe(EngineClient):
         ids = self.encode(prompt)
         params = self._params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
+        # the router ends the request at a stop string (as FlexPipe.generate's router does); this text,
+        # decoded the same way, gives the events their text and ends the stream at the same token
+        text = StopTextStream(self.tokenizer.stream(), stop)
         rid = request_id or uuid.uuid4().hex
         while (ending := self._ending.get(rid)) is not None:
             # an earlier request of this id is being cancelled: once the router has answered that
@@ -385,13 +415,12 @@ class RemoteFlexPipe(EngineClient):
         end: str | None = "cancelled"   # what the router is told if this ends before the request (None: nothing)
         try:
             try:
-                await self._ask(Submit(rid, ids, dataclasses.asdict(params), self.actor.ref))
+                await self._ask(Submit(rid, ids, dataclasses.asdict(params), self.actor.ref, text.stops or None))
             except (asyncio.CancelledError, AskTimeout):   # while asking: the router may have admitted it
                 raise   # (cancelled there; a Cancel of a request it never took is a no-op)
             except BaseException:   # refused (a typed error) or the router is gone: never admitted
                 end = None
                 raise
-            text = StopTextStream(self.tokenizer.stream(), stop)
             while True:
                 token, index, reason = await queue.get()
                 if isinstance(reason, RouterLost):
@@ -402,7 +431,7 @@ class RemoteFlexPipe(EngineClient):
                     yield GenerationEvent(None, tail, index, "stop" if hit else reason)
                     return
                 piece, hit = text.feed(token)
-                if hit:   # it ends here as stopped, there too (the router's stats, its autoscaler)
+                if hit:   # the router ended it here too (a router built before Submit.stop: told now)
                     self._release(rid, queue, "stop")
                     yield GenerationEvent(token, piece, index, "stop")
                     return
@@ -455,6 +484,7 @@ class RemoteFlexPipe(EngineClient):
 
         if (stages is None) == (boundaries is None):
             raise ConfigError("give either stages=N or boundaries=[0, ..., num_units]")
+        check_reshape_numbers(stages, boundaries, self.config.num_units)   # (what the wire cannot carry too)
         d = await self._ask(Reshape(stages, list(boundaries) if boundaries is not None else None,
                                     list(devices) if devices is not None else None, weights_from),
                             timeout=900.0)

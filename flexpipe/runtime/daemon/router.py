@@ -26,7 +26,7 @@ from flexpipe.runtime.daemon.messages import (
 from flexpipe.runtime.messages import ActorRef, Ping, Terminated
 from flexpipe.runtime.remote import (
     Cancel, Hello, ModelInfo, Reshape, RouterUnavailable, StatusQuery, Submit, Tokens, WaitReady,
-    local_address_towards, parse_endpoint,
+    check_reshape_numbers, local_address_towards, parse_endpoint,
 )
 
 
@@ -155,6 +155,7 @@ class RouterFrontend:
     @handles(Submit)
     def submit(self, ctx: Any, msg: Submit) -> bool:
         from flexpipe.model.sampling import SamplingParams
+        from flexpipe.model.tokenizer import StopTextStream
 
         d = self.d
         if not d.admitting:
@@ -167,7 +168,9 @@ class RouterFrontend:
         ids = list(msg.prompt)
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
-        rid, queue = router.submit(ids, params, msg.rid)
+        # (StopTextStream refuses a stop that is not strings with a RequestError) the router ends the request at a stop string, as FlexPipe.generate's does (RouterActor.submit)
+        text = StopTextStream(d.spec.tokenizer.stream(), msg.stop) if msg.stop else None
+        rid, queue = router.submit(ids, params, msg.rid, text=text)
         self._forget(rid)   # (the forward of an earlier request of the id, ended there, sends its last events)
         if msg.client not in self.clients:
             self.clients[msg.client] = set()
@@ -740,6 +743,7 @@ class RouterDaemon:
             raise RouterUnavailable(f"cannot reshape now ({self.state})")
         if (stages is None) == (boundaries is None):
             raise ConfigError("give either stages=N or boundaries=[0, ..., num_units]")
+        check_reshape_numbers(stages, boundaries, self.spec.config.num_units)   # (off the wire: anything)
         c = self.controller
         for sl in c.slots:  # a stage recovered on another worker runs elsewhere than the slot says:
             sl.device = sl.handle.device  # what the controller's matching must compare with
