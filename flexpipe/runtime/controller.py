@@ -126,7 +126,8 @@ class Controller:
         self.weight_cache = weight_cache  # a WeightCache (runtime/weight_cache.py), or None: no cache tier
         self.cache_actor: Any = None
         self.in_process = in_process
-        # async (target, kwargs, name, device) -> handle with .ref .pid .stop() .kill(); None: local processes
+        # async (target, kwargs, name, device) -> handle with .ref .pid .stop() .kill(), and .device where it
+        # may start the stage on another device than asked (the router daemon's); None: local processes
         self.stage_launcher = stage_launcher
         self.max_precopy_rounds = max_precopy_rounds
         self.delta_tokens_target = delta_tokens_target
@@ -164,7 +165,13 @@ class Controller:
             handle = await self.stage_launcher(target, kwargs, f"stage{self._names}", device)
         else:
             handle = await self.system.launch(target, kwargs, name=f"stage{self._names}", in_process=self.in_process)
-        return Slot(handle, start, end, device)
+        return Slot(handle, start, end, getattr(handle, "device", device))   # where it runs, not where asked
+
+    def _running_shape(self, epoch: int) -> PipelineShape:
+        """The shape of the running stages, in `epoch`: each on the device it runs on (a launcher may
+        have started one elsewhere than its shape asked, as a recovery on another worker does)."""
+        return PipelineShape.from_boundaries([sl.start for sl in self.slots] + [self.slots[-1].end], epoch,
+                                             [sl.device for sl in self.slots])
 
     def _pools(self, shape: PipelineShape) -> list[StagePool]:
         cfg = self.spec.config
@@ -200,7 +207,7 @@ class Controller:
         slots = await self._launch_all({i: self._launch(st.start, st.end, st.device, shape.epoch, i)
                                         for i, st in enumerate(shape.stages)}, "start", wrap=False)
         self.slots = [slots[i] for i in range(len(shape.stages))]
-        self.shape = shape
+        self.shape = self._running_shape(shape.epoch)
         cfg, s = self.spec.config, self.settings
         eos_ids = cfg.eos_token_ids   # the oracle's stop ids (ModelConfig.eos_token_ids), no others
         cache = CacheManager(s.block_size, self._pools(shape))
@@ -393,7 +400,8 @@ class Controller:
             cache.seq_blocks = dict(router.cache.seq_blocks)
             cache.seq_tokens = dict(router.cache.seq_tokens)
             cache.rebuild(cache.pools)
-            self.slots, self.shape = slots, shape
+            self.slots = slots
+            self.shape = self._running_shape(shape.epoch)
             router.switch(self._pipeline(shape.epoch), cache)
             router.resume()
             paused = False
@@ -607,7 +615,8 @@ class Controller:
                 raise
             raise e if isinstance(e, ReshapeError) else ReshapeError(f"cold start failed, still at zero: "
                                                                      f"{st.error}") from e
-        self.slots, self.shape = slots, shape
+        self.slots = slots
+        self.shape = self._running_shape(shape.epoch)
         router.switch(self._pipeline(shape.epoch), CacheManager(self.settings.block_size, self._pools(shape)))
         router.resume()
         st.stages_started = len(slots)

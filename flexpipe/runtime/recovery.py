@@ -8,9 +8,11 @@
   the whole process (`on_stage_death`).
 - Outside a reshape, the router reports a dead stage (`on_stage_death`, from its monitors and
   heartbeats).  Every stage dead by then is replaced by a new process serving the same range on the
-  same device, every stage drops its KV, the pipeline moves to the next epoch and every request is
-  recomputed from the router's record (DESIGN.md: nothing lost).  When that fails, every request
-  fails at once and the router refuses new ones (router.down) until a later recovery succeeds.
+  same device (or where the stage launcher starts it: the router daemon's moves it off a device
+  whose worker is gone, and the shape names that device from then on), every stage drops its KV, the
+  pipeline moves to the next epoch and every request is recomputed from the router's record
+  (DESIGN.md: nothing lost).  When that fails, every request fails at once and the router refuses
+  new ones (router.down) until a later recovery succeeds.
 - `restart` (the drain-and-restart and restart-and-recompute baselines) and `rebuild` (also what a
   reshape does that failed half way through its switch) stop the stages, start the shape in fresh
   processes and recompute every request.
@@ -183,7 +185,7 @@ class Recovery:
             if attempt == RESET_PASSES - 1 or not any(self.is_dead(sl.ref) for sl in ctl.slots):
                 raise err
             log.warning("recovery: a stage died while the pipeline was reset (%s): replacing it too", err)
-        ctl.shape = shape
+        ctl.shape = ctl._running_shape(shape.epoch)   # (a stage replaced on another device is named there)
         cache = CacheManager(ctl.settings.block_size, ctl._pools(shape))
         router.switch(ctl._pipeline(shape.epoch), cache)
         router.down = None   # (it went down when an earlier recovery failed: it serves again)
@@ -248,7 +250,7 @@ class Recovery:
         ctl.slots = [slots[i] for i in range(len(shape.stages))]
         st.stages_started = len(ctl.slots)
         st.weight_bytes = ctl._param_bytes_list(range(ctl.spec.config.num_units))
-        ctl.shape = shape
+        ctl.shape = ctl._running_shape(shape.epoch)
         await ctl._configure(shape.epoch)
         router.switch(ctl._pipeline(shape.epoch), CacheManager(ctl.settings.block_size, ctl._pools(shape)))
         router.resume()
