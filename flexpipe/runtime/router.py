@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from flexpipe.errors import ActorError, PipelineDown, RequestError
+from flexpipe.errors import ActorClosed, ActorError, PeerDeadError, PipelineDown, RequestError
 from flexpipe.runtime.actor import ActorContext, handles
 from flexpipe.runtime.cache import CacheManager
 from flexpipe.runtime.messages import ActorRef, Terminated, message
@@ -294,10 +294,10 @@ class RouterActor:
             self._sent_at[mb.step] = time.perf_counter()
         try:
             await self.ctx.tell(self.pipeline.refs[0], msg, torch.tensor(tokens, dtype=torch.int64))
-        except ActorError as e:  # stage 0 is gone: recovery will requeue everything
+        except (PeerDeadError, ActorClosed) as e:  # stage 0 is gone: recovery will requeue everything
             log.warning("router: cannot launch step %d: %s", mb.step, e)
-        except Exception as e:  # noqa: BLE001 - e.g. a field msgpack cannot encode: that step's
-            # requests fail, and the pump (the only sender of steps) goes on with the others
+        except Exception as e:  # noqa: BLE001 - e.g. a field msgpack cannot encode, or MessageTooLarge: that
+            # step's requests fail, and the pump (the only sender of steps) goes on with the others
             log.error("router: cannot launch step %d: %s: %s", mb.step, type(e).__name__, e)
             self.stats["step_failures"] += 1
             self._fail_step(mb.step)

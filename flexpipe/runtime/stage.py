@@ -27,7 +27,7 @@ from typing import Any, Awaitable, Callable
 
 import torch
 
-from flexpipe.errors import ProtocolError, StepRejected
+from flexpipe.errors import ActorClosed, PeerDeadError, ProtocolError, StepRejected
 from flexpipe.runtime.actor import ActorContext, handles
 from flexpipe.runtime.chunks import Assembler, budget, flat_slice, limit_of, plan, tensor_overhead
 from flexpipe.runtime.memory import release_freed_memory
@@ -435,8 +435,16 @@ class StageActor:
             else:
                 ids = [s for s, f in zip(msg.seq_ids, msg.sample) if f]
                 await ctx.tell(self.router, StepOutput(msg.epoch, msg.step, ids, out.tolist(), dt))
-        except Exception as e:  # the next stage is gone: the router hears of it and recovers
+        except (PeerDeadError, ActorClosed) as e:  # the next stage is gone: the router hears of it and recovers
             log.warning("stage %d: step %d not delivered: %s: %s", self.index, msg.step, type(e).__name__, e)
+        except Exception as e:  # not sent (MessageTooLarge: a residual or body above max_message_bytes): nobody
+            # recovers it, so its requests fail now instead of waiting for ever
+            log.warning("stage %d: step %d not sent: %s: %s", self.index, msg.step, type(e).__name__, e)
+            try:
+                await ctx.tell(self.router, StepFailed(msg.epoch, msg.step, self.index, f"{type(e).__name__}: {e}"))
+            except Exception as e2:  # the router is gone: nobody waits for the step
+                log.warning("stage %d: step %d: cannot tell the router: %s: %s", self.index, msg.step,
+                            type(e2).__name__, e2)
 
     async def _send_next(self, ctx: ActorContext, msg: StepInput, out: torch.Tensor) -> None:
         """Hand the residual [T, hidden] to the next stage (runtime/gpu_stage.py overrides this)."""
