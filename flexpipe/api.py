@@ -32,7 +32,7 @@ from flexpipe.errors import ConfigError, PipelineDown, QueueFullError, RequestEr
 from flexpipe.model.config import ModelConfig
 from flexpipe.model.sampling import SamplingParams
 from flexpipe.model.tokenizer import StopTextStream, load_tokenizer
-from flexpipe.partition import CostModel, PipelineShape, UnitGraph, solve
+from flexpipe.partition import CostModel, PipelineShape, UnitGraph, check_shape_numbers, solve
 
 # Seconds: the bounds of the reshape pause histogram (the server's flexpipe_reshape_pause_seconds).  The
 # engine counts its pauses on them and reports them with the counts (pause_histogram), so that the
@@ -168,16 +168,8 @@ class ModelSpec:
 def plan_shape(cfg: ModelConfig, stages: int | None = None, boundaries: Sequence[int] | None = None,
                epoch: int = 0, device: str = "cpu") -> PipelineShape:
     """A pipeline shape from explicit boundaries, or the solver's balanced cut for `stages`."""
-    if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or stages < 1):
-        raise ConfigError(f"stages must be a whole number >= 1 (got {stages!r})")
+    check_shape_numbers(stages, boundaries, cfg.num_units)
     if boundaries is not None:
-        if isinstance(boundaries, (str, bytes)) or not all(isinstance(b, int) and not isinstance(b, bool)
-                                                          for b in boundaries):
-            raise ConfigError(f"boundaries must be a list of whole unit indices [0, ..., {cfg.num_units}] "
-                              f"(got {boundaries!r:.80})")
-        if len(boundaries) < 2:
-            raise ConfigError(f"boundaries {list(boundaries)} name no stage: give the cut points "
-                              f"[0, ..., {cfg.num_units}], at least two")
         shape = PipelineShape.from_boundaries(list(boundaries), epoch, [device] * (len(boundaries) - 1))
     else:
         # operating point of a decode-heavy micro-batch: CPU stages talk over ipc, GPU stages over
@@ -312,7 +304,7 @@ class FlexPipe(EngineClient):
         auto = AutoscaleConfig.of(autoscale)
         spec = ModelSpec.resolve(model, settings.seed)
         shape = plan_shape(spec.config, stages, boundaries, device=settings.device)
-        _check_hop_fits(spec.config, settings, in_process)
+        check_hop_fits(spec.config, settings, in_process)
         actor_settings = ActorSettings(heartbeat_interval=settings.heartbeat_interval,
                                        heartbeat_timeout=settings.heartbeat_timeout,
                                        start_timeout=settings.start_timeout,
@@ -472,10 +464,11 @@ def _sync_close(st: _SyncState) -> None:
         st.loop.close()
 
 
-def _check_hop_fits(cfg: ModelConfig, settings: Settings, in_process: bool) -> None:
+def check_hop_fits(cfg: ModelConfig, settings: Settings, in_process: bool) -> None:
     """ConfigError unless one message holds a micro-batch's residual where it goes beside the StepInput
     (the message path: CPU stages, in-process stages, transport='message', or a residual larger than
-    a hop channel's ring): a step whose message is too large is not delivered, and its requests wait."""
+    a hop channel's ring): a step whose message is too large fails its requests.  Checked for one stage
+    too: a reshape (or the autoscaler) may cut the pipeline later."""
     from flexpipe.runtime.chunks import budget
     from flexpipe.runtime.stage import DTYPES
 
@@ -522,4 +515,4 @@ async def _call(fn: Any) -> Any:
 
 
 __all__ = ["Completion", "EngineClient", "FlexPipe", "GenerationEvent", "ModelSpec", "PAUSE_BUCKETS", "Settings",
-           "SyncFlexPipe", "pause_histogram", "plan_shape"]
+           "SyncFlexPipe", "check_hop_fits", "pause_histogram", "plan_shape"]

@@ -88,6 +88,9 @@ class MessageTooLarge(ProtocolError):
     """A message is larger than `ActorSettings.max_message_bytes`: it was not sent (a reply: the asker
     gets this instead of it)."""
 
+    # what its messages tell a user to change (the setting's flag and variable, not only the class field)
+    HINT = "raise the max_message_bytes setting (--max-message-bytes, FLEXPIPE_MAX_MESSAGE_BYTES)"
+
 
 class SenderRefused(ActorError):
     """A message came from a peer its receiver does not know in that role (e.g. a StepInput not from

@@ -84,7 +84,7 @@ async def test_a_tell_or_ask_above_the_limit_raises_at_the_sender_and_sends_noth
         size = wire_size(Say("big"), big)
         for send in (system.tell, system.ask):
             with pytest.raises(MessageTooLarge, match=rf"Say to echo@\S+ not sent: message of {size} bytes exceeds "
-                                                      rf"max_message_bytes={LIMIT} .*raise ActorSettings.max_message_bytes"):
+                                                      rf"max_message_bytes={LIMIT} .*raise the max_message_bytes setting"):
                 await send(echo.ref, Say("big"), big)
         assert await system.ask(echo.ref, Log()) == []          # neither reached it
         assert echo.stats["received"] == 1 and echo.stats["oversize"] == 0

@@ -79,7 +79,7 @@ def test_plan_splits_only_what_no_message_holds_and_refuses_a_row_above_the_budg
         [(4, 142, 389)], [(4, 389, 636)], [(4, 636, 883)],   # 247 rows: 998 bytes each
         [(4, 883, 1000), (5, 0, 3)]]
     assert plan([], 1000) == [] and [len(m) for m in plan([(0, 8, 0)] * 3, 10)] == [3]
-    with pytest.raises(MessageTooLarge, match="one row of it is 990 bytes .*raise ActorSettings.max_message_bytes"):
+    with pytest.raises(MessageTooLarge, match="one row of it is 990 bytes .*raise the max_message_bytes setting"):
         plan([(5, 990, 20)], 1000)
 
 

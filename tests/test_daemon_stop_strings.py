@@ -128,8 +128,8 @@ async def test_stop_strings_off_the_wire_must_be_strings(cluster):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kw, words", [
-    (dict(stages=2**70), f"stages must be a whole number from 1 to {UNITS} (the model has {UNITS} units"),
-    (dict(stages=-(2**70)), f"stages must be a whole number from 1 to {UNITS}"),
+    (dict(stages=2**70), f"the model has only {UNITS} units: stages must be a whole number from 1 to {UNITS}"),
+    (dict(stages=-(2**70)), f"stages must be a whole number >= 1, at most the model's {UNITS} units"),
     (dict(stages=UNITS + 1), f"stages must be a whole number from 1 to {UNITS}"),
     (dict(boundaries=[2**65]), f"boundaries must be unit indices from 0 to {UNITS} (the model has {UNITS} units)"),
     (dict(boundaries=[0, 2**64, UNITS]), f"boundaries must be unit indices from 0 to {UNITS}"),

@@ -2,7 +2,7 @@
 
 Actors refuse to send such a message (MessageTooLarge).  A stage (or the router) that could not send a step
 logged it as if the next stage were gone and dropped it: nobody recovers a step that was refused, so its
-requests waited for ever.  `_check_hop_fits` refuses at launch a limit too small for a micro-batch's
+requests waited for ever.  `check_hop_fits` refuses at launch a limit too small for a micro-batch's
 residual, but not the rest of a StepInput beside it (request ids of up to 512 bytes, frees), nor a hop
 that falls back to messages at run time; `flexpipe serve` met that refusal only in the app's startup."""
 
@@ -76,7 +76,7 @@ async def test_a_next_stage_that_is_gone_is_left_to_the_routers_recovery():
 
 
 async def test_a_residual_too_large_for_a_message_fails_its_requests_and_others_go_on(caplog):
-    # 15 tokens x hidden 128 x float32 = 7680 bytes, just the budget _check_hop_fits allows under 8192: the
+    # 15 tokens x hidden 128 x float32 = 7680 bytes, just the budget check_hop_fits allows under 8192: the
     # longest request id beside it does not fit (stage 0 logged "not delivered" and the request waited)
     async with FlexPipe.launch("tiny", stages=2, in_process=True, max_message_bytes=8192,
                                max_batch_tokens=15) as fp:

@@ -70,9 +70,9 @@ def test_a_reshape_no_device_can_hold_is_a_409_and_the_old_shape_serves_on(serve
 
 
 @pytest.mark.parametrize("body, param, words", [
-    ({"stages": 10**30}, "stages", f"from 1 to {UNITS} (the model has {UNITS} units)"),
+    ({"stages": 10**30}, "stages", f"has only {UNITS} units: stages must be a whole number from 1 to {UNITS}"),
     ({"stages": UNITS + 1}, "stages", f"from 1 to {UNITS}"),
-    ({"stages": -(2**70)}, "stages", f"from 1 to {UNITS}"),
+    ({"stages": -(2**70)}, "stages", f"stages must be a whole number >= 1, at most the model's {UNITS} units"),
     ({"boundaries": [0, 10**20, UNITS]}, "boundaries",
      f"from 0 to {UNITS} (the model has {UNITS} units), got {10**20}"),
     ({"boundaries": [-(2**64), UNITS]}, "boundaries", f"from 0 to {UNITS}"),

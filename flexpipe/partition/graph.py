@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from flexpipe.errors import PartitionError
+from flexpipe.errors import ConfigError, PartitionError
 from flexpipe.model.units import UnitCost, unit_costs
 
 
@@ -120,3 +120,44 @@ class PipelineShape:
     @classmethod
     def from_dict(cls, d: dict) -> "PipelineShape":
         return cls(int(d["epoch"]), tuple(StageSpec.from_dict(s) for s in d["stages"]))
+
+
+def check_shape_numbers(stages: Any, boundaries: Any, num_units: int | None) -> None:
+    """Refuse, with a ConfigError naming the argument, a stage count that is not a whole number from 1 to
+    `num_units`, or boundaries that are not at least two whole unit indices from 0 to `num_units`.
+
+    What every reshape and launch checks first (the embedded runtime and the router through plan_shape,
+    a router's client before msgpack, which fails on an int past 64 bits, the HTTP endpoint for its 400):
+    the solver sized tables by a stage count it had not compared with the units yet.  `num_units` None (an
+    engine that does not tell it): no upper bound here, the engine checks its own."""
+    n = num_units
+    if stages is not None:
+        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+            most = f", at most the model's {n} units" if n is not None else ""
+            raise ConfigError(f"stages must be a whole number >= 1{most} (got {_shown(stages)})")
+        if n is not None and stages > n:
+            raise ConfigError(f"{_shown(stages)} stages asked but the model has only {n} units: stages must "
+                              f"be a whole number from 1 to {n}")
+    if boundaries is None:
+        return
+    last = n if n is not None else "num_units"
+    if isinstance(boundaries, (str, bytes)) or not isinstance(boundaries, Sequence) \
+            or not all(isinstance(b, int) and not isinstance(b, bool) for b in boundaries):
+        raise ConfigError(f"boundaries must be a list of whole unit indices [0, ..., {last}] "
+                          f"(got {_shown(boundaries)})")
+    bad = next((b for b in boundaries if b < 0 or (n is not None and b > n)), None)
+    if bad is not None:
+        of = f"from 0 to {n} (the model has {n} units)" if n is not None else ">= 0"
+        raise ConfigError(f"boundaries must be unit indices {of}, got {_shown(bad)}")
+    if len(boundaries) < 2:
+        raise ConfigError(f"boundaries {_shown(boundaries)} name no stage: give the cut points "
+                          f"[0, ..., {last}], at least two")
+
+
+def _shown(x: Any) -> str:
+    """`x` for an error message, short: an int of thousands of digits has no repr (nor a list holding one)."""
+    if isinstance(x, int) and not isinstance(x, bool) and x.bit_length() > 128:
+        return f"-2**{(-x).bit_length() - 1} or less" if x < 0 else f"2**{x.bit_length() - 1} or more"
+    if isinstance(x, (list, tuple)):
+        return f"[{', '.join(_shown(v) for v in x[:8])}{', ...' if len(x) > 8 else ''}]"
+    return f"{x!r:.80}"

@@ -110,22 +110,23 @@ def solve(
     n = len(graph)
     if num_stages is not None:
         num_stages = check_whole(num_stages, "num_stages", "the number of pipeline stages", 1)
+    capv: list[int | float] | None = None
     if caps is not None:
         if isinstance(caps, (str, bytes)):   # (each character was read as one stage's cap)
             raise PartitionError(f"caps {caps!r}: give a list of per-stage memory caps, e.g. ['2GB', '1GB']")
-        capv: list[int | float] = [parse_bytes(c) for c in caps]
+        capv = [parse_bytes(c) for c in caps]
         if num_stages is not None and num_stages != len(capv):
             raise PartitionError(f"{num_stages} stages asked but {len(capv)} caps given")
         num_stages = len(capv)
-    else:
-        if num_stages is None:
-            raise PartitionError("give a stage count or a list of per-stage memory caps")
-        capv = [math.inf] * num_stages
+    elif num_stages is None:
+        raise PartitionError("give a stage count or a list of per-stage memory caps")
     if num_stages < 1:
         raise PartitionError("a pipeline needs at least one stage")
-    tokens = check_cost(cost, num_stages)
-    if num_stages > n:
+    if num_stages > n:   # before anything is sized by it (2**62 stages were a MemoryError, 10**9 took 8 GB)
         raise PartitionError(f"{num_stages} stages asked but the model has only {n} units")
+    tokens = check_cost(cost, num_stages)
+    if capv is None:
+        capv = [math.inf] * num_stages
 
     mem = unit_bytes(graph, cost)
     largest = max(capv)

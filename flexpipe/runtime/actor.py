@@ -516,7 +516,7 @@ class Actor(ActorContext):
             return None
         self.stats["oversize_out"] += 1
         return (f"message of {size} bytes exceeds max_message_bytes={limit} ({whose}): "
-                f"raise ActorSettings.max_message_bytes, the same on every actor (a mailbox cuts off a peer that "
+                f"{MessageTooLarge.HINT}, the same on every actor (a mailbox cuts off a peer that "
                 f"sends a frame above its own), or send less per message")
 
     def _check_size(self, ref: ActorRef, msg: Any, frames: list) -> None:

@@ -76,8 +76,8 @@ def plan(items: Sequence[tuple[int, int, int]], budget: int) -> list[list[Piece]
             raise ValueError(f"item {i}: rows={rows}, row_bytes={row_bytes}, overhead={over} must be >= 0")
         if over + (row_bytes if rows else 0) > budget:
             raise MessageTooLarge(f"item {i} of a copy cannot be sent: one row of it is {row_bytes} bytes (+{over} "
-                                  f"of header), above the {budget} bytes a message may carry: raise "
-                                  f"ActorSettings.max_message_bytes")
+                                  f"of header), above the {budget} bytes a message may carry: "
+                                  f"{MessageTooLarge.HINT}")
         whole = over + rows * row_bytes
         if whole <= budget and used + whole > budget:
             msgs.append(cur)    # it fits a message of its own: begin one rather than split it

@@ -40,7 +40,6 @@ CLIENT_GONE = 499  # status recorded (never sent) for requests whose client disc
 OFF_LOOP_CHARS = 16384  # prompts of more characters are tokenized (and templated) in a worker thread
 HEALTH_TIMEOUT_S = 5.0   # a remote router slower than this to tell its status is reported unavailable
 RESHAPE_KEYS = frozenset({"stages", "boundaries"})   # what POST /v1/flexpipe/reshape takes (docs/reshape.md)
-WIRE_INT_MAX = 2**63 - 1   # the most a reshape's numbers may be when the model's unit count is unknown
 
 EngineFactory = Callable[[], AsyncContextManager[Any]]
 
@@ -224,6 +223,8 @@ class _Server:
         fail to encode for a router: a 500), a shape that cannot be cut (400), or one that no device
         has the memory for (PlacementError: 409 reshape_does_not_fit; the old shape keeps serving).
         """
+        from flexpipe.partition.graph import check_shape_numbers   # (here: this module imports no torch)
+
         self._authorize(request, "reshape")
         body = await self._body(request)
         unknown = sorted(set(body) - RESHAPE_KEYS)
@@ -235,22 +236,12 @@ class _Server:
         if (stages is None) == (bounds is None):
             raise bad_request("Send exactly one of 'stages' (an integer) or 'boundaries' (a list of unit "
                               "indices from 0 to the number of units).", "stages")
-        units = self._num_units()
-        top = units if units is not None else WIRE_INT_MAX
-        of = f" (the model has {units} units)" if units is not None else ""
-        if stages is not None and (not isinstance(stages, int) or isinstance(stages, bool)
-                                   or not 1 <= stages <= top):
-            raise bad_request(f"'stages' must be an integer from 1 to {top}{of}.", "stages")
-        if bounds is not None and not (isinstance(bounds, list) and all(
-                isinstance(b, int) and not isinstance(b, bool) for b in bounds)):
-            raise bad_request("'boundaries' must be a list of integers.", "boundaries")
-        if bounds is not None and not all(0 <= b <= top for b in bounds):
-            raise bad_request(f"'boundaries' must be unit indices from 0 to {top}{of}, got "
-                              f"{next(b for b in bounds if not 0 <= b <= top)}.", "boundaries")
         try:
+            # (the engine checks them too: here they are a 400 before anything reaches it)
+            check_shape_numbers(stages, bounds, self._num_units())
             stats = await self.engine.reshape(**({"stages": stages} if stages is not None else
                                                  {"boundaries": bounds}))
-        except (PartitionError, RequestError, ValueError) as e:
+        except (PartitionError, RequestError, ValueError) as e:   # ConfigError is a ValueError
             raise bad_request(str(e), "stages" if stages is not None else "boundaries") from None
         except (PlacementError, ReshapeError) as e:   # the old shape serves on: a conflict, not a failure
             raise _api_error(e) from None

@@ -57,15 +57,15 @@ def serve_main(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
         _check_router(cfg["router"], cfg["router_timeout"], cfg["router_ready_timeout"])
     else:
-        from flexpipe.api import ModelSpec, Settings, _check_hop_fits, plan_shape
+        from flexpipe.api import ModelSpec, Settings, check_hop_fits, plan_shape
 
         # "flexpipe: error: ..." now, not a traceback from the server's startup after the engine loads
         settings = Settings(**options)
         settings.check()
         _check_device(settings.device)
         config = ModelSpec.resolve(model, settings.seed).config
-        plan_shape(config, stages)
-        _check_hop_fits(config, settings, in_process)
+        plan_shape(config, stages, device=settings.device)
+        check_hop_fits(config, settings, in_process)
 
     def launch() -> Any:
         if cfg["router"]:
