@@ -19,6 +19,7 @@ its own table only, and refuses the file's top-level key rather than read anothe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tomllib
 from dataclasses import dataclass
@@ -185,9 +186,9 @@ ROUTER_SETTINGS = [
     _LOG_FORMAT,
 ]
 # The runtime settings `flexpipe router` offers: all of flexpipe.api.Settings but the device (each
-# worker says which devices it has) and max_message_bytes (the cluster's actors - router, workers, their
-# stages, clients - do not take it from the router yet: offered, it would be silently not used).
-ROUTER_RUNTIME_SETTINGS = [s for s in RUNTIME_SETTINGS if s.name not in ("device", "max_message_bytes")]
+# worker says which devices it has).  Its max_message_bytes is its own actors' and, passed on with each
+# StartStage, that of every stage process its workers start.
+ROUTER_RUNTIME_SETTINGS = [s for s in RUNTIME_SETTINGS if s.name != "device"]
 
 # `flexpipe worker`'s: the router's URL is FLEXPIPE_ROUTER (serve's, the same URL) and the usage reports'
 # interval FLEXPIPE_USAGE_INTERVAL, as before; the rest FLEXPIPE_WORKER_* (FLEXPIPE_HOST is serve's listen
@@ -208,6 +209,11 @@ WORKER_SETTINGS = [
     Setting("usage_interval", float, 2.0, "seconds between reports to the router of the memory other tenants use "
             "on this worker's GPUs, which placement avoids (0: never; the router then knows only what they used "
             "when this worker joined)", "S"),
+    # the worker's own mailbox (its stages take the router's): the variable and top-level key of the
+    # router's (and serve's), so that one of them gives the whole cluster one limit
+    dataclasses.replace(next(s for s in RUNTIME_SETTINGS if s.name == "max_message_bytes"),
+                        help="largest message this worker's own actor sends or takes (the stages it starts take "
+                             "the router's --max-message-bytes): give every daemon of a cluster the same"),
     _LOG_FORMAT,
 ]
 

@@ -208,15 +208,6 @@ def test_generate_takes_max_message_bytes_as_every_runtime_setting(how, tmp_path
     assert out.out == ""
 
 
-def test_the_router_does_not_offer_a_limit_it_would_not_pass_on(tmp_path):
-    """The daemons' actors (router, workers, their stages, clients) do not take it from the router."""
-    assert "max_message_bytes" not in {s.name for s in RESOLVED["router"]}
-    f = tmp_path / "f.toml"
-    f.write_text("[router]\nmax_message_bytes = 65536\n")
-    with pytest.raises(ConfigError, match="unknown setting.*max_message_bytes for `flexpipe router`"):
-        resolved("router", f)
-
-
 @pytest.mark.timeout(180)
 async def test_a_small_limit_reaches_every_stage_process_and_a_reshape_copies_under_it():
     """Stage processes under a 64 KiB max_message_bytes: outputs equal the oracle, and a reshape that moves

@@ -41,7 +41,7 @@ from flexpipe.runtime.actor import ActorSettings, handles
 from flexpipe.runtime.messages import ActorRef, Terminated, message
 
 __all__ = ["RemoteFlexPipe", "RouterUnavailable", "RouterLost", "connect", "Hello", "ModelInfo", "WaitReady", "Submit",
-           "Tokens", "Cancel", "StatusQuery", "Reshape", "PROTOCOL_VERSION", "CURVE_FIELDS", "check_reshape_numbers",
+           "Tokens", "Cancel", "StatusQuery", "Reshape", "PROTOCOL_VERSION", "CURVE_FIELDS",
            "client_settings", "curve_from_env", "frontend_ref",
            "local_address_towards", "no_answer_hint", "not_ready_hint", "parse_endpoint"]
 
@@ -121,31 +121,6 @@ class Reshape:
     boundaries: list | None = None
     devices: list | None = None
     weights_from: str = "auto"
-
-
-def check_reshape_numbers(stages: Any, boundaries: Any, num_units: int) -> None:
-    """Refuse, with a ConfigError naming the argument (the HTTP reshape endpoint's words), a number of
-    stages not in [1, num_units] or boundaries that are not unit indices in [0, num_units]: before
-    the client's msgpack fails on one past 64 bits, and before the router's solver sizes by one."""
-    n = num_units
-    if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= n):
-        raise ConfigError(f"stages must be a whole number from 1 to {n} (the model has {n} units; got "
-                          f"{_shown(stages)})")
-    if boundaries is None:
-        return
-    if isinstance(boundaries, (str, bytes)) or not isinstance(boundaries, Sequence) \
-            or not all(isinstance(b, int) and not isinstance(b, bool) for b in boundaries):
-        raise ConfigError(f"boundaries must be a list of whole unit indices [0, ..., {n}] (got {_shown(boundaries)})")
-    bad = next((b for b in boundaries if not 0 <= b <= n), None)
-    if bad is not None:
-        raise ConfigError(f"boundaries must be unit indices from 0 to {n} (the model has {n} units), got {_shown(bad)}")
-
-
-def _shown(x: Any) -> str:
-    """`x` for an error message, short (an int of thousands of digits has no repr)."""
-    if isinstance(x, int) and x.bit_length() > 64:
-        return f"an integer of {x.bit_length()} bits"
-    return f"{x!r:.80}"
 
 
 # --- addresses ----------------------------------------------------------------------------------
@@ -480,11 +455,12 @@ class RemoteFlexPipe(EngineClient):
     async def reshape(self, stages: int | None = None, boundaries: Sequence[int] | None = None, *,
                       devices: Sequence[str] | None = None, weights_from: str = "auto") -> Any:
         """Change the pipeline's shape while requests run; returns the ReshapeStats."""
+        from flexpipe.partition.graph import check_shape_numbers
         from flexpipe.runtime.controller import ReshapeStats
 
         if (stages is None) == (boundaries is None):
             raise ConfigError("give either stages=N or boundaries=[0, ..., num_units]")
-        check_reshape_numbers(stages, boundaries, self.config.num_units)   # (what the wire cannot carry too)
+        check_shape_numbers(stages, boundaries, self.config.num_units)   # (also what msgpack cannot carry)
         d = await self._ask(Reshape(stages, list(boundaries) if boundaries is not None else None,
                                     list(devices) if devices is not None else None, weights_from),
                             timeout=900.0)

@@ -85,17 +85,23 @@ def _configure_logging(log_format: str, args: argparse.Namespace) -> None:
 
 
 def _serve(daemon: Any) -> int:
-    """Run a daemon until SIGTERM or SIGINT."""
+    """Run a daemon until SIGTERM or SIGINT, then let it shut down; returns its exit code.
+
+    A signal repeated meanwhile (a supervisor's, a second `kill`) changes nothing, nor once the daemon
+    has returned, as the process exits: then the signals are ignored.  Given back their default action
+    there, one killed a process that had shut down cleanly (exit -15).  The handlers are the signal
+    module's, not the loop's, so that no moment between the two has the default action (the loop's
+    removal sets it)."""
     async def go() -> int:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
         try:
             return await daemon.run(stop)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_IGN)
 
     return asyncio.run(go())
 
@@ -103,7 +109,7 @@ def _serve(daemon: Any) -> int:
 def router_main(args: argparse.Namespace) -> int:
     """`flexpipe router`."""
     cfg = resolve_settings(ROUTER_SETTINGS + ROUTER_RUNTIME_SETTINGS, args, "router")
-    from flexpipe.api import ModelSpec, Settings, plan_shape
+    from flexpipe.api import ModelSpec, Settings, check_hop_fits, plan_shape
 
     _configure_logging(cfg["log_format"], args)
     # Only what was set anywhere goes to the runtime (as `flexpipe serve` does); the rest keeps its defaults.
@@ -114,9 +120,12 @@ def router_main(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError(f"--boundaries {boundaries!r}: give unit indices separated by commas, "
                           "e.g. 0,12,24") from None
-    # "flexpipe: error: ..." now, not once the first worker joins: the shape the router will start
+    # "flexpipe: error: ..." now, not once the first worker joins: the shape the router will start, and a
+    # max_message_bytes its stages' activations fit in (between workers they always go as messages)
     settings.check()
-    plan_shape(ModelSpec.resolve(cfg["model"], settings.seed).config, cfg["stages"], bounds)
+    config = ModelSpec.resolve(cfg["model"], settings.seed).config
+    plan_shape(config, cfg["stages"], bounds)
+    check_hop_fits(config, settings, in_process=False)
     return _serve(RouterDaemon(cfg["bind"], cfg["model"], cfg["stages"], boundaries=bounds,
                                min_workers=cfg["min_workers"], drain_timeout=cfg["drain_timeout"],
                                advertise=cfg["advertise"], settings=settings, curve=_curve(args),
@@ -137,7 +146,7 @@ def worker_main(args: argparse.Namespace) -> int:
     return _serve(WorkerDaemon(cfg["router"], name=cfg["name"], host=cfg["host"], devices=cfg["devices"],
                                memory=memory, heartbeat_interval=cfg["heartbeat_interval"],
                                heartbeat_timeout=cfg["heartbeat_timeout"], curve=_curve(args),
-                               usage_interval=cfg["usage_interval"]))
+                               usage_interval=cfg["usage_interval"], max_message_bytes=cfg["max_message_bytes"]))
 
 
 def main(argv: list[str] | None = None) -> int:

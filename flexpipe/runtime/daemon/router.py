@@ -26,7 +26,7 @@ from flexpipe.runtime.daemon.messages import (
 from flexpipe.runtime.messages import ActorRef, Ping, Terminated
 from flexpipe.runtime.remote import (
     Cancel, Hello, ModelInfo, Reshape, RouterUnavailable, StatusQuery, Submit, Tokens, WaitReady,
-    check_reshape_numbers, local_address_towards, parse_endpoint,
+    local_address_towards, parse_endpoint,
 )
 
 
@@ -338,6 +338,7 @@ class RouterDaemon:
         actor_settings = ActorSettings(bind=self.kind, host=self.host, heartbeat_interval=s.heartbeat_interval,
                                        heartbeat_timeout=s.heartbeat_timeout, start_timeout=s.start_timeout,
                                        torch_threads=s.torch_threads, rt_priority=s.rt_priority,
+                                       max_message_bytes=s.max_message_bytes,
                                        **(self.curve if self.kind == "tcp" else {}))
         if s.rt_priority:   # this process's threads (ConfigError if refused); its stages apply it themselves
             use_realtime(s.rt_priority)
@@ -359,7 +360,7 @@ class RouterDaemon:
                 self.state = f"waiting for workers (0 of {self.min_workers})"
                 event("listening", endpoint=self.frontend.ref.endpoint, model=self.spec.name,
                       stages=self.boundaries and len(self.boundaries) - 1 or self.num_stages,
-                      min_workers=self.min_workers)
+                      min_workers=self.min_workers, max_message_bytes=system.settings.max_message_bytes)
                 try:
                     if await _until(self.enough_workers.wait(), stop):
                         await self._build()
@@ -644,7 +645,8 @@ class RouterDaemon:
                                        heartbeat_timeout=self.settings.heartbeat_timeout,
                                        start_timeout=self.settings.start_timeout,
                                        torch_threads=self.settings.torch_threads,
-                                       rt_priority=self.settings.rt_priority)
+                                       rt_priority=self.settings.rt_priority,
+                                       max_message_bytes=self.settings.max_message_bytes)
         kwargs = dict(kwargs, device=w.devices[device])
         timeout = self.settings.start_timeout
         self._starting[name] = (w.name, device, need)
@@ -743,13 +745,10 @@ class RouterDaemon:
             raise RouterUnavailable(f"cannot reshape now ({self.state})")
         if (stages is None) == (boundaries is None):
             raise ConfigError("give either stages=N or boundaries=[0, ..., num_units]")
-        check_reshape_numbers(stages, boundaries, self.spec.config.num_units)   # (off the wire: anything)
-        c = self.controller
-        for sl in c.slots:  # a stage recovered on another worker runs elsewhere than the slot says:
-            sl.device = sl.handle.device  # what the controller's matching must compare with
+        c = self.controller   # (its slots name the devices stages run on, a recovered one's too)
         shape = plan_shape(self.spec.config, stages, boundaries, c.shape.epoch + 1, self._device_kind())
         if devices is None:
-            devices = await self._place(shape, [(sl.start, sl.end, sl.handle.device) for sl in c.slots])
+            devices = await self._place(shape, [(sl.start, sl.end, sl.device) for sl in c.slots])
         elif not isinstance(devices, list) or len(devices) != shape.num_stages \
                 or not all(isinstance(d, str) and self._owner(d) is not None for d in devices):
             # (launch_stage moves a stage whose device has no live worker elsewhere, for a worker lost

@@ -22,6 +22,7 @@ from flexpipe.runtime.remote import CURVE_FIELDS, no_answer_hint
 from flexpipe.settings import WORKER_SETTINGS
 
 USAGE_INTERVAL_DEFAULT: float = next(s.default for s in WORKER_SETTINGS if s.name == "usage_interval")
+MAX_MESSAGE_BYTES_DEFAULT: int = next(s.default for s in WORKER_SETTINGS if s.name == "max_message_bytes")
 
 
 # --- the worker side ------------------------------------------------------------------------------------
@@ -70,7 +71,8 @@ class WorkerDaemon:
     def __init__(self, router: str, *, name: str | None = None, host: str | None = None, devices: str = "auto",
                  memory: int | None = None, heartbeat_interval: float = 0.5, heartbeat_timeout: float = 3.0,
                  join_timeout: float = 5.0, curve: dict[str, str] | None = None,
-                 usage_interval: float = USAGE_INTERVAL_DEFAULT):
+                 usage_interval: float = USAGE_INTERVAL_DEFAULT,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES_DEFAULT):
         from flexpipe.runtime.remote import client_settings, frontend_ref
 
         if isinstance(usage_interval, bool) or not isinstance(usage_interval, (int, float)) \
@@ -80,8 +82,9 @@ class WorkerDaemon:
         self.usage_interval = float(usage_interval)
         self.router_url = router
         self.router_ref = frontend_ref(router)
+        # (its own mailbox's limit: the stages it starts take the router's, with each StartStage)
         self.settings = client_settings(router, host, curve, heartbeat_interval=heartbeat_interval,
-                                        heartbeat_timeout=heartbeat_timeout)
+                                        heartbeat_timeout=heartbeat_timeout, max_message_bytes=max_message_bytes)
         self.host = self.settings.host
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         if not self.name or "/" in self.name:
@@ -125,7 +128,7 @@ class WorkerDaemon:
             self.actor = await system.spawn(WorkerBehaviour(self), self.name)
             event("started", worker=self.name, endpoint=self.actor.ref.endpoint, router=self.router_url,
                   devices={f"{self.name}/{i}": d for i, d in self.torch_devices.items()},
-                  memory=[g.memory_bytes for g in topo.gpus])
+                  memory=[g.memory_bytes for g in topo.gpus], max_message_bytes=self.settings.max_message_bytes)
             self._joiner = asyncio.get_running_loop().create_task(self._join_loop())
             if self.usage_interval > 0:
                 self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
@@ -304,7 +307,8 @@ class WorkerDaemon:
             raise ActorError(f"stage {msg.name} was killed while it started: {killed}")
         self._track(msg.name, h, self._device_id(msg.kwargs.get("device")))
         event("stage_started", worker=self.name, stage=msg.name, stage_pid=h.pid, endpoint=h.ref.endpoint,
-              device=msg.kwargs.get("device"), units=[msg.kwargs.get("start"), msg.kwargs.get("end")])
+              device=msg.kwargs.get("device"), units=[msg.kwargs.get("start"), msg.kwargs.get("end")],
+              max_message_bytes=self.stage_system.settings.max_message_bytes)   # (the router's)
         return StageStarted(msg.name, h.ref, h.pid)
 
     def _device_id(self, torch_device: Any) -> str | None:
