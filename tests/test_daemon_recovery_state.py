@@ -11,41 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from types import SimpleNamespace
 
 import pytest
 
 from flexpipe.runtime.remote import RemoteFlexPipe
 from tests.pipeline_helpers import check_against_oracle, request_mix, run_all
-from tests.test_daemons import START_S, Daemon, one_torch_thread, stop_daemons  # noqa: F401 - (a module fixture: autouse)
-
-HB = ["--heartbeat-timeout", "3"]
-
-
-def worker(name: str, url: str) -> Daemon:
-    return Daemon(name, ["worker", "--router", url, "--name", name, "--devices", "cpu:0", "--memory", "1GB", *HB])
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A router (2 stages, waits for 2 workers) on an ipc socket, and workers wa and wb, one CPU each."""
-    tmp = tmp_path_factory.mktemp("recovery-state")
-    router = Daemon("router", ["router", "--bind", f"ipc://{tmp}/router", "--model", "tiny", "--stages", "2",
-                               "--num-blocks", "100", "--min-workers", "2", "--drain-timeout", "1.5", *HB])
-    c = SimpleNamespace(router=router, url="", workers={}, all=[router])
-    try:
-        c.url = router.wait_for("listening")["endpoint"]
-        for name in ("wa", "wb"):
-            c.workers[name] = worker(name, c.url)
-            c.all.append(c.workers[name])
-        router.wait_for("ready")
-        yield c
-    finally:
-        stop_daemons(c.all)
-
-
-def connect(cluster) -> RemoteFlexPipe:
-    return RemoteFlexPipe.connect(cluster.url, ready_timeout=30, heartbeat_timeout=5)
+from tests.test_daemons import START_S, one_torch_thread  # noqa: F401 - (a module fixture: autouse)
+# the same cluster (a router, workers wa and wb on one CPU each), started anew for this module
+from tests.test_daemon_reshape import cluster, connect, worker  # noqa: F401 - (cluster: a module fixture)
 
 
 def devices_of(st: dict) -> tuple[list[str], list[str]]:

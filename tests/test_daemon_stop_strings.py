@@ -19,7 +19,7 @@ import pytest
 from flexpipe.api import FlexPipe
 from flexpipe.errors import ConfigError, RemoteError
 from flexpipe.runtime.remote import RemoteFlexPipe, Reshape, Submit
-from tests.test_daemons import Daemon, one_torch_thread, stop_daemons  # noqa: F401 - (a module fixture: autouse)
+from tests.test_daemons import one_torch_thread, router_and_worker  # noqa: F401 - (a module fixture: autouse)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,18 +31,8 @@ COUNTS = ("finish_stop", "finish_length", "tokens", "steps")   # of the router's
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A router (2 stages) on an ipc socket and one worker with one CPU device."""
-    tmp = tmp_path_factory.mktemp("stop-cluster")
-    router = Daemon("router", ["router", "--bind", f"ipc://{tmp}/router", "--model", "tiny", "--stages", "2",
-                               "--num-blocks", "100", "--min-workers", "1", "--heartbeat-timeout", "5"])
-    daemons = [router]
-    try:
-        url = router.wait_for("listening")["endpoint"]
-        daemons.append(Daemon("w", ["worker", "--router", url, "--name", "w", "--devices", "cpu:0",
-                                    "--memory", "1GB", "--heartbeat-timeout", "5"]))
-        router.wait_for("ready")
+    with router_and_worker(tmp_path_factory.mktemp("stop-cluster")) as url:
         yield url
-    finally:
-        stop_daemons(daemons)
 
 
 def connect(url: str) -> RemoteFlexPipe:

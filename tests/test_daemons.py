@@ -143,6 +143,23 @@ def stop_daemons(daemons: list) -> None:
             d.proc.wait(10)
 
 
+@contextlib.contextmanager
+def router_and_worker(tmp: Path, *, devices: str = "cpu:0", memory: str = "1GB"):
+    """A router (tiny model, 2 stages, 100 KV blocks, ipc) and one worker `w` with `devices`; yields the
+    router's URL once it serves, and stops both on the way out."""
+    router = Daemon("router", ["router", "--bind", f"ipc://{tmp}/router", "--model", "tiny", "--stages", "2",
+                               "--num-blocks", "100", "--min-workers", "1", "--heartbeat-timeout", "5"])
+    daemons = [router]
+    try:
+        url = router.wait_for("listening")["endpoint"]
+        daemons.append(Daemon("w", ["worker", "--router", url, "--name", "w", "--devices", devices,
+                                    "--memory", memory, "--heartbeat-timeout", "5"]))
+        router.wait_for("ready")
+        yield url
+    finally:
+        stop_daemons(daemons)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A router (2 stages, waits for 2 workers) and two workers with one CPU device each; every tcp

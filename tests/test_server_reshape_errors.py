@@ -19,7 +19,7 @@ pytest.importorskip("starlette", reason="the 'serve' extra is not installed")
 import httpx  # noqa: E402
 
 from flexpipe.server import ServerThread, create_app  # noqa: E402
-from tests.test_daemons import Daemon, logs, stop_daemons  # noqa: E402
+from tests.test_daemons import logs, router_and_worker  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,20 +30,10 @@ UNITS = 18   # the tiny model's
 def served(tmp_path_factory):
     from flexpipe.runtime.remote import connect as remote_connect
 
-    tmp = tmp_path_factory.mktemp("reshape-errors")
-    router = Daemon("router", ["router", "--bind", f"ipc://{tmp}/router.ipc", "--model", "tiny", "--stages", "2",
-                               "--num-blocks", "100", "--min-workers", "1", "--heartbeat-timeout", "5"])
-    daemons = [router]
-    try:
-        url = router.wait_for("listening")["endpoint"]
-        daemons.append(Daemon("w", ["worker", "--router", url, "--name", "w", "--devices", "cpu:0,cpu:1",
-                                    "--memory", "8MiB", "--heartbeat-timeout", "5"]))
-        router.wait_for("ready")
+    with router_and_worker(tmp_path_factory.mktemp("reshape-errors"), devices="cpu:0,cpu:1", memory="8MiB") as url:
         app = create_app(lambda: remote_connect(url, ready_timeout=60, heartbeat_timeout=5))
         with ServerThread(app) as base, httpx.Client(base_url=base, timeout=60) as http:
             yield http
-    finally:
-        stop_daemons(daemons)
 
 
 def _epoch(http: httpx.Client) -> int:
