@@ -91,16 +91,16 @@ async def test_a_residual_too_large_for_a_message_fails_its_requests_and_others_
 
 
 async def test_a_step_the_router_cannot_send_fails_its_requests():
-    # 1 token x 512 bytes fits 1024; a request id beside the free of another does not: the router took
-    # the refusal for a dead stage 0 and the step stayed in flight, and every request behind it waited
-    async with FlexPipe.launch("tiny", stages=1, in_process=True, max_message_bytes=1024,
-                               max_batch_tokens=1) as fp:
-        first = fp.complete("ab", max_tokens=1, request_id="1" + LONG_ID)
-        second = fp.complete("ab", max_tokens=6, request_id="2" + LONG_ID)
-        done = await asyncio.wait_for(asyncio.gather(first, second), 30)
-        assert [c.finish_reason for c in done] == ["length", "error"]
-        assert fp.router.stats["step_failures"] >= 1
+    # 15 tokens x 512 bytes fit 8192; fifteen requests of 128-character ids beside them do not: the router
+    # took the refusal for a dead stage 0 and the step stayed in flight, and every request behind it waited
+    async with FlexPipe.launch("tiny", stages=1, in_process=True, max_message_bytes=8192,
+                               max_batch_tokens=15) as fp:
+        done = await asyncio.wait_for(asyncio.gather(*[
+            fp.complete([65], max_tokens=2, request_id=f"{i:x}" + LONG_ID) for i in range(15)]), 30)
+        assert {c.finish_reason for c in done} == {"error"} and fp.router.stats["step_failures"] == 1
         await until(fp.router, fp.router.sched.idle, timeout=30)   # no step is left waiting
+        ok = await fp.complete([65], max_tokens=2)
+        assert ok.finish_reason == "length" and ok.token_ids == fp.reference_tokens([65], max_tokens=2)
 
 
 def test_serve_refuses_a_message_limit_below_a_micro_batch_in_one_line():

@@ -4,8 +4,9 @@ The router owns the scheduler (runtime/scheduler.py) and the KV ledger (runtime/
 launches micro-batches into stage 0 of the current epoch.  One pump task is the only sender of
 steps, so steps leave in order; outputs come back as StepOutput messages from the last stage.
 Outputs of another epoch are dropped and counted (epoch fencing).  The KV frees of requests that
-ended travel on steps too: on the next one, or, when the pipeline goes idle, on a step of frees
-only (no sequences) that every stage applies and passes on, and that returns like any other.
+ended travel on steps too: on the next one, or, when the pipeline goes idle or they are more than a
+step's message holds beside its batch, on steps of frees only (no sequences) that every stage applies
+and passes on, and that return like any other (runtime/scheduler.py bounds them by max_message_bytes).
 
 The reshape controller (runtime/controller.py) acts through `quiesce()` / `resume()` and swaps the
 pipeline (stage refs, ledger pools, epoch) while nothing is in flight.  `listeners` see arrivals,
@@ -29,6 +30,7 @@ import torch
 from flexpipe.errors import ActorClosed, ActorError, PeerDeadError, PipelineDown, RequestError
 from flexpipe.runtime.actor import ActorContext, handles
 from flexpipe.runtime.cache import CacheManager
+from flexpipe.runtime.chunks import limit_of
 from flexpipe.runtime.messages import ActorRef, Terminated, message
 from flexpipe.runtime.scheduler import Request, Scheduler, TokenEvent
 from flexpipe.runtime.stage import StepFailed, StepInput, StepOutput
@@ -147,6 +149,7 @@ class RouterActor:
 
     async def on_start(self, ctx: ActorContext) -> None:
         self.ctx = ctx
+        self.sched.max_message_bytes = limit_of(getattr(ctx, "settings", None))   # (its steps' frees fit it)
         for ref in self.pipeline.refs:
             ctx.watch(ref)
         self._pump_task = asyncio.get_running_loop().create_task(self._pump())

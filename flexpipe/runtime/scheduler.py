@@ -13,6 +13,14 @@ path as steps, so that every stage applies them after each step launched before 
 step launched after.  When no micro-batch is in flight and none can go, the frees go in a
 micro-batch of their own (no chunks): else an idle pipeline's stages would hold the blocks that the
 ledger counts free until the next request came (a reshape meanwhile would copy and count them).
+
+Frees are bounded by the message limit (`max_message_bytes`): ids are up to 128 characters, and a
+step that could not be sent would put its frees back for the next one, which would fail too, for
+ever.  A step with requests carries at most half the headroom `chunks.budget()` keeps beside a full
+residual; frees beyond that go first, in steps of frees only (up to `budget()` bytes each, at once,
+even while steps are in flight).  The ledger counts a free's blocks free as soon as its request
+ends, so every free pending when a step is picked goes with that step or before it, and a
+preemption whose free would not fit the step ends the pick there (it goes alone first).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Any, Callable
 
 from flexpipe.errors import RequestError
 from flexpipe.runtime.cache import CacheManager
+from flexpipe.runtime.chunks import budget as message_budget, limit_of
 
 
 @dataclass(slots=True)
@@ -107,8 +116,10 @@ class Scheduler:
     """Continuous batching under a token budget, with chunked prefill and recompute preemption."""
 
     def __init__(self, cache: CacheManager, *, max_batch_tokens: int = 256, max_inflight: int = 1,
-                 max_batch_seqs: int = 256, clock: Callable[[], float] = time.monotonic):
+                 max_batch_seqs: int = 256, clock: Callable[[], float] = time.monotonic,
+                 max_message_bytes: int | None = None):
         self.cache = cache
+        self.max_message_bytes = max_message_bytes or limit_of(None)   # bounds the frees of a step (module doc)
         self.max_batch_tokens = max_batch_tokens
         self.max_inflight = max_inflight
         self.max_batch_seqs = max_batch_seqs
@@ -163,15 +174,17 @@ class Scheduler:
     def schedule(self) -> MicroBatch | None:
         """Build the next micro-batch from requests not in flight, or None if nothing can go.
 
-        With no request to run, frees that wait while no micro-batch is in flight (one would take them
-        when it returns and the next goes) go in a micro-batch of their own (see the module doc)."""
+        Frees too many to ride the next step go first, alone; with no request to run, frees that wait
+        while no micro-batch is in flight (one would take them when it returns and the next goes) go
+        in a micro-batch of their own (see the module doc)."""
+        if self._frees_alone and self._frees_overflow():
+            return self._frees_only()   # (it takes no stage's turn)
         if sum(1 for mb in self.inflight.values() if mb.chunks) >= self.max_inflight:
             return None   # (one of frees only computes nothing: it takes no stage's turn)
         chunks = self._pick()
         if not chunks:
-            return self._frees_only()
-        mb = MicroBatch(next(self._steps), chunks, self.pending_frees)
-        self.pending_frees = []
+            return self._frees_only() if not self.inflight or self._frees_overflow() else None
+        mb = MicroBatch(next(self._steps), chunks, self._take_frees(self._riding_bytes()))
         self._frees_alone = True   # those of a failed micro-batch of frees only go with this one
         self.inflight[mb.step] = mb
         self.stats.steps += 1
@@ -179,14 +192,42 @@ class Scheduler:
         return mb
 
     def _frees_only(self) -> MicroBatch | None:
-        """A micro-batch of the pending frees alone, when there are some and nothing is in flight."""
-        if not self.pending_frees or self.inflight or not self._frees_alone:
+        """A micro-batch of pending frees alone (as many as a message holds), when there are some."""
+        if not self.pending_frees or not self._frees_alone:
             return None
-        mb = MicroBatch(next(self._steps), [], self.pending_frees)
-        self.pending_frees = []
+        mb = MicroBatch(next(self._steps), [], self._take_frees(message_budget(self.max_message_bytes),
+                                                                at_least_one=True))
         self.inflight[mb.step] = mb
         self.stats.free_steps += 1
         return mb
+
+    # ---- how many frees a step carries ----------------------------------------------------------------
+    @staticmethod
+    def _free_bytes(seq_id: str) -> int:
+        """Bytes one free adds to a step's body: the id and its msgpack string header."""
+        return len(seq_id.encode()) + 5
+
+    def _riding_bytes(self) -> int:
+        """Bytes of frees a step with requests may carry: between stages its residual may take all of
+        `budget()` (check_hop_fits), so half the headroom kept beside it; the rest is for the body's
+        framing and the requests' own fields."""
+        return (self.max_message_bytes - message_budget(self.max_message_bytes)) // 2
+
+    def _frees_overflow(self) -> bool:
+        """Whether the pending frees are more than the next step with requests may carry."""
+        return sum(map(self._free_bytes, self.pending_frees)) > self._riding_bytes()
+
+    def _take_frees(self, room: int, at_least_one: bool = False) -> list[str]:
+        """The oldest pending frees that fit `room` bytes (at least one if asked: none is above a
+        message of frees only, as ids are short), no longer pending."""
+        n = used = 0
+        for s in self.pending_frees:
+            used += self._free_bytes(s)
+            if used > room and (n or not at_least_one):
+                break
+            n += 1
+        taken, self.pending_frees = self.pending_frees[:n], self.pending_frees[n:]
+        return taken
 
     def _pick(self) -> list[Chunk]:
         """The chunks of the next micro-batch: running requests first, then admissions (FCFS)."""
@@ -197,6 +238,9 @@ class Scheduler:
         seq_cap = min(self.max_batch_seqs, max(1, math.ceil(active / self.max_inflight)))
         budget = self.max_batch_tokens
         chunks: list[Chunk] = []
+        # bytes of frees this step can still carry beside those pending (all of them go with it or
+        # before it): a victim's blocks are reused by this step only if its free rides on it too
+        room = self._riding_bytes() - sum(map(self._free_bytes, self.pending_frees))
 
         for rid in list(self.running):
             if budget <= 0 or len(chunks) >= seq_cap:
@@ -211,6 +255,9 @@ class Scheduler:
                     n = 0
                     break
                 self._preempt(victim)
+                room -= self._free_bytes(victim)
+                if room < 0:   # its free goes alone after this step: nothing in this one may take its blocks
+                    return chunks
             if n <= 0:
                 continue
             chunks.append(self._chunk(req, n))
