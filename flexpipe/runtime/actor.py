@@ -42,16 +42,18 @@ first: tell() and ask() raise `MessageTooLarge` (naming the size, the limit and 
 nothing, and a reply too large becomes an ErrorReply that the asker raises as `MessageTooLarge` at
 once.  A reply is held to the asker's limit too: its DEALER announces it (the ZMTP property
 X-FP-Max-Message-Bytes, read from the ask's first frame), so that actors of different settings still
-refuse in words (a tell above a receiver's smaller limit is cut off: give every actor the same
-one).  Then each socket sets ZeroMQ's MAXMSGSIZE to the limit, which ZeroMQ applies per
-frame, as it reads the frame's size and before it allocates: a peer that sends the mailbox a larger
-frame is cut off (that message and what it had written behind it are lost; its DEALER reconnects),
-and nothing of it reaches the actor, which cannot tell it from a peer that went away and has nothing
-to answer.  A peer that sends anything to one of our DEALERs breaks the protocol (replies come back
-through mailboxes): above the limit, ZeroMQ cuts that connection for good (a connecting socket does
-not reconnect after a protocol error).  A message of several frames, each within the limit, whose
-sum is above it is still received whole and refused after (counted as "oversize", an ErrorReply to
-an ask): ZeroMQ limits frames, not messages.
+refuse in words.  A tell or ask above a receiver's smaller limit is cut off (give every actor the
+same one), unless the sender knows that limit: a peer's entry in `send_limits` (what it told, as a
+router daemon does in its Hello reply) holds tell() and ask() to it as well.  Then each socket sets
+ZeroMQ's MAXMSGSIZE to the limit, which ZeroMQ applies per frame, as it reads the frame's size and
+before it allocates: a peer that sends the mailbox a larger frame is cut off (that message and what
+it had written behind it are lost; its DEALER reconnects), and nothing of it reaches the actor,
+which cannot tell it from a peer that went away and has nothing to answer.  A peer that sends
+anything to one of our DEALERs breaks the protocol (replies come back through mailboxes): above the
+limit, ZeroMQ cuts that connection for good (a connecting socket does not reconnect after a protocol
+error).  A message of several frames, each within the limit, whose sum is above it is still received
+whole and refused after (counted as "oversize", an ErrorReply to an ask): ZeroMQ limits frames, not
+messages.
 """
 
 from __future__ import annotations
@@ -301,6 +303,8 @@ class Actor(ActorContext):
         # (sender, msg) -> reason to refuse or None; the behaviour's check_sender by default
         self.check_sender: Callable[[ActorRef | None, Any], str | None] | None = \
             getattr(behaviour, "check_sender", None)
+        # peer -> the max_message_bytes its mailbox takes, where it said so (module docstring)
+        self.send_limits: dict[ActorRef, int] = {}
         self._router: zmq.Socket | None = None   # plain socket, read from a loop reader callback
         self._dealers: dict[ActorRef, _Outbox] = {}
         self._senders: dict[bytes, ActorRef | None] = {}
@@ -501,17 +505,19 @@ class Actor(ActorContext):
                 frames[i] = zmq.Frame(f, copy=True)
         return frames
 
-    def _oversize(self, frames: list, head: Any = None, mine: str = "this actor's") -> str | None:
-        """Why `frames` may not be sent: above max_message_bytes (this actor's, or for a reply to an ask
-        whose first frame is `head`, the asker's when smaller); None when they fit."""
+    def _oversize(self, frames: list, theirs: int | None = None, head: Any = None,
+                  mine: str = "this actor's") -> str | None:
+        """Why `frames` may not be sent: above max_message_bytes (this actor's, or the receiver's when
+        smaller: `theirs`, or for a reply to an ask whose first frame is `head`, the asker's); None when
+        they fit."""
         size = sum(map(len, frames))   # (each frame is bytes-like of 1-byte items: bytes, uint8 array, Frame)
         if size <= _MIN_MESSAGE_BYTES:
             return None
         limit, whose = self.settings.max_message_bytes, mine
         if head is not None:
             theirs = _announced_limit(head)
-            if theirs is not None and theirs < limit:
-                limit, whose = theirs, "the asker's"
+        if theirs is not None and theirs < limit:
+            limit, whose = theirs, "the asker's" if head is not None else "the receiver's"
         if size <= limit:
             return None
         self.stats["oversize_out"] += 1
@@ -520,7 +526,7 @@ class Actor(ActorContext):
                 f"sends a frame above its own), or send less per message")
 
     def _check_size(self, ref: ActorRef, msg: Any, frames: list) -> None:
-        why = self._oversize(frames)
+        why = self._oversize(frames, self.send_limits.get(ref) if self.send_limits else None)
         if why is not None:
             raise MessageTooLarge(f"{type(msg).__name__} to {ref} not sent: {why}")
 
@@ -576,7 +582,7 @@ class Actor(ActorContext):
         flags = REPLY | (ERROR if error else 0)
         try:
             frames = self._encode(value, (), flags, corr)
-            why = self._oversize(frames, head, mine="the replier's")
+            why = self._oversize(frames, head=head, mine="the replier's")
             if why is not None:   # sent, it would be refused, or cut off with our connection: say so now
                 log.warning("%s: reply of type %s to %s not sent: %s", self.name, type(value).__name__,
                             sender or job_ident[:16], why)

@@ -74,6 +74,8 @@ class ModelInfo:
     ready: bool
     version: int = PROTOCOL_VERSION
     max_sequence: int = 0   # most tokens one request can hold (KV per stage may hold less); 0: max_context
+    max_message_bytes: int = 0   # the largest message its mailbox takes (a larger one is cut off, unread);
+    #                              0: not said (a router built before this field)
 
 
 @message(332)
@@ -246,6 +248,16 @@ class _ClientBehaviour:
                 f"dead (its event loop stalled past the router's heartbeat timeout): {msg.reason}; retry it")))
 
 
+def _hold_to_limit(actor: Any, frontend: ActorRef, info: ModelInfo) -> None:
+    """Hold what `actor` sends the router to the largest message its mailbox takes (a larger one would
+    be cut off there unread, and an ask would wait out its timeout): refused here (MessageTooLarge)."""
+    limit = info.max_message_bytes
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+        actor.send_limits[frontend] = limit
+    else:   # not said: a router built before ModelInfo.max_message_bytes
+        actor.send_limits.pop(frontend, None)
+
+
 def _typed(e: RemoteError) -> Exception:
     """The FlexPipe error a router's ErrorReply names (RequestError, ReshapeError, ...), else `e`."""
     cls = RouterUnavailable if e.kind == "RouterUnavailable" else getattr(errors, e.kind, None)
@@ -304,6 +316,7 @@ class RemoteFlexPipe(EngineClient):
                 if not isinstance(info, ModelInfo) or info.version != PROTOCOL_VERSION:
                     raise ConfigError(f"the router at {url} speaks another protocol ({info!r}); "
                                       f"this client speaks version {PROTOCOL_VERSION}")
+                _hold_to_limit(actor, frontend, info)
                 actor.watch(frontend)
                 if not info.ready:
                     left = max(0.1, deadline - loop.time())
@@ -347,6 +360,7 @@ class RemoteFlexPipe(EngineClient):
                                     f"{e}") from e
         if not isinstance(info, ModelInfo) or info.name != self.info.name or info.config != self.info.config:
             raise RouterUnavailable(f"the router at {self.url} now serves another model")
+        _hold_to_limit(self.actor, self.frontend, info)   # (a router restarted with another limit)
         b.lost = None
         orphans, b.orphans = b.orphans, set()
         # answered before the message this reconnect is for goes out (a Submit that takes such an id)
@@ -393,6 +407,9 @@ class RemoteFlexPipe(EngineClient):
                 await self._ask(Submit(rid, ids, dataclasses.asdict(params), self.actor.ref, text.stops or None))
             except (asyncio.CancelledError, AskTimeout):   # while asking: the router may have admitted it
                 raise   # (cancelled there; a Cancel of a request it never took is a no-op)
+            except errors.MessageTooLarge as e:   # refused here, not sent
+                end = None
+                raise self._too_large(ids, text.stops) from e
             except BaseException:   # refused (a typed error) or the router is gone: never admitted
                 end = None
                 raise
@@ -413,6 +430,16 @@ class RemoteFlexPipe(EngineClient):
                 yield GenerationEvent(token, piece, index)
         finally:
             self._release(rid, queue, end)
+
+    def _too_large(self, ids: list[int], stops: list[str]) -> RequestError:
+        """The error of a request whose Submit is above the router's limit (or this client's)."""
+        limit = min(self.actor.send_limits.get(self.frontend, self.actor.settings.max_message_bytes),
+                    self.actor.settings.max_message_bytes)
+        stopped = f", stop strings of {sum(map(len, stops))} characters" if stops else ""
+        return RequestError(
+            f"the request (a prompt of {len(ids)} tokens{stopped}) does not fit in one message to the router "
+            f"at {self.url} (max_message_bytes={limit}): send a shorter prompt{' or stop strings' if stops else ''}, "
+            "or raise the router's --max-message-bytes (FLEXPIPE_MAX_MESSAGE_BYTES; its workers take the same)")
 
     def _release(self, rid: str, queue: asyncio.Queue, reason: str | None) -> None:
         """This client is done with its request `rid` (the one `queue` reads): unless it ended already

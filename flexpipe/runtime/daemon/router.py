@@ -142,7 +142,8 @@ class RouterFrontend:
         else:   # not up yet: what every stage's pool will hold
             kv = d.settings.num_blocks * d.settings.block_size
         return ModelInfo(spec.name, spec.config.to_dict(), dict(spec.source), _tokenizer_files(spec),
-                         ctx_len, d.ready.is_set(), max_sequence=min(ctx_len, kv))
+                         ctx_len, d.ready.is_set(), max_sequence=min(ctx_len, kv),
+                         max_message_bytes=d.settings.max_message_bytes)
 
     @handles(WaitReady, concurrent=True)
     async def wait_ready(self, ctx: Any, msg: WaitReady) -> bool:
