@@ -18,30 +18,21 @@ import pytest
 
 from flexpipe.errors import MessageTooLarge, RequestError
 from flexpipe.runtime.remote import Cancel, RemoteFlexPipe
-from tests.test_daemons import Daemon, logs, one_torch_thread, stop_daemons  # noqa: F401 - (a module fixture: autouse)
+from tests.test_daemons import logs, one_torch_thread, router_and_worker  # noqa: F401 - (a module fixture: autouse)
 
 pytestmark = pytest.mark.timeout(60)
 
 LIMIT = 64 << 10
-LONG = 80_000   # prompt tokens: 80,000 bytes of msgpack (byte-level ids below 128 take one byte each)
+LONG = 80_000   # prompt tokens: past the tiny model's 2,048-token context (and 80,000 bytes of msgpack, above LIMIT)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A router of one stage and one worker with one CPU device, both under LIMIT (their flag)."""
-    tmp = tmp_path_factory.mktemp("client-limit")
-    limit = ["--max-message-bytes", str(LIMIT), "--heartbeat-timeout", "5"]
-    router = Daemon("router", ["router", "--bind", f"ipc://{tmp}/router", "--model", "tiny", "--stages", "1",
-                               "--num-blocks", "100", "--max-batch-tokens", "64", "--min-workers", "1", *limit])
-    daemons = [router]
-    try:
-        url = router.wait_for("listening")["endpoint"]
-        daemons.append(Daemon("w", ["worker", "--router", url, "--name", "w", "--devices", "cpu:0",
-                                    "--memory", "1GB", *limit]))
-        router.wait_for("ready")
+    limit = ["--max-message-bytes", str(LIMIT)]
+    with router_and_worker(tmp_path_factory.mktemp("client-limit"), stages=1,
+                           router_args=["--max-batch-tokens", "64", *limit], worker_args=limit) as url:
         yield url
-    finally:
-        stop_daemons(daemons)
 
 
 def connect(url: str) -> RemoteFlexPipe:
@@ -58,14 +49,16 @@ async def test_the_router_tells_its_limit_and_the_client_sends_it_nothing_larger
         assert (await fp.status())["state"] == "serving"   # (the router's mailbox did not cut the client off)
 
 
-async def test_a_prompt_too_long_for_the_routers_messages_is_a_request_error_and_the_next_request_runs(cluster):
+async def test_a_request_too_large_for_the_routers_messages_is_a_request_error_and_the_next_request_runs(cluster):
     async with connect(cluster) as fp:
+        with pytest.raises(RequestError, match=f"the prompt has {LONG} tokens but the context holds"):
+            await fp.complete([65] * LONG, max_tokens=1)   # (the router's words, before its message limit's)
         with pytest.raises(RequestError) as e:
-            async for _ in fp.generate([65] * LONG, max_tokens=1):
+            async for _ in fp.generate([65, 66], max_tokens=1, stop=["x" * LIMIT]):
                 pass
         words = str(e.value)
-        assert f"a prompt of {LONG} tokens" in words and f"max_message_bytes={LIMIT}" in words, words
-        assert "router's --max-message-bytes" in words and "shorter prompt" in words, words
+        assert f"stop strings of {LIMIT} characters" in words and f"max_message_bytes={LIMIT}" in words, words
+        assert "router's --max-message-bytes" in words, words
         assert isinstance(e.value.__cause__, MessageTooLarge)
         assert fp._behaviour.streams == {}   # (the id is free again: nothing to cancel at the router)
         c = await fp.complete("abc", max_tokens=4, ignore_eos=True)

@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Sequence
 
 import pytest
 
@@ -144,16 +145,17 @@ def stop_daemons(daemons: list) -> None:
 
 
 @contextlib.contextmanager
-def router_and_worker(tmp: Path, *, devices: str = "cpu:0", memory: str = "1GB"):
-    """A router (tiny model, 2 stages, 100 KV blocks, ipc) and one worker `w` with `devices`; yields the
-    router's URL once it serves, and stops both on the way out."""
-    router = Daemon("router", ["router", "--bind", f"ipc://{tmp}/router", "--model", "tiny", "--stages", "2",
-                               "--num-blocks", "100", "--min-workers", "1", "--heartbeat-timeout", "5"])
+def router_and_worker(tmp: Path, *, devices: str = "cpu:0", memory: str = "1GB", stages: int = 2,
+                      router_args: Sequence[str] = (), worker_args: Sequence[str] = ()):
+    """A router (tiny model, `stages` stages, 100 KV blocks, ipc) and one worker `w` with `devices`; yields
+    the router's URL once it serves, and stops both on the way out."""
+    router = Daemon("router", ["router", "--bind", f"ipc://{tmp}/router", "--model", "tiny", "--stages", str(stages),
+                               "--num-blocks", "100", "--min-workers", "1", "--heartbeat-timeout", "5", *router_args])
     daemons = [router]
     try:
         url = router.wait_for("listening")["endpoint"]
         daemons.append(Daemon("w", ["worker", "--router", url, "--name", "w", "--devices", devices,
-                                    "--memory", memory, "--heartbeat-timeout", "5"]))
+                                    "--memory", memory, "--heartbeat-timeout", "5", *worker_args]))
         router.wait_for("ready")
         yield url
     finally:

@@ -39,6 +39,7 @@ from flexpipe.errors import (
 from flexpipe.model.tokenizer import StopTextStream
 from flexpipe.runtime.actor import ActorSettings, handles
 from flexpipe.runtime.messages import ActorRef, Terminated, message
+from flexpipe.runtime.router import check_prompt_length
 
 __all__ = ["RemoteFlexPipe", "RouterUnavailable", "RouterLost", "connect", "Hello", "ModelInfo", "WaitReady", "Submit",
            "Tokens", "Cancel", "StatusQuery", "Reshape", "PROTOCOL_VERSION", "CURVE_FIELDS",
@@ -361,6 +362,7 @@ class RemoteFlexPipe(EngineClient):
         if not isinstance(info, ModelInfo) or info.name != self.info.name or info.config != self.info.config:
             raise RouterUnavailable(f"the router at {self.url} now serves another model")
         _hold_to_limit(self.actor, self.frontend, info)   # (a router restarted with another limit)
+        self.info = info   # (... or other KV: its max_sequence)
         b.lost = None
         orphans, b.orphans = b.orphans, set()
         # answered before the message this reconnect is for goes out (a Submit that takes such an id)
@@ -387,6 +389,7 @@ class RemoteFlexPipe(EngineClient):
         from flexpipe.api import GenerationEvent
 
         ids = self.encode(prompt)
+        check_prompt_length(len(ids), self.max_context)   # (the router's words, before its message limit's)
         params = self._params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
         # the router ends the request at a stop string (as FlexPipe.generate's router does); this text,

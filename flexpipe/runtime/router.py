@@ -104,6 +104,15 @@ class RequestStream:
     text: Any = None   # the client's StopTextStream (see RouterActor.submit); None: not decoded here
 
 
+def check_prompt_length(tokens: int, max_context: int) -> None:
+    """RequestError for an empty prompt or one the context cannot hold (with a token to spare)."""
+    if not tokens:
+        raise RequestError("the prompt is empty: give at least one token")
+    if tokens >= max_context:
+        raise RequestError(f"the prompt has {tokens} tokens but the context holds {max_context}: "
+                           f"shorten it to at most {max_context - 1}")
+
+
 class RouterActor:
     """Behaviour of the router: lives in the client's process (embedded) or in the router daemon."""
 
@@ -175,11 +184,7 @@ class RouterActor:
         the request leaves before its next step is launched."""
         if self.down is not None:
             raise PipelineDown(f"the pipeline is down: {self.down}; restart it")
-        if not prompt:
-            raise RequestError("the prompt is empty: give at least one token")
-        if len(prompt) >= self.max_context:
-            raise RequestError(f"the prompt has {len(prompt)} tokens but the context holds {self.max_context}: "
-                               f"shorten it to at most {self.max_context - 1}")
+        check_prompt_length(len(prompt), self.max_context)
         self.cache.check_fits_ever(min(len(prompt) + params.max_tokens, self.max_context))
         if request_id is not None and not _good_id(request_id):
             raise RequestError(f"request_id must be 1 to {MAX_ID_CHARS} characters of valid text "
