@@ -59,7 +59,7 @@ from flexpipe.errors import ActorClosed, ConfigError, RemoteError
 from flexpipe.runtime.actor import ActorContext, handles
 from flexpipe.runtime.messages import ActorRef, Terminated, message
 from flexpipe.runtime.stage import (
-    AbortPrepare, Activate, Configure, ExportKV, FreeSeqs, StageActor, StageStatus, StepFailed, StepInput,
+    AbortPrepare, Activate, Configure, ExportKV, FreeSeqs, StageActor, StageStatus, StepInput,
 )
 from flexpipe.runtime.stage_core import StageCore
 from flexpipe.transports import Endpoint, open_receiver, open_sender
@@ -380,20 +380,12 @@ class GpuStageActor(StageActor):
             task.add_done_callback(self._rx_closing.discard)
             return
         log.warning("stage %d: step %d failed: %s", self.index, msg.step, why)
-        await self._tell_failed(ctx, msg, why)
+        await self._tell_failed(ctx, msg, f"ActorClosed: {why}")
 
     async def _fail_later(self, ctx: ActorContext, msg: StepInput, why: str) -> None:
         await asyncio.sleep(self.hop_wait_s)   # (>= 2 heartbeat timeouts: the router has seen a real death)
         if self.router is not None:
-            await self._tell_failed(ctx, msg, f"{why}; no recovery came within {self.hop_wait_s:g}s")
-
-    async def _tell_failed(self, ctx: ActorContext, msg: StepInput, why: str) -> None:
-        assert self.router is not None
-        try:
-            await ctx.tell(self.router, StepFailed(msg.epoch, msg.step, self.index, f"ActorClosed: {why}"))
-        except Exception as e:   # the router is gone: nobody waits for the step
-            log.warning("stage %d: step %d: cannot tell the router: %s: %s", self.index, msg.step,
-                        type(e).__name__, e)
+            await self._tell_failed(ctx, msg, f"ActorClosed: {why}; no recovery came within {self.hop_wait_s:g}s")
 
     @handles(StepInput)
     async def step(self, ctx: ActorContext, msg: StepInput, x: torch.Tensor | None = None) -> None:

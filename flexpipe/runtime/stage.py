@@ -410,8 +410,7 @@ class StageActor:
                 out = x
         except Exception as e:  # a step that cannot run must not hang the router
             log.warning("stage %d: step %d failed: %s: %s", self.index, msg.step, type(e).__name__, e)
-            if self.router is not None:
-                await ctx.tell(self.router, StepFailed(msg.epoch, msg.step, self.index, f"{type(e).__name__}: {e}"))
+            await self._tell_failed(ctx, msg, f"{type(e).__name__}: {e}")
             if isinstance(e, StepRejected):
                 self.stats["steps_rejected"] = self.stats.get("steps_rejected", 0) + 1
                 raise   # the typed error is the reply when the step was asked
@@ -440,11 +439,17 @@ class StageActor:
         except Exception as e:  # not sent (MessageTooLarge: a residual or body above max_message_bytes): nobody
             # recovers it, so its requests fail now instead of waiting for ever
             log.warning("stage %d: step %d not sent: %s: %s", self.index, msg.step, type(e).__name__, e)
-            try:
-                await ctx.tell(self.router, StepFailed(msg.epoch, msg.step, self.index, f"{type(e).__name__}: {e}"))
-            except Exception as e2:  # the router is gone: nobody waits for the step
-                log.warning("stage %d: step %d: cannot tell the router: %s: %s", self.index, msg.step,
-                            type(e2).__name__, e2)
+            await self._tell_failed(ctx, msg, f"{type(e).__name__}: {e}")
+
+    async def _tell_failed(self, ctx: ActorContext, msg: StepInput, why: str) -> None:
+        """Tell the router that step `msg` failed here (its requests end "error"), if it can hear it."""
+        if self.router is None:   # (not configured yet: nobody launched the step)
+            return
+        try:
+            await ctx.tell(self.router, StepFailed(msg.epoch, msg.step, self.index, why))
+        except Exception as e:   # the router is gone: nobody waits for the step
+            log.warning("stage %d: step %d: cannot tell the router: %s: %s", self.index, msg.step,
+                        type(e).__name__, e)
 
     async def _send_next(self, ctx: ActorContext, msg: StepInput, out: torch.Tensor) -> None:
         """Hand the residual [T, hidden] to the next stage (runtime/gpu_stage.py overrides this)."""
