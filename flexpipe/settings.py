@@ -13,7 +13,7 @@ One file may serve every command: at its top level a key of another command's is
 a key no command takes, or a table no command reads, is refused.  At the top level a key means what its
 variable FLEXPIPE_<KEY> means: a command whose setting of that name reads a variable of its own, because
 it means something else there (chat's model and seed, the worker's host and heartbeats), takes it from
-its own table only, and refuses the file's top-level key rather than read another command's value.
+its own table only, and leaves the file's top-level key to the command it is meant for.
 """
 
 from __future__ import annotations
@@ -309,8 +309,9 @@ def load_config_file(path: str | os.PathLike[str], section: str, own: Iterable[s
     A table is a command's (COMMAND_SETTINGS) and holds only that command's keys.  At the top level, which
     every command without a table of its own reads, a key of another command's is left to that command,
     and a key means what FLEXPIPE_<KEY> means (_top_level_owners): a command to which it means something
-    else refuses it, rather than read as its own a value meant for another (serve's listen address as the
-    worker's stage address).  Anything else (a typo) is refused: it would be silently not used."""
+    else leaves it to the commands it is meant for, rather than read as its own a value meant for another
+    (serve's listen address as the worker's stage address; it takes its own from its table).  Anything
+    else (a typo) is refused: it would be silently not used."""
     own = {s.name for s in COMMAND_SETTINGS.get(section, [])} if own is None else set(own)
     data = read_config_file(path)
     tables = sorted(str(k) for k, v in data.items() if isinstance(v, dict) and str(k) not in COMMAND_SETTINGS)
@@ -330,16 +331,8 @@ def load_config_file(path: str | os.PathLike[str], section: str, own: Iterable[s
         hint = f" ({'; '.join(theirs)}: put each at the top level or in its command's table)" if theirs else ""
         raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)} for `flexpipe {section}`"
                           f"{hint}; known: {', '.join(sorted(own))}")
-    if not in_table:
-        theirs = {k: owners for k in sorted(values) if (owners := _top_level_owners(section, k)) is not None}
-        if theirs:
-            envs = {s.name: s.env for s in COMMAND_SETTINGS[section]}
-            meant = {k: f"{_owners(owners)} (as FLEXPIPE_{k.upper()} is)" if owners else "no command's"
-                     for k, owners in theirs.items()}
-            what = "; ".join(f"{k} at the top level is {meant[k]}, not `flexpipe {section}`'s ({envs[k]})"
-                             for k in theirs)
-            raise ConfigError(f"config file {path}: {what}: give `flexpipe {section}` a [{section}] table (with its "
-                              f"own {', '.join(theirs)}, if any): it reads that table instead of the top level")
+    if not in_table:   # a key that means another command's setting there is that command's, not ours
+        values = {k: v for k, v in values.items() if _top_level_owners(section, k) is None}
     return {k: v for k, v in values.items() if k in own}
 
 

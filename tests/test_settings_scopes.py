@@ -96,39 +96,29 @@ def test_the_top_level_of_a_shared_file_is_serves_and_the_routers_as_before(tmp_
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("keys, words", [
-    ('host = "0.0.0.0"\n', "host at the top level is `flexpipe serve`'s (as FLEXPIPE_HOST is), not `flexpipe "
-                           "worker`'s (FLEXPIPE_WORKER_HOST)"),
-    ("heartbeat_timeout = 30.0\nheartbeat_interval = 1.0\n",
-     "heartbeat_interval at the top level is `flexpipe serve`'s and `flexpipe generate`'s and `flexpipe router`'s "
-     "(as FLEXPIPE_HEARTBEAT_INTERVAL is), not `flexpipe worker`'s (FLEXPIPE_WORKER_HEARTBEAT_INTERVAL); "
-     "heartbeat_timeout at the top level"),
-])
-def test_a_worker_refuses_a_top_level_key_that_is_another_setting_of_the_same_name(keys, words, tmp_path,
-                                                                                 monkeypatch, capsys):
+def test_a_worker_leaves_top_level_keys_that_are_another_setting_of_the_same_name_to_serve(tmp_path,
+                                                                                          monkeypatch):
     """It read serve's listen address as its stages' address (bound every interface, told the router
     0.0.0.0) and the stages' heartbeat timeout as its router's."""
     f = tmp_path / "flexpipe.toml"
-    f.write_text(f'router = "ipc:///tmp/flexpipe-never-bound"\ndevices = "cpu:0"\n{keys}')
-    err = refused_before_serving(["worker", "--config", str(f)], monkeypatch, capsys)
-    assert err.startswith(f"flexpipe: error: config file {f}: ") and err.count("\n") == 1, err
-    assert words in err and "give `flexpipe worker` a [worker] table" in err, err
+    f.write_text('router = "ipc:///tmp/flexpipe-never-bound"\ndevices = "cpu:0"\nhost = "0.0.0.0"\n'
+                 "heartbeat_timeout = 30.0\nheartbeat_interval = 1.0\n")
+    defaults = {s.name: s.default for s in WORKER_SETTINGS}
+    got = resolved("worker", f)
+    assert got["devices"] == "cpu:0"   # (its own keys at the top level: taken)
+    for name in ("host", "heartbeat_timeout", "heartbeat_interval"):
+        assert got[name] == defaults[name], (name, got[name])
+    assert worker_daemon(["--config", str(f)], monkeypatch).host != "0.0.0.0"
 
 
-@pytest.mark.parametrize("keys, words", [
-    ('model = "/models/llama"\n', "model at the top level is `flexpipe serve`'s and `flexpipe router`'s (as "
-                                  "FLEXPIPE_MODEL is), not `flexpipe chat`'s (FLEXPIPE_CHAT_MODEL)"),
-    ("seed = 7\n", "seed at the top level is `flexpipe serve`'s and `flexpipe router`'s (as FLEXPIPE_SEED is), "
-                   "not `flexpipe chat`'s (FLEXPIPE_CHAT_SEED)"),
-])
-def test_chat_refuses_the_model_to_serve_and_its_weights_seed_at_the_top_level(keys, words, tmp_path):
+def test_chat_leaves_the_model_to_serve_and_its_weights_seed_to_serve_and_the_router(tmp_path):
     """It asked the server for a model named after the checkpoint's directory, and fixed its sampling
-    seed to the weights'."""
+    seed to the weights'; with the shared file of docs/daemons.md it now starts, flag or no flag."""
     f = tmp_path / "flexpipe.toml"
-    f.write_text(f'url = "http://127.0.0.1:1"\n{keys}')
-    with pytest.raises(ConfigError) as e:
-        resolved("chat", f)
-    assert words in str(e.value) and "give `flexpipe chat` a [chat] table" in str(e.value), e.value
+    f.write_text('url = "http://127.0.0.1:1"\nmodel = "/models/llama"\nseed = 7\n')
+    got = resolved("chat", f)
+    assert got["model"] is None and got["seed"] is None and got["url"] == "http://127.0.0.1:1"
+    assert resolved("chat", f, "--model", "tiny", "--seed", "1")["model"] == "tiny"
 
 
 def test_in_its_own_table_each_command_has_its_own_meaning(tmp_path, monkeypatch):
