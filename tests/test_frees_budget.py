@@ -18,7 +18,7 @@ import torch
 from flexpipe.api import FlexPipe
 from flexpipe.runtime.cache import CacheManager, StagePool, blocks_for
 from flexpipe.runtime.codec import encode
-from flexpipe.runtime.scheduler import Request, Scheduler
+from flexpipe.runtime.scheduler import FREES_RETRIES, Request, Scheduler
 from flexpipe.runtime.stage import StepInput
 from tests.pipeline_helpers import until
 from tests.test_scheduler import expected, next_token
@@ -37,11 +37,19 @@ def message_bytes(mb) -> int:
     return sum(len(bytes(f)) for f in encode(msg, [tokens]))
 
 
-def drive(sched: Scheduler, reqs: list[Request], capacity: int) -> dict:
+def fail(sched: Scheduler, mb) -> None:
+    """What the router's _fail_step does to a step of frees only that failed."""
+    sched.resend_frees(mb)
+    del sched.inflight[mb.step]
+
+
+def drive(sched: Scheduler, reqs: list[Request], capacity: int, refuse: int = 0, late: bool = False) -> dict:
     """Run `reqs` through a model of the stages: each applies a step's frees, then holds the KV its chunks
     write, in launch order.  Every message fits LIMIT (a step of one long id does: max_batch_seqs=1), and no
     stage ever holds more than `capacity` blocks (a block the ledger counted free is reused only after its
-    free reached the stages)."""
+    free reached the stages).  The first `refuse` steps of frees only fail as the router's _fail_step ends
+    them: not sent, or (`late`) a StepFailed in place of their output, after the stages applied their
+    frees.  No request may be left waiting with nothing in flight."""
     for r in reqs:
         sched.add(r)
     outs = {r.id: [] for r in reqs}
@@ -51,17 +59,27 @@ def drive(sched: Scheduler, reqs: list[Request], capacity: int) -> dict:
         mb = sched.schedule()
         if mb is not None:
             assert message_bytes(mb) <= LIMIT, (mb.step, len(mb.chunks), mb.frees)
+            if not mb.chunks and refuse and not late:
+                refuse -= 1
+                fail(sched, mb)
+                continue
             for f in mb.frees:
-                held.pop(f)
+                held.pop(f, None)   # (a free sent again after its step failed late: the stages ignore it)
             for c in mb.chunks:
                 held[c.seq_id] = blocks_for(c.start + len(c.tokens), sched.cache.block_size)
             assert sum(held.values()) <= capacity, "a block was reused before its free reached the stages"
             inflight.append(mb)
             continue
         if not inflight:
-            assert not sched.has_work() and sched.idle() and sched.pending_frees == [] and held == {}
+            assert not sched.has_work(), "requests wait with nothing in flight"
+            # (the frees of a step of frees only that failed wait for the next request: idle all the same)
+            assert sched.idle() and set(held) <= set(sched.pending_frees)
             return outs
         mb = inflight.popleft()
+        if not mb.chunks and refuse and late:
+            refuse -= 1
+            fail(sched, mb)
+            continue
         ids, toks = [], []
         for c in mb.chunks:
             if c.sample:
@@ -98,6 +116,65 @@ def test_a_preemption_whose_free_does_not_fit_the_step_sends_it_first():
     outs = drive(sched, reqs, capacity=8)
     assert outs == {r.id: expected(r.prompt, 20, ()) for r in reqs}
     assert sched.stats.preemptions >= 1
+
+
+def test_a_step_of_frees_only_that_fails_is_sent_again_before_any_step_reuses_its_blocks():
+    # x's long free does not fit beside a step; its step of frees only failed once, and b, which needs x's
+    # blocks, was admitted at once: the stages still held them (MemoryError, b ended "error")
+    sched = Scheduler(CacheManager(4, [StagePool(4, (0,))]), max_batch_tokens=16, max_batch_seqs=4,
+                      max_inflight=1, max_message_bytes=LIMIT)
+    reqs = [request(f"x{LONG}", list(range(1, 13)), 1), request("b", [5, 6, 7, 8, 9, 10, 11], 3)]
+    outs = drive(sched, reqs, capacity=4, refuse=1)
+    assert outs == {r.id: expected(r.prompt, r.params.max_tokens, ()) for r in reqs}
+
+
+@pytest.mark.parametrize("refuse", [1, 2])
+def test_a_preemption_after_a_failed_step_of_frees_only_sends_its_free_first_and_nothing_hangs(refuse):
+    # a step of frees only failed after the stages applied them (StepFailed), then a pick preempted a long
+    # id: its free could not ride and went nowhere (no step of frees only after one failed), so nothing
+    # was in flight and the requests waited for ever
+    sched = Scheduler(CacheManager(4, [StagePool(3, (0,))]), max_batch_tokens=8, max_batch_seqs=1,
+                      max_inflight=3, max_message_bytes=LIMIT)
+    reqs = [request("s0", [1, 2, 3], 5), request(f"1{LONG}", [4, 5, 6, 7], 1), request("s2", [8, 9, 1, 2], 7)]
+    outs = drive(sched, reqs, capacity=3, refuse=refuse, late=True)
+    assert outs == {r.id: expected(r.prompt, r.params.max_tokens, ()) for r in reqs}
+    assert sched.stats.preemptions >= 1
+
+
+def test_frees_a_step_waits_for_refused_again_and_again_hold_every_step_back_until_an_event():
+    # after FREES_RETRIES refusals in a row nothing goes (no step may reuse x's blocks, and the pump must
+    # not go round for ever); a step coming back, or a request coming or ending, tries them again
+    sched = Scheduler(CacheManager(4, [StagePool(4, (0,))]), max_batch_tokens=16, max_inflight=1,
+                      max_message_bytes=LIMIT)
+    sched.add(request(f"x{LONG}", list(range(1, 13)), 1))
+    sched.add(request("b", [5, 6, 7, 8, 9, 10, 11], 3))
+    mb = sched.schedule()
+    sched.on_output(mb.step, [f"x{LONG}"], [7])   # x ends: its free does not ride beside b's step
+    for _ in range(FREES_RETRIES):
+        alone = sched.schedule()
+        assert alone.chunks == [] and alone.frees == [f"x{LONG}"]
+        fail(sched, alone)
+    assert sched.schedule() is None and sched.requests["b"].computed == 0 and not sched.inflight
+    sched.add(request("c", [1], 1))
+    assert sched.schedule().frees == [f"x{LONG}"]   # first, alone
+    assert [c.seq_id for c in sched.schedule().chunks] == ["b", "c"]
+
+
+def test_frees_refused_by_one_pipeline_go_alone_to_the_next():
+    # a reshape switches the router to a new pipeline (RouterActor.switch): what the old one refused
+    # goes again, first, without waiting for a request to come or end
+    sched = Scheduler(CacheManager(4, [StagePool(4, (0,))]), max_batch_tokens=16, max_inflight=1,
+                      max_message_bytes=LIMIT)
+    sched.add(request(f"x{LONG}", list(range(1, 13)), 1))
+    sched.add(request("b", [5, 6, 7, 8, 9, 10, 11], 3))
+    mb = sched.schedule()
+    sched.on_output(mb.step, [f"x{LONG}"], [7])
+    for _ in range(FREES_RETRIES):
+        fail(sched, sched.schedule())
+    assert sched.schedule() is None
+    sched.new_pipeline()
+    assert sched.schedule().frees == [f"x{LONG}"]
+    assert [c.seq_id for c in sched.schedule().chunks] == ["b"]
 
 
 @pytest.mark.timeout(60)

@@ -435,6 +435,7 @@ class RouterActor:
                 self.ctx.watch(ref)
         self.pipeline = pipeline
         self._sent_at.clear()   # (steps a recovery forgot: none is in flight now)
+        self.sched.new_pipeline()
         if cache is not None:
             self.sched.cache = cache
         self.sched.max_inflight = self._inflight_for(pipeline)

@@ -20,7 +20,16 @@ ever.  A step with requests carries at most half the headroom `chunks.budget()` 
 residual; frees beyond that go first, in steps of frees only (up to `budget()` bytes each, at once,
 even while steps are in flight).  The ledger counts a free's blocks free as soon as its request
 ends, so every free pending when a step is picked goes with that step or before it, and a
-preemption whose free would not fit the step ends the pick there (it goes alone first).
+preemption whose free would not fit the step ends the pick there (it goes alone first).  When they
+cannot go first, no step goes.
+
+A step of frees only that failed puts its frees back (resend_frees).  Those that no step waits for
+then wait for the next step with requests (sent alone again at once, they could go round for ever
+to a stage that refuses them); those a step waits for (more than it may carry) go alone again at
+once, as holding them back would let that step reuse their blocks, or leave the requests waiting
+with nothing in flight.  Under budget() and of ids only, such a step has nothing a stage refuses:
+after FREES_RETRIES refusals in a row, the next try waits for a step to come back or a request to
+come or end.
 """
 
 from __future__ import annotations
@@ -35,6 +44,8 @@ from typing import Any, Callable
 from flexpipe.errors import RequestError
 from flexpipe.runtime.cache import CacheManager
 from flexpipe.runtime.chunks import budget as message_budget, limit_of
+
+FREES_RETRIES = 3   # steps of frees only refused in a row before the next waits for an event (module doc)
 
 
 @dataclass(slots=True)
@@ -129,9 +140,9 @@ class Scheduler:
         self.running: list[str] = []  # admitted, in admission order (latest is preempted first)
         self.inflight: dict[int, MicroBatch] = {}
         self.pending_frees: list[str] = []
-        # False once a micro-batch of frees only failed: its frees wait for one with requests (as all
-        # frees once did) instead of going out alone again and again to a stage that refuses them
-        self._frees_alone = True
+        # micro-batches of frees only refused since a step last came back, went with requests, or a
+        # request came or ended: what of the pending frees may still go alone (module doc)
+        self._frees_refused = 0
         self._steps = itertools.count()
         self.stats = SchedulerStats()
         self.admit = True  # False: only requests already running are scheduled (draining)
@@ -145,6 +156,7 @@ class Scheduler:
             raise RequestError(f"a request with key {req.id!r} is still held by the scheduler: give another key")
         self.requests[req.id] = req
         self.waiting.append(req.id)
+        self._frees_refused = 0
 
     def cancel(self, req_id: str, reason: str = "cancelled") -> list[TokenEvent]:
         """End a request the client is done with; frees its KV now, or when its in-flight step returns.
@@ -153,6 +165,7 @@ class Scheduler:
         if req is None or req.finished:
             return []
         req.cancel_requested, req.cancel_reason = True, reason
+        self._frees_refused = 0
         if req.in_flight:
             return []
         return [self._finish(req, reason)]
@@ -168,16 +181,17 @@ class Scheduler:
     def idle(self) -> bool:
         """Nothing in flight, nothing to run, and every free that can go alone delivered to the stages
         (after a step of frees only failed, its frees wait for the next request's step: not work)."""
-        return not self.inflight and not self.has_work() and not (self.pending_frees and self._frees_alone)
+        return not self.inflight and not self.has_work() and not (self.pending_frees and not self._frees_refused)
 
     # ---- scheduling -----------------------------------------------------------------------------
     def schedule(self) -> MicroBatch | None:
         """Build the next micro-batch from requests not in flight, or None if nothing can go.
 
-        Frees too many to ride the next step go first, alone; with no request to run, frees that wait
-        while no micro-batch is in flight (one would take them when it returns and the next goes) go
-        in a micro-batch of their own (see the module doc)."""
-        if self._frees_alone and self._frees_overflow():
+        Frees too many to ride the next step go first, alone, or nothing goes (a step would reuse their
+        blocks); with no request to run, frees that wait while no micro-batch is in flight (one would
+        take them when it returns and the next goes) go in a micro-batch of their own (see the module
+        doc)."""
+        if self._frees_overflow():
             return self._frees_only()   # (it takes no stage's turn)
         if sum(1 for mb in self.inflight.values() if mb.chunks) >= self.max_inflight:
             return None   # (one of frees only computes nothing: it takes no stage's turn)
@@ -185,15 +199,16 @@ class Scheduler:
         if not chunks:
             return self._frees_only() if not self.inflight or self._frees_overflow() else None
         mb = MicroBatch(next(self._steps), chunks, self._take_frees(self._riding_bytes()))
-        self._frees_alone = True   # those of a failed micro-batch of frees only go with this one
+        self._frees_refused = 0   # those of a failed micro-batch of frees only go with this one
         self.inflight[mb.step] = mb
         self.stats.steps += 1
         self.stats.tokens_scheduled += mb.num_tokens
         return mb
 
     def _frees_only(self) -> MicroBatch | None:
-        """A micro-batch of pending frees alone (as many as a message holds), when there are some."""
-        if not self.pending_frees or not self._frees_alone:
+        """A micro-batch of pending frees alone (as many as a message holds), when there are some and
+        they may go alone: after one refused, only those a step waits for (module doc)."""
+        if self._frees_refused >= (FREES_RETRIES if self._frees_overflow() else 1) or not self.pending_frees:
             return None
         mb = MicroBatch(next(self._steps), [], self._take_frees(message_budget(self.max_message_bytes),
                                                                 at_least_one=True))
@@ -239,7 +254,8 @@ class Scheduler:
         budget = self.max_batch_tokens
         chunks: list[Chunk] = []
         # bytes of frees this step can still carry beside those pending (all of them go with it or
-        # before it): a victim's blocks are reused by this step only if its free rides on it too
+        # before it: schedule() picks no step while they are more): a victim's blocks are reused by
+        # this step only if its free rides on it too
         room = self._riding_bytes() - sum(map(self._free_bytes, self.pending_frees))
 
         for rid in list(self.running):
@@ -303,10 +319,15 @@ class Scheduler:
         self.waiting.appendleft(rid)
         self.stats.preemptions += 1
 
+    def new_pipeline(self) -> None:
+        """The router switched to another pipeline (a reshape): frees its old one refused may go alone again."""
+        self._frees_refused = 0
+
     # ---- results ------------------------------------------------------------------------------
     def on_output(self, step: int, seq_ids: list[str], tokens: list[int]) -> list[TokenEvent]:
         """Apply a finished micro-batch: sampled tokens for the chunks that asked for one."""
         mb = self.inflight.pop(step)
+        self._frees_refused = 0   # the pipeline carries steps again
         sampled = dict(zip(seq_ids, tokens))
         events: list[TokenEvent] = []
         now = self.clock()
@@ -341,7 +362,7 @@ class Scheduler:
         those of a preempted request that is running again by now: freeing it would drop its new KV."""
         self.pending_frees.extend(s for s in mb.frees if not self.cache.holds(s))
         if not mb.chunks:
-            self._frees_alone = False
+            self._frees_refused += 1
 
     def _finish(self, req: Request, reason: str) -> TokenEvent:
         req.finished = reason
@@ -370,7 +391,7 @@ class Scheduler:
         """
         self.inflight.clear()
         self.pending_frees.clear()
-        self._frees_alone = True
+        self._frees_refused = 0
         for rid in list(self.running):
             self.cache.release(rid)
         for rid in reversed(self.running):
