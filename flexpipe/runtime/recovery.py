@@ -12,7 +12,8 @@
   whose worker is gone, and the shape names that device from then on), every stage drops its KV, the
   pipeline moves to the next epoch and every request is recomputed from the router's record
   (DESIGN.md: nothing lost).  When that fails, every request fails at once and the router refuses
-  new ones (router.down) until a later recovery succeeds.
+  new ones (router.down) until a later recovery succeeds: the next death of a stage, or
+  `recover_if_down` (the router daemon's, when a worker joins).
 - `restart` (the drain-and-restart and restart-and-recompute baselines) and `rebuild` (also what a
   reshape does that failed half way through its switch) stop the stages, start the shape in fresh
   processes and recompute every request.
@@ -127,6 +128,19 @@ class Recovery:
             except Exception as e:  # noqa: BLE001 - whatever it was, clients must not wait for ever
                 log.error("recovery from the death of %s failed: %s: %s", ref, type(e).__name__, e)
                 ctl.router.fail_all(f"stage {ref} died ({reason}) and recovery failed: {type(e).__name__}: {e}")
+
+    async def recover_if_down(self, why: str) -> None:
+        """Run the recovery again if an earlier one failed and left the pipeline down (router.down):
+        `why` (a worker joined) may have brought back the capacity it lacked.  Nothing when it serves."""
+        ctl = self.ctl
+        async with ctl._lock:   # (after a recovery running now, which may yet fail)
+            down = ctl.router.down if ctl.router is not None else None
+            if down is None or ctl.closed or not ctl.slots:   # (no slots: a restart failed; nothing to recover)
+                return
+            # a stage still dead (its replacement failed), else the first: every stage is then reset
+            dead = next((sl.ref for sl in ctl.slots if self.is_dead(sl.ref)), ctl.slots[0].ref)
+        log.warning("the pipeline is down (%s); %s: recovering it again", down, why)
+        await self.on_stage_death(dead, f"down until {why}")
 
     async def _replace(self, i: int, epoch: int, reason: str) -> None:
         """Start a new process for slot i, whose stage died (RELAUNCH_ATTEMPTS attempts)."""

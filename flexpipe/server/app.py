@@ -615,8 +615,10 @@ def _api_error(e: BaseException) -> APIError:
                         "again once the server is back.", type="server_error", code="server_shutdown")
     if isinstance(e, PipelineDown):
         log.error("pipeline down: %s", e)
-        return APIError(503, f"The pipeline is down and serves no more ({e}); the server must be restarted "
-                        "(GET /health says 503 until then).", type="server_error", code="pipeline_down")
+        return APIError(503, f"The pipeline is down ({e}). GET /health says 503 until it serves again: a pipeline "
+                        "this server runs must be restarted with it; a router's (serve --router) recovers when "
+                        "a worker joins it, else the router must be restarted.", type="server_error",
+                        code="pipeline_down")
     if isinstance(e, ActorError):
         log.error("engine unavailable: %s", e)
         return APIError(503, f"The engine is unavailable ({type(e).__name__}: {e}); retry later.",

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 import zmq
 
 from flexpipe.errors import (
-    ActorError, AskTimeout, ConfigError, FlexPipeError, PlacementError, QueueFullError, RemoteError, RequestError,
+    ActorError, AskTimeout, ConfigError, FlexPipeError, PipelineDown, PlacementError, QueueFullError, RemoteError,
+    RequestError,
 )
 from flexpipe.runtime.actor import ActorSettings, handles
 from flexpipe.runtime.daemon.devices import assign_devices, parse_stage_overhead, stage_overhead, stage_request
@@ -31,6 +32,14 @@ from flexpipe.runtime.remote import (
 
 
 # --- the router side ------------------------------------------------------------------------------------
+JOIN_WAIT_S = 5.0   # a stage no live worker can take waits for a join this long, plus 2 x the heartbeat timeout
+DOWN_POLL_S = 0.1   # how often WaitReady looks whether a pipeline that went down serves again
+
+
+class _NoLiveDevice(PlacementError):
+    """No live worker's device can take a stage now (its own worker is gone, and no other has room)."""
+
+
 @dataclass(slots=True)
 class WorkerInfo:
     """A worker that joined: its ref, host, and devices (global id -> torch device)."""
@@ -142,13 +151,13 @@ class RouterFrontend:
         else:   # not up yet: what every stage's pool will hold
             kv = d.settings.num_blocks * d.settings.block_size
         return ModelInfo(spec.name, spec.config.to_dict(), dict(spec.source), _tokenizer_files(spec),
-                         ctx_len, d.ready.is_set(), max_sequence=min(ctx_len, kv),
+                         ctx_len, d.ready.is_set() and d.down is None, max_sequence=min(ctx_len, kv),
                          max_message_bytes=d.settings.max_message_bytes)
 
     @handles(WaitReady, concurrent=True)
     async def wait_ready(self, ctx: Any, msg: WaitReady) -> bool:
         try:
-            await asyncio.wait_for(self.d.ready.wait(), msg.timeout)
+            await asyncio.wait_for(self.d.serving(), msg.timeout)
         except asyncio.TimeoutError:
             raise RouterUnavailable(f"the pipeline is not up after {msg.timeout:g}s: {self.d.state}") from None
         return True
@@ -161,6 +170,8 @@ class RouterFrontend:
         d = self.d
         if not d.admitting:
             raise RouterUnavailable(f"the router takes no requests now ({d.state})")
+        if d.down is not None:   # (the router actor's words would say to restart it: this one recovers)
+            raise PipelineDown(f"the pipeline is down: {d.down}; it serves again once a worker joins the router")
         router = d.controller.router
         if router.sched.queued_new() >= d.settings.max_queued:
             raise QueueFullError(f"{d.settings.max_queued} requests are already queued: retry later")
@@ -325,6 +336,31 @@ class RouterDaemon:
         self.shutdown_rids: set[str] = set()
         self._membership = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
+        self._joined = asyncio.Event()   # set, and replaced by a new one, at each worker join
+
+    @property
+    def down(self) -> str | None:
+        """Why the pipeline serves no more (a recovery failed; it runs again when a worker joins), else None."""
+        c = self.controller
+        return c.router.down if c is not None and c.router is not None else None
+
+    @property
+    def state(self) -> str:
+        """What the router does now (its status; what a refusal says)."""
+        down = self.down
+        if down is not None and self._state == "serving":
+            return f"down: {down} (recovers when a worker joins)"
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._state = value
+
+    async def serving(self) -> None:
+        """Return once the pipeline is up and not down (WaitReady)."""
+        await self.ready.wait()
+        while self.down is not None:   # (rare, and cleared by a recovery: no event to wait on)
+            await asyncio.sleep(DOWN_POLL_S)
 
     # ---- life cycle -------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> int:
@@ -473,6 +509,10 @@ class RouterDaemon:
             self.state = f"waiting for workers ({len(self.workers)} of {self.min_workers})"
         if len(self.workers) >= self.min_workers:
             self.enough_workers.set()
+        self._joined.set()   # (a stage launch waiting for a worker tries again)
+        self._joined = asyncio.Event()
+        if self.controller is not None:   # a recovery that failed for want of a live worker runs again
+            self._spawn(self.controller.recovery.recover_if_down(f"worker {msg.worker} joined"))
         return ids
 
     def orphans(self, msg: JoinCluster) -> list[str]:
@@ -618,7 +658,34 @@ class RouterDaemon:
 
     # ---- stages -------------------------------------------------------------------------------------
     async def launch_stage(self, target: str, kwargs: dict, name: str, device: str) -> RemoteStage:
-        """The Controller's stage launcher: reserve the stage's memory, have the device's worker start it."""
+        """The Controller's stage launcher: reserve the stage's memory, have the device's worker start it.
+
+        When no live worker can take the stage now (every worker was lost: all restarted, or this router
+        was paused past their heartbeat timeout; or the one asked lost this router and has not joined it
+        again), it waits for the next worker to join and tries again, for up to twice the heartbeat
+        timeout plus JOIN_WAIT_S: a recovery then recomputes the requests instead of failing them.  A
+        stage that the live devices cannot hold fails at once (PlacementError)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * self.settings.heartbeat_timeout + JOIN_WAIT_S
+        while True:
+            joined = self._joined
+            try:
+                return await self._start_stage(target, kwargs, name, device)
+            except (_NoLiveDevice, RemoteError) as e:
+                if isinstance(e, RemoteError) and e.kind != "SenderRefused":
+                    raise
+                left = deadline - loop.time()
+                if left > 0:
+                    event("stage_waits_for_worker", logging.WARNING, stage=name, error=str(e), wait_s=round(left, 1))
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(joined.wait(), left)
+                if not joined.is_set():   # no worker joined in time
+                    if isinstance(e, _NoLiveDevice):   # (by its public type: a client or a log names it)
+                        raise PlacementError(str(e)) from None
+                    raise
+
+    async def _start_stage(self, target: str, kwargs: dict, name: str, device: str) -> RemoteStage:
+        """One try of launch_stage."""
         from flexpipe.runtime.allocator import ReserveMemory
 
         units = (kwargs["start"], kwargs["end"])
@@ -631,8 +698,8 @@ class RouterDaemon:
             order = [d for d in self._device_order() if self._owner(d).name not in silent]
             fits = [d for d in order if free.get(d, 0) >= self._stage_bytes(*units, d)]
             if not fits:
-                raise PlacementError(f"no live device has the {self._units_bytes(*units) / 2**20:.1f} MiB (and its "
-                                     f"process's overhead there) free that stage {name} needs")
+                raise _NoLiveDevice(f"no live device has the {self._units_bytes(*units) / 2**20:.1f} MiB (and its "
+                                    f"process's overhead there) free that stage {name} needs")
             new = min(fits, key=lambda d: (counts[d], order.index(d)))
             event("stage_moved", logging.WARNING, stage=name, from_device=device, to_device=new)
             device, w = new, self._owner(new)
@@ -742,7 +809,7 @@ class RouterDaemon:
         from flexpipe.api import plan_shape
         from flexpipe.partition import PipelineShape
 
-        if not self.ready.is_set() or not self.admitting:
+        if not self.ready.is_set() or not self.admitting or self.down is not None:
             raise RouterUnavailable(f"cannot reshape now ({self.state})")
         if (stages is None) == (boundaries is None):
             raise ConfigError("give either stages=N or boundaries=[0, ..., num_units]")
