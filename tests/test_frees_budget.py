@@ -141,9 +141,11 @@ def test_a_preemption_after_a_failed_step_of_frees_only_sends_its_free_first_and
     assert sched.stats.preemptions >= 1
 
 
-def test_frees_a_step_waits_for_refused_again_and_again_hold_every_step_back_until_an_event():
+@pytest.mark.parametrize("event", ["a request comes", "a new pipeline"])
+def test_frees_a_step_waits_for_refused_again_and_again_hold_every_step_back_until_an_event(event):
     # after FREES_RETRIES refusals in a row nothing goes (no step may reuse x's blocks, and the pump must
-    # not go round for ever); a step coming back, or a request coming or ending, tries them again
+    # not go round for ever); a step coming back, a request coming or ending, or a reshape's switch to a
+    # new pipeline (RouterActor.switch) tries them again, first and alone
     sched = Scheduler(CacheManager(4, [StagePool(4, (0,))]), max_batch_tokens=16, max_inflight=1,
                       max_message_bytes=LIMIT)
     sched.add(request(f"x{LONG}", list(range(1, 13)), 1))
@@ -155,26 +157,12 @@ def test_frees_a_step_waits_for_refused_again_and_again_hold_every_step_back_unt
         assert alone.chunks == [] and alone.frees == [f"x{LONG}"]
         fail(sched, alone)
     assert sched.schedule() is None and sched.requests["b"].computed == 0 and not sched.inflight
-    sched.add(request("c", [1], 1))
+    if event == "a new pipeline":
+        sched.new_pipeline()
+    else:
+        sched.add(request("c", [1], 1))
     assert sched.schedule().frees == [f"x{LONG}"]   # first, alone
-    assert [c.seq_id for c in sched.schedule().chunks] == ["b", "c"]
-
-
-def test_frees_refused_by_one_pipeline_go_alone_to_the_next():
-    # a reshape switches the router to a new pipeline (RouterActor.switch): what the old one refused
-    # goes again, first, without waiting for a request to come or end
-    sched = Scheduler(CacheManager(4, [StagePool(4, (0,))]), max_batch_tokens=16, max_inflight=1,
-                      max_message_bytes=LIMIT)
-    sched.add(request(f"x{LONG}", list(range(1, 13)), 1))
-    sched.add(request("b", [5, 6, 7, 8, 9, 10, 11], 3))
-    mb = sched.schedule()
-    sched.on_output(mb.step, [f"x{LONG}"], [7])
-    for _ in range(FREES_RETRIES):
-        fail(sched, sched.schedule())
-    assert sched.schedule() is None
-    sched.new_pipeline()
-    assert sched.schedule().frees == [f"x{LONG}"]
-    assert [c.seq_id for c in sched.schedule().chunks] == ["b"]
+    assert [c.seq_id for c in sched.schedule().chunks] == (["b"] if event == "a new pipeline" else ["b", "c"])
 
 
 @pytest.mark.timeout(60)
