@@ -20,7 +20,8 @@ from flexpipe.errors import MessageTooLarge, RequestError
 from flexpipe.runtime.remote import Cancel, RemoteFlexPipe
 from tests.test_daemons import logs, one_torch_thread, router_and_worker  # noqa: F401 - (a module fixture: autouse)
 
-pytestmark = pytest.mark.timeout(60)
+# a router and a worker (~15 s on 2 cores): under `make test-slow`
+pytestmark = [pytest.mark.timeout(60), pytest.mark.slow]
 
 LIMIT = 64 << 10
 LONG = 80_000   # prompt tokens: past the tiny model's 2,048-token context (and 80,000 bytes of msgpack, above LIMIT)

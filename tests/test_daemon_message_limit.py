@@ -31,7 +31,9 @@ from tests.pipeline_helpers import check_against_oracle
 from tests.test_daemon_usage import refused_before_serving
 from tests.test_daemons import Daemon, logs, one_torch_thread, stop_daemons  # noqa: F401 (the oracle on one thread)
 
-pytestmark = pytest.mark.timeout(120)
+# a router and two workers (~30 s on 2 cores): under `make test-slow`; the embedded limit end to end
+# (tests/test_settings_scopes.py) and the limit checks run in every `make test`
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 LIMIT = 64 << 10
 NEVER = "ipc:///tmp/flexpipe-never-bound"

@@ -34,6 +34,7 @@ def booked(st: dict) -> int:
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow   # (~25 s on 2 cores, with its own cluster: `make test-slow`)
 async def test_a_stage_recovered_on_another_device_is_named_there_by_the_shape(cluster):
     async with connect(cluster) as fp:
         before = await fp.status()

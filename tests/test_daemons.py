@@ -720,6 +720,7 @@ async def test_sigterm_drains_stops_stages_and_every_process_exits_0(cluster):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts rings through /proc")
 @pytest.mark.timeout(240)
+@pytest.mark.slow   # (~30 s; shm hops through a reshape (test_gpu_cpu_parts.py) and a recovery (test_failure.py) run embedded in every `make test`)
 async def test_a_router_with_shm_hops_reshapes_and_recovers_a_killed_stage(tmp_path):
     """`flexpipe router --transport shm`: the stages its workers start pass residuals through shared-memory
     rings (every receiving stage's process holds one), across a reshape under traffic and the SIGKILL of
