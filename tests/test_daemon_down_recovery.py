@@ -79,6 +79,7 @@ class Cluster:
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow   # (~50 s, two bounded waits for workers: `make test-slow`)
 async def test_the_router_serves_again_once_its_lost_workers_come_back(tmp_path):
     c = Cluster(tmp_path)
     try:

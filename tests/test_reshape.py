@@ -44,6 +44,7 @@ async def reshape_while_generating(fp, reqs, plan, gap=0.05):
     return await tasks, stats
 
 
+@pytest.mark.slow   # (~25 s: `make test-slow`; test_stage_processes_1_4_2_3 and the reshapes below run in every `make test`)
 @settings(max_examples=5, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(plan=st.lists(shapes(), min_size=2, max_size=4))
 def test_random_reshapes_keep_outputs_identical(plan):

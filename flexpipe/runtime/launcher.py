@@ -460,9 +460,11 @@ async def _serve_spec(spec: ActorSpec, parent_pid: int, term: list[float], exit_
                 await system.tell(spec.parent, Started(ActorRef(spec.name, ""), os.getpid(),
                                                        spec.token, f"{type(e).__name__}: {e}"))
             return
+        # booted: from here this loop watches the parent, and stops the actor cleanly (before Started: a
+        # parent that dies as soon as it hears it must find the child past the kernel's kill)
+        booted()
         if spec.parent is not None:
             await actor.tell(spec.parent, Started(actor.ref, os.getpid(), spec.token))
-        booted()   # from here this loop watches the parent, and stops the actor cleanly
         while not actor.closed:
             if exit_with_parent and os.getppid() != parent_pid:
                 log.warning("%s: parent process %d is gone; stopping", spec.name, parent_pid)
