@@ -136,7 +136,11 @@ class RouterActor:
         self._drained.set()
         self._pump_task: asyncio.Task | None = None
         self._death_seen = False
-        self.down: str | None = None   # why the pipeline can serve no more (fail_all), else None
+        self._down: str | None = None   # why the pipeline can serve no more (fail_all), else None
+        self._up = asyncio.Event()   # set while it is not down
+        self._up.set()
+        # what a refusal while down tells the client to do (the router daemon's recovers by itself)
+        self.down_hint = "restart it"
         self.on_stage_death = None  # set by the controller: async fn(ref, reason)
         # fn(event, now, request) with now on the scheduler's clock: "arrival" (the record), "finish"
         # (the record, `finished` set), "step" (None; after each step's output); called inline: keep it O(1)
@@ -183,7 +187,7 @@ class RouterActor:
         as one (stats, finish listeners) also when that token was the last one max_tokens allowed, and
         the request leaves before its next step is launched."""
         if self.down is not None:
-            raise PipelineDown(f"the pipeline is down: {self.down}; restart it")
+            raise PipelineDown(f"the pipeline is down: {self.down}; {self.down_hint}")
         check_prompt_length(len(prompt), self.max_context)
         self.cache.check_fits_ever(min(len(prompt) + params.max_tokens, self.max_context))
         if request_id is not None and not _good_id(request_id):
@@ -380,6 +384,23 @@ class RouterActor:
             await self.on_stage_death(msg.ref, msg.reason)
         else:  # nobody can rebuild the pipeline: fail what is running rather than hang
             self.fail_all(f"stage {msg.ref} died ({msg.reason}) and nothing can replace it")
+
+    @property
+    def down(self) -> str | None:
+        """Why the pipeline can serve no more (fail_all; a later recovery sets it back to None), else None."""
+        return self._down
+
+    @down.setter
+    def down(self, why: str | None) -> None:
+        self._down = why
+        if why is None:
+            self._up.set()
+        else:
+            self._up.clear()
+
+    async def wait_up(self) -> None:
+        """Return once the pipeline is not down (at once if it is not)."""
+        await self._up.wait()
 
     def fail_all(self, why: str) -> None:
         """The pipeline cannot serve any more (a dead stage that could not be replaced): every request

@@ -15,8 +15,7 @@ from typing import Any, Sequence
 import zmq
 
 from flexpipe.errors import (
-    ActorError, AskTimeout, ConfigError, FlexPipeError, PipelineDown, PlacementError, QueueFullError, RemoteError,
-    RequestError,
+    ActorError, AskTimeout, ConfigError, FlexPipeError, PlacementError, QueueFullError, RemoteError, RequestError,
 )
 from flexpipe.runtime.actor import ActorSettings, handles
 from flexpipe.runtime.daemon.devices import assign_devices, parse_stage_overhead, stage_overhead, stage_request
@@ -33,7 +32,6 @@ from flexpipe.runtime.remote import (
 
 # --- the router side ------------------------------------------------------------------------------------
 JOIN_WAIT_S = 5.0   # a stage no live worker can take waits for a join this long, plus 2 x the heartbeat timeout
-DOWN_POLL_S = 0.1   # how often WaitReady looks whether a pipeline that went down serves again
 
 
 class _NoLiveDevice(PlacementError):
@@ -170,8 +168,6 @@ class RouterFrontend:
         d = self.d
         if not d.admitting:
             raise RouterUnavailable(f"the router takes no requests now ({d.state})")
-        if d.down is not None:   # (the router actor's words would say to restart it: this one recovers)
-            raise PipelineDown(f"the pipeline is down: {d.down}; it serves again once a worker joins the router")
         router = d.controller.router
         if router.sched.queued_new() >= d.settings.max_queued:
             raise QueueFullError(f"{d.settings.max_queued} requests are already queued: retry later")
@@ -359,8 +355,8 @@ class RouterDaemon:
     async def serving(self) -> None:
         """Return once the pipeline is up and not down (WaitReady)."""
         await self.ready.wait()
-        while self.down is not None:   # (rare, and cleared by a recovery: no event to wait on)
-            await asyncio.sleep(DOWN_POLL_S)
+        while self.down is not None:   # (down again meanwhile: wait again)
+            await self.controller.router.wait_up()
 
     # ---- life cycle -------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> int:
@@ -428,6 +424,8 @@ class RouterDaemon:
         event("building", boundaries=shape.boundaries, devices=devices)
         self.controller = Controller(self.system, self.spec, self.settings, stage_launcher=self.launch_stage)
         await self.controller.start(shape)
+        # (a recovery that failed runs again when a worker joins: add_worker)
+        self.controller.router.down_hint = "it serves again once a worker joins the router"
         self.state = "serving"
         self.admitting = True
         self.ready.set()
