@@ -37,6 +37,7 @@ from flexpipe.errors import (
     ActorError, AskTimeout, ConfigError, PeerDeadError, RemoteError, RequestError,
 )
 from flexpipe.model.tokenizer import StopTextStream
+from flexpipe.partition import check_shape_numbers
 from flexpipe.runtime.actor import ActorSettings, handles
 from flexpipe.runtime.messages import ActorRef, Terminated, message
 from flexpipe.runtime.router import check_prompt_length
@@ -485,7 +486,6 @@ class RemoteFlexPipe(EngineClient):
     async def reshape(self, stages: int | None = None, boundaries: Sequence[int] | None = None, *,
                       devices: Sequence[str] | None = None, weights_from: str = "auto") -> Any:
         """Change the pipeline's shape while requests run; returns the ReshapeStats."""
-        from flexpipe.partition.graph import check_shape_numbers
         from flexpipe.runtime.controller import ReshapeStats
 
         if (stages is None) == (boundaries is None):
