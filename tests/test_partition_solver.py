@@ -33,7 +33,8 @@ def brute(graph, caps, cost):
                 break
             t = sum(u.flops_per_token for u in graph.units[i:j]) * cost.tokens / cost.flops_per_s
             if k < s - 1:
-                t += graph.units[j - 1].act_bytes_per_token * cost.tokens / cost.link(k) + cost.latency
+                t += graph.units[j - 1].act_bytes_per_token * cost.tokens / cost.link(k)
+            t += cost.latency   # every stage sends: onward, or (the last) its tokens to the router
             worst = max(worst, t)
         if ok:
             best = min(best, worst)
@@ -128,7 +129,8 @@ def brute_lex(graph, stages, cost):
             i, j = b[k], b[k + 1]
             t = sum(u.flops_per_token for u in graph.units[i:j]) * cost.tokens / cost.flops_per_s
             if k < stages - 1:
-                t += graph.units[j - 1].act_bytes_per_token * cost.tokens / cost.link(k) + cost.latency
+                t += graph.units[j - 1].act_bytes_per_token * cost.tokens / cost.link(k)
+            t += cost.latency   # every stage sends: onward, or (the last) its tokens to the router
             worst = max(worst, t)
         best = min(best, (worst, _mid_layer_cuts(graph, b)))
     return best
@@ -179,7 +181,8 @@ def exact_key(graph, boundaries, cost):
         i, j = boundaries[k], boundaries[k + 1]
         t = sum(F(u.flops_per_token) for u in graph.units[i:j]) * cost.tokens / F(cost.flops_per_s)
         if k < s - 1:
-            t += F(graph.units[j - 1].act_bytes_per_token * cost.tokens) / F(cost.link(k)) + F(cost.latency)
+            t += F(graph.units[j - 1].act_bytes_per_token * cost.tokens) / F(cost.link(k))
+        t += F(cost.latency)   # every stage sends: onward, or (the last) its tokens to the router
         times.append(t)
     return max(times), _mid_layer_cuts(graph, boundaries), sum(t * t for t in times)
 
@@ -286,3 +289,21 @@ def test_a_cost_model_without_a_rate_is_a_partition_error():
     # an infinite link is free, as it was
     free = solve(graph, num_stages=2, cost=CostModel(flops_per_s=1.0, bandwidth=math.inf))
     assert free.boundaries == (0, 2, 4) and free.stage_times == (2.0, 2.0)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_every_stage_of_a_small_model_holds_layers_where_a_hop_costs_more_than_its_units(device):
+    # On the GPU operating point (20 us a hop, 3e14 flop/s) a unit of the tiny model computes in well
+    # under a microsecond.  With the hop's latency charged to every stage but the last, the least
+    # bottleneck was a first stage of the embedding alone and a last stage of everything else (the
+    # H200 run of 2026-11-30: a "2-stage" pipeline whose first stage held no layer, so no KV to move
+    # and no decode step to capture).  Every stage sends (the last its tokens to the router), so the
+    # latency moves no cut; the bytes still do (a sender pays them), which leaves the first stages smaller.
+    from flexpipe.api import plan_shape
+    from flexpipe.model.config import preset
+
+    cfg = preset("tiny")
+    kinds = [u.kind for u in UnitGraph.from_config(cfg).units]
+    for stages in (2, 3, 4):
+        cuts = [(s.start, s.end) for s in plan_shape(cfg, stages=stages, device=device).stages]
+        assert all("attention" in kinds[a:b] and "mlp" in kinds[a:b] for a, b in cuts), (device, stages, cuts)

@@ -150,7 +150,14 @@ def solve(
     for k in range(num_stages - 1):
         per_byte = tokens * _reciprocal(cost.link(k), f"bandwidth of link {k}")
         hop_q.append([Fraction(0)] + [u.act_bytes_per_token * per_byte + latency for u in graph.units])
-    den = math.lcm(*(q.denominator for q in unit_q), *(q.denominator for row in hop_q for q in row))
+    # The last stage sends too: its tokens back to the router, a message of the same latency (its bytes
+    # are a few ids).  Charged to every stage, a latency that dwarfs the units' compute (a small model
+    # on a GPU) moves no cut; charged to all but the last, it made the cheapest bottleneck a first stage
+    # of one unit and a last stage of everything else.
+    reply_q = Fraction(latency)
+    den = math.lcm(*(q.denominator for q in unit_q), *(q.denominator for row in hop_q for q in row),
+                   reply_q.denominator)
+    reply = reply_q.numerator * (den // reply_q.denominator)
     ptime = [0]
     for q in unit_q:
         ptime.append(ptime[-1] + q.numerator * (den // q.denominator))
@@ -163,9 +170,7 @@ def solve(
 
     def stage_time(k: int, i: int, j: int) -> int:   # seconds times `den`
         t = ptime[j] - ptime[i]
-        if k < num_stages - 1:
-            t += hop[k][j]
-        return t
+        return t + (hop[k][j] if k < num_stages - 1 else reply)
 
     def fits(k: int, i: int, j: int) -> bool:
         return pmem[j] - pmem[i] + cost.overhead_bytes <= capv[k]
