@@ -100,3 +100,23 @@ def test_a_sequence_computed_again_from_its_first_token_gets_fresh_blocks():
     last.forward(StepMeta(["v"], [0], [4], [False], [0], [GREEDY]), x)
     assert len(first.tables["v"]) == len(last.tables["v"]) == 1
     assert first.free_blocks == last.free_blocks == 16 - 1
+
+
+def test_steps_on_cuda_keep_sdpa_off_cudnn_and_cpu_steps_change_nothing():
+    """On CUDA a step's attention runs with SDPA's cuDNN backend off (cuDNN builds a graph per new
+    shape: 1.3 ms a call in the H200 profile of 2026-11-30); the backend flags are torch's own, so
+    this is checked without a GPU. On CPU the step's context changes no flag."""
+    from flexpipe.model.attention import step_sdpa
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with step_sdpa(torch.device("cuda", 0)):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        with step_sdpa(torch.device("cpu")):
+            assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

@@ -8,6 +8,7 @@ they bring equally many tokens) and one per longer chunk, so no sequence is padd
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -16,6 +17,23 @@ import torch
 import torch.nn.functional as F
 
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def step_sdpa(device: torch.device) -> contextlib.AbstractContextManager:
+    """Where a stage step's attention calls run: on CUDA, SDPA without its cuDNN backend.
+
+    torch prefers cuDNN attention on Hopper, and cuDNN builds a graph for the shapes it meets; a
+    serving step meets new ones all the time (each decode step's context is a token longer, each
+    prompt has its own length, masks broadcast).  The H200 profile of 2026-11-30 (gpu_check's
+    profile section, llama2-7b fp16, one decode row) put 42.7 of a step's 101 ms of host time in its
+    32 cuDNN attention calls, 1.3 ms a call against 45 us in HF generate's.  Flash, memory-efficient
+    or math kernels have no per-shape build.  One context per step: entering one costs ~30 us of host
+    time.  Elsewhere (CPU) nothing changes."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 @dataclass

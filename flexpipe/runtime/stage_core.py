@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from flexpipe.errors import ConfigError
-from flexpipe.model.attention import AttnMetadata, PagedKVCache
+from flexpipe.model.attention import AttnMetadata, PagedKVCache, step_sdpa
 from flexpipe.model.config import ModelConfig
 from flexpipe.model.units import Unit, build_units, make_kv_caches, run_units
 
@@ -187,7 +187,8 @@ class StageCore:
             ends = am.last_token_rows()
             pick = torch.tensor([i for i, s in enumerate(meta.sample) if s], dtype=torch.int64)
             rows = ends.index_select(0, pick.to(ends.device))
-        out = run_units(self._unit_list(), x, am, self.kv, logit_rows=rows)
+        with step_sdpa(self.device):
+            out = run_units(self._unit_list(), x, am, self.kv, logit_rows=rows)
         if not is_last:
             return out
         return self.sample(out, meta)
