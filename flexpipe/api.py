@@ -26,7 +26,7 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable, Sequence
+from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 from flexpipe.errors import ConfigError, PipelineDown, QueueFullError, RequestError, UnknownModelError
 from flexpipe.model.config import ModelConfig
@@ -377,12 +377,9 @@ class FlexPipe(EngineClient):
         if (stages is None) == (boundaries is None):
             raise ConfigError("give either stages=N or boundaries=[0, ..., num_units]")
         shape = plan_shape(self.config, stages, boundaries, self.controller.shape.epoch + 1, self.settings.device)
+        devices = check_reshape_targets(devices, weights_from, shape.num_stages)
         if devices is not None:
-            if isinstance(devices, (str, bytes)) or not all(_is_device(d) for d in devices) \
-                    or len(devices) != shape.num_stages:
-                raise ConfigError(f"devices must be a list of {shape.num_stages} device names (cpu, cuda or "
-                                  f"cuda:N), one per stage (got {devices!r:.80})")
-            shape = PipelineShape.from_boundaries(shape.boundaries, shape.epoch, list(devices))
+            shape = PipelineShape.from_boundaries(shape.boundaries, shape.epoch, devices)
         return await self.controller.reshape(shape, weights_from=weights_from)
 
 
@@ -487,6 +484,25 @@ def _is_device(d: Any) -> bool:
     return isinstance(d, str) and re.fullmatch(r"(cpu|cuda)(:\d+)?", d) is not None
 
 
+def check_reshape_targets(devices: Any, weights_from: Any, num_stages: int | None = None, *,
+                          is_device: Callable[[Any], bool] = _is_device,
+                          names: str = "device names (cpu, cuda or cuda:N)") -> list | None:
+    """`devices` as a list (None stays None: the runtime places the stages), ConfigError saying what to
+    give unless it is a list of `num_stages` (where known) items that pass `is_device`, and unless
+    `weights_from` is one of WEIGHT_SOURCES: checked before a reshape starts (a bare string is no list
+    of devices: it was split into its letters)."""
+    from flexpipe.runtime.controller import check_weights_from
+
+    check_weights_from(weights_from)
+    if devices is None:
+        return None
+    listed = None if isinstance(devices, (str, bytes)) or not isinstance(devices, Iterable) else list(devices)
+    if listed is None or not all(map(is_device, listed)) or num_stages is not None and len(listed) != num_stages:
+        count = "" if num_stages is None else f"{num_stages} "
+        raise ConfigError(f"devices must be a list of {count}{names}, one per stage (got {devices!r:.80})")
+    return listed
+
+
 def _token_ids(ids: Any, what: str, vocab_size: int) -> tuple[int, ...]:
     """`ids` (a sequence of integers: ints, numpy or torch integer scalars) as a tuple of ints in
     [0, vocab_size); RequestError saying what to change otherwise."""
@@ -515,4 +531,4 @@ async def _call(fn: Any) -> Any:
 
 
 __all__ = ["Completion", "EngineClient", "FlexPipe", "GenerationEvent", "ModelSpec", "PAUSE_BUCKETS", "Settings",
-           "SyncFlexPipe", "check_hop_fits", "pause_histogram", "plan_shape"]
+           "SyncFlexPipe", "check_hop_fits", "check_reshape_targets", "pause_histogram", "plan_shape"]

@@ -52,6 +52,13 @@ WEIGHT_SOURCES = ("auto", "source", "peer", "cache")
 _UNKNOWN_COPY: tuple = (0, -1, None)
 
 
+def check_weights_from(weights_from: Any) -> None:
+    """ConfigError saying what to give unless `weights_from` is one of WEIGHT_SOURCES."""
+    if not isinstance(weights_from, str) or weights_from not in WEIGHT_SOURCES:
+        raise ConfigError(f"weights_from must be one of {', '.join(map(repr, WEIGHT_SOURCES))} "
+                          f"(got {weights_from!r:.80})")
+
+
 async def to_the_end(aw: Any) -> Any:
     """Await `aw` to its end even when the caller is cancelled meanwhile, and raise the cancellation
     after: for clean-ups that must not stop half way (stopping processes, resuming the router)."""
@@ -302,9 +309,7 @@ class Controller:
 
     async def reshape(self, shape: PipelineShape, *, weights_from: str = "auto") -> ReshapeStats:
         """Move the running pipeline to `shape` without losing or changing any request."""
-        if weights_from not in WEIGHT_SOURCES:
-            raise ConfigError(f"weights_from must be one of {', '.join(map(repr, WEIGHT_SOURCES))} "
-                              f"(got {weights_from!r})")
+        check_weights_from(weights_from)
         async with self._lock:
             if self.closed:
                 raise PipelineDown("the pipeline is closed: launch a new one")

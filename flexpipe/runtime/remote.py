@@ -32,7 +32,7 @@ from typing import Any, AsyncIterator, Sequence
 from urllib.parse import urlsplit
 
 from flexpipe import errors
-from flexpipe.api import EngineClient
+from flexpipe.api import EngineClient, check_reshape_targets
 from flexpipe.errors import (
     ActorError, AskTimeout, ConfigError, PeerDeadError, RemoteError, RequestError,
 )
@@ -285,7 +285,8 @@ class RemoteFlexPipe(EngineClient):
     async def connect(cls, url: str, *, ready_timeout: float = 120.0, host: str | None = None,
                       curve: dict[str, str] | None = None, heartbeat_interval: float = 0.5,
                       heartbeat_timeout: float = 3.0, ask_timeout: float = 60.0,
-                      answer_timeout: float | None = None) -> AsyncIterator["RemoteFlexPipe"]:
+                      answer_timeout: float | None = None,
+                      max_message_bytes: int | None = None) -> AsyncIterator["RemoteFlexPipe"]:
         """Connect to the router at `url` and wait (up to `ready_timeout`) until its pipeline serves.
 
         `url`: tcp://HOST:PORT, or ipc:///PATH for a router on this host.  `host`: the address the
@@ -295,6 +296,8 @@ class RemoteFlexPipe(EngineClient):
         `answer_timeout`: how long to wait for the router's first answer (default: `ready_timeout`);
         nothing tells a router that is not there from one that is slow, but a router that answers and
         still waits for its workers (or for its stages to start) gets the rest of `ready_timeout`.
+        `max_message_bytes`: the largest message this client sends or takes (default: ActorSettings');
+        what it sends the router is held to the smaller of this and the router's own.
         Raises RouterUnavailable when the router does not answer or its pipeline is not ready in time
         (saying what the router was doing, and what to check).
         """
@@ -302,8 +305,9 @@ class RemoteFlexPipe(EngineClient):
 
         curve = curve_from_env() if curve is None else curve
         answer_timeout = ready_timeout if answer_timeout is None else answer_timeout
+        limit = {} if max_message_bytes is None else {"max_message_bytes": max_message_bytes}
         settings = client_settings(url, host, curve, heartbeat_interval=heartbeat_interval,
-                                   heartbeat_timeout=heartbeat_timeout, ask_timeout=ask_timeout)
+                                   heartbeat_timeout=heartbeat_timeout, ask_timeout=ask_timeout, **limit)
         frontend = frontend_ref(url)
         async with ActorSystem(settings, name="flexpipe-client") as system:
             actor = await system.spawn(_ClientBehaviour(frontend), f"client-{uuid.uuid4().hex[:8]}")
@@ -437,13 +441,17 @@ class RemoteFlexPipe(EngineClient):
 
     def _too_large(self, ids: list[int], stops: list[str]) -> RequestError:
         """The error of a request whose Submit is above the router's limit (or this client's)."""
-        limit = min(self.actor.send_limits.get(self.frontend, self.actor.settings.max_message_bytes),
-                    self.actor.settings.max_message_bytes)
+        mine = self.actor.settings.max_message_bytes
+        theirs = self.actor.send_limits.get(self.frontend, mine)
+        limit = min(theirs, mine)
         stopped = f", stop strings of {sum(map(len, stops))} characters" if stops else ""
+        router = "the router's --max-message-bytes (FLEXPIPE_MAX_MESSAGE_BYTES; its workers take the same)"
+        client = "this client's max_message_bytes (`flexpipe serve --max-message-bytes`)"
+        whose = router if theirs < mine else client if mine < theirs else f"{router} and {client}"
         return RequestError(
             f"the request (a prompt of {len(ids)} tokens{stopped}) does not fit in one message to the router "
             f"at {self.url} (max_message_bytes={limit}): send a shorter prompt{' or stop strings' if stops else ''}, "
-            "or raise the router's --max-message-bytes (FLEXPIPE_MAX_MESSAGE_BYTES; its workers take the same)")
+            f"or raise {whose}")
 
     def _release(self, rid: str, queue: asyncio.Queue, reason: str | None) -> None:
         """This client is done with its request `rid` (the one `queue` reads): unless it ended already
@@ -491,11 +499,19 @@ class RemoteFlexPipe(EngineClient):
         if (stages is None) == (boundaries is None):
             raise ConfigError("give either stages=N or boundaries=[0, ..., num_units]")
         check_shape_numbers(stages, boundaries, self.config.num_units)   # (also what msgpack cannot carry)
+        # (which ids a live worker has is the router's to say, naming them: here, what the message carries)
+        devices = check_reshape_targets(devices, weights_from, is_device=_carried,
+                                        names="device ids of the router's workers (as its status lists them)")
         d = await self._ask(Reshape(stages, list(boundaries) if boundaries is not None else None,
-                                    list(devices) if devices is not None else None, weights_from),
-                            timeout=900.0)
+                                    devices, weights_from), timeout=900.0)
         known = {f.name for f in dataclasses.fields(ReshapeStats)}
         return ReshapeStats(**{k: v for k, v in d.items() if k in known})
+
+
+def _carried(device: Any) -> bool:
+    """A device id a Reshape message carries as given: a string, or a 64-bit int (which the router refuses,
+    naming the ids its workers have, as it does a string that no live worker has)."""
+    return isinstance(device, str) or type(device) is int and -(1 << 63) <= device < 1 << 63
 
 
 def _model_spec(info: ModelInfo) -> Any:

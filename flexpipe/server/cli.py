@@ -55,7 +55,7 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"flexpipe serve: connecting to the router at {cfg['router']} (waiting up to "
               f"{cfg['router_timeout']:g}s for it to answer, {cfg['router_ready_timeout']:g}s for it to serve)...",
               file=sys.stderr, flush=True)
-        _check_router(cfg["router"], cfg["router_timeout"], cfg["router_ready_timeout"])
+        _check_router(cfg["router"], cfg["router_timeout"], cfg["router_ready_timeout"], cfg["max_message_bytes"])
     else:
         from flexpipe.api import ModelSpec, Settings, check_hop_fits, plan_shape
 
@@ -72,7 +72,7 @@ def serve_main(args: argparse.Namespace) -> int:
             from flexpipe.runtime.remote import connect
 
             return connect(cfg["router"], answer_timeout=cfg["router_timeout"],
-                           ready_timeout=cfg["router_ready_timeout"])
+                           ready_timeout=cfg["router_ready_timeout"], max_message_bytes=cfg["max_message_bytes"])
         return FlexPipe.launch(model=model, stages=stages, in_process=in_process,
                                autoscale=True if cfg["autoscale"] else None, **options)
 
@@ -97,7 +97,7 @@ def serve_main(args: argparse.Namespace) -> int:
     return 0 if started else 1
 
 
-def _check_router(url: str, timeout: float, ready_timeout: float) -> None:
+def _check_router(url: str, timeout: float, ready_timeout: float, max_message_bytes: int) -> None:
     """Connect to the router once, before the HTTP server starts: a router that does not answer within
     `timeout` seconds, or whose pipeline does not serve within `ready_timeout` (from the start), is one
     'flexpipe: error:' line and exit 1.  The server connects again in its own event loop (where the
@@ -109,7 +109,8 @@ def _check_router(url: str, timeout: float, ready_timeout: float) -> None:
     from flexpipe.runtime.remote import connect
 
     async def probe() -> None:
-        async with connect(url, answer_timeout=timeout, ready_timeout=ready_timeout):
+        async with connect(url, answer_timeout=timeout, ready_timeout=ready_timeout,
+                           max_message_bytes=max_message_bytes):
             pass
 
     asyncio.run(probe())
