@@ -623,6 +623,7 @@ class Controller:
         self.slots = slots
         self.shape = self._running_shape(shape.epoch)
         router.switch(self._pipeline(shape.epoch), CacheManager(self.settings.block_size, self._pools(shape)))
+        router.down = None   # (a pipeline left with no stage by a failed restart: it serves again)
         router.resume()
         st.stages_started = len(slots)
         st.total_s = st.pause_s = time.perf_counter() - t0  # requests waiting meanwhile saw all of it

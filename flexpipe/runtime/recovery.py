@@ -131,11 +131,28 @@ class Recovery:
 
     async def recover_if_down(self, why: str) -> None:
         """Run the recovery again if an earlier one failed and left the pipeline down (router.down):
-        `why` (a worker joined) may have brought back the capacity it lacked.  Nothing when it serves."""
+        `why` (a worker joined) may have brought back the capacity it lacked.  Nothing when it serves.
+
+        A restart or rebuild that could not start its stages left none: the shape it meant to run
+        (ctl.shape, see rebuild) starts again from scratch, in a new epoch.  When that fails too, the
+        pipeline stays down, saying why."""
         ctl = self.ctl
         async with ctl._lock:   # (after a recovery running now, which may yet fail)
             down = ctl.router.down if ctl.router is not None else None
-            if down is None or ctl.closed or not ctl.slots:   # (no slots: a restart failed; nothing to recover)
+            if down is None or ctl.closed:
+                return
+            if not ctl.slots:
+                t0 = time.perf_counter()
+                old = ctl.shape
+                shape = old.with_epoch(old.epoch + 1)
+                log.warning("the pipeline is down with no stage (%s); %s: starting it again as %s", down, why,
+                            list(shape.boundaries))
+                st = ReshapeStats("rebuild", old.epoch, shape.epoch, [], shape.boundaries, error=f"down: {down}")
+                try:   # (fail_all left the router paused with no step in flight: quiesced, as rebuild needs)
+                    await self._rebuild_or_down(shape, [], st, t0, f"starting the pipeline again as "
+                                                                   f"{list(shape.boundaries)} ({why})")
+                except Exception as e:  # noqa: BLE001 - down, saying why (router.down): the next call may succeed
+                    log.error("the pipeline stays down: %s: %s", type(e).__name__, e)
                 return
             # a stage still dead (its replacement failed), else the first: every stage is then reset
             dead = next((sl.ref for sl in ctl.slots if self.is_dead(sl.ref)), ctl.slots[0].ref)
@@ -238,19 +255,31 @@ class Recovery:
             finally:
                 router.sched.admit = True
             try:
-                return await to_the_end(self.rebuild(shape, ctl.slots, st, t0))
+                return await self._rebuild_or_down(shape, ctl.slots, st, t0, f"the restart as {list(shape.boundaries)}")
             except Exception as e:  # noqa: BLE001 - the old stages are gone: nothing left to serve with
-                st.ok, st.error = False, f"{type(e).__name__}: {e}"
-                st.total_s = time.perf_counter() - t0
-                ctl.history.append(st)
-                router.fail_all(f"the restart as {list(shape.boundaries)} failed: {st.error}")
                 raise e if isinstance(e, ReshapeError) else ReshapeError(
                     f"restart as {list(shape.boundaries)} failed, the pipeline is down: {st.error}") from e
+
+    async def _rebuild_or_down(self, shape: PipelineShape, retire: list[Slot], st: ReshapeStats, t0: float,
+                               what: str) -> ReshapeStats:
+        """rebuild() to its end; when it fails, record `st` as failed, fail every request and refuse new
+        ones (router.down, saying that `what` failed: no stage is left to serve with), and raise."""
+        try:
+            return await to_the_end(self.rebuild(shape, retire, st, t0))
+        except Exception as e:
+            st.ok, st.error = False, f"{type(e).__name__}: {e}"
+            st.total_s = time.perf_counter() - t0
+            self.ctl.history.append(st)
+            self.ctl.router.fail_all(f"{what} failed: {st.error}")
+            raise
 
     async def rebuild(self, shape: PipelineShape, retire: list[Slot], st: ReshapeStats,
                       t0: float | None = None) -> ReshapeStats:
         """With the router quiesced (and the controller's lock held): stop `retire`, start `shape` (in
-        its epoch) in fresh processes, and recompute every request from its record."""
+        its epoch) in fresh processes, and recompute every request from its record.
+
+        From the moment the old stages are stopped ctl.shape is `shape`, the shape the controller means
+        to run: when its stages fail to start, none is left, and `recover_if_down` starts it again."""
         ctl = self.ctl
         router = ctl.router
         t0 = time.perf_counter() if t0 is None else t0
@@ -258,7 +287,7 @@ class Recovery:
         st.requests_recomputed = router.requeue_all()
         await asyncio.gather(*(sl.handle.stop() for sl in retire), return_exceptions=True)
         st.stages_retired = len(retire)
-        ctl.slots = []
+        ctl.slots, ctl.shape = [], shape   # (none runs: the shape meant, as after a scale to zero)
         slots = await ctl._launch_all({i: ctl._launch(s.start, s.end, s.device, shape.epoch, i)
                                        for i, s in enumerate(shape.stages)}, "rebuild")
         ctl.slots = [slots[i] for i in range(len(shape.stages))]
@@ -267,6 +296,7 @@ class Recovery:
         ctl.shape = ctl._running_shape(shape.epoch)
         await ctl._configure(shape.epoch)
         router.switch(ctl._pipeline(shape.epoch), CacheManager(ctl.settings.block_size, ctl._pools(shape)))
+        router.down = None   # (when an earlier restart or recovery failed: it serves again)
         router.resume()
         st.pause_s = st.total_s = time.perf_counter() - t0
         ctl.history.append(st)
