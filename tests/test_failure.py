@@ -13,7 +13,7 @@ import pytest
 from flexpipe.api import FlexPipe
 from flexpipe.errors import ReshapeError
 from flexpipe.runtime.stage import StageStatus
-from tests.pipeline_helpers import check_against_oracle, request_mix, until
+from tests.pipeline_helpers import check_against_oracle, request_mix, run_all, until
 
 pytestmark = pytest.mark.timeout(400)
 HEARTBEAT_TIMEOUT = 2.0
@@ -186,6 +186,41 @@ async def test_a_switch_that_fails_half_way_is_rebuilt_without_loss():
         assert (await fp.reshape(stages=3)).ok
         assert all(p["used"] == 0 for p in fp.status()["router"]["kv"])
 
+
+
+async def test_a_switch_that_fails_half_way_and_whose_rebuild_fails_is_down_until_recovered():
+    # as above, and the rebuild's first launch fails too: every request fails at once and the
+    # pipeline is down (no stage left), its failed rebuild in the history; recover_if_down (a worker
+    # joining, for the router daemon) starts the reshape's shape again and it serves the oracle's output
+    from flexpipe.runtime.stage import AbortPrepare
+
+    async with _launch(stages=3) as fp:
+        reqs, tasks = await _requests_with_kv(fp, 4, seed=44, max_tokens=(40, 60))
+        ctl = fp.controller
+        copy_round = ctl._copy_round_once
+        first = ctl.slots[0]
+
+        async def forget_prepared_units_after_the_delta(moves, copied, st, delta):
+            out = await copy_round(moves, copied, st, delta)
+            if delta:
+                await ctl.system.ask(first.ref, AbortPrepare(ctl.shape.epoch + 1))
+                ctl.fail_next_launch = True   # (the reshape launches nothing after its copies: the rebuild does)
+            return out
+
+        ctl._copy_round_once = forget_prepared_units_after_the_delta
+        with pytest.raises(ReshapeError, match="the rebuild failed too"):
+            await fp.reshape(stages=2)
+        ctl._copy_round_once = copy_round
+        assert [h.kind for h in ctl.history[-2:]] == ["reshape", "rebuild"]
+        assert not ctl.history[-1].ok and ctl.slots == []
+        assert "the rebuild failed" in fp.router.down
+        # (those still running when it went down end with the reason; none waits)
+        ended = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=60)
+        assert all("the rebuild failed" in str(r) for r in ended if isinstance(r, BaseException)), ended
+        await ctl.recovery.recover_if_down("test: capacity back")
+        assert ctl.history[-1].ok and fp.router.down is None and len(ctl.slots) == 2
+        reqs = request_mix(4, seed=45, max_tokens=(8, 16))
+        check_against_oracle(fp, reqs, await run_all(fp, reqs))
 
 async def test_two_stages_dying_together_are_both_replaced():
     # the recovery of the first death used to replace only that stage, then fail resetting the other

@@ -427,12 +427,11 @@ class Controller:
                 involved = list({id(sl): sl for sl in (*self.slots, *(sl for sl in new_slots if sl))}.values())
                 try:
                     # (one epoch past the new one: no message of the half-switched stages is taken)
-                    await to_the_end(self.recovery.rebuild(shape.with_epoch(shape.epoch + 1), involved,
-                                                    ReshapeStats("rebuild", old_epoch, 0, self.shape.boundaries,
-                                                                 shape.boundaries, error=st.error)))
-                except Exception as e2:  # noqa: BLE001 - nothing left to serve with
-                    router.fail_all(f"a reshape failed while switching ({st.error}) and the rebuild failed: "
-                                    f"{type(e2).__name__}: {e2}")
+                    await self.recovery.rebuild_or_down(
+                        shape.with_epoch(shape.epoch + 1), involved,
+                        ReshapeStats("rebuild", old_epoch, 0, self.shape.boundaries, shape.boundaries, error=st.error),
+                        time.perf_counter(), f"a reshape failed while switching ({st.error}) and the rebuild")
+                except Exception as e2:  # noqa: BLE001 - nothing left to serve with (the pipeline is down)
                     if cancelled:
                         raise e from e2
                     raise ReshapeError(f"reshape failed while switching ({st.error}); the rebuild failed too: "

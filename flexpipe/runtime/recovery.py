@@ -149,7 +149,7 @@ class Recovery:
                             list(shape.boundaries))
                 st = ReshapeStats("rebuild", old.epoch, shape.epoch, [], shape.boundaries, error=f"down: {down}")
                 try:   # (fail_all left the router paused with no step in flight: quiesced, as rebuild needs)
-                    await self._rebuild_or_down(shape, [], st, t0, f"starting the pipeline again as "
+                    await self.rebuild_or_down(shape, [], st, t0, f"starting the pipeline again as "
                                                                    f"{list(shape.boundaries)} ({why})")
                 except Exception as e:  # noqa: BLE001 - down, saying why (router.down): the next call may succeed
                     log.error("the pipeline stays down: %s: %s", type(e).__name__, e)
@@ -255,12 +255,12 @@ class Recovery:
             finally:
                 router.sched.admit = True
             try:
-                return await self._rebuild_or_down(shape, ctl.slots, st, t0, f"the restart as {list(shape.boundaries)}")
+                return await self.rebuild_or_down(shape, ctl.slots, st, t0, f"the restart as {list(shape.boundaries)}")
             except Exception as e:  # noqa: BLE001 - the old stages are gone: nothing left to serve with
                 raise e if isinstance(e, ReshapeError) else ReshapeError(
                     f"restart as {list(shape.boundaries)} failed, the pipeline is down: {st.error}") from e
 
-    async def _rebuild_or_down(self, shape: PipelineShape, retire: list[Slot], st: ReshapeStats, t0: float,
+    async def rebuild_or_down(self, shape: PipelineShape, retire: list[Slot], st: ReshapeStats, t0: float,
                                what: str) -> ReshapeStats:
         """rebuild() to its end; when it fails, record `st` as failed, fail every request and refuse new
         ones (router.down, saying that `what` failed: no stage is left to serve with), and raise."""
