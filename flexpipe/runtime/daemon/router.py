@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import zmq
@@ -142,15 +142,7 @@ class RouterFrontend:
     # ---- clients ------------------------------------------------------------------------------------
     @handles(Hello)
     def hello(self, ctx: Any, msg: Hello) -> ModelInfo:
-        d = self.d
-        spec, ctx_len = d.spec, d.spec.config.max_position_embeddings
-        if getattr(d.controller, "router", None) is not None:
-            kv = d.controller.router.cache.max_tokens()
-        else:   # not up yet: what every stage's pool will hold
-            kv = d.settings.num_blocks * d.settings.block_size
-        return ModelInfo(spec.name, spec.config.to_dict(), dict(spec.source), _tokenizer_files(spec),
-                         ctx_len, d.ready.is_set() and d.down is None, max_sequence=min(ctx_len, kv),
-                         max_message_bytes=d.settings.max_message_bytes)
+        return self.d.model_info()
 
     @handles(WaitReady, concurrent=True)
     async def wait_ready(self, ctx: Any, msg: WaitReady) -> bool:
@@ -297,6 +289,23 @@ def _tokenizer_files(spec: Any) -> dict[str, str]:
     return {n: (d / n).read_text() for n in names if (d / n).is_file()} if (d / "tokenizer.json").is_file() else {}
 
 
+def _check_hello_fits(info: ModelInfo) -> None:
+    """ConfigError unless `info`, a client's answer to its Hello, fits in one message of the router's
+    max_message_bytes: a larger one is refused, and no client could ever connect."""
+    from flexpipe.runtime.codec import encode
+
+    limit = info.max_message_bytes
+    # (max_sequence at its largest: the answer once the pipeline is up is no larger)
+    size = sum(map(len, encode(replace(info, max_sequence=info.max_context))))
+    if size > limit:
+        files = info.tokenizer_files
+        tok = sum(len(t.encode()) for t in files.values())
+        raise ConfigError(f"setting max_message_bytes={limit}: the router answers a client's Hello with the model's "
+                          f"config and tokenizer files ({', '.join(files) or 'none'}: {tok} bytes) in one message "
+                          f"of {size} bytes, so no client could connect; raise max_message_bytes "
+                          f"(--max-message-bytes) to at least {size}")
+
+
 class RouterDaemon:
     """`flexpipe router`: frontend + allocator + (once enough workers joined) controller and router."""
 
@@ -352,6 +361,17 @@ class RouterDaemon:
     def state(self, value: str) -> None:
         self._state = value
 
+    def model_info(self) -> ModelInfo:
+        """What a client's Hello gets: the model, its tokenizer files, what a request may hold, the limit."""
+        spec, ctx_len = self.spec, self.spec.config.max_position_embeddings
+        if getattr(self.controller, "router", None) is not None:
+            kv = self.controller.router.cache.max_tokens()
+        else:   # not up yet: what every stage's pool will hold
+            kv = self.settings.num_blocks * self.settings.block_size
+        return ModelInfo(spec.name, spec.config.to_dict(), dict(spec.source), _tokenizer_files(spec),
+                         ctx_len, self.ready.is_set() and self.down is None, max_sequence=min(ctx_len, kv),
+                         max_message_bytes=self.settings.max_message_bytes)
+
     async def serving(self) -> None:
         """Return once the pipeline is up and not down (WaitReady)."""
         await self.ready.wait()
@@ -368,6 +388,7 @@ class RouterDaemon:
 
         s = self.settings
         self.spec = ModelSpec.resolve(self.model, s.seed)
+        _check_hello_fits(self.model_info())   # (before binding: a router no client can connect to never serves)
         actor_settings = ActorSettings(bind=self.kind, host=self.host, heartbeat_interval=s.heartbeat_interval,
                                        heartbeat_timeout=s.heartbeat_timeout, start_timeout=s.start_timeout,
                                        torch_threads=s.torch_threads, rt_priority=s.rt_priority,
