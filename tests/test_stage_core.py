@@ -120,3 +120,20 @@ def test_steps_on_cuda_keep_sdpa_off_cudnn_and_cpu_steps_change_nothing():
             assert torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_masked_grouped_query_attention_on_cuda_repeats_its_kv_heads():
+    """enable_gqa only where a fused CUDA kernel takes it (flash: no mask); a masked call repeats the
+    KV heads so the memory-efficient kernel takes it instead of the quadratic math one. On CPU (and
+    unmasked) as before; the CPU path's outputs are unchanged."""
+    from flexpipe.model import attention
+
+    assert attention.gqa_in_kernel("cuda", masked=False) == attention._SDPA_GQA
+    assert not attention.gqa_in_kernel("cuda", masked=True)
+    assert attention.gqa_in_kernel("cpu", masked=True) == attention.gqa_in_kernel("cpu", masked=False) \
+        == attention._SDPA_GQA
+    q, k = torch.randn(2, 8, 3, 16), torch.randn(2, 2, 5, 16)
+    mask = torch.ones(2, 1, 3, 5, dtype=torch.bool)
+    full = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), k.repeat_interleave(4, 1),
+                                                            attn_mask=mask)
+    assert torch.allclose(attention._sdpa(q, k, k, mask, False, None), full, atol=1e-6)

@@ -19,6 +19,16 @@ import torch.nn.functional as F
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
+def gqa_in_kernel(device_type: str, masked: bool) -> bool:
+    """Whether SDPA gets grouped KV heads as they are (enable_gqa) rather than repeated to the query's.
+
+    On CUDA only flash attention takes enable_gqa, and flash takes no mask: a masked call with it
+    falls to the math kernel, whose scores are [B, H, L, S] (quadratic in a prompt's length; with
+    cuDNN off in stage steps, see step_sdpa, nothing else would take it).  Repeated heads let the
+    memory-efficient kernel take it.  Elsewhere (CPU) as torch allows."""
+    return _SDPA_GQA and not (masked and device_type == "cuda")
+
+
 def step_sdpa(device: torch.device) -> contextlib.AbstractContextManager:
     """Where a stage step's attention calls run: on CUDA, SDPA without its cuDNN backend.
 
@@ -386,7 +396,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     H, KVH = q.shape[1], k.shape[1]
     kw: dict[str, Any] = {}
     if H != KVH:
-        if _SDPA_GQA:
+        if gqa_in_kernel(q.device.type, mask is not None):
             kw["enable_gqa"] = True
         else:
             k, v = k.repeat_interleave(H // KVH, dim=1), v.repeat_interleave(H // KVH, dim=1)
