@@ -27,14 +27,18 @@ LIMIT = 1024   # the smallest max_message_bytes
 LONG = "\U0001F600" * 127   # with one more character: the longest request id, 509 bytes
 
 
-def message_bytes(mb) -> int:
-    """The size of the StepInput the router sends for `mb` (RouterActor._launch), its token ids beside it."""
+def step_bytes(mb, tensor: torch.Tensor) -> int:
+    """The size of the StepInput of `mb` with `tensor` beside it (sampling fields at their largest)."""
     sampling = [[0.7, 40, 0.9, 123456]] * len(mb.chunks)
     msg = StepInput(0, mb.step, [c.seq_id for c in mb.chunks], [c.start for c in mb.chunks],
                     [len(c.tokens) for c in mb.chunks], [c.sample for c in mb.chunks],
                     [c.out_index for c in mb.chunks], sampling, mb.frees)
-    tokens = torch.tensor([t for c in mb.chunks for t in c.tokens], dtype=torch.int64)
-    return sum(len(bytes(f)) for f in encode(msg, [tokens]))
+    return sum(len(bytes(f)) for f in encode(msg, [tensor]))
+
+
+def message_bytes(mb) -> int:
+    """The size of the StepInput the router sends for `mb` (RouterActor._launch), its token ids beside it."""
+    return step_bytes(mb, torch.tensor([t for c in mb.chunks for t in c.tokens], dtype=torch.int64))
 
 
 def fail(sched: Scheduler, mb) -> None:

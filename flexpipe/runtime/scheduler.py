@@ -23,6 +23,12 @@ ends, so every free pending when a step is picked goes with that step or before 
 preemption whose free would not fit the step ends the pick there (it goes alone first).  When they
 cannot go first, no step goes.
 
+A step's chunks are bounded by the same limit: each carries its request's id and fields, and beside
+a full residual they share that headroom (less the body's framing) with the frees riding on the step.
+The pick stops at the first chunk that would not fit (the next step takes it), and a preemption for
+a chunk after the first one does not happen when its free and that chunk would not fit.  The first
+chunk of a step goes whatever its size: a step without it would carry nothing.
+
 A step of frees only that failed puts its frees back (resend_frees).  Those that no step waits for
 then wait for the next step with requests (sent alone again at once, they could go round for ever
 to a stage that refuses them); those a step waits for (more than it may carry) go alone again at
@@ -46,6 +52,12 @@ from flexpipe.runtime.cache import CacheManager
 from flexpipe.runtime.chunks import budget as message_budget, limit_of
 
 FREES_RETRIES = 3   # steps of frees only refused in a row before the next waits for an event (module doc)
+# Bytes of a step's message besides its residual, its chunks and its frees, generously: the frame header,
+# epoch, step, the lists' headers and the residual's ext header (62 measured with 9-byte epoch and step).
+STEP_FRAMING_BYTES = 96
+# Bytes one chunk adds besides its id (Scheduler._chunk_bytes): start, length, sample flag, output index and
+# its sampling [temperature, top_k, top_p, seed] as msgpack numbers, generously (49 measured at their largest).
+CHUNK_FIELD_BYTES = 56
 
 
 @dataclass(slots=True)
@@ -225,8 +237,17 @@ class Scheduler:
     def _riding_bytes(self) -> int:
         """Bytes of frees a step with requests may carry: between stages its residual may take all of
         `budget()` (check_hop_fits), so half the headroom kept beside it; the rest is for the body's
-        framing and the requests' own fields."""
+        framing and the requests' own fields (which also take what the frees leave: `_step_bytes`)."""
         return (self.max_message_bytes - message_budget(self.max_message_bytes)) // 2
+
+    def _step_bytes(self) -> int:
+        """Bytes of a step's body that its chunks' ids and fields and its frees may take together: the
+        headroom beside a full residual (`_riding_bytes`) less the body's framing."""
+        return self.max_message_bytes - message_budget(self.max_message_bytes) - STEP_FRAMING_BYTES
+
+    def _chunk_bytes(self, seq_id: str) -> int:
+        """Bytes one chunk adds to a step's body besides its tokens: its id and its fields."""
+        return self._free_bytes(seq_id) + CHUNK_FIELD_BYTES
 
     def _frees_overflow(self) -> bool:
         """Whether the pending frees are more than the next step with requests may carry."""
@@ -256,7 +277,9 @@ class Scheduler:
         # bytes of frees this step can still carry beside those pending (all of them go with it or
         # before it: schedule() picks no step while they are more): a victim's blocks are reused by
         # this step only if its free rides on it too
-        room = self._riding_bytes() - sum(map(self._free_bytes, self.pending_frees))
+        frees = sum(map(self._free_bytes, self.pending_frees))
+        room = self._riding_bytes() - frees
+        left = self._step_bytes() - frees   # bytes of the body still free beside a full residual (module doc)
 
         for rid in list(self.running):
             if budget <= 0 or len(chunks) >= seq_cap:
@@ -264,23 +287,32 @@ class Scheduler:
             req = self.requests[rid]
             if req.in_flight or req.finished or rid not in self.running:
                 continue
+            need = self._chunk_bytes(rid) if chunks else 0   # (the first chunk goes whatever its size)
+            if need > left:
+                return chunks   # the next step takes it (and no admission overtakes it)
             n = min(req.total - req.computed, budget)
             while not self.cache.grow(rid, req.computed + n):
                 victim = self._victim(exclude=rid)
                 if victim is None:
                     n = 0
                     break
+                if need and need + self._free_bytes(victim) > left:
+                    return chunks   # they would not both fit: the next step takes this chunk
                 self._preempt(victim)
                 room -= self._free_bytes(victim)
+                left -= self._free_bytes(victim)
                 if room < 0:   # its free goes alone after this step: nothing in this one may take its blocks
                     return chunks
             if n <= 0:
                 continue
             chunks.append(self._chunk(req, n))
             budget -= n
+            left -= self._chunk_bytes(rid)
 
         while self.admit and self.waiting and budget > 0 and len(chunks) < seq_cap:
             req = self.requests[self.waiting[0]]
+            if chunks and self._chunk_bytes(req.id) > left:
+                break
             if not self.cache.can_admit(req.total):
                 break  # FCFS: a large request at the head is not overtaken forever
             n = min(req.total - req.computed, budget)
@@ -294,6 +326,7 @@ class Scheduler:
             req.admitted = True
             chunks.append(self._chunk(req, n))
             budget -= n
+            left -= self._chunk_bytes(req.id)
         return chunks
 
     def _chunk(self, req: Request, n: int) -> Chunk:
