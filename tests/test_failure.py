@@ -156,29 +156,40 @@ async def test_a_stage_that_cannot_be_replaced_fails_its_requests_instead_of_han
         assert st["running"] == st["waiting"] == 0 and "recovery failed" in st["down"]
 
 
+
+@contextlib.contextmanager
+def _first_stage_forgets_its_units_after_the_delta(ctl, fail_next_launch=False):
+    """A reshape's switch fails half way: after the delta copy the first stage forgets the units it
+    prepared (as if its load had been lost), so it refuses Activate while the others take the new epoch
+    and drop their old units.  `fail_next_launch`: and the next stage launch (the rebuild's) fails."""
+    from flexpipe.runtime.stage import AbortPrepare
+
+    copy_round, first = ctl._copy_round_once, ctl.slots[0]
+
+    async def forget(moves, copied, st, delta):
+        out = await copy_round(moves, copied, st, delta)
+        if delta:
+            await ctl.system.ask(first.ref, AbortPrepare(ctl.shape.epoch + 1))
+            ctl.fail_next_launch = fail_next_launch
+        return out
+
+    ctl._copy_round_once = forget
+    try:
+        yield
+    finally:
+        ctl._copy_round_once = copy_round
+
 async def test_a_switch_that_fails_half_way_is_rebuilt_without_loss():
     # after the delta copy, the first stage forgets the units it prepared (as if its load had been
     # lost), so it refuses Activate while the other kept stage takes the new epoch and drops its old
     # units: neither shape can resume, so the controller rebuilds the new shape from fresh processes
     # and every request is recomputed from its record, with the oracle's output
-    from flexpipe.runtime.stage import AbortPrepare
-
     async with _launch(stages=3) as fp:
         reqs, tasks = await _requests_with_kv(fp, 6, seed=43, max_tokens=(60, 100))
         ctl = fp.controller
-        copy_round = ctl._copy_round_once
         first = ctl.slots[0]
-
-        async def forget_prepared_units_after_the_delta(moves, copied, st, delta):
-            out = await copy_round(moves, copied, st, delta)
-            if delta:
-                await ctl.system.ask(first.ref, AbortPrepare(ctl.shape.epoch + 1))
-            return out
-
-        ctl._copy_round_once = forget_prepared_units_after_the_delta
-        with pytest.raises(ReshapeError, match="rebuilt as"):
+        with _first_stage_forgets_its_units_after_the_delta(ctl), pytest.raises(ReshapeError, match="rebuilt as"):
             await fp.reshape(stages=2)
-        ctl._copy_round_once = copy_round
         assert [h.kind for h in ctl.history[-2:]] == ["reshape", "rebuild"] and ctl.history[-2].ok is False
         assert "not prepared" in ctl.history[-2].error
         assert len(fp.status()["stages"]) == 2 and first.handle.pid not in {s["pid"] for s in fp.status()["stages"]}
@@ -192,25 +203,13 @@ async def test_a_switch_that_fails_half_way_and_whose_rebuild_fails_is_down_unti
     # as above, and the rebuild's first launch fails too: every request fails at once and the
     # pipeline is down (no stage left), its failed rebuild in the history; recover_if_down (a worker
     # joining, for the router daemon) starts the reshape's shape again and it serves the oracle's output
-    from flexpipe.runtime.stage import AbortPrepare
-
     async with _launch(stages=3) as fp:
         reqs, tasks = await _requests_with_kv(fp, 4, seed=44, max_tokens=(40, 60))
         ctl = fp.controller
-        copy_round = ctl._copy_round_once
-        first = ctl.slots[0]
-
-        async def forget_prepared_units_after_the_delta(moves, copied, st, delta):
-            out = await copy_round(moves, copied, st, delta)
-            if delta:
-                await ctl.system.ask(first.ref, AbortPrepare(ctl.shape.epoch + 1))
-                ctl.fail_next_launch = True   # (the reshape launches nothing after its copies: the rebuild does)
-            return out
-
-        ctl._copy_round_once = forget_prepared_units_after_the_delta
-        with pytest.raises(ReshapeError, match="the rebuild failed too"):
+        # (the reshape launches nothing after its copies: the next launch is the rebuild's)
+        with _first_stage_forgets_its_units_after_the_delta(ctl, fail_next_launch=True), \
+                pytest.raises(ReshapeError, match="the rebuild failed too"):
             await fp.reshape(stages=2)
-        ctl._copy_round_once = copy_round
         assert [h.kind for h in ctl.history[-2:]] == ["reshape", "rebuild"]
         assert not ctl.history[-1].ok and ctl.slots == []
         assert "the rebuild failed" in fp.router.down
