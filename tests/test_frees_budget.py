@@ -188,3 +188,32 @@ async def test_long_request_ids_at_the_smallest_limit_do_not_fail_every_later_re
         assert all(p["used"] == 0 for p in st["kv"])
         [stage] = await fp.controller.stage_status()
         assert stage["sequences"] == 0 and stage["free_blocks"] == stage["num_blocks"]
+
+
+@pytest.mark.timeout(60)
+async def test_frees_refused_again_and_again_with_nothing_in_flight_are_tried_again_later():
+    # After FREES_RETRIES refusals of the frees a step waits for, with nothing in flight, nothing went
+    # until a request came or ended: the requests running waited for an unrelated event.  The router
+    # tries them again after a wait (doubling); here the first FREES_RETRIES + 2 steps of frees only are
+    # refused the way Actor.tell refuses a message, and every request still ends with the oracle's tokens.
+    from flexpipe.errors import MessageTooLarge
+
+    async with FlexPipe.launch("tiny", stages=1, in_process=True, max_message_bytes=LIMIT,
+                               max_batch_tokens=1) as fp:
+        router = fp.router
+        tell, refused = router.ctx.tell, []
+
+        async def refuse_frees_only_steps(ref, msg, *tensors):
+            if isinstance(msg, StepInput) and not msg.seq_ids and len(refused) < FREES_RETRIES + 2:
+                refused.append(msg.step)
+                raise MessageTooLarge(f"StepInput to {ref} not sent (refused by the test)")
+            await tell(ref, msg, *tensors)
+
+        router.ctx.tell = refuse_frees_only_steps
+        done = await asyncio.wait_for(asyncio.gather(
+            *(fp.complete("ab", max_tokens=2, request_id=f"{i}{LONG}") for i in range(3))), 45)
+        assert len(refused) == FREES_RETRIES + 2
+        assert [c.finish_reason for c in done] == ["length"] * 3
+        assert all(c.token_ids == fp.reference_tokens("ab", max_tokens=2) for c in done)
+        await until(router, router.sched.idle, timeout=30)
+        assert fp.status()["router"]["frees_pending"] == 0

@@ -37,6 +37,8 @@ from flexpipe.runtime.stage import StepFailed, StepInput, StepOutput
 
 log = logging.getLogger("flexpipe.router")
 MAX_ID_CHARS = 128   # a request id a client picks: it rides on every step of the request
+# stalled frees (Scheduler.frees_stalled) are tried again after this wait, doubled up to the max each time
+FREES_RETRY_S, FREES_RETRY_MAX_S = 0.1, 10.0
 
 
 def _good_id(rid: Any) -> bool:
@@ -281,8 +283,19 @@ class RouterActor:
 
     # ---- the pump: the only sender of steps ---------------------------------------------------------
     async def _pump(self) -> None:
+        retry_in = FREES_RETRY_S
         while True:
-            await self._wake.wait()
+            if self._paused or not self.sched.frees_stalled():
+                retry_in = FREES_RETRY_S
+                await self._wake.wait()
+            else:   # nothing in flight will come back to try them again (scheduler.py's module doc)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), retry_in)
+                except asyncio.TimeoutError:
+                    log.warning("router: frees a step waits for were refused again and again with nothing in "
+                                "flight; trying them again (next wait %.1f s)", min(FREES_RETRY_MAX_S, 2 * retry_in))
+                    self.sched.retry_frees()
+                    retry_in = min(FREES_RETRY_MAX_S, 2 * retry_in)
             self._wake.clear()
             while not self._paused:
                 mb = self.sched.schedule()

@@ -34,8 +34,9 @@ then wait for the next step with requests (sent alone again at once, they could 
 to a stage that refuses them); those a step waits for (more than it may carry) go alone again at
 once, as holding them back would let that step reuse their blocks, or leave the requests waiting
 with nothing in flight.  Under budget() and of ids only, such a step has nothing a stage refuses:
-after FREES_RETRIES refusals in a row, the next try waits for a step to come back or a request to
-come or end.
+after FREES_RETRIES refusals in a row, the next try waits for a step to come back, a request to
+come or end, or the router's retry (`frees_stalled`, `retry_frees`: with nothing in flight no step
+would come back, and the requests waiting would wait for an unrelated event).
 """
 
 from __future__ import annotations
@@ -351,6 +352,15 @@ class Scheduler:
         self.running.remove(rid)
         self.waiting.appendleft(rid)
         self.stats.preemptions += 1
+
+    def frees_stalled(self) -> bool:
+        """Whether nothing goes until an event: the frees a step waits for were refused FREES_RETRIES
+        times in a row, and nothing is in flight (no step will come back)."""
+        return not self.inflight and self._frees_refused >= FREES_RETRIES and self._frees_overflow()
+
+    def retry_frees(self) -> None:
+        """Let stalled frees go alone once more (the router's retry, after a wait)."""
+        self._frees_refused = min(self._frees_refused, FREES_RETRIES - 1)
 
     def new_pipeline(self) -> None:
         """The router switched to another pipeline (a reshape): frees its old one refused may go alone again."""
