@@ -173,9 +173,14 @@ def plan_shape(cfg: ModelConfig, stages: int | None = None, boundaries: Sequence
         shape = PipelineShape.from_boundaries(list(boundaries), epoch, [device] * (len(boundaries) - 1))
     else:
         # operating point of a decode-heavy micro-batch: CPU stages talk over ipc, GPU stages over
-        # NVLink/PCIe; only the ratio of compute to transfer matters for where the cuts go
+        # NVLink/PCIe; only the ratio of compute to transfer matters for where the cuts go.  On a GPU a
+        # small model's units compute in well under a microsecond, and each costs a step its kernel
+        # launches whatever its work: 15 us, as the simulator's GPUSpec and the placer assume (the H200's
+        # llama2-7b decode step in CUDA graphs spent 1.2 ms beside its kernels over 66 units, 18 us
+        # each); without it the bytes a hop sends made the cheapest cut a first stage of the embedding
+        # alone (the H200 run of 2026-11-30)
         cost = (CostModel(tokens=64, flops_per_s=5e10, bandwidth=5e9, latency=1e-4) if device.startswith("cpu")
-                else CostModel(tokens=64, flops_per_s=3e14, bandwidth=5e10, latency=2e-5))
+                else CostModel(tokens=64, flops_per_s=3e14, bandwidth=5e10, latency=2e-5, unit_overhead_s=15e-6))
         part = solve(UnitGraph.from_config(cfg), num_stages=stages or 1, cost=cost)
         shape = part.shape(epoch, [device] * part.num_stages)
     shape.validate(cfg.num_units)
@@ -364,7 +369,10 @@ class FlexPipe(EngineClient):
         """Current shape, KV usage, queue, recent reshapes, every reshape's pause (a cumulative
         histogram) and the autoscaler's decisions."""
         auto = self.autoscaler
-        return {"model": self.model_name, "shape": self.controller.shape.to_dict(), "router": self.router.status(),
+        # "running": False while no stage runs (scaled to zero, or down after a failed restart): the shape
+        # is then the one a wake or recovery starts, not one that serves
+        shape = {**self.controller.shape.to_dict(), "running": bool(self.controller.slots)}
+        return {"model": self.model_name, "shape": shape, "router": self.router.status(),
                 "reshapes": [r.to_dict() for r in self.controller.history[-16:]],
                 "pauses": pause_histogram(self.controller.history),
                 "stages": self.controller.stage_info(),

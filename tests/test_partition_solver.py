@@ -180,6 +180,7 @@ def exact_key(graph, boundaries, cost):
     for k in range(s):
         i, j = boundaries[k], boundaries[k + 1]
         t = sum(F(u.flops_per_token) for u in graph.units[i:j]) * cost.tokens / F(cost.flops_per_s)
+        t += (j - i) * F(cost.unit_overhead_s)
         if k < s - 1:
             t += F(graph.units[j - 1].act_bytes_per_token * cost.tokens) / F(cost.link(k))
         t += F(cost.latency)   # every stage sends: onward, or (the last) its tokens to the router
@@ -261,7 +262,7 @@ def test_small_chains_with_float_costs_match_an_exact_brute_force():
         stages = rnd.randint(1, min(n, 4))
         cost = CostModel(tokens=rnd.choice([1, 256]), flops_per_s=1e12, bandwidth=rnd.choice([1e9, 12.5e9]),
                          latency=rnd.choice([0.0, 1e-3]), kv_tokens=rnd.choice([0, 100]),
-                         overhead_bytes=rnd.choice([0, 200]))
+                         overhead_bytes=rnd.choice([0, 200]), unit_overhead_s=rnd.choice([0.0, 15e-6, 1e-3]))
         caps = [rnd.choice([10**18, rnd.randint(5, 40) * 100]) for _ in range(stages)]
         _solve_as_brute_force_does(graph, caps, cost)
 
@@ -283,7 +284,7 @@ def test_a_cost_model_without_a_rate_is_a_partition_error():
     # (a ZeroDivisionError before, or nan times that every comparison lost)
     graph = chain([1] * 4, [1.0] * 4)
     for cost in (CostModel(flops_per_s=0.0), CostModel(flops_per_s=math.nan), CostModel(bandwidth=0.0),
-                 CostModel(bandwidth=[1e9, -1.0]), CostModel(latency=math.nan)):
+                 CostModel(bandwidth=[1e9, -1.0]), CostModel(latency=math.nan), CostModel(unit_overhead_s=-1e-6)):
         with pytest.raises(PartitionError, match="cost model: .* give a"):
             solve(graph, num_stages=3, cost=cost)
     # an infinite link is free, as it was
@@ -298,12 +299,13 @@ def test_every_stage_of_a_small_model_holds_layers_where_a_hop_costs_more_than_i
     # bottleneck was a first stage of the embedding alone and a last stage of everything else (the
     # H200 run of 2026-11-30: a "2-stage" pipeline whose first stage held no layer, so no KV to move
     # and no decode step to capture).  Every stage sends (the last its tokens to the router), so the
-    # latency moves no cut; the bytes still do (a sender pays them), which leaves the first stages smaller.
+    # latency moves no cut; the bytes a sender pays still left first stages of the embedding alone at 6
+    # and 7 stages until each unit cost a step its launches too (unit_overhead_s).
     from flexpipe.api import plan_shape
     from flexpipe.model.config import preset
 
     cfg = preset("tiny")
     kinds = [u.kind for u in UnitGraph.from_config(cfg).units]
-    for stages in (2, 3, 4):
+    for stages in range(2, cfg.num_layers + 1):
         cuts = [(s.start, s.end) for s in plan_shape(cfg, stages=stages, device=device).stages]
         assert all("attention" in kinds[a:b] and "mlp" in kinds[a:b] for a, b in cuts), (device, stages, cuts)

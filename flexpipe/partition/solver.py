@@ -60,6 +60,9 @@ class CostModel:
     flops_per_s: float = 1e12  # effective compute rate of a stage's device
     bandwidth: float | Sequence[float] = 12.5e9  # bytes/s between stage k and k+1 (scalar or per link)
     latency: float = 0.0  # seconds per hop
+    # seconds a unit costs a step whatever its work (its kernel launches, per-op host time): what makes
+    # cuts follow unit counts where compute is tiny (the placer's CostModel.unit_overhead_s likewise)
+    unit_overhead_s: float = 0.0
     kv_tokens: int = 0  # KV reserved per stage, in tokens (context x batch)
     overhead_bytes: int = 0  # per stage (activations, runtime)
 
@@ -144,7 +147,8 @@ def solve(
     # floats), then all as integers over their least common denominator `den`, so that the DP below
     # adds and compares ints; floats only for the times reported.
     per_flop = tokens * _reciprocal(cost.flops_per_s, "flops_per_s")
-    unit_q = [Fraction(u.flops_per_token) * per_flop for u in graph.units]
+    overhead = _finite(cost.unit_overhead_s, "unit_overhead_s")
+    unit_q = [Fraction(u.flops_per_token) * per_flop + overhead for u in graph.units]
     latency = _finite(cost.latency, "latency")
     hop_q: list[list[Fraction]] = []   # hop_q[k][j]: transfer after unit j-1 from stage k to k+1
     for k in range(num_stages - 1):
@@ -285,6 +289,7 @@ def check_cost(cost: CostModel, num_stages: int) -> int:
         _reciprocal(rate, f"bandwidth of link {k}")
     _reciprocal(cost.flops_per_s, "flops_per_s")
     _finite(cost.latency, "latency")
+    _finite(cost.unit_overhead_s, "unit_overhead_s")
     return int(cost.tokens)
 
 
