@@ -528,8 +528,9 @@ class Controller:
     # ---- scale to zero and back ------------------------------------------------------------------------
     @property
     def suspended(self) -> bool:
-        """Scaled to zero: no stage runs; requests wait in the router until `wake`."""
-        return not self.slots
+        """Scaled to zero: no stage runs; requests wait in the router until `wake`.  Not a pipeline that
+        a failed restart or recovery left with no stage: that one is down (router.down) and refuses them."""
+        return not self.slots and (self.router is None or self.router.down is None)
 
     async def suspend(self) -> ReshapeStats | None:
         """Scale to zero: retire every stage (its units to the weight cache) and hold new requests.
