@@ -96,3 +96,19 @@ async def test_many_requests_beside_a_full_residual_between_two_stages_are_serve
         assert all(c.token_ids == fp.reference_tokens([65 + i], max_tokens=3) for i, c in enumerate(done))
         await until(fp.router, fp.router.sched.idle, timeout=30)
         assert fp.router.stats.get("step_failures", 0) == 0
+
+
+def test_at_the_default_limit_a_step_takes_as_many_long_ids_as_before():
+    # The ids were budgeted beside a residual of all of budget() whatever the model: at 1 GiB a step
+    # of 128-character ids of 4-byte characters held 115 chunks instead of max_batch_seqs' 256 (2.2x
+    # the decode steps; an auditor's comparison with the scheduler before). With the runtime's real
+    # residual (tokens x hidden x dtype, a few MiB) the headroom is most of the limit.
+    def first_step(residual):
+        sched = Scheduler(CacheManager(16, [StagePool(4096, (0,))]), max_batch_tokens=512, max_inflight=1,
+                          max_message_bytes=1 << 30, residual_bytes=residual)
+        for i in range(256):
+            sched.add(request(f"{i:02x}" + "\U0001F600" * 126, [5], 4))
+        return len(sched.schedule().chunks)
+
+    assert first_step(512 * 4096 * 2) == 256
+    assert first_step(None) < 256   # (unknown: all of budget(), as before)

@@ -40,7 +40,7 @@ from flexpipe.runtime.messages import ActorRef
 from flexpipe.runtime.router import Pipeline, RouterActor
 from flexpipe.runtime.stage import (
     AbortPrepare, Activate, Configure, ExpectPeers, ExportKV, FreeSeqs, PrepareUnits, SendUnits,
-    StageStatus, StepFailed, StepLog, StepOutput, send_unit_tensors,
+    DTYPES, StageStatus, StepFailed, StepLog, StepOutput, send_unit_tensors,
 )
 from flexpipe.settings import PRECOPY_DELTA_TOKENS, PRECOPY_MAX_ROUNDS
 
@@ -221,7 +221,9 @@ class Controller:
         self.router = RouterActor(cache, self._pipeline(shape.epoch), max_context=cfg.max_position_embeddings,
                                   eos_ids=eos_ids, max_batch_tokens=s.max_batch_tokens,
                                   max_batch_seqs=s.max_batch_seqs, max_inflight=s.max_inflight or None,
-                                  cpu_threads=s.torch_threads)
+                                  cpu_threads=s.torch_threads,
+                                  # a micro-batch's residual [tokens, hidden]: what a step's ids share the limit with
+                                  residual_bytes=s.max_batch_tokens * cfg.hidden_size * DTYPES[s.dtype].itemsize)
         self.router.on_stage_death = self.recovery.on_stage_death
         if hasattr(self.system, "death_listeners"):
             self.system.death_listeners.append(self.recovery.actor_died)

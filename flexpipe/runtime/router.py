@@ -120,14 +120,15 @@ class RouterActor:
 
     def __init__(self, cache: CacheManager, pipeline: Pipeline, *, max_context: int, eos_ids: tuple[int, ...] = (),
                  max_batch_tokens: int = 256, max_inflight: int | None = None, max_batch_seqs: int = 256,
-                 cpu_threads: int = 1):
+                 cpu_threads: int = 1, residual_bytes: int | None = None):
         self.pipeline = pipeline
         self.max_context = max_context
         self.eos_ids = tuple(eos_ids)
         self._fixed_inflight = max_inflight
         self.cpu_threads = cpu_threads
         self.sched = Scheduler(cache, max_batch_tokens=max_batch_tokens,
-                               max_inflight=self._inflight_for(pipeline), max_batch_seqs=max_batch_seqs)
+                               max_inflight=self._inflight_for(pipeline), max_batch_seqs=max_batch_seqs,
+                               residual_bytes=residual_bytes)
         self.streams: dict[str, RequestStream] = {}   # by request id: the requests not ended yet
         self._keyed: dict[str, RequestStream] = {}   # by scheduler key: every record the scheduler holds
         self._keys = itertools.count(1)

@@ -24,7 +24,9 @@ preemption whose free would not fit the step ends the pick there (it goes alone 
 cannot go first, no step goes.
 
 A step's chunks are bounded by the same limit: each carries its request's id and fields, and beside
-a full residual they share that headroom (less the body's framing) with the frees riding on the step.
+the largest residual a step may carry (`residual_bytes`: a micro-batch's [tokens, hidden] where the
+runtime says it, else all of `budget()`) they share what is left (less the body's framing) with the
+frees riding on the step.
 The pick stops at the first chunk that would not fit (the next step takes it), and a preemption for
 a chunk after the first one does not happen when its free and that chunk would not fit.  The first
 chunk of a step goes whatever its size: a step without it would carry nothing.
@@ -141,9 +143,11 @@ class Scheduler:
 
     def __init__(self, cache: CacheManager, *, max_batch_tokens: int = 256, max_inflight: int = 1,
                  max_batch_seqs: int = 256, clock: Callable[[], float] = time.monotonic,
-                 max_message_bytes: int | None = None):
+                 max_message_bytes: int | None = None, residual_bytes: int | None = None):
         self.cache = cache
         self.max_message_bytes = max_message_bytes or limit_of(None)   # bounds the frees of a step (module doc)
+        # the largest residual a step carries between stages (None: all of budget(), as check_hop_fits allows)
+        self.residual_bytes = residual_bytes
         self.max_batch_tokens = max_batch_tokens
         self.max_inflight = max_inflight
         self.max_batch_seqs = max_batch_seqs
@@ -242,9 +246,11 @@ class Scheduler:
         return (self.max_message_bytes - message_budget(self.max_message_bytes)) // 2
 
     def _step_bytes(self) -> int:
-        """Bytes of a step's body that its chunks' ids and fields and its frees may take together: the
-        headroom beside a full residual (`_riding_bytes`) less the body's framing."""
-        return self.max_message_bytes - message_budget(self.max_message_bytes) - STEP_FRAMING_BYTES
+        """Bytes of a step's body that its chunks' ids and fields and its frees may take together: what
+        the largest residual leaves of the limit, less the body's framing (module doc)."""
+        budget = message_budget(self.max_message_bytes)
+        residual = budget if self.residual_bytes is None else min(self.residual_bytes, budget)
+        return self.max_message_bytes - residual - STEP_FRAMING_BYTES
 
     def _chunk_bytes(self, seq_id: str) -> int:
         """Bytes one chunk adds to a step's body besides its tokens: its id and its fields."""
