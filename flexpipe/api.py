@@ -369,10 +369,7 @@ class FlexPipe(EngineClient):
         """Current shape, KV usage, queue, recent reshapes, every reshape's pause (a cumulative
         histogram) and the autoscaler's decisions."""
         auto = self.autoscaler
-        # "running": False while no stage runs (scaled to zero, or down after a failed restart): the shape
-        # is then the one a wake or recovery starts, not one that serves
-        shape = {**self.controller.shape.to_dict(), "running": bool(self.controller.slots)}
-        return {"model": self.model_name, "shape": shape, "router": self.router.status(),
+        return {"model": self.model_name, "shape": self.controller.shape_status(), "router": self.router.status(),
                 "reshapes": [r.to_dict() for r in self.controller.history[-16:]],
                 "pauses": pause_histogram(self.controller.history),
                 "stages": self.controller.stage_info(),

@@ -527,6 +527,11 @@ class Controller:
         """A reshape, restart, recovery, scale to zero or wake is in progress (the shape is in flux)."""
         return self._lock.locked()
 
+    def shape_status(self) -> dict:
+        """The shape as status() shows it; "running": False while no stage runs (scaled to zero, or down
+        after a failed restart): the shape is then the one a wake or recovery starts, not one that serves."""
+        return {**self.shape.to_dict(), "running": bool(self.slots)}
+
     # ---- scale to zero and back ------------------------------------------------------------------------
     @property
     def suspended(self) -> bool:

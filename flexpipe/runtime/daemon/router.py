@@ -871,7 +871,7 @@ class RouterDaemon:
             stages = c.stage_info()
             for info, sl in zip(stages, c.slots):
                 info.update(worker=sl.handle.worker, device=sl.handle.device, name=sl.handle.name)
-            out.update(shape=c.shape.to_dict(), router=c.router.status(), stages=stages,
+            out.update(shape=c.shape_status(), router=c.router.status(), stages=stages,
                        reshapes=[r.to_dict() for r in c.history[-16:]], reshapes_total=len(c.history),
                        pauses=pause_histogram(c.history))
         return out
