@@ -95,3 +95,35 @@ async def test_the_autoscale_loop_brings_a_pipeline_down_with_no_stage_back_by_i
         assert first["action"] == "recover" and first["ok"], first
         out = await fp.complete("served again", max_tokens=3, ignore_eos=True)
         assert out.completion_tokens == 3
+
+
+async def test_the_autoscaler_recovers_a_pipeline_down_with_its_stages_once_the_weights_are_back(tmp_path):
+    # a recovery that failed (the dead stage's replacement could not load its checkpoint, gone from disk)
+    # leaves the pipeline down with its other stage still running; the policy used to plan a reshape of it,
+    # which fails the same way. The autoscaler runs the recovery again instead: once the checkpoint is
+    # back, the pipeline serves the oracle's tokens
+    import os
+    import shutil
+    import signal
+
+    from flexpipe.model import PresetWeights, preset, save_checkpoint
+
+    path, saved = tmp_path / "model", tmp_path / "saved"
+    save_checkpoint(preset("tiny"), PresetWeights(preset("tiny"), 0), path)
+    shutil.copytree(path, saved)
+    async with FlexPipe.launch(str(path), stages=2, autoscale=_autoscale(3600.0)) as fp:
+        shutil.rmtree(path)
+        os.kill(fp.status()["stages"][1]["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while fp.router.down is None:   # the router notices the death and its recovery fails
+            assert time.monotonic() < deadline, "the recovery did not fail"
+            await asyncio.sleep(0.05)
+        assert fp.controller.slots and not fp.controller.suspended
+        failed = await fp.autoscaler.tick()
+        assert failed["action"] == "recover" and not failed["ok"], failed
+        shutil.copytree(saved, path)
+        fp.autoscaler._backoff_until = -math.inf   # (its wait after the failed try, skipped)
+        entry = await fp.autoscaler.tick()
+        assert entry["action"] == "recover" and entry["ok"], entry
+        out = await fp.complete("served again", max_tokens=4, ignore_eos=True)
+        assert out.token_ids == fp.reference_tokens("served again", max_tokens=4, ignore_eos=True)

@@ -25,9 +25,9 @@ maps a `Decision` onto what this runtime can do:
 While an action runs, the loop's own or another's (a reshape by hand, a recovery), the loop does not
 decide (events keep feeding the analyzer); a failed action, whatever the error, is logged with it and
 the loop waits `retry_s` before acting again.  A pipeline that a failed restart or recovery left down
-with no stage (router.down) is not scaled to zero: the loop does not decide for it but starts it again
-(`Recovery.recover_if_down`, the shape it meant to run), waiting `retry_s` after a failed try, doubling
-up to RECOVER_BACKOFF_MAX_S.  Every decision that is
+(router.down; with no stage, it is not scaled to zero) is not decided for: the loop runs its recovery
+again (`Recovery.recover_if_down`: the dead stages replaced, or with no stage the shape it meant to
+run started), waiting `retry_s` after a failed try, doubling up to RECOVER_BACKOFF_MAX_S.  Every decision that is
 not KEEP goes into the decision log (`status()["decisions"]`): a summary line, the policy's reason
 and what held a better config back, load/demand/capacity, what was done and what it cost, and the
 policy's own explanation of the best candidates.
@@ -64,7 +64,7 @@ from flexpipe.runtime.weight_cache import WeightCache
 log = logging.getLogger("flexpipe.autoscale")
 
 TARGET_DECISION_MS = 5.0  # the paper's decision latency
-RECOVER_BACKOFF_MAX_S = 60.0  # longest wait between two tries to start a pipeline down with no stage
+RECOVER_BACKOFF_MAX_S = 60.0  # longest wait between two tries to recover a pipeline that is down
 
 
 @dataclass
@@ -269,7 +269,7 @@ class Autoscaler:
         self._task: asyncio.Task | None = None
         self._busy = False  # an action is running
         self._backoff_until = -math.inf
-        self._recover_fails = 0  # failed tries in a row to start a pipeline down with no stage
+        self._recover_fails = 0  # failed tries in a row to recover a pipeline that is down
         self._logical = PipelineConfig(1, 1, 1)
         self._applied = 0  # stages of the pipeline as last set by this loop
         self._seq = 0
@@ -394,7 +394,7 @@ class Autoscaler:
             # a reshape, wake or recovery not started by this loop holds the controller: the shape is
             # in flux, and an action planned from the one running now would queue behind it and undo it
             return None
-        if self.config.act and not self.controller.slots and self._down() is not None:
+        if self.config.act and self._down() is not None:   # (a policy's reshape of it would fail too)
             return await self._recover()
         d, ms = self.decide(now)
         if d.action is Action.KEEP or d.target == d.current:
@@ -406,7 +406,7 @@ class Autoscaler:
         return getattr(self.router, "down", None)
 
     async def _recover(self) -> dict:
-        """Start a pipeline left down with no stage again; after a failed try, wait before the next."""
+        """Recover a pipeline that is down (with no stage: start it again); after a failed try, wait."""
         why = self._down()
         self._busy = True
         # (set first: a try that raised, a bug, must not be repeated every tick either)
@@ -420,11 +420,11 @@ class Autoscaler:
         ok = self._down() is None and bool(self.controller.slots)
         if ok:
             self._recover_fails, self._backoff_until = 0, -math.inf
-            applied = f"started again: {len(self.controller.slots)} stages"
+            applied = f"serving again: {len(self.controller.slots)} stages"
         else:
             self._recover_fails += 1
             applied = f"still down ({self._down()}); next try in {wait:.0f} s"
-        entry = {"action": "recover", "summary": f"recover: the pipeline is down with no stage; {applied}",
+        entry = {"action": "recover", "summary": f"recover: the pipeline is down; {applied}",
                  "reason": f"down: {why}", "from_stages": 0, "to_stages": len(self.controller.slots), "ok": ok,
                  "applied": applied}
         self._record(entry)
