@@ -40,6 +40,7 @@ CLIENT_GONE = 499  # status recorded (never sent) for requests whose client disc
 OFF_LOOP_CHARS = 16384  # prompts of more characters are tokenized (and templated) in a worker thread
 HEALTH_TIMEOUT_S = 5.0   # a remote router slower than this to tell its status is reported unavailable
 RESHAPE_KEYS = frozenset({"stages", "boundaries"})   # what POST /v1/flexpipe/reshape takes (docs/reshape.md)
+QUEUE_FULL_RETRY_AFTER_S = 1   # the Retry-After of a 429 queue_full: the queue drains as requests finish
 
 EngineFactory = Callable[[], AsyncContextManager[Any]]
 
@@ -272,6 +273,7 @@ class _Server:
                         prompt: list[int]) -> Response:
         chat = isinstance(req, ChatRequest)
         max_tokens = self._max_tokens(req, len(prompt), chat)
+        self._in_vocab(req.stop_token_ids, "stop_token_ids")
         track = _Tracker(self.metrics, endpoint, len(prompt))
         kwargs = {k: v for k, v in req.sampling_kwargs().items() if v is not None}
         try:
@@ -398,20 +400,23 @@ class _Server:
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return self._encode(prompt)
-        if self.vocab_size is not None and max(prompt) >= self.vocab_size:
-            raise bad_request(f"'prompt' holds token id {max(prompt)}; this model's vocabulary has ids 0 to "
-                              f"{self.vocab_size - 1}.", "prompt")
-        return prompt
+        return self._in_vocab(prompt, "prompt")
+
+    def _in_vocab(self, ids: list[int], param: str) -> list[int]:
+        if ids and self.vocab_size is not None and max(ids) >= self.vocab_size:
+            raise bad_request(f"'{param}' holds token id {max(ids)}; this model's vocabulary has ids 0 to "
+                              f"{self.vocab_size - 1}.", param)
+        return ids
 
     def _max_tokens(self, req: SamplingRequest, prompt_len: int, chat: bool) -> int:
         room = self.max_context - prompt_len
         if req.max_tokens is None:
             if room < 1:
-                raise _too_long(self.max_context, prompt_len, 1)
+                raise _too_long(self.max_context, prompt_len, 1, chat)
             default = self.default_max_tokens or (room if chat else COMPLETION_DEFAULT_MAX_TOKENS)
             return min(default, room)
         if req.max_tokens > room:
-            raise _too_long(self.max_context, prompt_len, req.max_tokens)
+            raise _too_long(self.max_context, prompt_len, req.max_tokens, chat)
         return req.max_tokens
 
     # --- answers -----------------------------------------------------------------------------------
@@ -429,6 +434,8 @@ class _Server:
         if self.metrics is not None:
             self.metrics.requests.labels(endpoint=_endpoint(request), status=str(exc.status)).inc()
         headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
+        if exc.code == "queue_full":
+            headers = {"retry-after": str(QUEUE_FULL_RETRY_AFTER_S)}
         return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
 
     async def http_error(self, request: Request, exc: Exception) -> Response:
@@ -588,12 +595,13 @@ async def _off_loop(size: int, fn: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.to_thread(fn, *args)
 
 
-def _too_long(max_context: int, prompt_len: int, max_tokens: int) -> APIError:
+def _too_long(max_context: int, prompt_len: int, max_tokens: int, chat: bool) -> APIError:
+    prompt = "messages" if chat else "prompt"
     return bad_request(
         f"This model's maximum context length is {max_context} tokens. However, you requested "
-        f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the completion). "
-        "Please reduce the length of the prompt or of max_tokens.", "max_tokens" if prompt_len < max_context
-        else "prompt", "context_length_exceeded")
+        f"{prompt_len + max_tokens} tokens ({prompt_len} in the {prompt}, {max_tokens} for the completion). "
+        f"Please reduce the length of the {prompt} or of max_tokens.", "max_tokens" if prompt_len < max_context
+        else prompt, "context_length_exceeded")
 
 
 def _api_error(e: BaseException) -> APIError:

@@ -11,6 +11,11 @@ from typing import Any
 MAX_STOP_SEQUENCES = 4
 MAX_SEED = 2**63 - 1
 CHAT_ROLES = ("system", "developer", "user", "assistant")
+# Options that change the output (vLLM's extensions included), by the value that leaves it unchanged
+NEUTRAL_OPTIONS = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "min_p": 0,
+                   "min_tokens": 0}
+STRUCTURED_OUTPUT_OPTIONS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                             "structured_outputs")
 
 
 class APIError(Exception):
@@ -47,6 +52,7 @@ class SamplingRequest:
     top_k: int = -1
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)   # vLLM's extension: ids that end the answer
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past end-of-sequence
     stream: bool = False
     include_usage: bool = False
@@ -55,6 +61,8 @@ class SamplingRequest:
         """Keyword arguments of engine.generate() other than the prompt and max_tokens."""
         out = {"temperature": self.temperature, "top_k": self.top_k if self.top_k > 0 else 0,
                "top_p": self.top_p, "seed": self.seed, "stop": list(self.stop) or None}
+        if self.stop_token_ids:
+            out["stop_token_ids"] = list(self.stop_token_ids)
         if self.ignore_eos:
             out["ignore_eos"] = True
         return out
@@ -113,10 +121,7 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
     if "messages" not in body:
         raise bad_request("Missing required parameter: 'messages'.", "messages",
                           "missing_required_parameter")
-    fields = _sampling_fields(body)
-    if body.get("max_completion_tokens") is not None:
-        fields["max_tokens"] = _int(body, "max_completion_tokens", lo=1)
-    return ChatRequest(**fields, messages=_messages(body["messages"]))
+    return ChatRequest(**_sampling_fields(body), messages=_messages(body["messages"]))
 
 
 # --- fields ---------------------------------------------------------------------------------------
@@ -129,6 +134,8 @@ def _sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"model": body["model"]}
     if body.get("max_tokens") is not None:
         out["max_tokens"] = _int(body, "max_tokens", lo=1)
+    if body.get("max_completion_tokens") is not None:   # OpenAI's newer name of max_tokens: it wins
+        out["max_tokens"] = _int(body, "max_completion_tokens", lo=1)
     if body.get("temperature") is not None:
         out["temperature"] = _number(body, "temperature", lo=0.0, hi=2.0)
     if body.get("top_p") is not None:
@@ -141,6 +148,8 @@ def _sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
         out["seed"] = _int(body, "seed", lo=0, hi=MAX_SEED)
     if body.get("stop") is not None:
         out["stop"] = _stop(body["stop"])
+    if body.get("stop_token_ids") is not None:
+        out["stop_token_ids"] = _token_ids(body["stop_token_ids"], "stop_token_ids")
     for name in ("stream", "ignore_eos"):
         flag = body.get(name)
         if flag is not None and not isinstance(flag, bool):
@@ -183,10 +192,10 @@ def _reject_unsupported(body: dict[str, Any], *, chat: bool) -> None:
         raise bad_request("'echo' is not supported; omit it or send false.", "echo", "unsupported_value")
     if body.get("suffix") not in (None, ""):
         raise bad_request("'suffix' (insertion) is not supported; omit it.", "suffix", "unsupported_value")
-    for name in ("presence_penalty", "frequency_penalty"):
+    for name, neutral in NEUTRAL_OPTIONS.items():
         value = body.get(name)
-        if value is not None and (_is_number(value) is False or value != 0):
-            raise bad_request(f"'{name}' = {value!r} is not supported; omit it or send 0.", name,
+        if value is not None and (not _is_number(value) or value != neutral):
+            raise bad_request(f"'{name}' = {value!r} is not supported; omit it or send {neutral}.", name,
                               "unsupported_value")
     if body.get("logit_bias") not in (None, {}):
         raise bad_request("'logit_bias' is not supported; omit it.", "logit_bias", "unsupported_value")
@@ -194,6 +203,20 @@ def _reject_unsupported(body: dict[str, Any], *, chat: bool) -> None:
         if body.get(name) not in (None, []):
             raise bad_request(f"'{name}' (tool calling) is not supported by this server; omit it.", name,
                               "unsupported_value")
+    for name in ("tool_choice", "function_call"):
+        if body.get(name) not in (None, "none", "auto"):
+            raise bad_request(f"'{name}' = {body[name]!r:.100} is not supported: this server calls no tools. "
+                              "Omit it or send \"none\" or \"auto\".", name, "unsupported_value")
+    for name in STRUCTURED_OUTPUT_OPTIONS:
+        if body.get(name) is not None:
+            raise bad_request(f"'{name}' (structured output) is not supported by this server; omit it.", name,
+                              "unsupported_value")
+    if body.get("modalities") not in (None, ["text"]):
+        raise bad_request("Only text output is supported: omit 'modalities' or send [\"text\"].", "modalities",
+                          "unsupported_value")
+    if body.get("audio") is not None:
+        raise bad_request("'audio' output is not supported by this server; omit it.", "audio",
+                          "unsupported_value")
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise bad_request("Only response_format {\"type\": \"text\"} is supported; omit it.",
@@ -201,13 +224,13 @@ def _reject_unsupported(body: dict[str, Any], *, chat: bool) -> None:
 
 
 def _prompt(value: Any) -> str | list[int]:
+    if value == "" or value == []:   # (a tokenizer that adds BOS would generate from BOS alone)
+        raise bad_request("'prompt' is empty; send some text or token ids.", "prompt")
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        if value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-            if any(t < 0 for t in value):
-                raise bad_request("Token ids in 'prompt' must be non-negative.", "prompt")
-            return list(value)
+        if all(_is_int(t) for t in value):
+            return _token_ids(value, "prompt")
         if len(value) == 1 and (isinstance(value[0], str) or isinstance(value[0], list)):
             return _prompt(value[0])
         if len(value) > 1 and all(isinstance(p, (str, list)) for p in value):
@@ -215,6 +238,15 @@ def _prompt(value: Any) -> str | list[int]:
                               "request. Send a string (or one list of token ids) per request.", "prompt",
                               "unsupported_value")
     raise bad_request(f"'prompt' must be a string or a list of token ids, not {_kind(value)}.", "prompt")
+
+
+def _token_ids(value: Any, name: str) -> list[int]:
+    if not isinstance(value, list) or not all(_is_int(t) for t in value):
+        found = "other values" if isinstance(value, list) else _kind(value)
+        raise bad_request(f"'{name}' must be an array of token ids (integers), not {found}.", name, "invalid_type")
+    if any(t < 0 for t in value):
+        raise bad_request(f"Token ids in '{name}' must be non-negative.", name)
+    return list(value)
 
 
 def _messages(value: Any) -> list[dict[str, str]]:
@@ -292,6 +324,10 @@ def _number(body: dict[str, Any], name: str, *, lo: float, hi: float) -> float:
         raise bad_request(f"'{name}' = {value:g} is out of range; send a number at least {lo:g} and at most "
                           f"{hi:g}.", name, "invalid_value")
     return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
