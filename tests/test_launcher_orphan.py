@@ -50,6 +50,19 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def assert_dies(pid: int, within: float, why: str, stderr) -> None:
+    """Poll (under `within` seconds) until process `pid` is gone; assert it went, saying `why` with the
+    child's stderr (a Path) otherwise, and kill it whatever happened."""
+    try:
+        deadline = time.monotonic() + within
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid), f"{why}\n" + stderr.read_text()
+    finally:
+        if _alive(pid):
+            os.kill(pid, 9)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_child_whose_parent_died_while_it_booted_exits(tmp_path):
     pid_file = tmp_path / "child.pid"
@@ -60,13 +73,6 @@ def test_a_child_whose_parent_died_while_it_booted_exits(tmp_path):
                                 stdin=subprocess.DEVNULL, stdout=err, stderr=err, timeout=30)
     assert parent.returncode == -9, (tmp_path / "stderr").read_text()
     child = int(pid_file.read_text())
-    try:
-        deadline = time.monotonic() + 20   # booting, then at once; it served for ever before the fix
-        while _alive(child) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _alive(child), ("the child of a dead parent is still running\n"
-                                   + (tmp_path / "stderr").read_text())
-    finally:
-        if _alive(child):
-            os.kill(child, 9)
+    # booting, then at once; it served for ever before the fix
+    assert_dies(child, 20, "the child of a dead parent is still running", tmp_path / "stderr")
     assert "exited before it started" in (tmp_path / "stderr").read_text()

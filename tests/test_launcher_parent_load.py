@@ -15,10 +15,9 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
-from test_launcher_orphan import ROOT, _alive
+from test_launcher_orphan import ROOT, _alive, assert_dies
 
 pytestmark = pytest.mark.timeout(60)
 reads_proc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -63,14 +62,12 @@ def _orphan(tmp_path, target: str, kwargs: dict, *, started: bool) -> str:
     try:
         assert parent.returncode == -9, (tmp_path / "stderr").read_text()
         assert mailbox.exists(), "the child was not booting when its parent died"
-        deadline = time.monotonic() + 10   # at once; before the fix: when the load ends (never, here)
-        while _alive(child) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _alive(child), ("the child of a dead parent is still loading\n"
-                                   + (tmp_path / "stderr").read_text())
-    finally:
+    except AssertionError:
         if _alive(child):
             os.kill(child, 9)
+        raise
+    # at once; before the fix: when the load ends (never, here)
+    assert_dies(child, 10, "the child of a dead parent is still loading", tmp_path / "stderr")
     return (tmp_path / "stderr").read_text()
 
 
